@@ -1,0 +1,3 @@
+"""Management API under /api/ (owned by the management-API module)."""
+
+urlpatterns: list = []

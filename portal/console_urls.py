@@ -1,0 +1,3 @@
+"""Console pages (owned by the console module)."""
+
+urlpatterns: list = []

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets up and runs the whole test suite. Uses PostgreSQL/Redis when DATABASE_URL/REDIS_URL are set
+# (CI: .ci/run starts both); otherwise the embedded default (SQLite, in-process), skipping only what needs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "Installing Debian's chromium for the browser tests…"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "WARNING: could not install chromium; browser tests will be skipped."
+  else
+    echo "WARNING: /usr/bin/chromium is missing (sudo apt-get install chromium); browser tests will be skipped."
+  fi
+fi
+export PLATFORM_VAR_DIR=${PLATFORM_VAR_DIR:-$PWD/var/test}
+mkdir -p "$PLATFORM_VAR_DIR"
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+if [ $rc -eq 5 ]; then echo "No tests were collected."; fi
+exit $rc

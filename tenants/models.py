@@ -1,0 +1,256 @@
+"""Tenants, who belongs to them, their API keys, system prompts, policies and the audit log."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+from django.utils import timezone
+
+from tenants.scoping import TenantOwnedModel
+
+slug_validator = RegexValidator(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$", "Use 1–40 lowercase letters, digits and hyphens; start and end with a letter or digit.")
+
+
+class Tenant(models.Model):
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        SUSPENDED = "suspended", "Suspended"
+
+    class Tenancy(models.TextChoices):
+        SHARED = "shared", "Shared model"
+        ADAPTER = "adapter", "Adapter on a shared base (hybrid)"
+        ISOLATED = "isolated", "Isolated (dedicated backends)"
+
+    slug = models.SlugField(max_length=40, unique=True, validators=[slug_validator])
+    name = models.CharField(max_length=120)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    suspended_reason = models.CharField(max_length=300, blank=True)
+    tenancy = models.CharField(max_length=16, choices=Tenancy.choices, default=Tenancy.SHARED)
+    active_prompt = models.ForeignKey(
+        "tenants.SystemPromptVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+    @property
+    def is_active(self) -> bool:
+        return self.status == self.Status.ACTIVE
+
+
+class Role(models.TextChoices):
+    OWNER = "owner", "Owner"
+    ADMIN = "admin", "Admin"
+    DEVELOPER = "developer", "Developer"
+    VIEWER = "viewer", "Viewer"
+
+
+# Higher rank can do everything a lower rank can.
+ROLE_RANK = {Role.VIEWER: 0, Role.DEVELOPER: 1, Role.ADMIN: 2, Role.OWNER: 3}
+
+
+class Membership(TenantOwnedModel):
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta(TenantOwnedModel.Meta):
+        constraints = [models.UniqueConstraint(fields=["tenant", "user"], name="one_membership_per_user_and_tenant")]
+        ordering = ["created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.user} @ {self.tenant_id} ({self.role})"
+
+    def has_role(self, minimum: str) -> bool:
+        return ROLE_RANK[Role(self.role)] >= ROLE_RANK[Role(minimum)]
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Invitation(TenantOwnedModel):
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    email = models.EmailField()
+    role = models.CharField(max_length=16, choices=Role.choices)
+    token_hash = models.CharField(max_length=64, unique=True)
+    invited_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta(TenantOwnedModel.Meta):
+        ordering = ["-created_at"]
+
+    @staticmethod
+    def new_token() -> tuple[str, str]:
+        """Return (token for the link, hash to store). Only the hash is kept."""
+        token = secrets.token_urlsafe(32)
+        return token, _token_hash(token)
+
+    @staticmethod
+    def hash_token(token: str) -> str:
+        return _token_hash(token)
+
+    @property
+    def state(self) -> str:
+        if self.accepted_at:
+            return "accepted"
+        if self.revoked_at:
+            return "revoked"
+        if self.expires_at <= timezone.now():
+            return "expired"
+        return "pending"
+
+
+class ApiKey(TenantOwnedModel):
+    """An API key. The secret is shown once; only its SHA-256 is stored (keys carry 256 bits of entropy)."""
+
+    class Scope(models.TextChoices):
+        INFERENCE = "inference", "Inference"
+        FINETUNE = "finetune", "Fine-tuning"
+        MANAGEMENT_READ = "management:read", "Management (read)"
+        MANAGEMENT_WRITE = "management:write", "Management (write)"
+
+    PREFIX_LEN = 12
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=32, unique=True, help_text="Visible part of the key, used for lookup.")
+    secret_hash = models.CharField(max_length=64)
+    scopes = models.JSONField(default=list)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta(TenantOwnedModel.Meta):
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def state(self) -> str:
+        if self.revoked_at:
+            return "revoked"
+        if self.expires_at and self.expires_at <= timezone.now():
+            return "expired"
+        return "active"
+
+    @property
+    def is_usable(self) -> bool:
+        return self.state == "active"
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+class SystemPromptVersion(TenantOwnedModel):
+    """One saved version of a tenant's system prompt. Versions are never edited; a save makes a new one."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    version = models.PositiveIntegerField()
+    text = models.TextField(blank=True)
+    note = models.CharField(max_length=200, blank=True)
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta(TenantOwnedModel.Meta):
+        constraints = [models.UniqueConstraint(fields=["tenant", "version"], name="unique_prompt_version_per_tenant")]
+        ordering = ["-version"]
+
+    def __str__(self) -> str:
+        return f"v{self.version}"
+
+
+class QuotaWindow(models.TextChoices):
+    DAY = "day", "Day"
+    MONTH = "month", "Month"
+
+
+class QuotaMode(models.TextChoices):
+    SOFT = "soft", "Soft (warn at 80 %, throttle at 100 %)"
+    HARD = "hard", "Hard (reject at 100 %)"
+
+
+class Policy(TenantOwnedModel):
+    """A tenant's limits and scheduling weight. Set by staff; enforced by the gateway. 0 means unlimited."""
+
+    tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="policy")
+    weight = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1), MaxValueValidator(1000)])
+    fair_share = models.BooleanField(
+        default=False, help_text="Derive the window quota from the weight: Q = R_total · w / Σ w over fair-share tenants."
+    )
+    quota_tokens = models.PositiveBigIntegerField(default=0, help_text="Tokens per window; 0 = unlimited.")
+    quota_window = models.CharField(max_length=8, choices=QuotaWindow.choices, default=QuotaWindow.MONTH)
+    quota_mode = models.CharField(max_length=8, choices=QuotaMode.choices, default=QuotaMode.SOFT)
+    requests_per_minute = models.PositiveIntegerField(default=0, help_text="0 = unlimited.")
+    tokens_per_minute = models.PositiveIntegerField(default=0, help_text="0 = unlimited.")
+    max_concurrent_requests = models.PositiveIntegerField(default=0, help_text="0 = unlimited.")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta(TenantOwnedModel.Meta):
+        verbose_name_plural = "policies"
+
+    def __str__(self) -> str:
+        return f"policy of {self.tenant_id}"
+
+
+class PlatformSettings(models.Model):
+    """Platform-wide knobs set by staff. One row (pk=1)."""
+
+    fair_share_total_tokens = models.PositiveBigIntegerField(
+        default=0, help_text="R_total: tokens per window shared among fair-share tenants by weight."
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = verbose_name_plural = "platform settings"
+
+    def __str__(self) -> str:
+        return "Platform settings"
+
+    @classmethod
+    def load(cls) -> "PlatformSettings":
+        obj, _ = cls.objects.get_or_create(pk=1)
+        return obj
+
+
+class AuditEvent(TenantOwnedModel):
+    """Who changed what, when. Append-only."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    actor_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    actor_is_staff = models.BooleanField(default=False)
+    action = models.CharField(max_length=64, db_index=True)
+    target_type = models.CharField(max_length=40, blank=True)
+    target_id = models.CharField(max_length=64, blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta(TenantOwnedModel.Meta):
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.action} by {self.actor or self.actor_key or 'system'}"
+
+    @property
+    def actor_label(self) -> str:
+        if self.actor_id:
+            return f"{self.actor.email or self.actor.username}{' (staff)' if self.actor_is_staff else ''}"
+        if self.actor_key_id:
+            return f"API key {self.actor_key.prefix}…"
+        return "system"

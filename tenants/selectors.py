@@ -1,0 +1,56 @@
+"""Reads on tenants. Everything that finds a tenant for a user or a key goes through here."""
+
+from __future__ import annotations
+
+import difflib
+
+from django.db.models import Sum
+from django.http import Http404
+
+from tenants.models import Membership, PlatformSettings, Policy, Role, SystemPromptVersion, Tenant
+
+
+def memberships_for_user(user) -> list[Membership]:
+    """The tenants a user belongs to, for the tenant switcher."""
+    if not user.is_authenticated:
+        return []
+    return list(Membership.all_tenants.filter(user=user).select_related("tenant").order_by("tenant__name"))
+
+
+def membership_for_user(user, tenant_slug: str) -> Membership:
+    """The user's membership in the tenant named in the URL; 404 when there is none (ids cannot be probed)."""
+    if not user.is_authenticated:
+        raise Http404("No such tenant.")
+    membership = Membership.all_tenants.select_related("tenant").filter(user=user, tenant__slug=tenant_slug).first()
+    if membership is None:
+        raise Http404("No such tenant.")
+    return membership
+
+
+def effective_quota_tokens(policy: Policy) -> int:
+    """Tokens per window in force: the fixed quota, or in fair-share mode Q_i = R_total · w_i / Σ_j w_j.
+
+    Σ runs over active fair-share tenants; integer division rounds down. 0 means unlimited.
+    """
+    if not policy.fair_share:
+        return policy.quota_tokens
+    total = PlatformSettings.load().fair_share_total_tokens
+    weight_sum = (
+        Policy.all_tenants.filter(fair_share=True, tenant__status=Tenant.Status.ACTIVE).aggregate(s=Sum("weight"))["s"] or 0
+    )
+    if total == 0 or weight_sum == 0:
+        return 0
+    return total * policy.weight // weight_sum
+
+
+def prompt_diff(old: SystemPromptVersion, new: SystemPromptVersion) -> list[tuple[str, str]]:
+    """Line diff between two versions as (kind, line) pairs, kind in {' ', '-', '+', '?'}."""
+    lines = difflib.ndiff(old.text.splitlines(), new.text.splitlines())
+    return [(line[:1], line[2:]) for line in lines if not line.startswith("?")]
+
+
+def role_choices_for(membership: Membership) -> list[str]:
+    """Roles this member may grant: owners grant any role, admins any but owner."""
+    if membership.role == Role.OWNER:
+        return list(Role.values)
+    return [Role.ADMIN, Role.DEVELOPER, Role.VIEWER]

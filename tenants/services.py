@@ -1,0 +1,346 @@
+"""Writes on tenants and what belongs to them. Every service records its audit event in the same transaction."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
+from django.core.mail import send_mail
+from django.db import IntegrityError, transaction
+from django.db.models import F, Max
+from django.utils import timezone
+
+from tenants.models import (
+    ApiKey,
+    AuditEvent,
+    Invitation,
+    Membership,
+    Policy,
+    Role,
+    SystemPromptVersion,
+    Tenant,
+)
+
+User = get_user_model()
+KEY_PREFIX = "mtl_"
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who performs a change: a signed-in user, an API key, or the system (user=None, key=None)."""
+
+    user: object | None = None
+    key: ApiKey | None = None
+
+    @property
+    def is_staff(self) -> bool:
+        return bool(self.user is not None and getattr(self.user, "is_staff", False))
+
+
+SYSTEM = Actor()
+
+
+def audit_record(*, tenant: Tenant, actor: Actor, action: str, target=None, data: dict | None = None) -> AuditEvent:
+    """Append one audit event. Call inside the transaction of the change it describes."""
+    user = actor.user if actor.user is not None and actor.user.is_authenticated else None
+    return AuditEvent.all_tenants.create(
+        tenant=tenant,
+        actor=user,
+        actor_key=actor.key,
+        actor_is_staff=actor.is_staff,
+        action=action,
+        target_type=type(target).__name__ if target is not None else "",
+        target_id=str(getattr(target, "pk", "")) if target is not None else "",
+        data=data or {},
+    )
+
+
+# ---- tenants and members -------------------------------------------------------------------------
+
+
+@transaction.atomic
+def tenant_create(*, slug: str, name: str, owner, tenancy: str = Tenant.Tenancy.SHARED) -> Tenant:
+    """Create a tenant, its default policy and its first owner."""
+    tenant = Tenant(slug=slug, name=name, tenancy=tenancy)
+    tenant.full_clean()
+    tenant.save()
+    Policy.all_tenants.create(tenant=tenant)
+    Membership.all_tenants.create(tenant=tenant, user=owner, role=Role.OWNER)
+    audit_record(tenant=tenant, actor=Actor(user=owner), action="tenant.created", target=tenant, data={"slug": slug})
+    return tenant
+
+
+@transaction.atomic
+def tenant_set_status(*, tenant: Tenant, status: str, actor: Actor, reason: str = "") -> Tenant:
+    """Suspend or reactivate a tenant. A suspended tenant's API calls are refused."""
+    if status not in Tenant.Status.values:
+        raise ValidationError({"status": f"Unknown status {status!r}."})
+    Tenant.objects.filter(pk=tenant.pk).update(status=status, suspended_reason=reason if status == "suspended" else "")
+    tenant.refresh_from_db()
+    audit_record(tenant=tenant, actor=actor, action=f"tenant.{'suspended' if status == 'suspended' else 'reactivated'}", target=tenant, data={"reason": reason})
+    return tenant
+
+
+def _lock_owners(tenant: Tenant) -> int:
+    """Lock this tenant's owner rows and count them, so two concurrent removals cannot both pass."""
+    return len(list(Membership.objects.for_tenant(tenant).select_for_update().filter(role=Role.OWNER).values_list("id", flat=True)))
+
+
+@transaction.atomic
+def membership_change_role(*, membership: Membership, role: str, actor: Actor) -> Membership:
+    """Change a member's role. The last owner cannot be demoted."""
+    if role not in Role.values:
+        raise ValidationError({"role": f"Unknown role {role!r}: use one of {', '.join(Role.values)}."})
+    tenant = membership.tenant
+    if membership.role == Role.OWNER and role != Role.OWNER and _lock_owners(tenant) <= 1:
+        raise ValidationError({"role": "A tenant must keep at least one owner: make someone else owner first."})
+    old = membership.role
+    Membership.objects.for_tenant(tenant).filter(pk=membership.pk).update(role=role)
+    membership.role = role
+    audit_record(tenant=tenant, actor=actor, action="member.role_changed", target=membership, data={"user": membership.user.email, "from": old, "to": role})
+    return membership
+
+
+@transaction.atomic
+def membership_remove(*, membership: Membership, actor: Actor) -> None:
+    """Remove a member (or leave, when the actor is that member). The last owner cannot go."""
+    tenant = membership.tenant
+    if membership.role == Role.OWNER and _lock_owners(tenant) <= 1:
+        raise ValidationError({"membership": "The last owner cannot leave or be removed: make someone else owner first."})
+    email = membership.user.email
+    action = "member.left" if actor.user is not None and actor.user.pk == membership.user_id else "member.removed"
+    audit_record(tenant=tenant, actor=actor, action=action, target=membership, data={"user": email, "role": membership.role})
+    Membership.objects.for_tenant(tenant).filter(pk=membership.pk).delete()
+
+
+# ---- invitations ---------------------------------------------------------------------------------
+
+
+def invitation_url(token: str) -> str:
+    return f"{settings.PUBLIC_URL}/invitations/{token}/"
+
+
+@transaction.atomic
+def invitation_create(*, tenant: Tenant, email: str, role: str, actor: Actor) -> tuple[Invitation, str]:
+    """Invite someone by e-mail. Returns (invitation, token); the token is only in the e-mailed link."""
+    email = User.objects.normalize_email(email).strip().lower()
+    if role not in Role.values:
+        raise ValidationError({"role": f"Unknown role {role!r}: use one of {', '.join(Role.values)}."})
+    if Membership.objects.for_tenant(tenant).filter(user__email__iexact=email).exists():
+        raise ValidationError({"email": f"{email} is already a member of {tenant.name}."})
+    token, token_hash = Invitation.new_token()
+    invitation = Invitation(
+        tenant=tenant,
+        email=email,
+        role=role,
+        token_hash=token_hash,
+        invited_by=actor.user if actor.user is not None and actor.user.is_authenticated else None,
+        expires_at=timezone.now() + timedelta(hours=settings.INVITATION_TTL_HOURS),
+    )
+    invitation.full_clean()
+    invitation.save()
+    audit_record(tenant=tenant, actor=actor, action="invitation.created", target=invitation, data={"email": email, "role": role})
+    link = invitation_url(token)
+    transaction.on_commit(
+        lambda: send_mail(
+            subject=f"You are invited to {tenant.name}",
+            message=(
+                f"You have been invited to join {tenant.name} as {role} on the LLM platform.\n\n"
+                f"Accept within {settings.INVITATION_TTL_HOURS} hours: {link}\n"
+            ),
+            from_email=None,
+            recipient_list=[email],
+            fail_silently=True,
+        )
+    )
+    return invitation, token
+
+
+def invitation_by_token(token: str) -> Invitation | None:
+    """The invitation a link points to (any tenant: the token itself is the credential)."""
+    return Invitation.all_tenants.select_related("tenant").filter(token_hash=Invitation.hash_token(token)).first()
+
+
+@transaction.atomic
+def invitation_accept(*, token: str, user) -> Membership:
+    """Accept an invitation link as `user`. Expired, revoked and used links are refused."""
+    invitation = Invitation.all_tenants.select_for_update().filter(token_hash=Invitation.hash_token(token)).first()
+    if invitation is None:
+        raise ValidationError({"token": "This invitation link is not valid. Ask for a new invitation."})
+    if invitation.state != "pending":
+        raise ValidationError({"token": f"This invitation is {invitation.state}. Ask an admin of the tenant for a new one."})
+    tenant = invitation.tenant
+    try:
+        with transaction.atomic():
+            membership = Membership.all_tenants.create(tenant=tenant, user=user, role=invitation.role)
+    except IntegrityError:
+        raise ValidationError({"token": f"You are already a member of {tenant.name}."}) from None
+    invitation.accepted_at = timezone.now()
+    invitation.accepted_by = user
+    invitation.save(update_fields=["accepted_at", "accepted_by"])
+    audit_record(tenant=tenant, actor=Actor(user=user), action="invitation.accepted", target=invitation, data={"email": invitation.email, "role": invitation.role})
+    return membership
+
+
+@transaction.atomic
+def invitation_revoke(*, invitation: Invitation, actor: Actor) -> None:
+    if invitation.state != "pending":
+        raise ValidationError({"invitation": f"This invitation is already {invitation.state}."})
+    invitation.revoked_at = timezone.now()
+    invitation.save(update_fields=["revoked_at"])
+    audit_record(tenant=invitation.tenant, actor=actor, action="invitation.revoked", target=invitation, data={"email": invitation.email})
+
+
+# ---- API keys ------------------------------------------------------------------------------------
+
+
+def _hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@transaction.atomic
+def api_key_create(
+    *, tenant: Tenant, name: str, scopes: list[str], actor: Actor, expires_at: datetime | None = None
+) -> tuple[ApiKey, str]:
+    """Create a key. Returns (key, full secret); the secret is shown once and never stored."""
+    errors = {}
+    if not name.strip():
+        errors["name"] = "Give the key a name, e.g. 'production' or 'ci'."
+    elif len(name) > 100:
+        errors["name"] = "Use at most 100 characters."
+    if not scopes:
+        errors["scopes"] = "Choose at least one scope."
+    unknown = sorted(set(scopes) - set(ApiKey.Scope.values))
+    if unknown:
+        errors["scopes"] = f"Unknown scope(s): {', '.join(unknown)}. Use: {', '.join(ApiKey.Scope.values)}."
+    if expires_at is not None and expires_at <= timezone.now():
+        errors["expires_at"] = "The expiry must be in the future."
+    if errors:
+        raise ValidationError(errors)
+    prefix = KEY_PREFIX + secrets.token_hex(ApiKey.PREFIX_LEN // 2)
+    full = f"{prefix}_{secrets.token_urlsafe(32)}"
+    key = ApiKey.all_tenants.create(
+        tenant=tenant,
+        name=name.strip(),
+        prefix=prefix,
+        secret_hash=_hash_secret(full),
+        scopes=sorted(set(scopes)),
+        expires_at=expires_at,
+        created_by=actor.user if actor.user is not None and actor.user.is_authenticated else None,
+    )
+    audit_record(tenant=tenant, actor=actor, action="api_key.created", target=key, data={"name": key.name, "prefix": prefix, "scopes": key.scopes})
+    return key, full
+
+
+@transaction.atomic
+def api_key_revoke(*, key: ApiKey, actor: Actor) -> ApiKey:
+    """Revoke a key. Idempotent; the gateway's key cache drops it within about a second."""
+    if key.revoked_at is None:
+        ApiKey.objects.for_tenant(key.tenant_id).filter(pk=key.pk).update(revoked_at=timezone.now())
+        key.refresh_from_db()
+        audit_record(tenant=key.tenant, actor=actor, action="api_key.revoked", target=key, data={"name": key.name, "prefix": key.prefix})
+    return key
+
+
+def split_key(raw: str) -> tuple[str, str] | None:
+    """`mtl_<12 hex>_<secret>` -> (prefix, raw). None if it is not shaped like one of our keys."""
+    n = len(KEY_PREFIX) + ApiKey.PREFIX_LEN
+    if not raw.startswith(KEY_PREFIX) or len(raw) <= n + 1 or raw[n] != "_":
+        return None
+    return raw[:n], raw
+
+
+def api_key_authenticate(raw: str) -> ApiKey | None:
+    """The usable key for a presented secret, or None. Lookup by prefix, constant-time hash comparison."""
+    parts = split_key(raw.strip())
+    if parts is None:
+        return None
+    prefix, full = parts
+    key = ApiKey.all_tenants.select_related("tenant").filter(prefix=prefix).first()
+    if key is None or not hmac.compare_digest(key.secret_hash, _hash_secret(full)):
+        return None
+    if not key.is_usable:
+        return None
+    return key
+
+
+def api_key_touch(key: ApiKey, *, min_interval_s: int = 60) -> None:
+    """Record last use, at most once a minute per key (a write per request would be waste)."""
+    now = timezone.now()
+    if key.last_used_at is None or (now - key.last_used_at).total_seconds() >= min_interval_s:
+        ApiKey.objects.for_tenant(key.tenant_id).filter(pk=key.pk).update(last_used_at=now)
+        key.last_used_at = now
+
+
+# ---- system prompts ------------------------------------------------------------------------------
+
+
+@transaction.atomic
+def system_prompt_save(*, tenant: Tenant, text: str, note: str, actor: Actor) -> SystemPromptVersion:
+    """Save a new version of the system prompt and make it active."""
+    errors = {}
+    if len(text) > settings.PLATFORM_MAX_PROMPT_CHARS:
+        errors["text"] = f"The prompt has {len(text)} characters; the limit is {settings.PLATFORM_MAX_PROMPT_CHARS}."
+    if len(note) > 200:
+        errors["note"] = "Use at most 200 characters."
+    if errors:
+        raise ValidationError(errors)
+    Tenant.objects.select_for_update().filter(pk=tenant.pk).first()  # serialise version numbering per tenant
+    last = SystemPromptVersion.objects.for_tenant(tenant).aggregate(m=Max("version"))["m"] or 0
+    version = SystemPromptVersion.all_tenants.create(
+        tenant=tenant, version=last + 1, text=text, note=note.strip(), author=actor.user if actor.user is not None and actor.user.is_authenticated else None
+    )
+    Tenant.objects.filter(pk=tenant.pk).update(active_prompt=version)
+    tenant.active_prompt = version
+    audit_record(tenant=tenant, actor=actor, action="prompt.saved", target=version, data={"version": version.version, "note": version.note})
+    return version
+
+
+@transaction.atomic
+def system_prompt_activate(*, tenant: Tenant, version: SystemPromptVersion, actor: Actor) -> SystemPromptVersion:
+    """Make an existing version active (a roll back or forward). The version must be this tenant's."""
+    if version.tenant_id != tenant.pk:
+        raise ValidationError({"version": "No such version."})
+    previous = tenant.active_prompt.version if tenant.active_prompt_id else None
+    Tenant.objects.filter(pk=tenant.pk).update(active_prompt=version)
+    tenant.active_prompt = version
+    audit_record(tenant=tenant, actor=actor, action="prompt.activated", target=version, data={"version": version.version, "previous": previous})
+    return version
+
+
+# ---- policies ------------------------------------------------------------------------------------
+
+POLICY_FIELDS = (
+    "weight",
+    "fair_share",
+    "quota_tokens",
+    "quota_window",
+    "quota_mode",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "max_concurrent_requests",
+)
+
+
+@transaction.atomic
+def policy_update(*, tenant: Tenant, actor: Actor, **changes) -> Policy:
+    """Change a tenant's limits (staff only at the API layer). Validates every field before saving any."""
+    unknown = sorted(set(changes) - set(POLICY_FIELDS))
+    if unknown:
+        raise ValidationError({name: "Unknown policy field." for name in unknown})
+    policy = Policy.objects.for_tenant(tenant).select_for_update().get()
+    before = {name: getattr(policy, name) for name in changes}
+    for name, value in changes.items():
+        setattr(policy, name, value)
+    policy.full_clean()
+    policy.save()
+    diff = {name: {"from": before[name], "to": getattr(policy, name)} for name in changes if before[name] != getattr(policy, name)}
+    if diff:
+        audit_record(tenant=tenant, actor=actor, action="policy.updated", target=policy, data=diff)
+    return policy
