@@ -1,0 +1,173 @@
+"""What the gateway routes to (base models, pools, backends, adapters), tenants' model settings, and the usage ledger."""
+
+from __future__ import annotations
+
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.utils import timezone
+
+from tenants.models import ApiKey, Tenant
+from tenants.scoping import TenantOwnedModel
+
+
+class BaseModel(models.Model):
+    """A base model the platform serves, by its public name (what tenants put in `model`)."""
+
+    name = models.CharField(max_length=100, unique=True, help_text="Public model id, e.g. 'tiny-chat'.")
+    hf_id = models.CharField(max_length=200, help_text="Hugging Face id (or local id) the backends serve; adapters record it as base_model_name_or_path.")
+    local_path = models.CharField(max_length=500, blank=True, help_text="Local folder with the weights and tokenizer (dev backend, trainer, token counting).")
+    context_length = models.PositiveIntegerField(default=4096)
+    # Architecture, for the LoRA memory planner (exact per-module counts).
+    hidden_size = models.PositiveIntegerField(default=0)
+    num_layers = models.PositiveIntegerField(default=0)
+    num_attention_heads = models.PositiveIntegerField(default=0)
+    num_key_value_heads = models.PositiveIntegerField(default=0)
+    intermediate_size = models.PositiveIntegerField(default=0)
+    available_to_all = models.BooleanField(default=True, help_text="Every tenant may use it (subject to its allowed models).")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class BackendPool(models.Model):
+    class Kind(models.TextChoices):
+        TGI = "tgi", "TGI"
+        VLLM = "vllm", "vLLM"
+        DEV = "dev", "Dev backend"
+
+    name = models.CharField(max_length=100, unique=True)
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="pools")
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    dedicated_tenant = models.ForeignKey(
+        Tenant, null=True, blank=True, on_delete=models.PROTECT, related_name="+", help_text="Isolated tenancy: only this tenant is ever routed here."
+    )
+    capacity = models.PositiveIntegerField(default=0, help_text="Concurrent requests the scheduler lets through; 0 = sum of backends' max concurrency.")
+    gpu_memory_gb = models.PositiveIntegerField(default=0, help_text="GPU memory per backend, for the LoRA capacity planner.")
+    gpu_hourly_cost_cents = models.PositiveIntegerField(default=0, help_text="Cost of one backend per hour, in cents.")
+    lora_adapters_env = models.TextField(blank=True, help_text="TGI pools: the LORA_ADAPTERS value backends must start with.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Backend(models.Model):
+    pool = models.ForeignKey(BackendPool, on_delete=models.CASCADE, related_name="backends")
+    url = models.URLField(max_length=300)
+    max_concurrency = models.PositiveIntegerField(default=16, validators=[MinValueValidator(1)])
+    enabled = models.BooleanField(default=True)
+    healthy = models.BooleanField(default=True)
+    last_checked_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=300, blank=True)
+    loaded_adapters = models.JSONField(default=list, blank=True, help_text="Adapter names this backend is known to serve.")
+    needs_restart = models.BooleanField(default=False, help_text="TGI: LORA_ADAPTERS changed; restart to load them.")
+
+    class Meta:
+        ordering = ["pool", "id"]
+        constraints = [models.UniqueConstraint(fields=["pool", "url"], name="unique_backend_url_per_pool")]
+
+    def __str__(self) -> str:
+        return self.url
+
+
+class Adapter(TenantOwnedModel):
+    """A tenant's LoRA adapter. `name` is what the tenant sends as `model` (ft:{base}:{tenant}:{suffix}:{id})."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    name = models.CharField(max_length=200, unique=True)
+    base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="+")
+    path = models.CharField(max_length=500, help_text="Folder with adapter_config.json and adapter_model.safetensors.")
+    rank = models.PositiveIntegerField(default=8)
+    alpha = models.PositiveIntegerField(default=16)
+    target_modules = models.JSONField(default=list)
+    parameters = models.PositiveBigIntegerField(default=0)
+    size_bytes = models.PositiveBigIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta(TenantOwnedModel.Meta):
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class AdapterDeployment(TenantOwnedModel):
+    """An adapter published to a pool. Routed to only on backends whose `loaded_adapters` list it."""
+
+    class State(models.TextChoices):
+        PENDING = "pending", "Pending (loading or awaiting restart)"
+        ACTIVE = "active", "Active"
+        FAILED = "failed", "Failed"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    adapter = models.ForeignKey(Adapter, on_delete=models.CASCADE, related_name="deployments")
+    pool = models.ForeignKey(BackendPool, on_delete=models.CASCADE, related_name="deployments")
+    state = models.CharField(max_length=8, choices=State.choices, default=State.PENDING)
+    error = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta(TenantOwnedModel.Meta):
+        constraints = [models.UniqueConstraint(fields=["adapter", "pool"], name="one_deployment_per_adapter_and_pool")]
+
+
+class ModelConfig(TenantOwnedModel):
+    """A tenant's model settings, edited in the console."""
+
+    class SystemMessageRule(models.TextChoices):
+        KEEP_BOTH = "keep", "Keep the user's system message after ours"
+        REPLACE = "replace", "Replace the user's system message with ours"
+
+    tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="model_config")
+    default_model = models.CharField(max_length=200, blank=True, help_text="Used when a request names no model or 'default'.")
+    allowed_models = models.JSONField(default=list, blank=True, help_text="Base model names this tenant may use; empty = all available.")
+    default_max_tokens = models.PositiveIntegerField(default=256, validators=[MinValueValidator(1)])
+    max_max_tokens = models.PositiveIntegerField(default=4096, validators=[MinValueValidator(1)])
+    default_temperature = models.DecimalField(max_digits=3, decimal_places=2, default=1, validators=[MinValueValidator(0), MaxValueValidator(2)])
+    max_temperature = models.DecimalField(max_digits=3, decimal_places=2, default=2, validators=[MinValueValidator(0), MaxValueValidator(2)])
+    system_message_rule = models.CharField(max_length=8, choices=SystemMessageRule.choices, default=SystemMessageRule.KEEP_BOTH)
+    # Output guard.
+    redact_emails = models.BooleanField(default=False)
+    redact_phone_numbers = models.BooleanField(default=False)
+    redact_card_numbers = models.BooleanField(default=False)
+    redact_patterns = models.JSONField(default=list, blank=True, help_text="Custom regular expressions to redact.")
+    blocked_terms = models.JSONField(default=list, blank=True, help_text="Terms replaced in the output.")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta(TenantOwnedModel.Meta):
+        pass
+
+
+class UsageRecord(TenantOwnedModel):
+    """The usage ledger: one row per request, written once (request_id is unique). Billing reads it."""
+
+    class Status(models.TextChoices):
+        OK = "ok", "Completed"
+        ERROR = "error", "Backend error"
+        CANCELLED = "cancelled", "Client disconnected"
+        INTERRUPTED = "interrupted", "Backend died mid-stream"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+")
+    request_id = models.CharField(max_length=64, unique=True)
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    endpoint = models.CharField(max_length=40)
+    model = models.CharField(max_length=200)
+    adapter = models.CharField(max_length=200, blank=True)
+    pool = models.ForeignKey(BackendPool, null=True, on_delete=models.SET_NULL, related_name="+")
+    backend = models.ForeignKey(Backend, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    input_tokens = models.PositiveIntegerField(default=0, help_text="Prompt tokens, system prompt included.")
+    output_tokens = models.PositiveIntegerField(default=0)
+    status = models.CharField(max_length=12, choices=Status.choices)
+    ttft_ms = models.PositiveIntegerField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta(TenantOwnedModel.Meta):
+        indexes = [models.Index(fields=["tenant", "created_at"], name="usage_tenant_time")]
+        ordering = ["-created_at"]
