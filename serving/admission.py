@@ -1,0 +1,438 @@
+"""Admission: requests/min, tokens/min, the window quota and concurrency, exact across gateway processes.
+
+Algorithm (one atomic step per request, in Redis by a Lua script, or under a lock in the embedded mode):
+- requests/min and tokens/min are token buckets of capacity = the limit, refilled at limit/60 per second;
+- the window quota (day or month, UTC) counts `used` + `reserved` tokens;
+- admission reserves prompt tokens + max_tokens (an upper bound), so a hard limit is never overshot;
+- settle (exactly once per admitted request) counts the real tokens and refunds the rest to the
+  tokens/min bucket, and frees the concurrency slot;
+- soft quota: at 80 % the caller is told to warn (once per window); at 100 % the tenant is throttled:
+  its tokens/min drops to PLATFORM_SOFT_THROTTLE_TPM and the scheduler divides its weight by 10;
+- hard quota: at 100 % requests are refused with 429 `insufficient_quota`.
+Keys are hash-tagged per tenant (`mtl:{t42}:…`) so a Redis Cluster keeps each tenant's keys on one slot.
+If Redis is unreachable, tenants with a hard quota are refused (fail closed, 503) and the others fall
+back to per-process limits with a warning in the log; Redis is retried after a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from django.conf import settings
+
+log = logging.getLogger(__name__)
+
+LUA_DIR = Path(__file__).with_name("lua")
+WARN_FRACTION = 0.8
+CONCURRENCY_LEASE_MS = 15 * 60 * 1000  # a crashed process's slots free themselves after this
+REDIS_RETRY_S = 1.0
+
+OK, CONCURRENCY, RPM, TPM, TPM_TOO_LARGE, QUOTA, NEED_SEED = 0, 1, 2, 3, 4, 5, 9
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    """A tenant's limits in force (0 = unlimited). quota_tokens is the effective quota (fair share applied)."""
+
+    tenant_id: int
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    quota_tokens: int = 0
+    quota_window: str = "month"
+    quota_mode: str = "soft"
+    max_concurrent: int = 0
+
+    @property
+    def hard(self) -> bool:
+        return self.quota_mode == "hard" and self.quota_tokens > 0
+
+
+@dataclass
+class Reservation:
+    tenant_id: int
+    request_id: str
+    tokens: int
+    window: str
+    tpm_cap: int
+    backend: str  # "redis" or "local": settle where it was reserved
+
+
+@dataclass
+class Decision:
+    allowed: bool
+    headers: dict[str, str] = field(default_factory=dict)
+    reservation: Reservation | None = None
+    status: int = 200
+    error_type: str = ""
+    code: str = ""
+    message: str = ""
+    retry_after: int = 0
+    throttled: bool = False
+    warn: bool = False  # crossed 80 % of the quota just now: warn once (audit, e-mail, banner)
+    quota_used: int = 0
+
+
+# ---- windows and headers ---------------------------------------------------------------------------
+
+
+def window_id(kind: str, now: datetime | None = None) -> str:
+    now = now or datetime.now(timezone.utc)
+    return now.strftime("%Y%m%d") if kind == "day" else now.strftime("%Y%m")
+
+
+def window_bounds(kind: str, now: datetime | None = None) -> tuple[datetime, datetime]:
+    """[start, end) of the current quota window, UTC."""
+    now = now or datetime.now(timezone.utc)
+    if kind == "day":
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start, start + timedelta(days=1)
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+    return start, end
+
+
+def window_ttl_s(kind: str) -> int:
+    return 2 * 86400 if kind == "day" else 35 * 86400
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: '1s', '6m0s', '250ms'."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    seconds = math.ceil(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes}m{secs}s"
+
+
+def _headers(limits: TenantLimits, *, r_tokens: float, t_tokens: float, tpm: int, quota_used: int, throttled: bool) -> dict[str, str]:
+    h: dict[str, str] = {}
+    if limits.requests_per_minute:
+        rpm = limits.requests_per_minute
+        h["x-ratelimit-limit-requests"] = str(rpm)
+        h["x-ratelimit-remaining-requests"] = str(max(0, int(r_tokens)))
+        h["x-ratelimit-reset-requests"] = _duration((rpm - r_tokens) * 60 / rpm)
+    if tpm:
+        h["x-ratelimit-limit-tokens"] = str(tpm)
+        h["x-ratelimit-remaining-tokens"] = str(max(0, int(t_tokens)))
+        h["x-ratelimit-reset-tokens"] = _duration(max(0.0, (tpm - t_tokens) * 60 / tpm))
+    if limits.quota_tokens:
+        q = limits.quota_tokens
+        h["x-quota-limit-tokens"] = str(q)
+        h["x-quota-used-tokens"] = str(quota_used)
+        h["x-quota-utilization"] = f"{min(999.9, 100 * quota_used / q):.1f}"
+        state = "ok"
+        if quota_used >= q:
+            state = "throttled" if throttled else "exhausted"
+        elif quota_used >= WARN_FRACTION * q:
+            state = "warning"
+        h["x-quota-state"] = state
+    return h
+
+
+def _refusal(status: int, limits: TenantLimits, retry_ms: int, tokens: int, tpm: int) -> tuple[str, str, str, int]:
+    """(error_type, code, message, retry_after seconds) for a refusal code."""
+    retry = max(1, math.ceil(retry_ms / 1000)) if retry_ms else 0
+    if status == CONCURRENCY:
+        return "rate_limit_exceeded", "concurrency_limit_exceeded", (
+            f"Too many requests in flight: your limit is {limits.max_concurrent} concurrent requests. Retry when one finishes."
+        ), retry
+    if status == RPM:
+        return "rate_limit_exceeded", "requests_per_minute_exceeded", (
+            f"Rate limit reached: {limits.requests_per_minute} requests per minute. Retry after {retry} s."
+        ), retry
+    if status == TPM:
+        return "rate_limit_exceeded", "tokens_per_minute_exceeded", (
+            f"Rate limit reached: {tpm} tokens per minute (this request reserves {tokens}: prompt + max_tokens). Retry after {retry} s."
+        ), retry
+    if status == TPM_TOO_LARGE:
+        return "rate_limit_exceeded", "request_exceeds_tokens_per_minute", (
+            f"This request reserves {tokens} tokens (prompt + max_tokens), more than your limit of {tpm} tokens per minute. "
+            "Lower max_tokens or shorten the prompt."
+        ), 60
+    _, end = window_bounds(limits.quota_window)
+    retry = max(1, math.ceil((end - datetime.now(timezone.utc)).total_seconds()))
+    return "insufficient_quota", "insufficient_quota", (
+        f"You have used your quota of {limits.quota_tokens:,} tokens for this {limits.quota_window}. "
+        "It resets at the start of the next window; ask staff to raise it."
+    ), retry
+
+
+def _decision(limits: TenantLimits, request_id: str, tokens: int, res: list, backend: str, window: str) -> Decision:
+    status, retry_ms, r_tokens, t_tokens, quota_used, throttled, warn, eff_tpm = res
+    headers = _headers(limits, r_tokens=r_tokens, t_tokens=t_tokens, tpm=int(eff_tpm), quota_used=int(quota_used), throttled=bool(throttled))
+    if status == OK:
+        reservation = Reservation(limits.tenant_id, request_id, tokens, window, int(eff_tpm), backend)
+        return Decision(True, headers, reservation, throttled=bool(throttled), warn=bool(warn), quota_used=int(quota_used))
+    error_type, code, message, retry_after = _refusal(status, limits, retry_ms, tokens, int(eff_tpm))
+    headers["retry-after"] = str(retry_after)
+    return Decision(False, headers, None, 429, error_type, code, message, retry_after, bool(throttled), quota_used=int(quota_used))
+
+
+def throttle_tpm() -> int:
+    return int(getattr(settings, "PLATFORM_SOFT_THROTTLE_TPM", 1000))
+
+
+UsageLoader = Callable[[int, str, str], Awaitable[int]]  # (tenant_id, window kind, window id) -> tokens used
+
+
+async def ledger_usage(tenant_id: int, kind: str, window: str) -> int:
+    """Tokens already in the ledger for a window: seeds a counter that Redis or this process lost."""
+    from asgiref.sync import sync_to_async
+    from django.db.models import Sum
+
+    from serving.models import UsageRecord
+
+    start, end = window_bounds(kind)
+
+    def load() -> int:
+        agg = UsageRecord.objects.for_tenant(tenant_id).filter(created_at__gte=start, created_at__lt=end).aggregate(
+            i=Sum("input_tokens"), o=Sum("output_tokens")
+        )
+        return (agg["i"] or 0) + (agg["o"] or 0)
+
+    return await sync_to_async(load, thread_sensitive=False)()
+
+
+# ---- the embedded, in-process equivalent -----------------------------------------------------------
+
+
+class LocalAdmission:
+    """The same algorithm in one process, under a lock. Exact for one process only (said in the console)."""
+
+    backend_name = "local"
+
+    def __init__(self, usage_loader: UsageLoader = ledger_usage):
+        self._lock = threading.Lock()
+        self._buckets: dict[tuple[int, str], tuple[float, float]] = {}  # (tenant, 'rpm'|'tpm') -> (tokens, ts)
+        self._quota: dict[tuple[int, str], dict[str, int]] = {}  # (tenant, window) -> used/reserved/warned
+        self._inflight: dict[int, dict[str, float]] = {}  # tenant -> rid -> lease expiry
+        self._reservations: dict[str, Reservation] = {}
+        self._usage_loader = usage_loader
+
+    def _bucket(self, key, cap: int, now: float) -> float:
+        if cap <= 0:
+            return 0.0
+        tokens, ts = self._buckets.get(key, (float(cap), now))
+        return min(float(cap), tokens + (now - min(ts, now)) * cap / 60.0)
+
+    async def admit(self, limits: TenantLimits, *, request_id: str, reserve_tokens: int) -> Decision:
+        window = window_id(limits.quota_window)
+        qkey = (limits.tenant_id, window)
+        if limits.quota_tokens and qkey not in self._quota:
+            used = await self._usage_loader(limits.tenant_id, limits.quota_window, window)
+            with self._lock:
+                self._quota.setdefault(qkey, {"used": used, "reserved": 0, "warned": 0})
+        with self._lock:
+            res = self._admit_locked(limits, request_id, reserve_tokens, window)
+        return _decision(limits, request_id, reserve_tokens, res, self.backend_name, window)
+
+    def _admit_locked(self, limits: TenantLimits, rid: str, n: int, window: str) -> list:
+        now = time.monotonic()
+        t = limits.tenant_id
+        quota = self._quota.setdefault((t, window), {"used": 0, "reserved": 0, "warned": 0})
+        hard = limits.quota_mode == "hard"
+        throttled = (not hard) and limits.quota_tokens > 0 and quota["used"] + quota["reserved"] >= limits.quota_tokens
+        eff_tpm = throttle_tpm() if throttled else limits.tokens_per_minute
+        rpm = limits.requests_per_minute
+        r_tokens = self._bucket((t, "rpm"), rpm, now)
+        t_tokens = self._bucket((t, "tpm"), eff_tpm, now)
+        inflight = self._inflight.setdefault(t, {})
+        for rid_, expiry in list(inflight.items()):
+            if expiry <= now:
+                del inflight[rid_]
+        status, retry = OK, 0
+        if limits.max_concurrent and len(inflight) >= limits.max_concurrent:
+            status, retry = CONCURRENCY, 1000
+        elif rpm and r_tokens < 1:
+            status, retry = RPM, math.ceil((1 - r_tokens) * 60000 / rpm)
+        elif eff_tpm and n > eff_tpm:
+            status, retry = TPM_TOO_LARGE, 60000
+        elif eff_tpm and t_tokens < n:
+            status, retry = TPM, math.ceil((n - t_tokens) * 60000 / eff_tpm)
+        elif hard and limits.quota_tokens and quota["used"] + quota["reserved"] + n > limits.quota_tokens:
+            status = QUOTA
+        warn = 0
+        if status == OK:
+            if rpm:
+                r_tokens -= 1
+                self._buckets[(t, "rpm")] = (r_tokens, now)
+            if eff_tpm:
+                t_tokens -= n
+                self._buckets[(t, "tpm")] = (t_tokens, now)
+            quota["reserved"] += n
+            inflight[rid] = now + CONCURRENCY_LEASE_MS / 1000
+            self._reservations[rid] = Reservation(t, rid, n, window, eff_tpm, self.backend_name)
+            if limits.quota_tokens and quota["used"] + quota["reserved"] >= WARN_FRACTION * limits.quota_tokens and not quota["warned"]:
+                quota["warned"] = warn = 1
+        return [status, retry, math.floor(r_tokens), math.floor(t_tokens), quota["used"] + quota["reserved"], int(throttled), warn, eff_tpm]
+
+    async def settle(self, reservation: Reservation | None, *, used_tokens: int) -> None:
+        if reservation is None:
+            return
+        with self._lock:
+            if self._reservations.pop(reservation.request_id, None) is None:
+                return  # already settled: exactly once
+            t = reservation.tenant_id
+            self._inflight.get(t, {}).pop(reservation.request_id, None)
+            quota = self._quota.get((t, reservation.window))
+            if quota is not None:
+                quota["reserved"] -= reservation.tokens
+                quota["used"] += used_tokens
+            if reservation.tpm_cap and (t, "tpm") in self._buckets:
+                tokens, ts = self._buckets[(t, "tpm")]
+                self._buckets[(t, "tpm")] = (min(float(reservation.tpm_cap), tokens + reservation.tokens - used_tokens), ts)
+
+    def snapshot(self, tenant_id: int, kind: str) -> dict[str, int]:
+        """Used and reserved tokens in the current window (for the console and tests)."""
+        quota = self._quota.get((tenant_id, window_id(kind)), {"used": 0, "reserved": 0})
+        return {"used": quota["used"], "reserved": quota["reserved"]}
+
+
+# ---- Redis, shared by every gateway process --------------------------------------------------------
+
+
+class RedisUnavailable(Exception):
+    pass
+
+
+class RedisAdmission:
+    backend_name = "redis"
+
+    def __init__(self, url: str, *, usage_loader: UsageLoader = ledger_usage, fallback: LocalAdmission | None = None):
+        self.url = url
+        self._usage_loader = usage_loader
+        self.fallback = fallback or LocalAdmission(usage_loader)
+        self._clients: dict[int, object] = {}
+        self._down_until = 0.0
+        self._admit_src = (LUA_DIR / "admit.lua").read_text()
+        self._settle_src = (LUA_DIR / "settle.lua").read_text()
+
+    def _client(self):
+        import redis.asyncio as aioredis
+
+        loop_id = id(asyncio.get_running_loop())
+        client = self._clients.get(loop_id)
+        if client is None:
+            # A blocking pool: under a burst, callers wait for a connection instead of failing.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.url, max_connections=64, timeout=5, socket_timeout=0.5, socket_connect_timeout=0.5, decode_responses=True
+            )
+            client = aioredis.Redis(connection_pool=pool)
+            client._platform_scripts = (client.register_script(self._admit_src), client.register_script(self._settle_src))
+            self._clients[loop_id] = client
+        return client
+
+    @staticmethod
+    def _keys(t: int, window: str) -> list[str]:
+        p = f"mtl:{{t{t}}}:"
+        return [p + "rpm", p + "tpm", p + "quota:" + window, p + "inflight", p + "res"]
+
+    async def _call(self, fn):
+        import redis
+
+        if time.monotonic() < self._down_until:
+            raise RedisUnavailable("Redis was unreachable less than a second ago")
+        try:
+            return await fn(self._client())
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._down_until = time.monotonic() + REDIS_RETRY_S
+            log.warning("Redis unreachable for admission (%s): hard quotas refuse, soft limits run per process.", exc)
+            raise RedisUnavailable(str(exc)) from exc
+
+    async def admit(self, limits: TenantLimits, *, request_id: str, reserve_tokens: int) -> Decision:
+        window = window_id(limits.quota_window)
+        keys = self._keys(limits.tenant_id, window)
+        args = [
+            request_id,
+            reserve_tokens,
+            limits.requests_per_minute,
+            limits.tokens_per_minute,
+            limits.quota_tokens,
+            1 if limits.quota_mode == "hard" else 0,
+            limits.max_concurrent,
+            throttle_tpm(),
+            window_ttl_s(limits.quota_window),
+            CONCURRENCY_LEASE_MS,
+            window,
+        ]
+        try:
+            for _ in range(2):
+                res = await self._call(lambda c: c._platform_scripts[0](keys=keys, args=args))
+                if res[0] != NEED_SEED:
+                    return _decision(limits, request_id, reserve_tokens, res, self.backend_name, window)
+                used = await self._usage_loader(limits.tenant_id, limits.quota_window, window)
+                ttl = window_ttl_s(limits.quota_window)
+
+                async def seed(c, used=used):
+                    async with c.pipeline(transaction=True) as pipe:
+                        pipe.hsetnx(keys[2], "used", used)
+                        pipe.hsetnx(keys[2], "reserved", 0)
+                        pipe.expire(keys[2], ttl)
+                        await pipe.execute()
+
+                await self._call(seed)
+            raise RuntimeError("quota counter could not be seeded")
+        except RedisUnavailable:
+            if limits.hard:
+                return Decision(
+                    False,
+                    {"retry-after": "5"},
+                    status=503,
+                    error_type="service_unavailable",
+                    code="limits_unavailable",
+                    message="The rate-limit service is unavailable, so requests under a hard quota are refused. Retry in a few seconds.",
+                    retry_after=5,
+                )
+            return await self.fallback.admit(limits, request_id=request_id, reserve_tokens=reserve_tokens)
+
+    async def settle(self, reservation: Reservation | None, *, used_tokens: int) -> None:
+        if reservation is None:
+            return
+        if reservation.backend == "local":
+            await self.fallback.settle(reservation, used_tokens=used_tokens)
+            return
+        p = f"mtl:{{t{reservation.tenant_id}}}:"
+        keys = [p + "tpm", p + "inflight", p + "res", p + "quota:" + reservation.window]
+        try:
+            await self._call(lambda c: c._platform_scripts[1](keys=keys, args=[reservation.request_id, used_tokens, reservation.tpm_cap]))
+        except RedisUnavailable:
+            # The in-flight lease expires by itself; the quota counter is re-seeded from the ledger if lost.
+            log.error("Could not settle %s in Redis; its reservation expires with the window.", reservation.request_id)
+
+    async def snapshot(self, tenant_id: int, kind: str) -> dict[str, int]:
+        key = self._keys(tenant_id, window_id(kind))[2]
+        data = await self._call(lambda c: c.hgetall(key))
+        return {"used": int(data.get("used", 0)), "reserved": int(data.get("reserved", 0))}
+
+
+_admission = None
+_admission_lock = threading.Lock()
+
+
+def get_admission():
+    """The process's admission service: Redis when REDIS_URL is set, else in-process."""
+    global _admission
+    if _admission is None:
+        with _admission_lock:
+            if _admission is None:
+                _admission = RedisAdmission(settings.REDIS_URL) if settings.REDIS_URL else LocalAdmission()
+    return _admission
+
+
+def reset_admission() -> None:
+    """Forget the process's admission state (tests, and settings changes)."""
+    global _admission
+    _admission = None

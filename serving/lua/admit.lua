@@ -1,0 +1,73 @@
+-- Admission of one request: concurrency, requests/min, tokens/min and the window quota, atomically.
+-- Mirrors serving.admission.LocalAdmission._admit_locked; keep the two in step.
+-- KEYS: 1 rpm bucket, 2 tpm bucket, 3 quota hash (window), 4 in-flight zset, 5 reservations hash
+-- ARGV: 1 rid, 2 tokens, 3 rpm, 4 tpm, 5 quota, 6 hard(0/1), 7 max_conc, 8 throttle_tpm, 9 window_ttl_s, 10 conc_ttl_ms, 11 window_id
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rid, n = ARGV[1], tonumber(ARGV[2])
+local rpm, tpm, quota = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local hard, max_conc, throttle_tpm = ARGV[6] == '1', tonumber(ARGV[7]), tonumber(ARGV[8])
+
+if quota > 0 and redis.call('EXISTS', KEYS[3]) == 0 then
+  return {9}
+end
+local used = tonumber(redis.call('HGET', KEYS[3], 'used') or '0')
+local reserved = tonumber(redis.call('HGET', KEYS[3], 'reserved') or '0')
+local throttled = (not hard) and quota > 0 and used + reserved >= quota
+local eff_tpm = tpm
+if throttled then
+  eff_tpm = throttle_tpm
+end
+
+local function bucket(key, cap)
+  if cap <= 0 then return 0 end
+  local tokens = tonumber(redis.call('HGET', key, 'tokens') or cap)
+  local ts = tonumber(redis.call('HGET', key, 'ts') or now)
+  if ts > now then ts = now end
+  tokens = math.min(cap, tokens + (now - ts) * cap / 60000)
+  return tokens
+end
+local r_tokens = bucket(KEYS[1], rpm)
+local t_tokens = bucket(KEYS[2], eff_tpm)
+
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+local inflight = redis.call('ZCARD', KEYS[4])
+
+local status, retry = 0, 0
+if max_conc > 0 and inflight >= max_conc then
+  status, retry = 1, 1000
+elseif rpm > 0 and r_tokens < 1 then
+  status, retry = 2, math.ceil((1 - r_tokens) * 60000 / rpm)
+elseif eff_tpm > 0 and n > eff_tpm then
+  status, retry = 4, 60000
+elseif eff_tpm > 0 and t_tokens < n then
+  status, retry = 3, math.ceil((n - t_tokens) * 60000 / eff_tpm)
+elseif hard and quota > 0 and used + reserved + n > quota then
+  status, retry = 5, 0
+end
+
+local warn = 0
+if status == 0 then
+  if rpm > 0 then
+    r_tokens = r_tokens - 1
+    redis.call('HSET', KEYS[1], 'tokens', tostring(r_tokens), 'ts', now)
+    redis.call('PEXPIRE', KEYS[1], 120000)
+  end
+  if eff_tpm > 0 then
+    t_tokens = t_tokens - n
+    redis.call('HSET', KEYS[2], 'tokens', tostring(t_tokens), 'ts', now)
+    redis.call('PEXPIRE', KEYS[2], 120000)
+  end
+  reserved = reserved + n
+  redis.call('HSET', KEYS[3], 'reserved', reserved)
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[9]))
+  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[10]), rid)
+  redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[10]))
+  redis.call('HSET', KEYS[5], rid, n .. '|' .. ARGV[11] .. '|' .. (eff_tpm > 0 and 1 or 0))
+  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[9]))
+  if quota > 0 and used + reserved >= quota * 0.8 and redis.call('HSETNX', KEYS[3], 'warned', 1) == 1 then
+    warn = 1
+  end
+  inflight = inflight + 1
+end
+return {status, retry, math.floor(r_tokens), math.floor(t_tokens), used + reserved, throttled and 1 or 0, warn, eff_tpm}
