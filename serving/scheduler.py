@@ -1,0 +1,314 @@
+"""Weighted fair scheduling of a saturated pool: the Virtual Token Counter (Sheng et al., OSDI 2024).
+
+Each pool lets `capacity` requests run at once. Past that, requests wait in per-tenant FIFO queues and
+the backlogged tenant with the smallest counter goes next. A dispatched request adds
+(input + 2 · predicted output) / weight to its tenant's counter; when it ends, the difference between real
+and predicted output is corrected (a proxy sees no decode steps, so output is charged by estimate and then
+settled). A tenant that becomes backlogged is lifted to the smallest counter among the backlogged, so idle
+time banks no credit. Throttled tenants (over a soft quota) count with a tenth of their weight: served
+after others, never starved.
+
+With Redis, slots (leases) and counters are shared by every gateway process, so capacity is exact and
+charges are global; each process picks among the tenants it has waiting (behind a load balancer that
+spreads requests, every process sees every busy tenant). Without Redis, all of it lives in the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from django.conf import settings
+
+log = logging.getLogger(__name__)
+
+INPUT_WEIGHT, OUTPUT_WEIGHT = 1, 2  # cost = input + 2 · output, as in the paper
+THROTTLED_WEIGHT_FACTOR = 0.1
+SLOT_LEASE_MS = 15 * 60 * 1000
+REMOTE_POLL_S = 0.005  # how often a waiting process looks for slots freed by other processes
+LUA_DIR = Path(__file__).with_name("lua")
+
+
+class SchedulerTimeout(Exception):
+    """A request waited longer than the queue limit for a slot."""
+
+
+@dataclass
+class Slot:
+    pool_id: int
+    tenant_id: int
+    slot_id: str
+    weight: float
+    predicted_output: int
+    queued_s: float = 0.0
+
+
+@dataclass
+class _Waiter:
+    future: asyncio.Future
+    tenant_id: int
+    weight: float
+    input_tokens: int
+    predicted_output: int
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+# ---- shared state: in-process or Redis ------------------------------------------------------------
+
+
+class LocalState:
+    def __init__(self):
+        self._slots: dict[int, set[str]] = {}
+        self._counters: dict[int, dict[int, float]] = {}
+
+    async def take_slot(self, pool_id: int, capacity: int, slot_id: str) -> bool:
+        slots = self._slots.setdefault(pool_id, set())
+        if len(slots) >= capacity:
+            return False
+        slots.add(slot_id)
+        return True
+
+    async def free_slot(self, pool_id: int, slot_id: str) -> None:
+        self._slots.get(pool_id, set()).discard(slot_id)
+
+    async def counters(self, pool_id: int, tenants: list[int]) -> dict[int, float]:
+        c = self._counters.setdefault(pool_id, {})
+        return {t: c.get(t, 0.0) for t in tenants}
+
+    async def add(self, pool_id: int, tenant_id: int, amount: float) -> None:
+        c = self._counters.setdefault(pool_id, {})
+        c[tenant_id] = c.get(tenant_id, 0.0) + amount
+
+    async def lift(self, pool_id: int, tenant_id: int, floor: float) -> None:
+        c = self._counters.setdefault(pool_id, {})
+        c[tenant_id] = max(c.get(tenant_id, 0.0), floor)
+
+    async def in_use(self, pool_id: int) -> int:
+        return len(self._slots.get(pool_id, ()))
+
+    shared = False
+
+
+class RedisState:
+    shared = True
+
+    def __init__(self, url: str):
+        self.url = url
+        self._clients: dict[int, object] = {}
+        self._take_src = (LUA_DIR / "slot_take.lua").read_text()
+        self._lift_src = (LUA_DIR / "vtc_lift.lua").read_text()
+
+    def _client(self):
+        import redis.asyncio as aioredis
+
+        loop_id = id(asyncio.get_running_loop())
+        client = self._clients.get(loop_id)
+        if client is None:
+            pool = aioredis.BlockingConnectionPool.from_url(self.url, max_connections=32, timeout=5, socket_timeout=1, decode_responses=True)
+            client = aioredis.Redis(connection_pool=pool)
+            client._platform_scripts = (client.register_script(self._take_src), client.register_script(self._lift_src))
+            self._clients[loop_id] = client
+        return client
+
+    @staticmethod
+    def _key(pool_id: int, what: str) -> str:
+        return f"mtl:{{p{pool_id}}}:{what}"
+
+    async def take_slot(self, pool_id: int, capacity: int, slot_id: str) -> bool:
+        c = self._client()
+        return bool(await c._platform_scripts[0](keys=[self._key(pool_id, "slots")], args=[slot_id, capacity, SLOT_LEASE_MS]))
+
+    async def free_slot(self, pool_id: int, slot_id: str) -> None:
+        await self._client().zrem(self._key(pool_id, "slots"), slot_id)
+
+    async def counters(self, pool_id: int, tenants: list[int]) -> dict[int, float]:
+        values = await self._client().hmget(self._key(pool_id, "vtc"), [str(t) for t in tenants])
+        return {t: float(v or 0.0) for t, v in zip(tenants, values)}
+
+    async def add(self, pool_id: int, tenant_id: int, amount: float) -> None:
+        await self._client().hincrbyfloat(self._key(pool_id, "vtc"), str(tenant_id), amount)
+
+    async def lift(self, pool_id: int, tenant_id: int, floor: float) -> None:
+        c = self._client()
+        await c._platform_scripts[1](keys=[self._key(pool_id, "vtc")], args=[str(tenant_id), repr(floor)])
+
+    async def in_use(self, pool_id: int) -> int:
+        c = self._client()
+        await c.zremrangebyscore(self._key(pool_id, "slots"), "-inf", int(time.time() * 1000))
+        return await c.zcard(self._key(pool_id, "slots"))
+
+
+# ---- the scheduler -----------------------------------------------------------------------------
+
+
+class _PoolQueue:
+    def __init__(self):
+        self.queues: dict[int, deque[_Waiter]] = {}
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.capacity = 1
+        self.dispatched_tokens: dict[int, int] = {}
+
+    def backlogged(self) -> list[int]:
+        return [t for t, q in self.queues.items() if q]
+
+
+class FairScheduler:
+    def __init__(self, state=None):
+        self.state = state or LocalState()
+        self._pools: dict[tuple[int, int], _PoolQueue] = {}  # (event loop id, pool id) -> queue
+        self._predicted: dict[int, float] = {}  # tenant -> moving average of output tokens
+        self._ids = itertools.count()
+
+    def _pool(self, pool_id: int) -> _PoolQueue:
+        key = (id(asyncio.get_running_loop()), pool_id)
+        pq = self._pools.get(key)
+        if pq is None:
+            pq = self._pools[key] = _PoolQueue()
+        return pq
+
+    def predict_output(self, tenant_id: int, max_output_tokens: int) -> int:
+        guess = self._predicted.get(tenant_id)
+        if guess is None:
+            guess = max_output_tokens / 2
+        return max(1, min(max_output_tokens, round(guess)))
+
+    async def acquire(
+        self,
+        *,
+        pool_id: int,
+        capacity: int,
+        tenant_id: int,
+        weight: float,
+        input_tokens: int,
+        max_output_tokens: int,
+        throttled: bool = False,
+        timeout_s: float | None = None,
+    ) -> Slot:
+        """Wait for a slot of the pool, in weighted-fair order. Raises SchedulerTimeout after `timeout_s`."""
+        pq = self._pool(pool_id)
+        pq.capacity = max(1, capacity)
+        eff_weight = max(float(weight), 1e-3) * (THROTTLED_WEIGHT_FACTOR if throttled else 1.0)
+        predicted = self.predict_output(tenant_id, max_output_tokens)
+        slot_id = f"{uuid.uuid4().hex[:12]}{next(self._ids)}"
+        # Fast path: nobody waits here and a slot is free.
+        if not pq.backlogged() and await self.state.take_slot(pool_id, pq.capacity, slot_id):
+            await self.state.add(pool_id, tenant_id, (INPUT_WEIGHT * input_tokens + OUTPUT_WEIGHT * predicted) / eff_weight)
+            pq.dispatched_tokens[tenant_id] = pq.dispatched_tokens.get(tenant_id, 0) + input_tokens
+            return Slot(pool_id, tenant_id, slot_id, eff_weight, predicted)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), tenant_id, eff_weight, input_tokens, predicted)
+        queue = pq.queues.setdefault(tenant_id, deque())
+        if not queue:
+            others = [t for t in pq.backlogged() if t != tenant_id]
+            if others:
+                floor = min((await self.state.counters(pool_id, others)).values())
+                await self.state.lift(pool_id, tenant_id, floor)
+        queue.append(waiter)
+        if pq.task is None or pq.task.done():
+            pq.task = asyncio.get_running_loop().create_task(self._dispatch_loop(pool_id, pq))
+        pq.wake.set()
+        timeout = timeout_s if timeout_s is not None else float(getattr(settings, "PLATFORM_QUEUE_TIMEOUT_S", 30))
+        try:
+            slot = await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            if waiter in queue:
+                queue.remove(waiter)
+            if waiter.future.done() and not waiter.future.cancelled():
+                await self.release(waiter.future.result(), input_tokens=0, output_tokens=0, refund=True)
+            else:
+                waiter.future.cancel()
+            if isinstance(exc, asyncio.TimeoutError):
+                raise SchedulerTimeout(
+                    f"The model is at capacity and this request waited {timeout:.0f} s for its turn. Retry shortly."
+                ) from None
+            raise
+        slot.queued_s = time.monotonic() - waiter.enqueued
+        return slot
+
+    async def _dispatch_loop(self, pool_id: int, pq: _PoolQueue) -> None:
+        try:
+            await self._dispatch(pool_id, pq)
+        except Exception as exc:  # e.g. Redis went away: fail the waiters now rather than at their timeout
+            log.exception("Scheduler of pool %s stopped", pool_id)
+            for queue in pq.queues.values():
+                while queue:
+                    waiter = queue.popleft()
+                    if not waiter.future.done():
+                        waiter.future.set_exception(exc)
+
+    async def _dispatch(self, pool_id: int, pq: _PoolQueue) -> None:
+        while True:
+            backlogged = pq.backlogged()
+            if not backlogged:
+                return
+            counters = await self.state.counters(pool_id, backlogged)
+            tenant_id = min(backlogged, key=lambda t: (counters[t], pq.queues[t][0].enqueued))
+            waiter = pq.queues[tenant_id][0]
+            slot_id = f"{uuid.uuid4().hex[:12]}{next(self._ids)}"
+            if not await self.state.take_slot(pool_id, pq.capacity, slot_id):
+                pq.wake.clear()
+                try:
+                    # Local releases wake us at once; slots freed by other processes are found by polling.
+                    await asyncio.wait_for(pq.wake.wait(), REMOTE_POLL_S if self.state.shared else None)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            pq.queues[tenant_id].popleft()
+            if waiter.future.done():  # gave up meanwhile
+                await self.state.free_slot(pool_id, slot_id)
+                continue
+            await self.state.add(pool_id, tenant_id, (INPUT_WEIGHT * waiter.input_tokens + OUTPUT_WEIGHT * waiter.predicted_output) / waiter.weight)
+            pq.dispatched_tokens[tenant_id] = pq.dispatched_tokens.get(tenant_id, 0) + waiter.input_tokens
+            waiter.future.set_result(Slot(pool_id, tenant_id, slot_id, waiter.weight, waiter.predicted_output))
+
+    async def release(self, slot: Slot, *, input_tokens: int, output_tokens: int, refund: bool = False) -> None:
+        """Free the slot and correct the charge: real output replaces the prediction."""
+        await self.state.free_slot(slot.pool_id, slot.slot_id)
+        if refund:
+            correction = -(INPUT_WEIGHT * input_tokens + OUTPUT_WEIGHT * slot.predicted_output) / slot.weight
+        else:
+            correction = OUTPUT_WEIGHT * (output_tokens - slot.predicted_output) / slot.weight
+            prev = self._predicted.get(slot.tenant_id)
+            self._predicted[slot.tenant_id] = output_tokens if prev is None else 0.8 * prev + 0.2 * output_tokens
+        if correction:
+            await self.state.add(slot.pool_id, slot.tenant_id, correction)
+        pq = self._pools.get((id(asyncio.get_running_loop()), slot.pool_id))
+        if pq is not None:
+            pq.wake.set()
+
+    async def snapshot(self, pool_id: int) -> dict:
+        """Load and queues of a pool as this process sees them (staff live view)."""
+        pq = self._pools.get((id(asyncio.get_running_loop()), pool_id))
+        tenants = list(pq.queues) if pq else []
+        counters = await self.state.counters(pool_id, tenants) if tenants else {}
+        return {
+            "in_use": await self.state.in_use(pool_id),
+            "capacity": pq.capacity if pq else None,
+            "tenants": {t: {"waiting": len(pq.queues[t]), "counter": counters.get(t, 0.0)} for t in tenants},
+        }
+
+
+_scheduler: FairScheduler | None = None
+_lock = threading.Lock()
+
+
+def get_scheduler() -> FairScheduler:
+    """The process's scheduler: slots and counters in Redis when REDIS_URL is set, else in-process."""
+    global _scheduler
+    if _scheduler is None:
+        with _lock:
+            if _scheduler is None:
+                _scheduler = FairScheduler(RedisState(settings.REDIS_URL) if settings.REDIS_URL else LocalState())
+    return _scheduler
+
+
+def reset_scheduler() -> None:
+    global _scheduler
+    _scheduler = None
