@@ -35,6 +35,12 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"Skipped in CI, where every service must be present: {report.longrepr}"
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    # PBKDF2's deliberate slowness is for attackers, not for the test suite.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 def make_user(email: str):
     return get_user_model().objects.create_user(username=email, email=email, password=PASSWORD)
 

@@ -1,0 +1,105 @@
+"""Create (or refresh) the demo: a staff user, a demo tenant with its owner, an API key, and the dev pool."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+from django.db import transaction
+
+from serving.models import Backend, BackendPool, BaseModel, ModelConfig
+from serving.tinymodel import read_model_id
+from tenants import services
+from tenants.models import ApiKey, Tenant
+
+DEMO_PASSWORD = "demo-password-2026"
+
+
+class Command(BaseCommand):
+    help = "Create the demo tenant, users, an API key and the dev backend pool; print how to use them."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--model-path", required=True, help="Folder of the tiny model (python -m serving.tinymodel PATH).")
+        parser.add_argument("--backend-url", default="http://127.0.0.1:8081")
+        parser.add_argument("--console-url", default="http://127.0.0.1:8000")
+        parser.add_argument("--json", action="store_true", help="Print the demo credentials as JSON.")
+
+    @transaction.atomic
+    def handle(self, *args, model_path, backend_url, console_url, json: bool, **options):
+        User = get_user_model()
+        staff, created = User.objects.get_or_create(username="admin@example.com", defaults={"email": "admin@example.com", "is_staff": True, "is_superuser": True})
+        if created:
+            staff.set_password(DEMO_PASSWORD)
+            staff.save()
+        owner, created = User.objects.get_or_create(username="demo@example.com", defaults={"email": "demo@example.com"})
+        if created:
+            owner.set_password(DEMO_PASSWORD)
+            owner.save()
+        tenant = Tenant.objects.filter(slug="demo").first() or services.tenant_create(slug="demo", name="Demo Inc.", owner=owner)
+
+        config = _model_config(Path(model_path))
+        hf_id = read_model_id(Path(model_path)) or "platform/tiny-chat"
+        base, _ = BaseModel.objects.update_or_create(
+            name="tiny-chat", defaults={"hf_id": hf_id, "local_path": str(Path(model_path).resolve()), **_shape(config)}
+        )
+        pool, _ = BackendPool.objects.update_or_create(
+            name="dev-tiny", defaults={"base_model": base, "kind": BackendPool.Kind.DEV, "gpu_memory_gb": 80, "gpu_hourly_cost_cents": 400}
+        )
+        Backend.objects.update_or_create(pool=pool, url=backend_url, defaults={"max_concurrency": 8, "enabled": True})
+        ModelConfig.all_tenants.get_or_create(tenant=tenant, defaults={"default_model": "tiny-chat"})
+        if not tenant.active_prompt_id:
+            services.system_prompt_save(tenant=tenant, text="You are the helpful assistant of Demo Inc.", note="demo", actor=services.Actor(user=owner))
+
+        # A fresh demo key on every run: secrets are shown once and never stored.
+        for old in ApiKey.objects.for_tenant(tenant).filter(name="demo", revoked_at__isnull=True):
+            services.api_key_revoke(key=old, actor=services.SYSTEM)
+        _, secret = services.api_key_create(
+            tenant=tenant, name="demo", scopes=[s.value for s in ApiKey.Scope], actor=services.Actor(user=owner)
+        )
+        info = {
+            "console": f"{console_url}/",
+            "login": "demo@example.com",
+            "staff_login": "admin@example.com",
+            "password": DEMO_PASSWORD,
+            "api_key": secret,
+            "base_url": f"{console_url}/v1",
+        }
+        if json:
+            self.stdout.write(__import__("json").dumps(info))
+            return
+        self.stdout.write(
+            "\n".join(
+                [
+                    "",
+                    f"  Console:      {info['console']}",
+                    f"  Demo login:   {info['login']} / {DEMO_PASSWORD}",
+                    f"  Staff admin:  {console_url}/admin/  ({info['staff_login']} / {DEMO_PASSWORD})",
+                    f"  Demo API key: {secret}",
+                    "",
+                    "  Try it:",
+                    f"    curl {console_url}/v1/chat/completions -H 'Authorization: Bearer {secret}' \\",
+                    "      -H 'Content-Type: application/json' -d '{\"model\": \"tiny-chat\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'",
+                    "",
+                ]
+            )
+        )
+
+
+def _model_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _shape(config: dict) -> dict:
+    return {
+        "context_length": config.get("max_position_embeddings", 1024),
+        "hidden_size": config.get("hidden_size", 0),
+        "num_layers": config.get("num_hidden_layers", 0),
+        "num_attention_heads": config.get("num_attention_heads", 0),
+        "num_key_value_heads": config.get("num_key_value_heads", config.get("num_attention_heads", 0)),
+        "intermediate_size": config.get("intermediate_size", 0),
+    }

@@ -1,0 +1,54 @@
+"""Settings come from the environment; production passes Django's deployment checks; migrations are complete."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PRODUCTION_ENV = {
+    "PLATFORM_ENV": "production",
+    "DJANGO_SECRET_KEY": "x7" * 30 + "-production-secret-for-the-check",
+    "DJANGO_ALLOWED_HOSTS": "console.example.com",
+}
+
+
+def manage(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "PLATFORM_ENV"))}
+    return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env={**base, **(env or {})}, capture_output=True, text=True, timeout=120)
+
+
+def test_production_settings_pass_check_deploy_without_warnings():
+    result = manage("check", "--deploy", "--fail-level", "WARNING", env=PRODUCTION_ENV)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_production_requires_a_secret_key():
+    result = manage("check", env={"PLATFORM_ENV": "production"})
+    assert result.returncode != 0
+    assert "DJANGO_SECRET_KEY is required in production" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DJANGO_DEBUG": "maybe"}, "DJANGO_DEBUG='maybe' is not a boolean"),
+        ({"PLATFORM_ENV": "staging"}, "PLATFORM_ENV='staging'"),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL='localhost:6379' must start with one of"),
+        ({"PLATFORM_INVITATION_TTL_HOURS": "soon"}, "PLATFORM_INVITATION_TTL_HOURS='soon' is not an integer"),
+    ],
+)
+def test_bad_environment_values_stop_startup_with_a_clear_message(env, message):
+    result = manage("check", env=env)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_migrations_are_complete():
+    result = manage("makemigrations", "--check", "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
