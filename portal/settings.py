@@ -168,6 +168,10 @@ STRIPE_API_BASE = env_url("STRIPE_API_BASE", "", schemes=("http", "https"))
 INVITATION_TTL_HOURS = env_int("PLATFORM_INVITATION_TTL_HOURS", 72, minimum=1)
 PLATFORM_MAX_PROMPT_CHARS = env_int("PLATFORM_MAX_PROMPT_CHARS", 20_000, minimum=100)
 
+# Gateway limits and scheduling (docs/limits.md).
+PLATFORM_SOFT_THROTTLE_TPM = env_int("PLATFORM_SOFT_THROTTLE_TPM", 1000, minimum=1)
+PLATFORM_QUEUE_TIMEOUT_S = env_int("PLATFORM_QUEUE_TIMEOUT_S", 30, minimum=1)
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "tenants.api_auth.ApiKeyAuthentication",
