@@ -13,7 +13,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
-from django.db.models import F, Max
+from django.db.models import Max
 from django.utils import timezone
 
 from tenants.models import (
@@ -73,6 +73,18 @@ def tenant_create(*, slug: str, name: str, owner, tenancy: str = Tenant.Tenancy.
     Policy.all_tenants.create(tenant=tenant)
     Membership.all_tenants.create(tenant=tenant, user=owner, role=Role.OWNER)
     audit_record(tenant=tenant, actor=Actor(user=owner), action="tenant.created", target=tenant, data={"slug": slug})
+    return tenant
+
+
+@transaction.atomic
+def tenant_rename(*, tenant: Tenant, name: str, actor: Actor) -> Tenant:
+    """Rename a tenant (the display name; the slug, used in URLs, never changes)."""
+    old = tenant.name
+    tenant.name = name.strip()
+    tenant.full_clean(validate_unique=False)
+    Tenant.objects.filter(pk=tenant.pk).update(name=tenant.name)
+    if old != tenant.name:
+        audit_record(tenant=tenant, actor=actor, action="tenant.renamed", target=tenant, data={"from": old, "to": tenant.name})
     return tenant
 
 

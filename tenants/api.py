@@ -1,0 +1,609 @@
+"""Management REST API under /api/: tenants, members, invitations, API keys, prompts, policy, audit log.
+
+One view per resource or operation, with nested Input/Output serializers; every write goes through
+`tenants.services`. Tenant-scoped views inherit `TenantAPIView`, which resolves `<tenant_slug>` through
+`tenants.access` before any handler runs and hands out objects only through `Model.objects.for_tenant`.
+"""
+
+from __future__ import annotations
+
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.http import Http404
+from django.shortcuts import render
+from drf_spectacular.generators import SchemaGenerator
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_serializer, inline_serializer
+from rest_framework import serializers, status
+from rest_framework.response import Response
+from rest_framework.settings import api_settings
+from rest_framework.views import APIView
+
+from tenants import services
+from tenants.access import SAFE_METHODS, TenantContext, context_for_key, context_for_user, role_required_message
+from tenants.api_auth import KeyPrincipal
+from tenants.models import (
+    ROLE_RANK,
+    ApiKey,
+    AuditEvent,
+    Invitation,
+    Membership,
+    Policy,
+    Role,
+    SystemPromptVersion,
+    Tenant,
+)
+from tenants.selectors import effective_quota_tokens, memberships_for_user, prompt_diff
+from tenants.services import Actor
+
+# `write_role` sentinel: the write needs a platform staff user (who may then act on any tenant).
+STAFF = "staff"
+_MANAGEMENT_SCOPES = (ApiKey.Scope.MANAGEMENT_READ, ApiKey.Scope.MANAGEMENT_WRITE)
+
+
+class StrictCharField(serializers.CharField):
+    """A CharField that refuses numbers and booleans instead of quietly turning them into text."""
+
+    default_error_messages = {"invalid": "Not a valid string."}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+def _email(user) -> str | None:
+    return (user.email or user.username) if user is not None else None
+
+
+def _valid(serializer_class, request, *, partial: bool = False) -> dict:
+    serializer = serializer_class(data=request.data, partial=partial)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+def _paginate(view: APIView, items, serializer_class) -> Response:
+    paginator = view.pagination_class()
+    page = paginator.paginate_queryset(items, view.request, view=view)
+    return paginator.get_paginated_response(serializer_class(page, many=True).data)
+
+
+# ---- the tenant-scoped base ----------------------------------------------------------------------
+
+
+class TenantAPIView(APIView):
+    """Base of every view under /api/tenants/<tenant_slug>/.
+
+    `initial()` resolves the tenant once, from the URL, through `tenants.access` (a signed-in user by
+    membership and role, an API key by its own tenant and scope) and stores it in `self.ctx`. Reads need
+    `read_role`, writes `write_role` (a key: management:read / management:write). Subclasses reach rows
+    only through `scoped()` / `get_scoped_or_404()`; they cannot override those or `initial()`.
+    """
+
+    read_role: str = Role.VIEWER
+    write_role: str = Role.ADMIN
+    # Only the policy sets this: staff may then read and change any tenant through this one view.
+    staff_may_act_on_any_tenant: bool = False
+    pagination_class = api_settings.DEFAULT_PAGINATION_CLASS
+    ctx: TenantContext
+
+    _FINAL = ("dispatch", "initial", "resolve_context", "scoped", "get_scoped_or_404", "require_role")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        overridden = [name for name in cls._FINAL if name in cls.__dict__]
+        if overridden:
+            raise TypeError(f"{cls.__name__} may not override {', '.join(overridden)}: tenant resolution is TenantAPIView's alone.")
+
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)  # authentication, IsAuthenticated, throttles
+        self.ctx = self.resolve_context(request, kwargs["tenant_slug"])
+
+    def resolve_context(self, request, tenant_slug: str) -> TenantContext:
+        write = request.method not in SAFE_METHODS
+        needed = self.write_role if write else self.read_role
+        user = request.user
+        if isinstance(user, KeyPrincipal):
+            # A key never counts as staff: resolve (404 for another tenant), then refuse staff-only writes.
+            ctx = context_for_key(request.auth, tenant_slug, write=write and needed != STAFF)
+            if needed == STAFF:
+                raise PermissionDenied("Only platform staff can change this.")
+            return ctx
+        if self.staff_may_act_on_any_tenant and user.is_staff:
+            tenant = Tenant.objects.filter(slug=tenant_slug).first()
+            if tenant is None:
+                raise Http404("No such tenant.")
+            membership = Membership.objects.for_tenant(tenant).filter(user=user).first()
+            return TenantContext(tenant=tenant, membership=membership, key=None, actor=Actor(user=user))
+        if needed == STAFF:
+            context_for_user(user, tenant_slug, minimum_role=self.read_role)  # an outsider gets 404 first
+            raise PermissionDenied("Only platform staff can change this.")
+        return context_for_user(user, tenant_slug, minimum_role=needed)
+
+    def scoped(self, model):
+        """`model`'s rows of this request's tenant: the only way views reach tenant-owned rows."""
+        return model.objects.for_tenant(self.ctx.tenant)
+
+    def get_scoped_or_404(self, model, **lookup):
+        obj = self.scoped(model).filter(**lookup).first()
+        if obj is None:
+            raise Http404(f"No such {model._meta.verbose_name}.")
+        return obj
+
+    def require_role(self, minimum: str) -> None:
+        """403 unless the caller holds `minimum`. A management:write key counts as admin, never owner."""
+        if self.ctx.key is not None:
+            allowed = ROLE_RANK[Role(minimum)] <= ROLE_RANK[Role.ADMIN] and self.ctx.key.has_scope(ApiKey.Scope.MANAGEMENT_WRITE)
+        else:
+            allowed = self.ctx.can(minimum)
+        if not allowed:
+            raise PermissionDenied(role_required_message(minimum))
+
+
+class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
+    """Documents `Authorization: Bearer mtl_…` in the OpenAPI schema."""
+
+    target_class = "tenants.api_auth.ApiKeyAuthentication"
+    name = "apiKey"
+
+    def get_security_definition(self, auto_schema):
+        return {"type": "http", "scheme": "bearer", "bearerFormat": "mtl_<prefix>_<secret>"}
+
+
+TENANT_SLUG = OpenApiParameter("tenant_slug", str, OpenApiParameter.PATH, description="The tenant's slug, e.g. `acme`.")
+
+
+# ---- tenants ---------------------------------------------------------------------------------------
+
+
+class TenantOutput(serializers.Serializer):
+    slug = serializers.CharField()
+    name = serializers.CharField()
+    status = serializers.CharField()
+    tenancy = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    role = serializers.CharField(allow_null=True, help_text="Your role; null for an API key.")
+
+
+def _tenant_data(tenant: Tenant, role: str | None) -> dict:
+    return {"slug": tenant.slug, "name": tenant.name, "status": tenant.status, "tenancy": tenant.tenancy, "created_at": tenant.created_at, "role": role}
+
+
+class TenantListApi(APIView):
+    """The caller's tenants (an API key: its own). Not tenant-scoped: it lists the caller's memberships."""
+
+    pagination_class = api_settings.DEFAULT_PAGINATION_CLASS
+
+    @extend_schema(operation_id="tenants_list", responses=TenantOutput(many=True))
+    def get(self, request):
+        if isinstance(request.user, KeyPrincipal):
+            key = request.auth
+            if not any(key.has_scope(s) for s in _MANAGEMENT_SCOPES):
+                raise PermissionDenied(f"This API key lacks the '{ApiKey.Scope.MANAGEMENT_READ}' scope.")
+            rows = [_tenant_data(key.tenant, None)]
+        else:
+            rows = [_tenant_data(m.tenant, m.role) for m in memberships_for_user(request.user)]
+        return _paginate(self, rows, TenantOutput)
+
+
+class TenantDetailApi(TenantAPIView):
+    @extend_schema_serializer(component_name="TenantUpdateInput")
+    class InputSerializer(serializers.Serializer):
+        name = StrictCharField(max_length=120)
+
+    @extend_schema(operation_id="tenants_retrieve", parameters=[TENANT_SLUG], responses=TenantOutput)
+    def get(self, request, tenant_slug):
+        return Response(_tenant_data(self.ctx.tenant, self.ctx.role))
+
+    @extend_schema(operation_id="tenants_update", parameters=[TENANT_SLUG], request=InputSerializer, responses=TenantOutput)
+    def patch(self, request, tenant_slug):
+        data = _valid(self.InputSerializer, request)
+        tenant = services.tenant_rename(tenant=self.ctx.tenant, name=data["name"], actor=self.ctx.actor)
+        return Response(_tenant_data(tenant, self.ctx.role))
+
+
+# ---- members ---------------------------------------------------------------------------------------
+
+
+class MemberOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    email = serializers.CharField(source="user.email")
+    username = serializers.CharField(source="user.username")
+    role = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+
+class MemberListApi(TenantAPIView):
+    @extend_schema(operation_id="members_list", parameters=[TENANT_SLUG], responses=MemberOutput(many=True))
+    def get(self, request, tenant_slug):
+        return _paginate(self, self.scoped(Membership).select_related("user"), MemberOutput)
+
+
+class MemberDetailApi(TenantAPIView):
+    """Change a member's role, or remove them. Any member may remove themselves (leave)."""
+
+    write_role = Role.VIEWER  # leaving is open to everyone; removing others is checked per request below
+
+    @extend_schema_serializer(component_name="MemberRoleInput")
+    class InputSerializer(serializers.Serializer):
+        role = StrictCharField()
+
+    def _membership(self, membership_id: int) -> Membership:
+        return self.get_scoped_or_404(Membership, pk=membership_id)
+
+    @extend_schema(operation_id="members_retrieve", parameters=[TENANT_SLUG], responses=MemberOutput)
+    def get(self, request, tenant_slug, membership_id):
+        return Response(MemberOutput(self._membership(membership_id)).data)
+
+    @extend_schema(operation_id="members_update", parameters=[TENANT_SLUG], request=InputSerializer, responses=MemberOutput)
+    def patch(self, request, tenant_slug, membership_id):
+        membership = self._membership(membership_id)
+        self.require_role(Role.ADMIN)
+        role = _valid(self.InputSerializer, request)["role"]
+        if Role.OWNER in (role, membership.role) and role != membership.role:
+            self.require_role(Role.OWNER)  # only owners grant or take away ownership
+        membership = services.membership_change_role(membership=membership, role=role, actor=self.ctx.actor)
+        return Response(MemberOutput(membership).data)
+
+    @extend_schema(operation_id="members_destroy", parameters=[TENANT_SLUG], responses={204: None})
+    def delete(self, request, tenant_slug, membership_id):
+        membership = self._membership(membership_id)
+        leaving = self.ctx.membership is not None and self.ctx.membership.pk == membership.pk
+        if not leaving:
+            self.require_role(Role.OWNER if membership.role == Role.OWNER else Role.ADMIN)
+        services.membership_remove(membership=membership, actor=self.ctx.actor)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+# ---- invitations -----------------------------------------------------------------------------------
+
+
+class InvitationOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    email = serializers.EmailField()
+    role = serializers.CharField()
+    state = serializers.CharField(help_text="pending, accepted, revoked or expired.")
+    invited_by = serializers.SerializerMethodField()
+    created_at = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField()
+
+    def get_invited_by(self, obj) -> str | None:
+        return _email(obj.invited_by)
+
+
+class InvitationCreatedOutput(InvitationOutput):
+    accept_url = serializers.CharField(help_text="The link e-mailed to the invitee. Shown once.")
+
+
+class InvitationListApi(TenantAPIView):
+    read_role = Role.ADMIN
+
+    @extend_schema_serializer(component_name="InvitationCreateInput")
+    class InputSerializer(serializers.Serializer):
+        email = serializers.EmailField(max_length=254)
+        role = StrictCharField()
+
+    @extend_schema(operation_id="invitations_list", parameters=[TENANT_SLUG], responses=InvitationOutput(many=True))
+    def get(self, request, tenant_slug):
+        return _paginate(self, self.scoped(Invitation).select_related("invited_by"), InvitationOutput)
+
+    @extend_schema(operation_id="invitations_create", parameters=[TENANT_SLUG], request=InputSerializer, responses={201: InvitationCreatedOutput})
+    def post(self, request, tenant_slug):
+        data = _valid(self.InputSerializer, request)
+        if data["role"] == Role.OWNER:
+            self.require_role(Role.OWNER)
+        invitation, token = services.invitation_create(tenant=self.ctx.tenant, email=data["email"], role=data["role"], actor=self.ctx.actor)
+        invitation.accept_url = services.invitation_url(token)
+        return Response(InvitationCreatedOutput(invitation).data, status=status.HTTP_201_CREATED)
+
+
+class InvitationDetailApi(TenantAPIView):
+    read_role = Role.ADMIN
+
+    @extend_schema(operation_id="invitations_retrieve", parameters=[TENANT_SLUG], responses=InvitationOutput)
+    def get(self, request, tenant_slug, invitation_id):
+        return Response(InvitationOutput(self.get_scoped_or_404(Invitation, pk=invitation_id)).data)
+
+    @extend_schema(operation_id="invitations_revoke", parameters=[TENANT_SLUG], responses={204: None})
+    def delete(self, request, tenant_slug, invitation_id):
+        services.invitation_revoke(invitation=self.get_scoped_or_404(Invitation, pk=invitation_id), actor=self.ctx.actor)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class InvitationAcceptApi(APIView):
+    """Accept an invitation as the signed-in user. User-level: the token itself names the tenant."""
+
+    @extend_schema_serializer(component_name="InvitationAcceptInput")
+    class InputSerializer(serializers.Serializer):
+        token = StrictCharField(max_length=200)
+
+    @extend_schema_serializer(component_name="InvitationAcceptOutput")
+    class OutputSerializer(serializers.Serializer):
+        tenant = serializers.CharField(source="tenant.slug")
+        role = serializers.CharField()
+        membership_id = serializers.IntegerField(source="pk")
+
+    @extend_schema(operation_id="invitations_accept", request=InputSerializer, responses={201: OutputSerializer})
+    def post(self, request):
+        if isinstance(request.user, KeyPrincipal):
+            raise PermissionDenied("Accept invitations signed in as yourself, not with an API key.")
+        token = _valid(self.InputSerializer, request)["token"]
+        membership = services.invitation_accept(token=token, user=request.user)
+        return Response(self.OutputSerializer(membership).data, status=status.HTTP_201_CREATED)
+
+
+# ---- API keys --------------------------------------------------------------------------------------
+
+
+class ApiKeyOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    prefix = serializers.CharField(help_text="The visible start of the key; the secret is never shown again.")
+    scopes = serializers.ListField(child=serializers.CharField())
+    state = serializers.CharField(help_text="active, expired or revoked.")
+    created_by = serializers.SerializerMethodField()
+    created_at = serializers.DateTimeField()
+    expires_at = serializers.DateTimeField(allow_null=True)
+    last_used_at = serializers.DateTimeField(allow_null=True)
+    revoked_at = serializers.DateTimeField(allow_null=True)
+
+    def get_created_by(self, obj) -> str | None:
+        return _email(obj.created_by)
+
+
+class ApiKeyCreatedOutput(ApiKeyOutput):
+    secret = serializers.CharField(help_text="The full key: `Authorization: Bearer <secret>`. Shown once, never stored.")
+
+
+class ApiKeyListApi(TenantAPIView):
+    @extend_schema_serializer(component_name="ApiKeyCreateInput")
+    class InputSerializer(serializers.Serializer):
+        name = StrictCharField(max_length=100)
+        scopes = serializers.ListField(child=StrictCharField(), allow_empty=True, max_length=10)
+        expires_at = serializers.DateTimeField(required=False, allow_null=True)
+
+    @extend_schema(operation_id="keys_list", parameters=[TENANT_SLUG], responses=ApiKeyOutput(many=True))
+    def get(self, request, tenant_slug):
+        return _paginate(self, self.scoped(ApiKey).select_related("created_by"), ApiKeyOutput)
+
+    @extend_schema(operation_id="keys_create", parameters=[TENANT_SLUG], request=InputSerializer, responses={201: ApiKeyCreatedOutput})
+    def post(self, request, tenant_slug):
+        data = _valid(self.InputSerializer, request)
+        key, secret = services.api_key_create(
+            tenant=self.ctx.tenant, name=data["name"], scopes=data["scopes"], expires_at=data.get("expires_at"), actor=self.ctx.actor
+        )
+        key.secret = secret
+        return Response(ApiKeyCreatedOutput(key).data, status=status.HTTP_201_CREATED)
+
+
+class ApiKeyDetailApi(TenantAPIView):
+    @extend_schema(operation_id="keys_retrieve", parameters=[TENANT_SLUG], responses=ApiKeyOutput)
+    def get(self, request, tenant_slug, key_id):
+        return Response(ApiKeyOutput(self.get_scoped_or_404(ApiKey, pk=key_id)).data)
+
+    @extend_schema(operation_id="keys_destroy", parameters=[TENANT_SLUG], responses=ApiKeyOutput, description="Revokes the key (same as POST …/revoke/).")
+    def delete(self, request, tenant_slug, key_id):
+        key = services.api_key_revoke(key=self.get_scoped_or_404(ApiKey, pk=key_id), actor=self.ctx.actor)
+        return Response(ApiKeyOutput(key).data)
+
+
+class ApiKeyRevokeApi(TenantAPIView):
+    @extend_schema(operation_id="keys_revoke", parameters=[TENANT_SLUG], request=None, responses=ApiKeyOutput)
+    def post(self, request, tenant_slug, key_id):
+        key = services.api_key_revoke(key=self.get_scoped_or_404(ApiKey, pk=key_id), actor=self.ctx.actor)
+        return Response(ApiKeyOutput(key).data)
+
+
+# ---- system prompts --------------------------------------------------------------------------------
+
+
+class PromptSummaryOutput(serializers.Serializer):
+    version = serializers.IntegerField()
+    note = serializers.CharField()
+    author = serializers.SerializerMethodField()
+    created_at = serializers.DateTimeField()
+    is_active = serializers.SerializerMethodField()
+    chars = serializers.SerializerMethodField(help_text="Length of the text in characters.")
+
+    def get_author(self, obj) -> str | None:
+        return _email(obj.author)
+
+    def get_is_active(self, obj) -> bool:
+        return obj.pk == self.context["active_prompt_id"]
+
+    def get_chars(self, obj) -> int:
+        return len(obj.text)
+
+
+class PromptOutput(PromptSummaryOutput):
+    text = serializers.CharField()
+
+
+class PromptListApi(TenantAPIView):
+    @extend_schema_serializer(component_name="PromptCreateInput")
+    class InputSerializer(serializers.Serializer):
+        text = StrictCharField(allow_blank=True, trim_whitespace=False)
+        note = StrictCharField(allow_blank=True, required=False, default="")
+
+    @extend_schema(operation_id="prompts_list", parameters=[TENANT_SLUG], responses=PromptSummaryOutput(many=True))
+    def get(self, request, tenant_slug):
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(self.scoped(SystemPromptVersion).select_related("author"), request, view=self)
+        context = {"active_prompt_id": self.ctx.tenant.active_prompt_id}
+        return paginator.get_paginated_response(PromptSummaryOutput(page, many=True, context=context).data)
+
+    @extend_schema(operation_id="prompts_create", parameters=[TENANT_SLUG], request=InputSerializer, responses={201: PromptOutput})
+    def post(self, request, tenant_slug):
+        data = _valid(self.InputSerializer, request)
+        version = services.system_prompt_save(tenant=self.ctx.tenant, text=data["text"], note=data["note"], actor=self.ctx.actor)
+        return Response(PromptOutput(version, context={"active_prompt_id": version.pk}).data, status=status.HTTP_201_CREATED)
+
+
+class PromptDetailApi(TenantAPIView):
+    @extend_schema(operation_id="prompts_retrieve", parameters=[TENANT_SLUG], responses=PromptOutput)
+    def get(self, request, tenant_slug, version):
+        obj = self.get_scoped_or_404(SystemPromptVersion, version=version)
+        return Response(PromptOutput(obj, context={"active_prompt_id": self.ctx.tenant.active_prompt_id}).data)
+
+
+class PromptActivateApi(TenantAPIView):
+    @extend_schema(operation_id="prompts_activate", parameters=[TENANT_SLUG], request=None, responses=PromptOutput)
+    def post(self, request, tenant_slug, version):
+        obj = self.get_scoped_or_404(SystemPromptVersion, version=version)
+        services.system_prompt_activate(tenant=self.ctx.tenant, version=obj, actor=self.ctx.actor)
+        return Response(PromptOutput(obj, context={"active_prompt_id": obj.pk}).data)
+
+
+class PromptDiffApi(TenantAPIView):
+    @extend_schema_serializer(component_name="PromptDiffOutput")
+    class OutputSerializer(serializers.Serializer):
+        version = serializers.IntegerField()
+        against = serializers.IntegerField()
+        lines = inline_serializer(
+            "PromptDiffLine",
+            {"kind": serializers.ChoiceField(choices=[" ", "-", "+"], help_text="' ' same, '-' only in `against`, '+' only in `version`."), "line": serializers.CharField()},
+            many=True,
+        )
+
+    @extend_schema(
+        operation_id="prompts_diff",
+        parameters=[TENANT_SLUG, OpenApiParameter("against", int, description="The version to compare with (default: the previous one).")],
+        responses=OutputSerializer,
+    )
+    def get(self, request, tenant_slug, version):
+        new = self.get_scoped_or_404(SystemPromptVersion, version=version)
+        raw = request.query_params.get("against", str(version - 1))
+        try:
+            against = int(raw)
+        except ValueError:
+            raise ValidationError({"against": "Give a version number, e.g. ?against=3."}) from None
+        old = self.scoped(SystemPromptVersion).filter(version=against).first()
+        if old is None:
+            raise ValidationError({"against": f"There is no version {against} to compare with."})
+        lines = [{"kind": kind, "line": line} for kind, line in prompt_diff(old, new)]
+        return Response({"version": new.version, "against": old.version, "lines": lines})
+
+
+# ---- policy ----------------------------------------------------------------------------------------
+
+
+class PolicyOutput(serializers.Serializer):
+    weight = serializers.IntegerField()
+    fair_share = serializers.BooleanField()
+    quota_tokens = serializers.IntegerField(help_text="Tokens per window; 0 = unlimited.")
+    quota_window = serializers.CharField()
+    quota_mode = serializers.CharField()
+    requests_per_minute = serializers.IntegerField()
+    tokens_per_minute = serializers.IntegerField()
+    max_concurrent_requests = serializers.IntegerField()
+    effective_quota_tokens = serializers.SerializerMethodField(
+        help_text="Tokens per window in force: quota_tokens, or with fair_share R_total · weight / Σ weight. 0 = unlimited."
+    )
+    updated_at = serializers.DateTimeField()
+
+    def get_effective_quota_tokens(self, obj) -> int:
+        return effective_quota_tokens(obj)
+
+
+class PolicyApi(TenantAPIView):
+    """Read by members and keys; changed only by platform staff, who may act on any tenant here."""
+
+    write_role = STAFF
+    staff_may_act_on_any_tenant = True
+
+    @extend_schema_serializer(component_name="PolicyInput")
+    class InputSerializer(serializers.Serializer):
+        weight = serializers.IntegerField(min_value=1, max_value=1000)
+        fair_share = serializers.BooleanField()
+        quota_tokens = serializers.IntegerField(min_value=0)
+        quota_window = serializers.ChoiceField(choices=Policy._meta.get_field("quota_window").choices)
+        quota_mode = serializers.ChoiceField(choices=Policy._meta.get_field("quota_mode").choices)
+        requests_per_minute = serializers.IntegerField(min_value=0)
+        tokens_per_minute = serializers.IntegerField(min_value=0)
+        max_concurrent_requests = serializers.IntegerField(min_value=0)
+
+    def _policy(self) -> Policy:
+        return self.scoped(Policy).get()
+
+    @extend_schema(operation_id="policy_retrieve", parameters=[TENANT_SLUG], responses=PolicyOutput)
+    def get(self, request, tenant_slug):
+        return Response(PolicyOutput(self._policy()).data)
+
+    @extend_schema(operation_id="policy_update", parameters=[TENANT_SLUG], request=InputSerializer, responses=PolicyOutput)
+    def put(self, request, tenant_slug):
+        return self._update(request, partial=False)
+
+    @extend_schema(operation_id="policy_partial_update", parameters=[TENANT_SLUG], request=InputSerializer, responses=PolicyOutput)
+    def patch(self, request, tenant_slug):
+        return self._update(request, partial=True)
+
+    def _update(self, request, *, partial: bool) -> Response:
+        data = _valid(self.InputSerializer, request, partial=partial)
+        policy = services.policy_update(tenant=self.ctx.tenant, actor=self.ctx.actor, **data)
+        return Response(PolicyOutput(policy).data)
+
+
+# ---- audit log -------------------------------------------------------------------------------------
+
+
+class AuditEventOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    action = serializers.CharField()
+    actor = serializers.CharField(source="actor_label")
+    actor_is_staff = serializers.BooleanField()
+    target_type = serializers.CharField()
+    target_id = serializers.CharField()
+    data = serializers.JSONField()
+    created_at = serializers.DateTimeField()
+
+
+class AuditListApi(TenantAPIView):
+    read_role = Role.ADMIN
+
+    @extend_schema(
+        operation_id="audit_list",
+        parameters=[TENANT_SLUG, OpenApiParameter("action", str, description="Only actions starting with this, e.g. `api_key.` or `member.`.")],
+        responses=AuditEventOutput(many=True),
+    )
+    def get(self, request, tenant_slug):
+        events = self.scoped(AuditEvent).select_related("actor", "actor_key").order_by("-created_at", "-id")
+        action = request.query_params.get("action", "").strip()
+        if action:
+            events = events.filter(action__startswith=action)
+        return _paginate(self, events, AuditEventOutput)
+
+
+# ---- docs ------------------------------------------------------------------------------------------
+
+
+def api_docs(request):
+    """A self-contained HTML page listing every operation of the schema (no CDN assets: works offline)."""
+    schema = SchemaGenerator().get_schema(request=None, public=True)
+    operations = []
+    for path, methods in schema.get("paths", {}).items():
+        for method, op in methods.items():
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            operations.append(
+                {
+                    "method": method.upper(),
+                    "path": path,
+                    "id": op.get("operationId", ""),
+                    "description": op.get("description", ""),
+                    "parameters": [p for p in op.get("parameters", []) if p.get("in") != "path"],
+                    "body": body.get("$ref", "").rsplit("/", 1)[-1],
+                    "responses": [(code, _ref_name(r)) for code, r in op.get("responses", {}).items()],
+                }
+            )
+    components = {
+        name: [
+            {"name": field, "type": spec.get("type") or spec.get("$ref", "object").rsplit("/", 1)[-1], "required": field in comp.get("required", []), "description": spec.get("description", "")}
+            for field, spec in comp.get("properties", {}).items()
+        ]
+        for name, comp in sorted(schema.get("components", {}).get("schemas", {}).items())
+    }
+    return render(request, "api/docs.html", {"info": schema.get("info", {}), "operations": operations, "components": components})
+
+
+def _ref_name(response: dict) -> str:
+    schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+    ref = schema.get("$ref") or schema.get("items", {}).get("$ref", "")
+    return ref.rsplit("/", 1)[-1]
