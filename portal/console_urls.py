@@ -1,3 +1,78 @@
-"""Console pages (owned by the console module)."""
+"""Console pages (owned by the console module).
 
-urlpatterns: list = []
+Every tenant page lives under `t/<slug:tenant_slug>/` and is a `tenants.access.tenant_view`. The few pages
+outside a tenant are listed below so the isolation suite can tell them from a forgotten `tenant_slug`.
+"""
+
+from django.contrib.auth import views as auth_views
+from django.urls import include, path, reverse_lazy
+
+from portal import views as shell
+from tenants import views as console
+from tenants.forms import EmailAuthenticationForm
+
+# Open to anyone (the invitation page names its tenant only to holders of the secret token).
+PUBLIC_URL_NAMES = frozenset(
+    {
+        "signup",
+        "login",
+        "logout",
+        "password_reset",
+        "password_reset_done",
+        "password_reset_confirm",
+        "password_reset_complete",
+        "invitation-accept",
+    }
+)
+# Signed in, but about no tenant in particular.
+USER_URL_NAMES = frozenset({"console-home", "tenant-create"})
+
+tenant_patterns = [
+    path("", console.dashboard, name="console-dashboard"),
+    path("members/", console.members, name="console-members"),
+    path("members/invite/", console.member_invite, name="console-member-invite"),
+    path("members/leave/", console.member_leave, name="console-member-leave"),
+    path("members/<int:membership_id>/role/", console.member_role, name="console-member-role"),
+    path("members/<int:membership_id>/remove/", console.member_remove, name="console-member-remove"),
+    path("invitations/<int:invitation_id>/revoke/", console.invitation_revoke, name="console-invitation-revoke"),
+    path("keys/", console.keys, name="console-keys"),
+    path("keys/new/", console.key_create, name="console-key-create"),
+    path("keys/<int:key_id>/revoke/", console.key_revoke, name="console-key-revoke"),
+    path("prompt/", console.prompt, name="console-prompt"),
+    path("prompt/<int:version>/", console.prompt_version, name="console-prompt-version"),
+    path("prompt/<int:version>/activate/", console.prompt_activate, name="console-prompt-activate"),
+    path("prompt/diff/<int:version>/<int:other_version>/", console.prompt_diff, name="console-prompt-diff"),
+    path("limits/", console.limits, name="console-limits"),
+    path("audit/", console.audit, name="console-audit"),
+]
+
+urlpatterns = [
+    path("", shell.home, name="console-home"),
+    path("signup/", shell.signup, name="signup"),
+    path(
+        "login/",
+        auth_views.LoginView.as_view(template_name="auth/login.html", authentication_form=EmailAuthenticationForm, redirect_authenticated_user=True),
+        name="login",
+    ),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path(
+        "password-reset/",
+        auth_views.PasswordResetView.as_view(
+            template_name="auth/password_reset_form.html",
+            email_template_name="auth/password_reset_email.txt",
+            subject_template_name="auth/password_reset_subject.txt",
+        ),
+        name="password_reset",
+    ),
+    path("password-reset/sent/", auth_views.PasswordResetDoneView.as_view(template_name="auth/password_reset_done.html"), name="password_reset_done"),
+    path(
+        "password-reset/<uidb64>/<token>/",
+        auth_views.PasswordResetConfirmView.as_view(template_name="auth/password_reset_confirm.html", success_url=reverse_lazy("password_reset_complete")),
+        name="password_reset_confirm",
+    ),
+    path("password-reset/done/", auth_views.PasswordResetCompleteView.as_view(template_name="auth/password_reset_complete.html"), name="password_reset_complete"),
+    path("invitations/<str:token>/", shell.invitation_accept, name="invitation-accept"),
+    path("tenants/new/", shell.tenant_create, name="tenant-create"),
+    path("t/<slug:tenant_slug>/", include(tenant_patterns)),
+    path("", include("serving.console_urls")),
+]

@@ -1,0 +1,110 @@
+"""The console shell outside any tenant: sign up, home, new tenant, invitation links.
+
+Sign in/out and password reset are Django's own views (wired in portal/console_urls.py).
+"""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth import get_user_model, login
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_http_methods
+
+from tenants import services
+from tenants.forms import SignupForm, TenantForm, apply_service_errors
+from tenants.selectors import memberships_for_user
+
+User = get_user_model()
+
+
+@login_required
+def home(request):
+    """The user's first tenant (alphabetical), or the 'create your first tenant' page."""
+    memberships = memberships_for_user(request.user)
+    if memberships:
+        return redirect("console-dashboard", tenant_slug=memberships[0].tenant.slug)
+    return redirect("tenant-create")
+
+
+def _pending_invitation(token: str | None):
+    invitation = services.invitation_by_token(token) if token else None
+    return invitation if invitation is not None and invitation.state == "pending" else None
+
+
+@require_http_methods(["GET", "POST"])
+def signup(request):
+    """Create an account and its first tenant (owner), or, from an invitation link, just the account."""
+    if request.user.is_authenticated:
+        return redirect("console-home")
+    token = request.POST.get("invitation") or request.GET.get("invitation")
+    invitation = _pending_invitation(token)
+    joining = invitation is not None
+    initial = {"email": invitation.email} if joining else {}
+    form = SignupForm(request.POST or None, joining=joining, initial=initial)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            # One transaction: an invalid or taken slug must not leave an account behind.
+            with transaction.atomic():
+                user = User.objects.create_user(username=data["email"], email=data["email"], password=data["password1"])
+                tenant = None if joining else services.tenant_create(slug=data["slug"], name=data["name"], owner=user)
+        except ValidationError as exc:
+            apply_service_errors(form, exc)
+        except IntegrityError:
+            form.add_error("email", "An account with this e-mail exists. Sign in instead.")
+        else:
+            login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+            if joining:
+                messages.success(request, f"Welcome! Accept the invitation to join {invitation.tenant.name}.")
+                return redirect("invitation-accept", token=token)
+            messages.success(request, f"Welcome to {tenant.name}. You are its owner.")
+            return redirect("console-dashboard", tenant_slug=tenant.slug)
+    return render(request, "auth/signup.html", {"form": form, "invitation": invitation, "token": token if joining else ""},
+                  status=400 if form.is_bound and form.errors else 200)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def tenant_create(request):
+    form = TenantForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            tenant = services.tenant_create(slug=form.cleaned_data["slug"], name=form.cleaned_data["name"], owner=request.user)
+        except ValidationError as exc:
+            apply_service_errors(form, exc)
+        else:
+            messages.success(request, f"{tenant.name} is ready. You are its owner.")
+            return redirect("console-dashboard", tenant_slug=tenant.slug)
+    first = not memberships_for_user(request.user)
+    return render(request, "auth/tenant_create.html", {"form": form, "first": first}, status=400 if form.is_bound and form.errors else 200)
+
+
+@require_http_methods(["GET", "POST"])
+def invitation_accept(request, token: str):
+    """The link from the invitation e-mail. The token is the credential; the page names tenant and role."""
+    invitation = services.invitation_by_token(token)
+    here = reverse("invitation-accept", kwargs={"token": token})
+    context = {"invitation": invitation, "token": token, "here": here, "error": None}
+    if invitation is None:
+        context["error"] = "This invitation link is not valid. Check that you copied the whole link, or ask for a new invitation."
+        return render(request, "auth/invitation.html", context, status=404)
+    if invitation.state != "pending":
+        context["error"] = f"This invitation is {invitation.state}. Ask an admin of {invitation.tenant.name} for a new one."
+        return render(request, "auth/invitation.html", context, status=400)
+    if request.method == "POST":
+        if not request.user.is_authenticated:
+            return redirect(f"{reverse('login')}?next={here}")
+        try:
+            services.invitation_accept(token=token, user=request.user)
+        except ValidationError as exc:
+            context["error"] = " ".join(exc.messages)
+            return render(request, "auth/invitation.html", context, status=400)
+        messages.success(request, f"You joined {invitation.tenant.name} as {invitation.get_role_display().lower()}.")
+        return redirect("console-dashboard", tenant_slug=invitation.tenant.slug)
+    context["signup_url"] = f"{reverse('signup')}?invitation={token}"
+    context["login_url"] = f"{reverse('login')}?next={here}"
+    return render(request, "auth/invitation.html", context)

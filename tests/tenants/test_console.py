@@ -1,0 +1,490 @@
+"""The tenant console through Django's test client: pages, roles, isolation, and the write flows."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core import mail
+from django.db import connection
+from django.urls import reverse
+from django.utils import timezone
+
+from tenants import services
+from tenants.models import ApiKey, AuditEvent, Invitation, Membership, Role, SystemPromptVersion, Tenant
+from tests.conftest import PASSWORD
+
+User = get_user_model()
+
+# Every tenant page that answers GET, with the kwargs it needs besides tenant_slug (filled by `objects`).
+READABLE = ["console-dashboard", "console-members", "console-keys", "console-prompt", "console-limits"]
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    # Runs before `world` (autouse first): the fixture hashes five passwords per test.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def objects(world):
+    """One of each object, so every URL can be built."""
+    owner = services.Actor(user=world.owner)
+    key, _ = services.api_key_create(tenant=world.tenant, name="ci", scopes=["inference"], actor=owner)
+    services.system_prompt_save(tenant=world.tenant, text="Be brief.", note="first", actor=owner)
+    services.system_prompt_save(tenant=world.tenant, text="Be brief.\nBe kind.", note="second", actor=owner)
+    invitation, _ = services.invitation_create(tenant=world.tenant, email="new@acme.test", role=Role.VIEWER, actor=owner)
+    return {"key": key, "invitation": invitation}
+
+
+def client_for(client, user):
+    client.force_login(user)
+    return client
+
+
+def url(name, slug="acme", **kwargs):
+    return reverse(name, kwargs={"tenant_slug": slug, **kwargs})
+
+
+def all_tenant_urls(world, objects):
+    membership = Membership.objects.for_tenant(world.tenant).get(user=world.viewer)
+    return [
+        url(n) for n in READABLE + ["console-audit", "console-key-create", "console-member-leave", "console-member-invite"]
+    ] + [
+        url("console-member-role", membership_id=membership.pk),
+        url("console-member-remove", membership_id=membership.pk),
+        url("console-invitation-revoke", invitation_id=objects["invitation"].pk),
+        url("console-key-revoke", key_id=objects["key"].pk),
+        url("console-prompt-version", version=1),
+        url("console-prompt-activate", version=1),
+        url("console-prompt-diff", version=1, other_version=2),
+    ]
+
+
+# ---- sign up, sign in ----------------------------------------------------------------------------
+
+
+def test_signup_creates_user_tenant_and_owner_and_lands_on_dashboard(client, db):
+    response = client.post(
+        reverse("signup"),
+        {"email": "Ada@Example.TEST", "name": "Analytical Engines", "slug": "", "password1": PASSWORD, "password2": PASSWORD},
+    )
+    assert response.status_code == 302
+    assert response.url == url("console-dashboard", slug="analytical-engines")
+    user = User.objects.get(username="ada@example.test")
+    assert user.email == "ada@example.test"
+    tenant = Tenant.objects.get(slug="analytical-engines")
+    assert Membership.objects.for_tenant(tenant).get(user=user).role == Role.OWNER
+    page = client.get(response.url)
+    assert page.status_code == 200
+    assert b"Analytical Engines" in page.content
+
+
+def test_signup_with_taken_slug_keeps_nothing(client, world):
+    response = client.post(reverse("signup"), {"email": "x@y.test", "name": "Acme 2", "slug": "acme", "password1": PASSWORD, "password2": PASSWORD})
+    assert response.status_code == 400
+    assert "slug" in response.context["form"].errors
+    assert not User.objects.filter(username="x@y.test").exists()
+
+
+def test_signup_rejects_mismatched_and_weak_passwords(client, db):
+    response = client.post(reverse("signup"), {"email": "x@y.test", "name": "X", "slug": "x", "password1": PASSWORD, "password2": "other-password-1"})
+    assert "password2" in response.context["form"].errors
+    response = client.post(reverse("signup"), {"email": "x@y.test", "name": "X", "slug": "x", "password1": "12345678901", "password2": "12345678901"})
+    assert "password1" in response.context["form"].errors
+    assert not User.objects.filter(username="x@y.test").exists()
+
+
+def test_signup_with_empty_name_is_a_field_error(client, db):
+    response = client.post(reverse("signup"), {"email": "x@y.test", "name": "  ", "slug": "", "password1": PASSWORD, "password2": PASSWORD})
+    assert response.status_code == 400
+    assert "name" in response.context["form"].errors
+    assert not Tenant.objects.exists()
+
+
+def test_sign_in_by_email_is_case_insensitive_and_goes_home(client, world):
+    response = client.post(reverse("login"), {"username": "Owner@ACME.test", "password": PASSWORD})
+    assert response.status_code == 302
+    assert client.get(reverse("console-home")).url == url("console-dashboard")
+
+
+def test_home_without_tenant_offers_to_create_one(client, db):
+    user = User.objects.create_user(username="lone@x.test", email="lone@x.test", password=PASSWORD)
+    client.force_login(user)
+    response = client.get(reverse("console-home"), follow=True)
+    assert b"Create your first tenant" in response.content
+    response = client.post(reverse("tenant-create"), {"name": "Lone Co", "slug": "lone-co"})
+    assert response.url == url("console-dashboard", slug="lone-co")
+
+
+def test_password_reset_sends_a_working_link(client, world):
+    client.post(reverse("password_reset"), {"email": "viewer@acme.test"})
+    assert len(mail.outbox) == 1
+    link = re.search(r"https?://\S+", mail.outbox[0].body).group(0)
+    path = link.split("testserver", 1)[1]
+    response = client.get(path, follow=True)
+    assert b"Choose a new password" in response.content
+    response = client.post(response.redirect_chain[-1][0], {"new_password1": "a-new-long-pass-77", "new_password2": "a-new-long-pass-77"})
+    assert response.status_code == 302
+    assert client.login(username="viewer@acme.test", password="a-new-long-pass-77")
+
+
+# ---- roles and isolation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", READABLE)
+def test_viewer_can_read_each_page(client, world, objects, name):
+    response = client_for(client, world.viewer).get(url(name))
+    assert response.status_code == 200
+    assert b'class="sidebar"' in response.content
+
+
+def test_viewer_can_read_prompt_version_and_diff(client, world, objects):
+    c = client_for(client, world.viewer)
+    assert c.get(url("console-prompt-version", version=1)).status_code == 200
+    assert c.get(url("console-prompt-diff", version=1, other_version=2)).status_code == 200
+
+
+@pytest.mark.parametrize("role", ["viewer", "developer"])
+def test_audit_log_is_admin_only(client, world, objects, role):
+    assert client_for(client, world.user(role)).get(url("console-audit")).status_code == 403
+
+
+def test_audit_log_lists_newest_first_and_filters_by_prefix(client, world, objects):
+    c = client_for(client, world.admin)
+    response = c.get(url("console-audit"))
+    actions = [e.action for e in response.context["page"].object_list]
+    assert actions[0] == "invitation.created"
+    response = c.get(url("console-audit"), {"action": "prompt."})
+    assert {e.action for e in response.context["page"].object_list} == {"prompt.saved"}
+
+
+def test_audit_log_paginates_by_50(client, world):
+    for i in range(60):
+        services.audit_record(tenant=world.tenant, actor=services.SYSTEM, action=f"test.event{i}")
+    c = client_for(client, world.admin)
+    assert len(c.get(url("console-audit")).context["page"].object_list) == 50
+    assert len(c.get(url("console-audit"), {"page": 2}).context["page"].object_list) == 61 - 50
+
+
+def test_every_write_as_viewer_is_forbidden_and_changes_nothing(client, world, objects):
+    c = client_for(client, world.viewer)
+    before = AuditEvent.objects.for_tenant(world.tenant).count()
+    for u in all_tenant_urls(world, objects):
+        if u.endswith("/leave/"):
+            continue  # anyone may leave
+        assert c.post(u, {"name": "x", "scopes": ["inference"], "text": "hijack", "role": "owner", "email": "e@x.test"}).status_code == 403, u
+    assert AuditEvent.objects.for_tenant(world.tenant).count() == before
+
+
+def test_outsider_gets_404_on_every_acme_page(client, world, objects):
+    c = client_for(client, world.outsider)
+    for u in all_tenant_urls(world, objects):
+        assert c.get(u).status_code == 404, u
+        assert c.post(u).status_code == 404, u
+
+
+def test_another_tenants_object_ids_are_404(client, world, objects):
+    """An acme admin addressing globex's key through acme's URL gets a 404."""
+    globex_key, _ = services.api_key_create(tenant=world.other_tenant, name="g", scopes=["inference"], actor=services.Actor(user=world.outsider))
+    c = client_for(client, world.admin)
+    assert c.post(url("console-key-revoke", key_id=globex_key.pk)).status_code == 404
+    globex_key.refresh_from_db()
+    assert globex_key.revoked_at is None
+
+
+def test_anonymous_is_sent_to_sign_in(client, world):
+    response = client.get(url("console-dashboard"))
+    assert response.status_code == 302
+    assert response.url.startswith(reverse("login"))
+
+
+def test_tenant_switcher_lists_only_own_tenants(client, world):
+    services.Membership.all_tenants.create(tenant=world.other_tenant, user=world.admin, role=Role.VIEWER)
+    content = client_for(client, world.admin).get(url("console-dashboard")).content.decode()
+    assert url("console-dashboard", slug="globex") in content
+    assert "Globex" in content
+    content = client_for(client, world.viewer).get(url("console-dashboard")).content.decode()
+    assert "Globex" not in content
+
+
+# ---- members and invitations ---------------------------------------------------------------------
+
+
+def test_invite_email_link_accepted_by_new_user_makes_member(client, world, django_capture_on_commit_callbacks):
+    c = client_for(client, world.admin)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = c.post(url("console-member-invite"), {"email": "New.Person@Example.test", "role": "developer"})
+    assert response.status_code == 302
+    assert len(mail.outbox) == 1
+    assert mail.outbox[0].to == ["new.person@example.test"]
+    path = re.search(r"https?://[^/\s]+(/invitations/\S+/)", mail.outbox[0].body).group(1)
+    c.logout()
+
+    page = c.get(path)
+    assert page.status_code == 200
+    assert b"Acme" in page.content and b"Developer" in page.content
+    token = path.rstrip("/").rsplit("/", 1)[1]
+    response = c.post(reverse("signup") + f"?invitation={token}", {"invitation": token, "email": "new.person@example.test", "password1": PASSWORD, "password2": PASSWORD})
+    assert response.status_code == 302 and response.url == path
+    assert not Tenant.objects.exclude(slug__in=["acme", "globex"]).exists()  # joining creates no tenant
+    response = c.post(path)
+    assert response.url == url("console-dashboard")
+    member = Membership.objects.for_tenant(world.tenant).get(user__email="new.person@example.test")
+    assert member.role == Role.DEVELOPER
+
+
+def test_invitation_accept_by_existing_user_via_sign_in(client, world, objects):
+    # Re-issue to get a token we know.
+    invitation, token = services.invitation_create(tenant=world.tenant, email="admin@globex.test", role=Role.VIEWER, actor=services.Actor(user=world.owner))
+    path = reverse("invitation-accept", kwargs={"token": token})
+    response = client.post(path)
+    assert response.status_code == 302 and response.url.startswith(reverse("login"))
+    client.force_login(world.outsider)
+    assert client.post(path).url == url("console-dashboard")
+    assert Membership.objects.for_tenant(world.tenant).get(user=world.outsider).role == Role.VIEWER
+
+
+def test_expired_invitation_is_refused(client, world):
+    invitation, token = services.invitation_create(tenant=world.tenant, email="late@x.test", role=Role.ADMIN, actor=services.Actor(user=world.owner))
+    Invitation.objects.for_tenant(world.tenant).filter(pk=invitation.pk).update(expires_at=timezone.now() - timedelta(minutes=1))
+    user = User.objects.create_user(username="late@x.test", email="late@x.test", password=PASSWORD)
+    client.force_login(user)
+    path = reverse("invitation-accept", kwargs={"token": token})
+    for response in (client.get(path), client.post(path)):
+        assert response.status_code == 400
+        assert b"This invitation is expired" in response.content
+    assert not Membership.objects.for_tenant(world.tenant).filter(user=user).exists()
+
+
+def test_unknown_invitation_token_is_404_with_message(client, db):
+    response = client.get(reverse("invitation-accept", kwargs={"token": "nope"}))
+    assert response.status_code == 404
+    assert b"not valid" in response.content
+
+
+def test_revoked_invitation_link_stops_working(client, world, objects):
+    invitation, token = services.invitation_create(tenant=world.tenant, email="r@x.test", role=Role.VIEWER, actor=services.Actor(user=world.owner))
+    response = client_for(client, world.admin).post(url("console-invitation-revoke", invitation_id=invitation.pk))
+    assert response.status_code == 302
+    client.logout()
+    response = client.get(reverse("invitation-accept", kwargs={"token": token}))
+    assert response.status_code == 400 and b"revoked" in response.content
+
+
+def test_admin_cannot_invite_an_owner_and_unknown_role_is_a_field_error(client, world):
+    c = client_for(client, world.admin)
+    for role in ("owner", "superuser"):
+        response = c.post(url("console-member-invite"), {"email": "z@x.test", "role": role})
+        assert response.status_code == 400
+        assert "role" in response.context["invite_form"].errors
+    assert not Invitation.objects.for_tenant(world.tenant).exists()
+
+
+def test_invite_existing_member_is_a_field_error(client, world):
+    response = client_for(client, world.admin).post(url("console-member-invite"), {"email": "viewer@acme.test", "role": "viewer"})
+    assert response.status_code == 400
+    assert "already a member" in response.context["invite_form"].errors["email"][0]
+
+
+def test_change_role(client, world):
+    m = Membership.objects.for_tenant(world.tenant).get(user=world.viewer)
+    client_for(client, world.admin).post(url("console-member-role", membership_id=m.pk), {f"m{m.pk}-role": "developer"})
+    m.refresh_from_db()
+    assert m.role == Role.DEVELOPER
+
+
+def test_demoting_or_removing_the_last_owner_is_refused(client, world):
+    owner_m = Membership.objects.for_tenant(world.tenant).get(user=world.owner)
+    c = client_for(client, world.owner)
+    response = c.post(url("console-member-role", membership_id=owner_m.pk), {f"m{owner_m.pk}-role": "admin"}, follow=True)
+    assert b"at least one owner" in response.content
+    response = c.post(url("console-member-remove", membership_id=owner_m.pk), follow=True)
+    assert b"last owner" in response.content
+    response = c.post(url("console-member-leave"), follow=True)
+    assert b"last owner" in response.content
+    owner_m.refresh_from_db()
+    assert owner_m.role == Role.OWNER
+    assert Membership.objects.for_tenant(world.tenant).count() == 4
+
+
+def test_admin_cannot_touch_an_owner(client, world):
+    owner_m = Membership.objects.for_tenant(world.tenant).get(user=world.owner)
+    c = client_for(client, world.admin)
+    assert c.post(url("console-member-role", membership_id=owner_m.pk), {f"m{owner_m.pk}-role": "viewer"}).status_code == 403
+    assert c.post(url("console-member-remove", membership_id=owner_m.pk)).status_code == 403
+    owner_m.refresh_from_db()
+    assert owner_m.role == Role.OWNER
+
+
+def test_unknown_role_posted_by_hand_changes_nothing(client, world):
+    m = Membership.objects.for_tenant(world.tenant).get(user=world.viewer)
+    response = client_for(client, world.owner).post(url("console-member-role", membership_id=m.pk), {f"m{m.pk}-role": "god"}, follow=True)
+    assert b"Role not changed" in response.content
+    m.refresh_from_db()
+    assert m.role == Role.VIEWER
+
+
+def test_remove_member_and_viewer_leaves(client, world):
+    dev = Membership.objects.for_tenant(world.tenant).get(user=world.developer)
+    c = client_for(client, world.admin)
+    assert c.get(url("console-member-remove", membership_id=dev.pk)).status_code == 200
+    c.post(url("console-member-remove", membership_id=dev.pk))
+    assert not Membership.objects.for_tenant(world.tenant).filter(pk=dev.pk).exists()
+    c = client_for(client, world.viewer)
+    assert c.get(url("console-member-leave")).status_code == 200
+    assert c.post(url("console-member-leave")).url == reverse("console-home")
+    assert not Membership.objects.for_tenant(world.tenant).filter(user=world.viewer).exists()
+
+
+# ---- API keys ------------------------------------------------------------------------------------
+
+
+def test_key_create_shows_secret_once_and_stores_no_secret(client, world):
+    c = client_for(client, world.admin)
+    response = c.post(url("console-key-create"), {"name": "prod", "scopes": ["inference", "finetune"]})
+    assert response.status_code == 200
+    secret = response.context["secret"]
+    assert secret.startswith("mtl_") and secret.encode() in response.content
+    assert "no-store" in response["Cache-Control"]
+    key = ApiKey.objects.for_tenant(world.tenant).get(name="prod")
+    assert key.scopes == ["finetune", "inference"]
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT * FROM {ApiKey._meta.db_table} WHERE id = %s", [key.pk])
+        row = cursor.fetchone()
+    assert not any(secret in str(col) or secret.split("_", 2)[2] in str(col) for col in row)
+    listing = c.get(url("console-keys")).content.decode()
+    assert key.prefix in listing and secret not in listing
+    assert services.api_key_authenticate(secret) == key
+
+
+def test_key_create_with_expiry(client, world):
+    day = (timezone.now() + timedelta(days=3)).date()
+    client_for(client, world.admin).post(url("console-key-create"), {"name": "tmp", "scopes": ["inference"], "expires_on": day.isoformat()})
+    key = ApiKey.objects.for_tenant(world.tenant).get(name="tmp")
+    assert key.expires_at.date() == day + timedelta(days=1)
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"name": "  ", "scopes": ["inference"]}, "name"),
+        ({"name": "x", "scopes": []}, "scopes"),
+        ({"name": "x", "scopes": ["root"]}, "scopes"),
+        ({"name": "x", "scopes": ["inference"], "expires_on": "2001-01-01"}, "expires_on"),
+    ],
+)
+def test_key_create_bad_input_is_a_field_error(client, world, data, field):
+    response = client_for(client, world.admin).post(url("console-key-create"), data)
+    assert response.status_code == 400
+    assert field in response.context["form"].errors
+    assert "secret" not in response.context
+    assert not ApiKey.objects.for_tenant(world.tenant).exists()
+
+
+def test_revoked_key_shows_revoked(client, world, objects):
+    c = client_for(client, world.admin)
+    key = objects["key"]
+    assert c.get(url("console-key-revoke", key_id=key.pk)).status_code == 200
+    c.post(url("console-key-revoke", key_id=key.pk))
+    key.refresh_from_db()
+    assert key.state == "revoked"
+    content = c.get(url("console-keys")).content.decode()
+    assert "state-revoked" in content
+
+
+# ---- system prompt -------------------------------------------------------------------------------
+
+
+def test_prompt_save_creates_active_version(client, world):
+    c = client_for(client, world.admin)
+    response = c.post(url("console-prompt"), {"text": "Line one\r\nLine two", "note": "start"})
+    assert response.status_code == 302
+    world.tenant.refresh_from_db()
+    assert world.tenant.active_prompt.version == 1
+    assert world.tenant.active_prompt.text == "Line one\nLine two"
+    c.post(url("console-prompt"), {"text": "Line one", "note": ""})
+    world.tenant.refresh_from_db()
+    assert world.tenant.active_prompt.version == 2
+    page = c.get(url("console-prompt")).content.decode()
+    assert re.search(r'data-version="2">\s*<td>.*?data-active', page, re.S)
+
+
+def test_activate_old_version(client, world, objects):
+    c = client_for(client, world.admin)
+    c.post(url("console-prompt-activate", version=1))
+    world.tenant.refresh_from_db()
+    assert world.tenant.active_prompt.version == 1
+    assert SystemPromptVersion.objects.for_tenant(world.tenant).count() == 2
+
+
+def test_activate_unknown_version_is_404(client, world, objects):
+    assert client_for(client, world.admin).post(url("console-prompt-activate", version=99)).status_code == 404
+
+
+def test_diff_page_shows_added_and_removed_lines(client, world, objects):
+    services.system_prompt_save(tenant=world.tenant, text="Be kind.\nBe exact.", note="", actor=services.Actor(user=world.owner))
+    content = client_for(client, world.viewer).get(url("console-prompt-diff", version=2, other_version=3)).content.decode()
+    assert re.search(r'diff-del">.*?Removed: </span>Be brief\.', content, re.S)
+    assert re.search(r'diff-add">.*?Added: </span>Be exact\.', content, re.S)
+    assert re.search(r'diff-same">.*?Be kind\.', content, re.S)
+
+
+def test_oversized_prompt_is_a_field_error_and_saves_nothing(client, world, settings):
+    settings.PLATFORM_MAX_PROMPT_CHARS = 100
+    response = client_for(client, world.admin).post(url("console-prompt"), {"text": "x" * 101, "note": ""})
+    assert response.status_code == 400
+    assert "the limit is 100" in response.context["form"].errors["text"][0]
+    assert not SystemPromptVersion.objects.for_tenant(world.tenant).exists()
+
+
+# ---- limits and dashboard ------------------------------------------------------------------------
+
+
+def test_limits_show_unlimited_and_fair_share_formula(client, world):
+    c = client_for(client, world.viewer)
+    content = c.get(url("console-limits")).content.decode()
+    assert content.count("Unlimited") >= 4
+    from tenants.models import PlatformSettings
+
+    ps = PlatformSettings.load()
+    ps.fair_share_total_tokens = 1_000_000
+    ps.save()
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, fair_share=True, weight=3)
+    services.policy_update(tenant=world.other_tenant, actor=services.SYSTEM, fair_share=True, weight=1)
+    content = c.get(url("console-limits")).content.decode()
+    assert "R<sub>total</sub>" in content
+    assert "750,000" in content
+
+
+def test_dashboard_shows_role_counts_and_suspension(client, world, objects):
+    services.tenant_set_status(tenant=world.tenant, status="suspended", actor=services.SYSTEM, reason="unpaid invoice")
+    response = client_for(client, world.developer).get(url("console-dashboard"))
+    content = response.content.decode()
+    assert response.context["member_count"] == 4
+    assert response.context["active_key_count"] == 1
+    assert "Developer" in content and "v2" in content
+    assert "is suspended" in content and "unpaid invoice" in content
+    assert "Embedded mode" in content
+
+
+def test_every_console_url_is_a_tenant_view_or_listed_as_public_or_user():
+    from django.urls import URLPattern, URLResolver
+
+    from portal import console_urls
+
+    def walk(patterns, prefix=""):
+        for p in patterns:
+            if isinstance(p, URLResolver):
+                yield from walk(p.url_patterns, prefix + str(p.pattern))
+            elif isinstance(p, URLPattern):
+                yield prefix + str(p.pattern), p
+
+    listed = console_urls.PUBLIC_URL_NAMES | console_urls.USER_URL_NAMES
+    for route, p in walk(console_urls.urlpatterns):
+        if "<slug:tenant_slug>" in route:
+            assert hasattr(p.callback, "tenant_roles"), route  # a tenants.access.tenant_view
+        else:
+            assert p.name in listed, route
