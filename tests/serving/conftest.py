@@ -1,0 +1,33 @@
+"""Fixtures for the serving tests: the tiny model (built once per session) and a LoRA adapter for it."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory):
+    from serving.tinymodel import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-chat", model_id="platform/tiny-chat")
+
+
+@pytest.fixture(scope="session")
+def lora_adapter_path(tiny_model_path, tmp_path_factory):
+    """An untrained adapter with random non-zero lora_B, so it visibly changes the base model's outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    config = LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.5, generator=generator)
+    path = tmp_path_factory.mktemp("lora") / "adapter"
+    peft_model.save_pretrained(path)
+    return path

@@ -1,0 +1,41 @@
+import hashlib
+import time
+
+from serving.tinymodel import build_tiny_model, read_model_id
+
+
+def _digests(path):
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
+
+
+def test_two_builds_have_the_same_bytes(tiny_model_path, tmp_path):
+    again = build_tiny_model(tmp_path / "again", model_id="platform/tiny-chat")
+    assert _digests(again) == _digests(tiny_model_path)
+    assert {"model.safetensors", "tokenizer.json", "config.json", "platform_model.json"} <= set(_digests(again))
+
+
+def test_a_complete_build_is_not_redone(tiny_model_path):
+    before = _digests(tiny_model_path)
+    started = time.monotonic()
+    assert build_tiny_model(tiny_model_path, model_id="platform/tiny-chat") == tiny_model_path
+    assert time.monotonic() - started < 0.5
+    assert _digests(tiny_model_path) == before
+    assert read_model_id(tiny_model_path) == "platform/tiny-chat"
+
+
+def test_loads_renders_the_chat_template_and_generates(tiny_model_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    assert 400 <= len(tokenizer) <= 520
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt == "<|bos|><|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>"
+    rendered = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": "Yes."}], tokenize=False)
+    assert rendered.endswith("<|assistant|>Yes.<|end|><|eos|>")
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    assert tokenizer.decode(ids[0]) == prompt  # the special tokens are single tokens that round-trip
+    output = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert output.shape[1] > ids.shape[1]
