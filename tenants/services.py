@@ -356,3 +356,32 @@ def policy_update(*, tenant: Tenant, actor: Actor, **changes) -> Policy:
     if diff:
         audit_record(tenant=tenant, actor=actor, action="policy.updated", target=policy, data=diff)
     return policy
+
+
+# ---- console playground --------------------------------------------------------------------------
+
+PLAYGROUND_PREFIX = "pgt_"
+PLAYGROUND_TTL_S = 3600
+
+
+def playground_token_issue(*, tenant: Tenant, user) -> str:
+    """A short-lived inference credential for the console's playground, signed, never stored.
+
+    The gateway accepts it like an API key with the inference scope, for this tenant only, for an hour.
+    """
+    from django.core import signing
+
+    return PLAYGROUND_PREFIX + signing.dumps({"t": tenant.pk, "u": user.pk}, salt="playground", compress=True)
+
+
+def playground_token_verify(raw: str) -> tuple[int, int] | None:
+    """(tenant id, user id) of a valid, unexpired playground token, else None."""
+    from django.core import signing
+
+    if not raw.startswith(PLAYGROUND_PREFIX):
+        return None
+    try:
+        data = signing.loads(raw[len(PLAYGROUND_PREFIX) :], salt="playground", max_age=PLAYGROUND_TTL_S)
+    except signing.BadSignature:
+        return None
+    return int(data["t"]), int(data["u"])

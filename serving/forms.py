@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import re
+
+from django import forms
+
+from serving.models import ModelConfig
+
+
+class LinesField(forms.CharField):
+    """One entry per line in a textarea; a list in the model."""
+
+    widget = forms.Textarea(attrs={"rows": 3})
+
+    def prepare_value(self, value):
+        return "\n".join(value) if isinstance(value, list) else value
+
+    def to_python(self, value):
+        return [line.strip() for line in (value or "").splitlines() if line.strip()]
+
+
+class ModelConfigForm(forms.ModelForm):
+    redact_patterns = LinesField(required=False, help_text="One regular expression per line; matches are replaced by [REDACTED].")
+    blocked_terms = LinesField(required=False, help_text="One term per line; replaced by [BLOCKED] (case-insensitive).")
+
+    class Meta:
+        model = ModelConfig
+        fields = [
+            "default_model",
+            "default_max_tokens",
+            "max_max_tokens",
+            "default_temperature",
+            "max_temperature",
+            "system_message_rule",
+            "redact_emails",
+            "redact_phone_numbers",
+            "redact_card_numbers",
+            "redact_patterns",
+            "blocked_terms",
+        ]
+
+    def __init__(self, *args, model_choices: list[str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["default_model"] = forms.ChoiceField(
+            choices=[("", "— none —")] + [(m, m) for m in model_choices],
+            required=False,
+            help_text="Used when a request names no model, or 'default'.",
+        )
+
+    def clean_redact_patterns(self):
+        patterns = self.cleaned_data["redact_patterns"]
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise forms.ValidationError(f"{p!r} is not a valid regular expression: {exc}.") from None
+        return patterns
+
+    def clean(self):
+        data = super().clean()
+        if data.get("default_max_tokens") and data.get("max_max_tokens") and data["default_max_tokens"] > data["max_max_tokens"]:
+            self.add_error("default_max_tokens", "The default cannot exceed the maximum.")
+        if data.get("default_temperature") is not None and data.get("max_temperature") is not None and data["default_temperature"] > data["max_temperature"]:
+            self.add_error("default_temperature", "The default cannot exceed the maximum.")
+        return data

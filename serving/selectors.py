@@ -1,0 +1,86 @@
+"""Reads of the usage ledger for the console and the API: usage per day and model, quota utilization."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+
+from django.db.models import Count, Sum
+from django.db.models.functions import TruncDate
+
+from serving.admission import WARN_FRACTION, window_bounds
+from serving.models import UsageRecord
+from tenants.models import Policy, Tenant
+from tenants.selectors import effective_quota_tokens
+
+
+def usage_by_day_and_model(tenant: Tenant, *, days: int = 30, today: date | None = None) -> list[dict]:
+    """Rows {day, model, requests, input_tokens, output_tokens} over the last `days` days (UTC), oldest first."""
+    today = today or datetime.now(timezone.utc).date()
+    start = datetime.combine(today - timedelta(days=days - 1), datetime.min.time(), tzinfo=timezone.utc)
+    rows = (
+        UsageRecord.objects.for_tenant(tenant)
+        .filter(created_at__gte=start)
+        .annotate(day=TruncDate("created_at", tzinfo=timezone.utc))
+        .values("day", "model")
+        .annotate(requests=Count("id"), input_tokens=Sum("input_tokens"), output_tokens=Sum("output_tokens"))
+        .order_by("day", "model")
+    )
+    return [{**r, "total_tokens": r["input_tokens"] + r["output_tokens"]} for r in rows]
+
+
+def daily_totals(rows: list[dict], *, days: int = 30, today: date | None = None) -> list[tuple[date, int]]:
+    """Total tokens per day, every day present (zero-filled), from usage_by_day_and_model rows."""
+    today = today or datetime.now(timezone.utc).date()
+    totals = {today - timedelta(days=i): 0 for i in range(days)}
+    for r in rows:
+        if r["day"] in totals:
+            totals[r["day"]] += r["total_tokens"]
+    return sorted(totals.items())
+
+
+def tokens_used_in_window(tenant: Tenant, kind: str, now: datetime | None = None) -> int:
+    """Tokens (input + output) the ledger holds for the current quota window."""
+    start, end = window_bounds(kind, now)
+    agg = UsageRecord.objects.for_tenant(tenant).filter(created_at__gte=start, created_at__lt=end).aggregate(
+        i=Sum("input_tokens"), o=Sum("output_tokens")
+    )
+    return (agg["i"] or 0) + (agg["o"] or 0)
+
+
+def quota_status(tenant: Tenant, now: datetime | None = None) -> dict:
+    """U = used / quota for the window in force, and what the gateway does about it.
+
+    state: 'unlimited', 'ok', 'warning' (≥ 80 %), 'throttled' (soft, ≥ 100 %) or 'exhausted' (hard, ≥ 100 %).
+    """
+    policy = Policy.objects.for_tenant(tenant).get()
+    quota = effective_quota_tokens(policy)
+    used = tokens_used_in_window(tenant, policy.quota_window, now)
+    start, end = window_bounds(policy.quota_window, now)
+    if not quota:
+        return {"state": "unlimited", "used": used, "quota": 0, "percent": None, "window_start": start, "window_end": end, "policy": policy}
+    percent = 100 * used / quota
+    if used >= quota:
+        state = "throttled" if policy.quota_mode == "soft" else "exhausted"
+    elif used >= WARN_FRACTION * quota:
+        state = "warning"
+    else:
+        state = "ok"
+    return {"state": state, "used": used, "quota": quota, "percent": percent, "window_start": start, "window_end": end, "policy": policy}
+
+
+def utilization_history(tenant: Tenant, status: dict, daily: list[tuple[date, int]]) -> list[tuple[str, float]]:
+    """Quota utilization (percent) at the end of each day shown: cumulative within a month window, per day for a day window."""
+    quota = status["quota"]
+    if not quota:
+        return []
+    points, running = [], 0
+    month_start = status["window_start"].date() if status["policy"].quota_window == "month" else None
+    for day, tokens in daily:
+        if month_start is None:
+            running = tokens
+        elif day >= month_start:
+            running += tokens
+        else:
+            continue
+        points.append((day.strftime("%m-%d"), round(100 * running / quota, 1)))
+    return points

@@ -1,0 +1,82 @@
+"""Console pages of the serving app: usage with quota utilization, models and model settings, playground."""
+
+from __future__ import annotations
+
+import pytest
+from django.urls import reverse
+
+from serving.models import BackendPool, BaseModel, ModelConfig, UsageRecord
+from tenants import services
+from tenants.models import AuditEvent, Policy
+from tests.conftest import PASSWORD
+
+
+@pytest.fixture
+def served(world):
+    base = BaseModel.objects.create(name="tiny-chat", hf_id="platform/tiny-chat", context_length=1024)
+    BackendPool.objects.create(name="shared", base_model=base, kind="dev")
+    return base
+
+
+def login(client, user):
+    assert client.login(username=user.username, password=PASSWORD)
+
+
+def test_usage_page_shows_rows_gauge_and_warning(client, world, served):
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, quota_tokens=1000, quota_mode="soft", quota_window="month")
+    for i, (inp, out) in enumerate([(300, 200), (250, 100)]):
+        UsageRecord.all_tenants.create(tenant=world.tenant, request_id=f"r{i}", endpoint="chat", model="tiny-chat", input_tokens=inp, output_tokens=out, status="ok")
+    UsageRecord.all_tenants.create(tenant=world.other_tenant, request_id="other", endpoint="chat", model="tiny-chat", input_tokens=10**6, output_tokens=0, status="ok")
+    login(client, world.viewer)
+    page = client.get(reverse("console-usage", args=["acme"]))
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "85.0 %" in html  # U = 850 / 1000, the other tenant's million tokens not counted
+    assert "You have used 85 % of your quota" in html
+    assert "tiny-chat" in html and "850" in html
+
+
+def test_usage_page_says_throttled_and_exhausted(client, world, served):
+    UsageRecord.all_tenants.create(tenant=world.tenant, request_id="big", endpoint="chat", model="tiny-chat", input_tokens=1000, output_tokens=1, status="ok")
+    login(client, world.viewer)
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, quota_tokens=1000, quota_mode="soft")
+    assert "your requests are throttled" in client.get(reverse("console-usage", args=["acme"])).content.decode()
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, quota_mode="hard")
+    assert "requests are refused" in client.get(reverse("console-usage", args=["acme"])).content.decode()
+
+
+def test_models_page_lists_models_and_admin_saves_settings(client, world, served):
+    login(client, world.admin)
+    url = reverse("console-models", args=["acme"])
+    assert "tiny-chat" in client.get(url).content.decode()
+    data = {
+        "default_model": "tiny-chat", "default_max_tokens": 100, "max_max_tokens": 200, "default_temperature": "0.7",
+        "max_temperature": "1.5", "system_message_rule": "replace", "redact_emails": "on", "redact_patterns": "ACME-\\d+\n", "blocked_terms": "",
+    }
+    assert client.post(url, data).status_code == 302
+    config = ModelConfig.objects.for_tenant(world.tenant).get()
+    assert (config.default_model, config.max_max_tokens, config.redact_patterns, config.redact_emails) == ("tiny-chat", 200, ["ACME-\\d+"], True)
+    assert AuditEvent.objects.for_tenant(world.tenant).filter(action="model_config.updated").exists()
+
+
+def test_model_settings_errors_are_field_level_and_nothing_saved(client, world, served):
+    login(client, world.admin)
+    url = reverse("console-models", args=["acme"])
+    bad = {"default_model": "gpt-9", "default_max_tokens": 500, "max_max_tokens": 100, "default_temperature": "3", "max_temperature": "1",
+           "system_message_rule": "keep", "redact_patterns": "([unclosed", "blocked_terms": ""}
+    page = client.post(url, bad)
+    assert page.status_code == 200
+    form = page.context["form"]
+    assert {"default_model", "default_max_tokens", "default_temperature", "redact_patterns"} <= set(form.errors)
+    assert ModelConfig.objects.for_tenant(world.tenant).get().max_max_tokens == 4096
+
+
+def test_playground_issues_a_token_for_this_tenant_only(client, world, served):
+    login(client, world.developer)
+    page = client.get(reverse("console-playground", args=["acme"]))
+    assert page.status_code == 200
+    token = page.context["token"]
+    assert services.playground_token_verify(token) == (world.tenant.pk, world.developer.pk)
+    assert services.playground_token_verify(token[:-2] + "xx") is None
+    login(client, world.viewer)
+    assert client.get(reverse("console-playground", args=["acme"])).status_code == 403
