@@ -3,3 +3,8 @@ from django.apps import AppConfig
 
 class ServingConfig(AppConfig):
     name = "serving"
+
+    def ready(self) -> None:
+        from serving import signals
+
+        signals.connect()

@@ -171,3 +171,16 @@ class UsageRecord(TenantOwnedModel):
     class Meta(TenantOwnedModel.Meta):
         indexes = [models.Index(fields=["tenant", "created_at"], name="usage_tenant_time")]
         ordering = ["-created_at"]
+
+
+class ConfigVersion(models.Model):
+    """One row (pk=1), bumped after every change the gateway caches (when Redis is not configured).
+
+    Gateways poll it about twice a second and reload their in-memory snapshot when it moves.
+    """
+
+    version = models.PositiveBigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"config v{self.version}"

@@ -1,0 +1,83 @@
+"""Staff admin for what the gateway routes to, and the usage ledger (read-only)."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+
+from serving.models import Adapter, AdapterDeployment, Backend, BackendPool, BaseModel, ModelConfig, UsageRecord
+
+
+@admin.register(BaseModel)
+class BaseModelAdmin(admin.ModelAdmin):
+    list_display = ("name", "hf_id", "context_length", "available_to_all", "created_at")
+    list_filter = ("available_to_all",)
+    search_fields = ("name", "hf_id")
+
+
+class BackendInline(admin.TabularInline):
+    model = Backend
+    extra = 0
+    fields = ("url", "max_concurrency", "enabled", "healthy", "last_checked_at", "last_error", "loaded_adapters", "needs_restart")
+    # Health is written by the gateways' health checker; staff only enable/disable.
+    readonly_fields = ("healthy", "last_checked_at", "last_error")
+
+
+@admin.register(BackendPool)
+class BackendPoolAdmin(admin.ModelAdmin):
+    list_display = ("name", "base_model", "kind", "dedicated_tenant", "capacity", "backends_healthy")
+    list_filter = ("kind", "base_model")
+    search_fields = ("name",)
+    inlines = [BackendInline]
+
+    @admin.display(description="healthy / enabled backends")
+    def backends_healthy(self, pool: BackendPool) -> str:
+        enabled = [b for b in pool.backends.all() if b.enabled]
+        return f"{sum(b.healthy for b in enabled)} / {len(enabled)}"
+
+
+@admin.register(Backend)
+class BackendAdmin(admin.ModelAdmin):
+    list_display = ("url", "pool", "enabled", "healthy", "last_checked_at", "last_error", "max_concurrency", "needs_restart")
+    list_filter = ("enabled", "healthy", "pool")
+    readonly_fields = ("healthy", "last_checked_at", "last_error")
+    search_fields = ("url",)
+
+
+@admin.register(Adapter)
+class AdapterAdmin(admin.ModelAdmin):
+    list_display = ("name", "tenant", "base_model", "rank", "size_bytes", "created_at")
+    list_filter = ("base_model",)
+    search_fields = ("name", "tenant__slug")
+
+
+@admin.register(AdapterDeployment)
+class AdapterDeploymentAdmin(admin.ModelAdmin):
+    list_display = ("adapter", "tenant", "pool", "state", "error", "created_at")
+    list_filter = ("state", "pool")
+    search_fields = ("adapter__name", "tenant__slug")
+
+
+@admin.register(ModelConfig)
+class ModelConfigAdmin(admin.ModelAdmin):
+    list_display = ("tenant", "default_model", "default_max_tokens", "max_max_tokens", "system_message_rule")
+    search_fields = ("tenant__slug",)
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(admin.ModelAdmin):
+    """The ledger is written once by the gateway and read by billing: staff can look, never edit."""
+
+    list_display = ("created_at", "tenant", "endpoint", "model", "adapter", "pool", "status", "input_tokens", "output_tokens", "ttft_ms", "duration_ms")
+    list_filter = ("status", "endpoint", "pool", "tenant", "created_at")
+    search_fields = ("request_id", "model", "tenant__slug")
+    date_hierarchy = "created_at"
+    list_select_related = ("tenant", "pool")
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

@@ -1,0 +1,323 @@
+"""The gateway's in-process configuration snapshot and its invalidation.
+
+The hot path never queries the database. A `ConfigStore` holds one immutable `Snapshot` (keys, tenants with
+their limits / prompt / model settings and routing table, pools, backends) and a poller thread reloads it
+when the config version moves. The version is bumped after every relevant change (serving.signals): a Redis
+counter when REDIS_URL is set, else the one `ConfigVersion` row. Polling every 0.5 s means a revoked key, a
+suspension or a new system prompt takes effect in every gateway process within about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+from typing import Mapping
+
+from django.conf import settings
+from django.db import IntegrityError, close_old_connections, connection, transaction
+from django.db.models import F
+from django.utils import timezone
+
+log = logging.getLogger(__name__)
+
+REDIS_VERSION_KEY = "mtl:config:version"
+FULL_RELOAD_S = 60.0  # reload even without a bump: a missed signal heals within a minute
+INFERENCE_SCOPE = "inference"
+
+
+# ---- the snapshot --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    id: int
+    prefix: str
+    secret_hash: str  # sha256 hex of the full key
+    tenant_id: int
+    scopes: frozenset
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What a tenant-visible model name resolves to."""
+
+    name: str  # tenant-visible name, echoed in responses
+    pool_id: int
+    adapter: str | None  # backend-side adapter id (only on backends whose loaded_adapters list it)
+    base_model: str
+    owned_by: str
+    created: int
+
+
+@dataclass(frozen=True, slots=True)
+class BackendEntry:
+    id: int
+    pool_id: int
+    url: str
+    max_concurrency: int
+    loaded_adapters: frozenset
+
+
+@dataclass(frozen=True, slots=True)
+class PoolEntry:
+    id: int
+    name: str
+    kind: str  # tgi | vllm | dev
+    base_model: str
+    hf_id: str
+    context_length: int
+    capacity: int  # scheduler capacity: the pool's setting, else the sum of its backends' concurrency
+    dedicated_tenant_id: int | None
+    backends: tuple  # of BackendEntry, enabled ones only
+
+
+@dataclass(frozen=True, slots=True)
+class TenantEntry:
+    id: int
+    slug: str
+    active: bool
+    suspended_reason: str
+    weight: int
+    limits: object  # serving.admission.TenantLimits
+    system_prompt: str
+    system_message_rule: str  # keep | replace
+    default_model: str
+    default_max_tokens: int
+    max_max_tokens: int
+    default_temperature: float
+    max_temperature: float
+    cache_salt: str
+    models: Mapping[str, Route]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: object
+    loaded_at: float
+    keys: Mapping[str, KeyEntry] = field(default_factory=lambda: MappingProxyType({}))
+    tenants: Mapping[int, TenantEntry] = field(default_factory=lambda: MappingProxyType({}))
+    pools: Mapping[int, PoolEntry] = field(default_factory=lambda: MappingProxyType({}))
+
+    def backends(self):
+        for pool in self.pools.values():
+            yield from pool.backends
+
+
+def tenant_cache_salt(tenant_id: int) -> str:
+    """vLLM `cache_salt` for a tenant: derived from SECRET_KEY, so no tenant can guess or choose another's."""
+    return hmac.new(settings.SECRET_KEY.encode(), f"cache-salt:{tenant_id}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def load_snapshot(version: object = None) -> Snapshot:
+    """Read the whole gateway configuration from the database (a few queries; never on the request path)."""
+    from serving.admission import TenantLimits
+    from serving.models import Adapter, AdapterDeployment, Backend, BackendPool, BaseModel, ModelConfig
+    from tenants.models import ApiKey, Policy, Tenant
+    from tenants.selectors import effective_quota_tokens
+
+    # `all_tenants` throughout: the snapshot is the gateway's copy of every tenant's configuration; the
+    # request path scopes every lookup by the tenant of the authenticated key.
+    keys = {}
+    for k in ApiKey.all_tenants.filter(revoked_at__isnull=True).only("id", "prefix", "secret_hash", "tenant_id", "scopes", "expires_at"):
+        keys[k.prefix] = KeyEntry(k.id, k.prefix, k.secret_hash, k.tenant_id, frozenset(k.scopes or ()), k.expires_at)
+
+    base_models = {b.id: b for b in BaseModel.objects.all()}
+    backends_by_pool: dict[int, list] = {}
+    for b in Backend.objects.filter(enabled=True).order_by("id"):
+        backends_by_pool.setdefault(b.pool_id, []).append(
+            BackendEntry(b.id, b.pool_id, b.url.rstrip("/"), b.max_concurrency, frozenset(b.loaded_adapters or ()))
+        )
+    pools = {}
+    for p in BackendPool.objects.all().order_by("name"):
+        bm = base_models[p.base_model_id]
+        bes = tuple(backends_by_pool.get(p.id, ()))
+        pools[p.id] = PoolEntry(
+            p.id, p.name, p.kind, bm.name, bm.hf_id or bm.name, bm.context_length,
+            p.capacity or sum(b.max_concurrency for b in bes) or 1, p.dedicated_tenant_id, bes,
+        )
+
+    policies = {p.tenant_id: p for p in Policy.all_tenants.all()}
+    configs = {c.tenant_id: c for c in ModelConfig.all_tenants.all()}
+    deployments: dict[int, list] = {}
+    for d in AdapterDeployment.all_tenants.exclude(state=AdapterDeployment.State.FAILED).select_related("adapter").order_by("id"):
+        deployments.setdefault(d.tenant_id, []).append(d)
+    defaults = {f.name: f.default for f in ModelConfig._meta.fields if f.name in ("default_max_tokens", "max_max_tokens", "default_temperature", "max_temperature", "system_message_rule")}
+
+    tenants = {}
+    for t in Tenant.objects.select_related("active_prompt").all():
+        policy = policies.get(t.id)
+        cfg = configs.get(t.id)
+        limits = TenantLimits(tenant_id=t.id)
+        if policy is not None:
+            limits = TenantLimits(
+                tenant_id=t.id,
+                requests_per_minute=policy.requests_per_minute,
+                tokens_per_minute=policy.tokens_per_minute,
+                quota_tokens=effective_quota_tokens(policy),
+                quota_window=policy.quota_window,
+                quota_mode=policy.quota_mode,
+                max_concurrent=policy.max_concurrent_requests,
+            )
+        tenants[t.id] = TenantEntry(
+            id=t.id,
+            slug=t.slug,
+            active=t.is_active,
+            suspended_reason=t.suspended_reason,
+            weight=policy.weight if policy else 1,
+            limits=limits,
+            system_prompt=(t.active_prompt.text if t.active_prompt_id else "").strip(),
+            system_message_rule=cfg.system_message_rule if cfg else defaults["system_message_rule"],
+            default_model=cfg.default_model if cfg else "",
+            default_max_tokens=cfg.default_max_tokens if cfg else defaults["default_max_tokens"],
+            max_max_tokens=cfg.max_max_tokens if cfg else defaults["max_max_tokens"],
+            default_temperature=float(cfg.default_temperature if cfg else defaults["default_temperature"]),
+            max_temperature=float(cfg.max_temperature if cfg else defaults["max_temperature"]),
+            cache_salt=tenant_cache_salt(t.id),
+            models=MappingProxyType(_routes_for(t, cfg, base_models, pools, deployments.get(t.id, ()))),
+        )
+    return Snapshot(version, time.monotonic(), MappingProxyType(keys), MappingProxyType(tenants), MappingProxyType(pools))
+
+
+def _routes_for(tenant, cfg, base_models: dict, pools: dict, deployments) -> dict[str, Route]:
+    """The routing rules (docs/gateway.md): dedicated pools first, then shared base models, then adapters."""
+    routes: dict[str, Route] = {}
+    allowed = set(cfg.allowed_models or ()) if cfg else set()
+    # Isolated tenancy: a pool dedicated to this tenant serves its base model for it (and only for it).
+    for pool in pools.values():
+        if pool.dedicated_tenant_id == tenant.id and pool.base_model not in routes:
+            bm = next(b for b in base_models.values() if b.name == pool.base_model)
+            routes[pool.base_model] = Route(pool.base_model, pool.id, None, pool.base_model, tenant.slug, int(bm.created_at.timestamp()))
+    for bm in base_models.values():
+        if bm.name in routes or not bm.available_to_all or (allowed and bm.name not in allowed):
+            continue
+        shared = [p for p in pools.values() if p.base_model == bm.name and p.dedicated_tenant_id is None]
+        if shared:
+            pool = next((p for p in shared if p.backends), shared[0])
+            routes[bm.name] = Route(bm.name, pool.id, None, bm.name, "platform", int(bm.created_at.timestamp()))
+    for d in deployments:
+        pool = pools.get(d.pool_id)
+        if pool is None or pool.dedicated_tenant_id not in (None, tenant.id) or d.adapter.name in routes:
+            continue
+        routes[d.adapter.name] = Route(d.adapter.name, pool.id, d.adapter.name, pool.base_model, tenant.slug, int(d.adapter.created_at.timestamp()))
+    return routes
+
+
+# ---- the version counter -------------------------------------------------------------------------
+
+_redis = None
+
+
+def _redis_client():
+    global _redis
+    if _redis is None:
+        import redis
+
+        _redis = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
+    return _redis
+
+
+def config_version_bump() -> None:
+    """Tell every gateway process to reload its snapshot. Call after the change has committed."""
+    if settings.REDIS_URL:
+        _redis_client().incr(REDIS_VERSION_KEY)
+        return
+    from serving.models import ConfigVersion
+
+    if ConfigVersion.objects.filter(pk=1).update(version=F("version") + 1) == 0:
+        try:
+            with transaction.atomic():
+                ConfigVersion.objects.create(pk=1, version=1)
+        except IntegrityError:
+            ConfigVersion.objects.filter(pk=1).update(version=F("version") + 1)
+
+
+def config_version_read() -> object:
+    """The current version (any value: the poller only compares it with the last one it saw)."""
+    if settings.REDIS_URL:
+        return _redis_client().get(REDIS_VERSION_KEY)
+    from serving.models import ConfigVersion
+
+    row = ConfigVersion.objects.filter(pk=1).values_list("version", "updated_at").first()
+    return row
+
+
+# ---- the store -----------------------------------------------------------------------------------
+
+
+class ConfigStore:
+    """Holds the current snapshot; a daemon thread polls the version and reloads when it changes.
+
+    Reading `store.snapshot` is one attribute load (the snapshot is replaced whole, never mutated).
+    The same thread writes keys' `last_used_at` in batches (at most once a minute per key).
+    """
+
+    def __init__(self, *, poll_interval_s: float = 0.5, touch_interval_s: float = 60.0):
+        self.poll_interval_s = poll_interval_s
+        self.touch_interval_s = touch_interval_s
+        self.snapshot: Snapshot | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._used_keys: set[int] = set()
+        self._last_touch = time.monotonic()
+        self.reloads = 0
+
+    def note_key_used(self, key_id: int) -> None:
+        self._used_keys.add(key_id)  # set.add is atomic under the GIL
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Reload if the version moved (or `force`). Returns True when a new snapshot was installed."""
+        version = config_version_read()
+        current = self.snapshot
+        if not force and current is not None and version == current.version and time.monotonic() - current.loaded_at < FULL_RELOAD_S:
+            return False
+        self.snapshot = load_snapshot(version)
+        self.reloads += 1
+        return True
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        if self.snapshot is None:
+            self.refresh(force=True)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="gateway-config", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._flush_touches()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self.refresh()
+                if time.monotonic() - self._last_touch >= self.touch_interval_s:
+                    self._flush_touches()
+            except Exception:  # keep serving the last good snapshot; retry next tick
+                log.exception("gateway config reload failed; serving the previous snapshot")
+                connection.close()
+        close_old_connections()
+        connection.close()
+
+    def _flush_touches(self) -> None:
+        self._last_touch = time.monotonic()
+        if not self._used_keys:
+            return
+        ids, self._used_keys = self._used_keys, set()
+        from tenants.models import ApiKey
+
+        try:
+            # all_tenants: a batch across tenants, by primary keys the gateway authenticated itself.
+            ApiKey.all_tenants.filter(pk__in=ids).update(last_used_at=timezone.now())
+        except Exception:
+            log.exception("could not record keys' last use")

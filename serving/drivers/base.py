@@ -1,0 +1,120 @@
+"""The driver interface: the normalised request, the events, the error, and SSE reading."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import aiohttp
+
+
+@dataclass(slots=True)
+class Sampling:
+    """Always explicit: TGI samples or not depending on which fields are present (reference/backends.md)."""
+
+    do_sample: bool
+    temperature: float | None = None  # only when do_sample
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class BackendRequest:
+    """What the gateway asks of a backend, already rewritten (system prompt in, limits applied)."""
+
+    kind: str  # "chat" (messages) or "text" (prompt)
+    max_tokens: int
+    sampling: Sampling
+    messages: list[dict] | None = None
+    prompt: str | None = None
+    adapter: str | None = None  # backend-side adapter id, or None for the base model
+    model_id: str = ""  # the backend's id of the base model (vLLM `model` when no adapter)
+    cache_salt: str | None = None  # vLLM only; set by the gateway per tenant
+    want_tokens: bool = False  # TGI details: keep per-token ids/logprobs
+
+
+@dataclass(slots=True)
+class TokenDelta:
+    text: str
+    count: int = 1  # tokens in this delta
+    token: dict | None = None  # TGI token object {id, text, logprob, special} where the backend gives one
+    last: bool = False  # the backend said this is the final token
+
+
+@dataclass(slots=True)
+class Finish:
+    finish_reason: str  # OpenAI vocabulary: stop | length
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    seed: int | None = None
+
+
+class BackendError(Exception):
+    """A backend failure. `retryable`: another backend may succeed (connect error, overload) if nothing was sent."""
+
+    def __init__(self, message: str, *, status: int = 502, error_type: str = "backend_error", retryable: bool = False, connect: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.error_type = error_type
+        self.retryable = retryable
+        self.connect = connect
+
+
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+
+
+async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
+    if resp.status < 400:
+        return
+    text = (await resp.text(errors="replace"))[:500]
+    message, error_type = text, "backend_error"
+    try:
+        body = json.loads(text)
+        err = body.get("error")
+        if isinstance(err, dict):
+            message, error_type = err.get("message", text), err.get("type") or error_type
+        elif err:
+            message, error_type = str(err), body.get("error_type") or error_type
+        elif "detail" in body:
+            message = str(body["detail"])
+    except (ValueError, AttributeError):
+        pass
+    raise BackendError(message, status=resp.status, error_type=error_type, retryable=resp.status in RETRYABLE_STATUSES)
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+    """JSON payloads of `data:` lines; stops at `[DONE]`. Comments and other fields are skipped."""
+    async for raw in resp.content:
+        if not raw.startswith(b"data:"):
+            continue
+        payload = raw[5:].strip()
+        if not payload:
+            continue
+        if payload == b"[DONE]":
+            return
+        try:
+            yield json.loads(payload)
+        except ValueError:
+            raise BackendError(f"backend sent an unreadable event: {payload[:100]!r}", error_type="protocol") from None
+
+
+def in_stream_error(event: dict, *, started: bool) -> BackendError | None:
+    """TGI (and some OpenAI servers) report errors inside a 200 stream as `{"error": ...}`."""
+    err = event.get("error")
+    if not err:
+        return None
+    if isinstance(err, dict):
+        message, error_type = str(err.get("message", err)), str(err.get("type") or "backend_error")
+    else:
+        message, error_type = str(err), str(event.get("error_type") or "backend_error")
+    overloaded = error_type in ("overloaded", "rate_limit") or "overloaded" in message.lower()
+    status = 429 if overloaded else 422 if error_type == "validation" else 502
+    return BackendError(message, status=status, error_type=error_type, retryable=overloaded and not started)
+
+
+def connect_error(exc: BaseException, url: str) -> BackendError:
+    return BackendError(f"cannot reach backend {url}: {exc.__class__.__name__}", status=503, error_type="connect", retryable=True, connect=True)

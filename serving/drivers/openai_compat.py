@@ -1,0 +1,81 @@
+"""The OpenAI-compatible streaming protocol, shared by vLLM, TGI's /v1 routes and the dev backend."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import aiohttp
+
+from serving.drivers.base import (
+    BackendError,
+    BackendRequest,
+    Finish,
+    TokenDelta,
+    connect_error,
+    in_stream_error,
+    raise_for_status,
+    sse_events,
+)
+
+
+def openai_body(request: BackendRequest, *, model: str, cache_salt: bool, continuous_usage: bool) -> tuple[str, dict]:
+    """(path, JSON body). Greedy is temperature 0 (TGI's chat route samples whenever temperature is absent)."""
+    s = request.sampling
+    body: dict = {"model": model, "max_tokens": request.max_tokens, "stream": True,
+                  "stream_options": {"include_usage": True, **({"continuous_usage_stats": True} if continuous_usage else {})},
+                  "temperature": s.temperature if s.do_sample and s.temperature is not None else (1.0 if s.do_sample else 0.0)}
+    if s.do_sample and s.top_p is not None:
+        body["top_p"] = s.top_p
+    if s.do_sample and s.top_k is not None and continuous_usage:  # vLLM extension
+        body["top_k"] = s.top_k
+    if s.seed is not None:
+        body["seed"] = s.seed
+    if s.stop:
+        body["stop"] = s.stop
+    if cache_salt and request.cache_salt:
+        body["cache_salt"] = request.cache_salt
+    if request.kind == "chat":
+        body["messages"] = request.messages
+        return "/v1/chat/completions", body
+    body["prompt"] = request.prompt
+    return "/v1/completions", body
+
+
+async def openai_stream(session: aiohttp.ClientSession, url: str, body: dict, *, chat: bool) -> AsyncIterator:
+    """Events from an OpenAI-style SSE stream (`stream_options.include_usage` on, so usage is known)."""
+    try:
+        resp = await session.post(url, json=body)
+    except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
+        raise connect_error(exc, url) from exc
+    started = False
+    finish_reason = None
+    usage = None
+    try:
+        await raise_for_status(resp)
+        async for event in sse_events(resp):
+            err = in_stream_error(event, started=started)
+            if err is not None:
+                raise err
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event.get("choices") or ():
+                text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                reason = choice.get("finish_reason")
+                if reason:
+                    finish_reason = reason
+                if text or reason:
+                    started = True
+                    yield TokenDelta(text or "", 1 if text else 0, last=bool(reason))
+        if finish_reason is None:
+            raise BackendError("the backend closed the stream before the end of the answer", error_type="incomplete_generation")
+        resp.release()  # finished cleanly: the connection may be reused
+        yield Finish(
+            "length" if finish_reason == "length" else "stop",
+            (usage or {}).get("prompt_tokens"),
+            (usage or {}).get("completion_tokens"),
+        )
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+        raise BackendError(f"backend stream failed: {exc.__class__.__name__}", error_type="incomplete_generation", retryable=not started) from exc
+    finally:
+        resp.close()  # not release(): an unfinished stream must drop the connection so the backend cancels

@@ -1,0 +1,532 @@
+"""The inference gateway: a raw ASGI application (no Django request cycle) for the inference paths.
+
+Request path (docs/gateway.md): read the body (capped) → authenticate the bearer key against the in-memory
+snapshot → validate → route `model` to (pool, adapter) → admission (limits, quota) → fair scheduler slot →
+pick the least-loaded healthy backend holding the adapter → stream through the driver, failing over before
+the first byte → answer in the client's shape → ledger record (awaited before the last byte) → settle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from django.utils import timezone
+
+from serving.config import INFERENCE_SCOPE, ConfigStore, Snapshot
+from serving.drivers import BackendError, Finish, TokenDelta, driver_for
+from serving.gateway import metrics
+from serving.gateway.errors import ApiError
+from serving.gateway.formatting import OpenAIFormat, TGIFormat
+from serving.gateway.parsing import (
+    build_backend_request,
+    estimate_prompt_tokens,
+    parse_chat,
+    parse_completions,
+    parse_generate,
+    parse_json,
+    resolve_max_tokens,
+)
+from serving.gateway.settings import GatewaySettings
+from serving.health import HealthMonitor
+from serving.ledger import Ledger, LedgerEntry
+from tenants.services import split_key
+
+log = logging.getLogger(__name__)
+
+# path -> (endpoint, allowed method)
+ROUTES = {
+    "/v1/chat/completions": ("chat", "POST"),
+    "/v1/completions": ("completions", "POST"),
+    "/v1/models": ("models", "GET"),
+    "/generate": ("generate", "POST"),
+    "/generate_stream": ("generate_stream", "POST"),
+    "/metrics": ("metrics", "GET"),
+}
+DEFAULT_MODEL_NAMES = {None, "", "default", "tgi"}
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,48}$")
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def is_gateway_path(scope) -> bool:
+    """True for the paths the gateway serves (portal.asgi dispatches them before Django)."""
+    path = scope["path"]
+    return path in ROUTES or path.startswith("/v1/models/") or (path == "/" and scope.get("method") == "POST")
+
+
+@dataclass(slots=True)
+class Call:
+    """One inference request's state, for the answer, the ledger, the scheduler and admission."""
+
+    request_id: str
+    endpoint: str
+    tenant: object
+    key_id: int
+    model: str
+    adapter: str
+    pool: object
+    started_at: float
+    prompt_estimate: int
+    max_tokens: int
+    backend_id: int | None = None
+    input_tokens: int | None = None
+    output_tokens: int = 0
+    ttft_ms: int | None = None
+    status: str = "error"
+    response_started: bool = False  # http.response.start sent: no more failover, no more HTTP status
+    completed: bool = False  # the last byte is on its way: a disconnect now is not a cancellation
+    http_status: int = 200
+    recorded: bool = False
+    backend_accepted: bool = False
+
+
+class GatewayApp:
+    def __init__(self, settings: GatewaySettings | None = None, store: ConfigStore | None = None):
+        self.settings = settings or GatewaySettings.from_env()
+        self.store = store or ConfigStore(poll_interval_s=self.settings.config_poll_s)
+        self.health = HealthMonitor(self.store, interval_s=self.settings.health_interval_s,
+                                    timeout_s=self.settings.health_timeout_s, persist_s=self.settings.health_persist_s)
+        self.ledger = Ledger()
+        self.session: aiohttp.ClientSession | None = None
+        self.tenant_label = metrics.TenantLabels(self.settings.metrics_top_tenants)
+        self._loop = None
+        self._start_lock: asyncio.Lock | None = None
+        self._start_lock_loop = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Load the config, open the backend session, run a first health round, start the background tasks."""
+        await asyncio.to_thread(self.store.start)
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.settings.connect_timeout_s, sock_read=self.settings.read_timeout_s),
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),
+            auto_decompress=False,
+        )
+        await self.health.check_all(self.session)
+        self.health.start(self.session)
+        self.ledger.start()
+        self._loop = asyncio.get_running_loop()
+
+    async def shutdown(self) -> None:
+        if self._loop is None:
+            return
+        await self.ledger.stop()
+        await self.health.stop()
+        if self.session is not None:
+            await self.session.close()
+        await asyncio.to_thread(self.store.stop)
+        self._loop = None
+
+    async def _ensure_started(self) -> None:
+        """Started by the lifespan protocol, or lazily on the first request of an event loop."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._start_lock is None or self._start_lock_loop is not loop:  # one lock per event loop
+            self._start_lock, self._start_lock_loop = asyncio.Lock(), loop
+        async with self._start_lock:
+            if self._loop is not loop:
+                await self.startup()
+
+    async def lifespan(self, scope, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("gateway startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # ---- dispatch -----------------------------------------------------------------------------------
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            return await self.lifespan(scope, receive, send)
+        await self._ensure_started()
+        path, method = scope["path"], scope["method"]
+        if path == "/":
+            return await self._inference(scope, receive, send, "generate?")
+        if path.startswith("/v1/models/"):
+            endpoint, allowed = "model", "GET"
+        else:
+            endpoint, allowed = ROUTES[path]
+        tgi = endpoint.startswith("generate")
+        if method != allowed:
+            return await self._send_error(send, ApiError(405, f"Use {allowed} on {path}.", code="method_not_allowed",
+                                                         headers={"allow": allowed}), tgi=tgi, endpoint=endpoint)
+        if endpoint == "metrics":
+            return await self._metrics(scope, send)
+        if endpoint in ("models", "model"):
+            return await self._models(scope, send, path[len("/v1/models/"):] if endpoint == "model" else None)
+        return await self._inference(scope, receive, send, endpoint)
+
+    # ---- helpers ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _header(scope, name: bytes) -> str | None:
+        for k, v in scope["headers"]:
+            if k == name:
+                return v.decode("latin-1")
+        return None
+
+    async def _send_json(self, send, status: int, body: bytes, headers: dict | None = None) -> None:
+        raw = list(JSON_HEADERS)
+        for k, v in (headers or {}).items():
+            raw.append((k.lower().encode(), str(v).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _send_error(self, send, err: ApiError, *, tgi: bool, endpoint: str, tenant=None, headers: dict | None = None) -> None:
+        metrics.REQUESTS.labels(endpoint, str(err.status), self.tenant_label(getattr(tenant, "slug", None))).inc()
+        await self._send_json(send, err.status, err.tgi_body() if tgi else err.openai_body(), {**(headers or {}), **err.headers})
+
+    async def _read_body(self, scope, receive) -> bytes:
+        cap = self.settings.max_body_bytes
+        length = self._header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > cap:
+            raise ApiError(413, f"The request body is larger than {cap} bytes.", code="request_too_large")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise asyncio.CancelledError
+            body = message.get("body", b"")
+            size += len(body)
+            if size > cap:
+                raise ApiError(413, f"The request body is larger than {cap} bytes.", code="request_too_large")
+            chunks.append(body)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    def _authenticate(self, scope, snap: Snapshot):
+        """(key entry, tenant entry) for the bearer key, or ApiError 401/403. No database access."""
+        auth = self._header(scope, b"authorization")
+        if not auth or not auth[:7].lower() == "bearer ":
+            raise ApiError(401, "Missing API key: send `Authorization: Bearer <key>`.", type="invalid_request_error", code="invalid_api_key")
+        parts = split_key(auth[7:].strip())
+        entry = snap.keys.get(parts[0]) if parts else None
+        if entry is None or not hmac.compare_digest(entry.secret_hash, hashlib.sha256(parts[1].encode()).hexdigest()):
+            raise ApiError(401, "Invalid API key (unknown or revoked).", type="invalid_request_error", code="invalid_api_key")
+        if entry.expires_at is not None and entry.expires_at <= timezone.now():
+            raise ApiError(401, "This API key has expired: create a new one in the console.", type="invalid_request_error", code="expired_api_key")
+        tenant = snap.tenants.get(entry.tenant_id)
+        if tenant is None:
+            raise ApiError(401, "Invalid API key.", type="invalid_request_error", code="invalid_api_key")
+        if INFERENCE_SCOPE not in entry.scopes:
+            raise ApiError(403, "This API key does not have the `inference` scope.", type="permission_error", code="insufficient_scope")
+        if not tenant.active:
+            reason = f" ({tenant.suspended_reason})" if tenant.suspended_reason else ""
+            raise ApiError(403, f"The account {tenant.slug!r} is suspended{reason}: inference is disabled. Contact support.",
+                           type="permission_error", code="tenant_suspended")
+        self.store.note_key_used(entry.id)
+        return entry, tenant
+
+    @staticmethod
+    def _route(tenant, name: str | None):
+        if name in DEFAULT_MODEL_NAMES:
+            name = tenant.default_model
+            if not name:
+                bases = [r for r in tenant.models.values() if r.adapter is None]
+                if len(bases) != 1:
+                    raise ApiError(404, "No model given and no default model set: pass `model` (see GET /v1/models).",
+                                   param="model", code="model_not_found")
+                return bases[0]
+        route = tenant.models.get(name)
+        if route is None:
+            raise ApiError(404, f"The model `{name}` does not exist or you do not have access to it.", param="model", code="model_not_found")
+        return route
+
+    # ---- /metrics and /v1/models --------------------------------------------------------------------
+
+    async def _metrics(self, scope, send) -> None:
+        token = self.settings.metrics_token
+        if token:
+            auth = self._header(scope, b"authorization") or ""
+            if not hmac.compare_digest(auth.encode(), f"Bearer {token}".encode()):
+                return await self._send_json(send, 401, b'{"error":"metrics need the bearer token"}')
+        elif (scope.get("client") or ("",))[0] not in LOOPBACK:
+            return await self._send_json(send, 403, b'{"error":"metrics are served to loopback only unless PLATFORM_METRICS_TOKEN is set"}')
+        body = metrics.render(self.store.snapshot, self.health, self.ledger)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _models(self, scope, send, one: str | None) -> None:
+        import json
+
+        try:
+            _, tenant = self._authenticate(scope, self.store.snapshot)
+        except ApiError as err:
+            return await self._send_error(send, err, tgi=False, endpoint="models")
+
+        def item(r):
+            return {"id": r.name, "object": "model", "created": r.created, "owned_by": r.owned_by}
+
+        if one is not None:
+            route = tenant.models.get(one)
+            if route is None:
+                return await self._send_error(send, ApiError(404, f"The model `{one}` does not exist or you do not have access to it.",
+                                                             param="model", code="model_not_found"), tgi=False, endpoint="models", tenant=tenant)
+            body = item(route)
+        else:
+            body = {"object": "list", "data": [item(r) for r in sorted(tenant.models.values(), key=lambda r: r.name)]}
+        metrics.REQUESTS.labels("models", "200", self.tenant_label(tenant.slug)).inc()
+        await self._send_json(send, 200, json.dumps(body).encode())
+
+    # ---- inference ----------------------------------------------------------------------------------
+
+    async def _inference(self, scope, receive, send, endpoint: str) -> None:
+        started_at = time.perf_counter()
+        given_id = self._header(scope, b"x-request-id")
+        echo_id = given_id if given_id and REQUEST_ID_RE.match(given_id) else None
+        # The ledger id is unique per request even when a client reuses its x-request-id (else a reused id
+        # would make ignore_conflicts drop the later requests' usage).
+        request_id = f"{echo_id}~{secrets.token_hex(6)}" if echo_id else secrets.token_hex(12)
+        id_header = {"x-request-id": echo_id or request_id}
+        tgi = endpoint.startswith("generate")
+        tenant = None
+        try:
+            body = await self._read_body(scope, receive)
+            snap = self.store.snapshot
+            key, tenant = self._authenticate(scope, snap)
+            data = parse_json(body)
+            if endpoint == "generate?":  # TGI's POST / : `stream` picks the route
+                endpoint = "generate_stream" if data.get("stream") is True else "generate"
+            if endpoint == "chat":
+                req = parse_chat(data)
+            elif endpoint == "completions":
+                req = parse_completions(data)
+            else:
+                req = parse_generate(data, stream=endpoint == "generate_stream")
+            route = self._route(tenant, req.model)
+            pool = snap.pools[route.pool_id]
+            if route.adapter is not None and not any(route.adapter in b.loaded_adapters for b in pool.backends):
+                raise ApiError(503, f"The model `{route.name}` is deployed but not loaded on any backend yet (loading, or "
+                                    "awaiting a backend restart). Try again later.", code="adapter_not_loaded", headers={"retry-after": "30"})
+            max_tokens = resolve_max_tokens(req, tenant, pool.context_length)
+            backend_request = build_backend_request(req, tenant, route, pool, max_tokens)
+        except asyncio.CancelledError:
+            return  # the client left while sending its body
+        except ApiError as err:
+            return await self._send_error(send, err, tgi=tgi, endpoint=endpoint, tenant=tenant, headers=id_header)
+
+        from serving.admission import get_admission
+
+        admission = get_admission()
+        estimate = estimate_prompt_tokens(backend_request)
+        decision = await admission.admit(tenant.limits, request_id=request_id, reserve_tokens=estimate + max_tokens)
+        headers = {**id_header, **decision.headers}
+        if not decision.allowed:
+            if decision.retry_after:
+                headers["retry-after"] = str(decision.retry_after)
+            err = ApiError(decision.status, decision.message, type=decision.error_type or None, code=decision.code or None)
+            return await self._send_error(send, err, tgi=tgi, endpoint=endpoint, tenant=tenant, headers=headers)
+
+        call = Call(request_id, endpoint, tenant, key.id, route.name, route.adapter or "", pool, started_at, estimate, max_tokens)
+        work = asyncio.ensure_future(self._serve(call, req, route, backend_request, decision, headers, send))
+        watcher = asyncio.ensure_future(receive())
+        try:
+            await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done() and watcher.done() and watcher.result().get("type") == "http.disconnect" and not call.completed:
+                work.cancel()
+            try:
+                await work
+            except asyncio.CancelledError:
+                if not work.cancelled():
+                    raise
+        finally:
+            watcher.cancel()
+            used = (call.input_tokens or 0) + call.output_tokens
+            await admission.settle(decision.reservation, used_tokens=used)
+
+    async def _serve(self, call: Call, req, route, backend_request, decision, headers: dict, send) -> None:
+        from serving.scheduler import SchedulerTimeout, get_scheduler
+
+        tgi = call.endpoint.startswith("generate")
+        pool = call.pool
+        scheduler = get_scheduler()
+        try:
+            slot = await scheduler.acquire(pool_id=pool.id, capacity=pool.capacity, tenant_id=call.tenant.id, weight=call.tenant.weight,
+                                           input_tokens=call.prompt_estimate, max_output_tokens=call.max_tokens,
+                                           throttled=decision.throttled, timeout_s=self.settings.queue_timeout_s)
+        except SchedulerTimeout:
+            err = ApiError(429, f"The model `{call.model}` is busy: no capacity freed up within {self.settings.queue_timeout_s:.0f} s. "
+                                "Try again in a few seconds.", type="rate_limit_error", code="queue_timeout", headers={"retry-after": "5"})
+            return await self._send_error(send, err, tgi=tgi, endpoint=call.endpoint, tenant=call.tenant, headers=headers)
+        try:
+            await self._run_backends(call, req, route, backend_request, headers, send)
+        except asyncio.CancelledError:
+            call.status = "cancelled"
+            raise
+        finally:
+            await scheduler.release(slot, input_tokens=call.input_tokens or call.prompt_estimate, output_tokens=call.output_tokens,
+                                    refund=not call.backend_accepted)
+            if not call.recorded:
+                self._record(call, wait=False)
+            self._observe(call)
+
+    def _entry(self, call: Call) -> LedgerEntry:
+        input_tokens = call.input_tokens if call.input_tokens is not None else (call.prompt_estimate if call.backend_accepted else 0)
+        call.input_tokens = input_tokens
+        return LedgerEntry(
+            request_id=call.request_id, tenant_id=call.tenant.id, api_key_id=call.key_id, endpoint=call.endpoint,
+            model=call.model, adapter=call.adapter, pool_id=call.pool.id, backend_id=call.backend_id,
+            input_tokens=input_tokens, output_tokens=call.output_tokens, status=call.status, ttft_ms=call.ttft_ms,
+            duration_ms=int((time.perf_counter() - call.started_at) * 1000),
+        )
+
+    def _record(self, call: Call, *, wait: bool):
+        call.recorded = True
+        entry = self._entry(call)
+        if wait:
+            return self.ledger.record(entry)
+        self.ledger.submit(entry)
+        return None
+
+    def _observe(self, call: Call) -> None:
+        label = self.tenant_label(call.tenant.slug)
+        metrics.REQUESTS.labels(call.endpoint, str(call.http_status) if call.status in ("ok", "error") else call.status, label).inc()
+        metrics.TOKENS_IN.labels(label).inc(call.input_tokens or 0)
+        metrics.TOKENS_OUT.labels(label).inc(call.output_tokens)
+        metrics.LATENCY.labels(call.endpoint).observe(time.perf_counter() - call.started_at)
+        if call.ttft_ms is not None:
+            metrics.TTFT.labels(call.endpoint).observe(call.ttft_ms / 1000)
+
+    async def _run_backends(self, call: Call, req, route, backend_request, headers: dict, send) -> None:
+        pool = call.pool
+        driver = driver_for(pool.kind)
+        tried: set[int] = set()
+        last_error: BackendError | None = None
+        while True:
+            backend = self.health.pick(pool, route.adapter, tried)
+            if backend is None:
+                break
+            tried.add(backend.id)
+            call.backend_id = backend.id
+            state = self.health.state(backend.id)
+            state.in_flight += 1
+            stream = driver.stream(self.session, backend.url, backend_request)
+            try:
+                await self._relay(call, req, stream, headers, send)
+                return
+            except BackendError as exc:
+                if exc.connect:
+                    self.health.mark_down(backend.id, exc.message)
+                if call.response_started:
+                    return await self._interrupted(call, exc, send)
+                if exc.retryable:
+                    last_error = exc
+                    log.info("request %s: backend %s failed before the first byte (%s); failing over", call.request_id, backend.url, exc.message)
+                    continue
+                return await self._backend_refused(call, exc, headers, send)
+            finally:
+                state.in_flight -= 1
+                await stream.aclose()
+        # Nothing could serve it.
+        if last_error is not None and not last_error.connect and last_error.status == 429:
+            message = f"All backends for `{call.model}` are overloaded; try again in a few seconds."
+        elif route.adapter is not None and not any(route.adapter in b.loaded_adapters and self.health.state(b.id).healthy for b in pool.backends):
+            message = f"No healthy backend holds `{call.model}` right now; try again in a few seconds."
+        else:
+            message = f"No healthy backend for model `{call.model}` right now; try again in a few seconds."
+        call.http_status = 503
+        err = ApiError(503, message, type="service_unavailable", code="no_healthy_backend", headers={"retry-after": "2"})
+        await self._send_error_silently(call, err, headers, send)
+
+    async def _send_error_silently(self, call: Call, err: ApiError, headers: dict, send) -> None:
+        tgi = call.endpoint.startswith("generate")
+        await self._send_json(send, err.status, err.tgi_body() if tgi else err.openai_body(), {**headers, **err.headers})
+
+    async def _backend_refused(self, call: Call, exc: BackendError, headers: dict, send) -> None:
+        if exc.status in (400, 422):  # the backend's validation (e.g. prompt + max tokens beyond the context)
+            call.http_status = 400
+            err = ApiError(400, exc.message, code="invalid_request")
+        else:
+            call.http_status = 502
+            err = ApiError(502, f"The backend failed: {exc.message}", type="server_error", code="backend_error")
+        call.backend_accepted = exc.status not in (400, 422)
+        await self._send_error_silently(call, err, headers, send)
+
+    async def _interrupted(self, call: Call, exc: BackendError, send) -> None:
+        """The stream had started: tell the client in-band, record what was delivered."""
+        call.status = "interrupted"
+        tgi = call.endpoint.startswith("generate")
+        message = f"The backend failed mid-answer ({exc.message}); the answer is incomplete."
+        self._record(call, wait=False)
+        event = TGIFormat.error_event(message, "incomplete_generation") if tgi else OpenAIFormat.error_event(message, "server_error", "backend_interrupted")
+        await send({"type": "http.response.body", "body": event, "more_body": False})
+
+    async def _relay(self, call: Call, req, stream, headers: dict, send) -> None:
+        """Forward the driver's events in the client's shape; raises BackendError (caller decides failover)."""
+        tgi = call.endpoint.startswith("generate")
+        if tgi:
+            fmt = TGIFormat(details=req.details, client_prompt=req.prompt, return_full_text=req.return_full_text)
+        else:
+            fmt = OpenAIFormat(chat=call.endpoint == "chat", request_id=call.request_id.replace("~", "-"), created=int(time.time()),
+                               model=call.model, include_usage=req.include_usage)
+        streaming = req.stream
+        parts: list[str] = []
+        delivered = 0
+        raw_headers = [(k.encode(), str(v).encode()) for k, v in headers.items()]
+        async for event in stream:
+            if isinstance(event, TokenDelta):
+                if call.ttft_ms is None:
+                    call.ttft_ms = int((time.perf_counter() - call.started_at) * 1000)
+                    call.backend_accepted = True
+                parts.append(event.text)
+                if not streaming:
+                    delivered += event.count
+                    if tgi:
+                        fmt.collect(event)
+                    continue
+                chunk = fmt.delta(event)
+                if chunk is None:
+                    if event.last:
+                        delivered += event.count  # held back (TGI's last token), sent with the finish
+                    continue
+                if not call.response_started:
+                    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + raw_headers})
+                    call.response_started = True
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                delivered += event.count
+                call.output_tokens = delivered
+            elif isinstance(event, Finish):
+                call.backend_accepted = True
+                call.status = "ok"
+                call.input_tokens = event.prompt_tokens if event.prompt_tokens is not None else call.prompt_estimate
+                call.output_tokens = event.completion_tokens if event.completion_tokens is not None else delivered
+                text = "".join(parts)
+                call.completed = True
+                await self._record(call, wait=True)  # durable before the client sees the end
+                if streaming:
+                    if tgi:
+                        final = fmt.end(event, text, call.input_tokens, call.output_tokens)
+                    else:
+                        final = fmt.end(event, call.input_tokens, call.output_tokens)
+                    if not call.response_started:
+                        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + raw_headers})
+                        call.response_started = True
+                    await send({"type": "http.response.body", "body": final, "more_body": False})
+                else:
+                    body = fmt.body(text, event, call.input_tokens, call.output_tokens)
+                    call.response_started = True
+                    await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS + raw_headers})
+                    await send({"type": "http.response.body", "body": body})
+                return
+        raise BackendError("the backend stream ended without a result", error_type="incomplete_generation")

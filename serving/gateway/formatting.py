@@ -1,0 +1,121 @@
+"""Answers in the shape the client asked for: OpenAI chat / completions (bodies and SSE chunks) and TGI.
+
+The gateway uses its own ids and the tenant-visible model name; nothing of the backend's answer (its id,
+adapter path, base model id) is passed through.
+"""
+
+from __future__ import annotations
+
+import json
+
+from serving.drivers import Finish, TokenDelta
+
+_dumps = json.dumps
+TGI_FINISH = {"stop": "eos_token", "length": "length"}
+
+
+def usage_dict(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class OpenAIFormat:
+    """chat.completion(.chunk) or text_completion, streamed with `data: [DONE]` at the end."""
+
+    def __init__(self, *, chat: bool, request_id: str, created: int, model: str, include_usage: bool):
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
+        self.created = created
+        self.model = model
+        self.include_usage = include_usage
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        head = f'data: {{"id":{_dumps(self.id)},"object":"{obj}","created":{created},"model":{_dumps(model)},'
+        self._head = head
+        self._first = True
+        self.text_parts: list[str] = []
+
+    def delta(self, d: TokenDelta) -> bytes | None:
+        if not d.text:
+            return None
+        if self.chat:
+            role = '"role":"assistant",' if self._first else ""
+            self._first = False
+            return (self._head + f'"choices":[{{"index":0,"delta":{{{role}"content":{_dumps(d.text)}}},"logprobs":null,"finish_reason":null}}]}}\n\n').encode()
+        return (self._head + f'"choices":[{{"index":0,"text":{_dumps(d.text)},"logprobs":null,"finish_reason":null}}]}}\n\n').encode()
+
+    def end(self, finish: Finish, prompt_tokens: int, completion_tokens: int) -> bytes:
+        if self.chat:
+            delta = '{"role":"assistant","content":""}' if self._first else "{}"
+            out = self._head + f'"choices":[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":"{finish.finish_reason}"}}]}}\n\n'
+        else:
+            out = self._head + f'"choices":[{{"index":0,"text":"","logprobs":null,"finish_reason":"{finish.finish_reason}"}}]}}\n\n'
+        if self.include_usage:
+            out += self._head + f'"choices":[],"usage":{_dumps(usage_dict(prompt_tokens, completion_tokens))}}}\n\n'
+        return (out + "data: [DONE]\n\n").encode()
+
+    @staticmethod
+    def error_event(message: str, type_: str, code: str | None) -> bytes:
+        return ("data: " + _dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}) + "\n\n").encode()
+
+    def body(self, text: str, finish: Finish, prompt_tokens: int, completion_tokens: int) -> bytes:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish.finish_reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish.finish_reason}
+            obj = "text_completion"
+        return _dumps({"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice],
+                       "usage": usage_dict(prompt_tokens, completion_tokens)}).encode()
+
+
+class TGIFormat:
+    """/generate and /generate_stream. The final token event carries `generated_text` and `details`, so the
+    token the backend marks as last is held back until the finish (and the ledger write) is known."""
+
+    def __init__(self, *, details: bool, client_prompt: str, return_full_text: bool):
+        self.details = details
+        self.prefix = client_prompt if return_full_text else ""  # the client's prompt, never our system prompt
+        self.index = 0
+        self.tokens: list[dict] = []
+        self.text_parts: list[str] = []
+        self._held: dict | None = None
+
+    def _token(self, d: TokenDelta) -> dict:
+        if d.token is not None:
+            return {"id": d.token.get("id", 0), "text": d.token.get("text", d.text), "logprob": d.token.get("logprob", 0.0),
+                    "special": bool(d.token.get("special", False))}
+        return {"id": 0, "text": d.text, "logprob": 0.0, "special": False}
+
+    def collect(self, d: TokenDelta) -> None:
+        """Non-streamed: remember the tokens for `details`."""
+        if self.details and d.count:
+            self.tokens.append(self._token(d))
+
+    def delta(self, d: TokenDelta) -> bytes | None:
+        if not d.count and not d.text:
+            return None
+        token = self._token(d)
+        if d.last:
+            self._held = token
+            return None
+        self.index += 1
+        return ("data:" + _dumps({"index": self.index, "token": token, "generated_text": None, "details": None}) + "\n\n").encode()
+
+    def end(self, finish: Finish, text: str, prompt_tokens: int, completion_tokens: int) -> bytes:
+        token = self._held or {"id": 0, "text": "", "logprob": 0.0, "special": True}
+        self.index += 1
+        details = None
+        if self.details:
+            details = {"finish_reason": TGI_FINISH.get(finish.finish_reason, "eos_token"), "generated_tokens": completion_tokens,
+                       "seed": finish.seed, "input_length": prompt_tokens}
+        return ("data:" + _dumps({"index": self.index, "token": token, "generated_text": self.prefix + text, "details": details}) + "\n\n").encode()
+
+    @staticmethod
+    def error_event(message: str, error_type: str) -> bytes:
+        return ("data:" + _dumps({"error": message, "error_type": error_type}) + "\n\n").encode()
+
+    def body(self, text: str, finish: Finish, prompt_tokens: int, completion_tokens: int) -> bytes:
+        out: dict = {"generated_text": self.prefix + text}
+        if self.details:
+            out["details"] = {"finish_reason": TGI_FINISH.get(finish.finish_reason, "eos_token"), "generated_tokens": completion_tokens,
+                              "seed": finish.seed, "prefill": [], "tokens": self.tokens}
+        return _dumps(out).encode()

@@ -1,0 +1,243 @@
+"""Client request validation and the rewrite into a backend request.
+
+Nothing the client sends is forwarded as is: the backend request is built field by field from what is
+validated here, so client fields that could pick adapters or backends (`adapter_id` outside /generate's
+model selection, `adapter_source`, `cache_salt`, `lora_request`, …) never reach a backend.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from serving.config import Route, TenantEntry
+from serving.drivers import BackendRequest, Sampling
+from serving.gateway.errors import bad_request
+
+CHAT_ROLES = {"system", "user", "assistant", "developer"}
+
+
+@dataclass(slots=True)
+class ClientRequest:
+    endpoint: str  # chat | completions | generate | generate_stream
+    model: str | None
+    stream: bool = False
+    include_usage: bool = False
+    messages: list[dict] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    do_sample: bool | None = None
+    details: bool = False
+    return_full_text: bool = False
+
+
+def parse_json(body: bytes) -> dict:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("The body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("The body must be a JSON object.", code="invalid_json")
+    return data
+
+
+def _int(data: dict, name: str, *, minimum: int | None = None, param: str | None = None) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"`{name}` must be an integer.", param or name, "invalid_type")
+    if minimum is not None and value < minimum:
+        raise bad_request(f"`{name}` must be at least {minimum}.", param or name)
+    return value
+
+
+def _number(data: dict, name: str, lo: float, hi: float, *, param: str | None = None) -> float | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad_request(f"`{name}` must be a number.", param or name, "invalid_type")
+    if not lo <= value <= hi:
+        raise bad_request(f"`{name}` must be between {lo} and {hi}.", param or name)
+    return float(value)
+
+
+def _bool(data: dict, name: str, *, param: str | None = None) -> bool | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise bad_request(f"`{name}` must be true or false.", param or name, "invalid_type")
+    return value
+
+
+def _stop(data: dict, name: str = "stop", *, param: str | None = None) -> list[str]:
+    value = data.get(name)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value) or len(value) > 4:
+        raise bad_request(f"`{name}` must be a string or a list of at most 4 strings.", param or name, "invalid_type")
+    return [s for s in value if s]
+
+
+def _model(data: dict) -> str | None:
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("`model` must be a string.", "model", "invalid_type")
+    return model or None
+
+
+def _openai_common(data: dict, req: ClientRequest) -> None:
+    req.stream = bool(_bool(data, "stream"))
+    options = data.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise bad_request("`stream_options` must be an object.", "stream_options", "invalid_type")
+        req.include_usage = bool(_bool(options, "include_usage", param="stream_options.include_usage"))
+    n = _int(data, "n", minimum=1)
+    if n not in (None, 1):
+        raise bad_request("Only n=1 is supported.", "n")
+    req.temperature = _number(data, "temperature", 0, 2)
+    req.top_p = _number(data, "top_p", 0, 1)
+    req.seed = _int(data, "seed")
+    req.stop = _stop(data)
+
+
+def parse_chat(data: dict) -> ClientRequest:
+    req = ClientRequest("chat", _model(data))
+    messages = data.get("messages")
+    if messages is None:
+        raise bad_request("`messages` is required.", "messages", "missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("`messages` must be a non-empty list.", "messages", "invalid_type")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            raise bad_request(f"`messages[{i}].role` must be one of {sorted(CHAT_ROLES)}.", f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text reaches a text model
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise bad_request(f"`messages[{i}].content` parts must be text.", f"messages[{i}].content", "invalid_type")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise bad_request(f"`messages[{i}].content` must be a string.", f"messages[{i}].content", "invalid_type")
+        clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    req.messages = clean
+    _openai_common(data, req)
+    req.max_tokens = _int(data, "max_completion_tokens", minimum=1)
+    if req.max_tokens is None:
+        req.max_tokens = _int(data, "max_tokens", minimum=1)
+    return req
+
+
+def parse_completions(data: dict) -> ClientRequest:
+    req = ClientRequest("completions", _model(data))
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if prompt is None:
+        raise bad_request("`prompt` is required.", "prompt", "missing_required_parameter")
+    if not isinstance(prompt, str):
+        raise bad_request("`prompt` must be a string.", "prompt", "invalid_type")
+    req.prompt = prompt
+    _openai_common(data, req)
+    req.max_tokens = _int(data, "max_tokens", minimum=1)
+    return req
+
+
+def parse_generate(data: dict, *, stream: bool) -> ClientRequest:
+    """TGI's /generate and /generate_stream (and POST / with `stream`). The model is `parameters.adapter_id`."""
+    inputs = data.get("inputs")
+    if inputs is None:
+        raise bad_request("`inputs` is required.", "inputs", "missing_required_parameter")
+    if not isinstance(inputs, str) or not inputs:
+        raise bad_request("`inputs` must be a non-empty string.", "inputs", "invalid_type")
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise bad_request("`parameters` must be an object.", "parameters", "invalid_type")
+    adapter = params.get("adapter_id")
+    if adapter is not None and not isinstance(adapter, str):
+        raise bad_request("`parameters.adapter_id` must be a string.", "parameters.adapter_id", "invalid_type")
+    req = ClientRequest("generate_stream" if stream else "generate", adapter or _model(data), stream=stream)
+    req.prompt = inputs
+    req.max_tokens = _int(params, "max_new_tokens", minimum=1, param="parameters.max_new_tokens")
+    req.temperature = _number(params, "temperature", 0, 100, param="parameters.temperature")
+    if req.temperature is not None and req.temperature <= 0:
+        raise bad_request("`temperature` must be strictly positive.", "parameters.temperature")
+    req.top_p = _number(params, "top_p", 0, 1, param="parameters.top_p")
+    req.top_k = _int(params, "top_k", minimum=1, param="parameters.top_k")
+    req.seed = _int(params, "seed", param="parameters.seed")
+    req.stop = _stop(params, param="parameters.stop")
+    req.do_sample = _bool(params, "do_sample", param="parameters.do_sample")
+    req.details = bool(_bool(params, "details", param="parameters.details"))
+    req.return_full_text = bool(_bool(params, "return_full_text", param="parameters.return_full_text"))
+    return req
+
+
+def _param_name(req: ClientRequest) -> str:
+    return "parameters.max_new_tokens" if req.endpoint.startswith("generate") else "max_tokens"
+
+
+def resolve_max_tokens(req: ClientRequest, tenant: TenantEntry, context_length: int) -> int:
+    """The request's max tokens, else the tenant's default; above the cap or the context → 400."""
+    max_tokens = req.max_tokens if req.max_tokens is not None else min(tenant.default_max_tokens, max(1, context_length - 1))
+    if max_tokens > tenant.max_max_tokens:
+        raise bad_request(f"`{_param_name(req)}` is {max_tokens}; this key's limit is {tenant.max_max_tokens}.", _param_name(req))
+    if max_tokens >= context_length:
+        raise bad_request(f"`{_param_name(req)}` is {max_tokens}; the model's context is {context_length} tokens, prompt included.", _param_name(req))
+    return max_tokens
+
+
+def sampling_for(req: ClientRequest, tenant: TenantEntry) -> Sampling:
+    """Explicit sampling: temperature clamped to the tenant's maximum; greedy when it is 0 or do_sample is false."""
+    if req.endpoint.startswith("generate"):
+        do_sample = bool(req.do_sample) or (req.do_sample is None and req.temperature is not None)
+        temperature = req.temperature if req.temperature is not None else tenant.default_temperature
+    else:
+        temperature = req.temperature if req.temperature is not None else tenant.default_temperature
+        do_sample = temperature > 0
+    temperature = min(temperature, tenant.max_temperature)
+    if temperature <= 0:
+        do_sample = False
+    if not do_sample:
+        return Sampling(False, seed=req.seed, stop=req.stop)
+    return Sampling(True, temperature, req.top_p, req.top_k, req.seed, req.stop)
+
+
+def inject_system_prompt(messages: list[dict], system_prompt: str, rule: str) -> list[dict]:
+    """Ours first. `keep`: the user's leading system message is appended to ours (one system message, so
+    templates that accept a single system turn still work); `replace`: the user's system messages are dropped."""
+    if not system_prompt:
+        return messages
+    if rule == "replace":
+        rest = [m for m in messages if m["role"] != "system"]
+        return [{"role": "system", "content": system_prompt}, *rest]
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{system_prompt}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def build_backend_request(req: ClientRequest, tenant: TenantEntry, route: Route, pool, max_tokens: int) -> BackendRequest:
+    sampling = sampling_for(req, tenant)
+    common = dict(max_tokens=max_tokens, sampling=sampling, adapter=route.adapter, model_id=pool.hf_id,
+                  cache_salt=tenant.cache_salt if pool.kind == "vllm" else None, want_tokens=req.details)
+    if req.endpoint == "chat":
+        return BackendRequest("chat", messages=inject_system_prompt(req.messages, tenant.system_prompt, tenant.system_message_rule), **common)
+    prompt = f"{tenant.system_prompt}\n\n{req.prompt}" if tenant.system_prompt else req.prompt
+    return BackendRequest("text", prompt=prompt, **common)
+
+
+def estimate_prompt_tokens(backend_request: BackendRequest) -> int:
+    """Upper-ish estimate for the admission reservation (settled with the real count): ~4 bytes a token."""
+    if backend_request.messages is not None:
+        return sum(len(m["content"]) // 3 + 4 for m in backend_request.messages) + 2
+    return len(backend_request.prompt or "") // 3 + 2
+

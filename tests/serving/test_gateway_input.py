@@ -1,0 +1,157 @@
+"""Bad input is refused in the client's error shape and never reaches a backend; auth, suspension, revocation."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from openai import OpenAI
+
+from serving.models import Backend
+from tenants import services
+from tenants.models import Tenant
+from tests.serving.test_gateway_support import (
+    dev_stats,
+    gateway_factory,  # noqa: F401 - fixture
+    make_base_model,
+    make_key,
+    make_pool,
+    post,
+    set_model_config,
+    sim_backend,
+)
+
+CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def setup(world, gateway_factory):
+    url, stop = sim_backend()
+    make_pool("shared", make_base_model(), [url])
+    set_model_config(world.tenant, max_max_tokens=100)
+    _, key = make_key(world.tenant)
+    gw = gateway_factory(max_body_bytes=4096)
+    yield gw, url, key
+    stop()
+
+
+def _openai_error(r, status: int, code: str | None = None, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+@pytest.mark.parametrize(
+    "path, body, status, code, param",
+    [
+        ("/v1/chat/completions", b"{not json", 400, "invalid_json", None),
+        ("/v1/chat/completions", b"[1, 2]", 400, "invalid_json", None),
+        ("/v1/chat/completions", {"model": "tiny-chat"}, 400, "missing_required_parameter", "messages"),
+        ("/v1/chat/completions", {**CHAT, "messages": "hi"}, 400, "invalid_type", "messages"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, None, "messages[0].role"),
+        ("/v1/chat/completions", {**CHAT, "max_tokens": "10"}, 400, "invalid_type", "max_tokens"),
+        ("/v1/chat/completions", {**CHAT, "max_tokens": 101}, 400, "invalid_value", "max_tokens"),
+        ("/v1/chat/completions", {**CHAT, "temperature": 3}, 400, "invalid_value", "temperature"),
+        ("/v1/chat/completions", {**CHAT, "n": 2}, 400, None, "n"),
+        ("/v1/chat/completions", {**CHAT, "model": "gpt-4"}, 404, "model_not_found", "model"),
+        ("/v1/completions", {"model": "tiny-chat"}, 400, "missing_required_parameter", "prompt"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": 3}, 400, "invalid_type", "prompt"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}, 413, "request_too_large", None),
+    ],
+)
+def test_bad_input_is_refused_before_any_backend(setup, path, body, status, code, param):
+    gw, backend, key = setup
+    r = post(gw.url + path, body, {"authorization": f"Bearer {key}", "content-type": "application/json"})
+    _openai_error(r, status, code, param)
+    assert dev_stats(backend)["requests_started"] == 0
+
+
+def test_max_tokens_beyond_the_context_is_400(world, setup):
+    gw, backend, key = setup
+    set_model_config(world.tenant, max_max_tokens=5000)
+    time.sleep(0.4)
+    r = post(gw.url + "/v1/chat/completions", {**CHAT, "max_tokens": 2000}, {"authorization": f"Bearer {key}"})
+    assert "context" in _openai_error(r, 400, param="max_tokens")["message"]
+    assert dev_stats(backend)["requests_started"] == 0
+
+
+def test_wrong_method_is_405(setup):
+    gw, backend, key = setup
+    r = post(gw.url + "/v1/chat/completions", None, {"authorization": f"Bearer {key}"}, method="GET")
+    _openai_error(r, 405)
+    assert r.headers["allow"] == "POST"
+
+
+def test_tgi_routes_answer_errors_in_tgi_shape(setup):
+    gw, backend, key = setup
+    r = post(gw.url + "/generate", {"parameters": {}}, {"authorization": f"Bearer {key}"})
+    assert r.status_code == 400 and set(r.json()) == {"error", "error_type"}
+    r = post(gw.url + "/generate", {"inputs": "x", "parameters": {"adapter_id": "ft:someone-else"}}, {"authorization": f"Bearer {key}"})
+    assert r.status_code == 404 and r.json()["error_type"] == "model_not_found"
+    assert dev_stats(backend)["requests_started"] == 0
+
+
+def test_missing_invalid_and_unscoped_keys(world, setup):
+    gw, backend, key = setup
+    _openai_error(post(gw.url + "/v1/chat/completions", CHAT), 401, "invalid_api_key")
+    _openai_error(post(gw.url + "/v1/chat/completions", CHAT, {"authorization": f"Bearer {key[:-2]}xx"}), 401, "invalid_api_key")
+    _openai_error(post(gw.url + "/v1/chat/completions", CHAT, {"authorization": "Bearer sk-nonsense"}), 401)
+    _, finetune_only = make_key(world.tenant, scopes=["finetune"])
+    time.sleep(0.4)
+    _openai_error(post(gw.url + "/v1/chat/completions", CHAT, {"authorization": f"Bearer {finetune_only}"}), 403, "insufficient_scope")
+    assert dev_stats(backend)["requests_started"] == 0
+
+
+def test_revoked_key_is_refused_within_a_second_and_a_half(world, setup):
+    gw, backend, key = setup
+    headers = {"authorization": f"Bearer {key}"}
+    assert post(gw.url + "/v1/chat/completions", {**CHAT, "max_tokens": 2}, headers).status_code == 200
+    api_key = services.ApiKey.objects.for_tenant(world.tenant).get()
+    services.api_key_revoke(key=api_key, actor=services.SYSTEM)
+    revoked_at = time.monotonic()
+    while post(gw.url + "/v1/chat/completions", {**CHAT, "max_tokens": 2}, headers).status_code != 401:
+        assert time.monotonic() - revoked_at < 1.5, "revocation not effective within 1.5 s"
+        time.sleep(0.05)
+
+
+def test_suspended_tenant_gets_a_clear_403(world, setup):
+    gw, backend, key = setup
+    services.tenant_set_status(tenant=world.tenant, status=Tenant.Status.SUSPENDED, actor=services.SYSTEM, reason="unpaid invoice")
+    time.sleep(0.5)
+    error = _openai_error(post(gw.url + "/v1/chat/completions", CHAT, {"authorization": f"Bearer {key}"}), 403, "tenant_suspended")
+    assert "suspended" in error["message"] and "unpaid invoice" in error["message"]
+
+
+def test_models_list_shows_what_the_tenant_may_call(world, setup):
+    gw, backend, key = setup
+    models = OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0).models.list()
+    assert [(m.id, m.owned_by) for m in models.data] == [("tiny-chat", "platform")]
+
+
+def test_metrics_are_served_to_loopback_and_count_requests(setup):
+    gw, backend, key = setup
+    post(gw.url + "/v1/chat/completions", {**CHAT, "max_tokens": 2}, {"authorization": f"Bearer {key}"})
+    r = post(gw.url + "/metrics", None, method="GET")
+    assert r.status_code == 200
+    assert 'gateway_requests_total{endpoint="chat",status="200",tenant="acme"}' in r.text
+    assert "gateway_backend_healthy" in r.text
+
+
+def test_health_is_persisted_for_the_admin(world, gateway_factory):
+    from tests.serving.test_gateway_support import closed_port_url
+
+    make_pool("shared", make_base_model(), [closed_port_url()])
+    gw = gateway_factory(health_persist_s=0.2)
+    backend = Backend.objects.get()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        backend.refresh_from_db()
+        if not backend.healthy and backend.last_checked_at:
+            break
+        time.sleep(0.1)
+    assert not backend.healthy and "/health failed" in backend.last_error

@@ -1,0 +1,212 @@
+"""Shared helpers for the gateway tests: dev backends, a real uvicorn gateway in a thread, platform data.
+
+No tests here. Heavy things (the tiny model, its adapters, the dev backends serving them) are built once
+per test process and cached at module level, because several test modules share them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from serving.gateway import GatewayApp
+from serving.gateway.settings import GatewaySettings
+from serving.models import Adapter, AdapterDeployment, Backend, BackendPool, BaseModel, ModelConfig
+from tenants import services
+from tenants.models import ApiKey
+
+MODEL_ID = "platform/tiny-chat"
+ADAPTER_A = "ft:tiny-chat:acme:a:1"
+ADAPTER_B = "ft:tiny-chat:globex:b:2"
+
+
+# ---- backends ------------------------------------------------------------------------------------
+
+
+def _make_adapter(base: Path, out: Path, seed: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "lora_A" in name:  # non-zero B: the adapter really changes the output
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_backend() -> dict:
+    """A dev backend on the real tiny model with two adapters (built once per process)."""
+    import tempfile
+
+    from serving.devbackend.config import BackendConfig
+    from serving.devbackend.runner import run_in_thread
+    from serving.tinymodel import build_tiny_model
+
+    root = Path(tempfile.mkdtemp(prefix="gw-tiny-"))
+    base = build_tiny_model(root / "tiny-chat", model_id=MODEL_ID)
+    a = _make_adapter(base, root / "adapter-a", 1)
+    b = _make_adapter(base, root / "adapter-b", 2)
+    url, stop = run_in_thread(BackendConfig(model=str(base), port=0, flavor="dev", lora_adapters={ADAPTER_A: str(a), ADAPTER_B: str(b)}))
+    return {"url": url, "stop": stop, "path": base}
+
+
+def sim_backend(**overrides) -> tuple[str, callable]:
+    from serving.devbackend.config import BackendConfig
+    from serving.devbackend.runner import run_in_thread
+
+    config = dict(simulate=True, port=0, flavor="dev", sim_tokens_per_second=0, sim_ttft_ms=1, model_id=MODEL_ID)
+    config.update(overrides)
+    return run_in_thread(BackendConfig(**config))
+
+
+def http_json(method: str, url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+def dev_stats(url: str) -> dict:
+    return http_json("GET", url + "/_dev/stats")[1]
+
+
+def set_faults(url: str, **faults) -> None:
+    status, body = http_json("POST", url + "/_dev/faults", faults)
+    assert status == 200, body
+
+
+def closed_port_url() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}"
+
+
+# ---- the gateway -----------------------------------------------------------------------------------
+
+
+class GatewayServer:
+    """The gateway app under a real uvicorn server in a thread (real sockets: streaming, disconnects)."""
+
+    def __init__(self, app: GatewayApp):
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", loop="asyncio"))
+        self.thread = threading.Thread(target=self.server.run, name="gateway-uvicorn", daemon=True)
+
+    def start(self) -> "GatewayServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@pytest.fixture
+def gateway_factory(transactional_db):
+    """Start gateways (after the test has created its data); all are stopped at the end."""
+    from serving.admission import reset_admission
+    from serving.scheduler import reset_scheduler
+
+    servers = []
+
+    def start(**settings) -> GatewayServer:
+        reset_admission()  # both hold asyncio state bound to the previous test's event loop
+        reset_scheduler()
+        opts = dict(health_interval_s=0.2, health_timeout_s=1.0, config_poll_s=0.1, connect_timeout_s=1.0, read_timeout_s=30)
+        opts.update(settings)
+        server = GatewayServer(GatewayApp(settings=GatewaySettings(**opts))).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+# ---- platform data ---------------------------------------------------------------------------------
+
+
+def make_base_model(name: str = "tiny-chat", **kw) -> BaseModel:
+    return BaseModel.objects.create(name=name, hf_id=MODEL_ID, context_length=1024, **kw)
+
+
+def make_pool(name: str, base: BaseModel, urls: list[str], *, kind: str = "dev", adapters: list[str] = (), dedicated=None) -> BackendPool:
+    pool = BackendPool.objects.create(name=name, base_model=base, kind=kind, dedicated_tenant=dedicated)
+    for url in urls:
+        Backend.objects.create(pool=pool, url=url, loaded_adapters=list(adapters), max_concurrency=8)
+    return pool
+
+
+def deploy_adapter(tenant, name: str, base: BaseModel, pool: BackendPool) -> Adapter:
+    adapter = Adapter.all_tenants.create(tenant=tenant, name=name, base_model=base, path="/unused")
+    AdapterDeployment.all_tenants.create(tenant=tenant, adapter=adapter, pool=pool, state=AdapterDeployment.State.ACTIVE)
+    return adapter
+
+
+def make_key(tenant, scopes=("inference",)) -> tuple[ApiKey, str]:
+    return services.api_key_create(tenant=tenant, name="test", scopes=list(scopes), actor=services.SYSTEM)
+
+
+def set_model_config(tenant, **fields) -> ModelConfig:
+    config, _ = ModelConfig.all_tenants.get_or_create(tenant=tenant)
+    for k, v in fields.items():
+        setattr(config, k, v)
+    config.save()
+    return config
+
+
+def usage_records(tenant):
+    from serving.models import UsageRecord
+
+    return list(UsageRecord.objects.for_tenant(tenant).order_by("created_at", "id"))
+
+
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def post(url: str, body, headers: dict | None = None, *, method: str = "POST"):
+    """A plain request (requests library); `body` is JSON unless bytes."""
+    import requests
+
+    kwargs = {"data": body} if isinstance(body, (bytes, str)) else {"json": body}
+    return requests.request(method, url, headers=headers or {}, timeout=30, **kwargs)
+
+
+def stream_lines(url: str, body: dict, headers: dict) -> tuple[int, list[str]]:
+    import requests
+
+    with requests.post(url, json=body, headers=headers, stream=True, timeout=30) as r:
+        return r.status_code, [line for line in r.iter_lines(decode_unicode=True) if line]
