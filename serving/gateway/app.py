@@ -37,7 +37,7 @@ from serving.gateway.parsing import (
 from serving.gateway.settings import GatewaySettings
 from serving.health import HealthMonitor
 from serving.ledger import Ledger, LedgerEntry
-from tenants.services import split_key
+from tenants.services import PLAYGROUND_PREFIX, playground_token_verify, split_key
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class GatewayApp:
         self.session: aiohttp.ClientSession | None = None
         self.tenant_label = metrics.TenantLabels(self.settings.metrics_top_tenants)
         self._loop = None
+        self._background: set[asyncio.Task] = set()  # fire-and-forget work kept alive until done
         self._start_lock: asyncio.Lock | None = None
         self._start_lock_loop = None
 
@@ -220,7 +221,10 @@ class GatewayApp:
         auth = self._header(scope, b"authorization")
         if not auth or not auth[:7].lower() == "bearer ":
             raise ApiError(401, "Missing API key: send `Authorization: Bearer <key>`.", type="invalid_request_error", code="invalid_api_key")
-        parts = split_key(auth[7:].strip())
+        raw = auth[7:].strip()
+        if raw.startswith(PLAYGROUND_PREFIX):
+            return None, self._playground_tenant(raw, snap)
+        parts = split_key(raw)
         entry = snap.keys.get(parts[0]) if parts else None
         if entry is None or not hmac.compare_digest(entry.secret_hash, hashlib.sha256(parts[1].encode()).hexdigest()):
             raise ApiError(401, "Invalid API key (unknown or revoked).", type="invalid_request_error", code="invalid_api_key")
@@ -231,12 +235,25 @@ class GatewayApp:
             raise ApiError(401, "Invalid API key.", type="invalid_request_error", code="invalid_api_key")
         if INFERENCE_SCOPE not in entry.scopes:
             raise ApiError(403, "This API key does not have the `inference` scope.", type="permission_error", code="insufficient_scope")
+        self._check_active(tenant)
+        self.store.note_key_used(entry.id)
+        return entry, tenant
+
+    @staticmethod
+    def _check_active(tenant) -> None:
         if not tenant.active:
             reason = f" ({tenant.suspended_reason})" if tenant.suspended_reason else ""
             raise ApiError(403, f"The account {tenant.slug!r} is suspended{reason}: inference is disabled. Contact support.",
                            type="permission_error", code="tenant_suspended")
-        self.store.note_key_used(entry.id)
-        return entry, tenant
+
+    def _playground_tenant(self, raw: str, snap: Snapshot):
+        """The console playground's signed, hour-long token (tenants.services.playground_token_issue)."""
+        ids = playground_token_verify(raw)
+        tenant = snap.tenants.get(ids[0]) if ids else None
+        if tenant is None:
+            raise ApiError(401, "The playground session has expired: reload the page.", type="invalid_request_error", code="invalid_api_key")
+        self._check_active(tenant)
+        return tenant
 
     @staticmethod
     def _route(tenant, name: str | None):
@@ -332,13 +349,15 @@ class GatewayApp:
         estimate = estimate_prompt_tokens(backend_request)
         decision = await admission.admit(tenant.limits, request_id=request_id, reserve_tokens=estimate + max_tokens)
         headers = {**id_header, **decision.headers}
+        if decision.warn:
+            self._warn_quota(tenant, decision)
         if not decision.allowed:
             if decision.retry_after:
                 headers["retry-after"] = str(decision.retry_after)
             err = ApiError(decision.status, decision.message, type=decision.error_type or None, code=decision.code or None)
             return await self._send_error(send, err, tgi=tgi, endpoint=endpoint, tenant=tenant, headers=headers)
 
-        call = Call(request_id, endpoint, tenant, key.id, route.name, route.adapter or "", pool, started_at, estimate, max_tokens)
+        call = Call(request_id, endpoint, tenant, key.id if key else None, route.name, route.adapter or "", pool, started_at, estimate, max_tokens)
         work = asyncio.ensure_future(self._serve(call, req, route, backend_request, decision, headers, send))
         watcher = asyncio.ensure_future(receive())
         try:
@@ -354,6 +373,21 @@ class GatewayApp:
             watcher.cancel()
             used = (call.input_tokens or 0) + call.output_tokens
             await admission.settle(decision.reservation, used_tokens=used)
+
+    def _warn_quota(self, tenant, decision) -> None:
+        """80 % of the quota crossed (admission says so once per window): audit and e-mail, off the request path."""
+        from asgiref.sync import sync_to_async
+
+        from serving.quota_events import quota_warning_record
+
+        limits = tenant.limits
+        task = asyncio.ensure_future(
+            sync_to_async(quota_warning_record, thread_sensitive=False)(
+                tenant_id=tenant.id, used_tokens=decision.quota_used, quota_tokens=limits.quota_tokens, window=limits.quota_window, mode=limits.quota_mode
+            )
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _serve(self, call: Call, req, route, backend_request, decision, headers: dict, send) -> None:
         from serving.scheduler import SchedulerTimeout, get_scheduler

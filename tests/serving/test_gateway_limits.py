@@ -1,0 +1,99 @@
+"""Limits through the real gateway: headers, 429s, soft-quota warning once, hard quota, refunds, playground tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.admission import get_admission
+from tenants import services
+from tenants.models import AuditEvent
+from tests.serving.test_gateway_support import (
+    gateway_factory,  # noqa: F401 - fixture
+    make_base_model,
+    make_key,
+    make_pool,
+    post,
+    set_faults,
+    sim_backend,
+    usage_records,
+    wait_for,
+)
+
+
+@pytest.fixture
+def sim():
+    url, stop = sim_backend()
+    yield url
+    stop()
+
+
+def chat(gw, key, max_tokens=5):
+    return post(f"{gw.url}/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens},
+                {"authorization": f"Bearer {key}"})
+
+
+def test_requests_per_minute_limit_answers_429_with_headers(world, gateway_factory, sim):
+    make_pool("shared", make_base_model(), [sim])
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, requests_per_minute=2)
+    _, key = make_key(world.tenant)
+    gw = gateway_factory()
+    first, second, third = chat(gw, key), chat(gw, key), chat(gw, key)
+    assert first.status_code == second.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "2" and first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert third.status_code == 429
+    assert int(third.headers["retry-after"]) >= 1
+    error = third.json()["error"]
+    assert error["type"] == "rate_limit_exceeded" and error["code"] == "requests_per_minute_exceeded"
+    assert len(usage_records(world.tenant)) == 2  # the refused request reached no backend and costs nothing
+
+
+def test_soft_quota_warns_once_in_audit_and_headers_then_throttles(world, gateway_factory, sim, mailoutbox):
+    make_pool("shared", make_base_model(), [sim])
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, quota_tokens=120, quota_mode="soft")
+    _, key = make_key(world.tenant)
+    gw = gateway_factory()
+    states = [chat(gw, key, max_tokens=10).headers["x-quota-state"] for _ in range(8)]
+    assert "warning" in states and states[-1] == "throttled"
+    warnings = wait_for(lambda: list(AuditEvent.objects.for_tenant(world.tenant).filter(action="quota.warning")))
+    assert len(warnings) == 1 and warnings[0].data["quota_tokens"] == 120
+    assert any("owner@acme.test" in m.to for m in mailoutbox)
+
+
+def test_hard_quota_refuses_with_insufficient_quota(world, gateway_factory, sim):
+    make_pool("shared", make_base_model(), [sim])
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, quota_tokens=60, quota_mode="hard")
+    _, key = make_key(world.tenant)
+    gw = gateway_factory()
+    codes = [chat(gw, key, max_tokens=10).status_code for _ in range(6)]
+    assert codes[0] == 200 and codes[-1] == 429
+    refused = chat(gw, key, max_tokens=10)
+    assert refused.json()["error"]["type"] == "insufficient_quota"
+    used = sum(r.input_tokens + r.output_tokens for r in usage_records(world.tenant))
+    assert used <= 60  # never overshoots
+
+
+def test_failed_request_is_refunded_and_counters_match_the_ledger(world, gateway_factory, sim):
+    make_pool("shared", make_base_model(), [sim])
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, quota_tokens=10_000, quota_mode="hard", tokens_per_minute=5_000)
+    _, key = make_key(world.tenant)
+    gw = gateway_factory()
+    assert chat(gw, key).status_code == 200
+    set_faults(sim, status=503, count=1)
+    assert chat(gw, key).status_code == 503
+    assert chat(gw, key).status_code == 200
+    ledger = sum(r.input_tokens + r.output_tokens for r in usage_records(world.tenant))
+    import asyncio
+
+    snap = get_admission().snapshot(world.tenant.pk, "month")
+    snap = asyncio.run(snap) if asyncio.iscoroutine(snap) else snap
+    assert snap == {"used": ledger, "reserved": 0}
+
+
+def test_playground_token_is_an_inference_credential_for_its_tenant(world, gateway_factory, sim):
+    make_pool("shared", make_base_model(), [sim])
+    gw = gateway_factory()
+    token = services.playground_token_issue(tenant=world.tenant, user=world.developer)
+    assert chat(gw, token).status_code == 200
+    assert chat(gw, token[:-3] + "abc").status_code == 401
+    [record] = usage_records(world.tenant)
+    assert record.api_key_id is None
