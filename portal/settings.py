@@ -172,6 +172,9 @@ PLATFORM_MAX_PROMPT_CHARS = env_int("PLATFORM_MAX_PROMPT_CHARS", 20_000, minimum
 # Gateway limits and scheduling (docs/limits.md).
 PLATFORM_SOFT_THROTTLE_TPM = env_int("PLATFORM_SOFT_THROTTLE_TPM", 1000, minimum=1)
 PLATFORM_QUEUE_TIMEOUT_S = env_int("PLATFORM_QUEUE_TIMEOUT_S", 30, minimum=1)
+PLATFORM_SCHEDULER = env_str("PLATFORM_SCHEDULER", "vtc")  # 'fcfs' only as a benchmark baseline
+if PLATFORM_SCHEDULER not in ("vtc", "fcfs"):
+    raise ImproperlyConfigured(f"PLATFORM_SCHEDULER={PLATFORM_SCHEDULER!r}: use 'vtc' (weighted fair) or 'fcfs'.")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

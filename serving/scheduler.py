@@ -161,8 +161,11 @@ class _PoolQueue:
 
 
 class FairScheduler:
-    def __init__(self, state=None):
+    def __init__(self, state=None, policy: str = "vtc"):
+        if policy not in ("vtc", "fcfs"):
+            raise ValueError(f"Unknown scheduling policy {policy!r}: use 'vtc' or 'fcfs'.")
         self.state = state or LocalState()
+        self.policy = policy
         self._pools: dict[tuple[int, int], _PoolQueue] = {}  # (event loop id, pool id) -> queue
         self._predicted: dict[int, float] = {}  # tenant -> moving average of output tokens
         self._ids = itertools.count()
@@ -248,8 +251,11 @@ class FairScheduler:
             backlogged = pq.backlogged()
             if not backlogged:
                 return
-            counters = await self.state.counters(pool_id, backlogged)
-            tenant_id = min(backlogged, key=lambda t: (counters[t], pq.queues[t][0].enqueued))
+            if self.policy == "fcfs":  # the baseline the benchmarks compare with: oldest request first
+                tenant_id = min(backlogged, key=lambda t: pq.queues[t][0].enqueued)
+            else:
+                counters = await self.state.counters(pool_id, backlogged)
+                tenant_id = min(backlogged, key=lambda t: (counters[t], pq.queues[t][0].enqueued))
             waiter = pq.queues[tenant_id][0]
             slot_id = f"{uuid.uuid4().hex[:12]}{next(self._ids)}"
             if not await self.state.take_slot(pool_id, pq.capacity, slot_id):
@@ -305,7 +311,8 @@ def get_scheduler() -> FairScheduler:
     if _scheduler is None:
         with _lock:
             if _scheduler is None:
-                _scheduler = FairScheduler(RedisState(settings.REDIS_URL) if settings.REDIS_URL else LocalState())
+                state = RedisState(settings.REDIS_URL) if settings.REDIS_URL else LocalState()
+                _scheduler = FairScheduler(state, policy=settings.PLATFORM_SCHEDULER)
     return _scheduler
 
 

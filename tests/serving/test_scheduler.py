@@ -125,3 +125,19 @@ def test_output_charge_is_corrected_at_release():
         return (await sched.state.counters(1, [7]))[7]
 
     assert asyncio.run(scenario()) == pytest.approx((10 + 2 * 20) / 2)
+
+
+def test_fcfs_baseline_serves_in_arrival_order():
+    sched, pool, order = FairScheduler(LocalState(), policy="fcfs"), new_pool(), []
+
+    async def scenario():
+        blocker = await sched.acquire(pool_id=pool, capacity=1, tenant_id=99, weight=1, input_tokens=1, max_output_tokens=1)
+        tasks = []
+        for i in range(10):
+            tasks.append(asyncio.create_task(_serve(sched, pool, 1, 1 if i < 7 else 2, 1 if i < 7 else 100, order)))
+            await asyncio.sleep(0.002)
+        await sched.release(blocker, input_tokens=1, output_tokens=1)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+    assert order == [1] * 7 + [2] * 3  # weights ignored: arrival order
