@@ -73,6 +73,14 @@ def world(db) -> World:
     return World(tenant, owner, users["admin"], users["developer"], users["viewer"], other, outsider)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory):
+    """The offline tiny chat model, built once per test session (deterministic, about 4 s)."""
+    from serving.tinymodel import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-chat", model_id="platform/tiny-chat")
+
+
 @pytest.fixture
 def redis_url() -> str:
     url = os.environ.get("REDIS_URL")

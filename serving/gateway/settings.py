@@ -1,10 +1,8 @@
-"""The gateway's knobs, read from the environment through portal.env (the one settings reader)."""
+"""The gateway's knobs (defaults for tests; from_env() takes them from Django settings)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from portal.env import env_int, env_str
 
 
 @dataclass(frozen=True)
@@ -14,7 +12,7 @@ class GatewaySettings:
     health_persist_s: float = 10.0  # how often health is written to Backend rows (admin)
     connect_timeout_s: float = 2.0  # PLATFORM_GATEWAY_CONNECT_TIMEOUT_MS
     read_timeout_s: float = 300.0  # PLATFORM_GATEWAY_READ_TIMEOUT_S: max silence between two backend bytes
-    queue_timeout_s: float = 30.0  # PLATFORM_GATEWAY_QUEUE_TIMEOUT_S: max wait for a scheduler slot
+    queue_timeout_s: float = 30.0  # PLATFORM_QUEUE_TIMEOUT_S: max wait for a scheduler slot
     max_body_bytes: int = 1_048_576  # PLATFORM_GATEWAY_MAX_BODY_BYTES
     config_poll_s: float = 0.5  # PLATFORM_GATEWAY_CONFIG_POLL_MS
     metrics_token: str = ""  # PLATFORM_METRICS_TOKEN: bearer for /metrics; unset = loopback only
@@ -22,14 +20,17 @@ class GatewaySettings:
 
     @classmethod
     def from_env(cls) -> "GatewaySettings":
+        """From Django settings (portal/settings.py reads the environment; docs/configuration.md lists it)."""
+        from django.conf import settings as s
+
         return cls(
-            health_interval_s=env_int("PLATFORM_GATEWAY_HEALTH_INTERVAL_MS", 2000, minimum=50) / 1000,
-            health_timeout_s=env_int("PLATFORM_GATEWAY_HEALTH_TIMEOUT_MS", 2000, minimum=50) / 1000,
-            connect_timeout_s=env_int("PLATFORM_GATEWAY_CONNECT_TIMEOUT_MS", 2000, minimum=50) / 1000,
-            read_timeout_s=float(env_int("PLATFORM_GATEWAY_READ_TIMEOUT_S", 300, minimum=1)),
-            queue_timeout_s=float(env_int("PLATFORM_GATEWAY_QUEUE_TIMEOUT_S", 30, minimum=1)),
-            max_body_bytes=env_int("PLATFORM_GATEWAY_MAX_BODY_BYTES", 1_048_576, minimum=1024),
-            config_poll_s=env_int("PLATFORM_GATEWAY_CONFIG_POLL_MS", 500, minimum=50) / 1000,
-            metrics_token=env_str("PLATFORM_METRICS_TOKEN"),
-            metrics_top_tenants=env_int("PLATFORM_GATEWAY_METRICS_TENANTS", 20, minimum=0),
+            health_interval_s=s.PLATFORM_GATEWAY_HEALTH_INTERVAL_MS / 1000,
+            health_timeout_s=s.PLATFORM_GATEWAY_HEALTH_TIMEOUT_MS / 1000,
+            connect_timeout_s=s.PLATFORM_GATEWAY_CONNECT_TIMEOUT_MS / 1000,
+            read_timeout_s=float(s.PLATFORM_GATEWAY_READ_TIMEOUT_S),
+            queue_timeout_s=float(s.PLATFORM_QUEUE_TIMEOUT_S),
+            max_body_bytes=s.PLATFORM_GATEWAY_MAX_BODY_BYTES,
+            config_poll_s=s.PLATFORM_GATEWAY_CONFIG_POLL_MS / 1000,
+            metrics_token=s.PLATFORM_METRICS_TOKEN,
+            metrics_top_tenants=s.PLATFORM_GATEWAY_METRICS_TENANTS,
         )

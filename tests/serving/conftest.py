@@ -6,13 +6,6 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_model_path(tmp_path_factory):
-    from serving.tinymodel import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-chat", model_id="platform/tiny-chat")
-
-
-@pytest.fixture(scope="session")
 def lora_adapter_path(tiny_model_path, tmp_path_factory):
     """An untrained adapter with random non-zero lora_B, so it visibly changes the base model's outputs."""
     import torch

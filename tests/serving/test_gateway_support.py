@@ -187,7 +187,7 @@ def usage_records(tenant):
     return list(UsageRecord.objects.for_tenant(tenant).order_by("created_at", "id"))
 
 
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05):
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
