@@ -7,9 +7,11 @@ Tenant-scoped routes live under `tenants/<slug:tenant_slug>/` and use `TenantAPI
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 
+from billing import urls as billing_urls
 from tenants import api
 
 tenant_patterns = [
+    path("billing/", include(billing_urls.api_tenant_patterns)),
     path("", api.TenantDetailApi.as_view(), name="api-tenant-detail"),
     path("members/", api.MemberListApi.as_view(), name="api-member-list"),
     path("members/<int:membership_id>/", api.MemberDetailApi.as_view(), name="api-member-detail"),

@@ -44,6 +44,7 @@ tenant_patterns = [
     path("prompt/diff/<int:version>/<int:other_version>/", console.prompt_diff, name="console-prompt-diff"),
     path("limits/", console.limits, name="console-limits"),
     path("audit/", console.audit, name="console-audit"),
+    path("billing/", include("billing.console_urls")),
 ]
 
 urlpatterns = [

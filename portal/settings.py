@@ -115,6 +115,7 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ROUTES = {"finetune.tasks.*": {"queue": "finetune"}}
 CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_BEAT_SCHEDULE: dict = {}  # filled by each app's BEAT_SCHEDULE at the end of this file
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -224,3 +225,8 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env_str("PLATFORM_LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+
+# Periodic work (Celery beat): each app declares its own schedule.
+from billing.schedule import BEAT_SCHEDULE as _BILLING_BEAT  # noqa: E402
+
+CELERY_BEAT_SCHEDULE.update(_BILLING_BEAT)

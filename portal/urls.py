@@ -7,5 +7,6 @@ admin.site.site_title = "LLM Platform staff"
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include("portal.api_urls")),
+    path("", include("billing.urls")),
     path("", include("portal.console_urls")),
 ]

@@ -49,7 +49,21 @@ OBJECT_KWARGS: dict[str, Callable[["IsolationWorld"], object]] = {
     "key_id": lambda w: w.key.pk,
     "version": lambda w: w.prompt_v2.version,
     "other_version": lambda w: w.prompt_v1.version,
+    "invoice_id": lambda w: _acme_invoice(w).pk,
 }
+
+
+def _acme_invoice(w):
+    from datetime import date
+
+    from django.utils import timezone
+
+    from billing.models import Invoice
+
+    invoice = Invoice.objects.for_tenant(w.tenant).first()
+    return invoice or Invoice.all_tenants.create(
+        tenant=w.tenant, number="ACME-202601", period_start=date(2026, 1, 1), period_end=date(2026, 2, 1), closed_at=timezone.now()
+    )
 
 # Kwargs numbered per tenant (globex may have its own version 1), so probing them from globex proves nothing.
 TENANT_RELATIVE_KWARGS = {"tenant_slug", "version", "other_version"}
@@ -76,6 +90,10 @@ UNSCOPED_NAMES = {
     "password_reset_done",
     "password_reset_confirm",
     "password_reset_complete",
+    # Stripe calls this; it authenticates by signature (billing/webhooks.py)
+    "billing-stripe-webhook",
+    # staff-only pages (staff_member_required), across tenants by design
+    "billing-staff-allocation",
 }
 UNSCOPED_NAMES |= set(getattr(console_urls, "PUBLIC_URL_NAMES", ())) | set(getattr(console_urls, "USER_URL_NAMES", ()))
 

@@ -1,0 +1,119 @@
+"""Billing reads: cost so far, invoices, and the staff cost allocation."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+
+from django.db.models import Count, Q, Sum
+from django.utils import timezone
+
+from billing import rating
+from billing.models import DailyUsage, Invoice
+from serving.models import BackendPool
+from tenants.models import Tenant
+
+# Allocation weight of a token: output tokens cost a decode step each, input tokens share a prefill,
+# so an output token counts twice. f_i = (input_i + 2·output_i) / Σ_j (input_j + 2·output_j) on a pool.
+OUTPUT_TOKEN_WEIGHT = 2
+
+
+def current_period(now: datetime | None = None) -> date:
+    return rating.period_of(rating.utc_today(now))
+
+
+def period_cost_so_far(*, tenant: Tenant, now: datetime | None = None) -> rating.PeriodCost:
+    """What the tenant's usage billed in the current period costs so far (rated rows; cents)."""
+    return rating.period_cost(tenant=tenant, period=current_period(now))
+
+
+def invoices_for(*, tenant: Tenant):
+    return Invoice.objects.for_tenant(tenant).order_by("-period_start")
+
+
+def invoice_get(*, tenant: Tenant, invoice_id: int) -> Invoice | None:
+    return Invoice.objects.for_tenant(tenant).filter(pk=invoice_id).first()
+
+
+@dataclass
+class AllocationRow:
+    tenant: Tenant
+    pool: BackendPool | None
+    weighted_tokens: int = 0
+    share: Decimal = Decimal(0)
+    cost_cents: int = 0
+    revenue_cents: int = 0
+
+    @property
+    def margin_cents(self) -> int:
+        return self.revenue_cents - self.cost_cents
+
+
+@dataclass
+class PoolAllocation:
+    pool: BackendPool
+    backends: int
+    hours: Decimal
+    cost_cents: int
+    rows: list[AllocationRow] = field(default_factory=list)
+
+    @property
+    def revenue_cents(self) -> int:
+        return sum(r.revenue_cents for r in self.rows)
+
+    @property
+    def margin_cents(self) -> int:
+        return self.revenue_cents - self.cost_cents
+
+
+def cost_allocation(*, period: date, now: datetime | None = None) -> tuple[list[PoolAllocation], list[AllocationRow]]:
+    """Per pool: C_total = backends × hours × gpu_hourly_cost_cents; per tenant C_i = C_total · f_i.
+
+    f_i is the tenant's share of the pool's weighted tokens (input + 2·output) used on days of `period`;
+    revenue is that usage priced as invoices price it. Backends = the pool's enabled backends now (the
+    platform keeps no history of pool sizes); hours = the period's hours, up to `now` for the current one.
+    Staff-only: reads every tenant's rows through the unscoped managers.
+    """
+    now = now or timezone.now()
+    start, _ = rating.day_bounds(period)
+    end = min(rating.day_bounds(rating.next_period(period))[0], max(now, start))
+    hours = Decimal((end - start).total_seconds()) / Decimal(3600)
+    book = rating.PriceBook()
+    groups = (
+        DailyUsage.all_tenants.filter(day__gte=period, day__lt=rating.next_period(period), kind=DailyUsage.Kind.INFERENCE, pool__isnull=False)
+        .order_by().values("tenant_id", "pool_id", "day", "model", "adapter")
+        .annotate(i=Sum("input_tokens"), o=Sum("output_tokens"))
+    )
+    weighted: dict[tuple[int, int], int] = defaultdict(int)
+    revenue: dict[tuple[int, int], Decimal] = defaultdict(Decimal)
+    for g in groups:
+        key = (g["pool_id"], g["tenant_id"])
+        weighted[key] += g["i"] + OUTPUT_TOKEN_WEIGHT * g["o"]
+        price = book.resolve(model=g["model"], adapter=g["adapter"], pool_id=g["pool_id"], day=g["day"])
+        revenue[key] += rating.line_amount(input_tokens=g["i"], output_tokens=g["o"], trained_tokens=0, price=price)
+    tenants = Tenant.objects.in_bulk({t for _, t in weighted})
+    pools = []
+    for pool in BackendPool.objects.annotate(n=Count("backends", filter=Q(backends__enabled=True))).order_by("name"):
+        cost = rating.round_cents(pool.n * hours * pool.gpu_hourly_cost_cents)
+        total_w = sum(w for (p, _), w in weighted.items() if p == pool.pk)
+        alloc = PoolAllocation(pool=pool, backends=pool.n, hours=hours, cost_cents=cost)
+        for (p, t), w in sorted(weighted.items(), key=lambda kv: -kv[1]):
+            if p != pool.pk:
+                continue
+            share = Decimal(w) / Decimal(total_w) if total_w else Decimal(0)
+            alloc.rows.append(
+                AllocationRow(tenant=tenants[t], pool=pool, weighted_tokens=w, share=share,
+                              cost_cents=rating.round_cents(cost * share), revenue_cents=rating.round_cents(revenue[(p, t)]))
+            )
+        if alloc.cost_cents or alloc.rows:
+            pools.append(alloc)
+    per_tenant: dict[int, AllocationRow] = {}
+    for alloc in pools:
+        for row in alloc.rows:
+            total = per_tenant.setdefault(row.tenant.pk, AllocationRow(tenant=row.tenant, pool=None))
+            total.weighted_tokens += row.weighted_tokens
+            total.cost_cents += row.cost_cents
+            total.revenue_cents += row.revenue_cents
+    return pools, sorted(per_tenant.values(), key=lambda r: r.margin_cents)

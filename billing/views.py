@@ -1,0 +1,230 @@
+"""Billing pages: tenant console (usage and cost so far, invoices, pay, payment methods), the staff cost
+allocation page, and the read-only billing API under /api/tenants/<tenant_slug>/billing/.
+
+Console views are `tenant_view`s (members read; admins write); objects are looked up inside the URL's
+tenant, so another tenant's invoice id is a 404.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from decimal import Decimal
+
+from django.contrib import messages
+from django.contrib.admin.views.decorators import staff_member_required
+from django.http import Http404
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.response import Response
+
+from billing import rating, selectors, services, stripe_gateway
+from billing.models import Invoice, InvoiceLine
+from tenants.access import TenantContext, tenant_view
+from tenants.api import TENANT_SLUG, TenantAPIView
+from tenants.models import Role
+
+
+def _render(request, ctx: TenantContext, template: str, context: dict | None = None, status: int = 200):
+    return render(request, template, {"tenant": ctx.tenant, "section": "billing", "can_write": ctx.can(Role.ADMIN), **(context or {})}, status=status)
+
+
+def bar_chart(items: list[tuple[str, Decimal | int]], *, width: int = 640, height: int = 160) -> dict:
+    """Geometry for a simple inline-SVG bar chart (no JavaScript): one bar per (label, value)."""
+    top = max((float(v) for _, v in items), default=0) or 1
+    slot = width / max(len(items), 1)
+    bars = []
+    for i, (label, value) in enumerate(items):
+        h = round(float(value) / top * (height - 20), 1)
+        bars.append({"x": round(i * slot + slot * 0.1, 1), "y": round(height - 14 - h, 1), "w": round(slot * 0.8, 1), "h": h,
+                     "label": label, "value": value, "label_x": round(i * slot + slot / 2, 1)})
+    return {"width": width, "height": height, "bars": bars, "baseline": height - 14}
+
+
+def _cents(value) -> str:
+    cents = rating.round_cents(Decimal(value))
+    return f"{'-' if cents < 0 else ''}{abs(cents) // 100:,}.{abs(cents) % 100:02d}"
+
+
+# ---- console -------------------------------------------------------------------------------------
+
+
+@tenant_view()
+def usage(request, ctx: TenantContext):
+    cost = selectors.period_cost_so_far(tenant=ctx.tenant)
+    chart = bar_chart([(f"{day:%d}", cents) for day, cents in cost.daily_cents.items()])
+    for bar in chart["bars"]:
+        bar["title"] = f"{bar['label']}: {_cents(bar['value'])}"
+    open_invoices = selectors.invoices_for(tenant=ctx.tenant).filter(status__in=[Invoice.Status.OPEN, Invoice.Status.UNCOLLECTIBLE])
+    return _render(request, ctx, "billing/usage.html", {
+        "cost": cost, "chart": chart, "period_end": rating.next_period(cost.period), "open_invoices": open_invoices,
+        "stripe_configured": stripe_gateway.is_configured(),
+    })
+
+
+@tenant_view()
+def invoice_list(request, ctx: TenantContext):
+    return _render(request, ctx, "billing/invoices.html", {"invoices": selectors.invoices_for(tenant=ctx.tenant)})
+
+
+def _invoice_or_404(ctx: TenantContext, invoice_id: int) -> Invoice:
+    invoice = selectors.invoice_get(tenant=ctx.tenant, invoice_id=invoice_id)
+    if invoice is None:
+        raise Http404("No such invoice.")
+    return invoice
+
+
+@tenant_view()
+def invoice_detail(request, ctx: TenantContext, invoice_id: int):
+    invoice = _invoice_or_404(ctx, invoice_id)
+    lines = InvoiceLine.objects.for_tenant(ctx.tenant).filter(invoice=invoice)
+    return _render(request, ctx, "billing/invoice.html", {"invoice": invoice, "lines": lines})
+
+
+@tenant_view()
+def invoice_print(request, ctx: TenantContext, invoice_id: int):
+    invoice = _invoice_or_404(ctx, invoice_id)
+    lines = InvoiceLine.objects.for_tenant(ctx.tenant).filter(invoice=invoice)
+    return render(request, "billing/invoice_print.html", {"tenant": ctx.tenant, "invoice": invoice, "lines": lines})
+
+
+@tenant_view()
+@require_POST
+def payment_methods(request, ctx: TenantContext):
+    """Admins: open Stripe's Customer Portal (payment methods, invoice history)."""
+    back = request.build_absolute_uri(reverse("billing-usage", args=[ctx.tenant.slug]))
+    try:
+        url = services.portal_url(tenant=ctx.tenant, return_url=back)
+    except stripe_gateway.GatewayError:
+        url = None
+    if not url:
+        messages.warning(request, "Payment methods cannot be managed online right now. Pay an open invoice from its page, or contact support.")
+        return redirect("billing-usage", ctx.tenant.slug)
+    return redirect(url)
+
+
+# ---- staff ---------------------------------------------------------------------------------------
+
+
+@staff_member_required
+def staff_allocation(request):
+    """Staff: per pool and per tenant, allocated GPU cost beside revenue, for a month (?period=YYYY-MM)."""
+    period = selectors.current_period()
+    raw = request.GET.get("period", "")
+    if raw:
+        try:
+            period = date.fromisoformat(f"{raw}-01")
+        except ValueError:
+            messages.error(request, "Use a period like 2026-01.")
+    pools, tenants = selectors.cost_allocation(period=period)
+    chart = bar_chart([(row.tenant.slug, max(row.margin_cents, 0)) for row in tenants[:30]])
+    margins = [{"slug": row.tenant.slug, "cost": row.cost_cents, "revenue": row.revenue_cents, "margin": row.margin_cents} for row in tenants]
+    top = max([max(m["cost"], m["revenue"]) for m in margins] or [1]) or 1
+    for i, m in enumerate(margins):
+        m["y"] = 8 + i * 26
+        m["cost_w"] = round(m["cost"] / top * 400, 1)
+        m["revenue_w"] = round(m["revenue"] / top * 400, 1)
+    return render(request, "billing/staff_allocation.html", {
+        "period": period, "pools": pools, "tenants": tenants, "chart": chart, "margins": margins,
+        "chart_height": 16 + 26 * len(margins), "previous": rating.previous_period(period), "next": rating.next_period(period),
+    })
+
+
+# ---- API -----------------------------------------------------------------------------------------
+
+
+class UsageLineOutput(serializers.Serializer):
+    kind = serializers.CharField()
+    model = serializers.CharField()
+    adapter = serializers.CharField()
+    input_tokens = serializers.IntegerField()
+    output_tokens = serializers.IntegerField()
+    trained_tokens = serializers.IntegerField()
+    input_price = serializers.DecimalField(max_digits=18, decimal_places=6, help_text="Cents per million tokens.")
+    output_price = serializers.DecimalField(max_digits=18, decimal_places=6, help_text="Cents per million tokens.")
+    training_price = serializers.DecimalField(max_digits=18, decimal_places=6, help_text="Cents per million tokens.")
+    amount_cents = serializers.IntegerField()
+
+
+class UsageOutput(serializers.Serializer):
+    period_start = serializers.DateField()
+    period_end = serializers.DateField(help_text="Exclusive.")
+    currency = serializers.CharField()
+    total_cents = serializers.IntegerField()
+    lines = UsageLineOutput(many=True)
+    daily_cents = serializers.DictField(child=serializers.CharField(), help_text="Unrounded cents per UTC day.")
+
+
+def _line_data(line) -> dict:
+    price = line.price
+    return {
+        "kind": line.kind, "model": line.model, "adapter": line.adapter, "input_tokens": line.input_tokens,
+        "output_tokens": line.output_tokens, "trained_tokens": line.trained_tokens,
+        "input_price": price.input_price if price else 0, "output_price": price.output_price if price else 0,
+        "training_price": price.training_price if price else 0, "amount_cents": line.amount_cents,
+    }
+
+
+class BillingUsageApi(TenantAPIView):
+    """Cost so far in the current period, per model/adapter line (C = T_in·p_in + T_out·p_out, cents)."""
+
+    @extend_schema(operation_id="billing_usage_retrieve", parameters=[TENANT_SLUG], responses=UsageOutput)
+    def get(self, request, tenant_slug):
+        cost = selectors.period_cost_so_far(tenant=self.ctx.tenant)
+        return Response(UsageOutput({
+            "period_start": cost.period, "period_end": rating.next_period(cost.period), "currency": "usd",
+            "total_cents": cost.total_cents, "lines": [_line_data(l) for l in cost.lines],
+            "daily_cents": {d.isoformat(): str(c) for d, c in cost.daily_cents.items()},
+        }).data)
+
+
+class InvoiceOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    number = serializers.CharField()
+    period_start = serializers.DateField()
+    period_end = serializers.DateField()
+    status = serializers.CharField()
+    currency = serializers.CharField()
+    total_cents = serializers.IntegerField()
+    closed_at = serializers.DateTimeField()
+    paid_at = serializers.DateTimeField(allow_null=True)
+    delivery = serializers.CharField()
+    hosted_invoice_url = serializers.CharField(allow_blank=True)
+
+
+class InvoiceLineOutput(serializers.Serializer):
+    kind = serializers.CharField()
+    model = serializers.CharField()
+    adapter = serializers.CharField()
+    description = serializers.CharField()
+    input_tokens = serializers.IntegerField()
+    output_tokens = serializers.IntegerField()
+    trained_tokens = serializers.IntegerField()
+    input_price = serializers.DecimalField(max_digits=18, decimal_places=6)
+    output_price = serializers.DecimalField(max_digits=18, decimal_places=6)
+    training_price = serializers.DecimalField(max_digits=18, decimal_places=6)
+    amount_cents = serializers.IntegerField()
+
+
+class InvoiceDetailOutput(InvoiceOutput):
+    lines = InvoiceLineOutput(many=True)
+
+
+class BillingInvoiceListApi(TenantAPIView):
+    @extend_schema(operation_id="billing_invoices_list", parameters=[TENANT_SLUG], responses=InvoiceOutput(many=True))
+    def get(self, request, tenant_slug):
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(selectors.invoices_for(tenant=self.ctx.tenant), request, view=self)
+        return paginator.get_paginated_response(InvoiceOutput(page, many=True).data)
+
+
+class BillingInvoiceDetailApi(TenantAPIView):
+    @extend_schema(operation_id="billing_invoices_retrieve", parameters=[TENANT_SLUG], responses=InvoiceDetailOutput)
+    def get(self, request, tenant_slug, invoice_id):
+        invoice = self.get_scoped_or_404(Invoice, pk=invoice_id)
+        invoice.lines_data = list(self.scoped(InvoiceLine).filter(invoice=invoice))
+        data = InvoiceOutput(invoice).data
+        data["lines"] = InvoiceLineOutput(invoice.lines_data, many=True).data
+        return Response(data)

@@ -1,0 +1,102 @@
+"""Console pages, API and the staff allocation page: content, isolation (outsider 404) and roles (viewer 403)."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+from django.utils import timezone
+
+from billing import invoicing, rating, selectors
+from billing.models import Invoice
+from tests.billing.conftest import price, usage, utc
+
+
+@pytest.fixture
+def billed(world, catalog):
+    price(catalog.base, effective_from=date(2020, 1, 1), inp="100", out="200")
+    now = timezone.now()
+    usage(world.tenant, at=now, pool=catalog.shared, inp=1_000_000, out=1_000_000)  # 300 ¢
+    usage(world.other_tenant, at=now, pool=catalog.shared, inp=3_000_000)  # 300 ¢
+    rating.rate_day(rating.utc_today(now))
+    usage(world.tenant, at=utc(2026, 1, 5), pool=catalog.shared, inp=1_000_000)
+    [inv] = invoicing.period_close(period=date(2026, 1, 1), now=utc(2026, 2, 2), tenant=world.tenant)
+    Invoice.all_tenants.filter(pk=inv.pk).update(hosted_invoice_url="https://pay.example.test/i/1")
+    return inv
+
+
+def test_usage_page_shows_cost_so_far_with_chart(client, world, billed):
+    client.force_login(world.viewer)
+    page = client.get(f"/t/{world.tenant.slug}/billing/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert 'data-total-cents="300"' in html and "<svg" in html and "tiny-chat" in html
+    assert "Manage payment methods" not in html  # viewer; and Stripe is not configured
+
+
+def test_invoice_pages(client, world, billed):
+    client.force_login(world.viewer)
+    base = f"/t/{world.tenant.slug}/billing/invoices/"
+    assert "ACME-202601" in client.get(base).content.decode()
+    detail = client.get(f"{base}{billed.pk}/").content.decode()
+    assert 'href="https://pay.example.test/i/1"' in detail and "Pay" in detail
+    printable = client.get(f"{base}{billed.pk}/print/").content.decode()
+    assert "@media print" in printable and "ACME-202601" in printable
+
+
+def test_outsider_gets_404_everywhere(client, world, billed):
+    client.force_login(world.outsider)
+    slug = world.tenant.slug
+    for url in (f"/t/{slug}/billing/", f"/t/{slug}/billing/invoices/", f"/t/{slug}/billing/invoices/{billed.pk}/",
+                f"/t/{slug}/billing/invoices/{billed.pk}/print/", f"/api/tenants/{slug}/billing/usage/",
+                f"/api/tenants/{slug}/billing/invoices/{billed.pk}/"):
+        assert client.get(url).status_code == 404, url
+    assert client.post(f"/t/{slug}/billing/payment-methods/").status_code == 404
+    # acme's invoice id under the outsider's own tenant
+    assert client.get(f"/t/{world.other_tenant.slug}/billing/invoices/{billed.pk}/").status_code == 404
+    assert client.get(f"/api/tenants/{world.other_tenant.slug}/billing/invoices/{billed.pk}/").status_code == 404
+
+
+def test_viewer_gets_403_on_writes(client, world, billed):
+    client.force_login(world.viewer)
+    slug = world.tenant.slug
+    for url in (f"/t/{slug}/billing/payment-methods/", f"/t/{slug}/billing/", f"/t/{slug}/billing/invoices/{billed.pk}/"):
+        assert client.post(url).status_code == 403, url
+
+
+def test_payment_methods_without_stripe_explains(client, world, billed):
+    client.force_login(world.admin)
+    response = client.post(f"/t/{world.tenant.slug}/billing/payment-methods/", follow=True)
+    assert response.status_code == 200
+    assert "cannot be managed online" in response.content.decode()
+
+
+def test_api_reads_for_members(client, world, billed):
+    client.force_login(world.viewer)
+    data = client.get(f"/api/tenants/{world.tenant.slug}/billing/usage/").json()
+    assert data["total_cents"] == 300 and data["lines"][0]["model"] == "tiny-chat"
+    listing = client.get(f"/api/tenants/{world.tenant.slug}/billing/invoices/").json()
+    assert [i["number"] for i in listing["results"]] == ["ACME-202601"]
+    detail = client.get(f"/api/tenants/{world.tenant.slug}/billing/invoices/{billed.pk}/").json()
+    assert detail["total_cents"] == 100 and detail["lines"][0]["amount_cents"] == 100
+
+
+def test_cost_allocation_formula(world, catalog, billed):
+    pools, tenants = selectors.cost_allocation(period=date(2026, 1, 1), now=utc(2026, 3, 1))
+    shared = next(p for p in pools if p.pool == catalog.shared)
+    assert shared.cost_cents == 1 * 31 * 24 * 200  # backends × hours × ¢/h
+    [acme] = shared.rows
+    assert (acme.weighted_tokens, acme.share, acme.cost_cents, acme.revenue_cents) == (1_000_000, 1, shared.cost_cents, 100)
+    # Current month: both tenants share the pool by weighted tokens (input + 2·output): 3 M each → ½.
+    pools, _ = selectors.cost_allocation(period=selectors.current_period())
+    shares = {r.tenant.slug: r.share for p in pools if p.pool == catalog.shared for r in p.rows}
+    assert shares == {"acme": pytest.approx(0.5), "globex": pytest.approx(0.5)}
+
+
+def test_allocation_page_is_staff_only(client, world, billed):
+    client.force_login(world.owner)
+    assert client.get("/staff/billing/allocation/").status_code == 302  # to the admin login
+    world.owner.is_staff = True
+    world.owner.save()
+    page = client.get("/staff/billing/allocation/?period=2026-01")
+    assert page.status_code == 200 and 'data-tenant="acme"' in page.content.decode()

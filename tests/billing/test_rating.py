@@ -1,0 +1,141 @@
+"""Rating is exact (against an independent computation over random ledgers), idempotent and price-aware."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from datetime import date, timedelta
+from fractions import Fraction
+
+import pytest
+
+from billing import rating
+from billing.models import DailyUsage
+from tests.billing.conftest import price, usage, utc
+
+JAN = date(2026, 1, 1)
+
+
+def _expected_price(prices, *, model, adapter, pool_id, day):
+    """Independent resolution: most specific scope first (adapter, pool, base), latest effective_from ≤ day."""
+    def latest(cands):
+        cands = [p for p in cands if p.effective_from <= day]
+        return max(cands, key=lambda p: (p.effective_from, p.pk)) if cands else None
+
+    mine = [p for p in prices if p.base_model.name == model]
+    return (
+        (latest([p for p in mine if p.adapter_id and p.adapter.name == adapter]) if adapter else None)
+        or (latest([p for p in mine if p.pool_id and p.pool_id == pool_id and not p.adapter_id]) if pool_id else None)
+        or latest([p for p in mine if not p.adapter_id and not p.pool_id])
+    )
+
+
+def _random_ledger(world, catalog, seed: int, n: int = 400):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        tenant = rng.choice([world.tenant, world.other_tenant])
+        model, pool, adapter = rng.choice([
+            ("tiny-chat", catalog.shared, ""), ("big-chat", catalog.big, ""), ("tiny-chat", None, ""),
+            *([("tiny-chat", catalog.dedicated, ""), ("tiny-chat", catalog.shared, catalog.adapter.name)] if tenant == world.tenant else []),
+        ])
+        at = utc(2026, 1, 1) + timedelta(seconds=rng.randrange(31 * 86400))
+        status = rng.choice(["ok"] * 6 + ["error", "cancelled", "interrupted"])
+        rows.append(usage(tenant, at=at, model=model, adapter=adapter, pool=pool, inp=rng.randrange(0, 5000), out=rng.randrange(0, 3000), status=status))
+    # Edges of the period: the first and the last microsecond belong to January, the next instant does not.
+    rows.append(usage(world.tenant, at=utc(2026, 1, 1), pool=catalog.shared, inp=7, out=3))
+    rows.append(usage(world.tenant, at=utc(2026, 1, 31, 23, 59, 59, 999999), pool=catalog.shared, inp=11, out=13))
+    usage(world.tenant, at=utc(2026, 2, 1), pool=catalog.shared, inp=1_000_000, out=1_000_000)
+    return rows
+
+
+@pytest.fixture
+def prices(catalog):
+    return [
+        price(catalog.base, effective_from=date(2025, 12, 1), inp="15", out="60"),
+        price(catalog.base, effective_from=date(2026, 1, 15), inp="12.5", out="47.333333"),  # mid-period change
+        price(catalog.base, effective_from=date(2026, 1, 1), inp="30", out="90", adapter=catalog.adapter),
+        price(catalog.base, effective_from=date(2026, 1, 10), inp="7.25", out="21", pool=catalog.dedicated),
+        price(catalog.other_base, effective_from=date(2025, 12, 1), inp="101.000001", out="333.3"),
+        price(catalog.base, effective_from=date(2026, 2, 1), inp="999", out="999"),  # not yet in force in January
+    ]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_rollup_and_cost_match_an_independent_computation(world, catalog, prices, seed):
+    rows = _random_ledger(world, catalog, seed)
+    rating.rate_range(JAN, date(2026, 1, 31), now=utc(2026, 2, 5))
+
+    billed = [r for r in rows if r.status != "error"]
+    expected_rollup = defaultdict(lambda: [0, 0, 0])
+    for r in billed:
+        key = (r.tenant_id, r.created_at.date(), r.model, r.adapter, r.pool_id)
+        expected_rollup[key][0] += 1
+        expected_rollup[key][1] += r.input_tokens
+        expected_rollup[key][2] += r.output_tokens
+    got = {
+        (d.tenant_id, d.day, d.model, d.adapter, d.pool_id): [d.requests, d.input_tokens, d.output_tokens]
+        for d in DailyUsage.all_tenants.all()
+    }
+    assert got == dict(expected_rollup)
+    assert set(DailyUsage.all_tenants.values_list("period", flat=True)) == {JAN}
+
+    for tenant in (world.tenant, world.other_tenant):
+        lines = defaultdict(lambda: [0, 0])
+        for r in billed:
+            if r.tenant_id != tenant.pk:
+                continue
+            p = _expected_price(prices, model=r.model, adapter=r.adapter, pool_id=r.pool_id, day=r.created_at.date())
+            key = (r.model, r.adapter, p.pk)
+            lines[key][0] += r.input_tokens
+            lines[key][1] += r.output_tokens
+        by_pk = {p.pk: p for p in prices}
+        expected = {}
+        for (model, adapter, pk), (t_in, t_out) in lines.items():
+            exact = (Fraction(t_in) * Fraction(by_pk[pk].input_price) + Fraction(t_out) * Fraction(by_pk[pk].output_price)) / 1_000_000
+            expected[(model, adapter, pk)] = int(exact + Fraction(1, 2)) if exact >= 0 else None  # half up, once per line
+        cost = rating.period_cost(tenant=tenant, period=JAN)
+        assert {(l.model, l.adapter, l.price.pk): l.amount_cents for l in cost.lines} == expected
+        assert cost.total_cents == sum(expected.values())
+
+
+def test_rerating_changes_nothing(world, catalog, prices):
+    _random_ledger(world, catalog, seed=7, n=150)
+    rating.rate_range(JAN, date(2026, 1, 31), now=utc(2026, 2, 5))
+    fields = ("tenant_id", "period", "day", "kind", "model", "adapter", "pool_id", "requests", "input_tokens", "output_tokens", "duration_ms")
+    before = Counter(DailyUsage.all_tenants.values_list(*fields))
+    rating.rate_range(JAN, date(2026, 1, 31), now=utc(2026, 2, 5))
+    rating.rate_range(JAN, date(2026, 1, 31), now=utc(2026, 2, 6))
+    assert Counter(DailyUsage.all_tenants.values_list(*fields)) == before
+
+
+def test_half_up_rounding_once_per_line(world, catalog):
+    price(catalog.base, effective_from=date(2025, 12, 1), inp="1", out="0")
+    # 500,000 tokens at 1 ¢/M = 0.5 ¢ per day; two days on one line = 1.0 ¢ (rounding per day would give 2).
+    usage(world.tenant, at=utc(2026, 1, 3, 10), pool=catalog.shared, inp=250_000)
+    usage(world.tenant, at=utc(2026, 1, 4, 10), pool=catalog.shared, inp=250_000)
+    usage(world.tenant, at=utc(2026, 1, 4, 11), pool=catalog.shared, inp=500_000)
+    rating.rate_range(JAN, date(2026, 1, 5), now=utc(2026, 1, 6))
+    cost = rating.period_cost(tenant=world.tenant, period=JAN)
+    assert [l.amount_cents for l in cost.lines] == [1]  # exactly 1.0 ¢
+    usage(world.tenant, at=utc(2026, 1, 5, 11), pool=catalog.shared, inp=500_000)
+    rating.rate_range(JAN, date(2026, 1, 5), now=utc(2026, 1, 6))
+    assert rating.period_cost(tenant=world.tenant, period=JAN).total_cents == 2  # 1.5 ¢ → 2 ¢ (half up)
+
+
+def test_training_usage_is_rated_when_finetune_provides_it(world, catalog):
+    model = rating.training_usage_model()
+    if model is None:
+        pytest.skip("finetune.models.TrainingUsage has not landed yet; billing tolerates its absence")
+    from finetune.models import FineTuneJob, TrainingFile
+
+    price(catalog.base, effective_from=date(2025, 12, 1), inp="15", out="60", train="300")
+    for i, tokens in enumerate((1_234_567, 765_433)):
+        file = TrainingFile.all_tenants.create(tenant=world.tenant, filename="t.jsonl", path="t.jsonl", status="ready")
+        job = FineTuneJob.all_tenants.create(tenant=world.tenant, base_model=catalog.base, training_file=file)
+        model.all_tenants.create(tenant=world.tenant, job=job, base_model="tiny-chat", trained_tokens=tokens, created_at=utc(2026, 1, 9 + i, 12))
+    rating.rate_range(JAN, date(2026, 1, 31), now=utc(2026, 2, 2))
+    rows = DailyUsage.objects.for_tenant(world.tenant).filter(kind=DailyUsage.Kind.TRAINING)
+    assert sorted(rows.values_list("day", "trained_tokens")) == [(date(2026, 1, 9), 1_234_567), (date(2026, 1, 10), 765_433)]
+    [line] = rating.period_cost(tenant=world.tenant, period=JAN).lines
+    assert (line.kind, line.trained_tokens, line.amount_cents) == ("training", 2_000_000, 600)  # 2 M × 300 ¢/M
