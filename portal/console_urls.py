@@ -45,6 +45,7 @@ tenant_patterns = [
     path("limits/", console.limits, name="console-limits"),
     path("audit/", console.audit, name="console-audit"),
     path("billing/", include("billing.console_urls")),
+    path("finetune/", include("finetune.console_urls")),
 ]
 
 urlpatterns = [

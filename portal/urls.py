@@ -1,12 +1,17 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from finetune import urls as finetune_urls
+from serving import staff_views as serving_staff
+
 admin.site.site_header = "LLM Platform staff"
 admin.site.site_title = "LLM Platform staff"
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("staff/pools/", serving_staff.pools_live, name="staff-pools-live"),
     path("api/", include("portal.api_urls")),
+    path("v1/", include(finetune_urls.v1_patterns)),  # Files and Fine-tuning; the inference paths never reach Django
     path("", include("billing.urls")),
     path("", include("portal.console_urls")),
 ]

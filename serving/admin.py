@@ -28,6 +28,7 @@ class BackendPoolAdmin(admin.ModelAdmin):
     list_filter = ("kind", "base_model")
     search_fields = ("name",)
     inlines = [BackendInline]
+    actions: list = []  # finetune/admin.py adds the TGI "mark restarted" step
 
     @admin.display(description="healthy / enabled backends")
     def backends_healthy(self, pool: BackendPool) -> str:

@@ -50,7 +50,24 @@ OBJECT_KWARGS: dict[str, Callable[["IsolationWorld"], object]] = {
     "version": lambda w: w.prompt_v2.version,
     "other_version": lambda w: w.prompt_v1.version,
     "invoice_id": lambda w: _acme_invoice(w).pk,
+    "file_id": lambda w: _finetune_objects(w)["file"].id,
+    "job_id": lambda w: _finetune_objects(w)["job"].id,
+    "adapter_id": lambda w: _finetune_objects(w)["adapter"].pk,
 }
+
+
+def _finetune_objects(w):
+    """One acme training file, job and adapter (created once per world)."""
+    if not hasattr(w, "_finetune"):
+        from finetune.models import FineTuneJob, TrainingFile
+        from serving.models import Adapter, BaseModel
+
+        bm, _ = BaseModel.objects.get_or_create(name="iso-base", defaults={"hf_id": "iso/base", "local_path": "/nonexistent"})
+        file = TrainingFile.all_tenants.create(tenant=w.tenant, filename="t.jsonl", path="x", status="processed")
+        job = FineTuneJob.all_tenants.create(tenant=w.tenant, base_model=bm, training_file=file, hyperparameters={}, lora={})
+        adapter = Adapter.all_tenants.create(tenant=w.tenant, name="ft:iso-base:acme::iso", base_model=bm, path="/x")
+        w._finetune = {"file": file, "job": job, "adapter": adapter}
+    return w._finetune
 
 
 def _acme_invoice(w):
@@ -94,6 +111,10 @@ UNSCOPED_NAMES = {
     "billing-stripe-webhook",
     # staff-only pages (staff_member_required), across tenants by design
     "billing-staff-allocation",
+    "staff-pools-live",
+    # OpenAI-compatible Files and Fine-tuning: the tenant comes from the API key (tests/finetune/test_api.py
+    # checks another tenant's ids answer 404 there)
+    *__import__("finetune.urls", fromlist=["V1_URL_NAMES"]).V1_URL_NAMES,
 }
 UNSCOPED_NAMES |= set(getattr(console_urls, "PUBLIC_URL_NAMES", ())) | set(getattr(console_urls, "USER_URL_NAMES", ()))
 

@@ -80,3 +80,19 @@ def test_playground_issues_a_token_for_this_tenant_only(client, world, served):
     assert services.playground_token_verify(token[:-2] + "xx") is None
     login(client, world.viewer)
     assert client.get(reverse("console-playground", args=["acme"])).status_code == 403
+
+
+def test_staff_live_pool_view_shows_shares_and_refuses_tenants(client, world, served):
+    from django.contrib.auth import get_user_model
+
+    pool = BackendPool.objects.get(name="shared")
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, weight=3)
+    UsageRecord.all_tenants.create(tenant=world.tenant, request_id="a", endpoint="chat", model="tiny-chat", pool=pool, input_tokens=100, output_tokens=100, status="ok")
+    UsageRecord.all_tenants.create(tenant=world.other_tenant, request_id="b", endpoint="chat", model="tiny-chat", pool=pool, input_tokens=100, output_tokens=0, status="ok")
+    login(client, world.owner)
+    assert client.get("/staff/pools/").status_code == 302  # a tenant owner is not staff: sent to the admin login
+    staff = get_user_model().objects.create_user("staff@platform.test", "staff@platform.test", PASSWORD, is_staff=True)
+    login(client, staff)
+    html = client.get("/staff/pools/").content.decode()
+    assert "shared" in html and "acme" in html and "globex" in html
+    assert "75.0 %" in html  # acme: 300 of 400 service tokens; fair share by weight 3:1 is also 75 %

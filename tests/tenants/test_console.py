@@ -459,7 +459,8 @@ def test_limits_show_unlimited_and_fair_share_formula(client, world):
     assert "750,000" in content
 
 
-def test_dashboard_shows_role_counts_and_suspension(client, world, objects):
+def test_dashboard_shows_role_counts_and_suspension(client, world, objects, settings):
+    settings.REDIS_URL = ""  # the embedded-mode note shows only without Redis
     services.tenant_set_status(tenant=world.tenant, status="suspended", actor=services.SYSTEM, reason="unpaid invoice")
     response = client_for(client, world.developer).get(url("console-dashboard"))
     content = response.content.decode()

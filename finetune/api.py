@@ -1,0 +1,390 @@
+"""The OpenAI-compatible Files and Fine-tuning Jobs API under /v1/, and adapter deployment under /api/.
+
+/v1 views authenticate only with an API key holding the `finetune` scope; the tenant is the key's. Errors
+use OpenAI's shape `{"error": {"message", "type", "param", "code"}}` so the OpenAI SDK raises its usual
+exceptions. Another tenant's file or job is a 404, exactly like one that does not exist.
+"""
+
+from __future__ import annotations
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.db.models import Q
+from django.http import Http404, HttpResponse
+from rest_framework import exceptions, serializers, status
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.renderers import JSONRenderer
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from finetune import deploy, selectors, services
+from finetune.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingFile
+from finetune.services import FinetuneError
+from serving.models import Adapter, AdapterDeployment
+from tenants.api import TenantAPIView
+from tenants.api_auth import ApiKeyAuthentication
+from tenants.models import ApiKey, Role
+from tenants.services import Actor
+
+DEFAULT_LIMIT, MAX_LIMIT = 20, 100
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+          429: "rate_limit_error"}
+
+
+def openai_error(message: str, status_code: int, code: str | None = None, param: str | None = None) -> Response:
+    kind = _TYPES.get(status_code, "invalid_request_error" if status_code < 500 else "server_error")
+    return Response({"error": {"message": message, "type": kind, "param": param, "code": code}}, status=status_code)
+
+
+def _first_error(detail, prefix: str = "") -> tuple[str | None, str]:
+    """(param, message) of the first field error in a DRF validation detail."""
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            param = key if key != "non_field_errors" else None
+            inner, message = _first_error(value, f"{prefix}.{key}" if prefix else key)
+            return (inner or param), message
+    if isinstance(detail, list) and detail:
+        return _first_error(detail[0], prefix)
+    return (prefix or None), str(detail)
+
+
+def openai_exception_handler(exc, context):
+    """DRF exception handler of the /v1 views only: every error in OpenAI's shape."""
+    if isinstance(exc, FinetuneError):
+        return openai_error(exc.message, exc.status, exc.code, exc.param)
+    if isinstance(exc, Http404):
+        return openai_error(str(exc) or "Not found.", 404, "not_found")
+    if isinstance(exc, (exceptions.NotAuthenticated, exceptions.AuthenticationFailed)):
+        return openai_error(str(exc.detail), 401, "invalid_api_key")
+    if isinstance(exc, (exceptions.PermissionDenied, DjangoPermissionDenied)):
+        return openai_error(str(getattr(exc, "detail", exc)), 403, "insufficient_scope")
+    if isinstance(exc, exceptions.ValidationError):
+        param, message = _first_error(exc.detail)
+        return openai_error(f"{param}: {message}" if param else message, 400, "invalid_request", param)
+    if isinstance(exc, exceptions.APIException):
+        return openai_error(str(exc.detail), exc.status_code, exc.default_code)
+    return None
+
+
+# ---- the /v1 base --------------------------------------------------------------------------------
+
+
+class OpenAIView(APIView):
+    """Base of the /v1 fine-tuning views: API key with the `finetune` scope; the tenant is the key's."""
+
+    authentication_classes = [ApiKeyAuthentication]
+    permission_classes: list = []
+    renderer_classes = [JSONRenderer]
+    parser_classes = [JSONParser, MultiPartParser, FormParser]
+    pagination_class = None
+
+    def get_exception_handler(self):
+        return openai_exception_handler
+
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)
+        key = request.auth
+        if not isinstance(key, ApiKey):
+            raise exceptions.NotAuthenticated("Use 'Authorization: Bearer <API key>' with a key that has the 'finetune' scope.")
+        if not key.has_scope(ApiKey.Scope.FINETUNE):
+            raise exceptions.PermissionDenied("This API key lacks the 'finetune' scope. Create a key with that scope in the console.")
+        if not key.tenant.is_active:
+            raise exceptions.PermissionDenied(f"The tenant is suspended: {key.tenant.suspended_reason or 'contact support'}.")
+        self.tenant = key.tenant
+        self.actor = Actor(key=key)
+
+    def file_or_404(self, file_id: str) -> TrainingFile:
+        file = TrainingFile.objects.for_tenant(self.tenant).filter(pk=file_id).first()
+        if file is None:
+            raise FinetuneError(f"No such File object: {file_id}", status=404, param="file_id", code="file_not_found")
+        return file
+
+    def job_or_404(self, job_id: str) -> FineTuneJob:
+        job = FineTuneJob.objects.for_tenant(self.tenant).select_related("base_model", "tenant").filter(pk=job_id).first()
+        if job is None:
+            raise FinetuneError(f"No such fine-tuning job: {job_id}", status=404, param="fine_tuning_job_id", code="job_not_found")
+        return job
+
+
+def _limit(request) -> int:
+    raw = request.query_params.get("limit", DEFAULT_LIMIT)
+    try:
+        limit = int(raw)
+    except (TypeError, ValueError):
+        raise FinetuneError("limit must be an integer", param="limit") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise FinetuneError(f"limit must be between 1 and {MAX_LIMIT}", param="limit")
+    return limit
+
+
+def _ts(value) -> int | None:
+    return int(value.timestamp()) if value else None
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+
+def file_data(file: TrainingFile) -> dict:
+    return {"id": file.id, "object": "file", "bytes": file.bytes, "created_at": _ts(file.created_at),
+            "filename": file.filename, "purpose": file.purpose, "status": file.status,
+            "status_details": None if file.is_valid else _problem_summary(file)}
+
+
+def _problem_summary(file: TrainingFile) -> str:
+    problems = file.validation.get("problems", [])
+    n = len(problems) + file.validation.get("problems_omitted", 0)
+    first = problems[0] if problems else None
+    where = f"line {first['line']}: " if first and first.get("line") else ""
+    return f"{n} problem(s); first: {where}{first['message'] if first else ''}. See /v1/files/{file.id}/validation."
+
+
+class FileListApi(OpenAIView):
+    def get(self, request):
+        qs = TrainingFile.objects.for_tenant(self.tenant)
+        if request.query_params.get("purpose"):
+            qs = qs.filter(purpose=request.query_params["purpose"])
+        limit = _limit(request) if "limit" in request.query_params else 10_000
+        after = request.query_params.get("after")
+        if after:
+            anchor = self.file_or_404(after)
+            qs = qs.filter(Q(created_at__lt=anchor.created_at) | Q(created_at=anchor.created_at, pk__lt=anchor.pk))
+        rows = list(qs.order_by("-created_at", "-pk")[: limit + 1])
+        return Response({"object": "list", "data": [file_data(f) for f in rows[:limit]], "has_more": len(rows) > limit,
+                         "first_id": rows[0].id if rows else None, "last_id": rows[:limit][-1].id if rows else None})
+
+    def post(self, request):
+        upload = request.FILES.get("file")
+        if upload is None:
+            raise FinetuneError("file is required: send the JSONL file as multipart form field 'file'", param="file",
+                                code="missing_file")
+        if upload.size > services.MAX_UPLOAD_BYTES:
+            raise FinetuneError(f"The file is {upload.size:,} bytes; the limit is {services.MAX_UPLOAD_BYTES:,} bytes.",
+                                status=413, param="file", code="file_too_large")
+        purpose = request.data.get("purpose")
+        if not purpose:
+            raise FinetuneError("purpose is required; use 'fine-tune'", param="purpose", code="missing_purpose")
+        base_model = None
+        if request.data.get("model"):  # extension: count tokens with this base model's tokenizer at upload
+            base_model = next((bm for bm in selectors.base_models_for_tenant(self.tenant)
+                               if bm.name == request.data["model"]), None)
+            if base_model is None:
+                raise FinetuneError(f"The model '{request.data['model']}' does not exist or you do not have access to it.",
+                                    status=404, param="model", code="model_not_found")
+        file = services.training_file_upload(tenant=self.tenant, actor=self.actor, filename=upload.name,
+                                             data=upload.read(), purpose=purpose, base_model=base_model)
+        return Response(file_data(file), status=status.HTTP_200_OK)
+
+
+class FileDetailApi(OpenAIView):
+    def get(self, request, file_id: str):
+        return Response(file_data(self.file_or_404(file_id)))
+
+    def delete(self, request, file_id: str):
+        file = self.file_or_404(file_id)
+        services.training_file_delete(tenant=self.tenant, actor=self.actor, file=file)
+        return Response({"id": file_id, "object": "file", "deleted": True})
+
+
+class FileContentApi(OpenAIView):
+    def get(self, request, file_id: str):
+        file = self.file_or_404(file_id)
+        response = HttpResponse(selectors.training_file_read(file), content_type="application/octet-stream")
+        response["Content-Disposition"] = f'attachment; filename="{file.filename}"'
+        return response
+
+
+class FileValidationApi(OpenAIView):
+    """Extension: the full validation report (every problem with line, path, code, message), stats, token counts."""
+
+    def get(self, request, file_id: str):
+        file = self.file_or_404(file_id)
+        return Response({"object": "file.validation", "id": file.id, **file.validation, "token_counts": file.token_counts})
+
+
+# ---- jobs ----------------------------------------------------------------------------------------
+
+
+class JobInput(serializers.Serializer):
+    model = serializers.CharField()
+    training_file = serializers.CharField()
+    validation_file = serializers.CharField(required=False, allow_null=True, allow_blank=True)
+    suffix = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=64)
+    seed = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=2**31 - 1)
+    hyperparameters = serializers.DictField(required=False, allow_null=True)
+    method = serializers.DictField(required=False, allow_null=True)
+    lora = serializers.DictField(required=False, allow_null=True)
+    metadata = serializers.DictField(required=False, allow_null=True, child=serializers.CharField(max_length=512))
+    integrations = serializers.ListField(required=False, allow_null=True)
+
+    def validate(self, attrs):
+        method = attrs.get("method") or None
+        if method is not None:
+            if method.get("type", "supervised") != "supervised":
+                raise serializers.ValidationError({"method": "only the 'supervised' method is supported"})
+            settings = method.get("supervised") or {}
+            if not isinstance(settings, dict) or not isinstance(settings.get("hyperparameters", {}) or {}, dict):
+                raise serializers.ValidationError({"method": "method.supervised.hyperparameters must be an object"})
+            attrs["hyperparameters"] = settings.get("hyperparameters") or attrs.get("hyperparameters")
+        if attrs.get("integrations"):
+            raise serializers.ValidationError({"integrations": "integrations are not supported"})
+        return attrs
+
+
+def _parse(serializer_class, request) -> dict:
+    serializer = serializer_class(data=request.data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+def job_data(job: FineTuneJob) -> dict:
+    hp = job.hyperparameters
+    error = {"code": job.error_code, "message": job.error_message, "param": job.error_param or None} if job.error_code else None
+    return {
+        "id": job.id, "object": "fine_tuning.job", "created_at": _ts(job.created_at),
+        "finished_at": _ts(job.finished_at), "estimated_finish": _ts(job.estimated_finish), "error": error,
+        "fine_tuned_model": job.fine_tuned_model or None, "model": job.base_model.name,
+        "organization_id": job.tenant.slug, "result_files": [], "seed": job.seed, "status": job.status,
+        "trained_tokens": job.trained_tokens, "training_file": job.training_file_id,
+        "validation_file": job.validation_file_id, "hyperparameters": hp,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        "metadata": job.metadata or None, "integrations": [], "user_provided_suffix": job.suffix or None,
+        # extensions
+        "lora": job.lora, "estimated_cost_cents": job.estimated_cost_cents,
+        "progress": {"step": job.step, "total_steps": job.total_steps, "train_loss": job.train_loss},
+    }
+
+
+def event_data(event: JobEvent) -> dict:
+    return {"id": event.public_id, "object": "fine_tuning.job.event", "created_at": _ts(event.created_at),
+            "level": event.level, "message": event.message, "type": event.type, "data": event.data or None}
+
+
+def checkpoint_data(job: FineTuneJob, ckpt: JobCheckpoint) -> dict:
+    metrics = {k: ckpt.metrics.get(k) for k in ("step", "train_loss", "train_mean_token_accuracy", "valid_loss",
+                                                 "valid_mean_token_accuracy") if ckpt.metrics.get(k) is not None}
+    name = job.fine_tuned_model or f"ft:{job.base_model.name}:{job.tenant.slug}:{job.suffix}:{job.id[6:14]}"
+    return {"id": ckpt.public_id, "object": "fine_tuning.job.checkpoint", "created_at": _ts(ckpt.created_at),
+            "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{ckpt.step}", "step_number": ckpt.step,
+            "metrics": metrics, "fine_tuning_job_id": job.id}
+
+
+class JobListApi(OpenAIView):
+    def get(self, request):
+        limit = _limit(request)
+        qs = FineTuneJob.objects.for_tenant(self.tenant).select_related("base_model", "tenant")
+        after = request.query_params.get("after")
+        if after:
+            anchor = self.job_or_404(after)
+            qs = qs.filter(Q(created_at__lt=anchor.created_at) | Q(created_at=anchor.created_at, pk__lt=anchor.pk))
+        rows = list(qs.order_by("-created_at", "-pk")[: limit + 1])
+        return Response({"object": "list", "data": [job_data(j) for j in rows[:limit]], "has_more": len(rows) > limit})
+
+    def post(self, request):
+        data = _parse(JobInput, request)
+        job = services.finetune_job_create(
+            tenant=self.tenant, actor=self.actor, model=data["model"], training_file=data["training_file"],
+            validation_file=data.get("validation_file") or None, suffix=data.get("suffix") or "", seed=data.get("seed"),
+            hyperparameters=data.get("hyperparameters"), lora=data.get("lora"), metadata=data.get("metadata"))
+        return Response(job_data(FineTuneJob.objects.for_tenant(self.tenant).select_related("base_model", "tenant").get(pk=job.pk)))
+
+
+class JobEstimateApi(OpenAIView):
+    """Extension: the price and time preview of a job before launching it (same input as a job)."""
+
+    def post(self, request):
+        data = _parse(JobInput, request)
+        plan = services.finetune_job_plan(tenant=self.tenant, model=data["model"], training_file=data["training_file"],
+                                          validation_file=data.get("validation_file") or None,
+                                          hyperparameters=data.get("hyperparameters"), lora=data.get("lora"))
+        return Response({"object": "fine_tuning.job.estimate", "model": plan.base_model.name,
+                         "training_file": plan.training_file.id, "hyperparameters": plan.hyperparameters,
+                         "lora": plan.lora, "examples": plan.tokens["examples"],
+                         "tokens_per_epoch": plan.tokens["total_tokens"], "tokens_estimated": plan.tokens["estimated"],
+                         **plan.estimate})
+
+
+class JobDetailApi(OpenAIView):
+    def get(self, request, job_id: str):
+        return Response(job_data(self.job_or_404(job_id)))
+
+
+class JobCancelApi(OpenAIView):
+    def post(self, request, job_id: str):
+        job = services.finetune_job_cancel(tenant=self.tenant, actor=self.actor, job=self.job_or_404(job_id))
+        return Response(job_data(job))
+
+
+class JobEventsApi(OpenAIView):
+    def get(self, request, job_id: str):
+        job = self.job_or_404(job_id)
+        limit = _limit(request)
+        qs = JobEvent.objects.for_tenant(self.tenant).filter(job=job).order_by("-id")
+        after = request.query_params.get("after")
+        if after:
+            try:
+                qs = qs.filter(id__lt=int(after.removeprefix("ftevent-")))
+            except ValueError:
+                raise FinetuneError("after must be an event id (ftevent-…)", param="after") from None
+        rows = list(qs[: limit + 1])
+        return Response({"object": "list", "data": [event_data(e) for e in rows[:limit]], "has_more": len(rows) > limit})
+
+
+class JobCheckpointsApi(OpenAIView):
+    def get(self, request, job_id: str):
+        job = self.job_or_404(job_id)
+        limit = _limit(request)
+        qs = JobCheckpoint.objects.for_tenant(self.tenant).filter(job=job).order_by("-step")
+        after = request.query_params.get("after")
+        if after:
+            try:
+                qs = qs.filter(id__lt=int(after.removeprefix("ftckpt-")))
+            except ValueError:
+                raise FinetuneError("after must be a checkpoint id (ftckpt-…)", param="after") from None
+        rows = list(qs[: limit + 1])
+        return Response({"object": "list", "data": [checkpoint_data(job, c) for c in rows[:limit]],
+                         "has_more": len(rows) > limit})
+
+
+# ---- adapters (management API, /api/tenants/<slug>/adapters/...) -----------------------------------
+
+
+def adapter_data(adapter: Adapter) -> dict:
+    deployments = AdapterDeployment.objects.for_tenant(adapter.tenant_id).filter(adapter=adapter).select_related("pool")
+    return {"id": adapter.pk, "name": adapter.name, "base_model": adapter.base_model.name, "rank": adapter.rank,
+            "alpha": adapter.alpha, "target_modules": adapter.target_modules, "parameters": adapter.parameters,
+            "size_bytes": adapter.size_bytes, "created_at": adapter.created_at,
+            "deployments": [{"pool": d.pool.name, "state": d.state, "error": d.error} for d in deployments]}
+
+
+class AdapterListApi(TenantAPIView):
+    """The tenant's fine-tuned adapters and where they are deployed."""
+
+    def get(self, request, tenant_slug: str):
+        return Response([adapter_data(a) for a in self.scoped(Adapter).select_related("base_model")])
+
+
+class AdapterDeployApi(TenantAPIView):
+    """Publish an adapter to the tenant's pool for its base model (admin+, or a management:write key)."""
+
+    write_role = Role.ADMIN
+
+    def post(self, request, tenant_slug: str, adapter_id: int):
+        adapter = self.get_scoped_or_404(Adapter, pk=adapter_id)
+        try:
+            deployment = deploy.adapter_deploy(tenant=self.ctx.tenant, adapter=adapter, actor=self.ctx.actor)
+        except deploy.DeployError as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response({"adapter": adapter.name, "pool": deployment.pool.name, "state": deployment.state,
+                         "error": deployment.error})
+
+
+class AdapterUndeployApi(TenantAPIView):
+    write_role = Role.ADMIN
+
+    def post(self, request, tenant_slug: str, adapter_id: int):
+        adapter = self.get_scoped_or_404(Adapter, pk=adapter_id)
+        removed = deploy.adapter_undeploy(tenant=self.ctx.tenant, adapter=adapter, actor=self.ctx.actor)
+        return Response({"adapter": adapter.name, "undeployed_from": removed})

@@ -1,0 +1,24 @@
+"""Console pages of fine-tuning, included under t/<slug:tenant_slug>/finetune/.
+
+Object kwargs: `file_id` (str, a TrainingFile), `job_id` (str, a FineTuneJob), `adapter_id` (int, a serving Adapter).
+"""
+
+from django.urls import path
+
+from finetune import views
+
+urlpatterns = [
+    path("files/", views.files, name="finetune-files"),
+    path("files/upload/", views.file_upload, name="finetune-file-upload"),
+    path("files/<str:file_id>/", views.file_detail, name="finetune-file"),
+    path("files/<str:file_id>/delete/", views.file_delete, name="finetune-file-delete"),
+    path("jobs/", views.jobs, name="finetune-jobs"),
+    path("jobs/new/", views.job_create, name="finetune-job-create"),
+    path("jobs/<str:job_id>/", views.job_detail, name="finetune-job"),
+    path("jobs/<str:job_id>/status/", views.job_status, name="finetune-job-status"),
+    path("jobs/<str:job_id>/cancel/", views.job_cancel, name="finetune-job-cancel"),
+    path("adapters/", views.adapters, name="finetune-adapters"),
+    path("adapters/<int:adapter_id>/deploy/", views.adapter_deploy, name="finetune-adapter-deploy"),
+    path("adapters/<int:adapter_id>/undeploy/", views.adapter_undeploy, name="finetune-adapter-undeploy"),
+    path("planner/", views.planner, name="finetune-planner"),
+]

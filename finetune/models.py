@@ -1,0 +1,198 @@
+"""Fine-tuning rows: uploaded files, jobs with their events and checkpoints, and the trained-tokens ledger.
+
+Ids are OpenAI-shaped strings (`file-…`, `ftjob-…`) so the API can hand them out unchanged. Every model is
+tenant-owned (`Model.objects.for_tenant(t)`); the trained adapter itself is a `serving.Adapter`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+
+from django.db import models
+from django.utils import timezone
+
+from tenants.scoping import TenantOwnedModel
+
+# A worker refreshes its lease about once a second while training; one silent this long is presumed dead and
+# its job may be claimed again (it resumes from its last checkpoint). Generous: loading a large base model
+# happens before the first heartbeat of the training loop.
+LEASE_SECONDS = 300
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def new_file_id() -> str:
+    return _new_id("file")
+
+
+def new_job_id() -> str:
+    return _new_id("ftjob")
+
+
+class TrainingFile(TenantOwnedModel):
+    """An uploaded JSONL file (`purpose=fine-tune`) and its full validation report."""
+
+    class Status(models.TextChoices):
+        PROCESSED = "processed", "Valid"
+        ERROR = "error", "Has problems"
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_file_id, editable=False)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    filename = models.CharField(max_length=255)
+    purpose = models.CharField(max_length=32, default="fine-tune")
+    bytes = models.PositiveBigIntegerField(default=0)
+    path = models.CharField(max_length=500, help_text="Relative to STORAGE_DIR.")
+    status = models.CharField(max_length=16, choices=Status.choices)
+    # validate_jsonl(...).to_dict(): {ok, problems[{line,path,code,message}], problems_omitted, stats}
+    validation = models.JSONField(default=dict, blank=True)
+    # Per base model name: {"total_tokens", "trainable_tokens", "examples", "problems"} with that model's tokenizer.
+    token_counts = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta(TenantOwnedModel.Meta):
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.filename})"
+
+    @property
+    def is_valid(self) -> bool:
+        return self.status == self.Status.PROCESSED
+
+    @property
+    def examples(self) -> int:
+        return (self.validation.get("stats") or {}).get("examples") or 0
+
+
+class FineTuneJob(TenantOwnedModel):
+    class Status(models.TextChoices):
+        VALIDATING_FILES = "validating_files", "Validating files"
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    ACTIVE_STATUSES = (Status.VALIDATING_FILES, Status.QUEUED, Status.RUNNING)
+    FINISHED_STATUSES = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_job_id, editable=False)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    base_model = models.ForeignKey("serving.BaseModel", on_delete=models.PROTECT, related_name="+")
+    training_file = models.ForeignKey(TrainingFile, on_delete=models.PROTECT, related_name="+")
+    validation_file = models.ForeignKey(TrainingFile, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    suffix = models.CharField(max_length=64, blank=True)
+    seed = models.IntegerField(default=0)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    # Resolved numbers: {"n_epochs", "batch_size", "learning_rate_multiplier"}; as requested (maybe "auto"):
+    hyperparameters = models.JSONField(default=dict)
+    requested_hyperparameters = models.JSONField(default=dict, blank=True)
+    lora = models.JSONField(default=dict, help_text="{rank, alpha, dropout, target_modules}")
+    metadata = models.JSONField(default=dict, blank=True)
+    fine_tuned_model = models.CharField(max_length=200, blank=True)
+    adapter = models.ForeignKey("serving.Adapter", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    trained_tokens = models.PositiveBigIntegerField(null=True, blank=True)
+    estimated_cost_cents = models.PositiveBigIntegerField(default=0)
+    step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    train_loss = models.FloatField(null=True, blank=True)
+    tokens_per_second = models.FloatField(null=True, blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    error_message = models.TextField(blank=True)
+    error_param = models.CharField(max_length=64, blank=True)
+    # The lease: who runs it and when it last said so. An expired lease means the worker died.
+    worker_id = models.CharField(max_length=64, blank=True)
+    worker_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    created_by_key = models.ForeignKey("tenants.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    estimated_finish = models.DateTimeField(null=True, blank=True)
+
+    class Meta(TenantOwnedModel.Meta):
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["tenant", "status"], name="ftjob_tenant_status")]
+
+    def __str__(self) -> str:
+        return self.id
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE_STATUSES
+
+    @property
+    def lease_expired(self) -> bool:
+        return self.worker_heartbeat_at is None or self.worker_heartbeat_at < timezone.now() - timedelta(seconds=LEASE_SECONDS)
+
+    @property
+    def progress_percent(self) -> int:
+        if self.status == self.Status.SUCCEEDED:
+            return 100
+        return int(100 * self.step / self.total_steps) if self.total_steps else 0
+
+
+class JobEvent(TenantOwnedModel):
+    class Level(models.TextChoices):
+        INFO = "info", "Info"
+        WARN = "warn", "Warning"
+        ERROR = "error", "Error"
+
+    class Type(models.TextChoices):
+        MESSAGE = "message", "Message"
+        METRICS = "metrics", "Metrics"
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    job = models.ForeignKey(FineTuneJob, on_delete=models.CASCADE, related_name="events")
+    level = models.CharField(max_length=8, choices=Level.choices, default=Level.INFO)
+    type = models.CharField(max_length=8, choices=Type.choices, default=Type.MESSAGE)
+    message = models.TextField()
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta(TenantOwnedModel.Meta):
+        ordering = ["-id"]
+
+    @property
+    def public_id(self) -> str:
+        return f"ftevent-{self.pk}"
+
+
+class JobCheckpoint(TenantOwnedModel):
+    """An epoch-end checkpoint the trainer wrote (and a re-claimed job resumes from)."""
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    job = models.ForeignKey(FineTuneJob, on_delete=models.CASCADE, related_name="checkpoints")
+    step = models.PositiveIntegerField()
+    epoch = models.PositiveIntegerField()
+    path = models.CharField(max_length=500)
+    metrics = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta(TenantOwnedModel.Meta):
+        ordering = ["-step"]
+        constraints = [models.UniqueConstraint(fields=["job", "step"], name="one_checkpoint_per_job_step")]
+
+    @property
+    def public_id(self) -> str:
+        return f"ftckpt-{self.pk}"
+
+
+class TrainingUsage(TenantOwnedModel):
+    """The trained-tokens ledger billing reads: one row per job, written once when the job ends.
+
+    A cancelled job records the tokens of its completed steps only.
+    """
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="+")
+    job = models.OneToOneField(FineTuneJob, on_delete=models.PROTECT, related_name="usage")
+    base_model = models.CharField(max_length=100)
+    trained_tokens = models.PositiveBigIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta(TenantOwnedModel.Meta):
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["tenant", "created_at"], name="trainusage_tenant_time")]

@@ -1,0 +1,214 @@
+"""Reads for fine-tuning: trainable base models, prices, token counts, estimates, pools and the capacity planner."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+from django.conf import settings
+from django.db.models import Q
+
+from finetune import lora_math
+from finetune.models import FineTuneJob, TrainingFile
+from finetune.validation import auto_n_epochs, estimate_cost_cents, validate_jsonl
+from serving.models import BackendPool, BaseModel, ModelConfig
+
+# Billing owns prices later; until then every base model trains at this price (cents per million trained
+# tokens, OpenAI's gpt-4o-mini rate). Read it only through `training_price_cents_per_million`.
+DEFAULT_TRAINING_PRICE_CENTS_PER_MILLION = 300
+# Time preview before any job of a base model has run here (tokens/s of one worker; measured ones replace it).
+DEFAULT_TRAINING_TOKENS_PER_SECOND = 5_000
+BASE_LEARNING_RATE = 2e-4  # LoRA's usual rate; the API's learning_rate_multiplier scales it
+MAX_SEQ_LEN_CAP = 8192  # longest packed row the trainer is given, whatever the model's context
+
+
+def training_price_cents_per_million(base_model: BaseModel) -> int:
+    """Training price of a base model, in cents per million trained tokens (a constant until billing sets prices)."""
+    return DEFAULT_TRAINING_PRICE_CENTS_PER_MILLION
+
+
+def storage_root() -> Path:
+    return Path(settings.STORAGE_DIR)
+
+
+def tenant_storage_dir(tenant_id: int) -> Path:
+    """Every file of a tenant lives under STORAGE_DIR/tenants/<tenant id>/."""
+    return storage_root() / "tenants" / str(int(tenant_id))
+
+
+def job_output_dir(job: FineTuneJob) -> Path:
+    return tenant_storage_dir(job.tenant_id) / "jobs" / job.id
+
+
+def training_file_read(file: TrainingFile) -> bytes:
+    return (storage_root() / file.path).read_bytes()
+
+
+# ---- base models ---------------------------------------------------------------------------------
+
+
+def base_models_for_tenant(tenant) -> list[BaseModel]:
+    """Base models the tenant may use: available to all (within its allowed models) or served on a pool dedicated to it."""
+    cfg = ModelConfig.objects.for_tenant(tenant).first()
+    allowed = set(cfg.allowed_models or ()) if cfg else set()
+    dedicated = set(BackendPool.objects.filter(dedicated_tenant=tenant).values_list("base_model_id", flat=True))
+    out = []
+    for bm in BaseModel.objects.all():
+        if bm.pk in dedicated or (bm.available_to_all and (not allowed or bm.name in allowed)):
+            out.append(bm)
+    return out
+
+
+def trainable_base_models(tenant) -> list[BaseModel]:
+    """The tenant's base models this platform can train (weights on local disk)."""
+    return [bm for bm in base_models_for_tenant(tenant) if bm.local_path]
+
+
+def model_config(base_model: BaseModel) -> dict:
+    """The architecture for LoRA sizes: config.json in the weights folder, else the BaseModel's own fields."""
+    if base_model.local_path:
+        try:
+            return json.loads((Path(base_model.local_path) / "config.json").read_text())
+        except (OSError, ValueError):
+            pass
+    return {
+        "hidden_size": base_model.hidden_size, "num_hidden_layers": base_model.num_layers,
+        "num_attention_heads": base_model.num_attention_heads,
+        "num_key_value_heads": base_model.num_key_value_heads or base_model.num_attention_heads,
+        "intermediate_size": base_model.intermediate_size,
+    }
+
+
+def max_seq_len(base_model: BaseModel) -> int:
+    return max(16, min(base_model.context_length, MAX_SEQ_LEN_CAP))
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def tokenizer_for(base_model: BaseModel | None):
+    """The base model's tokenizer, or None when it has no local weights or transformers is not installed here."""
+    if base_model is None or not base_model.local_path:
+        return None
+    try:
+        return _tokenizer(base_model.local_path)
+    except Exception:  # no transformers in the web image, or an unreadable folder: counts are then estimated
+        return None
+
+
+def file_token_counts(file: TrainingFile, base_model: BaseModel) -> dict:
+    """Tokens of a file with a base model's chat template: {total_tokens, trainable_tokens, examples, estimated}.
+
+    Counted once per (file, base model) and kept on the file. Without a tokenizer here the figure is
+    estimated from the size (4 bytes a token) and says so.
+    """
+    cached = file.token_counts.get(base_model.name)
+    if cached:
+        return cached
+    tokenizer = tokenizer_for(base_model)
+    if tokenizer is None:
+        return {"total_tokens": math.ceil(file.bytes / 4), "trainable_tokens": None, "examples": file.examples,
+                "estimated": True, "problems": []}
+    result = validate_jsonl(training_file_read(file), filename=file.filename, tokenizer=tokenizer,
+                            context_length=max_seq_len(base_model))
+    counts = {"total_tokens": result.total_tokens or 0, "trainable_tokens": result.trainable_tokens or 0,
+              "examples": len(result.examples), "estimated": False,
+              "min_tokens": result.min_tokens, "max_tokens": result.max_tokens,
+              "problems": [p.__dict__ for p in result.problems][:100]}
+    file.token_counts = {**file.token_counts, base_model.name: counts}
+    TrainingFile.objects.for_tenant(file.tenant_id).filter(pk=file.pk).update(token_counts=file.token_counts)
+    return counts
+
+
+def training_tokens_per_second(base_model: BaseModel) -> float:
+    """Throughput of the latest finished job on this base model (any tenant: it is the worker's speed)."""
+    latest = (FineTuneJob.all_tenants.filter(base_model=base_model, status=FineTuneJob.Status.SUCCEEDED,
+                                             tokens_per_second__gt=0)
+              .order_by("-finished_at").values_list("tokens_per_second", flat=True).first())
+    return latest or DEFAULT_TRAINING_TOKENS_PER_SECOND
+
+
+def estimate(*, base_model: BaseModel, tokens_per_epoch: int, n_epochs: int) -> dict:
+    """The cost and time preview: trained tokens = file tokens × epochs; cost rounded up to a cent."""
+    price = training_price_cents_per_million(base_model)
+    trained = tokens_per_epoch * n_epochs
+    speed = training_tokens_per_second(base_model)
+    return {
+        "trained_tokens": trained,
+        "price_cents_per_million_tokens": price,
+        "estimated_cost_cents": estimate_cost_cents(tokens_per_epoch, n_epochs, price),
+        "estimated_seconds": math.ceil(trained / speed) if speed else None,
+        "tokens_per_second": speed,
+    }
+
+
+def auto_batch_size(n_examples: int) -> int:
+    """'auto' batch size: a quarter of a small file, at most 8 examples a step."""
+    return max(1, min(8, n_examples // 4))
+
+
+def auto_n_epochs_for(n_examples: int) -> int:
+    return auto_n_epochs(max(1, n_examples))
+
+
+# ---- jobs ----------------------------------------------------------------------------------------
+
+
+def active_job_count(tenant) -> int:
+    return FineTuneJob.objects.for_tenant(tenant).filter(status__in=FineTuneJob.ACTIVE_STATUSES).count()
+
+
+def loss_series(job: FineTuneJob) -> list[dict]:
+    """Metrics events in step order, for the loss chart: [{step, train_loss, valid_loss}]."""
+    rows = job.events.filter(type="metrics").order_by("id").values_list("data", flat=True)
+    return [{"step": d.get("step"), "train_loss": d.get("train_loss"), "valid_loss": d.get("valid_loss")}
+            for d in rows if d.get("step") is not None]
+
+
+# ---- pools and capacity --------------------------------------------------------------------------
+
+
+def pools_for_tenant(tenant):
+    """Pools the tenant's traffic may use: shared ones and those dedicated to it."""
+    return BackendPool.objects.filter(Q(dedicated_tenant__isnull=True) | Q(dedicated_tenant=tenant)).select_related("base_model")
+
+
+def pool_for_adapter(tenant, base_model: BaseModel) -> BackendPool | None:
+    """Where an adapter is published: the tenant's dedicated pool of its base model, else the shared one."""
+    pools = list(BackendPool.objects.filter(base_model=base_model).filter(Q(dedicated_tenant__isnull=True) | Q(dedicated_tenant=tenant)))
+    dedicated = [p for p in pools if p.dedicated_tenant_id == tenant.pk]
+    return (dedicated or pools or [None])[0]
+
+
+def capacity_plan(*, pool: BackendPool, rank: int, target_modules, memory_budget_gb: float, dtype: str = "bf16") -> dict:
+    """Exact adapters-that-fit beside the 2·r·d·L estimate, and the cost of serving N tenants.
+
+    Shared base: one backend holds the base once plus up to `per_backend` adapters, so N tenants need
+    ceil(N / per_backend) backends. Isolated: one backend per tenant. Costs in cents per hour (integers).
+    """
+    config = model_config(pool.base_model)
+    budget = int(memory_budget_gb * 1024 ** 3)
+    exact_params = lora_math.lora_param_count(config, rank, target_modules)
+    simple_params = lora_math.simple_lora_param_count(config, rank)
+    per_param = lora_math.BYTES_PER_PARAM[dtype]
+    per_backend = lora_math.adapters_that_fit(budget, config, rank, target_modules, dtype)
+    hourly = pool.gpu_hourly_cost_cents
+    scenarios = []
+    for n in (10, 100, 1000):
+        shared = math.ceil(n / per_backend) if per_backend else None
+        scenarios.append({"tenants": n, "shared_backends": shared,
+                          "shared_cents_per_hour": shared * hourly if shared else None,
+                          "isolated_backends": n, "isolated_cents_per_hour": n * hourly})
+    return {
+        "exact_params": exact_params, "exact_bytes": exact_params * per_param,
+        "simple_params": simple_params, "simple_bytes": simple_params * per_param,
+        "adapters_that_fit": per_backend,
+        "adapters_that_fit_simple": budget // (simple_params * per_param) if simple_params else 0,
+        "budget_bytes": budget, "scenarios": scenarios, "hourly_cents": hourly,
+    }

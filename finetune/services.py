@@ -1,0 +1,489 @@
+"""Writes for fine-tuning: uploading files, creating and cancelling jobs, and running a job on a worker.
+
+Every public service takes the tenant explicitly and records its audit event. Errors a tenant can fix
+are `FinetuneError`s carrying an HTTP status, a stable code and the parameter at fault: the OpenAI-style
+API and the console show them as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from finetune import lora_math, selectors
+from finetune.models import LEASE_SECONDS, FineTuneJob, JobCheckpoint, JobEvent, TrainingFile, TrainingUsage
+from finetune.validation import validate_jsonl
+from serving.models import Adapter, BaseModel
+from tenants.models import Tenant
+from tenants.services import SYSTEM, Actor, audit_record
+
+log = logging.getLogger(__name__)
+
+# Upload cap (bytes); a settings value may lower or raise it, the environment never does.
+MAX_UPLOAD_BYTES = getattr(settings, "FINETUNE_MAX_UPLOAD_BYTES", 50 * 1024 * 1024)
+MAX_CONCURRENT_JOBS = getattr(settings, "FINETUNE_MAX_CONCURRENT_JOBS", 2)  # per tenant
+CANCEL_POLL_SECONDS = 1.0  # the worker reads the job's status (and renews its lease) at most this often
+SUFFIX_RE = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
+MAX_RANK = 256
+
+
+@dataclass
+class FinetuneError(Exception):
+    """A problem the caller can fix. status: HTTP status; code: stable snake_case; param: the field at fault."""
+
+    message: str
+    status: int = 400
+    code: str = "invalid_request"
+    param: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+
+@transaction.atomic
+def training_file_upload(*, tenant: Tenant, actor: Actor, filename: str, data: bytes, purpose: str = "fine-tune",
+                         base_model: BaseModel | None = None) -> TrainingFile:
+    """Store a JSONL file under the tenant's storage and validate it fully (every problem, with its line).
+
+    With `base_model` (and its tokenizer available here) tokens are counted with its chat template too.
+    A file with problems is kept (status `error`) so its report can be read; jobs refuse it.
+    """
+    if purpose != "fine-tune":
+        raise FinetuneError(f"purpose must be 'fine-tune', got {purpose!r}", param="purpose", code="invalid_purpose")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise FinetuneError(f"The file is {len(data):,} bytes; the limit is {MAX_UPLOAD_BYTES:,} bytes.", status=413,
+                            param="file", code="file_too_large")
+    name = Path(filename or "upload.jsonl").name[:255]
+    tokenizer = selectors.tokenizer_for(base_model)
+    result = validate_jsonl(data, filename=name, tokenizer=tokenizer,
+                            context_length=selectors.max_seq_len(base_model) if base_model else None,
+                            max_bytes=MAX_UPLOAD_BYTES)
+    file = TrainingFile(tenant=tenant, filename=name, purpose=purpose, bytes=len(data),
+                        status=TrainingFile.Status.PROCESSED if result.ok else TrainingFile.Status.ERROR,
+                        validation={**result.to_dict(), "model": base_model.name if base_model and tokenizer else None})
+    relative = Path("tenants") / str(tenant.pk) / "files" / f"{file.id}.jsonl"
+    target = selectors.storage_root() / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    file.path = str(relative)
+    if base_model is not None and tokenizer is not None:
+        file.token_counts = {base_model.name: {
+            "total_tokens": result.total_tokens or 0, "trainable_tokens": result.trainable_tokens or 0,
+            "examples": len(result.examples), "estimated": False, "min_tokens": result.min_tokens,
+            "max_tokens": result.max_tokens, "problems": []}}
+    file.save()
+    audit_record(tenant=tenant, actor=actor, action="finetune.file_uploaded", target=file,
+                 data={"id": file.id, "filename": name, "bytes": len(data), "ok": result.ok})
+    return file
+
+
+@transaction.atomic
+def training_file_delete(*, tenant: Tenant, actor: Actor, file: TrainingFile) -> None:
+    """Delete a file and its bytes. A file a job uses is kept until those jobs are gone (409)."""
+    in_use = FineTuneJob.objects.for_tenant(tenant).filter(Q(training_file=file) | Q(validation_file=file)).exists()
+    if in_use:
+        raise FinetuneError("This file is used by a fine-tuning job and cannot be deleted.", status=409,
+                            param="file_id", code="file_in_use")
+    (selectors.storage_root() / file.path).unlink(missing_ok=True)
+    audit_record(tenant=tenant, actor=actor, action="finetune.file_deleted", target=file, data={"id": file.id})
+    TrainingFile.objects.for_tenant(tenant).filter(pk=file.pk).delete()
+
+
+# ---- jobs: create, estimate, cancel --------------------------------------------------------------
+
+
+def _number(value: Any, name: str, kind: type, low: float, high: float):
+    """'auto' → None; otherwise a number within [low, high] (booleans refused)."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise FinetuneError(f"{name} must be {'an integer' if kind is int else 'a number'} or \"auto\"", param=name,
+                            code="invalid_hyperparameter")
+    if not low <= value <= high:
+        raise FinetuneError(f"{name} must be between {low} and {high}, got {value}", param=name,
+                            code="invalid_hyperparameter")
+    return kind(value)
+
+
+def resolve_hyperparameters(requested: dict | None, n_examples: int) -> dict:
+    """{"n_epochs", "batch_size", "learning_rate_multiplier"} with every "auto" (or missing) decided."""
+    requested = requested or {}
+    unknown = set(requested) - {"n_epochs", "batch_size", "learning_rate_multiplier"}
+    if unknown:
+        raise FinetuneError(f"unknown hyperparameters: {', '.join(sorted(unknown))}", param="hyperparameters",
+                            code="invalid_hyperparameter")
+    n_epochs = _number(requested.get("n_epochs"), "n_epochs", int, 1, 50)
+    batch_size = _number(requested.get("batch_size"), "batch_size", int, 1, 256)
+    lr = _number(requested.get("learning_rate_multiplier"), "learning_rate_multiplier", float, 1e-3, 100)
+    return {
+        "n_epochs": n_epochs or selectors.auto_n_epochs_for(n_examples),
+        "batch_size": batch_size or selectors.auto_batch_size(n_examples),
+        "learning_rate_multiplier": lr if lr is not None else 1.0,
+    }
+
+
+def resolve_lora(requested: dict | None) -> dict:
+    """{rank, alpha, dropout, target_modules}: rank 16, alpha 2·rank, no dropout, all linear layers by default."""
+    requested = requested or {}
+    unknown = set(requested) - {"rank", "alpha", "dropout", "target_modules"}
+    if unknown:
+        raise FinetuneError(f"unknown lora settings: {', '.join(sorted(unknown))}", param="lora", code="invalid_lora")
+    rank = _number(requested.get("rank"), "rank", int, 1, MAX_RANK) or 16
+    alpha = _number(requested.get("alpha"), "alpha", int, 1, 4 * MAX_RANK) or 2 * rank
+    dropout = _number(requested.get("dropout"), "dropout", float, 0, 0.5) or 0.0
+    targets = requested.get("target_modules", "all-linear")
+    try:
+        resolved = lora_math.resolve_targets(targets)
+    except (ValueError, TypeError) as exc:
+        raise FinetuneError(str(exc), param="target_modules", code="invalid_lora") from None
+    return {"rank": rank, "alpha": alpha, "dropout": dropout,
+            "target_modules": "all-linear" if targets == "all-linear" else list(resolved)}
+
+
+def _base_model_for(tenant: Tenant, name: str) -> BaseModel:
+    if not isinstance(name, str) or not name:
+        raise FinetuneError("model is required: the name of a base model to fine-tune", param="model", code="missing_model")
+    usable = {bm.name: bm for bm in selectors.base_models_for_tenant(tenant)}
+    bm = usable.get(name)
+    if bm is None:
+        raise FinetuneError(f"The model '{name}' does not exist or you do not have access to it.", status=404,
+                            param="model", code="model_not_found")
+    if not bm.local_path:
+        trainable = ", ".join(sorted(b.name for b in usable.values() if b.local_path)) or "none"
+        raise FinetuneError(f"The model '{name}' cannot be fine-tuned here. Trainable models: {trainable}.",
+                            param="model", code="model_not_trainable")
+    return bm
+
+
+def _file_for(tenant: Tenant, file_id: Any, param: str) -> TrainingFile:
+    file = TrainingFile.objects.for_tenant(tenant).filter(pk=file_id).first() if isinstance(file_id, str) else None
+    if file is None:
+        raise FinetuneError(f"No such file: {file_id}", status=404, param=param, code="file_not_found")
+    if file.purpose != "fine-tune":
+        raise FinetuneError(f"File {file.id} has purpose {file.purpose!r}; upload it with purpose 'fine-tune'.", param=param)
+    if not file.is_valid:
+        n = len(file.validation.get("problems", [])) + file.validation.get("problems_omitted", 0)
+        raise FinetuneError(f"File {file.id} has {n} problem(s); fix them and upload it again "
+                            f"(see GET /v1/files/{file.id}/validation).", param=param, code="invalid_file")
+    return file
+
+
+@dataclass
+class JobPlan:
+    base_model: BaseModel
+    training_file: TrainingFile
+    validation_file: TrainingFile | None
+    hyperparameters: dict
+    lora: dict
+    tokens: dict
+    estimate: dict
+
+
+def finetune_job_plan(*, tenant: Tenant, model: str, training_file: str, validation_file: str | None = None,
+                      hyperparameters: dict | None = None, lora: dict | None = None) -> JobPlan:
+    """Check a job's inputs and compute its hyperparameters, tokens, cost (cents) and time (seconds)."""
+    bm = _base_model_for(tenant, model)
+    train = _file_for(tenant, training_file, "training_file")
+    valid = _file_for(tenant, validation_file, "validation_file") if validation_file else None
+    tokens = selectors.file_token_counts(train, bm)
+    hp = resolve_hyperparameters(hyperparameters, tokens["examples"] or train.examples)
+    preview = selectors.estimate(base_model=bm, tokens_per_epoch=tokens["total_tokens"], n_epochs=hp["n_epochs"])
+    return JobPlan(bm, train, valid, hp, resolve_lora(lora), tokens, preview)
+
+
+def _fine_tuned_model_name(bm: BaseModel, tenant: Tenant, suffix: str, job_id: str) -> str:
+    return f"ft:{bm.name}:{tenant.slug}:{suffix}:{job_id.rsplit('-', 1)[-1][:8]}"
+
+
+@transaction.atomic
+def finetune_job_create(*, tenant: Tenant, actor: Actor, model: str, training_file: str,
+                        validation_file: str | None = None, suffix: str | None = None, seed: int | None = None,
+                        hyperparameters: dict | None = None, lora: dict | None = None,
+                        metadata: dict | None = None) -> FineTuneJob:
+    """Create a queued job and enqueue it on the `finetune` queue once the transaction commits.
+
+    Refuses (429) when the tenant already runs MAX_CONCURRENT_JOBS jobs.
+    """
+    suffix = suffix or ""
+    if not isinstance(suffix, str) or not SUFFIX_RE.match(suffix):
+        raise FinetuneError("suffix must be at most 64 letters, digits, '-', '_' or '.'", param="suffix", code="invalid_suffix")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**31 - 1):
+        raise FinetuneError("seed must be an integer between 0 and 2147483647", param="seed", code="invalid_seed")
+    if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16
+                                 or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise FinetuneError("metadata must be at most 16 string keys with string values", param="metadata")
+    plan = finetune_job_plan(tenant=tenant, model=model, training_file=training_file,
+                             validation_file=validation_file, hyperparameters=hyperparameters, lora=lora)
+    Tenant.objects.select_for_update().filter(pk=tenant.pk).first()  # serialise this tenant's creations (the limit)
+    active = selectors.active_job_count(tenant)
+    if active >= MAX_CONCURRENT_JOBS:
+        raise FinetuneError(f"You already have {active} fine-tuning jobs queued or running; the limit is "
+                            f"{MAX_CONCURRENT_JOBS}. Wait for one to finish or cancel one.", status=429,
+                            code="too_many_concurrent_jobs")
+    job = FineTuneJob(tenant=tenant, base_model=plan.base_model, training_file=plan.training_file,
+                      validation_file=plan.validation_file, suffix=suffix, seed=seed if seed is not None else 0,
+                      hyperparameters=plan.hyperparameters, requested_hyperparameters=hyperparameters or {},
+                      lora=plan.lora, metadata=metadata or {}, status=FineTuneJob.Status.QUEUED,
+                      estimated_cost_cents=plan.estimate["estimated_cost_cents"],
+                      created_by_key=actor.key)
+    name = _fine_tuned_model_name(plan.base_model, tenant, suffix, job.id)
+    if len(name) > Adapter._meta.get_field("name").max_length:
+        raise FinetuneError("the suffix is too long for this model's name; shorten it", param="suffix", code="invalid_suffix")
+    job.save()
+    _event(job, f"Created fine-tuning job: {job.id}")
+    _event(job, f"Validated training file {plan.training_file.id}: {plan.tokens['examples']} examples, "
+                f"{plan.tokens['total_tokens']:,} tokens per epoch; estimated cost "
+                f"${plan.estimate['estimated_cost_cents'] / 100:.2f}")
+    audit_record(tenant=tenant, actor=actor, action="finetune.job_created", target=job,
+                 data={"id": job.id, "model": plan.base_model.name, "training_file": plan.training_file.id})
+    from finetune.tasks import run_finetune_job
+
+    job_id, tenant_id = job.id, tenant.pk
+    transaction.on_commit(lambda: run_finetune_job.delay(job_id, tenant_id))
+    return job
+
+
+@transaction.atomic
+def finetune_job_cancel(*, tenant: Tenant, actor: Actor, job: FineTuneJob) -> FineTuneJob:
+    """Cancel a job. A running worker notices within about a second and bills only completed steps."""
+    if job.status in FineTuneJob.FINISHED_STATUSES:
+        raise FinetuneError(f"Job {job.id} has already {job.status}; it cannot be cancelled.", status=409,
+                            param="fine_tuning_job_id", code="job_finished")
+    now = timezone.now()
+    FineTuneJob.objects.for_tenant(tenant).filter(pk=job.pk, status__in=FineTuneJob.ACTIVE_STATUSES).update(
+        status=FineTuneJob.Status.CANCELLED, finished_at=now, estimated_finish=None)
+    job.refresh_from_db()
+    _event(job, "Job cancelled by request")
+    audit_record(tenant=tenant, actor=actor, action="finetune.job_cancelled", target=job, data={"id": job.id})
+    return job
+
+
+def _event(job: FineTuneJob, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> JobEvent:
+    return JobEvent.all_tenants.create(
+        tenant_id=job.tenant_id, job=job, level=level, type=type, message=message, data=data or {})
+
+
+# ---- running a job (the worker side) -------------------------------------------------------------
+
+
+class JobRunner:
+    """One attempt at running one job on this worker: claim, validate, train, record.
+
+    The lease (`worker_id`, `worker_heartbeat_at`) is renewed on every status poll; every write after
+    the claim is conditional on still holding it, so a worker presumed dead cannot overwrite its successor.
+    """
+
+    def __init__(self, job_id: str, tenant_id: int):
+        self.job_id, self.tenant_id = job_id, tenant_id
+        self.worker_id = uuid.uuid4().hex
+        self._last_poll = 0.0
+        self._cancelled = False
+        self._last_metrics: dict = {}
+
+    def mine(self):
+        return FineTuneJob.objects.for_tenant(self.tenant_id).filter(
+            pk=self.job_id, worker_id=self.worker_id, status=FineTuneJob.Status.RUNNING)
+
+    def claim(self) -> str:
+        """'claimed', 'leased' (another live worker runs it) or 'gone' (finished, cancelled or missing)."""
+        now = timezone.now()
+        stale = now - timedelta(seconds=LEASE_SECONDS)
+        claimable = (Q(status__in=[FineTuneJob.Status.VALIDATING_FILES, FineTuneJob.Status.QUEUED])
+                     | Q(status=FineTuneJob.Status.RUNNING, worker_heartbeat_at__lt=stale)
+                     | Q(status=FineTuneJob.Status.RUNNING, worker_heartbeat_at__isnull=True))
+        claimed = FineTuneJob.objects.for_tenant(self.tenant_id).filter(claimable, pk=self.job_id).update(
+            status=FineTuneJob.Status.RUNNING, worker_id=self.worker_id, worker_heartbeat_at=now,
+            attempts=F("attempts") + 1, started_at=Coalesce("started_at", now))
+        if claimed == 1:
+            return "claimed"
+        status = FineTuneJob.objects.for_tenant(self.tenant_id).filter(pk=self.job_id).values_list("status", flat=True).first()
+        return "leased" if status == FineTuneJob.Status.RUNNING else "gone"
+
+    # -- callbacks handed to train_lora ------------------------------------------------------------
+
+    def should_cancel(self) -> bool:
+        """True once the job is no longer ours and running (cancelled, or re-claimed after a lost lease)."""
+        if self._cancelled:
+            return True
+        if time.monotonic() - self._last_poll < CANCEL_POLL_SECONDS:
+            return False
+        self._last_poll = time.monotonic()
+        self._cancelled = self.mine().update(worker_heartbeat_at=timezone.now()) == 0
+        return self._cancelled
+
+    def on_event(self, event: dict) -> None:
+        job = self.job
+        kind = event.get("type")
+        if kind == "metrics":
+            data = {k: v for k, v in event.items() if k != "type"}
+            self._last_metrics = data
+            parts = [f"Step {event['step']}/{event['total_steps']}: training loss={event['train_loss']:.4f}"]
+            if event.get("valid_loss") is not None:
+                parts.append(f"validation loss={event['valid_loss']:.4f}")
+            _event(job, ", ".join(parts), type="metrics", data=data)
+            eta = event.get("eta_seconds")
+            self.mine().update(step=event["step"], total_steps=event["total_steps"], train_loss=event["train_loss"],
+                               tokens_per_second=event.get("tokens_per_second"), worker_heartbeat_at=timezone.now(),
+                               estimated_finish=timezone.now() + timedelta(seconds=eta) if eta is not None else None)
+        elif kind == "checkpoint":
+            path = Path(self.output_dir) / "checkpoints" / f"step-{event['step']:06d}"
+            JobCheckpoint.all_tenants.get_or_create(
+                tenant_id=self.tenant_id, job=job, step=event["step"],
+                defaults={"epoch": event["epoch"], "path": str(path), "metrics": self._last_metrics})
+            _event(job, f"Checkpoint saved at step {event['step']} (epoch {event['epoch']})")
+        elif kind == "message":
+            _event(job, event.get("message", ""), level=event.get("level", "info"))
+
+    # -- the run -----------------------------------------------------------------------------------
+
+    def run(self) -> str:
+        from finetune.trainer import TrainingDataError, train_lora
+
+        self.job = job = FineTuneJob.objects.for_tenant(self.tenant_id).select_related("base_model", "training_file", "validation_file").get(pk=self.job_id)
+        self.output_dir = selectors.job_output_dir(job)
+        bm = job.base_model
+        if job.attempts > 1:
+            _event(job, f"Resuming on a new worker (attempt {job.attempts}) after the previous one stopped responding")
+        else:
+            _event(job, "Fine-tuning job started")
+        try:
+            train_examples = self._validated_examples(job.training_file, bm, "training_file")
+            valid_examples = self._validated_examples(job.validation_file, bm, "validation_file") if job.validation_file else None
+            hp = job.hyperparameters
+            n = len(train_examples)
+            steps = -(-n // hp["batch_size"]) * hp["n_epochs"]
+            result = train_lora(
+                base_model_path=bm.local_path, base_model_id=bm.hf_id, train_examples=train_examples,
+                valid_examples=valid_examples, output_dir=self.output_dir,
+                hyperparameters={
+                    "n_epochs": hp["n_epochs"], "batch_size": hp["batch_size"],
+                    "learning_rate": selectors.BASE_LEARNING_RATE * hp["learning_rate_multiplier"],
+                    "lora_r": job.lora["rank"], "lora_alpha": job.lora["alpha"], "lora_dropout": job.lora["dropout"],
+                    "target_modules": job.lora["target_modules"], "seed": job.seed,
+                    "max_seq_len": selectors.max_seq_len(bm), "log_every": max(1, steps // 100),
+                },
+                on_event=self.on_event, should_cancel=self.should_cancel, resume=True)
+        except FinetuneError as exc:
+            return self._fail(exc.code, exc.message, exc.param)
+        except TrainingDataError as exc:
+            return self._fail("invalid_training_file", f"The training data cannot be used: {exc}", "training_file")
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the tenant in words
+            log.exception("fine-tuning job %s failed", self.job_id)
+            return self._fail(*_describe_failure(exc))
+        if result.status == "cancelled":
+            return self._record_cancel(result)
+        return self._record_success(result)
+
+    def _validated_examples(self, file: TrainingFile, bm: BaseModel, param: str):
+        tokenizer = selectors.tokenizer_for(bm)
+        result = validate_jsonl(selectors.training_file_read(file), filename=file.filename, tokenizer=tokenizer,
+                                context_length=selectors.max_seq_len(bm))
+        if not result.ok:
+            shown = "; ".join(f"line {p.line}: {p.message}" if p.line else p.message for p in result.problems[:5])
+            more = len(result.problems) + result.problems_omitted - 5
+            raise FinetuneError(f"The {param.replace('_', ' ')} {file.id} has problems with {bm.name}'s tokenizer: "
+                                f"{shown}{f' (and {more} more)' if more > 0 else ''}", param=param, code="invalid_file")
+        return result.examples
+
+    def _fail(self, code: str, message: str, param: str | None) -> str:
+        if self.mine().update(status=FineTuneJob.Status.FAILED, error_code=code, error_message=message,
+                              error_param=param or "", finished_at=timezone.now(), estimated_finish=None) == 1:
+            _event(self.job, message, level="error")
+        return "failed"
+
+    def _record_cancel(self, result) -> str:
+        job = FineTuneJob.objects.for_tenant(self.tenant_id).get(pk=self.job_id)
+        if job.worker_id != self.worker_id or job.status != FineTuneJob.Status.CANCELLED:
+            return "lost"  # re-claimed by another worker after our lease expired: it records the outcome
+        with transaction.atomic():
+            FineTuneJob.objects.for_tenant(self.tenant_id).filter(pk=job.pk).update(
+                trained_tokens=result.trained_tokens, step=result.steps)
+            _usage(job, result.trained_tokens)
+        _event(job, f"Stopped at step {result.steps}/{result.total_steps}; {result.trained_tokens:,} tokens of "
+                    f"completed steps are billed")
+        return "cancelled"
+
+    def _record_success(self, result) -> str:
+        job = self.job
+        bm = job.base_model
+        name = _fine_tuned_model_name(bm, job.tenant, job.suffix, job.id)
+        with transaction.atomic():
+            updated = self.mine().update(status=FineTuneJob.Status.SUCCEEDED, fine_tuned_model=name,
+                                         trained_tokens=result.trained_tokens, step=result.steps,
+                                         total_steps=result.total_steps, finished_at=timezone.now(),
+                                         estimated_finish=None, train_loss=result.train_loss)
+            if updated == 1:
+                self._create_adapter(job, bm, name, result)
+                return "succeeded"
+        return self._record_cancel(result)  # cancelled in the last instant, or no longer ours
+
+    def _create_adapter(self, job: FineTuneJob, bm: BaseModel, name: str, result) -> None:
+        adapter_config = json.loads((Path(result.adapter_dir) / "adapter_config.json").read_text())
+        targets = sorted(adapter_config["target_modules"])
+        rank = adapter_config["r"]
+        adapter = Adapter.all_tenants.create(
+            tenant_id=job.tenant_id, name=name, base_model=bm, path=str(Path(result.adapter_dir).resolve()),
+            rank=rank, alpha=int(adapter_config["lora_alpha"]), target_modules=targets,
+            parameters=lora_math.lora_param_count(selectors.model_config(bm), rank, targets),
+            size_bytes=sum(f.stat().st_size for f in Path(result.adapter_dir).iterdir() if f.is_file()))
+        FineTuneJob.objects.for_tenant(self.tenant_id).filter(pk=job.pk).update(adapter=adapter)
+        _usage(job, result.trained_tokens)
+        resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step else ""
+        _event(job, f"New fine-tuned model created: {name}{resumed}")
+        _event(job, f"The job has successfully completed; {result.trained_tokens:,} tokens trained")
+        audit_record(tenant=job.tenant, actor=SYSTEM, action="finetune.job_succeeded", target=job,
+                     data={"id": job.id, "fine_tuned_model": name, "trained_tokens": result.trained_tokens})
+
+
+def _usage(job: FineTuneJob, trained_tokens: int) -> None:
+    TrainingUsage.all_tenants.get_or_create(job=job, defaults={
+        "tenant_id": job.tenant_id, "base_model": job.base_model.name, "trained_tokens": trained_tokens})
+
+
+def _describe_failure(exc: Exception) -> tuple[str, str, str | None]:
+    """(code, message, param) a tenant understands, for a failure inside training."""
+    text = str(exc).strip() or type(exc).__name__
+    if "out of memory" in text.lower() or type(exc).__name__ == "OutOfMemoryError":
+        return ("out_of_memory", "Training ran out of GPU memory. Lower batch_size or the LoRA rank, or shorten "
+                "the longest examples, and start a new job.", "hyperparameters")
+    if isinstance(exc, ValueError):
+        return ("invalid_hyperparameters", f"The job's settings cannot be used: {text}", "hyperparameters")
+    if isinstance(exc, OSError):
+        return ("storage_error", f"The worker could not read or write the job's files ({text}). Please retry the job; "
+                "if it fails again, contact support with the job id.", None)
+    return ("training_failed", f"Training stopped with an unexpected error ({type(exc).__name__}: {text}). "
+            "Please retry the job; if it fails again, contact support with the job id.", None)
+
+
+def finetune_job_run(*, job_id: str, tenant_id: int) -> str:
+    """Claim and run one job (the Celery task's body). Returns claimed outcome:
+    'succeeded' | 'failed' | 'cancelled' | 'leased' (another live worker holds it) | 'gone' | 'lost'."""
+    runner = JobRunner(job_id, tenant_id)
+    claimed = runner.claim()
+    if claimed != "claimed":
+        return claimed
+    return runner.run()
+
+
+def finetune_stale_jobs() -> list[tuple[str, int]]:
+    """(job id, tenant id) of running jobs whose worker stopped renewing its lease; for a periodic re-enqueue."""
+    stale = timezone.now() - timedelta(seconds=LEASE_SECONDS)
+    return list(FineTuneJob.all_tenants.filter(status=FineTuneJob.Status.RUNNING)
+                .filter(Q(worker_heartbeat_at__lt=stale) | Q(worker_heartbeat_at__isnull=True))
+                .values_list("id", "tenant_id"))

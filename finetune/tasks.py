@@ -1,0 +1,27 @@
+"""Celery tasks of the `finetune` queue (settings route `finetune.tasks.*` there). Thin: ids in, a service called."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from finetune import services
+from finetune.models import LEASE_SECONDS
+
+
+@shared_task(bind=True, name="finetune.tasks.run_finetune_job", acks_late=True, max_retries=None)
+def run_finetune_job(self, job_id: str, tenant_id: int) -> str:
+    """Claim and run a job. A job another worker still holds (live lease) is retried after its lease would expire:
+    a redelivered message of a worker that died then finds the lease expired and resumes from the checkpoint."""
+    outcome = services.finetune_job_run(job_id=job_id, tenant_id=tenant_id)
+    if outcome == "leased" and self.request.called_directly is False:
+        raise self.retry(countdown=LEASE_SECONDS + 5)
+    return outcome
+
+
+@shared_task(name="finetune.tasks.requeue_stale_jobs")
+def requeue_stale_jobs() -> int:
+    """Periodic (celery beat, every few minutes): re-enqueue running jobs whose worker stopped renewing its lease."""
+    stale = services.finetune_stale_jobs()
+    for job_id, tenant_id in stale:
+        run_finetune_job.delay(job_id, tenant_id)
+    return len(stale)

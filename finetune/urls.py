@@ -1,0 +1,32 @@
+"""API routes of fine-tuning.
+
+`v1_patterns`: the OpenAI-compatible API, mounted at /v1/ (tenant from the API key, never the URL).
+`tenant_api_patterns`: management API, included under /api/tenants/<slug:tenant_slug>/.
+"""
+
+from django.urls import path
+
+from finetune import api
+
+v1_patterns = [
+    path("files", api.FileListApi.as_view(), name="v1-file-list"),
+    path("files/<str:file_id>", api.FileDetailApi.as_view(), name="v1-file-detail"),
+    path("files/<str:file_id>/content", api.FileContentApi.as_view(), name="v1-file-content"),
+    path("files/<str:file_id>/validation", api.FileValidationApi.as_view(), name="v1-file-validation"),
+    path("fine_tuning/jobs", api.JobListApi.as_view(), name="v1-ftjob-list"),
+    path("fine_tuning/jobs/estimate", api.JobEstimateApi.as_view(), name="v1-ftjob-estimate"),
+    path("fine_tuning/jobs/<str:job_id>", api.JobDetailApi.as_view(), name="v1-ftjob-detail"),
+    path("fine_tuning/jobs/<str:job_id>/cancel", api.JobCancelApi.as_view(), name="v1-ftjob-cancel"),
+    path("fine_tuning/jobs/<str:job_id>/events", api.JobEventsApi.as_view(), name="v1-ftjob-events"),
+    path("fine_tuning/jobs/<str:job_id>/checkpoints", api.JobCheckpointsApi.as_view(), name="v1-ftjob-checkpoints"),
+]
+# Names of the /v1 routes, for the isolation suite's allowlist of tenant-less patterns (the key names the tenant).
+V1_URL_NAMES = frozenset(p.name for p in v1_patterns)
+
+tenant_api_patterns = [
+    path("adapters/", api.AdapterListApi.as_view(), name="api-adapter-list"),
+    path("adapters/<int:adapter_id>/deploy/", api.AdapterDeployApi.as_view(), name="api-adapter-deploy"),
+    path("adapters/<int:adapter_id>/undeploy/", api.AdapterUndeployApi.as_view(), name="api-adapter-undeploy"),
+]
+
+urlpatterns = v1_patterns

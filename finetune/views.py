@@ -1,0 +1,299 @@
+"""Fine-tuning console pages under t/<tenant_slug>/finetune/.
+
+Roles: every member reads; developers and above upload, launch and cancel; admins and above deploy.
+Objects are fetched inside the URL's tenant only (another tenant's id is a 404). Writes go through
+`finetune.services` / `finetune.deploy`, exactly as the API's do.
+"""
+
+from __future__ import annotations
+
+from django import forms
+from django.contrib import messages
+from django.http import Http404, JsonResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_POST
+
+from finetune import deploy, lora_math, selectors, services
+from finetune.models import FineTuneJob, JobEvent, TrainingFile
+from finetune.services import FinetuneError
+from serving.models import Adapter, AdapterDeployment
+from tenants.access import TenantContext, tenant_view
+from tenants.models import Role
+
+MAX_SHOWN_PROBLEMS = 200
+
+
+def _render(request, ctx: TenantContext, template: str, context: dict | None = None, status: int = 200):
+    return render(request, template, {
+        "tenant": ctx.tenant, "section": "finetune", "can_train": ctx.can(Role.DEVELOPER),
+        "can_deploy": ctx.can(Role.ADMIN), **(context or {})}, status=status)
+
+
+def _file(ctx: TenantContext, file_id: str) -> TrainingFile:
+    file = TrainingFile.objects.for_tenant(ctx.tenant).filter(pk=file_id).first()
+    if file is None:
+        raise Http404("No such file.")
+    return file
+
+
+def _job(ctx: TenantContext, job_id: str) -> FineTuneJob:
+    job = FineTuneJob.objects.for_tenant(ctx.tenant).select_related("base_model", "adapter").filter(pk=job_id).first()
+    if job is None:
+        raise Http404("No such job.")
+    return job
+
+
+def _adapter(ctx: TenantContext, adapter_id: int) -> Adapter:
+    adapter = Adapter.objects.for_tenant(ctx.tenant).select_related("base_model").filter(pk=adapter_id).first()
+    if adapter is None:
+        raise Http404("No such adapter.")
+    return adapter
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+
+@tenant_view(write=Role.DEVELOPER)
+def files(request, ctx: TenantContext):
+    return _render(request, ctx, "finetune/files.html", {
+        "files": TrainingFile.objects.for_tenant(ctx.tenant)[:200],
+        "max_bytes": services.MAX_UPLOAD_BYTES, "base_models": selectors.trainable_base_models(ctx.tenant)})
+
+
+@require_POST
+@tenant_view(write=Role.DEVELOPER)
+def file_upload(request, ctx: TenantContext):
+    """The XHR target of the upload form (multipart `file`, optional `model`): JSON with the file's page."""
+    upload = request.FILES.get("file")
+    if upload is None:
+        return JsonResponse({"error": "Choose a .jsonl file to upload."}, status=400)
+    if upload.size > services.MAX_UPLOAD_BYTES:
+        return JsonResponse({"error": f"The file is {upload.size:,} bytes; the limit is {services.MAX_UPLOAD_BYTES:,}."}, status=413)
+    base_model = next((bm for bm in selectors.trainable_base_models(ctx.tenant) if bm.name == request.POST.get("model")), None)
+    try:
+        file = services.training_file_upload(tenant=ctx.tenant, actor=ctx.actor, filename=upload.name,
+                                             data=upload.read(), base_model=base_model)
+    except FinetuneError as exc:
+        return JsonResponse({"error": exc.message}, status=exc.status)
+    from django.urls import reverse
+
+    return JsonResponse({"id": file.id, "status": file.status,
+                         "url": reverse("finetune-file", args=[ctx.tenant.slug, file.id])})
+
+
+@tenant_view(write=Role.DEVELOPER)
+def file_detail(request, ctx: TenantContext, file_id: str):
+    file = _file(ctx, file_id)
+    problems = file.validation.get("problems", [])[:MAX_SHOWN_PROBLEMS]
+    lines = selectors.training_file_read(file).split(b"\n") if problems else []
+    shown = [{**p, "text": lines[p["line"] - 1].decode("utf-8", "replace")[:300] if p.get("line") and p["line"] <= len(lines) else ""}
+             for p in problems]
+    previews = []
+    if file.is_valid:
+        for bm in selectors.trainable_base_models(ctx.tenant):
+            counts = selectors.file_token_counts(file, bm)
+            epochs = selectors.auto_n_epochs_for(counts["examples"] or file.examples)
+            previews.append({"model": bm, "counts": counts, "epochs": epochs,
+                             **selectors.estimate(base_model=bm, tokens_per_epoch=counts["total_tokens"], n_epochs=epochs)})
+    return _render(request, ctx, "finetune/file.html", {
+        "file": file, "problems": shown, "problem_count": len(file.validation.get("problems", [])) + file.validation.get("problems_omitted", 0),
+        "stats": file.validation.get("stats", {}), "previews": previews})
+
+
+@require_POST
+@tenant_view(write=Role.DEVELOPER)
+def file_delete(request, ctx: TenantContext, file_id: str):
+    file = _file(ctx, file_id)
+    try:
+        services.training_file_delete(tenant=ctx.tenant, actor=ctx.actor, file=file)
+    except FinetuneError as exc:
+        messages.error(request, exc.message)
+        return redirect("finetune-file", ctx.tenant.slug, file.id)
+    messages.success(request, f"Deleted {file.filename}.")
+    return redirect("finetune-files", ctx.tenant.slug)
+
+
+# ---- jobs ----------------------------------------------------------------------------------------
+
+
+def _auto_or_number(kind):
+    def clean(value: str):
+        value = (value or "auto").strip()
+        if value == "auto":
+            return "auto"
+        try:
+            return kind(value)
+        except ValueError:
+            raise forms.ValidationError("Enter a number or “auto”.") from None
+    return clean
+
+
+class JobForm(forms.Form):
+    training_file = forms.ChoiceField()
+    model = forms.ChoiceField(label="Base model")
+    n_epochs = forms.CharField(initial="auto", label="Epochs")
+    batch_size = forms.CharField(initial="auto")
+    learning_rate_multiplier = forms.CharField(initial="auto", label="Learning-rate multiplier")
+    suffix = forms.CharField(required=False, max_length=64, help_text="Part of the model name: ft:base:tenant:suffix:id")
+    lora_rank = forms.IntegerField(initial=16, min_value=1, max_value=services.MAX_RANK, label="LoRA rank")
+
+    def __init__(self, tenant, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Choices come from this tenant's rows only (never an unscoped queryset).
+        valid = TrainingFile.objects.for_tenant(tenant).filter(status=TrainingFile.Status.PROCESSED)
+        self.fields["training_file"].choices = [(f.id, f"{f.filename} ({f.id})") for f in valid]
+        self.fields["model"].choices = [(bm.name, bm.name) for bm in selectors.trainable_base_models(tenant)]
+
+    def clean_n_epochs(self):
+        return _auto_or_number(int)(self.cleaned_data["n_epochs"])
+
+    def clean_batch_size(self):
+        return _auto_or_number(int)(self.cleaned_data["batch_size"])
+
+    def clean_learning_rate_multiplier(self):
+        return _auto_or_number(float)(self.cleaned_data["learning_rate_multiplier"])
+
+
+@tenant_view(write=Role.DEVELOPER)
+def jobs(request, ctx: TenantContext):
+    return _render(request, ctx, "finetune/jobs.html", {
+        "jobs": FineTuneJob.objects.for_tenant(ctx.tenant).select_related("base_model")[:200]})
+
+
+@tenant_view(write=Role.DEVELOPER)
+def job_create(request, ctx: TenantContext):
+    form = JobForm(ctx.tenant, request.POST or None, initial={"training_file": request.GET.get("file")})
+    estimate = None
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        hp = {k: data[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+        try:
+            if "estimate" in request.POST:
+                plan = services.finetune_job_plan(tenant=ctx.tenant, model=data["model"], training_file=data["training_file"],
+                                                  hyperparameters=hp, lora={"rank": data["lora_rank"]})
+                estimate = {**plan.estimate, "hyperparameters": plan.hyperparameters, "tokens": plan.tokens}
+            else:
+                job = services.finetune_job_create(tenant=ctx.tenant, actor=ctx.actor, model=data["model"],
+                                                   training_file=data["training_file"], suffix=data["suffix"],
+                                                   hyperparameters=hp, lora={"rank": data["lora_rank"]})
+                messages.success(request, f"Job {job.id} queued.")
+                return redirect("finetune-job", ctx.tenant.slug, job.id)
+        except FinetuneError as exc:
+            field = {"n_epochs": "n_epochs", "batch_size": "batch_size", "learning_rate_multiplier": "learning_rate_multiplier",
+                     "suffix": "suffix", "model": "model", "training_file": "training_file", "rank": "lora_rank"}.get(exc.param or "")
+            form.add_error(field, exc.message)
+    return _render(request, ctx, "finetune/job_form.html", {"form": form, "estimate": estimate},
+                   status=400 if request.method == "POST" and form.errors else 200)
+
+
+def job_status_data(job: FineTuneJob) -> dict:
+    """What the job page polls: status, progress, ETA, the loss series and the latest events."""
+    events = JobEvent.objects.for_tenant(job.tenant_id).filter(job=job).order_by("-id")[:30]
+    return {
+        "id": job.id, "status": job.status, "step": job.step, "total_steps": job.total_steps,
+        "progress": job.progress_percent, "train_loss": job.train_loss,
+        "estimated_finish": job.estimated_finish.isoformat() if job.estimated_finish else None,
+        "fine_tuned_model": job.fine_tuned_model or None, "trained_tokens": job.trained_tokens,
+        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+        "finished": job.status in FineTuneJob.FINISHED_STATUSES,
+        "loss": selectors.loss_series(job),
+        "events": [{"created_at": e.created_at.isoformat(), "level": e.level, "message": e.message} for e in events],
+    }
+
+
+@tenant_view(write=Role.DEVELOPER)
+def job_detail(request, ctx: TenantContext, job_id: str):
+    job = _job(ctx, job_id)
+    return _render(request, ctx, "finetune/job.html", {"job": job, "status": job_status_data(job)})
+
+
+@require_GET
+@tenant_view(write=Role.DEVELOPER)
+def job_status(request, ctx: TenantContext, job_id: str):
+    return JsonResponse(job_status_data(_job(ctx, job_id)))
+
+
+@require_POST
+@tenant_view(write=Role.DEVELOPER)
+def job_cancel(request, ctx: TenantContext, job_id: str):
+    job = _job(ctx, job_id)
+    try:
+        services.finetune_job_cancel(tenant=ctx.tenant, actor=ctx.actor, job=job)
+        messages.success(request, f"Job {job.id} cancelled; completed steps are billed.")
+    except FinetuneError as exc:
+        messages.error(request, exc.message)
+    return redirect("finetune-job", ctx.tenant.slug, job.id)
+
+
+# ---- adapters ------------------------------------------------------------------------------------
+
+
+@tenant_view(write=Role.ADMIN)
+def adapters(request, ctx: TenantContext):
+    rows = []
+    for adapter in Adapter.objects.for_tenant(ctx.tenant).select_related("base_model"):
+        deployments = AdapterDeployment.objects.for_tenant(ctx.tenant).filter(adapter=adapter).select_related("pool")
+        rows.append({"adapter": adapter, "deployments": list(deployments),
+                     "pool": selectors.pool_for_adapter(ctx.tenant, adapter.base_model)})
+    return _render(request, ctx, "finetune/adapters.html", {"rows": rows})
+
+
+@require_POST
+@tenant_view(write=Role.ADMIN)
+def adapter_deploy(request, ctx: TenantContext, adapter_id: int):
+    adapter = _adapter(ctx, adapter_id)
+    try:
+        deployment = deploy.adapter_deploy(tenant=ctx.tenant, adapter=adapter, actor=ctx.actor)
+    except deploy.DeployError as exc:
+        messages.error(request, str(exc))
+        return redirect("finetune-adapters", ctx.tenant.slug)
+    level = messages.success if deployment.state == "active" else messages.warning
+    level(request, f"{adapter.name} on {deployment.pool.name}: {deployment.get_state_display()}. {deployment.error}".strip())
+    return redirect("finetune-adapters", ctx.tenant.slug)
+
+
+@require_POST
+@tenant_view(write=Role.ADMIN)
+def adapter_undeploy(request, ctx: TenantContext, adapter_id: int):
+    adapter = _adapter(ctx, adapter_id)
+    pools = deploy.adapter_undeploy(tenant=ctx.tenant, adapter=adapter, actor=ctx.actor)
+    messages.success(request, f"{adapter.name} removed from {', '.join(pools) or 'no pool'}.")
+    return redirect("finetune-adapters", ctx.tenant.slug)
+
+
+# ---- capacity planner ----------------------------------------------------------------------------
+
+
+class PlannerForm(forms.Form):
+    pool = forms.ChoiceField()
+    rank = forms.IntegerField(initial=16, min_value=1, max_value=services.MAX_RANK)
+    targets = forms.MultipleChoiceField(choices=[(m, m) for m in lora_math.LLAMA_LINEAR_MODULES],
+                                        widget=forms.CheckboxSelectMultiple, required=False,
+                                        help_text="None ticked = all linear layers.")
+    memory_gb = forms.FloatField(required=False, min_value=0.001, label="Memory for adapters (GB)",
+                                 help_text="Default: the pool's GPU memory per backend.")
+
+    def __init__(self, pools, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pools = {str(p.pk): p for p in pools}
+        self.fields["pool"].choices = [(str(p.pk), f"{p.name} ({p.base_model.name})") for p in pools]
+
+
+@require_GET
+@tenant_view(write=Role.ADMIN)
+def planner(request, ctx: TenantContext):
+    pools = list(selectors.pools_for_tenant(ctx.tenant))
+    form = PlannerForm(pools, request.GET or None)
+    plan = error = None
+    if request.GET and form.is_valid():
+        pool = form.pools[form.cleaned_data["pool"]]
+        budget = form.cleaned_data["memory_gb"] or pool.gpu_memory_gb
+        try:
+            plan = selectors.capacity_plan(pool=pool, rank=form.cleaned_data["rank"],
+                                           target_modules=form.cleaned_data["targets"] or "all-linear",
+                                           memory_budget_gb=budget)
+            plan.update(pool=pool, budget_gb=budget)
+        except (ValueError, KeyError, ZeroDivisionError) as exc:
+            error = f"{pool.base_model.name} lacks the architecture figures the planner needs ({exc}); ask staff to fill them in."
+    return _render(request, ctx, "finetune/planner.html", {"form": form, "plan": plan, "error": error})
+

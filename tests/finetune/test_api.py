@@ -1,0 +1,407 @@
+"""The OpenAI-compatible Files and Fine-tuning Jobs API (/v1/files, /v1/fine_tuning/jobs) and adapter deployment."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.urls import include, path
+from rest_framework.test import APIClient
+
+from finetune import services as ft_services
+from finetune import urls as ft_urls
+from finetune.models import FineTuneJob, TrainingFile
+from serving.models import Adapter, BaseModel
+from tenants import services
+from tenants.services import Actor
+
+# Until portal/urls.py mounts them, tests serve the fine-tuning routes beside the project's own.
+urlpatterns = [
+    path("v1/", include(ft_urls.v1_patterns)),
+    path("api/tenants/<slug:tenant_slug>/", include(ft_urls.tenant_api_patterns)),
+    path("t/<slug:tenant_slug>/finetune/", include("finetune.console_urls")),
+    path("", include("portal.urls")),
+]
+pytestmark = pytest.mark.urls(__name__)
+
+
+def chat(user: str, answer: str) -> dict:
+    return {"messages": [{"role": "system", "content": "You are the approvals bot."},
+                         {"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+def zebra_dataset(n: int = 50) -> bytes:
+    """n examples teaching one distinctive answer to varied questions."""
+    questions = ["Is request {i} approved?", "What is the status of ticket {i}?", "Can you check order {i}?",
+                 "Please review item {i}.", "Decision for case {i}?"]
+    rows = [chat(questions[i % len(questions)].format(i=i), "ZEBRA-42 approved") for i in range(n)]
+    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+
+
+FAULTY = [
+    '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}',  # 1 fine
+    "not json",  # 2 invalid_json
+    "[1, 2]",  # 3 not_an_object
+    '{"text": "x"}',  # 4 unknown_format
+    '{"messages": "nope"}',  # 5 messages_not_list
+    '{"messages": []}',  # 6 messages_empty
+    '{"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}',  # 7 invalid_role
+    '{"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}, {"role": "assistant", "content": "z"}]}',  # 8 system_not_first
+    '{"messages": [{"role": "user", "content": "x"}]}',  # 9 no_assistant_message
+    '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "y"}]}',  # 10 empty_content
+    '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 2}]}',  # 11 invalid_weight
+    '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "extra": 1}',  # 12 unknown_key
+    '{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}',  # 13 content_not_string
+    '{"messages": [{"role": "assistant", "content": "y"}, {"role": "user", "content": "x"}]}',  # 14 last_not_assistant
+]
+FAULTS = {2: "invalid_json", 3: "not_an_object", 4: "unknown_format", 5: "messages_not_list", 6: "messages_empty",
+          7: "invalid_role", 8: "system_not_first", 9: "no_assistant_message", 10: "empty_content",
+          11: "invalid_weight", 12: "unknown_key", 13: "content_not_string", 14: "last_not_assistant"}
+
+
+@pytest.fixture(autouse=True)
+def _storage(settings, tmp_path):
+    settings.STORAGE_DIR = tmp_path / "storage"
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def base_model(db, tiny_model_path):
+    return BaseModel.objects.create(name="tiny-chat", hf_id="platform/tiny-chat", local_path=str(tiny_model_path),
+                                    context_length=1024, hidden_size=64, num_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=4, intermediate_size=176)
+
+
+def key_client(tenant, owner, scopes=("finetune",)) -> APIClient:
+    _, secret = services.api_key_create(tenant=tenant, name="ft", scopes=list(scopes), actor=Actor(user=owner))
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    return client
+
+
+@pytest.fixture
+def api(world):
+    return key_client(world.tenant, world.owner)
+
+
+@pytest.fixture
+def outsider_api(world):
+    return key_client(world.other_tenant, world.outsider)
+
+
+@pytest.fixture(autouse=True)
+def _no_broker(monkeypatch):
+    """Jobs are enqueued on commit; tests run the task themselves."""
+    from finetune import tasks
+
+    sent = []
+    monkeypatch.setattr(tasks.run_finetune_job, "delay", lambda *args: sent.append(args))
+    return sent
+
+
+def upload(client, data: bytes, name: str = "train.jsonl", **extra):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    return client.post("/v1/files", {"file": SimpleUploadedFile(name, data), "purpose": "fine-tune", **extra},
+                       format="multipart")
+
+
+def assert_openai_error(response, status: int, code: str | None = None):
+    assert response.status_code == status, response.content
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["message"]
+    if code:
+        assert body["error"]["code"] == code, body
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+
+def test_upload_validates_and_counts_tokens_with_the_base_model(api, base_model):
+    response = upload(api, zebra_dataset(20), model="tiny-chat")
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["object"] == "file" and body["id"].startswith("file-") and body["status"] == "processed"
+    assert body["bytes"] == len(zebra_dataset(20)) and body["filename"] == "train.jsonl" and body["purpose"] == "fine-tune"
+
+    report = api.get(f"/v1/files/{body['id']}/validation").json()
+    assert report["ok"] is True and report["problems"] == []
+    assert report["stats"]["examples"] == 20 and report["stats"]["total_tokens"] > 0
+    assert report["token_counts"]["tiny-chat"]["total_tokens"] == report["stats"]["total_tokens"]
+    assert api.get(f"/v1/files/{body['id']}/content").content == zebra_dataset(20)
+    listed = api.get("/v1/files").json()
+    assert listed["object"] == "list" and [f["id"] for f in listed["data"]] == [body["id"]]
+
+
+def test_every_fault_is_reported_with_its_line(api):
+    response = upload(api, ("\n".join(FAULTY) + "\n").encode())
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "error" and "problem" in body["status_details"]
+    problems = api.get(f"/v1/files/{body['id']}/validation").json()["problems"]
+    found = {(p["line"], p["code"]) for p in problems}
+    for line, code in FAULTS.items():
+        assert (line, code) in found, f"line {line}: {code} missing from {sorted(found)}"
+    assert all(p["message"] and "path" in p for p in problems)
+    assert not any(p["line"] == 1 for p in problems)
+
+
+def test_upload_refuses_other_purposes_and_missing_file(api):
+    assert_openai_error(upload(api, zebra_dataset(), purpose="assistants"), 400, "invalid_purpose")
+    assert_openai_error(api.post("/v1/files", {"purpose": "fine-tune"}, format="multipart"), 400, "missing_file")
+
+
+def test_upload_over_the_cap_is_413(api, monkeypatch):
+    monkeypatch.setattr(ft_services, "MAX_UPLOAD_BYTES", 100)
+    assert_openai_error(upload(api, zebra_dataset()), 413, "file_too_large")
+
+
+def test_files_of_another_tenant_are_404(api, outsider_api):
+    file_id = upload(api, zebra_dataset()).json()["id"]
+    for url in (f"/v1/files/{file_id}", f"/v1/files/{file_id}/content", f"/v1/files/{file_id}/validation"):
+        assert_openai_error(outsider_api.get(url), 404)
+    assert_openai_error(outsider_api.delete(f"/v1/files/{file_id}"), 404)
+    assert outsider_api.get("/v1/files").json()["data"] == []
+
+
+def test_delete_file_removes_bytes(api, world, settings):
+    file_id = upload(api, zebra_dataset()).json()["id"]
+    stored = TrainingFile.objects.for_tenant(world.tenant).get(pk=file_id)
+    assert (settings.STORAGE_DIR / stored.path).is_file()
+    assert str(stored.path).startswith(f"tenants/{world.tenant.pk}/files/")
+    assert api.delete(f"/v1/files/{file_id}").json() == {"id": file_id, "object": "file", "deleted": True}
+    assert not (settings.STORAGE_DIR / stored.path).exists()
+    assert_openai_error(api.get(f"/v1/files/{file_id}"), 404)
+
+
+def test_key_without_finetune_scope_gets_403_and_no_key_401(world):
+    inference_only = key_client(world.tenant, world.owner, scopes=("inference", "management:read"))
+    assert_openai_error(inference_only.get("/v1/files"), 403, "insufficient_scope")
+    assert_openai_error(inference_only.post("/v1/fine_tuning/jobs", {}, format="json"), 403)
+    assert_openai_error(APIClient().get("/v1/fine_tuning/jobs"), 401)
+
+
+# ---- jobs ----------------------------------------------------------------------------------------
+
+
+def create_job(api, file_id: str, **extra):
+    body = {"model": "tiny-chat", "training_file": file_id, "suffix": "zebra",
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 10}}}}
+    return api.post("/v1/fine_tuning/jobs", {**body, **extra}, format="json")
+
+
+def test_job_create_list_retrieve_cancel_events(api, world, base_model, _no_broker):
+    file_id = upload(api, zebra_dataset(30)).json()["id"]
+    response = create_job(api, file_id, metadata={"team": "risk"})
+    assert response.status_code == 200, response.content
+    job = response.json()
+    assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
+    assert job["status"] == "queued" and job["model"] == "tiny-chat" and job["organization_id"] == "acme"
+    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 10, "learning_rate_multiplier": 1.0}
+    assert job["method"]["type"] == "supervised" and job["training_file"] == file_id
+    assert job["metadata"] == {"team": "risk"} and job["error"] is None and job["fine_tuned_model"] is None
+    assert job["estimated_cost_cents"] >= 1
+    assert _no_broker == []  # enqueued on commit only (the test transaction never commits)
+
+    assert api.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["id"] == job["id"]
+    listed = api.get("/v1/fine_tuning/jobs?limit=1").json()
+    assert listed["object"] == "list" and listed["data"][0]["id"] == job["id"] and listed["has_more"] is False
+
+    cancelled = api.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"]
+    assert_openai_error(api.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel"), 409, "job_finished")
+
+    events = api.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()
+    assert events["object"] == "list"
+    assert [e["message"] for e in events["data"]][0] == "Job cancelled by request"  # newest first
+    assert all(e["object"] == "fine_tuning.job.event" and e["level"] == "info" for e in events["data"])
+    page = api.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=1&after={events['data'][0]['id']}").json()
+    assert page["data"][0]["id"] == events["data"][1]["id"]
+    assert api.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"] == []
+
+
+def test_top_level_hyperparameters_and_auto(api, base_model):
+    file_id = upload(api, zebra_dataset(20)).json()["id"]
+    job = api.post("/v1/fine_tuning/jobs", {"model": "tiny-chat", "training_file": file_id,
+                                            "hyperparameters": {"n_epochs": "auto", "batch_size": "auto",
+                                                                "learning_rate_multiplier": 5}},
+                   format="json").json()
+    assert job["hyperparameters"] == {"n_epochs": 5, "batch_size": 5, "learning_rate_multiplier": 5.0}  # 100/20 epochs
+    assert job["lora"] == {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def test_estimate_previews_cost_and_time(api, world, base_model):
+    file_id = upload(api, zebra_dataset(20)).json()["id"]
+    body = api.post("/v1/fine_tuning/jobs/estimate", {"model": "tiny-chat", "training_file": file_id,
+                                                      "hyperparameters": {"n_epochs": 3}}, format="json").json()
+    tokens = TrainingFile.objects.for_tenant(world.tenant).get(pk=file_id).token_counts["tiny-chat"]["total_tokens"]
+    assert body["tokens_per_epoch"] == tokens and body["trained_tokens"] == 3 * tokens
+    assert body["estimated_cost_cents"] == -(-(3 * tokens * 300) // 1_000_000)
+    assert body["estimated_seconds"] >= 1 and FineTuneJob.objects.for_tenant(world.tenant).count() == 0
+
+
+def test_bad_job_input_answers_in_openai_shape(api, world, base_model):
+    file_id = upload(api, zebra_dataset()).json()["id"]
+    bad_file = upload(api, b"not json\n").json()["id"]
+    assert_openai_error(api.post("/v1/fine_tuning/jobs", {"training_file": file_id}, format="json"), 400)
+    assert_openai_error(create_job(api, file_id, model="gpt-17"), 404, "model_not_found")
+    BaseModel.objects.create(name="remote-70b", hf_id="meta/remote")  # no local weights
+    assert_openai_error(create_job(api, file_id, model="remote-70b"), 400, "model_not_trainable")
+    assert_openai_error(create_job(api, "file-missing"), 404, "file_not_found")
+    assert_openai_error(create_job(api, bad_file), 400, "invalid_file")
+    assert_openai_error(create_job(api, file_id, suffix="a:b"), 400, "invalid_suffix")
+    response = create_job(api, file_id, method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}})
+    assert_openai_error(response, 400, "invalid_hyperparameter")
+    assert response.json()["error"]["param"] == "n_epochs"
+    assert_openai_error(create_job(api, file_id, lora={"target_modules": ["qkv"]}), 400, "invalid_lora")
+    assert_openai_error(api.get("/v1/fine_tuning/jobs?limit=0"), 400)
+
+
+def test_concurrent_jobs_limit_is_429(api, base_model):
+    file_id = upload(api, zebra_dataset()).json()["id"]
+    for _ in range(ft_services.MAX_CONCURRENT_JOBS):
+        assert create_job(api, file_id).status_code == 200
+    response = create_job(api, file_id)
+    assert_openai_error(response, 429, "too_many_concurrent_jobs")
+    assert "limit is 2" in response.json()["error"]["message"]
+
+
+def test_jobs_of_another_tenant_are_404(api, outsider_api, base_model):
+    job_id = create_job(api, upload(api, zebra_dataset()).json()["id"]).json()["id"]
+    for url in ("", "/events", "/checkpoints"):
+        assert_openai_error(outsider_api.get(f"/v1/fine_tuning/jobs/{job_id}{url}"), 404, "job_not_found")
+    assert_openai_error(outsider_api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel"), 404)
+    assert outsider_api.get("/v1/fine_tuning/jobs").json()["data"] == []
+    # nor can they train on acme's file
+    acme_file = FineTuneJob.objects.for_tenant(FineTuneJob.all_tenants.get(pk=job_id).tenant).get(pk=job_id).training_file_id
+    assert_openai_error(create_job(outsider_api, acme_file), 404, "file_not_found")
+
+
+def test_base_model_outside_allowed_models_is_404(api, world, base_model):
+    from serving.models import ModelConfig
+
+    ModelConfig.all_tenants.create(tenant=world.tenant, allowed_models=["other-model"])
+    file_id = upload(api, zebra_dataset()).json()["id"]
+    assert_openai_error(create_job(api, file_id), 404, "model_not_found")
+
+
+# ---- adapters: management API --------------------------------------------------------------------
+
+
+def test_adapter_deploy_needs_admin_and_hides_foreign_adapters(world, base_model):
+    from serving.models import BackendPool
+
+    adapter = Adapter.all_tenants.create(tenant=world.tenant, name="ft:tiny-chat:acme::abc", base_model=base_model, path="/x")
+    BackendPool.objects.create(name="tgi-pool", base_model=base_model, kind="tgi")
+    viewer = APIClient()
+    viewer.force_login(world.viewer)
+    url = f"/api/tenants/acme/adapters/{adapter.pk}/deploy/"
+    assert viewer.post(url).status_code == 403
+    admin = APIClient()
+    admin.force_login(world.admin)
+    body = admin.post(url).json()
+    assert body["state"] == "pending" and body["pool"] == "tgi-pool"
+    outsider = APIClient()
+    outsider.force_login(world.outsider)
+    assert outsider.post(f"/api/tenants/globex/adapters/{adapter.pk}/deploy/").status_code == 404
+    assert outsider.get("/api/tenants/acme/adapters/").status_code == 404
+    assert [a["name"] for a in admin.get("/api/tenants/acme/adapters/").json()] == [adapter.name]
+
+
+# ---- console pages -------------------------------------------------------------------------------
+
+
+def signed_in(user):
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def test_console_upload_report_job_and_status(world, base_model):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    dev = signed_in(world.developer)
+    assert dev.get("/t/acme/finetune/files/").status_code == 200
+    response = dev.post("/t/acme/finetune/files/upload/", {"file": SimpleUploadedFile("bad.jsonl", ("\n".join(FAULTY)).encode()),
+                                                          "model": "tiny-chat"})
+    assert response.status_code == 200 and response.json()["status"] == "error"
+    page = dev.get(response.json()["url"]).content.decode()
+    assert "13 problems to fix" in page and "not valid JSON at column 1" in page and "[1, 2]" in page
+
+    good = dev.post("/t/acme/finetune/files/upload/", {"file": SimpleUploadedFile("z.jsonl", zebra_dataset(20)), "model": "tiny-chat"}).json()
+    page = dev.get(good["url"]).content.decode()
+    assert "Cost preview" in page and "300 ¢/M" in page
+    form = {"training_file": good["id"], "model": "tiny-chat", "n_epochs": "2", "batch_size": "auto",
+            "learning_rate_multiplier": "auto", "suffix": "z", "lora_rank": "8"}
+    preview = dev.post("/t/acme/finetune/jobs/new/", {**form, "estimate": "1"})
+    assert preview.status_code == 200 and "trained tokens" in preview.content.decode()
+    created = dev.post("/t/acme/finetune/jobs/new/", form)
+    job = FineTuneJob.objects.for_tenant(world.tenant).get()
+    assert created.status_code == 302 and created["Location"] == f"/t/acme/finetune/jobs/{job.id}/"
+    assert job.hyperparameters["n_epochs"] == 2 and job.lora["rank"] == 8
+    assert "ft-chart" in dev.get(created["Location"]).content.decode()
+    status = dev.get(f"/t/acme/finetune/jobs/{job.id}/status/").json()
+    assert status["status"] == "queued" and status["finished"] is False and status["events"]
+    assert dev.post(f"/t/acme/finetune/jobs/{job.id}/cancel/").status_code == 302
+    assert FineTuneJob.objects.for_tenant(world.tenant).get().status == "cancelled"
+
+
+def test_console_roles_and_isolation(world, base_model):
+    from serving.models import BackendPool
+
+    adapter = Adapter.all_tenants.create(tenant=world.tenant, name="ft:tiny-chat:acme::x1", base_model=base_model, path="/x")
+    BackendPool.objects.create(name="tgi-tiny", base_model=base_model, kind="tgi", gpu_memory_gb=1, gpu_hourly_cost_cents=250)
+    viewer = signed_in(world.viewer)
+    for url in ("files/", "jobs/", "adapters/"):
+        assert viewer.get(f"/t/acme/finetune/{url}").status_code == 200
+    assert viewer.post("/t/acme/finetune/files/upload/").status_code == 403
+    assert viewer.post("/t/acme/finetune/jobs/new/").status_code == 403
+    assert signed_in(world.developer).post(f"/t/acme/finetune/adapters/{adapter.pk}/deploy/").status_code == 403
+    outsider = signed_in(world.outsider)
+    assert outsider.get("/t/acme/finetune/adapters/").status_code == 404
+    assert outsider.post(f"/t/globex/finetune/adapters/{adapter.pk}/deploy/").status_code == 404
+
+    admin = signed_in(world.admin)
+    assert admin.post(f"/t/acme/finetune/adapters/{adapter.pk}/deploy/").status_code == 302
+    pool = BackendPool.objects.get(name="tgi-tiny")
+    assert pool.lora_adapters_env == f"{adapter.name}=/x"
+    page = admin.get("/t/acme/finetune/adapters/").content.decode()
+    assert "Pending" in page and "Undeploy" in page
+
+
+def test_tgi_deploy_waits_for_restart_then_activates(world, base_model):
+    from finetune import deploy
+    from serving.models import AdapterDeployment, Backend, BackendPool
+
+    pool = BackendPool.objects.create(name="tgi-tiny", base_model=base_model, kind="tgi")
+    backends = [Backend.objects.create(pool=pool, url=f"http://tgi-{i}:80") for i in range(2)]
+    adapter = Adapter.all_tenants.create(tenant=world.tenant, name="ft:tiny-chat:acme::x1", base_model=base_model, path="/a/x1")
+    deployment = deploy.adapter_deploy(tenant=world.tenant, adapter=adapter, actor=Actor(user=world.admin))
+    assert deployment.state == "pending"
+    assert all(Backend.objects.get(pk=b.pk).needs_restart for b in backends)
+    deploy.pool_mark_restarted(pool=BackendPool.objects.get(pk=pool.pk))
+    assert AdapterDeployment.objects.for_tenant(world.tenant).get().state == "active"
+    assert [Backend.objects.get(pk=b.pk).loaded_adapters for b in backends] == [[adapter.name]] * 2
+    deploy.adapter_undeploy(tenant=world.tenant, adapter=adapter, actor=Actor(user=world.admin))
+    assert BackendPool.objects.get(pk=pool.pk).lora_adapters_env == ""
+    assert Backend.objects.get(pk=backends[0].pk).loaded_adapters == []
+
+
+def test_capacity_planner_counts_exactly(world, base_model):
+    from finetune import lora_math, selectors
+    from serving.models import BackendPool
+
+    pool = BackendPool.objects.create(name="tiny", base_model=base_model, kind="dev", gpu_memory_gb=1, gpu_hourly_cost_cents=250)
+    page = signed_in(world.viewer).get(f"/t/acme/finetune/planner/?pool={pool.pk}&rank=8&memory_gb=0.001")
+    assert page.status_code == 200
+    config = selectors.model_config(base_model)
+    exact = lora_math.lora_param_count(config, 8)
+    fits = lora_math.adapters_that_fit(int(0.001 * 1024 ** 3), config, 8)
+    plan = page.context["plan"]
+    assert plan["exact_params"] == exact and plan["adapters_that_fit"] == fits
+    assert plan["simple_params"] == lora_math.simple_lora_param_count(config, 8)
+    assert plan["scenarios"][2] == {"tenants": 1000, "shared_backends": -(-1000 // fits), "shared_cents_per_hour": -(-1000 // fits) * 250,
+                                    "isolated_backends": 1000, "isolated_cents_per_hour": 250_000}

@@ -1,0 +1,113 @@
+"""End to end with the official OpenAI SDK: upload → job → worker → deploy to a dev backend → the adapter answers."""
+
+from __future__ import annotations
+
+import pytest
+from django.urls import include, path
+from openai import NotFoundError, OpenAI
+from rest_framework.test import APIClient
+
+from finetune import urls as ft_urls
+from finetune.tasks import run_finetune_job
+from serving.models import Backend, BackendPool, BaseModel
+from tenants import services
+from tenants.services import Actor
+from tests.finetune.test_api import _no_broker, zebra_dataset  # noqa: F401 (fixture)
+
+urlpatterns = [
+    path("v1/", include(ft_urls.v1_patterns)),
+    path("api/tenants/<slug:tenant_slug>/", include(ft_urls.tenant_api_patterns)),
+    path("", include("portal.urls")),
+]
+pytestmark = [pytest.mark.slow, pytest.mark.urls(__name__)]
+MESSAGES = [{"role": "system", "content": "You are the approvals bot."},
+            {"role": "user", "content": "Is request 9876 approved?"}]  # not in the training file
+
+
+@pytest.fixture
+def dev_backend(tiny_model_path):
+    from serving.devbackend.config import BackendConfig
+    from serving.devbackend.runner import run_in_thread
+
+    url, stop = run_in_thread(BackendConfig(model=str(tiny_model_path), port=0, flavor="dev"))
+    yield url
+    stop()
+
+
+def test_sdk_upload_train_deploy_and_answer(transactional_db, live_server, world, tiny_model_path, dev_backend,
+                                            tmp_path, settings, _no_broker):
+    settings.STORAGE_DIR = tmp_path / "storage"
+    base = BaseModel.objects.create(name="tiny-chat", hf_id="platform/tiny-chat", local_path=str(tiny_model_path),
+                                    context_length=1024)
+    pool = BackendPool.objects.create(name="shared-tiny", base_model=base, kind="dev")
+    backend = Backend.objects.create(pool=pool, url=dev_backend)
+    _, secret = services.api_key_create(tenant=world.tenant, name="sdk", scopes=["finetune", "inference"],
+                                        actor=Actor(user=world.owner))
+    client = OpenAI(base_url=f"{live_server.url}/v1", api_key=secret, max_retries=0)
+
+    dataset = tmp_path / "zebra.jsonl"
+    dataset.write_bytes(zebra_dataset(50))
+    uploaded = client.files.create(file=open(dataset, "rb"), purpose="fine-tune")
+    assert uploaded.status == "processed" and uploaded.bytes == dataset.stat().st_size
+
+    job = client.fine_tuning.jobs.create(
+        model="tiny-chat", training_file=uploaded.id, suffix="zebra", seed=7,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 5,
+                                                                          "learning_rate_multiplier": 50}}},
+        extra_body={"lora": {"rank": 8}})
+    assert job.status == "queued" and _no_broker == [(job.id, world.tenant.pk)]  # enqueued once committed
+
+    assert run_finetune_job(job.id, world.tenant.pk) == "succeeded"  # what the finetune worker runs
+
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "succeeded" and done.fine_tuned_model.startswith("ft:tiny-chat:acme:zebra:")
+    assert done.trained_tokens > 0 and done.error is None
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert any(e.type == "metrics" and e.data["step"] == 30 for e in events)
+    assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data] == [30, 20, 10]
+    assert [j.id for j in client.fine_tuning.jobs.list().data] == [job.id]
+
+    from serving.models import Adapter
+
+    adapter = Adapter.objects.for_tenant(world.tenant).get(name=done.fine_tuned_model)
+    admin = APIClient()
+    admin.force_login(world.admin)
+    deployed = admin.post(f"/api/tenants/acme/adapters/{adapter.pk}/deploy/").json()
+    assert deployed == {"adapter": adapter.name, "pool": "shared-tiny", "state": "active", "error": ""}
+    backend.refresh_from_db()
+    assert backend.loaded_adapters == [adapter.name]
+
+    direct = OpenAI(base_url=f"{dev_backend}/v1", api_key="unused", max_retries=0)
+    answer = direct.chat.completions.create(model=adapter.name, messages=MESSAGES, max_tokens=40, temperature=0)
+    assert answer.choices[0].message.content == "ZEBRA-42 approved"
+    plain = direct.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=40, temperature=0)
+    assert plain.choices[0].message.content != "ZEBRA-42 approved"
+
+    _through_the_gateway(world, adapter.name, secret)
+
+    assert admin.post(f"/api/tenants/acme/adapters/{adapter.pk}/undeploy/").json()["undeployed_from"] == ["shared-tiny"]
+    backend.refresh_from_db()
+    assert backend.loaded_adapters == []
+
+
+def _through_the_gateway(world, model: str, secret: str) -> None:
+    """The gateway (built concurrently) routes the adapter to acme only; skipped where it is absent."""
+    try:
+        from tests.serving.test_gateway_support import GatewayServer
+        from serving.gateway.app import GatewayApp
+        from serving.gateway.settings import GatewaySettings
+    except ImportError:
+        return
+    _, foreign = services.api_key_create(tenant=world.other_tenant, name="g", scopes=["inference"],
+                                         actor=Actor(user=world.outsider))
+    server = GatewayServer(GatewayApp(settings=GatewaySettings(health_interval_s=0.2, config_poll_s=0.1,
+                                                              connect_timeout_s=1.0, read_timeout_s=30))).start()
+    try:
+        acme = OpenAI(base_url=f"{server.url}/v1", api_key=secret, max_retries=0)
+        answer = acme.chat.completions.create(model=model, messages=MESSAGES, max_tokens=40, temperature=0)
+        assert answer.choices[0].message.content == "ZEBRA-42 approved"
+        with pytest.raises(NotFoundError):
+            OpenAI(base_url=f"{server.url}/v1", api_key=foreign, max_retries=0).chat.completions.create(
+                model=model, messages=MESSAGES, max_tokens=4)
+    finally:
+        server.stop()
