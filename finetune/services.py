@@ -33,8 +33,8 @@ from tenants.services import SYSTEM, Actor, audit_record
 log = logging.getLogger(__name__)
 
 # Upload cap (bytes); a settings value may lower or raise it, the environment never does.
-MAX_UPLOAD_BYTES = getattr(settings, "FINETUNE_MAX_UPLOAD_BYTES", 50 * 1024 * 1024)
-MAX_CONCURRENT_JOBS = getattr(settings, "FINETUNE_MAX_CONCURRENT_JOBS", 2)  # per tenant
+MAX_UPLOAD_BYTES = settings.FINETUNE_MAX_UPLOAD_BYTES
+MAX_CONCURRENT_JOBS = settings.FINETUNE_MAX_CONCURRENT_JOBS  # per tenant
 CANCEL_POLL_SECONDS = 1.0  # the worker reads the job's status (and renews its lease) at most this often
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
 MAX_RANK = 256

@@ -182,7 +182,7 @@ def _decision(limits: TenantLimits, request_id: str, tokens: int, res: list, bac
 
 
 def throttle_tpm() -> int:
-    return int(getattr(settings, "PLATFORM_SOFT_THROTTLE_TPM", 1000))
+    return settings.PLATFORM_SOFT_THROTTLE_TPM
 
 
 UsageLoader = Callable[[int, str, str], Awaitable[int]]  # (tenant_id, window kind, window id) -> tokens used

@@ -217,7 +217,7 @@ class FairScheduler:
         if pq.task is None or pq.task.done():
             pq.task = asyncio.get_running_loop().create_task(self._dispatch_loop(pool_id, pq))
         pq.wake.set()
-        timeout = timeout_s if timeout_s is not None else float(getattr(settings, "PLATFORM_QUEUE_TIMEOUT_S", 30))
+        timeout = timeout_s if timeout_s is not None else float(settings.PLATFORM_QUEUE_TIMEOUT_S)
         try:
             slot = await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
         except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
