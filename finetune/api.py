@@ -10,6 +10,8 @@ from __future__ import annotations
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.db.models import Q
 from django.http import Http404, HttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, serializers, status
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.renderers import JSONRenderer
@@ -142,6 +144,7 @@ def _problem_summary(file: TrainingFile) -> str:
 
 
 class FileListApi(OpenAIView):
+    @extend_schema(operation_id="files_list", tags=["Files"], responses=OpenApiTypes.OBJECT)
     def get(self, request):
         qs = TrainingFile.objects.for_tenant(self.tenant)
         if request.query_params.get("purpose"):
@@ -155,6 +158,7 @@ class FileListApi(OpenAIView):
         return Response({"object": "list", "data": [file_data(f) for f in rows[:limit]], "has_more": len(rows) > limit,
                          "first_id": rows[0].id if rows else None, "last_id": rows[:limit][-1].id if rows else None})
 
+    @extend_schema(operation_id="files_create", tags=["Files"], request={"multipart/form-data": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["fine-tune"]}}, "required": ["file", "purpose"]}}, responses=OpenApiTypes.OBJECT)
     def post(self, request):
         upload = request.FILES.get("file")
         if upload is None:
@@ -179,9 +183,11 @@ class FileListApi(OpenAIView):
 
 
 class FileDetailApi(OpenAIView):
+    @extend_schema(operation_id="files_retrieve", tags=["Files"], responses=OpenApiTypes.OBJECT)
     def get(self, request, file_id: str):
         return Response(file_data(self.file_or_404(file_id)))
 
+    @extend_schema(operation_id="files_delete", tags=["Files"], responses=OpenApiTypes.OBJECT)
     def delete(self, request, file_id: str):
         file = self.file_or_404(file_id)
         services.training_file_delete(tenant=self.tenant, actor=self.actor, file=file)
@@ -189,6 +195,7 @@ class FileDetailApi(OpenAIView):
 
 
 class FileContentApi(OpenAIView):
+    @extend_schema(operation_id="files_content", tags=["Files"], responses=OpenApiTypes.OBJECT)
     def get(self, request, file_id: str):
         file = self.file_or_404(file_id)
         response = HttpResponse(selectors.training_file_read(file), content_type="application/octet-stream")
@@ -199,6 +206,7 @@ class FileContentApi(OpenAIView):
 class FileValidationApi(OpenAIView):
     """Extension: the full validation report (every problem with line, path, code, message), stats, token counts."""
 
+    @extend_schema(operation_id="files_validation", tags=["Files"], responses=OpenApiTypes.OBJECT)
     def get(self, request, file_id: str):
         file = self.file_or_404(file_id)
         return Response({"object": "file.validation", "id": file.id, **file.validation, "token_counts": file.token_counts})
@@ -272,6 +280,7 @@ def checkpoint_data(job: FineTuneJob, ckpt: JobCheckpoint) -> dict:
 
 
 class JobListApi(OpenAIView):
+    @extend_schema(operation_id="fine_tuning_jobs_list", tags=["Fine-tuning"], responses=OpenApiTypes.OBJECT)
     def get(self, request):
         limit = _limit(request)
         qs = FineTuneJob.objects.for_tenant(self.tenant).select_related("base_model", "tenant")
@@ -282,6 +291,7 @@ class JobListApi(OpenAIView):
         rows = list(qs.order_by("-created_at", "-pk")[: limit + 1])
         return Response({"object": "list", "data": [job_data(j) for j in rows[:limit]], "has_more": len(rows) > limit})
 
+    @extend_schema(operation_id="fine_tuning_jobs_create", tags=["Fine-tuning"], request=JobInput, responses=OpenApiTypes.OBJECT)
     def post(self, request):
         data = _parse(JobInput, request)
         job = services.finetune_job_create(
@@ -294,6 +304,7 @@ class JobListApi(OpenAIView):
 class JobEstimateApi(OpenAIView):
     """Extension: the price and time preview of a job before launching it (same input as a job)."""
 
+    @extend_schema(operation_id="fine_tuning_jobs_estimate", tags=["Fine-tuning"], request=JobInput, responses=OpenApiTypes.OBJECT)
     def post(self, request):
         data = _parse(JobInput, request)
         plan = services.finetune_job_plan(tenant=self.tenant, model=data["model"], training_file=data["training_file"],
@@ -307,17 +318,20 @@ class JobEstimateApi(OpenAIView):
 
 
 class JobDetailApi(OpenAIView):
+    @extend_schema(operation_id="fine_tuning_jobs_retrieve", tags=["Fine-tuning"], responses=OpenApiTypes.OBJECT)
     def get(self, request, job_id: str):
         return Response(job_data(self.job_or_404(job_id)))
 
 
 class JobCancelApi(OpenAIView):
+    @extend_schema(operation_id="fine_tuning_jobs_cancel", request=None, tags=["Fine-tuning"], responses=OpenApiTypes.OBJECT)
     def post(self, request, job_id: str):
         job = services.finetune_job_cancel(tenant=self.tenant, actor=self.actor, job=self.job_or_404(job_id))
         return Response(job_data(job))
 
 
 class JobEventsApi(OpenAIView):
+    @extend_schema(operation_id="fine_tuning_jobs_events", tags=["Fine-tuning"], responses=OpenApiTypes.OBJECT)
     def get(self, request, job_id: str):
         job = self.job_or_404(job_id)
         limit = _limit(request)
@@ -333,6 +347,7 @@ class JobEventsApi(OpenAIView):
 
 
 class JobCheckpointsApi(OpenAIView):
+    @extend_schema(operation_id="fine_tuning_jobs_checkpoints", tags=["Fine-tuning"], responses=OpenApiTypes.OBJECT)
     def get(self, request, job_id: str):
         job = self.job_or_404(job_id)
         limit = _limit(request)
@@ -362,6 +377,7 @@ def adapter_data(adapter: Adapter) -> dict:
 class AdapterListApi(TenantAPIView):
     """The tenant's fine-tuned adapters and where they are deployed."""
 
+    @extend_schema(operation_id="adapters_list", tags=["Adapters"], responses=OpenApiTypes.OBJECT)
     def get(self, request, tenant_slug: str):
         return Response([adapter_data(a) for a in self.scoped(Adapter).select_related("base_model")])
 
@@ -371,6 +387,7 @@ class AdapterDeployApi(TenantAPIView):
 
     write_role = Role.ADMIN
 
+    @extend_schema(operation_id="adapters_deploy", request=None, tags=["Adapters"], responses=OpenApiTypes.OBJECT)
     def post(self, request, tenant_slug: str, adapter_id: int):
         adapter = self.get_scoped_or_404(Adapter, pk=adapter_id)
         try:
@@ -384,6 +401,7 @@ class AdapterDeployApi(TenantAPIView):
 class AdapterUndeployApi(TenantAPIView):
     write_role = Role.ADMIN
 
+    @extend_schema(operation_id="adapters_undeploy", request=None, tags=["Adapters"], responses=OpenApiTypes.OBJECT)
     def post(self, request, tenant_slug: str, adapter_id: int):
         adapter = self.get_scoped_or_404(Adapter, pk=adapter_id)
         removed = deploy.adapter_undeploy(tenant=self.ctx.tenant, adapter=adapter, actor=self.ctx.actor)

@@ -52,3 +52,8 @@ def test_bad_environment_values_stop_startup_with_a_clear_message(env, message):
 def test_migrations_are_complete():
     result = manage("makemigrations", "--check", "--dry-run")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_openapi_schema_is_valid_without_warnings():
+    result = manage("spectacular", "--validate", "--fail-on-warn", "--file", "/dev/null")
+    assert result.returncode == 0, result.stderr
