@@ -9,11 +9,13 @@ from drf_spectacular.views import SpectacularAPIView
 
 from billing import urls as billing_urls
 from finetune import urls as finetune_urls
+from serving.api import UsageApi
 from tenants import api
 
 tenant_patterns = [
     path("billing/", include(billing_urls.api_tenant_patterns)),
     path("", include(finetune_urls.tenant_api_patterns)),
+    path("usage/", UsageApi.as_view(), name="api-usage"),
     path("", api.TenantDetailApi.as_view(), name="api-tenant-detail"),
     path("members/", api.MemberListApi.as_view(), name="api-member-list"),
     path("members/<int:membership_id>/", api.MemberDetailApi.as_view(), name="api-member-detail"),

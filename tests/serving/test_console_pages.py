@@ -96,3 +96,18 @@ def test_staff_live_pool_view_shows_shares_and_refuses_tenants(client, world, se
     html = client.get("/staff/pools/").content.decode()
     assert "shared" in html and "acme" in html and "globex" in html
     assert "75.0 %" in html  # acme: 300 of 400 service tokens; fair share by weight 3:1 is also 75 %
+
+
+def test_usage_api_matches_the_console(world, served):
+    from rest_framework.test import APIClient
+
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, quota_tokens=1000, quota_mode="hard")
+    UsageRecord.all_tenants.create(tenant=world.tenant, request_id="r", endpoint="chat", model="tiny-chat", input_tokens=300, output_tokens=200, status="ok")
+    _, key = services.api_key_create(tenant=world.tenant, name="read", scopes=["management:read"], actor=services.SYSTEM)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    body = api.get("/api/tenants/acme/usage/?days=7").json()
+    assert body["rows"][0]["total_tokens"] == 500 and body["rows"][0]["model"] == "tiny-chat"
+    assert body["quota"] == {**body["quota"], "state": "ok", "used_tokens": 500, "quota_tokens": 1000, "utilization_percent": 50.0}
+    assert api.get("/api/tenants/acme/usage/?days=0").status_code == 400
+    assert api.get("/api/tenants/globex/usage/").status_code == 404
