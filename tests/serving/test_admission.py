@@ -176,3 +176,49 @@ def test_redis_down_fails_closed_for_hard_and_falls_back_for_soft():
     soft = run(_admit_many(adm, soft_limits, 3, 1))
     assert [d.allowed for d in soft] == [True, True, False]  # per-process limits still hold
     assert soft[0].reservation.backend == "local"
+
+
+def test_two_processes_share_one_limit_exactly():
+    """Two admission services (as in two gateway processes) on one Redis admit exactly the limit together."""
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        pytest.skip("needs Redis: set REDIS_URL (CI starts one)")
+    a, b = RedisAdmission(url, usage_loader=_no_usage), RedisAdmission(url, usage_loader=_no_usage)
+    lim = limits(requests_per_minute=10, tokens_per_minute=10_000, quota_tokens=600, quota_mode="hard")
+
+    async def scenario():
+        ds = await asyncio.gather(*(p.admit(lim, request_id=uuid.uuid4().hex, reserve_tokens=50) for p in [a, b] * 20))
+        return sum(d.allowed for d in ds)
+
+    assert run(scenario()) == 10  # the requests/min bucket binds first (10 × 50 = 500 ≤ 600 quota)
+
+
+def test_redis_going_away_and_coming_back(monkeypatch):
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        pytest.skip("needs Redis: set REDIS_URL (CI starts one)")
+    import redis
+
+    from serving import admission as admission_module
+
+    monkeypatch.setattr(admission_module, "REDIS_RETRY_S", 0.05)
+    adm = RedisAdmission(url, usage_loader=_no_usage)
+    hard, soft = limits(quota_tokens=1000, quota_mode="hard"), limits(requests_per_minute=100)
+    real_client = adm._client
+
+    def broken():
+        raise redis.ConnectionError("simulated outage")
+
+    async def scenario():
+        adm._client = broken
+        down_hard = await adm.admit(hard, request_id=uuid.uuid4().hex, reserve_tokens=1)
+        down_soft = await adm.admit(soft, request_id=uuid.uuid4().hex, reserve_tokens=1)
+        assert down_hard.status == 503 and down_soft.allowed and down_soft.reservation.backend == "local"
+        await adm.settle(down_soft.reservation, used_tokens=1)  # settles where it was reserved
+        adm._client = real_client  # Redis is back
+        await asyncio.sleep(0.06)
+        back = await adm.admit(hard, request_id=uuid.uuid4().hex, reserve_tokens=1)
+        assert back.allowed and back.reservation.backend == "redis"
+        await adm.settle(back.reservation, used_tokens=1)
+
+    run(scenario())

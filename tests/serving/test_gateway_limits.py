@@ -97,3 +97,37 @@ def test_playground_token_is_an_inference_credential_for_its_tenant(world, gatew
     assert chat(gw, token[:-3] + "abc").status_code == 401
     [record] = usage_records(world.tenant)
     assert record.api_key_id is None
+
+
+def test_dropped_stream_is_settled_with_the_tokens_delivered(world, gateway_factory):
+    import json
+    import socket
+
+    url, stop = sim_backend(sim_tokens_per_second=50)
+    try:
+        make_pool("shared", make_base_model(), [url])
+        services.policy_update(tenant=world.tenant, actor=services.SYSTEM, quota_tokens=100_000, quota_mode="hard", tokens_per_minute=50_000)
+        _, key = make_key(world.tenant)
+        gw = gateway_factory()
+        body = json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 500, "stream": True}).encode()
+        host, port = gw.url.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     + f"authorization: Bearer {key}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)
+        received = b""
+        while received.count(b"data: ") < 3:
+            received += sock.recv(65536)
+        sock.close()
+        [record] = wait_for(lambda: usage_records(world.tenant))
+        assert record.status == "cancelled" and record.output_tokens < 500
+
+        import asyncio
+
+        def counters():
+            snap = get_admission().snapshot(world.tenant.pk, "month")
+            return asyncio.run(snap) if asyncio.iscoroutine(snap) else snap
+
+        settled = wait_for(lambda: counters()["reserved"] == 0 and counters())
+        assert settled == {"used": record.input_tokens + record.output_tokens, "reserved": 0}  # the unused 500-token reservation was refunded
+    finally:
+        stop()

@@ -141,3 +141,30 @@ def test_fcfs_baseline_serves_in_arrival_order():
 
     asyncio.run(scenario())
     assert order == [1] * 7 + [2] * 3  # weights ignored: arrival order
+
+
+def test_weight_change_while_loaded_takes_effect_for_the_next_dispatches(sched):
+    """Weights come with each request (from the config snapshot), so a change applies while tenants are backlogged."""
+    pool, order = new_pool(), []
+    weights = {1: 1, 2: 1}
+
+    async def client(tenant, total, outstanding=4):
+        # Keeps `outstanding` requests queued; each new one carries the weight in force when it is sent.
+        pending = set()
+        for _ in range(total):
+            if len(pending) >= outstanding:
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            pending.add(asyncio.create_task(_serve(sched, pool, 1, tenant, weights[tenant], order, hold_s=0.001)))
+        await asyncio.gather(*pending)
+
+    async def scenario():
+        clients = [asyncio.create_task(client(t, 60)) for t in (1, 2)]
+        while len(order) < 20:
+            await asyncio.sleep(0.001)
+        weights[2] = 4  # staff raise tenant 2's weight mid-run
+        await asyncio.gather(*clients)
+
+    asyncio.run(scenario())
+    early, late = order[:20], order[30:60]
+    assert abs(early.count(2) - early.count(1)) <= 4  # equal weights: about even
+    assert late.count(2) >= 2 * late.count(1)  # weight 4 vs 1 once the change applies
