@@ -95,6 +95,7 @@ class TenantEntry:
     max_temperature: float
     cache_salt: str
     models: Mapping[str, Route]
+    guard: object = None  # serving.guard.OutputGuard, compiled once per snapshot; None: output passes untouched
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ def tenant_cache_salt(tenant_id: int) -> str:
 def load_snapshot(version: object = None) -> Snapshot:
     """Read the whole gateway configuration from the database (a few queries; never on the request path)."""
     from serving.admission import TenantLimits
+    from serving.guard import guard_from_config
     from serving.models import Adapter, AdapterDeployment, Backend, BackendPool, BaseModel, ModelConfig
     from tenants.models import ApiKey, Policy, Tenant
     from tenants.selectors import effective_quota_tokens
@@ -181,6 +183,7 @@ def load_snapshot(version: object = None) -> Snapshot:
             max_temperature=float(cfg.max_temperature if cfg else defaults["max_temperature"]),
             cache_salt=tenant_cache_salt(t.id),
             models=MappingProxyType(_routes_for(t, cfg, base_models, pools, deployments.get(t.id, ()))),
+            guard=guard_from_config(cfg, label=t.slug),
         )
     return Snapshot(version, time.monotonic(), MappingProxyType(keys), MappingProxyType(tenants), MappingProxyType(pools))
 

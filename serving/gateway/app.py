@@ -517,6 +517,11 @@ class GatewayApp:
         streaming = req.stream
         parts: list[str] = []
         delivered = 0
+        # The tenant's output guard (docs/gateway.md, "Output guard"): None for tenants without one.
+        guard = call.tenant.guard
+        redactor = guard.stream() if guard is not None and streaming else None
+        safe_parts: list[str] = []  # what the redactor released (TGI's final `generated_text`)
+        held_tokens = 0  # tokens whose text the redactor still holds: counted as delivered with the next chunk
         raw_headers = [(k.encode(), str(v).encode()) for k, v in headers.items()]
         async for event in stream:
             if isinstance(event, TokenDelta):
@@ -529,16 +534,23 @@ class GatewayApp:
                     if tgi:
                         fmt.collect(event)
                     continue
+                had_text = bool(event.text)
+                if redactor is not None:
+                    event = _redacted_delta(event, redactor)
+                    safe_parts.append(event.text)
                 chunk = fmt.delta(event)
                 if chunk is None:
                     if event.last:
                         delivered += event.count  # held back (TGI's last token), sent with the finish
+                    elif had_text:
+                        held_tokens += event.count  # its text is held by the guard
                     continue
                 if not call.response_started:
                     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + raw_headers})
                     call.response_started = True
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                delivered += event.count
+                delivered += event.count + held_tokens
+                held_tokens = 0
                 call.output_tokens = delivered
             elif isinstance(event, Finish):
                 call.backend_accepted = True
@@ -549,18 +561,39 @@ class GatewayApp:
                 call.completed = True
                 await self._record(call, wait=True)  # durable before the client sees the end
                 if streaming:
+                    rest = redactor.flush() if redactor is not None else ""
                     if tgi:
-                        final = fmt.end(event, text, call.input_tokens, call.output_tokens)
+                        if redactor is not None:
+                            text = "".join(safe_parts) + rest
+                        final = fmt.end(event, text, call.input_tokens, call.output_tokens, tail=rest)
                     else:
                         final = fmt.end(event, call.input_tokens, call.output_tokens)
+                        if rest:
+                            final = fmt.delta(TokenDelta(rest, 0)) + final
                     if not call.response_started:
                         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + raw_headers})
                         call.response_started = True
                     await send({"type": "http.response.body", "body": final, "more_body": False})
                 else:
+                    if guard is not None:
+                        text = guard.apply(text)
+                        if tgi and fmt.tokens:
+                            guard.redact_tokens(fmt.tokens)
                     body = fmt.body(text, event, call.input_tokens, call.output_tokens)
                     call.response_started = True
                     await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS + raw_headers})
                     await send({"type": "http.response.body", "body": body})
                 return
         raise BackendError("the backend stream ended without a result", error_type="incomplete_generation")
+
+
+def _redacted_delta(event: TokenDelta, redactor) -> TokenDelta:
+    """The delta with its text passed through the tenant's guard (what is not safe yet comes out later).
+
+    TGI token objects keep their id, logprob and special flag; their text is the released text, possibly empty.
+    """
+    safe = redactor.feed(event.text) if event.text else ""
+    token = event.token
+    if token is not None and not token.get("special"):
+        token = {**token, "text": safe}
+    return TokenDelta(safe, event.count, token, event.last)

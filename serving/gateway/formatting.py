@@ -100,8 +100,12 @@ class TGIFormat:
         self.index += 1
         return ("data:" + _dumps({"index": self.index, "token": token, "generated_text": None, "details": None}) + "\n\n").encode()
 
-    def end(self, finish: Finish, text: str, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def end(self, finish: Finish, text: str, prompt_tokens: int, completion_tokens: int, tail: str = "") -> bytes:
+        """`tail`: text the output guard held until the end; it goes into the final token (a special final
+        token then becomes a plain one carrying that text)."""
         token = self._held or {"id": 0, "text": "", "logprob": 0.0, "special": True}
+        if tail:
+            token = {**token, "text": tail, "special": False} if token["special"] else {**token, "text": token["text"] + tail}
         self.index += 1
         details = None
         if self.details:
