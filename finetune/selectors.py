@@ -20,7 +20,6 @@ from serving.models import BackendPool, BaseModel, ModelConfig
 DEFAULT_TRAINING_PRICE_CENTS_PER_MILLION = 300
 # Time preview before any job of a base model has run here (tokens/s of one worker; measured ones replace it).
 DEFAULT_TRAINING_TOKENS_PER_SECOND = 5_000
-BASE_LEARNING_RATE = 2e-4  # LoRA's usual rate; the API's learning_rate_multiplier scales it
 MAX_SEQ_LEN_CAP = 8192  # longest packed row the trainer is given, whatever the model's context
 
 

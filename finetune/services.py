@@ -373,7 +373,7 @@ class JobRunner:
                 valid_examples=valid_examples, output_dir=self.output_dir,
                 hyperparameters={
                     "n_epochs": hp["n_epochs"], "batch_size": hp["batch_size"],
-                    "learning_rate": selectors.BASE_LEARNING_RATE * hp["learning_rate_multiplier"],
+                    "learning_rate": bm.finetune_learning_rate * hp["learning_rate_multiplier"],
                     "lora_r": job.lora["rank"], "lora_alpha": job.lora["alpha"], "lora_dropout": job.lora["dropout"],
                     "target_modules": job.lora["target_modules"], "seed": job.seed,
                     "max_seq_len": selectors.max_seq_len(bm), "log_every": max(1, steps // 100),

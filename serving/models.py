@@ -24,6 +24,9 @@ class BaseModel(models.Model):
     num_key_value_heads = models.PositiveIntegerField(default=0)
     intermediate_size = models.PositiveIntegerField(default=0)
     available_to_all = models.BooleanField(default=True, help_text="Every tenant may use it (subject to its allowed models).")
+    finetune_learning_rate = models.FloatField(
+        default=2e-4, help_text="LoRA learning rate at learning_rate_multiplier 1 (≈ 1e-4–2e-4 for large models; tiny models need more)."
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

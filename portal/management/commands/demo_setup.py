@@ -42,7 +42,9 @@ class Command(BaseCommand):
         config = _model_config(Path(model_path))
         hf_id = read_model_id(Path(model_path)) or "platform/tiny-chat"
         base, _ = BaseModel.objects.update_or_create(
-            name="tiny-chat", defaults={"hf_id": hf_id, "local_path": str(Path(model_path).resolve()), **_shape(config)}
+            name="tiny-chat",
+            # The tiny model learns only at a high rate (LoRA cannot touch its embeddings): 50 examples, ~20 steps.
+            defaults={"hf_id": hf_id, "local_path": str(Path(model_path).resolve()), "finetune_learning_rate": 1e-2, **_shape(config)},
         )
         pool, _ = BackendPool.objects.update_or_create(
             name="dev-tiny", defaults={"base_model": base, "kind": BackendPool.Kind.DEV, "gpu_memory_gb": 80, "gpu_hourly_cost_cents": 400}
