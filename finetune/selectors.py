@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from decimal import Decimal
 from pathlib import Path
 
 from django.conf import settings
@@ -15,17 +16,20 @@ from finetune.models import FineTuneJob, TrainingFile
 from finetune.validation import auto_n_epochs, estimate_cost_cents, validate_jsonl
 from serving.models import BackendPool, BaseModel, ModelConfig
 
-# Billing owns prices later; until then every base model trains at this price (cents per million trained
-# tokens, OpenAI's gpt-4o-mini rate). Read it only through `training_price_cents_per_million`.
+# Used when staff have set no training price for a base model (cents per million trained tokens, OpenAI's
+# gpt-4o-mini rate). Read prices only through `training_price_cents_per_million`.
 DEFAULT_TRAINING_PRICE_CENTS_PER_MILLION = 300
 # Time preview before any job of a base model has run here (tokens/s of one worker; measured ones replace it).
 DEFAULT_TRAINING_TOKENS_PER_SECOND = 5_000
 MAX_SEQ_LEN_CAP = 8192  # longest packed row the trainer is given, whatever the model's context
 
 
-def training_price_cents_per_million(base_model: BaseModel) -> int:
-    """Training price of a base model, in cents per million trained tokens (a constant until billing sets prices)."""
-    return DEFAULT_TRAINING_PRICE_CENTS_PER_MILLION
+def training_price_cents_per_million(base_model: BaseModel) -> Decimal:
+    """Training price of a base model in force today, in cents per million trained tokens (billing's price list)."""
+    from billing.rating import PriceBook, utc_today  # billing owns prices; imported here to keep app loading simple
+
+    price = PriceBook().resolve(model=base_model.name, adapter="", pool_id=None, day=utc_today())
+    return price.training_price if price is not None else Decimal(DEFAULT_TRAINING_PRICE_CENTS_PER_MILLION)
 
 
 def storage_root() -> Path:
@@ -140,7 +144,7 @@ def estimate(*, base_model: BaseModel, tokens_per_epoch: int, n_epochs: int) -> 
     speed = training_tokens_per_second(base_model)
     return {
         "trained_tokens": trained,
-        "price_cents_per_million_tokens": price,
+        "price_cents_per_million_tokens": f"{price.normalize():f}",  # a decimal string: exact money
         "estimated_cost_cents": estimate_cost_cents(tokens_per_epoch, n_epochs, price),
         "estimated_seconds": math.ceil(trained / speed) if speed else None,
         "tokens_per_second": speed,

@@ -7,6 +7,8 @@ Pure library code: no Django, callable from views, Celery tasks and the trainer.
 
 from __future__ import annotations
 
+from decimal import ROUND_CEILING, Decimal
+
 import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -347,11 +349,13 @@ def auto_n_epochs(n_examples: int) -> int:
     return 3
 
 
-def estimate_cost_cents(tokens_per_epoch: int, n_epochs: int, price_cents_per_million: int) -> int:
+def estimate_cost_cents(tokens_per_epoch: int, n_epochs: int, price_cents_per_million: int | Decimal) -> int:
     """Billed cost in integer cents: tokens in the training file × epochs × price, rounded up to a cent.
 
-    Integer arithmetic only (no float drift in money); validation tokens are free, as at OpenAI.
+    Exact decimal arithmetic (no float drift in money; prices may carry sub-cent decimals); validation
+    tokens are free, as at OpenAI.
     """
     if min(tokens_per_epoch, n_epochs, price_cents_per_million) < 0:
         raise ValueError("tokens, epochs and price must be >= 0")
-    return -(-(tokens_per_epoch * n_epochs * price_cents_per_million) // 1_000_000)
+    cents = Decimal(tokens_per_epoch * n_epochs) * Decimal(price_cents_per_million) / 1_000_000
+    return int(cents.to_integral_value(rounding=ROUND_CEILING))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import date
 from pathlib import Path
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
+from billing.models import Price
 from serving.models import Backend, BackendPool, BaseModel, ModelConfig
 from serving.tinymodel import read_model_id
 from tenants import services
@@ -45,6 +47,11 @@ class Command(BaseCommand):
             name="tiny-chat",
             # The tiny model learns only at a high rate (LoRA cannot touch its embeddings): 50 examples, ~20 steps.
             defaults={"hf_id": hf_id, "local_path": str(Path(model_path).resolve()), "finetune_learning_rate": 1e-2, **_shape(config)},
+        )
+        # Demo prices, in cents per million tokens (staff edit them in the admin).
+        Price.objects.get_or_create(
+            base_model=base, adapter=None, pool=None, effective_from=date(2026, 1, 1),
+            defaults={"input_price": 50, "output_price": 150, "training_price": 300},
         )
         pool, _ = BackendPool.objects.update_or_create(
             name="dev-tiny", defaults={"base_model": base, "kind": BackendPool.Kind.DEV, "gpu_memory_gb": 80, "gpu_hourly_cost_cents": 400}
