@@ -120,7 +120,7 @@ def load_snapshot(version: object = None) -> Snapshot:
     """Read the whole gateway configuration from the database (a few queries; never on the request path)."""
     from serving.admission import TenantLimits
     from serving.guard import guard_from_config
-    from serving.models import Adapter, AdapterDeployment, Backend, BackendPool, BaseModel, ModelConfig
+    from serving.models import AdapterDeployment, Backend, BackendPool, BaseModel, ModelConfig
     from tenants.models import ApiKey, Policy, Tenant
     from tenants.selectors import effective_quota_tokens
 

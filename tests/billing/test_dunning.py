@@ -8,7 +8,7 @@ import pytest
 
 from billing import invoicing, services
 from billing.models import BillingAccount, BillingSettings, Invoice
-from tenants.models import AuditEvent, Tenant
+from tenants.models import AuditEvent
 from tenants.services import SYSTEM, tenant_set_status
 from tests.billing.conftest import invoice_event, post_webhook, price, usage, utc
 

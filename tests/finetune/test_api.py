@@ -59,19 +59,6 @@ FAULTS = {2: "invalid_json", 3: "not_an_object", 4: "unknown_format", 5: "messag
           11: "invalid_weight", 12: "unknown_key", 13: "content_not_string", 14: "last_not_assistant"}
 
 
-@pytest.fixture(autouse=True)
-def _storage(settings, tmp_path):
-    settings.STORAGE_DIR = tmp_path / "storage"
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-@pytest.fixture
-def base_model(db, tiny_model_path):
-    return BaseModel.objects.create(name="tiny-chat", hf_id="platform/tiny-chat", local_path=str(tiny_model_path),
-                                    context_length=1024, hidden_size=64, num_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=4, intermediate_size=176)
-
-
 def key_client(tenant, owner, scopes=("finetune",)) -> APIClient:
     _, secret = services.api_key_create(tenant=tenant, name="ft", scopes=list(scopes), actor=Actor(user=owner))
     client = APIClient()
@@ -87,16 +74,6 @@ def api(world):
 @pytest.fixture
 def outsider_api(world):
     return key_client(world.other_tenant, world.outsider)
-
-
-@pytest.fixture(autouse=True)
-def _no_broker(monkeypatch):
-    """Jobs are enqueued on commit; tests run the task themselves."""
-    from finetune import tasks
-
-    sent = []
-    monkeypatch.setattr(tasks.run_finetune_job, "delay", lambda *args: sent.append(args))
-    return sent
 
 
 def upload(client, data: bytes, name: str = "train.jsonl", **extra):

@@ -12,7 +12,7 @@ from finetune.tasks import run_finetune_job
 from serving.models import Backend, BackendPool, BaseModel
 from tenants import services
 from tenants.services import Actor
-from tests.finetune.test_api import _no_broker, zebra_dataset  # noqa: F401 (fixture)
+from tests.finetune.test_api import zebra_dataset
 
 urlpatterns = [
     path("v1/", include(ft_urls.v1_patterns)),

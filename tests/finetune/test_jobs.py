@@ -11,7 +11,7 @@ from finetune import lora_math, selectors, services
 from finetune.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingUsage
 from finetune.tasks import run_finetune_job
 from tenants.services import Actor
-from tests.finetune.test_api import _no_broker, _storage, base_model, zebra_dataset  # noqa: F401 (fixtures)
+from tests.finetune.test_api import zebra_dataset
 
 HP = {"n_epochs": 3, "batch_size": 5, "learning_rate_multiplier": 50}  # 30 steps at lr 1e-2 on 50 examples
 LORA = {"rank": 8, "alpha": 16}

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from serving.gateway import GatewayApp
+from serving.gateway.settings import GatewaySettings
+from tests.serving.test_gateway_support import GatewayServer
+
 
 @pytest.fixture(scope="session")
 def lora_adapter_path(tiny_model_path, tmp_path_factory):
@@ -24,3 +28,25 @@ def lora_adapter_path(tiny_model_path, tmp_path_factory):
     path = tmp_path_factory.mktemp("lora") / "adapter"
     peft_model.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def gateway_factory(transactional_db):
+    """Start gateways (after the test has created its data); all are stopped at the end."""
+    from serving.admission import reset_admission
+    from serving.scheduler import reset_scheduler
+
+    servers = []
+
+    def start(**settings) -> GatewayServer:
+        reset_admission()  # both hold asyncio state bound to the previous test's event loop
+        reset_scheduler()
+        opts = dict(health_interval_s=0.2, health_timeout_s=1.0, config_poll_s=0.1, connect_timeout_s=1.0, read_timeout_s=30)
+        opts.update(settings)
+        server = GatewayServer(GatewayApp(settings=GatewaySettings(**opts))).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -7,7 +7,7 @@ from django.urls import reverse
 
 from serving.models import BackendPool, BaseModel, ModelConfig, UsageRecord
 from tenants import services
-from tenants.models import AuditEvent, Policy
+from tenants.models import AuditEvent
 from tests.conftest import PASSWORD
 
 

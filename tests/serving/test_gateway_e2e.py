@@ -14,7 +14,6 @@ from tests.serving.test_gateway_support import (
     ADAPTER_B,
     deploy_adapter,
     dev_stats,
-    gateway_factory,  # noqa: F401 - fixture
     http_json,
     make_base_model,
     make_key,

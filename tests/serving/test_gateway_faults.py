@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import pytest
 from openai import OpenAI
@@ -14,7 +13,6 @@ from serving.models import UsageRecord
 from tests.serving.test_gateway_support import (
     closed_port_url,
     dev_stats,
-    gateway_factory,  # noqa: F401 - fixture
     make_base_model,
     make_key,
     make_pool,

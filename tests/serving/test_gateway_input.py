@@ -12,7 +12,6 @@ from tenants import services
 from tenants.models import Tenant
 from tests.serving.test_gateway_support import (
     dev_stats,
-    gateway_factory,  # noqa: F401 - fixture
     make_base_model,
     make_key,
     make_pool,
@@ -146,7 +145,7 @@ def test_health_is_persisted_for_the_admin(world, gateway_factory):
     from tests.serving.test_gateway_support import closed_port_url
 
     make_pool("shared", make_base_model(), [closed_port_url()])
-    gw = gateway_factory(health_persist_s=0.2)
+    gateway_factory(health_persist_s=0.2)
     backend = Backend.objects.get()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:

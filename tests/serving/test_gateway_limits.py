@@ -8,7 +8,6 @@ from serving.admission import get_admission
 from tenants import services
 from tenants.models import AuditEvent
 from tests.serving.test_gateway_support import (
-    gateway_factory,  # noqa: F401 - fixture
     make_base_model,
     make_key,
     make_pool,

@@ -14,11 +14,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
 import uvicorn
 
 from serving.gateway import GatewayApp
-from serving.gateway.settings import GatewaySettings
 from serving.models import Adapter, AdapterDeployment, Backend, BackendPool, BaseModel, ModelConfig
 from tenants import services
 from tenants.models import ApiKey
@@ -125,28 +123,6 @@ class GatewayServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
-
-
-@pytest.fixture
-def gateway_factory(transactional_db):
-    """Start gateways (after the test has created its data); all are stopped at the end."""
-    from serving.admission import reset_admission
-    from serving.scheduler import reset_scheduler
-
-    servers = []
-
-    def start(**settings) -> GatewayServer:
-        reset_admission()  # both hold asyncio state bound to the previous test's event loop
-        reset_scheduler()
-        opts = dict(health_interval_s=0.2, health_timeout_s=1.0, config_poll_s=0.1, connect_timeout_s=1.0, read_timeout_s=30)
-        opts.update(settings)
-        server = GatewayServer(GatewayApp(settings=GatewaySettings(**opts))).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 # ---- platform data ---------------------------------------------------------------------------------

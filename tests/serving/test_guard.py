@@ -13,7 +13,6 @@ import pytest
 
 from serving.guard import BLOCKED, MAX_HOLD, REDACTED, build_guard, guard_from_config, luhn_ok
 from tests.serving.test_gateway_support import (
-    gateway_factory,  # noqa: F401 - fixture
     make_base_model,
     make_key,
     make_pool,
