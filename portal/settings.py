@@ -86,7 +86,13 @@ except ValueError as exc:
     raise ImproperlyConfigured(f"DATABASE_URL is not a database URL ({exc}). Example: postgres://user@host:5432/db") from None
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["CONN_MAX_AGE"] = 0
-    DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
+    # WAL lets the gateway's ledger commit while pages read; synchronous=NORMAL drops an fsync per commit
+    # (an OS crash may lose the last commits, a process crash loses nothing): the embedded mode only.
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 20,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Redis: unset = embedded in-process mode (limits and counters per process; said so in the console).

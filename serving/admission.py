@@ -35,7 +35,7 @@ WARN_FRACTION = 0.8
 CONCURRENCY_LEASE_MS = 15 * 60 * 1000  # a crashed process's slots free themselves after this
 REDIS_RETRY_S = 1.0
 
-OK, CONCURRENCY, RPM, TPM, TPM_TOO_LARGE, QUOTA, NEED_SEED = 0, 1, 2, 3, 4, 5, 9
+OK, CONCURRENCY, RPM, TPM, TPM_TOO_LARGE, QUOTA, QUOTA_RESERVED, NEED_SEED = 0, 1, 2, 3, 4, 5, 6, 9
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,11 @@ def _refusal(status: int, limits: TenantLimits, retry_ms: int, tokens: int, tpm:
             f"This request reserves {tokens} tokens (prompt + max_tokens), more than your limit of {tpm} tokens per minute. "
             "Lower max_tokens or shorten the prompt."
         ), 60
+    if status == QUOTA_RESERVED:
+        return "insufficient_quota", "insufficient_quota", (
+            f"Requests in flight have reserved the rest of your quota of {limits.quota_tokens:,} tokens for this "
+            f"{limits.quota_window}; what they do not use is released when they finish. Retry after {retry} s."
+        ), retry
     _, end = window_bounds(limits.quota_window)
     retry = max(1, math.ceil((end - datetime.now(timezone.utc)).total_seconds()))
     return "insufficient_quota", "insufficient_quota", (
@@ -263,7 +268,8 @@ class LocalAdmission:
         elif eff_tpm and t_tokens < n:
             status, retry = TPM, math.ceil((n - t_tokens) * 60000 / eff_tpm)
         elif hard and limits.quota_tokens and quota["used"] + quota["reserved"] + n > limits.quota_tokens:
-            status = QUOTA
+            # Only in-flight reservations in the way? They settle within seconds: retry soon, not next window.
+            status, retry = (QUOTA_RESERVED, 1000) if quota["used"] + n <= limits.quota_tokens else (QUOTA, 0)
         warn = 0
         if status == OK:
             if rpm:

@@ -43,7 +43,11 @@ elseif eff_tpm > 0 and n > eff_tpm then
 elseif eff_tpm > 0 and t_tokens < n then
   status, retry = 3, math.ceil((n - t_tokens) * 60000 / eff_tpm)
 elseif hard and quota > 0 and used + reserved + n > quota then
-  status, retry = 5, 0
+  if used + n <= quota then
+    status, retry = 6, 1000  -- only in-flight reservations are in the way: they settle within seconds
+  else
+    status, retry = 5, 0
+  end
 end
 
 local warn = 0
