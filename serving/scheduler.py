@@ -33,6 +33,8 @@ INPUT_WEIGHT, OUTPUT_WEIGHT = 1, 2  # cost = input + 2 · output, as in the pape
 THROTTLED_WEIGHT_FACTOR = 0.1
 SLOT_LEASE_MS = 15 * 60 * 1000
 REMOTE_POLL_S = 0.005  # how often a waiting process looks for slots freed by other processes
+BACKLOG_STALE_MS = 2000  # a process that stops refreshing its backlog entries (crashed) is ignored after this
+HEARTBEAT_S = 0.25
 LUA_DIR = Path(__file__).with_name("lua")
 
 
@@ -47,6 +49,7 @@ class Slot:
     slot_id: str
     weight: float
     predicted_output: int
+    input_tokens: int = 0
     queued_s: float = 0.0
 
 
@@ -64,19 +67,23 @@ class _Waiter:
 
 
 class LocalState:
+    """Slots and counters in this process (the embedded default)."""
+
+    shared = False
+
     def __init__(self):
-        self._slots: dict[int, set[str]] = {}
+        self._slots: dict[int, dict[str, int]] = {}  # pool -> slot id -> tenant
         self._counters: dict[int, dict[int, float]] = {}
 
-    async def take_slot(self, pool_id: int, capacity: int, slot_id: str) -> bool:
-        slots = self._slots.setdefault(pool_id, set())
+    async def take_slot(self, pool_id: int, capacity: int, slot_id: str, tenant_id: int, *, fair: bool = True) -> bool:
+        slots = self._slots.setdefault(pool_id, {})
         if len(slots) >= capacity:
             return False
-        slots.add(slot_id)
+        slots[slot_id] = tenant_id
         return True
 
-    async def free_slot(self, pool_id: int, slot_id: str) -> None:
-        self._slots.get(pool_id, set()).discard(slot_id)
+    async def free_slot(self, pool_id: int, slot_id: str, tenant_id: int) -> None:
+        self._slots.get(pool_id, {}).pop(slot_id, None)
 
     async def counters(self, pool_id: int, tenants: list[int]) -> dict[int, float]:
         c = self._counters.setdefault(pool_id, {})
@@ -86,24 +93,39 @@ class LocalState:
         c = self._counters.setdefault(pool_id, {})
         c[tenant_id] = c.get(tenant_id, 0.0) + amount
 
-    async def lift(self, pool_id: int, tenant_id: int, floor: float) -> None:
+    async def join_backlog(self, pool_id: int, tenant_id: int, local_backlogged: list[int]) -> None:
+        """Lift a newly backlogged tenant to the smallest counter of the others backlogged."""
         c = self._counters.setdefault(pool_id, {})
-        c[tenant_id] = max(c.get(tenant_id, 0.0), floor)
+        others = [c.get(t, 0.0) for t in local_backlogged if t != tenant_id]
+        if others:
+            c[tenant_id] = max(c.get(tenant_id, 0.0), min(others))
+
+    async def leave_backlog(self, pool_id: int, tenant_id: int) -> None:
+        return None
+
+    async def heartbeat(self, pool_id: int, tenants: list[int]) -> None:
+        return None
 
     async def in_use(self, pool_id: int) -> int:
         return len(self._slots.get(pool_id, ()))
 
-    shared = False
-
 
 class RedisState:
+    """Slots, counters and the backlog of a pool in Redis, shared by every gateway process.
+
+    Each process registers the tenants it has waiting (with a heartbeat); a slot is refused to a tenant
+    while another process has a tenant waiting that goes first, so a light tenant behind one process is
+    not overtaken by a heavy one behind another.
+    """
+
     shared = True
 
     def __init__(self, url: str):
         self.url = url
+        self.proc = uuid.uuid4().hex[:10]  # this process in the pool's backlog
         self._clients: dict[int, object] = {}
         self._take_src = (LUA_DIR / "slot_take.lua").read_text()
-        self._lift_src = (LUA_DIR / "vtc_lift.lua").read_text()
+        self._join_src = (LUA_DIR / "backlog_join.lua").read_text()
 
     def _client(self):
         import redis.asyncio as aioredis
@@ -113,7 +135,7 @@ class RedisState:
         if client is None:
             pool = aioredis.BlockingConnectionPool.from_url(self.url, max_connections=32, timeout=5, socket_timeout=1, decode_responses=True)
             client = aioredis.Redis(connection_pool=pool)
-            client._platform_scripts = (client.register_script(self._take_src), client.register_script(self._lift_src))
+            client._platform_scripts = (client.register_script(self._take_src), client.register_script(self._join_src))
             self._clients[loop_id] = client
         return client
 
@@ -121,12 +143,14 @@ class RedisState:
     def _key(pool_id: int, what: str) -> str:
         return f"mtl:{{p{pool_id}}}:{what}"
 
-    async def take_slot(self, pool_id: int, capacity: int, slot_id: str) -> bool:
+    async def take_slot(self, pool_id: int, capacity: int, slot_id: str, tenant_id: int, *, fair: bool = True) -> bool:
         c = self._client()
-        return bool(await c._platform_scripts[0](keys=[self._key(pool_id, "slots")], args=[slot_id, capacity, SLOT_LEASE_MS]))
+        keys = [self._key(pool_id, "slots"), self._key(pool_id, "vtc"), self._key(pool_id, "waiting")]
+        args = [slot_id, capacity, SLOT_LEASE_MS, tenant_id, BACKLOG_STALE_MS, "1" if fair else "0"]
+        return bool(await c._platform_scripts[0](keys=keys, args=args))
 
-    async def free_slot(self, pool_id: int, slot_id: str) -> None:
-        await self._client().zrem(self._key(pool_id, "slots"), slot_id)
+    async def free_slot(self, pool_id: int, slot_id: str, tenant_id: int) -> None:
+        await self._client().zrem(self._key(pool_id, "slots"), f"{tenant_id}:{slot_id}")
 
     async def counters(self, pool_id: int, tenants: list[int]) -> dict[int, float]:
         values = await self._client().hmget(self._key(pool_id, "vtc"), [str(t) for t in tenants])
@@ -135,9 +159,18 @@ class RedisState:
     async def add(self, pool_id: int, tenant_id: int, amount: float) -> None:
         await self._client().hincrbyfloat(self._key(pool_id, "vtc"), str(tenant_id), amount)
 
-    async def lift(self, pool_id: int, tenant_id: int, floor: float) -> None:
+    async def join_backlog(self, pool_id: int, tenant_id: int, local_backlogged: list[int]) -> None:
         c = self._client()
-        await c._platform_scripts[1](keys=[self._key(pool_id, "vtc")], args=[str(tenant_id), repr(floor)])
+        keys = [self._key(pool_id, "vtc"), self._key(pool_id, "waiting")]
+        await c._platform_scripts[1](keys=keys, args=[self.proc, tenant_id, BACKLOG_STALE_MS])
+
+    async def leave_backlog(self, pool_id: int, tenant_id: int) -> None:
+        await self._client().hdel(self._key(pool_id, "waiting"), f"{self.proc}|{tenant_id}")
+
+    async def heartbeat(self, pool_id: int, tenants: list[int]) -> None:
+        if tenants:
+            now_ms = int(time.time() * 1000)
+            await self._client().hset(self._key(pool_id, "waiting"), mapping={f"{self.proc}|{t}": now_ms for t in tenants})
 
     async def in_use(self, pool_id: int) -> int:
         c = self._client()
@@ -151,10 +184,11 @@ class RedisState:
 class _PoolQueue:
     def __init__(self):
         self.queues: dict[int, deque[_Waiter]] = {}
+        self.running: dict[int, int] = {}  # tenant -> requests of this process holding a slot
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.capacity = 1
-        self.dispatched_tokens: dict[int, int] = {}
+        self.last_beat = 0.0
 
     def backlogged(self) -> list[int]:
         return [t for t, q in self.queues.items() if q]
@@ -183,6 +217,19 @@ class FairScheduler:
             guess = max_output_tokens / 2
         return max(1, min(max_output_tokens, round(guess)))
 
+    def _new_slot_id(self) -> str:
+        return f"{uuid.uuid4().hex[:12]}{next(self._ids)}"
+
+    async def _take(self, pool_id: int, pq: _PoolQueue, tenant_id: int, slot_id: str) -> bool:
+        ok = await self.state.take_slot(pool_id, pq.capacity, slot_id, tenant_id, fair=self.policy == "vtc")
+        if ok:
+            pq.running[tenant_id] = pq.running.get(tenant_id, 0) + 1
+        return ok
+
+    async def _charge(self, pool_id: int, slot: Slot) -> Slot:
+        await self.state.add(pool_id, slot.tenant_id, (INPUT_WEIGHT * slot.input_tokens + OUTPUT_WEIGHT * slot.predicted_output) / slot.weight)
+        return slot
+
     async def acquire(
         self,
         *,
@@ -200,19 +247,15 @@ class FairScheduler:
         pq.capacity = max(1, capacity)
         eff_weight = max(float(weight), 1e-3) * (THROTTLED_WEIGHT_FACTOR if throttled else 1.0)
         predicted = self.predict_output(tenant_id, max_output_tokens)
-        slot_id = f"{uuid.uuid4().hex[:12]}{next(self._ids)}"
-        # Fast path: nobody waits here and a slot is free.
-        if not pq.backlogged() and await self.state.take_slot(pool_id, pq.capacity, slot_id):
-            await self.state.add(pool_id, tenant_id, (INPUT_WEIGHT * input_tokens + OUTPUT_WEIGHT * predicted) / eff_weight)
-            pq.dispatched_tokens[tenant_id] = pq.dispatched_tokens.get(tenant_id, 0) + input_tokens
-            return Slot(pool_id, tenant_id, slot_id, eff_weight, predicted)
+        # Fast path: nobody waits in this process and a slot is free (and, with Redis, no other process has
+        # a tenant waiting that goes first).
+        slot_id = self._new_slot_id()
+        if not pq.backlogged() and await self._take(pool_id, pq, tenant_id, slot_id):
+            return await self._charge(pool_id, Slot(pool_id, tenant_id, slot_id, eff_weight, predicted, input_tokens))
         waiter = _Waiter(asyncio.get_running_loop().create_future(), tenant_id, eff_weight, input_tokens, predicted)
         queue = pq.queues.setdefault(tenant_id, deque())
         if not queue:
-            others = [t for t in pq.backlogged() if t != tenant_id]
-            if others:
-                floor = min((await self.state.counters(pool_id, others)).values())
-                await self.state.lift(pool_id, tenant_id, floor)
+            await self.state.join_backlog(pool_id, tenant_id, pq.backlogged())
         queue.append(waiter)
         if pq.task is None or pq.task.done():
             pq.task = asyncio.get_running_loop().create_task(self._dispatch_loop(pool_id, pq))
@@ -223,7 +266,9 @@ class FairScheduler:
         except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
             if waiter in queue:
                 queue.remove(waiter)
-            if waiter.future.done() and not waiter.future.cancelled():
+                if not queue:
+                    await self.state.leave_backlog(pool_id, tenant_id)
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
                 await self.release(waiter.future.result(), input_tokens=0, output_tokens=0, refund=True)
             else:
                 waiter.future.cancel()
@@ -246,19 +291,26 @@ class FairScheduler:
                     if not waiter.future.done():
                         waiter.future.set_exception(exc)
 
+    def _next_tenant(self, pq: _PoolQueue, backlogged: list[int], counters: dict[int, float] | None) -> int:
+        """FCFS: the oldest request. VTC: the smallest counter; on a tie, fewer running, then the oldest."""
+        if counters is None:
+            return min(backlogged, key=lambda t: pq.queues[t][0].enqueued)
+        return min(backlogged, key=lambda t: (counters[t], pq.running.get(t, 0), pq.queues[t][0].enqueued))
+
     async def _dispatch(self, pool_id: int, pq: _PoolQueue) -> None:
         while True:
             backlogged = pq.backlogged()
             if not backlogged:
                 return
-            if self.policy == "fcfs":  # the baseline the benchmarks compare with: oldest request first
-                tenant_id = min(backlogged, key=lambda t: pq.queues[t][0].enqueued)
-            else:
-                counters = await self.state.counters(pool_id, backlogged)
-                tenant_id = min(backlogged, key=lambda t: (counters[t], pq.queues[t][0].enqueued))
+            now = time.monotonic()
+            if self.state.shared and now - pq.last_beat >= HEARTBEAT_S:
+                await self.state.heartbeat(pool_id, backlogged)
+                pq.last_beat = now
+            counters = await self.state.counters(pool_id, backlogged) if self.policy == "vtc" else None
+            tenant_id = self._next_tenant(pq, backlogged, counters)
             waiter = pq.queues[tenant_id][0]
-            slot_id = f"{uuid.uuid4().hex[:12]}{next(self._ids)}"
-            if not await self.state.take_slot(pool_id, pq.capacity, slot_id):
+            slot_id = self._new_slot_id()
+            if not await self._take(pool_id, pq, tenant_id, slot_id):
                 pq.wake.clear()
                 try:
                     # Local releases wake us at once; slots freed by other processes are found by polling.
@@ -267,27 +319,34 @@ class FairScheduler:
                     pass
                 continue
             pq.queues[tenant_id].popleft()
+            if not pq.queues[tenant_id]:
+                await self.state.leave_backlog(pool_id, tenant_id)
+            slot = Slot(pool_id, tenant_id, slot_id, waiter.weight, waiter.predicted_output, waiter.input_tokens)
             if waiter.future.done():  # gave up meanwhile
-                await self.state.free_slot(pool_id, slot_id)
+                await self._free(pq, slot)
                 continue
-            await self.state.add(pool_id, tenant_id, (INPUT_WEIGHT * waiter.input_tokens + OUTPUT_WEIGHT * waiter.predicted_output) / waiter.weight)
-            pq.dispatched_tokens[tenant_id] = pq.dispatched_tokens.get(tenant_id, 0) + waiter.input_tokens
-            waiter.future.set_result(Slot(pool_id, tenant_id, slot_id, waiter.weight, waiter.predicted_output))
+            waiter.future.set_result(await self._charge(pool_id, slot))
+
+    async def _free(self, pq: _PoolQueue | None, slot: Slot) -> None:
+        await self.state.free_slot(slot.pool_id, slot.slot_id, slot.tenant_id)
+        if pq is not None:
+            pq.running[slot.tenant_id] = max(0, pq.running.get(slot.tenant_id, 0) - 1)
+            pq.wake.set()
 
     async def release(self, slot: Slot, *, input_tokens: int, output_tokens: int, refund: bool = False) -> None:
-        """Free the slot and correct the charge: real output replaces the prediction."""
-        await self.state.free_slot(slot.pool_id, slot.slot_id)
+        """Free the slot and correct the charge: real output replaces the prediction.
+
+        refund=True: the request never ran (no backend took it), so its whole charge is taken back.
+        """
         if refund:
-            correction = -(INPUT_WEIGHT * input_tokens + OUTPUT_WEIGHT * slot.predicted_output) / slot.weight
+            correction = -(INPUT_WEIGHT * slot.input_tokens + OUTPUT_WEIGHT * slot.predicted_output) / slot.weight
         else:
             correction = OUTPUT_WEIGHT * (output_tokens - slot.predicted_output) / slot.weight
             prev = self._predicted.get(slot.tenant_id)
             self._predicted[slot.tenant_id] = output_tokens if prev is None else 0.8 * prev + 0.2 * output_tokens
         if correction:
             await self.state.add(slot.pool_id, slot.tenant_id, correction)
-        pq = self._pools.get((id(asyncio.get_running_loop()), slot.pool_id))
-        if pq is not None:
-            pq.wake.set()
+        await self._free(self._pools.get((id(asyncio.get_running_loop()), slot.pool_id)), slot)
 
     async def snapshot(self, pool_id: int) -> dict:
         """Load and queues of a pool as this process sees them (staff live view)."""

@@ -1,11 +1,37 @@
--- Take one of a pool's `capacity` slots if one is free. Slots are leases, so a crashed process's slots expire.
--- KEYS: 1 slots zset.  ARGV: 1 slot id, 2 capacity, 3 lease ms
+-- Take one of a pool's `capacity` slots for a tenant, unless another process has a tenant waiting that
+-- goes first: a smaller virtual counter, or an equal one with fewer requests running (a lifted newcomer
+-- beats a busy tenant it ties with). Slots are leases, so a crashed process's slots expire.
+-- KEYS: 1 slots zset (member "<tenant>:<id>"), 2 counters hash, 3 waiting hash ("<proc>|<tenant>" -> beat ms)
+-- ARGV: 1 slot id, 2 capacity, 3 lease ms, 4 tenant, 5 stale ms, 6 '1' to respect other processes' backlog (VTC), '0' (FCFS)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+if #members >= tonumber(ARGV[2]) then
   return 0
 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+local running = {}
+for _, m in ipairs(members) do
+  local owner = string.match(m, '^([^:]+):')
+  running[owner] = (running[owner] or 0) + 1
+end
+local me = ARGV[4]
+local my_c = tonumber(redis.call('HGET', KEYS[2], me) or '0')
+local my_r = running[me] or 0
+local waiting = redis.call('HGETALL', KEYS[3])
+local stale = now - tonumber(ARGV[5])
+for i = 1, (ARGV[6] == '1' and #waiting or 0), 2 do
+  local member, beat = waiting[i], tonumber(waiting[i + 1])
+  local other = string.match(member, '|(.+)$')
+  if beat < stale then
+    redis.call('HDEL', KEYS[3], member)
+  elseif other ~= me then
+    local c = tonumber(redis.call('HGET', KEYS[2], other) or '0')
+    if c < my_c - 1e-9 or (math.abs(c - my_c) <= 1e-9 and (running[other] or 0) < my_r) then
+      return 0
+    end
+  end
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), me .. ':' .. ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1

@@ -168,3 +168,40 @@ def test_weight_change_while_loaded_takes_effect_for_the_next_dispatches(sched):
     early, late = order[:20], order[30:60]
     assert abs(early.count(2) - early.count(1)) <= 4  # equal weights: about even
     assert late.count(2) >= 2 * late.count(1)  # weight 4 vs 1 once the change applies
+
+
+def test_a_lifted_newcomer_goes_before_the_busy_tenant_it_ties_with(sched):
+    pool, order = new_pool(), []
+
+    async def scenario():
+        blocker = await sched.acquire(pool_id=pool, capacity=2, tenant_id=99, weight=1, input_tokens=1, max_output_tokens=1)
+        heavy = [asyncio.create_task(_serve(sched, pool, 2, 1, 1, order, hold_s=0.05)) for _ in range(10)]
+        await asyncio.sleep(0.02)  # one heavy request runs, nine wait
+        light = asyncio.create_task(_serve(sched, pool, 2, 2, 1, order, hold_s=0.01))
+        await asyncio.sleep(0.01)  # lifted to the heavy tenant's counter: a tie
+        await sched.release(blocker, input_tokens=1, output_tokens=1)
+        await asyncio.gather(*heavy, light)
+
+    asyncio.run(scenario())
+    assert order[:2] == [1, 2]  # the tie goes to the tenant with nothing running
+
+
+def test_processes_respect_each_others_backlog():
+    """Two gateway processes on one Redis: a light tenant waiting in B is not overtaken by A's heavy tenant."""
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        pytest.skip("needs Redis: set REDIS_URL (CI starts one)")
+    a, b = FairScheduler(RedisState(url)), FairScheduler(RedisState(url))
+    pool, order = new_pool(), []
+
+    async def scenario():
+        heavy = [asyncio.create_task(_serve(a, pool, 2, 1, 1, order, hold_s=0.02)) for _ in range(30)]
+        await asyncio.sleep(0.1)  # tenant 1 has been served for a while in process A
+        started = len(order)
+        light = [asyncio.create_task(_serve(b, pool, 2, 2, 1, order, hold_s=0.02)) for _ in range(3)]
+        await asyncio.gather(*heavy, *light)
+        return started
+
+    started = asyncio.run(scenario())
+    after = order[started : started + 8]
+    assert after.count(2) == 3, after  # B's three light requests go within the next few slots, despite A's queue
