@@ -24,6 +24,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from finetune import lora_math, selectors
+from finetune.hub import hub_enabled
 from finetune.models import LEASE_SECONDS, FineTuneJob, JobCheckpoint, JobEvent, TrainingFile, TrainingUsage
 from finetune.validation import validate_jsonl
 from serving.models import Adapter, BaseModel
@@ -444,6 +445,10 @@ class JobRunner:
             size_bytes=sum(f.stat().st_size for f in Path(result.adapter_dir).iterdir() if f.is_file()))
         FineTuneJob.objects.for_tenant(self.tenant_id).filter(pk=job.pk).update(adapter=adapter)
         _usage(job, result.trained_tokens)
+        if hub_enabled():
+            from finetune.tasks import push_adapter_to_hub
+
+            push_adapter_to_hub.delay_on_commit(adapter.pk, job.tenant_id)
         resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step else ""
         _event(job, f"New fine-tuned model created: {name}{resumed}")
         _event(job, f"The job has successfully completed; {result.trained_tokens:,} tokens trained")

@@ -25,3 +25,16 @@ def requeue_stale_jobs() -> int:
     for job_id, tenant_id in stale:
         run_finetune_job.delay(job_id, tenant_id)
     return len(stale)
+
+
+@shared_task(bind=True, name="finetune.tasks.push_adapter_to_hub", max_retries=5, default_retry_delay=60)
+def push_adapter_to_hub(self, adapter_id: int, tenant_id: int) -> str:
+    """Copy a trained adapter to the tenant's private Hub repository (runs where the adapter files are)."""
+    from finetune.hub import adapter_push_to_hub
+    from serving.models import Adapter
+
+    adapter = Adapter.objects.for_tenant(tenant_id).select_related("tenant").get(pk=adapter_id)
+    try:
+        return adapter_push_to_hub(adapter=adapter)
+    except OSError as exc:  # network or Hub trouble: try again later
+        raise self.retry(exc=exc)

@@ -180,6 +180,10 @@ PLATFORM_MAX_PROMPT_CHARS = env_int("PLATFORM_MAX_PROMPT_CHARS", 20_000, minimum
 FINETUNE_MAX_UPLOAD_BYTES = env_int("PLATFORM_FINETUNE_MAX_UPLOAD_BYTES", 50 * 1024 * 1024, minimum=1024)
 FINETUNE_MAX_CONCURRENT_JOBS = env_int("PLATFORM_FINETUNE_MAX_CONCURRENT_JOBS", 2, minimum=1)  # per tenant
 
+# Optional: push every trained adapter to a private Hugging Face Hub repository per tenant.
+PLATFORM_HF_HUB_TOKEN = env_str("PLATFORM_HF_HUB_TOKEN")
+PLATFORM_HF_HUB_NAMESPACE = env_str("PLATFORM_HF_HUB_NAMESPACE")  # user or organisation owning the repositories
+
 # Gateway limits and scheduling (docs/limits.md).
 PLATFORM_SOFT_THROTTLE_TPM = env_int("PLATFORM_SOFT_THROTTLE_TPM", 1000, minimum=1)
 PLATFORM_QUEUE_TIMEOUT_S = env_int("PLATFORM_QUEUE_TIMEOUT_S", 30, minimum=1)

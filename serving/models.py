@@ -92,6 +92,7 @@ class Adapter(TenantOwnedModel):
     target_modules = models.JSONField(default=list)
     parameters = models.PositiveBigIntegerField(default=0)
     size_bytes = models.PositiveBigIntegerField(default=0)
+    hub_repo = models.CharField(max_length=200, blank=True, help_text="Private Hugging Face Hub copy: repo id and folder, once pushed.")
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta(TenantOwnedModel.Meta):
