@@ -7,7 +7,7 @@ bash scripts/setup.sh
 export PLATFORM_VAR_DIR=${PLATFORM_VAR_DIR:-$PWD/var}
 PORT=${PORT:-8000}
 BACKEND_PORT=${BACKEND_PORT:-8081}
-mkdir -p "$PLATFORM_VAR_DIR/log" "$PLATFORM_VAR_DIR/celery/queue" "$PLATFORM_VAR_DIR/celery/processed"
+mkdir -p "$PLATFORM_VAR_DIR/log" "$PLATFORM_VAR_DIR/celery/queue" "$PLATFORM_VAR_DIR/celery/processed" "$PLATFORM_VAR_DIR/celery/control"
 PY=.venv/bin/python
 
 $PY manage.py migrate --noinput >/dev/null
