@@ -334,14 +334,17 @@ class FairScheduler:
             pq.wake.set()
 
     async def release(self, slot: Slot, *, input_tokens: int, output_tokens: int, refund: bool = False) -> None:
-        """Free the slot and correct the charge: real output replaces the prediction.
+        """Free the slot and correct the charge: the real prompt and output replace the estimate and prediction.
 
         refund=True: the request never ran (no backend took it), so its whole charge is taken back.
         """
         if refund:
             correction = -(INPUT_WEIGHT * slot.input_tokens + OUTPUT_WEIGHT * slot.predicted_output) / slot.weight
         else:
-            correction = OUTPUT_WEIGHT * (output_tokens - slot.predicted_output) / slot.weight
+            # The dispatch charge used an estimate of the prompt and a prediction of the output: settle both.
+            correction = (
+                INPUT_WEIGHT * (input_tokens - slot.input_tokens) + OUTPUT_WEIGHT * (output_tokens - slot.predicted_output)
+            ) / slot.weight
             prev = self._predicted.get(slot.tenant_id)
             self._predicted[slot.tenant_id] = output_tokens if prev is None else 0.8 * prev + 0.2 * output_tokens
         if correction:

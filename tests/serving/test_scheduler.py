@@ -115,16 +115,16 @@ def test_capacity_is_never_exceeded(sched):
     assert peak[0] == 3
 
 
-def test_output_charge_is_corrected_at_release():
+def test_charge_is_corrected_to_the_real_prompt_and_output_at_release():
     sched = FairScheduler(LocalState())
 
     async def scenario():
         slot = await sched.acquire(pool_id=1, capacity=1, tenant_id=7, weight=2, input_tokens=10, max_output_tokens=100)
         assert slot.predicted_output == 50
-        await sched.release(slot, input_tokens=10, output_tokens=20)
+        await sched.release(slot, input_tokens=8, output_tokens=20)  # the prompt estimate was 10, the real count 8
         return (await sched.state.counters(1, [7]))[7]
 
-    assert asyncio.run(scenario()) == pytest.approx((10 + 2 * 20) / 2)
+    assert asyncio.run(scenario()) == pytest.approx((8 + 2 * 20) / 2)
 
 
 def test_fcfs_baseline_serves_in_arrival_order():
