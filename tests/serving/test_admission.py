@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 import uuid
 
 import pytest
@@ -65,7 +66,8 @@ def test_tokens_per_minute_reserves_and_refunds(adm):
         await adm.settle(a.reservation, used_tokens=100)  # refunds 500
         c = await adm.admit(lim, request_id="c" + uuid.uuid4().hex, reserve_tokens=600)
         assert c.allowed
-        assert int(c.headers["x-ratelimit-remaining-tokens"]) in (299, 300)
+        # 1000 − 600 + 500 refunded − 600 = 300, plus what refilled meanwhile (1000/min ≈ 17 tokens/s)
+        assert 299 <= int(c.headers["x-ratelimit-remaining-tokens"]) <= 300 + 17 * 3
 
     run(scenario())
 
@@ -164,10 +166,13 @@ def test_concurrent_admissions_never_overshoot(adm):
     lim = limits(tokens_per_minute=1000, quota_tokens=5000, quota_mode="hard")
 
     async def scenario():
+        started = time.monotonic()
         ds = await asyncio.gather(*(adm.admit(lim, request_id=uuid.uuid4().hex, reserve_tokens=30) for _ in range(200)))
-        return sum(d.allowed for d in ds)
+        return sum(d.allowed for d in ds), time.monotonic() - started
 
-    assert run(scenario()) == 33
+    allowed, elapsed = run(scenario())
+    refill = 1000 * elapsed / 60  # the bucket refills while the burst is admitted
+    assert 33 <= allowed <= (1000 + refill) // 30
 
 
 def test_redis_down_fails_closed_for_hard_and_falls_back_for_soft():
