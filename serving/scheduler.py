@@ -49,7 +49,8 @@ class Slot:
     slot_id: str
     weight: float
     predicted_output: int
-    input_tokens: int = 0
+    input_tokens: int = 0  # the prompt tokens charged at dispatch (the estimate, scaled by what was learned)
+    input_estimate: int = 0  # the caller's estimate, to learn how far off it is
     queued_s: float = 0.0
 
 
@@ -202,6 +203,10 @@ class FairScheduler:
         self.policy = policy
         self._pools: dict[tuple[int, int], _PoolQueue] = {}  # (event loop id, pool id) -> queue
         self._predicted: dict[int, float] = {}  # tenant -> moving average of output tokens
+        # tenant -> moving average of real ÷ estimated prompt tokens. Charging the bare estimate (an upper bound
+        # made for quota reservations) inflates busy tenants' counters until their requests settle, and a
+        # newcomer lifted to that inflated value then waits behind them.
+        self._input_ratio: dict[int, float] = {}
         self._ids = itertools.count()
 
     def _pool(self, pool_id: int) -> _PoolQueue:
@@ -216,6 +221,9 @@ class FairScheduler:
         if guess is None:
             guess = max_output_tokens / 2
         return max(1, min(max_output_tokens, round(guess)))
+
+    def charge_input(self, tenant_id: int, estimate: int) -> int:
+        return max(0, round(estimate * self._input_ratio.get(tenant_id, 1.0)))
 
     def _new_slot_id(self) -> str:
         return f"{uuid.uuid4().hex[:12]}{next(self._ids)}"
@@ -251,7 +259,8 @@ class FairScheduler:
         # a tenant waiting that goes first).
         slot_id = self._new_slot_id()
         if not pq.backlogged() and await self._take(pool_id, pq, tenant_id, slot_id):
-            return await self._charge(pool_id, Slot(pool_id, tenant_id, slot_id, eff_weight, predicted, input_tokens))
+            slot = Slot(pool_id, tenant_id, slot_id, eff_weight, predicted, self.charge_input(tenant_id, input_tokens), input_tokens)
+            return await self._charge(pool_id, slot)
         waiter = _Waiter(asyncio.get_running_loop().create_future(), tenant_id, eff_weight, input_tokens, predicted)
         queue = pq.queues.setdefault(tenant_id, deque())
         if not queue:
@@ -321,7 +330,8 @@ class FairScheduler:
             pq.queues[tenant_id].popleft()
             if not pq.queues[tenant_id]:
                 await self.state.leave_backlog(pool_id, tenant_id)
-            slot = Slot(pool_id, tenant_id, slot_id, waiter.weight, waiter.predicted_output, waiter.input_tokens)
+            slot = Slot(pool_id, tenant_id, slot_id, waiter.weight, waiter.predicted_output,
+                        self.charge_input(tenant_id, waiter.input_tokens), waiter.input_tokens)
             if waiter.future.done():  # gave up meanwhile
                 await self._free(pq, slot)
                 continue
@@ -347,6 +357,10 @@ class FairScheduler:
             ) / slot.weight
             prev = self._predicted.get(slot.tenant_id)
             self._predicted[slot.tenant_id] = output_tokens if prev is None else 0.8 * prev + 0.2 * output_tokens
+            if slot.input_estimate > 0 and input_tokens > 0:
+                ratio = input_tokens / slot.input_estimate
+                prev_ratio = self._input_ratio.get(slot.tenant_id)
+                self._input_ratio[slot.tenant_id] = ratio if prev_ratio is None else 0.8 * prev_ratio + 0.2 * ratio
         if correction:
             await self.state.add(slot.pool_id, slot.tenant_id, correction)
         await self._free(self._pools.get((id(asyncio.get_running_loop()), slot.pool_id)), slot)

@@ -205,3 +205,18 @@ def test_processes_respect_each_others_backlog():
     started = asyncio.run(scenario())
     after = order[started : started + 8]
     assert after.count(2) == 3, after  # B's three light requests go within the next few slots, despite A's queue
+
+
+def test_prompt_charges_learn_how_far_the_estimate_is_off():
+    sched = FairScheduler(LocalState())
+
+    async def scenario():
+        for _ in range(30):  # the caller's estimate is 100, the backend counts 75
+            slot = await sched.acquire(pool_id=3, capacity=1, tenant_id=5, weight=1, input_tokens=100, max_output_tokens=10)
+            await sched.release(slot, input_tokens=75, output_tokens=10)
+        slot = await sched.acquire(pool_id=3, capacity=1, tenant_id=5, weight=1, input_tokens=100, max_output_tokens=10)
+        await sched.release(slot, input_tokens=75, output_tokens=10)
+        return slot
+
+    slot = asyncio.run(scenario())
+    assert slot.input_estimate == 100 and 74 <= slot.input_tokens <= 76  # charged close to the real prompt
