@@ -1,16 +1,16 @@
 """Weighted fair scheduling of a saturated pool: the Virtual Token Counter (Sheng et al., OSDI 2024).
 
 Each pool lets `capacity` requests run at once. Past that, requests wait in per-tenant FIFO queues and
-the backlogged tenant with the smallest counter goes next. A dispatched request adds
-(input + 2 · predicted output) / weight to its tenant's counter; when it ends, the difference between real
-and predicted output is corrected (a proxy sees no decode steps, so output is charged by estimate and then
-settled). A tenant that becomes backlogged is lifted to the smallest counter among the backlogged, so idle
-time banks no credit. Throttled tenants (over a soft quota) count with a tenth of their weight: served
-after others, never starved.
+the backlogged tenant with the smallest counter goes next (ties: fewer running, then the oldest). A
+dispatched request adds (estimated prompt + 2 · predicted output) / weight to its tenant's counter; when it
+ends, both are replaced by the real counts (a proxy sees no decode steps, so it charges by estimate and
+settles). A tenant that becomes backlogged is lifted to the smallest backlogged counter less the cost of its
+first request, so it goes next once and idle time banks no further credit. Throttled tenants (over a soft
+quota) count with a tenth of their weight: served after others, never starved.
 
-With Redis, slots (leases) and counters are shared by every gateway process, so capacity is exact and
-charges are global; each process picks among the tenants it has waiting (behind a load balancer that
-spreads requests, every process sees every busy tenant). Without Redis, all of it lives in the process.
+With Redis, slots (leases), counters and the backlog are shared by every gateway process: a slot is
+refused to a tenant while another process has a tenant waiting that goes first. Without Redis, all of it
+lives in the process. docs/limits.md has the details.
 """
 
 from __future__ import annotations
@@ -94,12 +94,12 @@ class LocalState:
         c = self._counters.setdefault(pool_id, {})
         c[tenant_id] = c.get(tenant_id, 0.0) + amount
 
-    async def join_backlog(self, pool_id: int, tenant_id: int, local_backlogged: list[int]) -> None:
-        """Lift a newly backlogged tenant to the smallest counter of the others backlogged."""
+    async def join_backlog(self, pool_id: int, tenant_id: int, local_backlogged: list[int], first_cost: float) -> None:
+        """Lift a newly backlogged tenant to the smallest counter of the others backlogged, less its first request."""
         c = self._counters.setdefault(pool_id, {})
         others = [c.get(t, 0.0) for t in local_backlogged if t != tenant_id]
         if others:
-            c[tenant_id] = max(c.get(tenant_id, 0.0), min(others))
+            c[tenant_id] = max(c.get(tenant_id, 0.0), min(others) - first_cost)
 
     async def leave_backlog(self, pool_id: int, tenant_id: int) -> None:
         return None
@@ -160,10 +160,10 @@ class RedisState:
     async def add(self, pool_id: int, tenant_id: int, amount: float) -> None:
         await self._client().hincrbyfloat(self._key(pool_id, "vtc"), str(tenant_id), amount)
 
-    async def join_backlog(self, pool_id: int, tenant_id: int, local_backlogged: list[int]) -> None:
+    async def join_backlog(self, pool_id: int, tenant_id: int, local_backlogged: list[int], first_cost: float) -> None:
         c = self._client()
         keys = [self._key(pool_id, "vtc"), self._key(pool_id, "waiting")]
-        await c._platform_scripts[1](keys=keys, args=[self.proc, tenant_id, BACKLOG_STALE_MS])
+        await c._platform_scripts[1](keys=keys, args=[self.proc, tenant_id, BACKLOG_STALE_MS, repr(first_cost)])
 
     async def leave_backlog(self, pool_id: int, tenant_id: int) -> None:
         await self._client().hdel(self._key(pool_id, "waiting"), f"{self.proc}|{tenant_id}")
@@ -264,7 +264,10 @@ class FairScheduler:
         waiter = _Waiter(asyncio.get_running_loop().create_future(), tenant_id, eff_weight, input_tokens, predicted)
         queue = pq.queues.setdefault(tenant_id, deque())
         if not queue:
-            await self.state.join_backlog(pool_id, tenant_id, pq.backlogged())
+            # Lifted to the backlog's minimum less this request's cost: it goes next, once, and idle time
+            # banks nothing more (the charge at dispatch brings the counter back to the minimum).
+            first_cost = (INPUT_WEIGHT * self.charge_input(tenant_id, input_tokens) + OUTPUT_WEIGHT * predicted) / eff_weight
+            await self.state.join_backlog(pool_id, tenant_id, pq.backlogged(), first_cost)
         queue.append(waiter)
         if pq.task is None or pq.task.done():
             pq.task = asyncio.get_running_loop().create_task(self._dispatch_loop(pool_id, pq))

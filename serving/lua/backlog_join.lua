@@ -1,7 +1,8 @@
 -- A process has requests of a tenant waiting: register it in the pool's backlog. If the tenant was not
--- backlogged anywhere, lift its counter to the smallest backlogged one, so idle time banks no credit.
+-- backlogged anywhere, lift its counter to the smallest backlogged one less the cost of its first request,
+-- so idle time banks no credit beyond going next once.
 -- KEYS: 1 counters hash, 2 waiting hash ("<proc>|<tenant>" -> beat ms)
--- ARGV: 1 proc, 2 tenant, 3 stale ms
+-- ARGV: 1 proc, 2 tenant, 3 stale ms, 4 cost of the tenant's first request
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local me = ARGV[2]
@@ -21,6 +22,7 @@ for i = 1, #waiting, 2 do
   end
 end
 if not already and floor ~= nil then
+  floor = floor - tonumber(ARGV[4])
   local c = tonumber(redis.call('HGET', KEYS[1], me) or '0')
   if floor > c then
     redis.call('HSET', KEYS[1], me, tostring(floor))
