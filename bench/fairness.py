@@ -370,7 +370,7 @@ def phase_overshoot(args, plat, backend) -> str:
     first = asyncio.run(burst([gws[0].url], cal["key"], 1, 0, content, max_tokens))[0]
     reserve = int(first["headers"].get("x-quota-used-tokens", "0"))
     print(f"overshoot: one request reserves {reserve} tokens (prompt estimate + max_tokens {max_tokens})", flush=True)
-    rows, drift_rows, notes = [], [], []
+    rows = []
     for g in args.overshoot_gateways:
         urls = [x.url for x in gws[:g]]
         for case in args.cases:
