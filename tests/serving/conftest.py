@@ -50,3 +50,13 @@ def gateway_factory(transactional_db):
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def sim_url():
+    """A simulated dev backend (instant tokens) for one test."""
+    from tests.serving.test_gateway_support import sim_backend
+
+    url, stop = sim_backend()
+    yield url
+    stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 
-import pytest
 from openai import OpenAI
 
 from serving.ledger import LedgerEntry, flush_batch
@@ -25,15 +24,8 @@ from tests.serving.test_gateway_support import (
 )
 
 
-@pytest.fixture
-def sim():
-    url, stop = sim_backend()
-    yield url
-    stop()
-
-
-def test_chat_through_the_gateway_with_the_openai_sdk(world, gateway_factory, sim):
-    make_pool("shared", make_base_model(), [sim])
+def test_chat_through_the_gateway_with_the_openai_sdk(world, gateway_factory, sim_url):
+    make_pool("shared", make_base_model(), [sim_url])
     _, key = make_key(world.tenant)
     gw = gateway_factory()
     client = OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
@@ -44,15 +36,15 @@ def test_chat_through_the_gateway_with_the_openai_sdk(world, gateway_factory, si
     assert record.status == "ok" and record.output_tokens == 5 and record.input_tokens == answer.usage.prompt_tokens
 
 
-def test_failover_to_the_other_backend_when_one_is_down(world, gateway_factory, sim):
-    make_pool("shared", make_base_model(), [closed_port_url(), sim])
+def test_failover_to_the_other_backend_when_one_is_down(world, gateway_factory, sim_url):
+    make_pool("shared", make_base_model(), [closed_port_url(), sim_url])
     _, key = make_key(world.tenant)
     gw = gateway_factory(health_interval_s=60)  # no health round between requests: the request itself fails over
     client = OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
     for _ in range(3):
         answer = client.completions.create(model="tiny-chat", prompt="hello", max_tokens=3)
         assert answer.usage.completion_tokens == 3
-    assert dev_stats(sim)["requests_completed"] == 3
+    assert dev_stats(sim_url)["requests_completed"] == 3
     assert all(r.status == "ok" for r in usage_records(world.tenant))
 
 

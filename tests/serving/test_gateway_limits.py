@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from serving.admission import get_admission
 from tenants import services
@@ -19,20 +18,13 @@ from tests.serving.test_gateway_support import (
 )
 
 
-@pytest.fixture
-def sim():
-    url, stop = sim_backend()
-    yield url
-    stop()
-
-
 def chat(gw, key, max_tokens=5):
     return post(f"{gw.url}/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens},
                 {"authorization": f"Bearer {key}"})
 
 
-def test_requests_per_minute_limit_answers_429_with_headers(world, gateway_factory, sim):
-    make_pool("shared", make_base_model(), [sim])
+def test_requests_per_minute_limit_answers_429_with_headers(world, gateway_factory, sim_url):
+    make_pool("shared", make_base_model(), [sim_url])
     services.policy_update(tenant=world.tenant, actor=services.SYSTEM, requests_per_minute=2)
     _, key = make_key(world.tenant)
     gw = gateway_factory()
@@ -46,8 +38,8 @@ def test_requests_per_minute_limit_answers_429_with_headers(world, gateway_facto
     assert len(usage_records(world.tenant)) == 2  # the refused request reached no backend and costs nothing
 
 
-def test_soft_quota_warns_once_in_audit_and_headers_then_throttles(world, gateway_factory, sim, mailoutbox):
-    make_pool("shared", make_base_model(), [sim])
+def test_soft_quota_warns_once_in_audit_and_headers_then_throttles(world, gateway_factory, sim_url, mailoutbox):
+    make_pool("shared", make_base_model(), [sim_url])
     services.policy_update(tenant=world.tenant, actor=services.SYSTEM, quota_tokens=120, quota_mode="soft")
     _, key = make_key(world.tenant)
     gw = gateway_factory()
@@ -58,8 +50,8 @@ def test_soft_quota_warns_once_in_audit_and_headers_then_throttles(world, gatewa
     assert any("owner@acme.test" in m.to for m in mailoutbox)
 
 
-def test_hard_quota_refuses_with_insufficient_quota(world, gateway_factory, sim):
-    make_pool("shared", make_base_model(), [sim])
+def test_hard_quota_refuses_with_insufficient_quota(world, gateway_factory, sim_url):
+    make_pool("shared", make_base_model(), [sim_url])
     services.policy_update(tenant=world.tenant, actor=services.SYSTEM, quota_tokens=60, quota_mode="hard")
     _, key = make_key(world.tenant)
     gw = gateway_factory()
@@ -71,13 +63,13 @@ def test_hard_quota_refuses_with_insufficient_quota(world, gateway_factory, sim)
     assert used <= 60  # never overshoots
 
 
-def test_failed_request_is_refunded_and_counters_match_the_ledger(world, gateway_factory, sim):
-    make_pool("shared", make_base_model(), [sim])
+def test_failed_request_is_refunded_and_counters_match_the_ledger(world, gateway_factory, sim_url):
+    make_pool("shared", make_base_model(), [sim_url])
     services.policy_update(tenant=world.tenant, actor=services.SYSTEM, quota_tokens=10_000, quota_mode="hard", tokens_per_minute=5_000)
     _, key = make_key(world.tenant)
     gw = gateway_factory()
     assert chat(gw, key).status_code == 200
-    set_faults(sim, status=503, count=1)
+    set_faults(sim_url, status=503, count=1)
     assert chat(gw, key).status_code == 503
     assert chat(gw, key).status_code == 200
     ledger = sum(r.input_tokens + r.output_tokens for r in usage_records(world.tenant))
@@ -88,8 +80,8 @@ def test_failed_request_is_refunded_and_counters_match_the_ledger(world, gateway
     assert snap == {"used": ledger, "reserved": 0}
 
 
-def test_playground_token_is_an_inference_credential_for_its_tenant(world, gateway_factory, sim):
-    make_pool("shared", make_base_model(), [sim])
+def test_playground_token_is_an_inference_credential_for_its_tenant(world, gateway_factory, sim_url):
+    make_pool("shared", make_base_model(), [sim_url])
     gw = gateway_factory()
     token = services.playground_token_issue(tenant=world.tenant, user=world.developer)
     assert chat(gw, token).status_code == 200
