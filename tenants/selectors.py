@@ -35,12 +35,15 @@ def effective_quota_tokens(policy: Policy) -> int:
     if not policy.fair_share:
         return policy.quota_tokens
     total = PlatformSettings.load().fair_share_total_tokens
-    weight_sum = (
-        Policy.all_tenants.filter(fair_share=True, tenant__status=Tenant.Status.ACTIVE).aggregate(s=Sum("weight"))["s"] or 0
-    )
+    weight_sum = fair_share_weight_sum()
     if total == 0 or weight_sum == 0:
         return 0
     return total * policy.weight // weight_sum
+
+
+def fair_share_weight_sum() -> int:
+    """Σ w_j over active fair-share tenants (all_tenants: the sum spans tenants by definition)."""
+    return Policy.all_tenants.filter(fair_share=True, tenant__status=Tenant.Status.ACTIVE).aggregate(s=Sum("weight"))["s"] or 0
 
 
 def prompt_diff(old: SystemPromptVersion, new: SystemPromptVersion) -> list[tuple[str, str]]:

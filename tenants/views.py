@@ -10,7 +10,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
-from django.db.models import Q, Sum
+from django.db.models import Q
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
@@ -297,7 +297,7 @@ def limits(request, ctx: TenantContext):
     if policy.fair_share:
         # The same figures selectors.effective_quota_tokens uses, shown so the derivation can be checked.
         context["r_total"] = PlatformSettings.load().fair_share_total_tokens
-        context["weight_sum"] = Policy.all_tenants.filter(fair_share=True, tenant__status="active").aggregate(s=Sum("weight"))["s"] or 0
+        context["weight_sum"] = selectors.fair_share_weight_sum()
     return _render(request, ctx, "console/limits.html", "limits", context)
 
 
