@@ -21,6 +21,7 @@ from rest_framework.views import APIView
 from finetune import deploy, selectors, services
 from finetune.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingFile
 from finetune.services import FinetuneError
+from serving import selectors as serving_selectors
 from serving.models import Adapter, AdapterDeployment
 from tenants.api import TenantAPIView
 from tenants.api_auth import ApiKeyAuthentication
@@ -172,7 +173,7 @@ class FileListApi(OpenAIView):
             raise FinetuneError("purpose is required; use 'fine-tune'", param="purpose", code="missing_purpose")
         base_model = None
         if request.data.get("model"):  # extension: count tokens with this base model's tokenizer at upload
-            base_model = next((bm for bm in selectors.base_models_for_tenant(self.tenant)
+            base_model = next((bm for bm in serving_selectors.base_models_for_tenant(self.tenant)
                                if bm.name == request.data["model"]), None)
             if base_model is None:
                 raise FinetuneError(f"The model '{request.data['model']}' does not exist or you do not have access to it.",

@@ -14,7 +14,8 @@ from django.db.models import Q
 from finetune import lora_math
 from finetune.models import FineTuneJob, TrainingFile
 from finetune.validation import auto_n_epochs, estimate_cost_cents, validate_jsonl
-from serving.models import BackendPool, BaseModel, ModelConfig
+from serving.models import BackendPool, BaseModel
+from serving.selectors import base_models_for_tenant
 
 # Used when staff have set no training price for a base model (cents per million trained tokens, OpenAI's
 # gpt-4o-mini rate). Read prices only through `training_price_cents_per_million`.
@@ -26,7 +27,10 @@ MAX_SEQ_LEN_CAP = 8192  # longest packed row the trainer is given, whatever the 
 
 def training_price_cents_per_million(base_model: BaseModel) -> Decimal:
     """Training price of a base model in force today, in cents per million trained tokens (billing's price list)."""
-    from billing.rating import PriceBook, utc_today  # billing owns prices; imported here to keep app loading simple
+    from billing.rating import (  # billing owns prices; imported here to keep app loading simple
+        PriceBook,
+        utc_today,
+    )
 
     price = PriceBook().resolve(model=base_model.name, adapter="", pool_id=None, day=utc_today())
     return price.training_price if price is not None else Decimal(DEFAULT_TRAINING_PRICE_CENTS_PER_MILLION)
@@ -50,18 +54,6 @@ def training_file_read(file: TrainingFile) -> bytes:
 
 
 # ---- base models ---------------------------------------------------------------------------------
-
-
-def base_models_for_tenant(tenant) -> list[BaseModel]:
-    """Base models the tenant may use: available to all (within its allowed models) or served on a pool dedicated to it."""
-    cfg = ModelConfig.objects.for_tenant(tenant).first()
-    allowed = set(cfg.allowed_models or ()) if cfg else set()
-    dedicated = set(BackendPool.objects.filter(dedicated_tenant=tenant).values_list("base_model_id", flat=True))
-    out = []
-    for bm in BaseModel.objects.all():
-        if bm.pk in dedicated or (bm.available_to_all and (not allowed or bm.name in allowed)):
-            out.append(bm)
-    return out
 
 
 def trainable_base_models(tenant) -> list[BaseModel]:

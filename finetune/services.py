@@ -25,8 +25,16 @@ from django.utils import timezone
 
 from finetune import lora_math, selectors
 from finetune.hub import hub_enabled
-from finetune.models import LEASE_SECONDS, FineTuneJob, JobCheckpoint, JobEvent, TrainingFile, TrainingUsage
+from finetune.models import (
+    LEASE_SECONDS,
+    FineTuneJob,
+    JobCheckpoint,
+    JobEvent,
+    TrainingFile,
+    TrainingUsage,
+)
 from finetune.validation import validate_jsonl
+from serving import selectors as serving_selectors
 from serving.models import Adapter, BaseModel
 from tenants.models import Tenant
 from tenants.services import SYSTEM, Actor, audit_record
@@ -160,7 +168,7 @@ def resolve_lora(requested: dict | None) -> dict:
 def _base_model_for(tenant: Tenant, name: str) -> BaseModel:
     if not isinstance(name, str) or not name:
         raise FinetuneError("model is required: the name of a base model to fine-tune", param="model", code="missing_model")
-    usable = {bm.name: bm for bm in selectors.base_models_for_tenant(tenant)}
+    usable = {bm.name: bm for bm in serving_selectors.base_models_for_tenant(tenant)}
     bm = usable.get(name)
     if bm is None:
         raise FinetuneError(f"The model '{name}' does not exist or you do not have access to it.", status=404,

@@ -8,9 +8,23 @@ from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate
 
 from serving.admission import WARN_FRACTION, window_bounds
-from serving.models import UsageRecord
+from serving.models import BackendPool, BaseModel, ModelConfig, UsageRecord
 from tenants.models import Policy, Tenant
 from tenants.selectors import effective_quota_tokens
+
+
+def base_models_for_tenant(tenant) -> list[BaseModel]:
+    """Base models the tenant may use: available to all (within its allowed models) or served on a pool dedicated to it.
+
+    The one rule for the console, fine-tuning and (mirrored over its snapshot) the gateway's routing.
+    """
+    cfg = ModelConfig.objects.for_tenant(tenant).first()
+    allowed = set(cfg.allowed_models or ()) if cfg else set()
+    dedicated = set(BackendPool.objects.filter(dedicated_tenant=tenant).values_list("base_model_id", flat=True))
+    return [
+        bm for bm in BaseModel.objects.all()
+        if bm.pk in dedicated or (bm.available_to_all and (not allowed or bm.name in allowed))
+    ]
 
 
 def usage_by_day_and_model(tenant: Tenant, *, days: int = 30, today: date | None = None) -> list[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.db import transaction
+from django.db.models import Q
 from django.shortcuts import redirect, render
 
 from portal.charts import bar_chart
@@ -47,15 +48,11 @@ def usage(request, ctx: TenantContext):
 
 
 def model_names_for(tenant) -> list[str]:
-    """The model names a tenant may call: shared base models, its dedicated pools' models, its adapters."""
-    config = ModelConfig.objects.for_tenant(tenant).first()
-    allowed = set(config.allowed_models) if config and config.allowed_models else None
-    bases = set(
-        BackendPool.objects.filter(dedicated_tenant__isnull=True, base_model__available_to_all=True).values_list("base_model__name", flat=True)
+    """The model names a tenant can call now: its base models that a pool serves for it, and its deployed adapters."""
+    served = set(
+        BackendPool.objects.filter(Q(dedicated_tenant__isnull=True) | Q(dedicated_tenant=tenant)).values_list("base_model_id", flat=True)
     )
-    if allowed is not None:
-        bases &= allowed
-    bases |= set(BackendPool.objects.filter(dedicated_tenant=tenant).values_list("base_model__name", flat=True))
+    bases = {bm.name for bm in selectors.base_models_for_tenant(tenant) if bm.pk in served}
     adapters = AdapterDeployment.objects.for_tenant(tenant).values_list("adapter__name", flat=True).distinct()
     return sorted(bases) + sorted(adapters)
 
