@@ -387,7 +387,8 @@ class JobRunner:
                     "target_modules": job.lora["target_modules"], "seed": job.seed,
                     "max_seq_len": selectors.max_seq_len(bm), "log_every": max(1, steps // 100),
                 },
-                on_event=self.on_event, should_cancel=self.should_cancel, resume=True)
+                on_event=self.on_event, should_cancel=self.should_cancel, resume=True,
+                compile_layers=settings.FINETUNE_COMPILE)
         except FinetuneError as exc:
             return self._fail(exc.code, exc.message, exc.param)
         except TrainingDataError as exc:

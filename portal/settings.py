@@ -180,6 +180,7 @@ PLATFORM_MAX_PROMPT_CHARS = env_int("PLATFORM_MAX_PROMPT_CHARS", 20_000, minimum
 # Fine-tuning.
 FINETUNE_MAX_UPLOAD_BYTES = env_int("PLATFORM_FINETUNE_MAX_UPLOAD_BYTES", 50 * 1024 * 1024, minimum=1024)
 FINETUNE_MAX_CONCURRENT_JOBS = env_int("PLATFORM_FINETUNE_MAX_CONCURRENT_JOBS", 2, minimum=1)  # per tenant
+FINETUNE_COMPILE = env_bool("PLATFORM_FINETUNE_COMPILE", False)  # torch.compile decoder layers on CUDA workers
 
 # Optional: push every trained adapter to a private Hugging Face Hub repository per tenant.
 PLATFORM_HF_HUB_TOKEN = env_str("PLATFORM_HF_HUB_TOKEN")

@@ -155,3 +155,19 @@ def test_a_finished_or_cancelled_job_is_not_run(world, base_model):
     services.finetune_job_cancel(tenant=world.tenant, actor=Actor(user=world.owner), job=job)
     assert run_finetune_job(job.id, world.tenant.pk) == "gone"
     assert run_finetune_job(job.id, world.other_tenant.pk) == "gone"  # another tenant's id finds nothing
+
+
+@pytest.mark.parametrize("setting", [False, True])
+def test_the_compile_setting_reaches_the_trainer(world, base_model, monkeypatch, settings, setting):
+    import finetune.trainer
+
+    settings.FINETUNE_COMPILE = setting
+    seen = {}
+
+    def capture(**kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(finetune.trainer, "train_lora", capture)
+    run_finetune_job(make_job(world, base_model).id, world.tenant.pk)
+    assert seen["compile_layers"] is setting

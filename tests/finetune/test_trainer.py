@@ -2,6 +2,8 @@
 
 import json
 import random
+import sys
+import zlib
 
 import pytest
 import torch
@@ -174,18 +176,24 @@ def test_learning_rate_schedule():
     assert cosine(2) == 1.0 and cosine(6) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
 
 
-def test_throughput_bench_smoke(tmp_path):
+def test_throughput_bench_smoke(tmp_path, monkeypatch):
     import importlib.util
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
     spec = importlib.util.spec_from_file_location("train_throughput", path)
     bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_throughput", bench)  # dataclasses look their module up
     spec.loader.exec_module(bench)
     out = tmp_path / "benchmarks.md"
-    bench.main(["--tiny", "--docs-per-row", "3", "--out", str(out), "--tmp", str(tmp_path)])
-    table = out.read_text()
-    assert "| ours |" in table and "| transformers Trainer + peft |" in table
+    bench.main(["--tiny", "--docs-per-row", "3", "--out", str(out), "--tmp", str(tmp_path),
+                "--variants", "baseline,ours,ours-packed4"])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"trainer", "transformers Trainer + peft", "ours", "ours-packed4"}
+    assert rows["ours"][0] == "3" and rows["ours-packed4"][0] == "4"  # documents per row
+    assert float(rows["ours"][1].replace(",", "")) > 0 and float(rows["ours"][5]) > 0  # tokens/s, × baseline
+    assert rows["transformers Trainer + peft"][5] == "1.00"
 
 
 def test_chunked_loss_matches_the_whole_loss(tiny_model_path, tiny_tokenizer, monkeypatch):
@@ -206,3 +214,34 @@ def test_chunked_loss_matches_the_whole_loss(tiny_model_path, tiny_tokenizer, mo
     chunked = run()
     assert chunked[0] == pytest.approx(whole[0], rel=1e-5) and chunked[1:3] == whole[1:3]
     assert torch.allclose(chunked[3], whole[3], rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(tiny_model_path, tiny_tokenizer):
+    """Regional compilation (an option for GPU workers) changes speed, not numbers. aot_eager traces and
+    partitions exactly as inductor does, without its minute of C++ code generation on a CPU."""
+    from finetune.trainer import Hyperparameters, compile_decoder_layers, load_lora_model
+
+    batch = collate(pack(tokenize_examples(tiny_tokenizer, examples(6), 1024), 60), 0, "cpu")
+    assert len(batch["input_ids"]) > 1 and (batch["position_ids"][:, 1:] == 0).any()  # packed rows
+    results = []
+    for compiled in (False, True):
+        model = load_lora_model(tiny_model_path, Hyperparameters(lora_r=4), torch.device("cpu"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+        if compiled:
+            torch._dynamo.reset()
+            compile_decoder_layers(model, backend="aot_eager")
+        loss, n, correct = batch_loss(model, batch)
+        (loss / n).backward()
+        if compiled:  # the layers really ran compiled: two graphs whatever the depth, because only the first
+            # layer's input (from the frozen embedding) needs no gradient; every later layer reuses the second
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+            assert all(layer._compiled_call_impl is not None for layer in model.get_base_model().model.layers)
+        results.append((loss.item(), correct.item(),
+                        {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
+    (eager_loss, eager_correct, eager_grads), (loss, correct, grads) = results
+    assert loss == pytest.approx(eager_loss, rel=1e-5) and correct == eager_correct
+    assert grads.keys() == eager_grads.keys() and len(grads) > 0
+    for k in grads:
+        torch.testing.assert_close(grads[k], eager_grads[k], rtol=1e-4, atol=1e-6)
