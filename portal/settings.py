@@ -197,6 +197,9 @@ PLATFORM_GATEWAY_MAX_BODY_BYTES = env_int("PLATFORM_GATEWAY_MAX_BODY_BYTES", 1_0
 PLATFORM_GATEWAY_CONFIG_POLL_MS = env_int("PLATFORM_GATEWAY_CONFIG_POLL_MS", 500, minimum=50)
 PLATFORM_GATEWAY_METRICS_TENANTS = env_int("PLATFORM_GATEWAY_METRICS_TENANTS", 20, minimum=0)
 PLATFORM_METRICS_TOKEN = env_str("PLATFORM_METRICS_TOKEN")
+# Usage records the database refused wait here (local disk) until replayed (docs/gateway.md, "Ledger durability").
+PLATFORM_LEDGER_SPOOL_DIR = env_path("PLATFORM_LEDGER_SPOOL_DIR", VAR_DIR / "ledger-spool")
+PLATFORM_LEDGER_REPLAY_INTERVAL_S = env_int("PLATFORM_LEDGER_REPLAY_INTERVAL_S", 10, minimum=1)
 PLATFORM_SCHEDULER = env_str("PLATFORM_SCHEDULER", "vtc")  # 'fcfs' only as a benchmark baseline
 if PLATFORM_SCHEDULER not in ("vtc", "fcfs"):
     raise ImproperlyConfigured(f"PLATFORM_SCHEDULER={PLATFORM_SCHEDULER!r}: use 'vtc' (weighted fair) or 'fcfs'.")

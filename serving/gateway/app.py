@@ -95,7 +95,7 @@ class GatewayApp:
         self.store = store or ConfigStore(poll_interval_s=self.settings.config_poll_s)
         self.health = HealthMonitor(self.store, interval_s=self.settings.health_interval_s,
                                     timeout_s=self.settings.health_timeout_s, persist_s=self.settings.health_persist_s)
-        self.ledger = Ledger()
+        self.ledger = Ledger(spool_dir=self.settings.ledger_spool_dir, replay_interval_s=self.settings.ledger_replay_interval_s)
         self.session: aiohttp.ClientSession | None = None
         self.tenant_label = metrics.TenantLabels(self.settings.metrics_top_tenants)
         self._loop = None

@@ -18,7 +18,9 @@ TTFT = Histogram("gateway_time_to_first_token_seconds", "Time from request to th
                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 BACKEND_HEALTHY = Gauge("gateway_backend_healthy", "1 when the backend is in rotation.", ["pool", "backend"], registry=REGISTRY)
 BACKEND_IN_FLIGHT = Gauge("gateway_backend_in_flight", "Requests in flight per backend.", ["pool", "backend"], registry=REGISTRY)
-LEDGER_FAILURES = Gauge("gateway_ledger_unwritten_records", "Usage records the ledger could not write.", registry=REGISTRY)
+LEDGER_FAILURES = Gauge("gateway_ledger_unwritten_records", "Usage records neither written nor spooled: lost to billing (logged in full).",
+                        registry=REGISTRY)
+LEDGER_SPOOLED = Gauge("gateway_ledger_spooled_records", "Usage records in this process's spool, waiting for the database.", registry=REGISTRY)
 
 
 class TenantLabels:
@@ -45,4 +47,5 @@ def render(snapshot, health, ledger) -> bytes:
                 BACKEND_HEALTHY.labels(pool.name, b.url).set(1 if st.healthy else 0)
                 BACKEND_IN_FLIGHT.labels(pool.name, b.url).set(st.in_flight)
     LEDGER_FAILURES.set(ledger.failures)
+    LEDGER_SPOOLED.set(ledger.spooled)
     return generate_latest(REGISTRY)

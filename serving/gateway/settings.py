@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,8 @@ class GatewaySettings:
     config_poll_s: float = 0.5  # PLATFORM_GATEWAY_CONFIG_POLL_MS
     metrics_token: str = ""  # PLATFORM_METRICS_TOKEN: bearer for /metrics; unset = loopback only
     metrics_top_tenants: int = 20  # PLATFORM_GATEWAY_METRICS_TENANTS: tenants with their own label
+    ledger_spool_dir: Path | None = None  # PLATFORM_LEDGER_SPOOL_DIR; None (tests' default): no spool
+    ledger_replay_interval_s: float = 10.0  # PLATFORM_LEDGER_REPLAY_INTERVAL_S
 
     @classmethod
     def from_env(cls) -> "GatewaySettings":
@@ -33,4 +36,6 @@ class GatewaySettings:
             config_poll_s=s.PLATFORM_GATEWAY_CONFIG_POLL_MS / 1000,
             metrics_token=s.PLATFORM_METRICS_TOKEN,
             metrics_top_tenants=s.PLATFORM_GATEWAY_METRICS_TENANTS,
+            ledger_spool_dir=s.PLATFORM_LEDGER_SPOOL_DIR,
+            ledger_replay_interval_s=float(s.PLATFORM_LEDGER_REPLAY_INTERVAL_S),
         )
