@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 
 from django.conf import settings
 from django.contrib.admin.views.decorators import staff_member_required
@@ -11,6 +12,7 @@ from django.shortcuts import render
 from django.utils import timezone
 
 from portal.charts import bar_chart
+from serving.ledger_spool import spool_summary
 from serving.models import BackendPool, UsageRecord
 from tenants.models import Policy
 
@@ -83,4 +85,8 @@ def pools_live(request):
                 "chart": bar_chart([(t["slug"], round(t["share"], 1)) for t in tenants], height=120, unit=" %") if tenants else None,
             }
         )
-    return render(request, "serving/staff_pools.html", {"pools": views, "window_minutes": int(WINDOW.total_seconds() // 60), "shared_state": bool(settings.REDIS_URL)})
+    # Usage records the gateways on this host could not write yet (serving/ledger_spool.py): unbilled until replayed.
+    spool = spool_summary(settings.PLATFORM_LEDGER_SPOOL_DIR)
+    spool_since = datetime.fromtimestamp(spool.oldest, dt_timezone.utc) if spool.oldest is not None else None
+    return render(request, "serving/staff_pools.html", {"pools": views, "window_minutes": int(WINDOW.total_seconds() // 60), "shared_state": bool(settings.REDIS_URL),
+                                                        "spool": spool, "spool_since": spool_since, "spool_dir": settings.PLATFORM_LEDGER_SPOOL_DIR})

@@ -16,8 +16,9 @@ from django.utils import timezone
 
 from serving import ledger, ledger_spool
 from serving.ledger import Ledger, LedgerEntry, entry_from_record, entry_to_record, ledger_spool_replay
-from serving.ledger_spool import Spool
+from serving.ledger_spool import Spool, spool_summary
 from serving.models import UsageRecord
+from tests.conftest import PASSWORD
 from tests.serving.test_gateway_support import make_base_model, make_key, make_pool, post, stream_lines, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -258,3 +259,21 @@ def test_a_spool_line_round_trips_to_the_same_entry_and_bad_lines_are_refused(wo
         with pytest.raises(ValueError):
             entry_from_record(bad)
 
+
+# ---- what staff see --------------------------------------------------------------------------------
+
+
+def test_staff_pools_page_shows_records_waiting_in_the_spool(client, world, settings, tmp_path):
+    from django.contrib.auth import get_user_model
+
+    settings.PLATFORM_LEDGER_SPOOL_DIR = tmp_path
+    staff = get_user_model().objects.create_user("staff@platform.test", "staff@platform.test", PASSWORD, is_staff=True)
+    assert client.login(username=staff.username, password=PASSWORD)
+    assert "not yet in the ledger" not in client.get("/staff/pools/").content.decode()
+
+    spool = Spool(tmp_path)
+    spool.append(_records(world.tenant, "w1", "w2", "w3"))
+    assert spool_summary(tmp_path).records == 3
+    html = client.get("/staff/pools/").content.decode()
+    assert "3 usage records not yet in the ledger" in html and str(tmp_path) in html
+    spool.close()
