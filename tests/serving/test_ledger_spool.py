@@ -227,6 +227,7 @@ def test_each_process_appends_to_its_own_file_and_a_killed_process_file_is_adopt
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
     assert ours.adopt_orphans() == 1 and ours.records == 2
     assert ours.replay(ledger._write_replayed) == 2
     assert sorted(_rows(world.tenant)) == ["ours", "theirs"] and _spooled(tmp_path) == []
