@@ -38,6 +38,9 @@ class ModelEngine:
         self._executor = ThreadPoolExecutor(max_workers=config.max_concurrent_requests,
                                             thread_name_prefix="devbackend-gen")
         self._special_ids = {i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
+        # Control tokens other than end-of-sequence (role markers, padding, BOS) are never generated, as a trained
+        # model would not: the random-weight demo base model otherwise answers with role markers, i.e. no text.
+        self._never = torch.tensor(sorted(self._special_ids - {self.tokenizer.eos_token_id}), dtype=torch.long)
         for name, path in config.lora_adapters.items():
             self._load_adapter(name, path)
 
@@ -99,7 +102,7 @@ class ModelEngine:
                 raise BackendError(424, f"adapter {adapter!r} was unloaded during generation", "generation")
             with adapters_off, torch.inference_mode():
                 out = model(input_ids=input_ids, cache=cache, use_cache=True)  # the cache grows in place
-        return out.logits[0, -1].float()
+                return out.logits[0, -1].float().index_fill_(0, self._never, float("-inf"))
 
     @staticmethod
     def _choose(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None):

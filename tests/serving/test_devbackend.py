@@ -357,3 +357,23 @@ def test_cli_in_a_subprocess_simulated_vllm_flavor():
             openai_client(url).completions.create(model="other", prompt="x", max_tokens=3)
     finally:
         stop()
+
+
+def test_control_tokens_other_than_eos_are_never_generated(tiny_model_path):
+    """The random-weight demo model prefers role markers; the engine never emits them, so answers show text."""
+    from serving.devbackend.model_engine import ModelEngine
+    from serving.devbackend.protocol import Cancellation, GenerationParams
+
+    engine = ModelEngine(BackendConfig(model=str(tiny_model_path)))
+    never = set(engine._never.tolist())
+    assert never and engine.tokenizer.eos_token_id not in never
+    assert {engine.tokenizer.convert_tokens_to_ids(t) for t in ("<|assistant|>", "<|pad|>")} <= never
+    prompt = engine.encode(engine.tokenizer.apply_chat_template([{"role": "user", "content": "Hello, who are you?"}],
+                                                                tokenize=False, add_generation_prompt=True))
+    for sampling in (False, True):
+        tokens = []
+        engine._generate(prompt, GenerationParams(max_new_tokens=20, do_sample=sampling, seed=1), None,
+                         Cancellation(), tokens.append)
+        assert len(tokens) == 20 and not any(isinstance(t, BaseException) for t in tokens)
+        assert not never & {t.id for t in tokens}
+        assert "".join(t.text for t in tokens if not t.special).strip()  # visible text, not only markers
