@@ -24,6 +24,10 @@ class GatewayError(Exception):
     """Stripe could not be reached or refused a call; the caller may retry."""
 
 
+class NotFound(GatewayError):
+    """Stripe has no such object (deleted, or never created)."""
+
+
 class SignatureError(Exception):
     """A webhook whose signature, timestamp or body does not verify."""
 
@@ -51,6 +55,12 @@ def _client(given):
 
 def _as_dict(obj) -> dict:
     return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+
+
+def _gateway_error(what: str, exc: stripe.StripeError) -> GatewayError:
+    if exc.http_status == 404 or getattr(exc, "code", None) == "resource_missing":
+        return NotFound(f"{what}: {exc}")
+    return GatewayError(f"{what}: {exc}")
 
 
 def construct_event(payload: bytes, signature_header: str, *, secret: str | None = None) -> dict:
@@ -136,12 +146,50 @@ def invoice_finalize(*, invoice_uuid, stripe_invoice_id: str, client=None) -> Pu
 
 
 def invoice_retrieve(stripe_invoice_id: str, *, client=None) -> dict:
-    """The invoice as Stripe has it now (to re-check state when events arrive out of order)."""
+    """The invoice as Stripe has it now (to re-check state when events arrive out of order). NotFound if gone."""
     c = _client(client)
     try:
         return _as_dict(c.v1.invoices.retrieve(stripe_invoice_id))
     except stripe.StripeError as exc:
-        raise GatewayError(f"invoice retrieve: {exc}") from exc
+        raise _gateway_error("invoice retrieve", exc) from exc
+
+
+def invoice_void(*, invoice_uuid, stripe_invoice_id: str, client=None) -> str:
+    """Void a finalized invoice (open or uncollectible → void); key `invoice:{uuid}:void`. Returns Stripe's status."""
+    return _invoice_action(_client(client).v1.invoices.void_invoice, stripe_invoice_id, f"invoice:{invoice_uuid}:void", "invoice void")
+
+
+def invoice_mark_uncollectible(*, invoice_uuid, stripe_invoice_id: str, client=None) -> str:
+    """Open → uncollectible (still payable); key `invoice:{uuid}:mark_uncollectible`. Returns Stripe's status."""
+    return _invoice_action(_client(client).v1.invoices.mark_uncollectible, stripe_invoice_id,
+                           f"invoice:{invoice_uuid}:mark_uncollectible", "invoice mark uncollectible")
+
+
+def _invoice_action(method, stripe_invoice_id: str, idempotency_key: str, what: str) -> str:
+    try:
+        return method(stripe_invoice_id, options={"idempotency_key": idempotency_key}).status
+    except stripe.StripeError as exc:
+        raise _gateway_error(what, exc) from exc
+
+
+def invoice_draft_delete(stripe_invoice_id: str, *, client=None) -> None:
+    """Delete a never-finalized invoice (Stripe voids only finalized ones). One already gone counts as deleted."""
+    _delete(_client(client).v1.invoices, stripe_invoice_id, "invoice delete")
+
+
+def invoice_item_delete(item_id: str, *, client=None) -> None:
+    """Delete a pending invoice item, so a later invoice for the customer does not gather it. Gone = deleted."""
+    _delete(_client(client).v1.invoice_items, item_id, "invoice item delete")
+
+
+def _delete(service, object_id: str, what: str) -> None:
+    # A DELETE repeated after a lost answer finds nothing: that is the outcome we wanted.
+    try:
+        service.delete(object_id)
+    except stripe.StripeError as exc:
+        error = _gateway_error(what, exc)
+        if not isinstance(error, NotFound):
+            raise error from exc
 
 
 def portal_session_url(*, customer_id: str, return_url: str, client=None) -> str | None:
