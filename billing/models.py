@@ -127,7 +127,11 @@ class InvalidTransition(ValidationError):
 
 
 class Invoice(TenantOwnedModel):
-    """One invoice per tenant and billing month. States only move forward; paid and void are final."""
+    """One invoice per tenant and billing month. States only move forward; paid and void are final.
+
+    Staff may void an unpaid invoice or mark an open one uncollectible. When Stripe holds (or may hold) the
+    invoice, the move waits for Stripe: `pending_status` says what was asked, `status` what is confirmed.
+    """
 
     class Status(models.TextChoices):
         DRAFT = "draft", "Draft"
@@ -168,6 +172,12 @@ class Invoice(TenantOwnedModel):
     stripe_invoice_id = models.CharField(max_length=64, blank=True, db_index=True)
     hosted_invoice_url = models.URLField(max_length=500, blank=True)
     delivery_error = models.CharField(max_length=300, blank=True)
+    pending_status = models.CharField(
+        max_length=16, blank=True, choices=[(Status.VOID, "Void"), (Status.UNCOLLECTIBLE, "Uncollectible")],
+        help_text="Asked for by staff, waiting for Stripe to confirm; cleared when the invoice reaches it or a final state.",
+    )
+    status_reason = models.CharField(max_length=300, blank=True, help_text="Why staff voided it or marked it uncollectible (also in the tenant's audit log).")
+    status_requested_at = models.DateTimeField(null=True, blank=True, help_text="When staff asked for the pending status.")
 
     class Meta(TenantOwnedModel.Meta):
         constraints = [models.UniqueConstraint(fields=["tenant", "period_start"], name="one_invoice_per_tenant_and_period")]
@@ -196,6 +206,8 @@ class Invoice(TenantOwnedModel):
             changes["paid_at"] = at
         elif status == self.Status.VOID:
             changes["voided_at"] = at
+        if self.pending_status and (status == self.pending_status or not self.TRANSITIONS[self.Status(status)]):
+            changes["pending_status"] = ""  # reached what staff asked for, or a final state that overrides it
         # Claim the move: only succeeds from the state we read, so two workers cannot both apply it.
         claimed = Invoice.all_tenants.filter(pk=self.pk, status=self.status).update(**changes)
         if claimed != 1:
@@ -208,6 +220,11 @@ class Invoice(TenantOwnedModel):
     @property
     def is_final(self) -> bool:
         return not self.TRANSITIONS[self.Status(self.status)]
+
+    @property
+    def void_pending(self) -> bool:
+        """Staff voided it; Stripe has not confirmed yet. Nothing is to be paid or chased meanwhile."""
+        return self.pending_status == self.Status.VOID
 
     @property
     def total(self) -> str:

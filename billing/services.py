@@ -1,4 +1,4 @@
-"""Billing writes: Stripe customers and invoice pushes, Stripe events (webhooks and reconciliation), dunning.
+"""Billing writes: Stripe customers and invoice pushes, staff voids, Stripe events (webhooks, reconciliation), dunning.
 
 Webhooks and reconciliation are system input about any tenant, so they look invoices up with
 `Invoice.all_tenants` by our own uuid (in the Stripe metadata) or by the stored Stripe id.
@@ -10,15 +10,17 @@ import logging
 from datetime import datetime, timedelta, timezone as dt_timezone
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
 from billing import stripe_gateway
 from billing.models import BillingAccount, BillingSettings, Invoice, InvoiceLine, StripeEvent
 from tenants.models import Membership, Role, Tenant
-from tenants.services import SYSTEM, audit_record, tenant_set_status
+from tenants.services import SYSTEM, Actor, audit_record, tenant_set_status
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def invoice_push(*, invoice: Invoice, client=None) -> Invoice:
     Each step is skipped when its Stripe id is already stored, and carries an idempotency key derived
     from our ids, so a retry after a crash between a call and its save creates nothing new either.
     """
-    if invoice.status != Invoice.Status.OPEN or invoice.total_cents <= 0 or invoice.hosted_invoice_url:
+    if invoice.status != Invoice.Status.OPEN or invoice.total_cents <= 0 or invoice.hosted_invoice_url or invoice.void_pending:
         return invoice
     tenant = invoice.tenant
     customer_id = stripe_customer_ensure(tenant=tenant, client=client)
@@ -61,12 +63,16 @@ def invoice_push(*, invoice: Invoice, client=None) -> Invoice:
             currency=invoice.currency, description=line.description, client=client,
         )
         InvoiceLine.objects.for_tenant(tenant).filter(pk=line.pk).update(stripe_invoice_item_id=item_id)
+        if _push_overtaken_by_void(invoice):
+            return invoice
     if not invoice.stripe_invoice_id:
         invoice.stripe_invoice_id = stripe_gateway.invoice_create(
             invoice_uuid=invoice.uuid, number=invoice.number, customer_id=customer_id,
             days_until_due=BillingSettings.load().days_until_due, client=client,
         )
         Invoice.objects.for_tenant(tenant).filter(pk=invoice.pk).update(stripe_invoice_id=invoice.stripe_invoice_id)
+        if _push_overtaken_by_void(invoice):
+            return invoice
     pushed = stripe_gateway.invoice_finalize(invoice_uuid=invoice.uuid, stripe_invoice_id=invoice.stripe_invoice_id, client=client)
     invoice.hosted_invoice_url = pushed.hosted_invoice_url
     invoice.delivery = Invoice.Delivery.SENT
@@ -74,7 +80,20 @@ def invoice_push(*, invoice: Invoice, client=None) -> Invoice:
     Invoice.objects.for_tenant(tenant).filter(pk=invoice.pk).update(
         hosted_invoice_url=invoice.hosted_invoice_url, delivery=invoice.delivery, delivery_error=""
     )
+    _push_overtaken_by_void(invoice)
     return invoice
+
+
+def _push_overtaken_by_void(invoice: Invoice) -> bool:
+    """A void asked for while a push runs wins: the push stops, and the void's task runs (again) to remove
+    what the push created. Checked after each stored Stripe id: the void's task reads those ids after the void
+    is saved, so one of the two always sees the other's write."""
+    if not Invoice.all_tenants.filter(pk=invoice.pk).filter(Q(pending_status=Invoice.Status.VOID) | Q(status=Invoice.Status.VOID)).exists():
+        return False
+    from billing.tasks import invoice_status_sync  # the task module imports this one
+
+    invoice_status_sync.delay_on_commit(invoice.pk)
+    return True
 
 
 def invoice_push_failed(*, invoice: Invoice, error: str) -> None:
@@ -87,6 +106,165 @@ def portal_url(*, tenant: Tenant, return_url: str, client=None) -> str | None:
         return None
     customer_id = stripe_customer_ensure(tenant=tenant, client=client)
     return stripe_gateway.portal_session_url(customer_id=customer_id, return_url=return_url, client=client)
+
+
+# ---- Staff: void, mark uncollectible -------------------------------------------------------------
+# Void = written off: the period stays closed (its usage is never billed again) and the amount and the reason
+# go to the audit log. Uncollectible = bad debt for accounting: still payable, and dunning still applies.
+# An invoice Stripe holds (or may hold) moves only when Stripe confirms: meanwhile `pending_status` says so.
+
+_DONE = {Invoice.Status.VOID: "voided", Invoice.Status.UNCOLLECTIBLE: "marked uncollectible"}
+
+
+def invoice_void(*, invoice: Invoice, reason: str, actor: Actor) -> str:
+    """Staff: void an unpaid invoice (draft, open or uncollectible) and write its amount (cents) off.
+
+    Without a Stripe counterpart it is void at once; otherwise it shows "void pending" and a task voids it at
+    Stripe (or deletes the draft / pending items a push left) and then records it. Dunning stops at once: a
+    tenant suspended only for this invoice is restored. Returns a message for staff; ValidationError if refused.
+    """
+    return _staff_status_request(invoice=invoice, status=Invoice.Status.VOID, reason=reason, actor=actor)
+
+
+def invoice_mark_uncollectible(*, invoice: Invoice, reason: str, actor: Actor) -> str:
+    """Staff: mark an open invoice uncollectible (bad debt). It stays payable; dunning is unchanged.
+
+    Needs the invoice fully sent to Stripe, or never sent. Returns a message for staff; ValidationError if refused.
+    """
+    return _staff_status_request(invoice=invoice, status=Invoice.Status.UNCOLLECTIBLE, reason=reason, actor=actor)
+
+
+def _staff_status_refusal(invoice: Invoice, status: str) -> str | None:
+    number, done = invoice.number, _DONE[status]
+    if invoice.status == Invoice.Status.PAID:
+        return f"{number} is paid, so it cannot be {done}. To give money back, refund the payment in the Stripe dashboard."
+    if invoice.status == Invoice.Status.VOID:
+        return f"{number} is already void."
+    if invoice.void_pending:
+        return (f"{number} is already being voided: Stripe has not confirmed yet (asked {invoice.status_requested_at:%d %b %Y %H:%M} UTC). "
+                "It is retried automatically; see its delivery error for Stripe's last answer.")
+    if status == Invoice.Status.UNCOLLECTIBLE:
+        if invoice.status == Invoice.Status.DRAFT:
+            return f"{number} is a draft: it was never issued, so nothing is owed. Void it instead."
+        if Invoice.Status.UNCOLLECTIBLE in (invoice.status, invoice.pending_status):
+            return f"{number} is already {'being ' if invoice.pending_status else ''}marked uncollectible."
+        if invoice.delivery == Invoice.Delivery.PENDING:
+            return f"{number} is still being sent to Stripe. Mark it uncollectible once its delivery shows Sent, or void it."
+    return None
+
+
+def _at_stripe(invoice: Invoice) -> bool:
+    """Stripe holds, or a running push may create, something payable for this invoice."""
+    return bool(
+        invoice.stripe_invoice_id or invoice.delivery == Invoice.Delivery.PENDING
+        or InvoiceLine.objects.for_tenant(invoice.tenant).filter(invoice=invoice).exclude(stripe_invoice_item_id="").exists()
+    )
+
+
+def _staff_status_request(*, invoice: Invoice, status: str, reason: str, actor: Actor) -> str:
+    reason = " ".join((reason or "").split())[:300]
+    if not reason:
+        raise ValidationError("Give a reason: it is kept with the invoice and in the audit log.")
+    with transaction.atomic():
+        invoice = Invoice.all_tenants.select_for_update().select_related("tenant").get(pk=invoice.pk)
+        refusal = _staff_status_refusal(invoice, status)
+        if refusal:
+            raise ValidationError(refusal)
+        invoice.status_reason, invoice.status_requested_at = reason, timezone.now()
+        if not _at_stripe(invoice):
+            Invoice.all_tenants.filter(pk=invoice.pk).update(status_reason=reason, status_requested_at=invoice.status_requested_at)
+            _staff_status_settle(invoice, status, actor=actor, reason=reason)
+            return f"{invoice.number} is now {invoice.get_status_display().lower()}."
+        Invoice.all_tenants.filter(pk=invoice.pk).update(pending_status=status, status_reason=reason, status_requested_at=invoice.status_requested_at)
+        invoice.pending_status = status
+        audit_record(tenant=invoice.tenant, actor=actor, action=f"billing.invoice_{status}_requested", target=invoice,
+                     data={"number": invoice.number, "total_cents": invoice.total_cents, "reason": reason})
+        if status == Invoice.Status.VOID:
+            tenant_restore_if_settled(tenant=invoice.tenant, reason=f"Overdue invoice {invoice.number} voided")
+        from billing.tasks import invoice_status_sync  # the task module imports this one
+
+        invoice_status_sync.delay_on_commit(invoice.pk)
+    return (f"{invoice.number}: Stripe is being asked to confirm; until it does, the invoice shows "
+            f"“{invoice.get_pending_status_display()} pending” (retried automatically while Stripe is unreachable).")
+
+
+def _staff_status_settle(invoice: Invoice, status: str, *, actor: Actor = SYSTEM, reason: str = "") -> str:
+    """Move to void / uncollectible (forward only) and record it. A void writes the amount off and ends dunning."""
+    if invoice.status == status:
+        return f"already {status}"
+    if not invoice.can_move_to(status):
+        return f"kept {invoice.status}"
+    invoice.move_to(status)
+    data = {"number": invoice.number, "reason": reason or "done in Stripe, not from the platform"}
+    data["written_off_cents" if status == Invoice.Status.VOID else "total_cents"] = invoice.total_cents
+    audit_record(tenant=invoice.tenant, actor=actor, action=f"billing.invoice_{status}", target=invoice, data=data)
+    log.info("Invoice %s %s (%s cents): %s", invoice.number, _DONE[status], invoice.total_cents, data["reason"])
+    if status == Invoice.Status.VOID:
+        if invoice.delivery == Invoice.Delivery.PENDING:  # never reached the customer: nothing left to send
+            Invoice.all_tenants.filter(pk=invoice.pk).update(delivery=Invoice.Delivery.NOT_NEEDED)
+        tenant_restore_if_settled(tenant=invoice.tenant, reason=f"Overdue invoice {invoice.number} voided")
+    return status
+
+
+def _requested_reason(invoice: Invoice, status: str) -> str:
+    """The staff reason, when this is the status staff asked for (not one set in Stripe's dashboard)."""
+    return invoice.status_reason if invoice.pending_status == status else ""
+
+
+def invoice_status_sync(*, invoice: Invoice, client=None) -> str:
+    """Carry a staff void / uncollectible to Stripe, then record it here. Safe to repeat (task retries, reconcile).
+
+    Stripe's invoice is read first, so a retry after a lost answer, or after the webhook came first, calls
+    nothing twice (and each POST carries a key from our uuid). If the customer paid first, it is marked paid.
+    """
+    invoice = Invoice.all_tenants.select_related("tenant").get(pk=invoice.pk)
+    target = invoice.pending_status or (Invoice.Status.VOID if invoice.status == Invoice.Status.VOID else "")
+    if not target:
+        return "nothing pending"
+    if target == Invoice.Status.VOID:
+        at_stripe = _void_at_stripe(invoice, client=client)
+    else:
+        at_stripe = _mark_uncollectible_at_stripe(invoice, client=client)
+    with transaction.atomic():
+        invoice = Invoice.all_tenants.select_for_update().select_related("tenant").get(pk=invoice.pk)
+        Invoice.all_tenants.filter(pk=invoice.pk).update(delivery_error="")
+        if at_stripe == "paid":
+            log.warning("Invoice %s was paid at Stripe before it could be %s; marking it paid.", invoice.number, _DONE[target])
+            return invoice_mark_paid(invoice=invoice)
+        settled = Invoice.Status.VOID if at_stripe == "void" else target
+        return _staff_status_settle(invoice, settled, reason=_requested_reason(invoice, settled))
+
+
+def _void_at_stripe(invoice: Invoice, *, client=None) -> str:
+    """Leave nothing payable at Stripe: void the invoice, or delete a draft or a stopped push's pending items
+    (Stripe voids only finalized invoices; pending items would be gathered into the tenant's next invoice).
+    Returns "void", or "paid" when the payment came first."""
+    if invoice.stripe_invoice_id:
+        try:
+            status = stripe_gateway.invoice_retrieve(invoice.stripe_invoice_id, client=client).get("status")
+        except stripe_gateway.NotFound:
+            return "void"  # its draft was deleted already
+        if status in ("open", "uncollectible"):
+            return stripe_gateway.invoice_void(invoice_uuid=invoice.uuid, stripe_invoice_id=invoice.stripe_invoice_id, client=client)
+        if status != "draft":
+            return status  # paid, or void already (a retry after a lost answer, or voided in Stripe)
+    for item_id in InvoiceLine.objects.for_tenant(invoice.tenant).filter(invoice=invoice).exclude(stripe_invoice_item_id="").values_list("stripe_invoice_item_id", flat=True):
+        stripe_gateway.invoice_item_delete(item_id, client=client)
+    if invoice.stripe_invoice_id:
+        stripe_gateway.invoice_draft_delete(invoice.stripe_invoice_id, client=client)
+    return "void"
+
+
+def _mark_uncollectible_at_stripe(invoice: Invoice, *, client=None) -> str:
+    """Returns Stripe's status after the mark: "uncollectible", or "paid" / "void" when that came first."""
+    if not invoice.stripe_invoice_id:
+        raise stripe_gateway.GatewayError(f"{invoice.number} has no Stripe invoice yet; it is still being sent.")
+    status = stripe_gateway.invoice_retrieve(invoice.stripe_invoice_id, client=client).get("status")
+    if status == "open":
+        return stripe_gateway.invoice_mark_uncollectible(invoice_uuid=invoice.uuid, stripe_invoice_id=invoice.stripe_invoice_id, client=client)
+    if status == "draft":
+        raise stripe_gateway.GatewayError(f"{invoice.number} is still a draft at Stripe; it is being sent.")
+    return status
 
 
 # ---- Stripe events -------------------------------------------------------------------------------
@@ -139,15 +317,17 @@ def _apply_invoice_event(kind: str, obj: dict, invoice: Invoice, *, client=None)
     if kind == "invoice.payment_failed":
         if invoice.status in (Invoice.Status.PAID, Invoice.Status.VOID):
             return f"kept {invoice.status}"
+        if invoice.void_pending:
+            return "ignored: staff voided it; waiting for Stripe to confirm"
         # Order matters here (a payment may have succeeded since): ask Stripe for the invoice as it is now.
         current = _refetch_status(invoice, client=client)
         if current == "paid":
             return invoice_mark_paid(invoice=invoice)
         return invoice_payment_failed(invoice=invoice)
     if kind == "invoice.voided":
-        return _forward(invoice, Invoice.Status.VOID)
+        return _staff_status_settle(invoice, Invoice.Status.VOID, reason=_requested_reason(invoice, Invoice.Status.VOID))
     if kind == "invoice.marked_uncollectible":
-        return _forward(invoice, Invoice.Status.UNCOLLECTIBLE)
+        return _staff_status_settle(invoice, Invoice.Status.UNCOLLECTIBLE, reason=_requested_reason(invoice, Invoice.Status.UNCOLLECTIBLE))
     if kind == "invoice.finalized":
         return _forward(invoice, Invoice.Status.OPEN) if invoice.status == Invoice.Status.DRAFT else "recorded"
     return "ignored"
@@ -216,15 +396,15 @@ def _notify_admins(invoice: Invoice, grace_days: int) -> None:
     transaction.on_commit(lambda: send_mail(subject, body, None, emails, fail_silently=True))
 
 
-def tenant_restore_if_settled(*, tenant: Tenant, now: datetime | None = None) -> bool:
-    """Reactivate a tenant that billing suspended, once no invoice is overdue. Returns True if restored."""
+def tenant_restore_if_settled(*, tenant: Tenant, now: datetime | None = None, reason: str = "Overdue invoices paid") -> bool:
+    """Reactivate a tenant that billing suspended, once no invoice is overdue (paid or voided). True if restored."""
     account = billing_account_get(tenant=tenant)
     tenant.refresh_from_db()
     if not account.suspended_for_nonpayment or tenant.status != Tenant.Status.SUSPENDED:
         return False
     if _overdue(now).filter(tenant=tenant).exists():
         return False
-    tenant_set_status(tenant=tenant, status=Tenant.Status.ACTIVE, actor=SYSTEM, reason="Overdue invoices paid")
+    tenant_set_status(tenant=tenant, status=Tenant.Status.ACTIVE, actor=SYSTEM, reason=reason)
     BillingAccount.objects.for_tenant(tenant).filter(pk=account.pk).update(suspended_for_nonpayment=False)
     return True
 
@@ -232,7 +412,10 @@ def tenant_restore_if_settled(*, tenant: Tenant, now: datetime | None = None) ->
 def _overdue(now: datetime | None):
     cutoff = (now or timezone.now()) - timedelta(days=BillingSettings.load().grace_days)
     # Batch code over every tenant (the dunning run): the unscoped manager is intended here.
-    return Invoice.all_tenants.filter(status__in=[Invoice.Status.OPEN, Invoice.Status.UNCOLLECTIBLE], payment_failed_at__lte=cutoff)
+    # An invoice staff voided is not chased while Stripe confirms the void.
+    return Invoice.all_tenants.filter(
+        status__in=[Invoice.Status.OPEN, Invoice.Status.UNCOLLECTIBLE], payment_failed_at__lte=cutoff
+    ).exclude(pending_status=Invoice.Status.VOID)
 
 
 def dunning_run(*, now: datetime | None = None) -> list[Tenant]:
@@ -256,7 +439,7 @@ def dunning_run(*, now: datetime | None = None) -> list[Tenant]:
 
 def stripe_reconcile(*, since: datetime | None = None, client=None) -> dict[str, int]:
     """Apply Stripe events we missed (GET /v1/events, default the last 3 days); retry unsent invoices."""
-    counts = {"applied": 0, "duplicate": 0, "pushed": 0}
+    counts = {"applied": 0, "duplicate": 0, "pushed": 0, "synced": 0}
     if client is None and not stripe_gateway.is_configured():
         return counts
     since = since or timezone.now() - timedelta(days=3)

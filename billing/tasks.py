@@ -45,16 +45,35 @@ def invoice_push(self, invoice_id: int) -> str:
     return invoice.delivery
 
 
+@shared_task(
+    name="billing.invoice_status_sync", bind=True, autoretry_for=(stripe_gateway.GatewayError,),
+    retry_backoff=30, retry_backoff_max=3600, max_retries=12,
+)
+def invoice_status_sync(self, invoice_id: int) -> str:
+    """Carry a staff void / uncollectible to Stripe and record it; retried with backoff (it reads Stripe first,
+    and its POSTs carry keys from our ids, so a retry changes nothing twice). Stripe's last error is kept."""
+    invoice = Invoice.all_tenants.select_related("tenant").get(pk=invoice_id)  # task input is our own id
+    try:
+        return services.invoice_status_sync(invoice=invoice)
+    except stripe_gateway.GatewayError as exc:
+        services.invoice_push_failed(invoice=invoice, error=str(exc))
+        raise
+
+
 @shared_task(name="billing.stripe_reconcile")
 def stripe_reconcile() -> dict:
-    """Apply missed Stripe events, and re-enqueue invoices still waiting to be sent."""
+    """Apply missed Stripe events, and re-enqueue invoices still waiting to be sent, voided or marked at Stripe."""
     counts = services.stripe_reconcile()
     if stripe_gateway.is_configured():
         stale = timezone.now() - timedelta(minutes=30)
         # Batch code over every tenant: the unscoped manager is intended here.
-        for pk in Invoice.all_tenants.filter(delivery=Invoice.Delivery.PENDING, status=Invoice.Status.OPEN, closed_at__lt=stale).values_list("pk", flat=True):
+        unsent = Invoice.all_tenants.filter(delivery=Invoice.Delivery.PENDING, status=Invoice.Status.OPEN, pending_status="", closed_at__lt=stale)
+        for pk in unsent.values_list("pk", flat=True):
             invoice_push.delay(pk)
             counts["pushed"] += 1
+        for pk in Invoice.all_tenants.exclude(pending_status="").filter(status_requested_at__lt=stale).values_list("pk", flat=True):
+            invoice_status_sync.delay(pk)
+            counts["synced"] += 1
     return counts
 
 

@@ -9,11 +9,14 @@ import json
 import time
 from datetime import date, datetime, timezone as dt_timezone
 from decimal import Decimal
+from types import SimpleNamespace
 
 import pytest
+import stripe
 
 from billing.models import Price
 from serving.models import Adapter, Backend, BackendPool, BaseModel, UsageRecord
+from tenants.services import Actor
 
 WEBHOOK_SECRET = "whsec_test_secret"
 _ids = itertools.count(1)
@@ -41,6 +44,14 @@ class Catalog:
 @pytest.fixture
 def catalog(world) -> Catalog:
     return Catalog(world)
+
+
+@pytest.fixture
+def staff(world) -> Actor:
+    """Platform staff (the tenant's owner made superuser): the actor of admin changes."""
+    world.owner.is_staff = world.owner.is_superuser = True
+    world.owner.save()
+    return Actor(user=world.owner)
 
 
 def price(base, *, effective_from: date, inp: str, out: str, train: str = "0", adapter=None, pool=None) -> Price:
@@ -76,3 +87,104 @@ def invoice_event(event_id: str, kind: str, invoice, *, status: str | None = Non
 def post_webhook(client, body: bytes, header: str | None = None):
     return client.post("/webhooks/stripe/", data=body, content_type="application/json",
                        HTTP_STRIPE_SIGNATURE=header if header is not None else sign(body))
+
+
+def _missing(what: str, object_id: str) -> stripe.InvalidRequestError:
+    return stripe.InvalidRequestError(f"No such {what}: '{object_id}'", "id", code="resource_missing", http_status=404)
+
+
+class FakeInvoices:
+    """Stripe's `v1.invoices` as the gateway uses it, for what localstripe lacks: one-off invoices, finalize,
+    hosted_invoice_url, mark_uncollectible, idempotency keys. Stateful, like Stripe: a repeated key replays the
+    first answer. `calls` records every attempt; `applied` each change Stripe really made.
+    `fail[method]` lists what the next calls meet: "down" fails before Stripe acts, "lost" after it acted."""
+
+    def __init__(self):
+        self.by_key: dict[str, object] = {}
+        self.invoices: dict[str, SimpleNamespace] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.applied: list[tuple[str, str]] = []
+        self.fail: dict[str, list[str]] = {}
+
+    def put(self, invoice_id: str, status: str) -> None:
+        """An invoice as Stripe holds it (created outside the calls under test)."""
+        self.invoices[invoice_id] = SimpleNamespace(id=invoice_id, status=status, hosted_invoice_url=None)
+
+    def _failure(self, method: str, when: str) -> None:
+        if self.fail.get(method) and self.fail[method][0] == when:
+            self.fail[method].pop(0)
+            raise stripe.APIConnectionError(f"Could not connect to Stripe ({method}, test)")
+
+    def _get(self, invoice_id: str) -> SimpleNamespace:
+        if invoice_id not in self.invoices:
+            raise _missing("invoice", invoice_id)
+        return self.invoices[invoice_id]
+
+    def create(self, params=None, options=None):
+        key = options["idempotency_key"]
+        self.calls.append(("create", key))
+        self._failure("create", "down")
+        if key not in self.by_key:
+            invoice_id = f"in_fake_{len(self.by_key) + 1}"
+            self.put(invoice_id, "draft")
+            self.by_key[key] = self.invoices[invoice_id]
+        return self.by_key[key]
+
+    def finalize_invoice(self, invoice_id, params=None, options=None):
+        self.calls.append(("finalize", options["idempotency_key"]))
+        invoice = self._get(invoice_id)
+        if invoice.status == "draft":
+            invoice.status, invoice.hosted_invoice_url = "open", f"https://invoice.stripe.test/{invoice_id}"
+        return invoice
+
+    def retrieve(self, invoice_id, params=None, options=None):
+        self.calls.append(("retrieve", invoice_id))
+        invoice = self._get(invoice_id)
+        return SimpleNamespace(to_dict=lambda: {"id": invoice.id, "status": invoice.status})
+
+    def void_invoice(self, invoice_id, params=None, options=None):
+        return self._transition("void", invoice_id, options, allowed=("open", "uncollectible"), to="void")
+
+    def mark_uncollectible(self, invoice_id, params=None, options=None):
+        return self._transition("mark_uncollectible", invoice_id, options, allowed=("open",), to="uncollectible")
+
+    def _transition(self, method, invoice_id, options, *, allowed, to):
+        key = options["idempotency_key"]
+        self.calls.append((method, key))
+        self._failure(method, "down")
+        if key not in self.by_key:
+            invoice = self._get(invoice_id)
+            if invoice.status not in allowed:
+                raise stripe.InvalidRequestError(f"You cannot {method} an invoice that is {invoice.status}.", None, http_status=400)
+            invoice.status = to
+            self.applied.append((method, invoice_id))
+            self.by_key[key] = SimpleNamespace(id=invoice_id, status=to)
+        self._failure(method, "lost")
+        return self.by_key[key]
+
+    def delete(self, invoice_id, params=None, options=None):
+        self.calls.append(("delete", invoice_id))
+        if self._get(invoice_id).status != "draft":
+            raise stripe.InvalidRequestError("You can only delete draft invoices.", None, http_status=400)
+        del self.invoices[invoice_id]
+        self.applied.append(("delete", invoice_id))
+        return SimpleNamespace(id=invoice_id, deleted=True)
+
+
+class FakeInvoiceItems:
+    """Stripe's `v1.invoice_items.delete`: pending items, gone once deleted (404 afterwards, as at Stripe)."""
+
+    def __init__(self):
+        self.pending: set[str] = set()
+
+    def delete(self, item_id, params=None, options=None):
+        if item_id not in self.pending:
+            raise _missing("invoiceitem", item_id)
+        self.pending.remove(item_id)
+        return SimpleNamespace(id=item_id, deleted=True)
+
+
+@pytest.fixture
+def fake_stripe():
+    """A Stripe client whose invoices and invoice items are fakes (no server); see FakeInvoices."""
+    return SimpleNamespace(v1=SimpleNamespace(invoices=FakeInvoices(), invoice_items=FakeInvoiceItems()))

@@ -4,7 +4,8 @@ Exercised for real at localstripe: customers, invoice items (with our idempotenc
 ignores them, so "nothing new on a second push" is proved by our stored ids), the Customer Portal's
 absence, and a really signed webhook (customer.created) delivered to our endpoint.
 Faked (localstripe lacks them): invoice create without a subscription, finalize, hosted_invoice_url.
-The fake honours idempotency keys as Stripe does. Payment is a signed `invoice.paid` event.
+The fake honours idempotency keys as Stripe does. Payment is a signed `invoice.paid` event. A void of a push
+that stopped half-way deletes its pending invoice items at localstripe for real.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 
 from billing import invoicing, services, stripe_gateway
 from billing.models import BillingAccount, Invoice, InvoiceLine, StripeEvent
-from tests.billing.conftest import WEBHOOK_SECRET, invoice_event, post_webhook, price, usage, utc
+from tests.billing.conftest import WEBHOOK_SECRET, FakeInvoices, invoice_event, post_webhook, price, usage, utc
 
 # localstripe binds every interface and pickles to /tmp: bind it to 127.0.0.1 and keep its store in memory.
 BOOT = (
@@ -65,28 +66,6 @@ def localstripe_url(tmp_path_factory):
     yield url
     proc.terminate()
     proc.wait(5)
-
-
-class FakeInvoices:
-    """What localstripe lacks: one-off invoices, finalize and hosted_invoice_url. Honours idempotency keys."""
-
-    def __init__(self):
-        self.by_key: dict[str, object] = {}
-        self.calls = []
-
-    def create(self, params=None, options=None):
-        key = options["idempotency_key"]
-        self.calls.append(("create", key))
-        if key not in self.by_key:
-            self.by_key[key] = SimpleNamespace(id=f"in_fake_{len(self.by_key) + 1}", status="draft", hosted_invoice_url=None, params=params)
-        return self.by_key[key]
-
-    def finalize_invoice(self, invoice_id, params=None, options=None):
-        self.calls.append(("finalize", options["idempotency_key"]))
-        return SimpleNamespace(id=invoice_id, status="open", hosted_invoice_url=f"https://invoice.stripe.test/{invoice_id}")
-
-    def retrieve(self, invoice_id, params=None, options=None):
-        return SimpleNamespace(to_dict=lambda: {"id": invoice_id, "status": "open"})
 
 
 @pytest.fixture
@@ -145,6 +124,23 @@ def test_push_creates_customer_items_invoice_once(stripe_env, world, invoice, cl
     assert post_webhook(client, invoice_event("evt_pay_1", "invoice.paid", invoice)).status_code == 200
     page = client.get(f"/t/acme/billing/invoices/{invoice.pk}/").content.decode()
     assert 'data-status="paid"' in page and "data-pay" not in page
+
+
+def test_void_after_a_stopped_push_deletes_its_pending_items(stripe_env, world, invoice, staff):
+    stripe_env.fake.fail["create"] = ["down"]  # items created at Stripe, then Stripe went away
+    with pytest.raises(stripe_gateway.GatewayError):
+        services.invoice_push(invoice=invoice, client=stripe_env.client)
+    customer_id = BillingAccount.objects.for_tenant(world.tenant).get().stripe_customer_id
+    assert len(_items(stripe_env.real, customer_id)) == 2  # pending: the tenant's next invoice would gather them
+
+    services.invoice_void(invoice=invoice, reason="Wrong prices; written off", actor=staff)
+    invoice.refresh_from_db()
+    assert (invoice.status, invoice.pending_status) == ("open", "void")
+    assert services.invoice_status_sync(invoice=invoice, client=stripe_env.client) == "void"
+    assert _items(stripe_env.real, customer_id) == []
+    assert services.invoice_status_sync(invoice=invoice, client=stripe_env.client) == "already void"  # 404s are fine
+    invoice.refresh_from_db()
+    assert invoice.status == "void" and not invoice.stripe_invoice_id
 
 
 def test_customer_portal_absent_on_localstripe_is_handled(stripe_env, world, client):
