@@ -57,7 +57,9 @@ def usage(request, ctx: TenantContext):
     chart = bar_chart([(f"{day:%d}", cents) for day, cents in cost.daily_cents.items()])
     for bar in chart["bars"]:
         bar["title"] = f"{bar['label']}: {_cents(bar['value'])}"
-    open_invoices = selectors.invoices_for(tenant=ctx.tenant).filter(status__in=[Invoice.Status.OPEN, Invoice.Status.UNCOLLECTIBLE])
+    open_invoices = selectors.invoices_for(tenant=ctx.tenant).filter(status__in=[Invoice.Status.OPEN, Invoice.Status.UNCOLLECTIBLE]).exclude(
+        pending_status=Invoice.Status.VOID
+    )
     return _render(request, ctx, "billing/usage.html", {
         "cost": cost, "chart": chart, "period_end": rating.next_period(cost.period), "open_invoices": open_invoices,
         "stripe_configured": stripe_gateway.is_configured(),
@@ -190,6 +192,8 @@ class InvoiceOutput(serializers.Serializer):
     total_cents = serializers.IntegerField()
     closed_at = serializers.DateTimeField()
     paid_at = serializers.DateTimeField(allow_null=True)
+    voided_at = serializers.DateTimeField(allow_null=True)
+    void_pending = serializers.BooleanField(help_text="Voided by staff; Stripe has not confirmed yet. Nothing is owed.")
     delivery = serializers.CharField()
     hosted_invoice_url = serializers.CharField(allow_blank=True)
 

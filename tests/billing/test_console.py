@@ -7,7 +7,7 @@ from datetime import date
 import pytest
 from django.utils import timezone
 
-from billing import invoicing, rating, selectors
+from billing import invoicing, rating, selectors, services
 from billing.models import Invoice
 from tests.billing.conftest import price, usage, utc
 
@@ -42,6 +42,29 @@ def test_invoice_pages(client, world, billed):
     assert 'href="https://pay.example.test/i/1"' in detail and "Pay" in detail
     printable = client.get(f"{base}{billed.pk}/print/").content.decode()
     assert "@media print" in printable and "ACME-202601" in printable
+
+
+def test_invoice_pages_show_a_void_pending_at_stripe_then_void(client, world, billed, staff):
+    client.force_login(world.viewer)
+    slug, base = world.tenant.slug, f"/t/{world.tenant.slug}/billing/invoices/"
+    assert f'data-open-invoice="{billed.number}"' in client.get(f"/t/{slug}/billing/").content.decode()
+    Invoice.all_tenants.filter(pk=billed.pk).update(stripe_invoice_id="in_1", delivery="sent")
+    services.invoice_void(invoice=billed, reason="Goodwill after the outage", actor=staff)  # Stripe must confirm first
+    listing = client.get(base).content.decode()
+    assert 'data-status="void-pending"' in listing and "Being voided" in listing and "<del>1.00</del>" in listing
+    detail = client.get(f"{base}{billed.pk}/").content.decode()
+    assert "data-void" in detail and "do not pay it" in detail and "data-pay" not in detail
+    assert "data-open-invoice" not in client.get(f"/t/{slug}/billing/").content.decode()  # no longer shown as unpaid
+    api = f"/api/tenants/{slug}/billing/invoices/{billed.pk}/"
+    assert client.get(api).json()["status"] == "open" and client.get(api).json()["void_pending"] is True
+
+    Invoice.all_tenants.get(pk=billed.pk).move_to(Invoice.Status.VOID)  # Stripe confirmed
+    listing = client.get(base).content.decode()
+    assert 'data-status="void"' in listing and "nothing to pay" in listing and "<del>1.00</del>" in listing
+    detail = client.get(f"{base}{billed.pk}/").content.decode()
+    assert "This invoice was voided on" in detail and "data-pay" not in detail
+    data = client.get(api).json()
+    assert (data["status"], data["void_pending"]) == ("void", False) and data["voided_at"]
 
 
 def test_outsider_gets_404_everywhere(client, world, billed):
