@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import stripe
 
+from billing import invoicing
 from billing.models import Price
 from serving.models import Adapter, Backend, BackendPool, BaseModel, UsageRecord
 from tenants.services import Actor
@@ -44,6 +45,17 @@ class Catalog:
 @pytest.fixture
 def catalog(world) -> Catalog:
     return Catalog(world)
+
+
+@pytest.fixture
+def invoice(world, catalog):
+    """ACME-202601: January's open invoice, 100 ¢ (1 M input tokens at 100 ¢/M), not sent to Stripe.
+
+    Test modules that need another invoice (e.g. one already at Stripe) define their own `invoice`."""
+    price(catalog.base, effective_from=date(2025, 12, 1), inp="100", out="100")
+    usage(world.tenant, at=utc(2026, 1, 5), pool=catalog.shared, inp=1_000_000)
+    [inv] = invoicing.period_close(period=date(2026, 1, 1), now=utc(2026, 2, 2))
+    return inv
 
 
 @pytest.fixture

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import timedelta
 
-import pytest
 
-from billing import invoicing, services
+from billing import services
 from billing.models import BillingAccount, BillingSettings, Invoice
 from tenants.models import AuditEvent
 from tenants.services import SYSTEM, tenant_set_status
-from tests.billing.conftest import invoice_event, post_webhook, price, usage, utc
-
-
-@pytest.fixture
-def invoice(world, catalog):
-    price(catalog.base, effective_from=date(2025, 12, 1), inp="100", out="100")
-    usage(world.tenant, at=utc(2026, 1, 5), pool=catalog.shared, inp=1_000_000)
-    [inv] = invoicing.period_close(period=date(2026, 1, 1), now=utc(2026, 2, 2))
-    return inv
+from tests.billing.conftest import invoice_event, post_webhook, utc
 
 
 def test_payment_failed_then_grace_then_suspended_then_paid_restores(client, world, invoice, django_capture_on_commit_callbacks, mailoutbox):

@@ -11,19 +11,10 @@ from django.core.exceptions import ValidationError
 from billing import invoicing, rating, services, stripe_gateway, tasks
 from billing.models import BillingAccount, Invoice, InvoiceLine, StripeEvent
 from tenants.models import AuditEvent
-from tests.billing.conftest import invoice_event, post_webhook, price, usage, utc
+from tests.billing.conftest import invoice_event, post_webhook, usage, utc
 
 JAN, FEB = date(2026, 1, 1), date(2026, 2, 1)
 REASON = "Duplicate of the corrected invoice agreed with the customer"
-
-
-@pytest.fixture
-def invoice(world, catalog):
-    """ACME-202601, open, 100 ¢, never sent to Stripe (Stripe is not configured in these tests)."""
-    price(catalog.base, effective_from=date(2025, 12, 1), inp="100", out="100")
-    usage(world.tenant, at=utc(2026, 1, 5), pool=catalog.shared, inp=1_000_000)
-    [inv] = invoicing.period_close(period=JAN, now=utc(2026, 2, 2))
-    return inv
 
 
 @pytest.fixture
