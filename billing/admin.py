@@ -1,4 +1,4 @@
-"""Staff tools: prices, billing settings, invoices (close a period on demand, push to Stripe), Stripe events."""
+"""Staff tools: prices, billing settings, invoices (close a period, push to Stripe, void, mark uncollectible), Stripe events."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from datetime import date
 
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import ValidationError
-from django.shortcuts import redirect, render
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import path
 
-from billing import invoicing, stripe_gateway
+from billing import invoicing, services, stripe_gateway
 from billing.models import BillingAccount, BillingSettings, DailyUsage, Invoice, InvoiceLine, Price, StripeEvent
 from billing.tasks import invoice_push
 from tenants.models import Tenant
@@ -64,21 +64,82 @@ class ClosePeriodForm(forms.Form):
             raise ValidationError("Use YYYY-MM, e.g. 2026-01.") from None
 
 
+class StaffStatusForm(forms.Form):
+    reason = forms.CharField(
+        max_length=300, widget=forms.Textarea(attrs={"rows": 3, "cols": 70}),
+        help_text="Required. Kept with the invoice and in the tenant's audit log, which the tenant's admins can read.",
+    )
+
+
+# status -> (service, button label, what it means), for the void / mark-uncollectible pages.
+STAFF_STATUS_CHANGES = {
+    Invoice.Status.VOID: (services.invoice_void, "Void", (
+        "Voiding writes the amount off: the usage is not billed again, the tenant owes nothing for this invoice, and a "
+        "suspension for non-payment that rests only on it is lifted. If Stripe holds the invoice it is voided there "
+        "first; until Stripe confirms, the invoice shows “void pending”. Paid invoices cannot be voided (refund them in Stripe).")),
+    Invoice.Status.UNCOLLECTIBLE: (services.invoice_mark_uncollectible, "Mark uncollectible", (
+        "Records the amount as bad debt. The invoice stays payable and dunning still applies. "
+        "Only open invoices can be marked; if Stripe holds the invoice it is marked there first.")),
+}
+
+
 @admin.register(Invoice)
 class InvoiceAdmin(admin.ModelAdmin):
-    list_display = ("number", "tenant", "period_start", "status", "total_cents", "delivery", "closed_at")
-    list_filter = ("status", "delivery", "period_start")
+    list_display = ("number", "tenant", "period_start", "status", "pending_status", "total_cents", "delivery", "closed_at")
+    list_filter = ("status", "pending_status", "delivery", "period_start")
     search_fields = ("number", "tenant__slug", "stripe_invoice_id")
     readonly_fields = [f.name for f in Invoice._meta.fields]
     inlines = [InvoiceLineInline]
-    actions = ["push_to_stripe"]
+    actions = ["push_to_stripe", "void_selected", "mark_uncollectible_selected"]
     change_list_template = "billing/admin_invoice_changelist.html"
+    change_form_template = "billing/admin_invoice_change_form.html"
 
     def has_add_permission(self, request):
         return False
 
     def get_urls(self):
-        return [path("close-period/", self.admin_site.admin_view(self.close_period_view), name="billing_invoice_close_period"), *super().get_urls()]
+        view = self.admin_site.admin_view
+        return [
+            path("close-period/", view(self.close_period_view), name="billing_invoice_close_period"),
+            path("<int:invoice_id>/void/", view(self.status_view), {"status": Invoice.Status.VOID}, name="billing_invoice_void"),
+            path("<int:invoice_id>/mark-uncollectible/", view(self.status_view), {"status": Invoice.Status.UNCOLLECTIBLE},
+                 name="billing_invoice_mark_uncollectible"),
+            *super().get_urls(),
+        ]
+
+    def status_view(self, request, invoice_id, status):
+        """The "Void…" / "Mark uncollectible…" buttons of one invoice: a reason, then the change."""
+        invoice = get_object_or_404(Invoice.all_tenants.select_related("tenant"), pk=invoice_id)  # staff see every tenant
+        if not self.has_change_permission(request, invoice):
+            raise PermissionDenied
+        return self._staff_status_change(request, [invoice], status) or redirect("admin:billing_invoice_change", invoice.pk)
+
+    @admin.action(description="Void selected invoices… (asks for a reason)", permissions=["change"])
+    def void_selected(self, request, queryset):
+        return self._staff_status_change(request, list(queryset.select_related("tenant")), Invoice.Status.VOID, action="void_selected")
+
+    @admin.action(description="Mark selected invoices uncollectible… (asks for a reason)", permissions=["change"])
+    def mark_uncollectible_selected(self, request, queryset):
+        return self._staff_status_change(request, list(queryset.select_related("tenant")), Invoice.Status.UNCOLLECTIBLE,
+                                         action="mark_uncollectible_selected")
+
+    def _staff_status_change(self, request, invoices, status, action=""):
+        """Ask for the reason; once given, apply to each invoice and explain each refusal. None when done."""
+        service, label, meaning = STAFF_STATUS_CHANGES[status]
+        form = StaffStatusForm(request.POST if "apply" in request.POST else None)
+        if not form.is_valid():
+            return render(request, "billing/admin_invoice_status.html", {
+                **self.admin_site.each_context(request), "title": f"{label}: {', '.join(i.number for i in invoices)}",
+                "form": form, "invoices": invoices, "label": label, "meaning": meaning, "action": action, "opts": self.model._meta,
+            })
+        for invoice in invoices:
+            try:
+                outcome = service(invoice=invoice, reason=form.cleaned_data["reason"], actor=Actor(user=request.user))
+            except ValidationError as exc:
+                self.message_user(request, f"Not changed: {exc.messages[0]}", messages.ERROR)
+            else:
+                self.message_user(request, outcome, messages.SUCCESS)
+        return None
 
     def close_period_view(self, request):
         form = ClosePeriodForm(request.POST or None)
