@@ -5,11 +5,10 @@ outside a tenant are listed below so the isolation suite can tell them from a fo
 """
 
 from django.contrib.auth import views as auth_views
-from django.urls import include, path, reverse_lazy
+from django.urls import include, path
 
 from portal import views as shell
 from tenants import views as console
-from tenants.forms import EmailAuthenticationForm
 
 # Open to anyone (the invitation page names its tenant only to holders of the secret token).
 PUBLIC_URL_NAMES = frozenset(
@@ -51,27 +50,11 @@ tenant_patterns = [
 urlpatterns = [
     path("", shell.home, name="console-home"),
     path("signup/", shell.signup, name="signup"),
-    path(
-        "login/",
-        auth_views.LoginView.as_view(template_name="auth/login.html", authentication_form=EmailAuthenticationForm, redirect_authenticated_user=True),
-        name="login",
-    ),
+    path("login/", shell.SignInView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
-    path(
-        "password-reset/",
-        auth_views.PasswordResetView.as_view(
-            template_name="auth/password_reset_form.html",
-            email_template_name="auth/password_reset_email.txt",
-            subject_template_name="auth/password_reset_subject.txt",
-        ),
-        name="password_reset",
-    ),
+    path("password-reset/", shell.PasswordResetView.as_view(), name="password_reset"),
     path("password-reset/sent/", auth_views.PasswordResetDoneView.as_view(template_name="auth/password_reset_done.html"), name="password_reset_done"),
-    path(
-        "password-reset/<uidb64>/<token>/",
-        auth_views.PasswordResetConfirmView.as_view(template_name="auth/password_reset_confirm.html", success_url=reverse_lazy("password_reset_complete")),
-        name="password_reset_confirm",
-    ),
+    path("password-reset/<uidb64>/<token>/", shell.PasswordResetConfirmView.as_view(), name="password_reset_confirm"),
     path("password-reset/done/", auth_views.PasswordResetCompleteView.as_view(template_name="auth/password_reset_complete.html"), name="password_reset_complete"),
     path("invitations/<str:token>/", shell.invitation_accept, name="invitation-accept"),
     path("tenants/new/", shell.tenant_create, name="tenant-create"),

@@ -177,6 +177,18 @@ STRIPE_API_BASE = env_url("STRIPE_API_BASE", "", schemes=("http", "https"))
 INVITATION_TTL_HOURS = env_int("PLATFORM_INVITATION_TTL_HOURS", 72, minimum=1)
 PLATFORM_MAX_PROMPT_CHARS = env_int("PLATFORM_MAX_PROMPT_CHARS", 20_000, minimum=100)
 
+# Sign-in and password-reset throttling (tenants/throttle.py). Failures per account (e-mail) and per client
+# address within a fixed window; reaching either locks it out. Reset e-mails: per e-mail and address, per window.
+PLATFORM_SIGNIN_FAILURES_PER_ACCOUNT = env_int("PLATFORM_SIGNIN_FAILURES_PER_ACCOUNT", 5, minimum=1)
+PLATFORM_SIGNIN_FAILURES_PER_IP = env_int("PLATFORM_SIGNIN_FAILURES_PER_IP", 20, minimum=1)
+PLATFORM_SIGNIN_WINDOW_S = env_int("PLATFORM_SIGNIN_WINDOW_S", 900, minimum=1)
+PLATFORM_SIGNIN_LOCKOUT_S = env_int("PLATFORM_SIGNIN_LOCKOUT_S", 900, minimum=1)
+PLATFORM_PASSWORD_RESETS_PER_EMAIL = env_int("PLATFORM_PASSWORD_RESETS_PER_EMAIL", 3, minimum=1)
+PLATFORM_PASSWORD_RESETS_PER_IP = env_int("PLATFORM_PASSWORD_RESETS_PER_IP", 10, minimum=1)
+PLATFORM_PASSWORD_RESET_WINDOW_S = env_int("PLATFORM_PASSWORD_RESET_WINDOW_S", 3600, minimum=1)
+# Reverse proxies in front of Django that append to X-Forwarded-For; 0 = the header is not trusted (REMOTE_ADDR).
+PLATFORM_TRUSTED_PROXY_COUNT = env_int("PLATFORM_TRUSTED_PROXY_COUNT", 0, minimum=0)
+
 # Fine-tuning.
 FINETUNE_MAX_UPLOAD_BYTES = env_int("PLATFORM_FINETUNE_MAX_UPLOAD_BYTES", 50 * 1024 * 1024, minimum=1024)
 FINETUNE_MAX_CONCURRENT_JOBS = env_int("PLATFORM_FINETUNE_MAX_CONCURRENT_JOBS", 2, minimum=1)  # per tenant

@@ -3,9 +3,11 @@ from django.urls import include, path
 
 from finetune import urls as finetune_urls
 from serving import staff_views as serving_staff
+from tenants.forms import StaffAuthenticationForm
 
 admin.site.site_header = "LLM Platform staff"
 admin.site.site_title = "LLM Platform staff"
+admin.site.login_form = StaffAuthenticationForm  # the console's sign-in throttle (tenants/throttle.py)
 
 urlpatterns = [
     path("admin/", admin.site.urls),

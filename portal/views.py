@@ -1,24 +1,65 @@
 """The console shell outside any tenant: sign up, home, new tenant, invitation links.
 
-Sign in/out and password reset are Django's own views (wired in portal/console_urls.py).
+Sign in/out and password reset are Django's own views (wired in portal/console_urls.py); sign-in and the
+reset request are throttled by their forms (tenants/throttle.py) and answer 429 while locked out.
 """
 
 from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth import get_user_model, login
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.shortcuts import redirect, render
-from django.urls import reverse
+from django.urls import reverse, reverse_lazy
 from django.views.decorators.http import require_http_methods
 
-from tenants import services
-from tenants.forms import SignupForm, TenantForm, apply_service_errors
+from tenants import services, throttle
+from tenants.forms import EmailAuthenticationForm, SignupForm, TenantForm, ThrottledPasswordResetForm, apply_service_errors
 from tenants.selectors import memberships_for_user
 
 User = get_user_model()
+
+
+class ThrottledFormMixin:
+    """A form refused by a lockout (its `retry_after_s` is set) answers 429 Too Many Requests with Retry-After."""
+
+    def form_invalid(self, form):
+        response = super().form_invalid(form)
+        if getattr(form, "retry_after_s", None):
+            response.status_code = 429
+            response["Retry-After"] = str(form.retry_after_s)
+        return response
+
+
+class SignInView(ThrottledFormMixin, auth_views.LoginView):
+    template_name = "auth/login.html"
+    authentication_form = EmailAuthenticationForm
+    redirect_authenticated_user = True
+
+
+class PasswordResetView(ThrottledFormMixin, auth_views.PasswordResetView):
+    form_class = ThrottledPasswordResetForm
+    template_name = "auth/password_reset_form.html"
+    email_template_name = "auth/password_reset_email.txt"
+    subject_template_name = "auth/password_reset_subject.txt"
+
+    def get_form_kwargs(self):
+        return {**super().get_form_kwargs(), "request": self.request}
+
+
+class PasswordResetConfirmView(auth_views.PasswordResetConfirmView):
+    """Choosing a new password from the e-mailed link also lifts a sign-in lockout of that account."""
+
+    template_name = "auth/password_reset_confirm.html"
+    success_url = reverse_lazy("password_reset_complete")
+
+    def form_valid(self, form):
+        response = super().form_valid(form)
+        throttle.signin_unlock(form.user.get_username())
+        return response
 
 
 @login_required

@@ -6,11 +6,13 @@ from datetime import datetime, time, timedelta, timezone as dt_timezone
 
 from django import forms
 from django.conf import settings
+from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth import get_user_model, password_validation
-from django.contrib.auth.forms import AuthenticationForm
+from django.contrib.auth.forms import AuthenticationForm, PasswordResetForm
 from django.core.exceptions import ValidationError
 from django.utils.text import slugify
 
+from tenants import throttle
 from tenants.models import ApiKey, Membership, Role, Tenant, slug_validator
 from tenants.selectors import role_choices_for
 
@@ -34,13 +36,67 @@ def suggest_slug(name: str) -> str:
     return slugify(name)[:40].strip("-")
 
 
-class EmailAuthenticationForm(AuthenticationForm):
+def _refused(form: forms.Form, exc: throttle.Throttled) -> ValidationError:
+    """A lockout as a form error; the view answers 429 with Retry-After from `form.retry_after_s`."""
+    form.retry_after_s = exc.retry_after_s
+    return ValidationError(exc.message, code="throttled")
+
+
+class ThrottledSignInMixin:
+    """For a Django authentication form: refuse while locked out (before the password is checked), count failures.
+
+    A right password clears the account's failures. See tenants/throttle.py.
+    """
+
+    retry_after_s: int | None = None
+
+    def clean(self):
+        username, password = self.cleaned_data.get("username"), self.cleaned_data.get("password")
+        if not username or not password:
+            return super().clean()  # a field error already; no password is checked
+        try:
+            throttle.signin_check(self.request, username)
+            try:
+                cleaned = super().clean()
+            except ValidationError:
+                if self.get_user() is None:  # the password was wrong (not a later refusal, e.g. "not staff")
+                    throttle.signin_failed(self.request, username)
+                raise
+        except throttle.Throttled as exc:
+            raise _refused(self, exc) from None
+        throttle.signin_succeeded(username)
+        return cleaned
+
+
+class EmailAuthenticationForm(ThrottledSignInMixin, AuthenticationForm):
     """Sign in by e-mail: usernames are the lower-cased e-mail address."""
 
     username = forms.EmailField(label="Email", widget=forms.EmailInput(attrs={"autocomplete": "email", "autofocus": True}))
 
     def clean_username(self):
         return self.cleaned_data["username"].strip().lower()
+
+
+class StaffAuthenticationForm(ThrottledSignInMixin, AdminAuthenticationForm):
+    """Django admin's sign-in, under the same throttle as the console's (portal/urls.py installs it)."""
+
+
+class ThrottledPasswordResetForm(PasswordResetForm):
+    """Django's reset form, limited per e-mail and per client address so it cannot be used to bomb a mailbox."""
+
+    def __init__(self, *args, request=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.request = request
+        self.retry_after_s = None
+
+    def clean(self):
+        cleaned = super().clean()
+        if cleaned.get("email"):
+            try:
+                throttle.password_reset_requested(self.request, cleaned["email"])
+            except throttle.Throttled as exc:
+                raise _refused(self, exc) from None
+        return cleaned
 
 
 class TenantForm(forms.Form):

@@ -31,7 +31,7 @@ from tenants.models import (
 )
 
 AUDIT_PAGE_SIZE = 50
-AUDIT_PREFIXES = ["tenant.", "member.", "invitation.", "api_key.", "prompt.", "policy."]
+AUDIT_PREFIXES = ["tenant.", "member.", "invitation.", "api_key.", "prompt.", "policy.", "security."]
 
 
 def _render(request, ctx: TenantContext, template: str, section: str, context: dict | None = None, status: int = 200):

@@ -49,6 +49,15 @@ def _clean_redis():
 
 
 @pytest.fixture(autouse=True)
+def _clean_cache():
+    """Each test starts with an empty Django cache (LocMem lives as long as the process): sign-in throttles."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _fast_password_hashing(settings):
     # PBKDF2's deliberate slowness is for attackers, not for the test suite.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

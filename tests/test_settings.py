@@ -41,6 +41,7 @@ def test_production_requires_a_secret_key():
         ({"PLATFORM_ENV": "staging"}, "PLATFORM_ENV='staging'"),
         ({"REDIS_URL": "localhost:6379"}, "REDIS_URL='localhost:6379' must start with one of"),
         ({"PLATFORM_INVITATION_TTL_HOURS": "soon"}, "PLATFORM_INVITATION_TTL_HOURS='soon' is not an integer"),
+        ({"PLATFORM_SIGNIN_FAILURES_PER_ACCOUNT": "0"}, "PLATFORM_SIGNIN_FAILURES_PER_ACCOUNT=0 is below the minimum of 1"),
     ],
 )
 def test_bad_environment_values_stop_startup_with_a_clear_message(env, message):
