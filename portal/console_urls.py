@@ -28,6 +28,7 @@ USER_URL_NAMES = frozenset({"console-home", "tenant-create"})
 
 tenant_patterns = [
     path("", console.dashboard, name="console-dashboard"),
+    path("settings/", console.tenant_settings, name="console-settings"),
     path("members/", console.members, name="console-members"),
     path("members/invite/", console.member_invite, name="console-member-invite"),
     path("members/leave/", console.member_leave, name="console-member-leave"),

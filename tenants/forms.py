@@ -99,10 +99,20 @@ class ThrottledPasswordResetForm(PasswordResetForm):
         return cleaned
 
 
-class TenantForm(forms.Form):
+class TenantNameForm(forms.Form):
+    """The organisation's display name: alone, a rename (services.tenant_rename decides); with a slug, a new tenant."""
+
+    name = forms.CharField(  # strips spaces, so only spaces is "required"
+        label="Organisation name",
+        max_length=Tenant._meta.get_field("name").max_length,
+        error_messages={"required": "Enter the organisation's name."},
+        widget=forms.TextInput(attrs={"autocomplete": "organization"}),
+    )
+
+
+class TenantForm(TenantNameForm):
     """Organisation name and slug; the slug is suggested from the name when left empty."""
 
-    name = forms.CharField(label="Organisation name", max_length=120, widget=forms.TextInput(attrs={"autocomplete": "organization", "data-slug-source": ""}))
     slug = forms.CharField(
         label="URL name",
         max_length=40,
@@ -111,11 +121,9 @@ class TenantForm(forms.Form):
         widget=forms.TextInput(attrs={"data-slug-target": "", "autocapitalize": "none", "spellcheck": "false"}),
     )
 
-    def clean_name(self):
-        name = self.cleaned_data["name"].strip()
-        if not name:
-            raise ValidationError("Enter the organisation's name.")
-        return name
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["name"].widget.attrs["data-slug-source"] = ""  # console.js suggests the slug from the name
 
     def clean(self):
         cleaned = super().clean()

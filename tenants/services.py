@@ -81,7 +81,11 @@ def tenant_rename(*, tenant: Tenant, name: str, actor: Actor) -> Tenant:
     """Rename a tenant (the display name; the slug, used in URLs, never changes)."""
     old = tenant.name
     tenant.name = name.strip()
-    tenant.full_clean(validate_unique=False)
+    try:
+        tenant.full_clean(validate_unique=False)
+    except ValidationError:
+        tenant.name = old  # the caller's object must not show a name that was refused
+        raise
     Tenant.objects.filter(pk=tenant.pk).update(name=tenant.name)
     if old != tenant.name:
         audit_record(tenant=tenant, actor=actor, action="tenant.renamed", target=tenant, data={"from": old, "to": tenant.name})

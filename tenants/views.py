@@ -1,7 +1,7 @@
 """Tenant console pages. Every view is a `tenant_view`: the tenant comes from the URL, the role is enforced there.
 
-Role matrix (docs/console.md): every member reads; admins and owners write; the audit log is admin+;
-anyone may leave. Objects are looked up inside the URL's tenant, so another tenant's id is a 404.
+Role matrix (docs/console.md): every member reads; admins and owners write (settings: the rename form is
+theirs alone); the audit log is admin+; anyone may leave. Objects are looked up inside the URL's tenant, so another tenant's id is a 404.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from django.views.decorators.http import require_POST
 
 from tenants import selectors, services
 from tenants.access import TenantContext, tenant_view
-from tenants.forms import ApiKeyForm, AuditFilterForm, InviteForm, PromptForm, RoleForm, apply_service_errors
+from tenants.forms import ApiKeyForm, AuditFilterForm, InviteForm, PromptForm, RoleForm, TenantNameForm, apply_service_errors
 from tenants.models import (
     ApiKey,
     AuditEvent,
@@ -68,6 +68,30 @@ def dashboard(request, ctx: TenantContext):
             "pending_invitations": sum(1 for i in Invitation.objects.for_tenant(tenant) if i.state == "pending") if ctx.can(Role.ADMIN) else None,
         },
     )
+
+
+# ---- tenant settings -----------------------------------------------------------------------------
+
+
+@tenant_view()
+def tenant_settings(request, ctx: TenantContext):
+    """Every member sees the settings; owners and admins rename the tenant (the slug never changes)."""
+    tenant = ctx.tenant
+    form = TenantNameForm(request.POST or None, initial={"name": tenant.name})
+    if request.method == "POST" and form.is_valid():
+        old = tenant.name
+        try:
+            services.tenant_rename(tenant=tenant, name=form.cleaned_data["name"], actor=ctx.actor)
+        except ValidationError as exc:
+            apply_service_errors(form, exc)
+        else:
+            if tenant.name == old:
+                messages.info(request, f"The name is already “{old}”; nothing changed.")
+            else:
+                messages.success(request, f"Renamed “{old}” to “{tenant.name}”. The URL name stays {tenant.slug}.")
+            return redirect("console-settings", tenant_slug=tenant.slug)
+    context = {"form": form if ctx.can(Role.ADMIN) else None}
+    return _render(request, ctx, "console/settings.html", "settings", context, status=400 if form.is_bound else 200)
 
 
 # ---- members and invitations ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ from tests.conftest import PASSWORD
 User = get_user_model()
 
 # Every tenant page that answers GET, with the kwargs it needs besides tenant_slug (filled by `objects`).
-READABLE = ["console-dashboard", "console-members", "console-keys", "console-prompt", "console-limits"]
+READABLE = ["console-dashboard", "console-members", "console-keys", "console-prompt", "console-limits", "console-settings"]
 
 
 @pytest.fixture(autouse=True)
@@ -177,6 +177,8 @@ def test_every_write_as_viewer_is_forbidden_and_changes_nothing(client, world, o
             continue  # anyone may leave
         assert c.post(u, {"name": "x", "scopes": ["inference"], "text": "hijack", "role": "owner", "email": "e@x.test"}).status_code == 403, u
     assert AuditEvent.objects.for_tenant(world.tenant).count() == before
+    world.tenant.refresh_from_db()
+    assert world.tenant.name == "Acme"
 
 
 def test_outsider_gets_404_on_every_acme_page(client, world, objects):
@@ -208,6 +210,86 @@ def test_tenant_switcher_lists_only_own_tenants(client, world):
     assert "Globex" in content
     content = client_for(client, world.viewer).get(url("console-dashboard")).content.decode()
     assert "Globex" not in content
+
+
+# ---- tenant settings -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["owner", "admin"])
+def test_owner_or_admin_renames_the_tenant_and_the_slug_stays(client, world, role):
+    c = client_for(client, world.user(role))
+    response = c.post(url("console-settings"), {"name": "  Acme Corp  ", "slug": "hijack"})
+    assert response.status_code == 302 and response.url == url("console-settings")
+    world.tenant.refresh_from_db()
+    assert (world.tenant.name, world.tenant.slug) == ("Acme Corp", "acme")
+    event = AuditEvent.objects.for_tenant(world.tenant).get(action="tenant.renamed")
+    assert event.actor == world.user(role) and event.data == {"from": "Acme", "to": "Acme Corp"}
+    page = c.get(response.url).content.decode()
+    assert "Renamed “Acme” to “Acme Corp”. The URL name stays acme." in page
+    assert 'value="Acme Corp"' in page
+
+
+def test_saving_the_same_name_changes_and_records_nothing(client, world):
+    response = client_for(client, world.admin).post(url("console-settings"), {"name": "Acme"}, follow=True)
+    assert "The name is already “Acme”; nothing changed." in response.content.decode()
+    assert not AuditEvent.objects.for_tenant(world.tenant).filter(action="tenant.renamed").exists()
+
+
+@pytest.mark.parametrize("role", ["developer", "viewer"])
+def test_developers_and_viewers_see_settings_without_the_form_and_cannot_rename(client, world, role):
+    c = client_for(client, world.user(role))
+    response = c.get(url("console-settings"))
+    assert response.status_code == 200
+    assert response.context["form"] is None
+    content = response.content.decode()
+    assert 'name="name"' not in content and "Only owners and admins can rename the tenant." in content
+    response = c.post(url("console-settings"), {"name": "Pwned"})
+    assert response.status_code == 403
+    assert "This needs the admin role or higher" in response.content.decode()
+    world.tenant.refresh_from_db()
+    assert world.tenant.name == "Acme"
+    assert not AuditEvent.objects.for_tenant(world.tenant).filter(action="tenant.renamed").exists()
+
+
+def test_outsider_gets_404_on_settings_and_renames_nothing(client, world):
+    c = client_for(client, world.outsider)
+    assert c.get(url("console-settings")).status_code == 404
+    assert c.post(url("console-settings"), {"name": "Pwned"}).status_code == 404
+    world.tenant.refresh_from_db()
+    assert world.tenant.name == "Acme"
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [("   ", "Enter the organisation's name."), ("x" * 121, "Ensure this value has at most 120 characters (it has 121).")],
+)
+def test_bad_tenant_name_is_a_field_error_and_saves_nothing(client, world, name, message):
+    response = client_for(client, world.owner).post(url("console-settings"), {"name": name})
+    assert response.status_code == 400
+    assert response.context["form"].errors["name"] == [message]
+    assert message.replace("'", "&#x27;") in response.content.decode()
+    world.tenant.refresh_from_db()
+    assert world.tenant.name == "Acme"
+    assert not AuditEvent.objects.for_tenant(world.tenant).filter(action="tenant.renamed").exists()
+
+
+def test_a_name_the_service_refuses_lands_on_the_field(client, world, monkeypatch):
+    """The form checks shape only; what services.tenant_rename refuses is shown on the name field."""
+    from django.core.exceptions import ValidationError
+
+    def refuse(*, tenant, name, actor):
+        raise ValidationError({"name": "Names may not mention competitors."})
+
+    monkeypatch.setattr(services, "tenant_rename", refuse)
+    response = client_for(client, world.owner).post(url("console-settings"), {"name": "Globex Killer"})
+    assert response.status_code == 400
+    assert response.context["form"].errors["name"] == ["Names may not mention competitors."]
+
+
+def test_settings_is_in_the_navigation_for_every_member(client, world):
+    for role in ("viewer", "owner"):
+        content = client_for(client, world.user(role)).get(url("console-dashboard")).content.decode()
+        assert f'href="{url("console-settings")}"' in content
 
 
 # ---- members and invitations ---------------------------------------------------------------------

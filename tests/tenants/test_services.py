@@ -136,3 +136,13 @@ def test_policy_update_validates_every_field_before_saving(world):
         services.policy_update(tenant=world.tenant, actor=services.Actor(user=world.owner), weight=0, quota_mode="maybe")
     assert {"weight", "quota_mode"} <= set(err.value.message_dict)
     assert Policy.objects.for_tenant(world.tenant).get().weight == 1
+
+
+def test_a_refused_rename_leaves_the_tenant_as_it_was(world):
+    with pytest.raises(ValidationError) as exc:
+        services.tenant_rename(tenant=world.tenant, name="x" * 121, actor=services.Actor(user=world.owner))
+    assert "name" in exc.value.message_dict
+    assert world.tenant.name == "Acme"  # the caller's object, too (the console re-renders it)
+    world.tenant.refresh_from_db()
+    assert world.tenant.name == "Acme"
+    assert not AuditEvent.objects.for_tenant(world.tenant).filter(action="tenant.renamed").exists()
