@@ -273,6 +273,18 @@ def test_bad_tenant_name_is_a_field_error_and_saves_nothing(client, world, name,
     assert not AuditEvent.objects.for_tenant(world.tenant).filter(action="tenant.renamed").exists()
 
 
+def test_field_errors_are_linked_to_their_input_for_screen_readers(client, world):
+    """Django points the input's aria-describedby at `{id}_error`; our field template must carry that id."""
+    import re
+
+    html = client_for(client, world.owner).post(url("console-settings"), {"name": ""}).content.decode()
+    tag = re.search(r'<input[^>]*name="name"[^>]*>', html).group(0)
+    described_by = re.search(r'aria-describedby="([^"]+)"', tag).group(1).split()
+    assert 'aria-invalid="true"' in tag and "id_name_error" in described_by
+    errors = re.search(r'<ul[^>]*id="id_name_error"[^>]*>(.*?)</ul>', html, re.S)
+    assert errors and "organisation&#x27;s name" in errors.group(1)
+
+
 def test_a_name_the_service_refuses_lands_on_the_field(client, world, monkeypatch):
     """The form checks shape only; what services.tenant_rename refuses is shown on the name field."""
     from django.core.exceptions import ValidationError
