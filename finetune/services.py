@@ -210,6 +210,10 @@ def finetune_job_plan(*, tenant: Tenant, model: str, training_file: str, validat
     bm = _base_model_for(tenant, model)
     train = _file_for(tenant, training_file, "training_file")
     valid = _file_for(tenant, validation_file, "validation_file") if validation_file else None
+    if valid is not None and valid.pk == train.pk:
+        raise FinetuneError(f"File {train.id} cannot be both the training and the validation file: its loss would "
+                            "not show how the model does on unseen examples. Upload held-out examples as a separate "
+                            "file, or leave validation_file out.", param="validation_file", code="same_file")
     tokens = selectors.file_token_counts(train, bm)
     hp = resolve_hyperparameters(hyperparameters, tokens["examples"] or train.examples)
     preview = selectors.estimate(base_model=bm, tokens_per_epoch=tokens["total_tokens"], n_epochs=hp["n_epochs"])

@@ -130,6 +130,8 @@ def _auto_or_number(kind):
 
 class JobForm(forms.Form):
     training_file = forms.ChoiceField()
+    validation_file = forms.ChoiceField(required=False, help_text="Optional: its loss is reported at each epoch's end. "
+                                        "Use examples that are not in the training file.")
     model = forms.ChoiceField(label="Base model")
     n_epochs = forms.CharField(initial="auto", label="Epochs")
     batch_size = forms.CharField(initial="auto")
@@ -139,9 +141,12 @@ class JobForm(forms.Form):
 
     def __init__(self, tenant, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Choices come from this tenant's rows only (never an unscoped queryset).
-        valid = TrainingFile.objects.for_tenant(tenant).filter(status=TrainingFile.Status.PROCESSED)
-        self.fields["training_file"].choices = [(f.id, f"{f.filename} ({f.id})") for f in valid]
+        # Choices come from this tenant's rows only (never an unscoped queryset), so a hand-posted id of another
+        # tenant's file is "not one of the available choices": a field error, like a file that does not exist.
+        valid = TrainingFile.objects.for_tenant(tenant).filter(purpose="fine-tune", status=TrainingFile.Status.PROCESSED)
+        choices = [(f.id, f"{f.filename} ({f.id})") for f in valid]
+        self.fields["training_file"].choices = choices
+        self.fields["validation_file"].choices = [("", "None"), *choices]
         self.fields["model"].choices = [(bm.name, bm.name) for bm in selectors.trainable_base_models(tenant)]
 
     def clean_n_epochs(self):
@@ -168,19 +173,18 @@ def job_create(request, ctx: TenantContext):
         data = form.cleaned_data
         hp = {k: data[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
         try:
+            files = {"training_file": data["training_file"], "validation_file": data["validation_file"] or None}
             if "estimate" in request.POST:
-                plan = services.finetune_job_plan(tenant=ctx.tenant, model=data["model"], training_file=data["training_file"],
+                plan = services.finetune_job_plan(tenant=ctx.tenant, model=data["model"], **files,
                                                   hyperparameters=hp, lora={"rank": data["lora_rank"]})
                 estimate = {**plan.estimate, "hyperparameters": plan.hyperparameters, "tokens": plan.tokens}
             else:
-                job = services.finetune_job_create(tenant=ctx.tenant, actor=ctx.actor, model=data["model"],
-                                                   training_file=data["training_file"], suffix=data["suffix"],
-                                                   hyperparameters=hp, lora={"rank": data["lora_rank"]})
+                job = services.finetune_job_create(tenant=ctx.tenant, actor=ctx.actor, model=data["model"], **files,
+                                                   suffix=data["suffix"], hyperparameters=hp, lora={"rank": data["lora_rank"]})
                 messages.success(request, f"Job {job.id} queued.")
                 return redirect("finetune-job", ctx.tenant.slug, job.id)
         except FinetuneError as exc:
-            field = {"n_epochs": "n_epochs", "batch_size": "batch_size", "learning_rate_multiplier": "learning_rate_multiplier",
-                     "suffix": "suffix", "model": "model", "training_file": "training_file", "rank": "lora_rank"}.get(exc.param or "")
+            field = "lora_rank" if exc.param == "rank" else exc.param if exc.param in form.fields else None
             form.add_error(field, exc.message)
     return _render(request, ctx, "finetune/job_form.html", {"form": form, "estimate": estimate},
                    status=400 if request.method == "POST" and form.errors else 200)

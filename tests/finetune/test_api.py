@@ -227,6 +227,10 @@ def test_bad_job_input_answers_in_openai_shape(api, world, base_model):
     assert_openai_error(create_job(api, file_id, model="remote-70b"), 400, "model_not_trainable")
     assert_openai_error(create_job(api, "file-missing"), 404, "file_not_found")
     assert_openai_error(create_job(api, bad_file), 400, "invalid_file")
+    assert_openai_error(create_job(api, file_id, validation_file=bad_file), 400, "invalid_file")
+    same = create_job(api, file_id, validation_file=file_id)
+    assert_openai_error(same, 400, "same_file")
+    assert same.json()["error"]["param"] == "validation_file"
     assert_openai_error(create_job(api, file_id, suffix="a:b"), 400, "invalid_suffix")
     response = create_job(api, file_id, method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}})
     assert_openai_error(response, 400, "invalid_hyperparameter")

@@ -67,6 +67,22 @@ def test_job_trains_an_adapter_and_meters_trained_tokens(world, base_model):
     assert [c.step for c in JobCheckpoint.objects.for_tenant(world.tenant).filter(job=job).order_by("step")] == [10, 20, 30]
 
 
+def test_a_validation_file_gets_its_loss_reported_at_each_epoch_end(world, base_model):
+    actor = Actor(user=world.owner)
+    valid = services.training_file_upload(tenant=world.tenant, actor=actor, filename="valid.jsonl",
+                                          data=zebra_dataset(10), base_model=base_model)
+    train = services.training_file_upload(tenant=world.tenant, actor=actor, filename="train.jsonl",
+                                          data=zebra_dataset(20), base_model=base_model)
+    job = services.finetune_job_create(tenant=world.tenant, actor=actor, model=base_model.name, training_file=train.id,
+                                       validation_file=valid.id, hyperparameters={"n_epochs": 2, "batch_size": 10}, lora=LORA)
+    assert run_finetune_job(job.id, world.tenant.pk) == "succeeded"
+
+    metrics = JobEvent.objects.for_tenant(world.tenant).filter(job=job, type="metrics").order_by("id")
+    assert [(e.data["step"], "valid_loss" in e.data) for e in metrics] == [(1, False), (2, True), (3, False), (4, True)]
+    assert all(e.data["valid_loss"] > 0 and "validation loss=" in e.message for e in metrics if "valid_loss" in e.data)
+    assert reload(job).trained_tokens == file_tokens(job) * 2  # validation tokens are free
+
+
 def test_cancel_takes_effect_within_a_step_and_bills_completed_steps(world, base_model, monkeypatch):
     job = make_job(world, base_model)
     monkeypatch.setattr(services, "CANCEL_POLL_SECONDS", 0)
