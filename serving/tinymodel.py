@@ -18,19 +18,33 @@ import tempfile
 from pathlib import Path
 
 MARKER = "platform_model.json"
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: the chat template renders tools, tool calls and tool results
 SEED = 1234
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 # Each message is `<|role|>content<|end|>`; the assistant's turn ends with `<|end|><|eos|>` so generation stops.
+# Tool use (OpenAI's shape, as transformers passes it): the `tools` list is rendered once, first, as
+# `<|tools|>[...]<|end|>`; each call of an assistant message follows its content as
+# `<|tool_call|>{"name": ..., "arguments": {...}}` (arguments a dict, or a JSON string written as it is); a tool
+# result is `<|tool|>content<|end|>`. `<|tools|>`, `<|tool_call|>` and `<|tool|>` are plain text, not special
+# tokens, so the vocabulary and the weights are those of builder version 1. Every rendering of a conversation's
+# prefix is a prefix of the whole, as `finetune.validation.tokenize_chat_example` needs.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|tools|>' + (tools | tojson) + '<|end|>' }}{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
     "{{ raise_exception('Unsupported role: ' + message['role']) }}"
     "{% endif %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% set arguments = call['function']['arguments'] %}"
+    "{{ '<|tool_call|>{\"name\": ' + (call['function']['name'] | tojson) + ', \"arguments\": ' }}"
+    "{{ arguments if arguments is string else (arguments | tojson) }}{{ '}' }}"
+    "{% endfor %}"
+    "{{ '<|end|>' }}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"

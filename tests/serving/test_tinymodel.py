@@ -39,3 +39,24 @@ def test_loads_renders_the_chat_template_and_generates(tiny_model_path):
     assert tokenizer.decode(ids[0]) == prompt  # the special tokens are single tokens that round-trip
     output = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert output.shape[1] > ids.shape[1]
+
+
+def test_the_chat_template_renders_tools_calls_and_results(tiny_model_path):
+    import json
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+                    {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}}]},
+                {"role": "tool", "tool_call_id": "a", "content": "22 C"}]
+    rendered = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert rendered == ("<|bos|><|tools|>" + json.dumps(tools) + "<|end|><|user|>Weather?<|end|><|assistant|>"
+                        '<|tool_call|>{"name": "get_weather", "arguments": {"city": "Paris"}}'
+                        '<|tool_call|>{"name": "get_weather", "arguments": {"city":"Rome"}}<|end|><|eos|>'
+                        "<|tool|>22 C<|end|><|assistant|>")
+    # Without tools nothing changes: the rendering of builder version 1.
+    assert tokenizer.apply_chat_template(messages[:1], tokenize=False) == "<|bos|><|user|>Weather?<|end|>"
