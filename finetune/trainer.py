@@ -101,12 +101,14 @@ class Tokenized:
 
 
 def tokenize_examples(tokenizer, examples: Sequence[Any], max_seq_len: int, what: str = "training") -> list[Tokenized]:
-    """Accept message lists, {"messages": [...]} dicts or validation `Example`s; refuse over-long ones in words."""
+    """Accept message lists, {"messages": [...], "tools"?: [...]} dicts or validation `Example`s; refuse
+    over-long ones in words."""
     out = []
     for i, ex in enumerate(examples, start=1):
         number = getattr(ex, "line", i)
         messages = getattr(ex, "messages", None) or (ex["messages"] if isinstance(ex, dict) else ex)
-        ids, mask = tokenize_chat_example(tokenizer, messages)
+        tools = getattr(ex, "tools", None) or (ex.get("tools") if isinstance(ex, dict) else None)
+        ids, mask = tokenize_chat_example(tokenizer, messages, tools)
         if len(ids) > max_seq_len:
             raise TrainingDataError(f"{what} example {number} is longer than the context of {max_seq_len} tokens "
                                     f"({len(ids)} tokens); shorten it or remove it")

@@ -10,14 +10,21 @@ from __future__ import annotations
 from decimal import ROUND_CEILING, Decimal
 
 import json
+import re
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 ROLES = ("system", "user", "assistant", "tool")
-CHAT_KEYS = {"messages"}
+CHAT_KEYS = {"messages", "tools", "parallel_tool_calls"}
 PROMPT_COMPLETION_KEYS = {"prompt", "completion"}
-MESSAGE_KEYS = {"role", "content", "weight", "name"}
+MESSAGE_KEYS = {"role", "content", "weight", "name", "tool_calls", "tool_call_id"}
+# OpenAI's tool-calling shapes: a declared tool and a call an assistant message makes.
+TOOL_KEYS = {"type", "function"}
+TOOL_FUNCTION_KEYS = {"name", "description", "parameters", "strict"}
+TOOL_CALL_KEYS = {"id", "type", "function"}
+TOOL_CALL_FUNCTION_KEYS = {"name", "arguments"}
+FUNCTION_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024  # 512 MiB upload cap
 DEFAULT_MIN_EXAMPLES = 10
 DEFAULT_MAX_PROBLEMS = 1000
@@ -35,12 +42,14 @@ class Problem:
 
 @dataclass(frozen=True)
 class Example:
-    """A structurally valid example, normalised to chat messages (prompt/completion → user + assistant)."""
+    """A structurally valid example, normalised to chat messages (prompt/completion → user + assistant),
+    with the functions it declares (OpenAI's `tools`) when it has any."""
 
     line: int
     messages: list[dict[str, Any]]
     total_tokens: int | None = None
     trainable_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -98,34 +107,69 @@ def to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
 
 
-def _render(tokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as chat templates take it: no `weight`; tool-call arguments as a dict (transformers' documented
+    shape, which templates serialise themselves) instead of OpenAI's JSON string."""
+    out = {k: v for k, v in message.items() if k != "weight"}
+    if out.get("tool_calls"):
+        out["tool_calls"] = [_template_call(call) for call in out["tool_calls"]]
+    return out
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    arguments = call["function"].get("arguments")
+    if isinstance(arguments, str):
+        arguments = json.loads(arguments)
+    return {**call, "function": {**call["function"], "arguments": arguments}}
+
+
+def _render(tokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
+            tools: list[dict[str, Any]] | None = None) -> str:
     if not messages and not add_generation_prompt:
         return ""
-    plain = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
-    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template([_template_message(m) for m in messages], tools=tools or None,
+                                         tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def tokenize_chat_example(tokenizer, messages: Sequence[dict[str, Any]]) -> tuple[list[int], list[bool]]:
+def tokenize_chat_example(tokenizer, messages: Sequence[dict[str, Any]],
+                          tools: list[dict[str, Any]] | None = None) -> tuple[list[int], list[bool]]:
     """Render with the chat template and mark trainable tokens; the one tokenization trainer and validator share.
 
     A token is trainable when it overlaps the text an assistant message (weight ≠ 0) adds after its
-    generation prompt: its content and end-of-turn marker, so the model also learns to stop. The whole
-    conversation is tokenized once (as at inference); spans come from re-rendering prefixes, which needs
-    a template whose renderings of prefixes are prefixes of the whole (true for Llama/ChatML/Mistral styles).
+    generation prompt: its content, its tool calls and its end-of-turn marker, so the model also learns to
+    call and to stop. `tools` (OpenAI's function definitions) go to the template as transformers' `tools=`.
+    The whole conversation is tokenized once (as at inference); spans come from re-rendering prefixes, which
+    needs a template whose renderings of prefixes are prefixes of the whole (true for Llama/ChatML/Mistral
+    styles). A template that silently drops tool definitions, calls or results is refused: the model would
+    learn calls it never saw, or empty turns.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("a fast tokenizer (with offset mappings) is required to find assistant tokens")
-    full = _render(tokenizer, messages)
+    full = _render(tokenizer, messages, tools=tools)
+    for tool in tools or []:
+        if tool["function"]["name"] not in full:
+            raise ValueError(f"the chat template does not render the tool definitions (no trace of "
+                             f"{tool['function']['name']!r}); choose a base model whose template supports tools")
     spans = []
     for i, message in enumerate(messages):
-        if message.get("role") != "assistant" or message.get("weight", 1) == 0:
+        role, calls = message.get("role"), message.get("tool_calls") or []
+        if role == "tool" and message.get("content", "") not in full:
+            raise ValueError(f"the chat template drops the tool result of messages[{i}]; "
+                             "choose a base model whose template supports tool messages")
+        trainable = role == "assistant" and message.get("weight", 1) != 0
+        if not trainable and not calls:
             continue
-        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
-        through = _render(tokenizer, messages[: i + 1])
+        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools))
+        through = _render(tokenizer, messages[: i + 1], tools=tools)
         if not full.startswith(through) or not through.startswith(full[:start]):
             raise ValueError("the chat template does not render conversation prefixes as prefixes; "
                              "assistant tokens cannot be located")
-        spans.append((start, len(through)))
+        for call in calls:
+            if call["function"]["name"] not in through[start:]:
+                raise ValueError(f"the chat template drops the call to {call['function']['name']!r} in messages[{i}]; "
+                                 "choose a base model whose template supports tool calls")
+        if trainable:
+            spans.append((start, len(through)))
     encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     mask = [_overlaps(a, b, spans) for a, b in encoding["offset_mapping"]]
     return list(encoding["input_ids"]), mask
@@ -147,7 +191,8 @@ def _check_message(c: _Collector, line: int, i: int, m: Any) -> bool:
     ok = True
     for key in sorted(set(m) - MESSAGE_KEYS):
         c.add(line, f"{path}.{key}", "unknown_message_key",
-              f"{path} has unknown key {key!r}; allowed: role, content, weight (assistant only), name")
+              f"{path} has unknown key {key!r}; allowed: role, content, weight (assistant only), name, "
+              "tool_calls (assistant only), tool_call_id (tool only)")
         ok = False
     role = m.get("role")
     if "role" not in m:
@@ -159,15 +204,7 @@ def _check_message(c: _Collector, line: int, i: int, m: Any) -> bool:
     elif role == "system" and i != 0:
         c.add(line, f"{path}.role", "system_not_first", "a system message is only allowed as the first message")
         ok = False
-    if "content" not in m:
-        c.add(line, f"{path}.content", "missing_content", f"{path} needs a content string")
-        ok = False
-    elif not isinstance(m["content"], str):
-        c.add(line, f"{path}.content", "content_not_string", f"content must be a string, got {_kind(m['content'])}")
-        ok = False
-    elif not m["content"].strip():
-        c.add(line, f"{path}.content", "empty_content", "content is empty; write the message text or drop the message")
-        ok = False
+    ok = _check_content(c, line, path, m) and ok
     if "weight" in m:
         w = m["weight"]
         if isinstance(w, bool) or w not in (0, 1):
@@ -177,10 +214,243 @@ def _check_message(c: _Collector, line: int, i: int, m: Any) -> bool:
             c.add(line, f"{path}.weight", "weight_not_on_assistant",
                   "weight is only allowed on assistant messages; remove it here")
             ok = False
+    if "tool_calls" in m:
+        ok = _check_tool_calls(c, line, path, role, m["tool_calls"]) and ok
+    if role == "tool" or "tool_call_id" in m:
+        ok = _check_tool_call_id(c, line, path, role, m) and ok
+    return ok
+
+
+def _check_content(c: _Collector, line: int, path: str, m: dict[str, Any]) -> bool:
+    """A non-empty string; an assistant message that makes tool calls may leave it out, null or empty."""
+    calls = m.get("role") == "assistant" and "tool_calls" in m
+    content = m.get("content")
+    if calls and (content is None or isinstance(content, str)):
+        return True
+    if "content" not in m:
+        also = " (or tool_calls)" if m.get("role") == "assistant" else ""
+        c.add(line, f"{path}.content", "missing_content", f"{path} needs a content string{also}")
+    elif not isinstance(content, str):
+        also = "; null content is only allowed beside tool_calls" if content is None and m.get("role") == "assistant" else ""
+        c.add(line, f"{path}.content", "content_not_string", f"content must be a string, got {_kind(content)}{also}")
+    elif not content.strip():
+        c.add(line, f"{path}.content", "empty_content", "content is empty; write the message text or drop the message")
+    else:
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- tool calling
+
+def _check_function_name(c: _Collector, line: int, path: str, name: Any) -> bool:
+    if isinstance(name, str) and FUNCTION_NAME_RE.match(name):
+        return True
+    c.add(line, path, "invalid_function_name",
+          f"a function name is 1 to 64 letters, digits, '_' or '-', got {json.dumps(name)}")
+    return False
+
+
+def _unknown_keys(c: _Collector, line: int, path: str, obj: dict[str, Any], allowed: set[str], code: str) -> bool:
+    for key in sorted(set(obj) - allowed):
+        c.add(line, f"{path}.{key}", code, f"{path} has unknown key {key!r}; allowed: {', '.join(sorted(allowed))}")
+    return set(obj) <= allowed
+
+
+def _check_function_wrapper(c: _Collector, line: int, path: str, obj: dict[str, Any], kind: str, keys: set[str],
+                            function_keys: set[str], needs: str) -> tuple[bool, dict[str, Any] | None]:
+    """`{"type": "function", "function": {...}}`, the shape a declared tool (kind "tool") and a call (kind
+    "tool_call") share: (ok, the function object, or None when it is not an object)."""
+    ok = _unknown_keys(c, line, path, obj, keys, f"unknown_{kind}_key")
+    if obj.get("type") != "function":
+        c.add(line, f"{path}.type", f"invalid_{kind}_type", f'type must be "function", got {json.dumps(obj.get("type"))}')
+        ok = False
+    function = obj.get("function")
+    if not isinstance(function, dict):
+        c.add(line, f"{path}.function", f"invalid_{kind}_function",
+              f"function must be an object with {needs}, got {_kind(function)}")
+        return False, None
+    ok = _unknown_keys(c, line, f"{path}.function", function, function_keys, f"unknown_{kind}_key") and ok
+    return ok, function
+
+
+def _check_tools(c: _Collector, line: int, tools: Any) -> tuple[bool, set[str]]:
+    """The top-level `tools` list: (ok, names of the functions it declares)."""
+    if not isinstance(tools, list):
+        c.add(line, "tools", "tools_not_list", f"tools must be a list of function definitions, got {_kind(tools)}")
+        return False, set()
+    if not tools:
+        c.add(line, "tools", "tools_empty", "tools is empty; declare the functions the assistant may call, or drop the key")
+        return False, set()
+    ok, names = True, set()
+    for k, tool in enumerate(tools):
+        path = f"tools[{k}]"
+        if not isinstance(tool, dict):
+            c.add(line, path, "tool_not_object",
+                  f'{path} must be an object like {{"type": "function", "function": {{"name": ...}}}}, got {_kind(tool)}')
+            ok = False
+            continue
+        wrapper_ok, function = _check_function_wrapper(
+            c, line, path, tool, "tool", TOOL_KEYS, TOOL_FUNCTION_KEYS, "a name (and optionally description and parameters)")
+        ok = wrapper_ok and ok
+        if function is None:
+            continue
+        name = function.get("name")
+        if not _check_function_name(c, line, f"{path}.function.name", name):
+            ok = False
+        elif name in names:
+            c.add(line, f"{path}.function.name", "duplicate_tool_name", f"function {name!r} is declared twice in tools")
+            ok = False
+        else:
+            names.add(name)
+        for key, kind, wanted in (("description", str, "a string"), ("parameters", dict, "a JSON Schema object"),
+                                  ("strict", bool, "true or false")):
+            if key in function and not isinstance(function[key], kind):
+                c.add(line, f"{path}.function.{key}", f"invalid_tool_{key}",
+                      f"{key} must be {wanted}, got {_kind(function[key])}")
+                ok = False
+    return ok, names
+
+
+def _check_tool_calls(c: _Collector, line: int, path: str, role: Any, calls: Any) -> bool:
+    """An assistant message's `tool_calls`: [{"id", "type": "function", "function": {"name", "arguments"}}]."""
+    path = f"{path}.tool_calls"
+    if role != "assistant":
+        c.add(line, path, "tool_calls_not_on_assistant", "only assistant messages make tool calls; remove tool_calls here")
+        return False
+    if not isinstance(calls, list):
+        c.add(line, path, "tool_calls_not_list", f"tool_calls must be a list of calls, got {_kind(calls)}")
+        return False
+    if not calls:
+        c.add(line, path, "tool_calls_empty", "tool_calls is empty; list at least one call, or drop the key and write content")
+        return False
+    return all([_check_tool_call(c, line, f"{path}[{j}]", call) for j, call in enumerate(calls)])
+
+
+def _check_tool_call(c: _Collector, line: int, path: str, call: Any) -> bool:
+    if not isinstance(call, dict):
+        c.add(line, path, "tool_call_not_object",
+              f'{path} must be an object like {{"id": ..., "type": "function", "function": {{"name": ..., "arguments": "{{}}"}}}}, '
+              f"got {_kind(call)}")
+        return False
+    id_ok = isinstance(call.get("id"), str) and bool(call["id"].strip())
+    if not id_ok:
+        c.add(line, f"{path}.id", "invalid_tool_call_id",
+              f"a tool call needs an id string (its tool message repeats it as tool_call_id), got {_kind(call.get('id'))}")
+    ok, function = _check_function_wrapper(c, line, path, call, "tool_call", TOOL_CALL_KEYS, TOOL_CALL_FUNCTION_KEYS,
+                                           "name and arguments")
+    if function is None:
+        return False
+    ok = ok and id_ok
+    ok = _check_function_name(c, line, f"{path}.function.name", function.get("name")) and ok
+    arguments = function.get("arguments")
+    if not isinstance(arguments, str):
+        c.add(line, f"{path}.function.arguments", "arguments_not_string",
+              f'arguments must be a string of JSON such as "{{\\"city\\": \\"Paris\\"}}", got '
+              f'{_kind(arguments) if "arguments" in function else "nothing"}')
+        return False
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError as e:
+        c.add(line, f"{path}.function.arguments", "arguments_invalid_json",
+              f"arguments is not valid JSON at column {e.colno}: {e.msg}")
+        return False
+    if not isinstance(parsed, dict):
+        c.add(line, f"{path}.function.arguments", "arguments_not_object",
+              f"arguments must be a JSON object of the function's parameters, got {_kind(parsed)}")
+        return False
+    return ok
+
+
+def _check_tool_call_id(c: _Collector, line: int, path: str, role: Any, m: dict[str, Any]) -> bool:
+    """A tool message names the call it answers; no other message has a tool_call_id."""
+    if role != "tool":
+        c.add(line, f"{path}.tool_call_id", "tool_call_id_not_on_tool",
+              "tool_call_id is only allowed on tool messages; remove it here")
+        return False
+    if "tool_call_id" not in m:
+        c.add(line, f"{path}.tool_call_id", "missing_tool_call_id",
+              "a tool message needs the tool_call_id of the assistant's call it answers")
+        return False
+    if not isinstance(m["tool_call_id"], str) or not m["tool_call_id"].strip():
+        c.add(line, f"{path}.tool_call_id", "invalid_tool_call_id",
+              f"tool_call_id must be the id string of an earlier tool call, got {_kind(m['tool_call_id'])}")
+        return False
+    return True
+
+
+def _check_tool_flow(c: _Collector, line: int, messages: list[Any], declared: set[str] | None, parallel: bool) -> bool:
+    """Across messages: call ids unique, every tool message answers an earlier call once, a call's results come
+    before the conversation moves on, calls name declared functions (when `tools` is given), one call a turn
+    when parallel_tool_calls is false. Malformed pieces were reported per message and are skipped here."""
+    ok = True
+    made: dict[str, int] = {}  # call id -> index of the assistant message that made it
+    answered: set[str] = set()
+    waiting: tuple[int, list[str]] | None = None  # the latest calls, awaiting their tool messages
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            continue
+        role = m.get("role")
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id.strip():
+                continue
+            if call_id not in made:
+                c.add(line, f"messages[{i}].tool_call_id", "unknown_tool_call_id",
+                      f"no earlier assistant message made a tool call with id {call_id!r}")
+                ok = False
+            elif call_id in answered:
+                c.add(line, f"messages[{i}].tool_call_id", "duplicate_tool_result",
+                      f"call {call_id!r} was already answered by an earlier tool message")
+                ok = False
+            answered.add(call_id)
+            continue
+        if waiting is not None and (unanswered := [x for x in waiting[1] if x not in answered]):
+            c.add(line, f"messages[{waiting[0]}].tool_calls", "missing_tool_result",
+                  f"no tool message answers {', '.join(map(repr, unanswered))} before messages[{i}]; "
+                  "add a tool message with each call's result")
+            ok = False
+        waiting = None
+        calls = m.get("tool_calls")
+        if role != "assistant" or not isinstance(calls, list):
+            continue
+        if not parallel and len(calls) > 1:
+            c.add(line, f"messages[{i}].tool_calls", "parallel_tool_calls_disabled",
+                  f"parallel_tool_calls is false but this message makes {len(calls)} calls; make one call a turn")
+            ok = False
+        waiting = (i, [])
+        for j, call in enumerate(calls):
+            if not isinstance(call, dict):
+                continue
+            path = f"messages[{i}].tool_calls[{j}]"
+            call_id = call.get("id")
+            if isinstance(call_id, str) and call_id.strip():
+                if call_id in made:
+                    c.add(line, f"{path}.id", "duplicate_tool_call_id",
+                          f"id {call_id!r} is already used by a call in messages[{made[call_id]}]; give each call its own id")
+                    ok = False
+                else:
+                    made[call_id] = i
+                    waiting[1].append(call_id)
+            function = call.get("function")
+            name = function.get("name") if isinstance(function, dict) else None
+            if declared is not None and isinstance(name, str) and FUNCTION_NAME_RE.match(name) and name not in declared:
+                c.add(line, f"{path}.function.name", "undeclared_function",
+                      f"{name!r} is not declared in tools (declared: {', '.join(sorted(declared))}); "
+                      "declare it or call one of those")
+                ok = False
     return ok
 
 
 def _check_chat(c: _Collector, line: int, record: dict[str, Any]) -> bool:
+    ok, declared = True, None
+    if "tools" in record:
+        ok, names = _check_tools(c, line, record["tools"])
+        declared = names if ok else None  # a broken tools list would make every call look undeclared
+    parallel = record.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        c.add(line, "parallel_tool_calls", "invalid_parallel_tool_calls",
+              f"parallel_tool_calls must be true or false, got {json.dumps(parallel)}")
+        ok, parallel = False, True
     messages = record["messages"]
     if not isinstance(messages, list):
         c.add(line, "messages", "messages_not_list", f"messages must be a list of messages, got {_kind(messages)}")
@@ -188,7 +458,8 @@ def _check_chat(c: _Collector, line: int, record: dict[str, Any]) -> bool:
     if not messages:
         c.add(line, "messages", "messages_empty", "messages is empty; an example needs at least a user and an assistant message")
         return False
-    ok = all([_check_message(c, line, i, m) for i, m in enumerate(messages)])
+    ok = all([_check_message(c, line, i, m) for i, m in enumerate(messages)]) and ok
+    ok = _check_tool_flow(c, line, messages, declared, parallel) and ok
     dicts = [m for m in messages if isinstance(m, dict)]
     assistants = [m for m in dicts if m.get("role") == "assistant"]
     if not assistants:
@@ -287,7 +558,7 @@ def validate_jsonl(
             c.add(n, key, "unknown_key", f"unknown top-level key {key!r}; allowed: {', '.join(sorted(allowed))}")
         ok = (_check_chat if fmt == "chat" else _check_prompt_completion)(c, n, record)
         if ok and not unknown:
-            result.examples.append(Example(n, to_messages(record)))
+            result.examples.append(Example(n, to_messages(record), tools=record.get("tools")))
             by_content[json.dumps(record, sort_keys=True)].append(n)
 
     if len(lines) < min_examples:
@@ -302,11 +573,11 @@ def _count_tokens(c: _Collector, result: ValidationResult, tokenizer, context_le
     counted = []
     for ex in result.examples:
         try:
-            ids, mask = tokenize_chat_example(tokenizer, ex.messages)
+            ids, mask = tokenize_chat_example(tokenizer, ex.messages, ex.tools)
         except Exception as e:  # the model's own template rejects it (e.g. a role it does not support)
             c.add(ex.line, "messages", "template_error", f"the base model's chat template cannot render this example: {e}")
             continue
-        counted.append(Example(ex.line, ex.messages, len(ids), sum(mask)))
+        counted.append(replace(ex, total_tokens=len(ids), trainable_tokens=sum(mask)))
         if context_length is not None and len(ids) > context_length:
             c.add(ex.line, "messages", "too_long",
                   f"the example is {len(ids)} tokens, longer than the context of {context_length} tokens; shorten it")
@@ -328,11 +599,14 @@ def _finish(result: ValidationResult, c: _Collector) -> ValidationResult:
 
 
 def find_overlap(train: ValidationResult, valid: ValidationResult) -> list[tuple[int, int]]:
-    """(training line, validation line) pairs of identical conversations: leaked validation examples."""
+    """(training line, validation line) pairs of identical conversations (same tools too): leaked validation examples."""
+    def key(ex: Example) -> str:
+        return json.dumps([ex.tools, ex.messages], sort_keys=True)
+
     seen: dict[str, list[int]] = defaultdict(list)
     for ex in train.examples:
-        seen[json.dumps(ex.messages, sort_keys=True)].append(ex.line)
-    return [(t, ex.line) for ex in valid.examples for t in seen.get(json.dumps(ex.messages, sort_keys=True), [])]
+        seen[key(ex)].append(ex.line)
+    return [(t, ex.line) for ex in valid.examples for t in seen.get(key(ex), [])]
 
 
 # ---------------------------------------------------------------------------------------------- preview

@@ -106,6 +106,39 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_path, tiny_token
     assert packed.item() == pytest.approx(sum(x[0].item() for x in alone), rel=1e-5)
 
 
+APPROVE = {"type": "function", "function": {"name": "approve", "parameters": {"type": "object"}}}
+CALL_TEXT = '<|tool_call|>{"name": "approve", "arguments": {"ticket": "Z42"}}<|end|><|eos|>'
+
+
+def tool_examples(n, seed=0):
+    """Each asks something, calls approve(ticket="Z42"), reads the result and answers."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "approve", "arguments": '{"ticket": "Z42"}'}}
+    return [{"tools": [APPROVE], "messages": [
+        *ex["messages"][:1], {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "done"}, {"role": "assistant", "content": "Approved."}]}
+        for ex in examples(n, seed)]
+
+
+def test_trains_on_tool_calls_with_the_validators_counts(tiny_model_path, tiny_tokenizer, tmp_path):
+    from finetune.validation import validate_jsonl
+
+    data = "\n".join(json.dumps(ex) for ex in tool_examples(10)).encode()
+    validated = validate_jsonl(data, tokenizer=tiny_tokenizer)
+    assert validated.ok, validated.problems
+    tokens = len(tiny_tokenizer(CALL_TEXT + "Approved.<|end|><|eos|>", add_special_tokens=False)["input_ids"])
+    assert [ex.trainable_tokens for ex in validated.examples] == [tokens] * 10  # the call is learned, the result is not
+
+    events = []
+    result = train_lora(base_model_path=tiny_model_path, base_model_id="platform/tiny-chat",
+                        train_examples=validated.examples, valid_examples=tool_examples(2, seed=1), output_dir=tmp_path,
+                        hyperparameters={**HP, "n_epochs": 2, "batch_size": 5}, on_event=events.append)
+    assert result.status == "succeeded" and result.steps == 4
+    assert result.trained_tokens == 2 * validated.total_tokens  # the tools block is in every example's tokens
+    assert result.trainable_tokens == 2 * validated.trainable_tokens
+    valid_losses = [e["valid_loss"] for e in events if e["type"] == "metrics" and "valid_loss" in e]
+    assert len(valid_losses) == 2 and valid_losses[1] < valid_losses[0]  # held-out calls get likelier
+
+
 def test_pack_first_fit_respects_the_row_limit(tiny_tokenizer):
     tokenized = tokenize_examples(tiny_tokenizer, examples(20), 1024)
     limit = 3 * max(len(e.input_ids) for e in tokenized)

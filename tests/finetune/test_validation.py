@@ -167,10 +167,188 @@ def test_token_counts_and_context_checks(tiny_tokenizer):
     assert result.min_tokens <= result.mean_tokens <= result.max_tokens > 64
 
 
-def test_template_rejecting_a_role_is_reported(tiny_tokenizer):
-    data = valid_file() + jsonl(msgs(("user", "q"), ("tool", "{}"), ("assistant", "a")))
-    result = validate_jsonl(data, tokenizer=tiny_tokenizer)
-    assert [(p.line, p.code) for p in result.problems] == [(13, "template_error")]
+# ---- tool calling (OpenAI's fine-tuning format) ----------------------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def call(call_id="call_1", name="get_weather", arguments='{"city": "Paris"}'):
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def calling(*calls, content=None):
+    return {"role": "assistant", "content": content, "tool_calls": list(calls)}
+
+
+def result(call_id="call_1", content="22 C"):
+    return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+
+ASK = {"role": "user", "content": "What is the weather in Paris?"}
+ANSWER = {"role": "assistant", "content": "It is 22 C."}
+
+
+def tool_chat(city="Paris", **extra):
+    return {"tools": [WEATHER], "messages": [
+        {"role": "user", "content": f"What is the weather in {city}?"},
+        calling(call(arguments=json.dumps({"city": city}))), result(), ANSWER], **extra}
+
+
+def test_a_tool_calling_dataset_validates_and_counts_the_calls_as_trainable(tiny_tokenizer):
+    data = jsonl(*(tool_chat(f"city {i}") for i in range(10)),
+                 {"tools": [WEATHER], "parallel_tool_calls": True, "messages": [  # 11: two calls at once
+                     ASK, calling(call("a"), call("b", arguments='{"city": "Rome"}'), content=""),
+                     result("b", "25 C"), result("a"), ANSWER]},
+                 {"messages": [ASK, calling(call())]},  # 12: learn the call only; no tools declared
+                 {"tools": [WEATHER], "messages": [ASK, {"role": "assistant", "content": "Which Paris?"}]})  # 13
+    result_ = validate_jsonl(data, tokenizer=tiny_tokenizer, context_length=1024)
+    assert result_.ok, result_.problems
+    assert [ex.tools for ex in result_.examples] == [[WEATHER]] * 11 + [None, [WEATHER]]
+
+    first = result_.examples[0]
+    ids, mask = tokenize_chat_example(tiny_tokenizer, first.messages, first.tools)
+    assert (first.total_tokens, first.trainable_tokens) == (len(ids), sum(mask))
+    rendered = tiny_tokenizer.decode(ids, skip_special_tokens=False)
+    assert rendered == ('<|bos|><|tools|>' + json.dumps([WEATHER]) + '<|end|><|user|>What is the weather in city 0?<|end|>'
+                        '<|assistant|><|tool_call|>{"name": "get_weather", "arguments": {"city": "city 0"}}<|end|><|eos|>'
+                        '<|tool|>22 C<|end|><|assistant|>It is 22 C.<|end|><|eos|>')
+    trained = tiny_tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+    assert trained == ('<|tool_call|>{"name": "get_weather", "arguments": {"city": "city 0"}}<|end|><|eos|>'
+                       'It is 22 C.<|end|><|eos|>')
+
+    parallel = result_.examples[10]
+    ids, mask = tokenize_chat_example(tiny_tokenizer, parallel.messages, parallel.tools)
+    assert tiny_tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == (
+        '<|tool_call|>{"name": "get_weather", "arguments": {"city": "Paris"}}'
+        '<|tool_call|>{"name": "get_weather", "arguments": {"city": "Rome"}}<|end|><|eos|>It is 22 C.<|end|><|eos|>')
+    assert result_.total_tokens == sum(ex.total_tokens for ex in result_.examples)
+    assert result_.trainable_tokens == sum(ex.trainable_tokens for ex in result_.examples)
+
+
+def test_weight_zero_on_a_tool_call_leaves_only_the_answer_trainable(tiny_tokenizer):
+    messages = [ASK, {**calling(call()), "weight": 0}, result(), ANSWER]
+    ids, mask = tokenize_chat_example(tiny_tokenizer, messages, [WEATHER])
+    assert tiny_tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == "It is 22 C.<|end|><|eos|>"
+
+
+def test_prefixes_of_a_tool_conversation_render_as_prefixes_of_the_whole(tiny_tokenizer):
+    """tokenize_chat_example finds trainable spans by re-rendering prefixes; tool messages must not break that."""
+    from finetune.validation import _render
+
+    messages = [{"role": "system", "content": "Be brief."}, ASK,
+                calling(call("a"), call("b", arguments='{"city": "Rome"}'), content="Checking."),
+                result("a"), result("b", "25 C"), ANSWER,
+                {"role": "user", "content": "And tomorrow?"}, calling(call("c")), result("c", "18 C"),
+                {"role": "assistant", "content": "18 C."}]
+    for tools in ([WEATHER], None):
+        whole = _render(tiny_tokenizer, messages, tools=tools)
+        assert ("get_weather" in whole.split("<|user|>")[0]) == bool(tools)  # the definitions come first
+        for k in range(len(messages) + 1):
+            assert whole.startswith(_render(tiny_tokenizer, messages[:k], tools=tools)), k
+            if k < len(messages) and messages[k]["role"] == "assistant":
+                prompt = _render(tiny_tokenizer, messages[:k], add_generation_prompt=True, tools=tools)
+                assert whole.startswith(prompt) and prompt.endswith("<|assistant|>"), k
+        ids, mask = tokenize_chat_example(tiny_tokenizer, messages, tools)
+        assert tiny_tokenizer.decode(ids, skip_special_tokens=False) == whole
+
+
+def test_every_tool_calling_fault_is_reported_with_line_and_path():
+    plain = [ASK, ANSWER]
+    lines = [
+        tool_chat(),                                                                                   # 1 ok
+        {"messages": [ASK, {"role": "assistant", "tool_calls": call()}]},                               # 2
+        {"messages": [ASK, calling(call(arguments={"city": "Paris"}))]},                               # 3
+        {"messages": [ASK, calling(call(arguments='{"city": Paris}'))]},                               # 4
+        {"messages": [ASK, calling(call(arguments='["Paris"]'))]},                                     # 5
+        {"tools": [WEATHER], "messages": [ASK, calling(call(name="get_time", arguments="{}"))]},        # 6
+        {"messages": [ASK, calling(call()), {"role": "tool", "content": "22 C"}, ANSWER]},               # 7
+        {"messages": [ASK, calling(call()), result(), result("call_9"), ANSWER]},                      # 8
+        {"messages": [ASK, calling(call(), call())]},                                                  # 9
+        {"messages": [ASK, {"role": "assistant"}]},                                                    # 10
+        {"messages": [ASK, {"role": "assistant", "content": None}]},                                   # 11
+        {"messages": [{**ASK, "tool_calls": [call()]}, ANSWER]},                                       # 12
+        {"tools": ["get_weather", {"type": "func", "function": {"name": "bad name", "parameters": "x", "extra": 1}},
+                   WEATHER, WEATHER], "messages": plain},                                              # 13
+        {"tools": {"get_weather": {}}, "messages": plain},                                             # 14
+        {"messages": [ASK, {**ANSWER, "tool_call_id": "call_1"}]},                                     # 15
+        {"parallel_tool_calls": False, "messages": [ASK, calling(call("a"), call("b"))]},              # 16
+        {"parallel_tool_calls": "yes", "messages": plain},                                             # 17
+        {"messages": [ASK, calling(call()), {"role": "user", "content": "and?"}, ANSWER]},              # 18
+        {"messages": [ASK, calling(call()), result(), result(), ANSWER]},                              # 19
+        {"messages": [ASK, calling("x", {"type": "fn", "function": {"name": "get_weather", "arguments": "{}"},
+                                         "extra": 1})]},                                              # 20
+        {"tools": [], "messages": plain},                                                              # 21
+        {"messages": [ASK, {"role": "assistant", "content": None, "tool_calls": []}]},                 # 22
+        {"messages": [ASK, calling({"id": "c", "type": "function", "function": "get_weather"})]},      # 23
+        {"messages": [ASK, calling(call(name="get weather"))]},                                        # 24
+    ]
+    result_ = validate_jsonl(jsonl(*lines))
+    tc = "messages[1].tool_calls"
+    assert {(p.line, p.path, p.code) for p in result_.problems} == {
+        (2, tc, "tool_calls_not_list"),
+        (3, f"{tc}[0].function.arguments", "arguments_not_string"),
+        (4, f"{tc}[0].function.arguments", "arguments_invalid_json"),
+        (5, f"{tc}[0].function.arguments", "arguments_not_object"),
+        (6, f"{tc}[0].function.name", "undeclared_function"),
+        (7, "messages[2].tool_call_id", "missing_tool_call_id"), (7, tc, "missing_tool_result"),
+        (8, "messages[3].tool_call_id", "unknown_tool_call_id"),
+        (9, f"{tc}[1].id", "duplicate_tool_call_id"),
+        (10, "messages[1].content", "missing_content"),
+        (11, "messages[1].content", "content_not_string"),
+        (12, "messages[0].tool_calls", "tool_calls_not_on_assistant"),
+        (13, "tools[0]", "tool_not_object"), (13, "tools[1].type", "invalid_tool_type"),
+        (13, "tools[1].function.name", "invalid_function_name"),
+        (13, "tools[1].function.parameters", "invalid_tool_parameters"),
+        (13, "tools[1].function.extra", "unknown_tool_key"), (13, "tools[3].function.name", "duplicate_tool_name"),
+        (14, "tools", "tools_not_list"),
+        (15, "messages[1].tool_call_id", "tool_call_id_not_on_tool"),
+        (16, tc, "parallel_tool_calls_disabled"),
+        (17, "parallel_tool_calls", "invalid_parallel_tool_calls"),
+        (18, tc, "missing_tool_result"),
+        (19, "messages[3].tool_call_id", "duplicate_tool_result"),
+        (20, f"{tc}[0]", "tool_call_not_object"), (20, f"{tc}[1].id", "invalid_tool_call_id"),
+        (20, f"{tc}[1].type", "invalid_tool_call_type"), (20, f"{tc}[1].extra", "unknown_tool_call_key"),
+        (21, "tools", "tools_empty"),
+        (22, tc, "tool_calls_empty"),
+        (23, f"{tc}[0].function", "invalid_tool_call_function"),
+        (24, f"{tc}[0].function.name", "invalid_function_name"),
+    }
+    assert [ex.line for ex in result_.examples] == [1]
+    by_code = {p.code: p.message for p in result_.problems}
+    assert "'get_time' is not declared in tools (declared: get_weather)" in by_code["undeclared_function"]
+    assert "column 10" in by_code["arguments_invalid_json"]
+    assert "null content is only allowed beside tool_calls" in by_code["content_not_string"]
+    assert "'call_9'" in by_code["unknown_tool_call_id"] and "'call_1'" in by_code["missing_tool_result"]
+    assert all(p.message for p in result_.problems)
+
+
+# Templates of base models that know nothing of tools: one refuses the role, one silently drops calls and definitions.
+NO_TOOL_ROLE = ("{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+                "{{ raise_exception('Unsupported role: ' + m['role']) }}{% endif %}"
+                "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+DROPS_TOOLS = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{{ m['content'] or '' }}{{ '<|end|>' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template, lines", [
+    (NO_TOOL_ROLE, {13: "Unsupported role: tool", 14: "drops the call to 'get_weather' in messages[1]"}),
+    (DROPS_TOOLS, {13: "does not render the tool definitions", 14: "drops the call to 'get_weather' in messages[1]"}),
+])
+def test_a_template_without_tool_support_is_reported(tiny_model_path, template, lines):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    tokenizer.chat_template = template
+    with_tools = tool_chat()
+    with_tools["messages"][1]["content"] = "Checking."
+    data = valid_file() + jsonl(with_tools, {"messages": [ASK, calling(call(), content="Checking.")]})
+    result_ = validate_jsonl(data, tokenizer=tokenizer)
+    assert [(p.line, p.code) for p in result_.problems] == [(line, "template_error") for line in lines]
+    for problem in result_.problems:
+        assert lines[problem.line] in problem.message
 
 
 def test_cost_preview_is_exact_integer_cents():
