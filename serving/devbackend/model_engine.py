@@ -38,11 +38,22 @@ class ModelEngine:
         self._executor = ThreadPoolExecutor(max_workers=config.max_concurrent_requests,
                                             thread_name_prefix="devbackend-gen")
         self._special_ids = {i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
-        # Control tokens other than end-of-sequence (role markers, padding, BOS) are never generated, as a trained
-        # model would not: the random-weight demo base model otherwise answers with role markers, i.e. no text.
-        self._never = torch.tensor(sorted(self._special_ids - {self.tokenizer.eos_token_id}), dtype=torch.long)
+        # Control tokens that do not end a turn (role markers, padding, BOS) are never generated, as a trained model
+        # would not: the random-weight demo base model otherwise answers with role markers, i.e. no text.
+        self._never = torch.tensor(sorted(self._special_ids - self._turn_enders()), dtype=torch.long)
         for name, path in config.lora_adapters.items():
             self._load_adapter(name, path)
+
+    def _turn_enders(self) -> set[int]:
+        """EOS and the special tokens the chat template puts after an assistant's words (e.g. `<|end|>`)."""
+        enders = {self.tokenizer.eos_token_id}
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ANSWER"}], tokenize=False)
+        except Exception:  # noqa: BLE001 - no usable template: EOS alone ends a turn
+            return enders
+        tail = text[text.rindex("ANSWER") + len("ANSWER"):]
+        return enders | (set(self.encode(tail)) & self._special_ids)
 
     # --- text ---------------------------------------------------------------------------------------
 

@@ -359,15 +359,16 @@ def test_cli_in_a_subprocess_simulated_vllm_flavor():
         stop()
 
 
-def test_control_tokens_other_than_eos_are_never_generated(tiny_model_path):
+def test_control_tokens_that_do_not_end_a_turn_are_never_generated(tiny_model_path):
     """The random-weight demo model prefers role markers; the engine never emits them, so answers show text."""
     from serving.devbackend.model_engine import ModelEngine
     from serving.devbackend.protocol import Cancellation, GenerationParams
 
     engine = ModelEngine(BackendConfig(model=str(tiny_model_path)))
     never = set(engine._never.tolist())
-    assert never and engine.tokenizer.eos_token_id not in never
-    assert {engine.tokenizer.convert_tokens_to_ids(t) for t in ("<|assistant|>", "<|pad|>")} <= never
+    ids = engine.tokenizer.convert_tokens_to_ids
+    assert {ids(t) for t in ("<|assistant|>", "<|user|>", "<|pad|>", "<|bos|>")} <= never
+    assert not {ids("<|end|>"), engine.tokenizer.eos_token_id} & never  # what ends a trained answer stays
     prompt = engine.encode(engine.tokenizer.apply_chat_template([{"role": "user", "content": "Hello, who are you?"}],
                                                                 tokenize=False, add_generation_prompt=True))
     for sampling in (False, True):
