@@ -21,6 +21,7 @@ from django.db import transaction
 
 from finetune import selectors
 from serving.models import Adapter, AdapterDeployment, Backend, BackendPool
+from serving.selectors import base_models_for_tenant
 from tenants.models import Tenant
 from tenants.services import SYSTEM, Actor, audit_record
 
@@ -61,7 +62,14 @@ def _tgi_env(pool: BackendPool) -> str:
 
 
 def adapter_deploy(*, tenant: Tenant, adapter: Adapter, actor: Actor) -> AdapterDeployment:
-    """Publish `adapter` to the tenant's pool for its base model (dedicated, else shared). Idempotent."""
+    """Publish `adapter` to the tenant's pool for its base model (dedicated, else shared). Idempotent.
+
+    Refused when the tenant may no longer use the adapter's base model (allowed models, availability).
+    """
+    if adapter.tenant_id != tenant.pk:
+        raise ValueError(f"adapter {adapter.pk} is not tenant {tenant.pk}'s")  # callers look adapters up in the tenant
+    if adapter.base_model_id not in {bm.pk for bm in base_models_for_tenant(tenant)}:
+        raise DeployError(f"{adapter.base_model.name} is not available to this tenant; ask the platform team.")
     pool = selectors.pool_for_adapter(tenant, adapter.base_model)
     if pool is None:
         raise DeployError(f"No pool serves {adapter.base_model.name}; ask the platform team to add one.")

@@ -192,13 +192,16 @@ def _routes_for(tenant, cfg, base_models: dict, pools: dict, deployments) -> dic
     """The routing rules (docs/gateway.md): dedicated pools first, then shared base models, then adapters."""
     routes: dict[str, Route] = {}
     allowed = set(cfg.allowed_models or ()) if cfg else set()
+    # The base models this tenant may use (serving.selectors.base_models_for_tenant, over the snapshot).
+    usable = {p.base_model for p in pools.values() if p.dedicated_tenant_id == tenant.id}
+    usable |= {bm.name for bm in base_models.values() if bm.available_to_all and (not allowed or bm.name in allowed)}
     # Isolated tenancy: a pool dedicated to this tenant serves its base model for it (and only for it).
     for pool in pools.values():
         if pool.dedicated_tenant_id == tenant.id and pool.base_model not in routes:
             bm = next(b for b in base_models.values() if b.name == pool.base_model)
             routes[pool.base_model] = Route(pool.base_model, pool.id, None, pool.base_model, tenant.slug, int(bm.created_at.timestamp()))
     for bm in base_models.values():
-        if bm.name in routes or not bm.available_to_all or (allowed and bm.name not in allowed):
+        if bm.name in routes or bm.name not in usable:
             continue
         shared = [p for p in pools.values() if p.base_model == bm.name and p.dedicated_tenant_id is None]
         if shared:
@@ -207,6 +210,10 @@ def _routes_for(tenant, cfg, base_models: dict, pools: dict, deployments) -> dic
     for d in deployments:
         pool = pools.get(d.pool_id)
         if pool is None or pool.dedicated_tenant_id not in (None, tenant.id) or d.adapter.name in routes:
+            continue
+        # Only the tenant's own adapter (a hand-made deployment row may name another's), and only on a base
+        # model the tenant may still use: an adapter must not reopen a model staff took away.
+        if d.adapter.tenant_id != tenant.id or pool.base_model not in usable:
             continue
         routes[d.adapter.name] = Route(d.adapter.name, pool.id, d.adapter.name, pool.base_model, tenant.slug, int(d.adapter.created_at.timestamp()))
     return routes

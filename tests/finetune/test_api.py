@@ -290,6 +290,30 @@ def test_adapter_deploy_needs_admin_and_hides_foreign_adapters(world, base_model
     assert [a["name"] for a in admin.get("/api/tenants/acme/adapters/").json()] == [adapter.name]
 
 
+def test_adapter_of_a_base_model_the_tenant_may_no_longer_use_is_not_deployed(world, base_model):
+    from serving.models import AdapterDeployment, BackendPool, ModelConfig
+
+    adapter = Adapter.all_tenants.create(tenant=world.tenant, name="ft:tiny-chat:acme::abc", base_model=base_model, path="/x")
+    BackendPool.objects.create(name="tgi-pool", base_model=base_model, kind="tgi")
+    ModelConfig.all_tenants.create(tenant=world.tenant, allowed_models=["other-model"])
+    admin = APIClient()
+    admin.force_login(world.admin)
+    response = admin.post(f"/api/tenants/acme/adapters/{adapter.pk}/deploy/")
+    assert response.status_code == 409 and "not available" in response.json()["detail"]
+    assert not AdapterDeployment.objects.for_tenant(world.tenant).exists()
+
+
+def test_deploy_service_refuses_another_tenants_adapter(world, base_model):
+    from finetune import deploy
+    from serving.models import AdapterDeployment, BackendPool
+
+    adapter = Adapter.all_tenants.create(tenant=world.tenant, name="ft:tiny-chat:acme::abc", base_model=base_model, path="/x")
+    BackendPool.objects.create(name="tgi-pool", base_model=base_model, kind="tgi")
+    with pytest.raises(ValueError):
+        deploy.adapter_deploy(tenant=world.other_tenant, adapter=adapter, actor=Actor(user=world.outsider))
+    assert not AdapterDeployment.all_tenants.exists()
+
+
 # ---- console pages -------------------------------------------------------------------------------
 
 
