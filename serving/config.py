@@ -96,6 +96,9 @@ class TenantEntry:
     cache_salt: str
     models: Mapping[str, Route]
     guard: object = None  # serving.guard.OutputGuard, compiled once per snapshot; None: output passes untouched
+    # Users whose playground tokens count: active members with at least PLAYGROUND_ROLE. A token outlives a
+    # removal or demotion by up to an hour, so the gateway checks the member is still here.
+    playground_users: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -121,8 +124,9 @@ def load_snapshot(version: object = None) -> Snapshot:
     from serving.admission import TenantLimits
     from serving.guard import guard_from_config
     from serving.models import AdapterDeployment, Backend, BackendPool, BaseModel, ModelConfig
-    from tenants.models import ApiKey, Policy, Tenant
+    from tenants.models import ROLE_RANK, ApiKey, Membership, Policy, Role, Tenant
     from tenants.selectors import effective_quota_tokens
+    from tenants.services import PLAYGROUND_ROLE
 
     # `all_tenants` throughout: the snapshot is the gateway's copy of every tenant's configuration; the
     # request path scopes every lookup by the tenant of the authenticated key.
@@ -150,6 +154,10 @@ def load_snapshot(version: object = None) -> Snapshot:
     deployments: dict[int, list] = {}
     for d in AdapterDeployment.all_tenants.exclude(state=AdapterDeployment.State.FAILED).select_related("adapter").order_by("id"):
         deployments.setdefault(d.tenant_id, []).append(d)
+    playground_roles = [r for r in Role if ROLE_RANK[r] >= ROLE_RANK[Role(PLAYGROUND_ROLE)]]
+    playground_users: dict[int, set[int]] = {}
+    for tenant_id, user_id in Membership.all_tenants.filter(role__in=playground_roles, user__is_active=True).values_list("tenant_id", "user_id"):
+        playground_users.setdefault(tenant_id, set()).add(user_id)
     defaults = {f.name: f.default for f in ModelConfig._meta.fields if f.name in ("default_max_tokens", "max_max_tokens", "default_temperature", "max_temperature", "system_message_rule")}
 
     tenants = {}
@@ -184,6 +192,7 @@ def load_snapshot(version: object = None) -> Snapshot:
             cache_salt=tenant_cache_salt(t.id),
             models=MappingProxyType(_routes_for(t, cfg, base_models, pools, deployments.get(t.id, ()))),
             guard=guard_from_config(cfg, label=t.slug),
+            playground_users=frozenset(playground_users.get(t.id, ())),
         )
     return Snapshot(version, time.monotonic(), MappingProxyType(keys), MappingProxyType(tenants), MappingProxyType(pools))
 

@@ -32,9 +32,9 @@ def config_changed(sender, **kwargs) -> None:
 
 def connect() -> None:
     from serving.models import Adapter, AdapterDeployment, Backend, BackendPool, BaseModel, ModelConfig
-    from tenants.models import ApiKey, AuditEvent, PlatformSettings, Policy, SystemPromptVersion, Tenant
+    from tenants.models import ApiKey, AuditEvent, Membership, PlatformSettings, Policy, SystemPromptVersion, Tenant
 
-    for model in (Tenant, ApiKey, SystemPromptVersion, Policy, PlatformSettings, AuditEvent,
+    for model in (Tenant, Membership, ApiKey, SystemPromptVersion, Policy, PlatformSettings, AuditEvent,
                   ModelConfig, BaseModel, BackendPool, Backend, Adapter, AdapterDeployment):
         post_save.connect(config_changed, sender=model, dispatch_uid=f"gateway-config-{model.__name__}-save")
         post_delete.connect(config_changed, sender=model, dispatch_uid=f"gateway-config-{model.__name__}-delete")

@@ -13,7 +13,7 @@ from serving.forms import ModelConfigForm
 from serving.models import Adapter, AdapterDeployment, BackendPool, BaseModel, ModelConfig
 from tenants.access import TenantContext, tenant_view
 from tenants.models import Role
-from tenants.services import audit_record
+from tenants.services import PLAYGROUND_ROLE, audit_record, playground_token_issue
 
 
 def _render(request, ctx: TenantContext, template: str, section: str, context: dict):
@@ -82,11 +82,9 @@ def models_page(request, ctx: TenantContext):
     )
 
 
-@tenant_view(read=Role.DEVELOPER, write=Role.DEVELOPER)
+@tenant_view(read=PLAYGROUND_ROLE, write=PLAYGROUND_ROLE)
 def playground(request, ctx: TenantContext):
     """Try the tenant's models with its system prompt, streamed, through the real gateway."""
-    from tenants.services import playground_token_issue
-
     tenant = ctx.tenant
     config = ModelConfig.objects.for_tenant(tenant).first()
     return _render(

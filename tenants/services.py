@@ -366,12 +366,14 @@ def policy_update(*, tenant: Tenant, actor: Actor, **changes) -> Policy:
 
 PLAYGROUND_PREFIX = "pgt_"
 PLAYGROUND_TTL_S = 3600
+PLAYGROUND_ROLE = Role.DEVELOPER  # the least role that may use the playground (console page and gateway alike)
 
 
 def playground_token_issue(*, tenant: Tenant, user) -> str:
     """A short-lived inference credential for the console's playground, signed, never stored.
 
-    The gateway accepts it like an API key with the inference scope, for this tenant only, for an hour.
+    The gateway accepts it like an API key with the inference scope, for this tenant only, for an hour, and
+    only while the user is still an active member of the tenant with at least PLAYGROUND_ROLE.
     """
     from django.core import signing
 

@@ -250,7 +250,7 @@ class GatewayApp:
         """The console playground's signed, hour-long token (tenants.services.playground_token_issue)."""
         ids = playground_token_verify(raw)
         tenant = snap.tenants.get(ids[0]) if ids else None
-        if tenant is None:
+        if tenant is None or ids[1] not in tenant.playground_users:  # removed, demoted or deactivated since
             raise ApiError(401, "The playground session has expired: reload the page.", type="invalid_request_error", code="invalid_api_key")
         self._check_active(tenant)
         return tenant

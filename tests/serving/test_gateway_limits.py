@@ -90,6 +90,24 @@ def test_playground_token_is_an_inference_credential_for_its_tenant(world, gatew
     assert record.api_key_id is None
 
 
+def test_playground_token_stops_working_when_its_user_is_demoted_or_removed(world, gateway_factory, sim_url):
+    from tenants.models import Membership
+
+    make_pool("shared", make_base_model(), [sim_url])
+    gw = gateway_factory()
+    developer = services.playground_token_issue(tenant=world.tenant, user=world.developer)
+    admin = services.playground_token_issue(tenant=world.tenant, user=world.admin)
+    assert chat(gw, developer).status_code == 200 and chat(gw, admin).status_code == 200
+
+    membership = Membership.objects.for_tenant(world.tenant)
+    services.membership_change_role(membership=membership.get(user=world.developer), role="viewer", actor=services.SYSTEM)
+    services.membership_remove(membership=membership.get(user=world.admin), actor=services.SYSTEM)
+    assert wait_for(lambda: chat(gw, developer).status_code == 401)  # within the token's hour, yet refused
+    assert chat(gw, admin).status_code == 401
+    # a token naming a user who never belonged to the tenant is refused as well
+    assert chat(gw, services.playground_token_issue(tenant=world.tenant, user=world.outsider)).status_code == 401
+
+
 def test_dropped_stream_is_settled_with_the_tokens_delivered(world, gateway_factory):
     import json
     import socket
