@@ -159,7 +159,7 @@ class InvoiceAdmin(admin.ModelAdmin):
             self.message_user(request, "Stripe is not configured (STRIPE_SECRET_KEY).", messages.ERROR)
             return
         for invoice in queryset.filter(status=Invoice.Status.OPEN):
-            invoice_push.delay(invoice.pk)
+            invoice_push.delay(invoice.pk, invoice.tenant_id)
         self.message_user(request, "Queued.")
 
 

@@ -77,7 +77,7 @@ def invoice_close(*, tenant: Tenant, period: date, now: datetime | None = None, 
         invoice.delivery = Invoice.Delivery.PENDING
         from billing.tasks import invoice_push  # the task module imports services; import here to avoid a cycle
 
-        invoice_push.delay_on_commit(invoice.pk)
+        invoice_push.delay_on_commit(invoice.pk, tenant.pk)
     audit_record(tenant=tenant, actor=actor, action="billing.invoice_closed", target=invoice,
                  data={"number": invoice.number, "total_cents": invoice.total_cents, "period": period.isoformat()})
     return invoice

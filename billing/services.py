@@ -92,7 +92,7 @@ def _push_overtaken_by_void(invoice: Invoice) -> bool:
         return False
     from billing.tasks import invoice_status_sync  # the task module imports this one
 
-    invoice_status_sync.delay_on_commit(invoice.pk)
+    invoice_status_sync.delay_on_commit(invoice.pk, invoice.tenant_id)
     return True
 
 
@@ -183,7 +183,7 @@ def _staff_status_request(*, invoice: Invoice, status: str, reason: str, actor: 
             tenant_restore_if_settled(tenant=invoice.tenant, reason=f"Overdue invoice {invoice.number} voided")
         from billing.tasks import invoice_status_sync  # the task module imports this one
 
-        invoice_status_sync.delay_on_commit(invoice.pk)
+        invoice_status_sync.delay_on_commit(invoice.pk, invoice.tenant_id)
     return (f"{invoice.number}: Stripe is being asked to confirm; until it does, the invoice shows "
             f"“{invoice.get_pending_status_display()} pending” (retried automatically while Stripe is unreachable).")
 

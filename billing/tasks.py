@@ -34,9 +34,9 @@ def close_previous_period() -> int:
     name="billing.invoice_push", bind=True, autoretry_for=(stripe_gateway.GatewayError,),
     retry_backoff=30, retry_backoff_max=3600, max_retries=12,
 )
-def invoice_push(self, invoice_id: int) -> str:
-    """Push one invoice to Stripe; retried with backoff (idempotency keys make retries safe)."""
-    invoice = Invoice.all_tenants.select_related("tenant").get(pk=invoice_id)  # task input is our own id
+def invoice_push(self, invoice_id: int, tenant_id: int) -> str:
+    """Push one of a tenant's invoices to Stripe; retried with backoff (idempotency keys make retries safe)."""
+    invoice = Invoice.objects.for_tenant(tenant_id).select_related("tenant").get(pk=invoice_id)
     try:
         services.invoice_push(invoice=invoice)
     except stripe_gateway.GatewayError as exc:
@@ -49,10 +49,10 @@ def invoice_push(self, invoice_id: int) -> str:
     name="billing.invoice_status_sync", bind=True, autoretry_for=(stripe_gateway.GatewayError,),
     retry_backoff=30, retry_backoff_max=3600, max_retries=12,
 )
-def invoice_status_sync(self, invoice_id: int) -> str:
+def invoice_status_sync(self, invoice_id: int, tenant_id: int) -> str:
     """Carry a staff void / uncollectible to Stripe and record it; retried with backoff (it reads Stripe first,
     and its POSTs carry keys from our ids, so a retry changes nothing twice). Stripe's last error is kept."""
-    invoice = Invoice.all_tenants.select_related("tenant").get(pk=invoice_id)  # task input is our own id
+    invoice = Invoice.objects.for_tenant(tenant_id).select_related("tenant").get(pk=invoice_id)
     try:
         return services.invoice_status_sync(invoice=invoice)
     except stripe_gateway.GatewayError as exc:
@@ -68,11 +68,12 @@ def stripe_reconcile() -> dict:
         stale = timezone.now() - timedelta(minutes=30)
         # Batch code over every tenant: the unscoped manager is intended here.
         unsent = Invoice.all_tenants.filter(delivery=Invoice.Delivery.PENDING, status=Invoice.Status.OPEN, pending_status="", closed_at__lt=stale)
-        for pk in unsent.values_list("pk", flat=True):
-            invoice_push.delay(pk)
+        for pk, tenant_id in unsent.values_list("pk", "tenant_id"):
+            invoice_push.delay(pk, tenant_id)
             counts["pushed"] += 1
-        for pk in Invoice.all_tenants.exclude(pending_status="").filter(status_requested_at__lt=stale).values_list("pk", flat=True):
-            invoice_status_sync.delay(pk)
+        waiting = Invoice.all_tenants.exclude(pending_status="").filter(status_requested_at__lt=stale)
+        for pk, tenant_id in waiting.values_list("pk", "tenant_id"):
+            invoice_status_sync.delay(pk, tenant_id)
             counts["synced"] += 1
     return counts
 

@@ -32,8 +32,8 @@ def at_stripe(invoice, fake_stripe, monkeypatch):
 def queued(monkeypatch):
     """Task ids enqueued by billing (instead of a broker)."""
     sent = []
-    monkeypatch.setattr(tasks.invoice_status_sync, "delay", lambda pk: sent.append(("status_sync", pk)))
-    monkeypatch.setattr(tasks.invoice_push, "delay", lambda pk: sent.append(("push", pk)))
+    monkeypatch.setattr(tasks.invoice_status_sync, "delay", lambda pk, tenant_id: sent.append(("status_sync", pk)))
+    monkeypatch.setattr(tasks.invoice_push, "delay", lambda pk, tenant_id: sent.append(("push", pk)))
     return sent
 
 
@@ -43,7 +43,7 @@ def _audit(tenant, action):
 
 def _run_task(invoice):
     """One delivery of the Celery task, as a worker runs it. Run eagerly, its automatic retries follow at once."""
-    return tasks.invoice_status_sync.apply(args=[invoice.pk])
+    return tasks.invoice_status_sync.apply(args=[invoice.pk, invoice.tenant_id])
 
 
 def test_void_a_draft_is_immediate_and_written_off(world, invoice, staff, django_capture_on_commit_callbacks, queued):
