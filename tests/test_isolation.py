@@ -109,13 +109,14 @@ UNSCOPED_NAMES = {
     "password_reset_complete",
     # Stripe calls this; it authenticates by signature (billing/webhooks.py)
     "billing-stripe-webhook",
-    # staff-only pages (staff_member_required), across tenants by design
-    "billing-staff-allocation",
-    "staff-pools-live",
+    # staff-only pages (staff_member_required), across tenants by design: see STAFF_NAMES
     # OpenAI-compatible Files and Fine-tuning: the tenant comes from the API key (tests/finetune/test_api.py
     # checks another tenant's ids answer 404 there)
     *__import__("finetune.urls", fromlist=["V1_URL_NAMES"]).V1_URL_NAMES,
 }
+# Staff pages outside the admin: across tenants by design, so only staff may open them (checked below).
+STAFF_NAMES = {"billing-staff-allocation", "staff-pools-live"}
+UNSCOPED_NAMES |= STAFF_NAMES
 UNSCOPED_NAMES |= set(getattr(console_urls, "PUBLIC_URL_NAMES", ())) | set(getattr(console_urls, "USER_URL_NAMES", ()))
 
 WRITE_METHODS = ("post", "put", "patch", "delete")
@@ -184,6 +185,7 @@ def walk(resolver=None, prefix: str = "", namespace: str = "", kwargs: tuple = (
 ROUTES = walk()
 TENANT_ROUTES = [r for r in ROUTES if "tenant_slug" in r.kwargs]
 UNSCOPED_ROUTES = [r for r in ROUTES if "tenant_slug" not in r.kwargs]
+STAFF_ROUTES = [r for r in UNSCOPED_ROUTES if r.route.startswith("staff/") or r.bare_name in STAFF_NAMES]
 PROBE_ROUTES = [r for r in TENANT_ROUTES if set(r.kwargs) - TENANT_RELATIVE_KWARGS]
 
 
@@ -353,3 +355,18 @@ def test_foreign_api_key_gets_404(route, iso):
             assert not 200 <= response.status_code < 300, f"{method.upper()} {route}: an API key got {response.status_code}"
             if 300 <= response.status_code < 400:
                 assert reverse(settings.LOGIN_URL) in response["Location"], f"{route} redirected an API key to {response['Location']}"
+
+
+@pytest.mark.parametrize("route", STAFF_ROUTES, ids=_ids(STAFF_ROUTES))
+def test_staff_pages_are_for_staff_only(route, iso):
+    assert route.bare_name in STAFF_NAMES, f"{route} is under staff/ but not in STAFF_NAMES: add it, and protect it with staff_member_required."
+    url = build_url(route, iso)
+    login = reverse("admin:login")
+    owner = request(signed_in(iso.owner), "get", url)  # a tenant's owner is not platform staff
+    assert owner.status_code == 302 and owner["Location"].startswith(login), f"{route} answered a tenant owner {owner.status_code}"
+    key = APIClient()
+    key.credentials(HTTP_AUTHORIZATION=f"Bearer {iso.foreign_key_secret}")
+    assert request(key, "get", url).status_code == 302
+    iso.outsider.is_staff = True
+    iso.outsider.save(update_fields=["is_staff"])
+    assert request(signed_in(iso.outsider), "get", url).status_code == 200

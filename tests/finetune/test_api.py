@@ -257,6 +257,13 @@ def test_jobs_of_another_tenant_are_404(api, outsider_api, base_model):
     # nor can they train on acme's file
     acme_file = FineTuneJob.objects.for_tenant(FineTuneJob.all_tenants.get(pk=job_id).tenant).get(pk=job_id).training_file_id
     assert_openai_error(create_job(outsider_api, acme_file), 404, "file_not_found")
+    # nor validate on it, nor page with it
+    own_file = upload(outsider_api, zebra_dataset()).json()["id"]
+    for endpoint in ("/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/estimate"):
+        response = outsider_api.post(endpoint, {"model": "tiny-chat", "training_file": own_file, "validation_file": acme_file}, format="json")
+        assert_openai_error(response, 404, "file_not_found")
+    assert_openai_error(outsider_api.get(f"/v1/files?after={acme_file}"), 404, "file_not_found")
+    assert_openai_error(outsider_api.get(f"/v1/fine_tuning/jobs?after={job_id}"), 404, "job_not_found")
 
 
 def test_base_model_outside_allowed_models_is_404(api, world, base_model):
