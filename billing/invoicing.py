@@ -49,12 +49,12 @@ def invoice_close(*, tenant: Tenant, period: date, now: datetime | None = None, 
         return None
     now = now or timezone.now()
     settings_row = BillingSettings.load()
-    invoice = Invoice.all_tenants.create(
+    invoice = Invoice.objects.for_tenant(tenant).create(
         tenant=tenant, number=invoice_number(tenant, period), period_start=period, period_end=rating.next_period(period),
         currency=settings_row.currency, closed_at=now, total_cents=cost.total_cents,
     )
     pools = dict(BackendPool.objects.values_list("id", "name"))
-    InvoiceLine.all_tenants.bulk_create(
+    InvoiceLine.objects.for_tenant(tenant).bulk_create(
         [
             InvoiceLine(
                 tenant=tenant, invoice=invoice, kind=line.kind, model=line.model, adapter=line.adapter,

@@ -29,7 +29,7 @@ PAID_EVENTS = ("invoice.paid", "invoice.payment_succeeded")
 
 
 def billing_account_get(*, tenant: Tenant) -> BillingAccount:
-    account, _ = BillingAccount.all_tenants.get_or_create(tenant=tenant)
+    account, _ = BillingAccount.objects.for_tenant(tenant).get_or_create()
     return account
 
 

@@ -74,7 +74,7 @@ def adapter_deploy(*, tenant: Tenant, adapter: Adapter, actor: Actor) -> Adapter
     if pool is None:
         raise DeployError(f"No pool serves {adapter.base_model.name}; ask the platform team to add one.")
     with transaction.atomic():
-        deployment, _ = AdapterDeployment.all_tenants.get_or_create(tenant=tenant, adapter=adapter, pool=pool)
+        deployment, _ = AdapterDeployment.objects.for_tenant(tenant).get_or_create(adapter=adapter, pool=pool)
         audit_record(tenant=tenant, actor=actor, action="finetune.adapter_deployed", target=adapter,
                      data={"adapter": adapter.name, "pool": pool.name})
     if pool.kind == BackendPool.Kind.TGI:

@@ -288,8 +288,8 @@ def finetune_job_cancel(*, tenant: Tenant, actor: Actor, job: FineTuneJob) -> Fi
 
 
 def _event(job: FineTuneJob, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> JobEvent:
-    return JobEvent.all_tenants.create(
-        tenant_id=job.tenant_id, job=job, level=level, type=type, message=message, data=data or {})
+    return JobEvent.objects.for_tenant(job.tenant_id).create(
+        job=job, level=level, type=type, message=message, data=data or {})
 
 
 # ---- running a job (the worker side) -------------------------------------------------------------
@@ -356,8 +356,8 @@ class JobRunner:
                                estimated_finish=timezone.now() + timedelta(seconds=eta) if eta is not None else None)
         elif kind == "checkpoint":
             path = Path(self.output_dir) / "checkpoints" / f"step-{event['step']:06d}"
-            JobCheckpoint.all_tenants.get_or_create(
-                tenant_id=self.tenant_id, job=job, step=event["step"],
+            JobCheckpoint.objects.for_tenant(self.tenant_id).get_or_create(
+                job=job, step=event["step"],
                 defaults={"epoch": event["epoch"], "path": str(path), "metrics": self._last_metrics})
             _event(job, f"Checkpoint saved at step {event['step']} (epoch {event['epoch']})")
         elif kind == "message":
@@ -451,8 +451,8 @@ class JobRunner:
         adapter_config = json.loads((Path(result.adapter_dir) / "adapter_config.json").read_text())
         targets = sorted(adapter_config["target_modules"])
         rank = adapter_config["r"]
-        adapter = Adapter.all_tenants.create(
-            tenant_id=job.tenant_id, name=name, base_model=bm, path=str(Path(result.adapter_dir).resolve()),
+        adapter = Adapter.objects.for_tenant(job.tenant_id).create(
+            name=name, base_model=bm, path=str(Path(result.adapter_dir).resolve()),
             rank=rank, alpha=int(adapter_config["lora_alpha"]), target_modules=targets,
             parameters=lora_math.lora_param_count(selectors.model_config(bm), rank, targets),
             size_bytes=sum(f.stat().st_size for f in Path(result.adapter_dir).iterdir() if f.is_file()))
@@ -470,8 +470,8 @@ class JobRunner:
 
 
 def _usage(job: FineTuneJob, trained_tokens: int) -> None:
-    TrainingUsage.all_tenants.get_or_create(job=job, defaults={
-        "tenant_id": job.tenant_id, "base_model": job.base_model.name, "trained_tokens": trained_tokens})
+    TrainingUsage.objects.for_tenant(job.tenant_id).get_or_create(job=job, defaults={
+        "base_model": job.base_model.name, "trained_tokens": trained_tokens})
 
 
 def _describe_failure(exc: Exception) -> tuple[str, str, str | None]:

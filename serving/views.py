@@ -60,7 +60,7 @@ def model_names_for(tenant) -> list[str]:
 @tenant_view(read=Role.VIEWER, write=Role.ADMIN)
 def models_page(request, ctx: TenantContext):
     tenant = ctx.tenant
-    config, _ = ModelConfig.all_tenants.get_or_create(tenant=tenant)  # get_or_create scoped by the tenant itself
+    config, _ = ModelConfig.objects.for_tenant(tenant).get_or_create()
     names = model_names_for(tenant)
     form = ModelConfigForm(request.POST or None, instance=config, model_choices=names)
     if request.method == "POST" and form.is_valid():

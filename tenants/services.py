@@ -49,7 +49,7 @@ SYSTEM = Actor()
 def audit_record(*, tenant: Tenant, actor: Actor, action: str, target=None, data: dict | None = None) -> AuditEvent:
     """Append one audit event. Call inside the transaction of the change it describes."""
     user = actor.user if actor.user is not None and actor.user.is_authenticated else None
-    return AuditEvent.all_tenants.create(
+    return AuditEvent.objects.for_tenant(tenant).create(
         tenant=tenant,
         actor=user,
         actor_key=actor.key,
@@ -70,8 +70,8 @@ def tenant_create(*, slug: str, name: str, owner, tenancy: str = Tenant.Tenancy.
     tenant = Tenant(slug=slug, name=name, tenancy=tenancy)
     tenant.full_clean()
     tenant.save()
-    Policy.all_tenants.create(tenant=tenant)
-    Membership.all_tenants.create(tenant=tenant, user=owner, role=Role.OWNER)
+    Policy.objects.for_tenant(tenant).create(tenant=tenant)
+    Membership.objects.for_tenant(tenant).create(tenant=tenant, user=owner, role=Role.OWNER)
     audit_record(tenant=tenant, actor=Actor(user=owner), action="tenant.created", target=tenant, data={"slug": slug})
     return tenant
 
@@ -194,7 +194,7 @@ def invitation_accept(*, token: str, user) -> Membership:
     tenant = invitation.tenant
     try:
         with transaction.atomic():
-            membership = Membership.all_tenants.create(tenant=tenant, user=user, role=invitation.role)
+            membership = Membership.objects.for_tenant(tenant).create(tenant=tenant, user=user, role=invitation.role)
     except IntegrityError:
         raise ValidationError({"token": f"You are already a member of {tenant.name}."}) from None
     invitation.accepted_at = timezone.now()
@@ -241,7 +241,7 @@ def api_key_create(
         raise ValidationError(errors)
     prefix = KEY_PREFIX + secrets.token_hex(ApiKey.PREFIX_LEN // 2)
     full = f"{prefix}_{secrets.token_urlsafe(32)}"
-    key = ApiKey.all_tenants.create(
+    key = ApiKey.objects.for_tenant(tenant).create(
         tenant=tenant,
         name=name.strip(),
         prefix=prefix,
@@ -309,7 +309,7 @@ def system_prompt_save(*, tenant: Tenant, text: str, note: str, actor: Actor) ->
         raise ValidationError(errors)
     Tenant.objects.select_for_update().filter(pk=tenant.pk).first()  # serialise version numbering per tenant
     last = SystemPromptVersion.objects.for_tenant(tenant).aggregate(m=Max("version"))["m"] or 0
-    version = SystemPromptVersion.all_tenants.create(
+    version = SystemPromptVersion.objects.for_tenant(tenant).create(
         tenant=tenant, version=last + 1, text=text, note=note.strip(), author=actor.user if actor.user is not None and actor.user.is_authenticated else None
     )
     Tenant.objects.filter(pk=tenant.pk).update(active_prompt=version)

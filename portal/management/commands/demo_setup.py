@@ -57,7 +57,7 @@ class Command(BaseCommand):
             name="dev-tiny", defaults={"base_model": base, "kind": BackendPool.Kind.DEV, "gpu_memory_gb": 80, "gpu_hourly_cost_cents": 400}
         )
         Backend.objects.update_or_create(pool=pool, url=backend_url, defaults={"max_concurrency": 8, "enabled": True})
-        ModelConfig.all_tenants.get_or_create(tenant=tenant, defaults={"default_model": "tiny-chat"})
+        ModelConfig.objects.for_tenant(tenant).get_or_create(defaults={"default_model": "tiny-chat"})
         if not tenant.active_prompt_id:
             services.system_prompt_save(tenant=tenant, text="You are the helpful assistant of Demo Inc.", note="demo", actor=services.Actor(user=owner))
 
