@@ -12,6 +12,7 @@ from functools import wraps
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
+from django.utils.cache import add_never_cache_headers
 
 from tenants.models import ROLE_RANK, ApiKey, Membership, Role, Tenant
 from tenants.selectors import membership_for_user
@@ -63,7 +64,8 @@ def context_for_key(key: ApiKey, tenant_slug: str, *, write: bool) -> TenantCont
 def tenant_view(*, read: str = Role.VIEWER, write: str = Role.ADMIN):
     """Console view decorator: resolves `tenant_slug` into `request.tenant_ctx`, enforcing the role.
 
-    GET/HEAD need `read`; other methods need `write`.
+    GET/HEAD need `read`; other methods need `write`. Answers are never cached: they hold one tenant's data and
+    sometimes secrets (a new API key, the playground's gateway token).
     """
 
     def decorator(view):
@@ -72,7 +74,9 @@ def tenant_view(*, read: str = Role.VIEWER, write: str = Role.ADMIN):
         def wrapper(request, tenant_slug, *args, **kwargs):
             minimum = read if request.method in SAFE_METHODS else write
             request.tenant_ctx = context_for_user(request.user, tenant_slug, minimum_role=minimum)
-            return view(request, request.tenant_ctx, *args, **kwargs)
+            response = view(request, request.tenant_ctx, *args, **kwargs)
+            add_never_cache_headers(response)
+            return response
 
         wrapper.tenant_roles = {"read": read, "write": write}
         return wrapper

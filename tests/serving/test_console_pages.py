@@ -78,6 +78,8 @@ def test_playground_issues_a_token_for_this_tenant_only(client, world, served):
     token = page.context["token"]
     assert services.playground_token_verify(token) == (world.tenant.pk, world.developer.pk)
     assert services.playground_token_verify(token[:-2] + "xx") is None
+    cache_control = {part.strip() for part in page["Cache-Control"].split(",")}
+    assert {"no-store", "private"} <= cache_control  # the page holds a bearer token: no cache may keep it
     login(client, world.viewer)
     assert client.get(reverse("console-playground", args=["acme"])).status_code == 403
 
