@@ -95,7 +95,30 @@ def _model(data: dict) -> str | None:
     return model or None
 
 
+# OpenAI features the gateway does not carry to backends yet. Dropping them silently would answer a different
+# question (no tool call, no JSON schema), so a request that asks for one is refused, naming it.
+_UNSUPPORTED = {
+    "tools": "Tool (function) calling is not supported by this gateway yet; send the request without `tools`.",
+    "functions": "Function calling is not supported by this gateway yet; send the request without `functions`.",
+    "function_call": "Function calling is not supported by this gateway yet; send the request without `function_call`.",
+    "logprobs": "Log probabilities are not returned on /v1 yet; use /generate with `details: true` for token logprobs.",
+    "response_format": "Only `response_format: {\"type\": \"text\"}` is supported; JSON mode and JSON schemas are not yet.",
+}
+
+
+def _refuse_unsupported(data: dict) -> None:
+    for name, message in _UNSUPPORTED.items():
+        value = data.get(name)
+        harmless = (value in (None, False, [], {}) or (name == "response_format" and value == {"type": "text"}))
+        if not harmless:
+            raise bad_request(message, name, "unsupported_parameter")
+    if data.get("tool_choice") not in (None, "none"):
+        raise bad_request("Tool (function) calling is not supported by this gateway yet; send the request without "
+                          "`tool_choice`.", "tool_choice", "unsupported_parameter")
+
+
 def _openai_common(data: dict, req: ClientRequest) -> None:
+    _refuse_unsupported(data)
     req.stream = bool(_bool(data, "stream"))
     options = data.get("stream_options")
     if options is not None:
@@ -120,6 +143,9 @@ def parse_chat(data: dict) -> ClientRequest:
         raise bad_request("`messages` must be a non-empty list.", "messages", "invalid_type")
     clean = []
     for i, m in enumerate(messages):
+        if isinstance(m, dict) and (m.get("role") in ("tool", "function") or m.get("tool_calls")):
+            raise bad_request(f"`messages[{i}]` is part of a tool call, and tool (function) calling is not supported by "
+                              "this gateway yet.", f"messages[{i}]", "unsupported_parameter")
         if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
             raise bad_request(f"`messages[{i}].role` must be one of {sorted(CHAT_ROLES)}.", f"messages[{i}].role")
         content = m.get("content")

@@ -61,6 +61,17 @@ def _openai_error(r, status: int, code: str | None = None, param: str | None = N
         ("/v1/completions", {"model": "tiny-chat"}, 400, "missing_required_parameter", "prompt"),
         ("/v1/completions", {"model": "tiny-chat", "prompt": 3}, 400, "invalid_type", "prompt"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}, 413, "request_too_large", None),
+        # Features not carried to backends are refused by name, never silently dropped.
+        ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+         "unsupported_parameter", "tools"),
+        ("/v1/chat/completions", {**CHAT, "tool_choice": "auto"}, 400, "unsupported_parameter", "tool_choice"),
+        ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, 400, "unsupported_parameter", "functions"),
+        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400, "unsupported_parameter",
+         "response_format"),
+        ("/v1/chat/completions", {**CHAT, "logprobs": True}, 400, "unsupported_parameter", "logprobs"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "logprobs": 2}, 400, "unsupported_parameter", "logprobs"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "tool", "tool_call_id": "c1", "content": "42"}]}, 400,
+         "unsupported_parameter", "messages[0]"),
     ],
 )
 def test_bad_input_is_refused_before_any_backend(setup, path, body, status, code, param):
@@ -68,6 +79,14 @@ def test_bad_input_is_refused_before_any_backend(setup, path, body, status, code
     r = post(gw.url + path, body, {"authorization": f"Bearer {key}", "content-type": "application/json"})
     _openai_error(r, status, code, param)
     assert dev_stats(backend)["requests_started"] == 0
+
+
+def test_harmless_values_of_unsupported_features_pass(setup):
+    gw, backend, key = setup
+    body = {**CHAT, "max_tokens": 5, "tools": [], "tool_choice": "none", "logprobs": False,
+            "response_format": {"type": "text"}}
+    r = post(gw.url + "/v1/chat/completions", body, {"authorization": f"Bearer {key}", "content-type": "application/json"})
+    assert r.status_code == 200, r.text
 
 
 def test_max_tokens_beyond_the_context_is_400(world, setup):
