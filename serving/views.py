@@ -48,12 +48,16 @@ def usage(request, ctx: TenantContext):
 
 
 def model_names_for(tenant) -> list[str]:
-    """The model names a tenant can call now: its base models that a pool serves for it, and its deployed adapters."""
+    """The model names a tenant can call now: its base models that a pool serves for it, and its deployed adapters
+    on a base model it may use (the gateway's rule: an adapter follows its base model's availability)."""
     served = set(
         BackendPool.objects.filter(Q(dedicated_tenant__isnull=True) | Q(dedicated_tenant=tenant)).values_list("base_model_id", flat=True)
     )
-    bases = {bm.name for bm in selectors.base_models_for_tenant(tenant) if bm.pk in served}
-    adapters = AdapterDeployment.objects.for_tenant(tenant).values_list("adapter__name", flat=True).distinct()
+    usable = selectors.base_models_for_tenant(tenant)
+    allowed = {bm.pk for bm in usable}
+    bases = {bm.name for bm in usable if bm.pk in served}
+    adapters = (AdapterDeployment.objects.for_tenant(tenant).filter(adapter__base_model_id__in=allowed)
+                .values_list("adapter__name", flat=True).distinct())
     return sorted(bases) + sorted(adapters)
 
 

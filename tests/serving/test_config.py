@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from serving.config import load_snapshot
 from serving.models import AdapterDeployment
+from serving.views import model_names_for
 from tests.serving.test_gateway_support import deploy_adapter, make_base_model, make_pool, set_model_config
 
 ADAPTER = "ft:tiny-chat:acme::a1"
@@ -19,8 +20,11 @@ def test_adapter_routes_only_while_its_base_model_is_allowed(world):
     make_pool("other", other, ["http://b:2"])
     assert routes(world.tenant) == {"tiny-chat", "other-chat", ADAPTER}
 
+    assert set(model_names_for(world.tenant)) == routes(world.tenant)  # the console lists what the gateway routes
+
     set_model_config(world.tenant, allowed_models=["other-chat"])
     assert routes(world.tenant) == {"other-chat"}  # staff took tiny-chat away: its adapters go with it
+    assert set(model_names_for(world.tenant)) == {"other-chat"}
 
 
 def test_adapter_of_a_base_model_no_longer_available_is_not_routed(world):
@@ -28,7 +32,7 @@ def test_adapter_of_a_base_model_no_longer_available_is_not_routed(world):
     deploy_adapter(world.tenant, ADAPTER, base, make_pool("shared", base, ["http://b:1"], adapters=[ADAPTER]))
     base.available_to_all = False
     base.save()
-    assert routes(world.tenant) == set()
+    assert routes(world.tenant) == set() == set(model_names_for(world.tenant))
 
 
 def test_adapter_on_the_tenants_dedicated_pool_routes_whatever_the_shared_rules(world):
