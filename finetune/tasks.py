@@ -1,4 +1,5 @@
-"""Celery tasks of the `finetune` queue (settings route `finetune.tasks.*` there). Thin: ids in, a service called."""
+"""Fine-tuning's Celery tasks. Thin: ids in, a service called. Training and the Hub copy run on the `finetune` queue,
+the stale-job requeue on `default` (CELERY_TASK_ROUTES in portal/settings.py)."""
 
 from __future__ import annotations
 

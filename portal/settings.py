@@ -120,7 +120,12 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_IGNORE_RESULT = True
-CELERY_TASK_ROUTES = {"finetune.tasks.*": {"queue": "finetune"}}
+# GPU hosts consume `finetune`: training, and the Hub copy that reads its files. Everything else (the stale-job
+# requeue included, which must not wait behind training) goes to `default`.
+CELERY_TASK_ROUTES = {
+    "finetune.tasks.run_finetune_job": {"queue": "finetune"},
+    "finetune.tasks.push_adapter_to_hub": {"queue": "finetune"},
+}
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_BEAT_SCHEDULE: dict = {}  # filled by each app's BEAT_SCHEDULE at the end of this file
 
