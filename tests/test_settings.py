@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,3 +59,22 @@ def test_migrations_are_complete():
 def test_openapi_schema_is_valid_without_warnings():
     result = manage("spectacular", "--validate", "--fail-on-warn", "--file", "/dev/null")
     assert result.returncode == 0, result.stderr
+
+
+def broker_transport_options(env: dict) -> dict:
+    result = manage("shell", "--verbosity", "0", "-c", "import json; from django.conf import settings; "
+                    "print(json.dumps(settings.CELERY_BROKER_TRANSPORT_OPTIONS))", env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_a_redis_broker_prefixes_its_keys_only_when_asked():
+    redis = {"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0", "CELERY_BROKER_KEY_PREFIX": ""}
+    assert broker_transport_options(redis) == {}
+    assert broker_transport_options({**redis, "CELERY_BROKER_KEY_PREFIX": "staging:"}) == {"global_keyprefix": "staging:"}
+
+
+def test_a_filesystem_broker_gets_its_folders_even_when_redis_is_configured(tmp_path):
+    env = {"REDIS_URL": "redis://127.0.0.1:6379/0", "CELERY_BROKER_URL": "filesystem://", "PLATFORM_VAR_DIR": str(tmp_path)}
+    options = broker_transport_options(env)
+    assert options["data_folder_in"] == options["data_folder_out"] == str(tmp_path / "celery" / "queue")
