@@ -173,12 +173,21 @@ def test_weight_change_while_loaded_takes_effect_for_the_next_dispatches(sched):
 def test_a_lifted_newcomer_goes_before_the_busy_tenant_it_ties_with(sched):
     pool, order = new_pool(), []
 
+    async def waiting(tenant: int, n: int) -> None:
+        """Until `n` requests of `tenant` wait in the pool's queue (polled, not slept: a loaded machine or a slow
+        Redis round trip must not reorder the scenario)."""
+        for _ in range(500):
+            if (await sched.snapshot(pool))["tenants"].get(tenant, {}).get("waiting") == n:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"tenant {tenant} never had {n} waiting: {await sched.snapshot(pool)}")
+
     async def scenario():
         blocker = await sched.acquire(pool_id=pool, capacity=2, tenant_id=99, weight=1, input_tokens=1, max_output_tokens=1)
-        heavy = [asyncio.create_task(_serve(sched, pool, 2, 1, 1, order, hold_s=0.05)) for _ in range(10)]
-        await asyncio.sleep(0.02)  # one heavy request runs, nine wait
+        heavy = [asyncio.create_task(_serve(sched, pool, 2, 1, 1, order, hold_s=0.2)) for _ in range(10)]
+        await waiting(1, 9)  # one heavy request runs (for 0.2 s), nine wait
         light = asyncio.create_task(_serve(sched, pool, 2, 2, 1, order, hold_s=0.01))
-        await asyncio.sleep(0.01)  # lifted to the heavy tenant's counter: a tie
+        await waiting(2, 1)  # lifted to the heavy tenant's counter: a tie
         await sched.release(blocker, input_tokens=1, output_tokens=1)
         await asyncio.gather(*heavy, light)
 
