@@ -7,6 +7,8 @@ bash scripts/setup.sh
 export PLATFORM_VAR_DIR=${PLATFORM_VAR_DIR:-$PWD/var}
 PORT=${PORT:-8000}
 BACKEND_PORT=${BACKEND_PORT:-8081}
+# Links in e-mails (invitations) must point at this console, whatever its port.
+export PLATFORM_PUBLIC_URL=${PLATFORM_PUBLIC_URL:-http://127.0.0.1:$PORT}
 mkdir -p "$PLATFORM_VAR_DIR/log" "$PLATFORM_VAR_DIR/celery/queue" "$PLATFORM_VAR_DIR/celery/processed" "$PLATFORM_VAR_DIR/celery/control"
 PY=.venv/bin/python
 
