@@ -50,7 +50,9 @@ ROUTES = {
     "/generate_stream": ("generate_stream", "POST"),
     "/metrics": ("metrics", "GET"),
 }
-DEFAULT_MODEL_NAMES = {None, "", "default", "tgi"}
+# "tgi": TGI's own placeholder; "dummy": what huggingface_hub's InferenceClient(model=<url>).chat_completion() sends.
+DEFAULT_MODEL_NAMES = {None, "", "default", "tgi", "dummy"}
+NOT_DEPLOYED_HINT = " A fine-tuned model answers only once it is deployed (console: Fine-tuning › Adapters)."
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,48}$")
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
@@ -267,7 +269,9 @@ class GatewayApp:
                 return bases[0]
         route = tenant.models.get(name)
         if route is None:
-            raise ApiError(404, f"The model `{name}` does not exist or you do not have access to it.", param="model", code="model_not_found")
+            hint = NOT_DEPLOYED_HINT if isinstance(name, str) and name.startswith("ft:") else ""
+            raise ApiError(404, f"The model `{name}` does not exist or you do not have access to it.{hint}", param="model",
+                           code="model_not_found")
         return route
 
     # ---- /metrics and /v1/models --------------------------------------------------------------------

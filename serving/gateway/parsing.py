@@ -216,7 +216,8 @@ def resolve_max_tokens(req: ClientRequest, tenant: TenantEntry, context_length: 
     """The request's max tokens, else the tenant's default; above the cap or the context → 400."""
     max_tokens = req.max_tokens if req.max_tokens is not None else min(tenant.default_max_tokens, max(1, context_length - 1))
     if max_tokens > tenant.max_max_tokens:
-        raise bad_request(f"`{_param_name(req)}` is {max_tokens}; this key's limit is {tenant.max_max_tokens}.", _param_name(req))
+        raise bad_request(f"`{_param_name(req)}` is {max_tokens}; your tenant's limit is {tenant.max_max_tokens} "
+                          "(console: Models › Max max tokens).", _param_name(req))
     if max_tokens >= context_length:
         raise bad_request(f"`{_param_name(req)}` is {max_tokens}; the model's context is {context_length} tokens, prompt included.", _param_name(req))
     return max_tokens

@@ -89,6 +89,24 @@ def test_harmless_values_of_unsupported_features_pass(setup):
     assert r.status_code == 200, r.text
 
 
+def test_errors_say_where_the_limit_is_set_and_that_adapters_need_deploying(setup):
+    gw, backend, key = setup
+    headers = {"authorization": f"Bearer {key}"}
+    error = _openai_error(post(gw.url + "/v1/chat/completions", {**CHAT, "max_tokens": 101}, headers), 400, param="max_tokens")
+    assert error["message"] == "`max_tokens` is 101; your tenant's limit is 100 (console: Models › Max max tokens)."
+    error = _openai_error(post(gw.url + "/v1/chat/completions", {**CHAT, "model": "ft:tiny-chat:acme:zebra:1"}, headers), 404, "model_not_found")
+    assert "only once it is deployed" in error["message"]  # said for any ft: name, so it reveals nothing
+    assert "deployed" not in _openai_error(post(gw.url + "/v1/chat/completions", {**CHAT, "model": "gpt-4"}, headers), 404)["message"]
+    assert dev_stats(backend)["requests_started"] == 0
+
+
+def test_huggingface_hubs_placeholder_model_means_the_default(setup):
+    """InferenceClient(model=<gateway url>).chat_completion() sends model "dummy", as TGI expects; like "tgi" it means the default."""
+    gw, backend, key = setup
+    r = post(gw.url + "/v1/chat/completions", {**CHAT, "model": "dummy", "max_tokens": 3}, {"authorization": f"Bearer {key}"})
+    assert r.status_code == 200 and r.json()["model"] == "tiny-chat"
+
+
 def test_max_tokens_beyond_the_context_is_400(world, setup):
     gw, backend, key = setup
     set_model_config(world.tenant, max_max_tokens=5000)
