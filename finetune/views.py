@@ -194,7 +194,7 @@ def job_status_data(job: FineTuneJob) -> dict:
     """What the job page polls: status, progress, ETA, the loss series and the latest events."""
     events = JobEvent.objects.for_tenant(job.tenant_id).filter(job=job).order_by("-id")[:30]
     return {
-        "id": job.id, "status": job.status, "step": job.step, "total_steps": job.total_steps,
+        "id": job.id, "status": job.status, "status_display": job.get_status_display(), "step": job.step, "total_steps": job.total_steps,
         "progress": job.progress_percent, "train_loss": job.train_loss,
         "estimated_finish": job.estimated_finish.isoformat() if job.estimated_finish else None,
         "fine_tuned_model": job.fine_tuned_model or None, "trained_tokens": job.trained_tokens,

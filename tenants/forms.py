@@ -207,7 +207,7 @@ class ApiKeyForm(forms.Form):
         label="Expires on",
         required=False,
         widget=forms.DateInput(attrs={"type": "date"}),
-        help_text="Optional. The key stops working at the end of this day (UTC).",
+        help_text="The key stops working at the end of this day (UTC).",
     )
 
     def clean_name(self):

@@ -87,16 +87,21 @@
 
     function render(s) {
       var badge = document.getElementById("ft-status");
-      badge.textContent = s.status.replace("_", " ");
+      badge.textContent = s.status_display || s.status.replace("_", " ");
       badge.className = "badge ft-status-" + s.status;
-      document.getElementById("ft-bar").value = s.progress;
-      document.getElementById("ft-steps").textContent = s.total_steps ? "step " + s.step + " of " + s.total_steps : "";
+      var bar = document.getElementById("ft-bar");
+      if (s.total_steps || s.finished) bar.value = s.progress; else bar.removeAttribute("value"); // no value: an indeterminate bar
+      document.getElementById("ft-steps").textContent = s.total_steps ? "step " + s.step + " of " + s.total_steps
+        : s.finished ? "" : s.status === "running" ? "starting: loading the base model…" : "waiting for a worker…";
       var eta = document.getElementById("ft-eta");
       if (s.estimated_finish && !s.finished) {
         var secs = Math.max(0, Math.round((new Date(s.estimated_finish) - new Date()) / 1000));
         eta.textContent = "· about " + (secs >= 90 ? Math.round(secs / 60) + " min" : secs + " s") + " left";
       } else { eta.textContent = ""; }
-      if (s.fine_tuned_model) document.getElementById("ft-result").textContent = "Model: " + s.fine_tuned_model + " · " + s.trained_tokens + " trained tokens";
+      if (s.fine_tuned_model) {
+        document.getElementById("ft-result").textContent = "Model: " + s.fine_tuned_model + " · " + s.trained_tokens + " trained tokens";
+        document.getElementById("ft-next").hidden = false;
+      }
       var err = document.getElementById("ft-error");
       if (s.error) { err.hidden = false; err.textContent = s.error.message; }
       var list = document.getElementById("ft-events");

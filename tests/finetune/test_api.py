@@ -354,9 +354,11 @@ def test_console_upload_report_job_and_status(world, base_model):
     job = FineTuneJob.objects.for_tenant(world.tenant).get()
     assert created.status_code == 302 and created["Location"] == f"/t/acme/finetune/jobs/{job.id}/"
     assert job.hyperparameters["n_epochs"] == 2 and job.lora["rank"] == 8
-    assert "ft-chart" in dev.get(created["Location"]).content.decode()
+    page = dev.get(created["Location"]).content.decode()
+    assert "ft-chart" in page and "waiting for a worker" in page  # before the first step: what is going on, not an empty bar
+    assert '<p id="ft-next" hidden>' in page  # "deploy it next" appears only once there is a model
     status = dev.get(f"/t/acme/finetune/jobs/{job.id}/status/").json()
-    assert status["status"] == "queued" and status["finished"] is False and status["events"]
+    assert status["status"] == "queued" and status["status_display"] == "Queued" and status["finished"] is False and status["events"]
     assert dev.post(f"/t/acme/finetune/jobs/{job.id}/cancel/").status_code == 302
     assert FineTuneJob.objects.for_tenant(world.tenant).get().status == "cancelled"
 
