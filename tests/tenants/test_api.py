@@ -255,6 +255,16 @@ def test_invite_accept_flow(world, django_capture_on_commit_callbacks):
     assert listed[0]["state"] == "accepted"
 
 
+def test_a_write_key_invites_as_in_the_docs(world, django_capture_on_commit_callbacks):
+    """docs/api.md invites with a management:write key; a key has no user to record as the inviter."""
+    _, secret = make_key(world.tenant)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = as_key(secret).post(url(world, "invitations/"), {"email": "dev@example.test", "role": "developer"}, format="json")
+    assert response.status_code == 201, response.json()
+    assert response.json()["invited_by"] is None and response.json()["accept_url"] in mail.outbox[0].body
+    assert Invitation.objects.for_tenant(world.tenant).get().invited_by is None
+
+
 @pytest.mark.parametrize(
     "payload, field",
     [
