@@ -239,6 +239,7 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Tenants, members, invitations, API keys, system prompts, policies and the audit log.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "GET_LIB_DOC_EXCLUDES": "portal.openapi.lib_doc_excludes",  # base views' docstrings are for us, not API users
 }
 
 # Production hardening (manage.py check --deploy passes with PLATFORM_ENV=production).

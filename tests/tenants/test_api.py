@@ -537,6 +537,14 @@ def test_schema_and_offline_docs_page(db):
     assert "cdn" not in html.lower() and "<script" not in html
 
 
+def test_schema_does_not_describe_endpoints_with_our_base_views_notes(db):
+    """Endpoints without a docstring of their own used to inherit TenantAPIView's / OpenAIView's notes for developers."""
+    paths = APIClient().get("/api/schema/", {"format": "json"}).json()["paths"]
+    descriptions = [op.get("description", "") for ops in paths.values() for op in ops.values()]
+    assert not [d for d in descriptions if d.startswith("Base of")]
+    assert "Accept an invitation" in paths["/api/invitations/accept/"]["post"]["description"]  # a view's own docstring still is
+
+
 @pytest.mark.parametrize("method", ["dispatch", "initial", "resolve_context", "scoped", "get_scoped_or_404", "require_role"])
 def test_subclasses_cannot_bypass_tenant_resolution(method):
     with pytest.raises(TypeError, match="may not override"):
