@@ -19,7 +19,7 @@ from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
 from billing.models import BillingSettings, DailyUsage, Invoice, Price
-from serving.models import UsageRecord
+from serving.models import Adapter, UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +195,14 @@ class PriceBook:
         self._by_model: dict[str, list[Price]] = defaultdict(list)
         for price in Price.objects.select_related("base_model", "adapter").order_by("-effective_from", "-id"):
             self._by_model[price.base_model.name].append(price)
+        # The gateway records a fine-tuned model's requests under the name the tenant called (the adapter's, `ft:…`);
+        # its prices are entries of its base model. all_tenants: adapter names are unique across tenants.
+        self._base_of_adapter = dict(Adapter.all_tenants.values_list("name", "base_model__name"))
 
     def resolve(self, *, model: str, adapter: str, pool_id: int | None, day: date) -> Price | None:
         """The most specific entry in force on `day`: adapter, then pool, then the base model's."""
-        in_force = [p for p in self._by_model.get(model, ()) if p.effective_from <= day]
+        base = self._base_of_adapter.get(model, model)
+        in_force = [p for p in self._by_model.get(base, ()) if p.effective_from <= day]
         for match in (
             lambda p: adapter and p.adapter_id and p.adapter.name == adapter,
             lambda p: pool_id and p.pool_id == pool_id and not p.adapter_id,

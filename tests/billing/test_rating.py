@@ -123,6 +123,19 @@ def test_half_up_rounding_once_per_line(world, catalog):
     assert rating.period_cost(tenant=world.tenant, period=JAN).total_cents == 2  # 1.5 ¢ → 2 ¢ (half up)
 
 
+def test_a_fine_tuned_models_requests_are_priced_as_the_gateway_records_them(world, catalog):
+    """The gateway's ledger row names the model the tenant called: for an adapter, model = adapter = its ft: name."""
+    name = catalog.adapter.name
+    price(catalog.base, effective_from=date(2025, 12, 1), inp="100", out="300")
+    usage(world.tenant, at=utc(2026, 1, 3, 10), model=name, adapter=name, pool=catalog.shared, inp=1_000_000, out=1_000_000)
+    rating.rate_range(JAN, date(2026, 1, 5), now=utc(2026, 1, 6))
+    [line] = rating.period_cost(tenant=world.tenant, period=JAN).lines
+    assert (line.model, line.adapter, line.amount_cents) == (name, name, 400)  # the base model's prices, not "no price"
+
+    price(catalog.base, effective_from=date(2026, 1, 1), inp="1", out="2", adapter=catalog.adapter)  # its own entry wins
+    assert rating.period_cost(tenant=world.tenant, period=JAN).lines[0].amount_cents == 3
+
+
 def test_training_usage_is_rated_when_finetune_provides_it(world, catalog):
     model = rating.training_usage_model()
     if model is None:
