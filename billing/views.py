@@ -7,7 +7,7 @@ tenant, so another tenant's invoice id is a 404.
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal
 
 from django.contrib import messages
@@ -61,7 +61,7 @@ def usage(request, ctx: TenantContext):
         pending_status=Invoice.Status.VOID
     )
     return _render(request, ctx, "billing/usage.html", {
-        "cost": cost, "chart": chart, "period_end": rating.next_period(cost.period), "open_invoices": open_invoices,
+        "cost": cost, "chart": chart, "period_last_day": rating.next_period(cost.period) - timedelta(days=1), "open_invoices": open_invoices,
         "stripe_configured": stripe_gateway.is_configured(),
     })
 

@@ -18,7 +18,8 @@ class Bar:
 
 def bar_chart(points: list[tuple[str, int | float]], *, width: int = 720, height: int = 180, unit: str = "") -> dict:
     """Bars for (label, value) points, scaled to the largest value. Returns what _bar_chart.html draws."""
-    top = max((v for _, v in points), default=0) or 1
+    peak = max((v for _, v in points), default=0)
+    top = peak or 1  # scale; the caption shows the real peak (0 with no data, not 1)
     n = max(len(points), 1)
     slot = width / n
     bar_w = max(2.0, slot * 0.7)
@@ -26,4 +27,4 @@ def bar_chart(points: list[tuple[str, int | float]], *, width: int = 720, height
     for i, (label, value) in enumerate(points):
         h = (height - 20) * value / top
         bars.append(Bar(label, value, i * slot + (slot - bar_w) / 2, height - h, bar_w, h, f"{label}: {value:,}{unit}"))
-    return {"bars": bars, "width": width, "height": height, "max": top, "unit": unit, "label_every": max(1, n // 8)}
+    return {"bars": bars, "width": width, "height": height, "max": peak, "unit": unit, "label_every": max(1, n // 8)}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 
 import pytest
 from django.utils import timezone
@@ -32,6 +32,16 @@ def test_usage_page_shows_cost_so_far_with_chart(client, world, billed):
     html = page.content.decode()
     assert 'data-total-cents="300"' in html and "<svg" in html and "tiny-chat" in html
     assert "Manage payment methods" not in html  # viewer; and Stripe is not configured
+    first = timezone.now().date().replace(day=1)
+    last = rating.next_period(first) - timedelta(days=1)
+    assert f"({first:%-d %b} – {last:%-d %b %Y}, UTC)" in html  # the period's last day, not the next month's first
+
+
+def test_usage_page_before_the_first_rating_points_to_live_usage(client, world, catalog):
+    usage(world.tenant, at=timezone.now(), pool=catalog.shared, inp=1_000)  # in the ledger, not rated yet
+    client.force_login(world.viewer)
+    html = client.get(f"/t/{world.tenant.slug}/billing/").content.decode()
+    assert "No rated usage this period yet." in html and f'href="/t/{world.tenant.slug}/usage/"' in html
 
 
 def test_invoice_pages(client, world, billed):

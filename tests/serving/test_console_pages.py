@@ -36,6 +36,12 @@ def test_usage_page_shows_rows_gauge_and_warning(client, world, served):
     assert "tiny-chat" in html and "850" in html
 
 
+def test_usage_page_without_usage_says_peak_zero(client, world, served):
+    login(client, world.viewer)
+    html = client.get(reverse("console-usage", args=["acme"])).content.decode()
+    assert "Tokens per day (input + output) · peak 0 tokens" in html and "peak 1 " not in html
+
+
 def test_usage_page_says_throttled_and_exhausted(client, world, served):
     UsageRecord.all_tenants.create(tenant=world.tenant, request_id="big", endpoint="chat", model="tiny-chat", input_tokens=1000, output_tokens=1, status="ok")
     login(client, world.viewer)
