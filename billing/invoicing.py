@@ -27,7 +27,7 @@ def invoice_number(tenant: Tenant, period: date) -> str:
 def _describe(line: rating.RatedLine, pools: dict[int, str]) -> str:
     if line.kind == DailyUsage.Kind.TRAINING:
         return f"Fine-tuning {line.model}: {line.trained_tokens:,} trained tokens"
-    what = f"{line.model} · {line.adapter}" if line.adapter else line.model
+    what = f"{line.model} · {line.adapter}" if line.adapter and line.adapter != line.model else line.model  # the gateway: model = adapter
     where = f" on {pools.get(line.pool_id, '')}" if line.pool_id else ""
     span = f" ({line.first_day:%d %b}–{line.last_day:%d %b})" if line.price is not None else " (no price set)"
     return f"{what}{where}: {line.input_tokens:,} input + {line.output_tokens:,} output tokens{span}"

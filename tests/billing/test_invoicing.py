@@ -27,6 +27,15 @@ def january(world, catalog):
     return world
 
 
+def test_a_fine_tuned_model_is_named_once_on_its_line(world, catalog):
+    name = catalog.adapter.name  # the gateway records model = adapter = the ft: name
+    price(catalog.base, effective_from=date(2025, 12, 1), inp="100", out="300")
+    usage(world.tenant, at=utc(2026, 1, 5, 9), model=name, adapter=name, pool=catalog.shared, inp=1_000_000)
+    [invoice] = invoicing.period_close(period=JAN, now=utc(2026, 2, 1, 2))
+    [line] = InvoiceLine.objects.for_tenant(world.tenant).filter(invoice=invoice)
+    assert line.description == f"{name}: 1,000,000 input + 0 output tokens (05 Jan–05 Jan)" and line.amount_cents == 100
+
+
 def test_close_issues_one_invoice_per_tenant_with_lines(january):
     invoices = invoicing.period_close(period=JAN, now=utc(2026, 2, 1, 2))
     assert len(invoices) == 2
