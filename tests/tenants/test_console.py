@@ -563,6 +563,9 @@ def test_dashboard_shows_role_counts_and_suspension(client, world, objects, sett
     assert "Developer" in content and "v2" in content
     assert "is suspended" in content and "unpaid invoice" in content
     assert "Embedded mode" in content
+    assert "Try a model in the Playground" in content and "Fine-tune a model" in content  # a new user's next steps
+    viewer = client_for(client, world.viewer).get(url("console-dashboard")).content.decode()
+    assert "Playground" not in viewer  # developer+ pages, as in the side nav
 
 
 def test_every_console_url_is_a_tenant_view_or_listed_as_public_or_user():
