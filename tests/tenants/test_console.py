@@ -443,6 +443,7 @@ def test_key_create_shows_secret_once_and_stores_no_secret(client, world):
     secret = response.context["secret"]
     assert secret.startswith("mtl_") and secret.encode() in response.content
     assert "no-store" in response["Cache-Control"]
+    assert 'Bearer $KEY" http://testserver/v1/models' in response.content.decode()  # a command to copy as it is
     key = ApiKey.objects.for_tenant(world.tenant).get(name="prod")
     assert key.scopes == ["finetune", "inference"]
     with connection.cursor() as cursor:
