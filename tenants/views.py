@@ -257,6 +257,9 @@ def prompt(request, ctx: TenantContext):
     active = tenant.active_prompt
     if request.method == "POST":
         form = PromptForm(request.POST)
+        if form.is_valid() and active is not None and form.cleaned_data["text"] == active.text:
+            messages.info(request, f"Nothing to save: the active version {active.version} already has this text.")
+            return redirect("console-prompt", tenant_slug=tenant.slug)
         if form.is_valid():
             try:
                 version = services.system_prompt_save(tenant=tenant, text=form.cleaned_data["text"], note=form.cleaned_data["note"], actor=ctx.actor)

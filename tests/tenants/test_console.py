@@ -507,6 +507,14 @@ def test_prompt_save_creates_active_version(client, world):
     assert re.search(r'data-version="2">\s*<td>.*?data-active', page, re.S)
 
 
+def test_saving_the_active_text_again_makes_no_new_version(client, world):
+    c = client_for(client, world.admin)
+    c.post(url("console-prompt"), {"text": "Line one\r\nLine two", "note": "start"})
+    response = c.post(url("console-prompt"), {"text": "Line one\r\nLine two", "note": ""}, follow=True)  # the form, untouched
+    assert "Nothing to save: the active version 1 already has this text." in response.content.decode()
+    assert SystemPromptVersion.objects.for_tenant(world.tenant).count() == 1
+
+
 def test_activate_old_version(client, world, objects):
     c = client_for(client, world.admin)
     c.post(url("console-prompt-activate", version=1))
