@@ -110,6 +110,32 @@ def adapter_deploy(*, tenant: Tenant, adapter: Adapter, actor: Actor) -> Adapter
     return deployment
 
 
+def backend_reload_adapters(backend: Backend) -> list[str]:
+    """After a dev / vLLM backend restarted: load every adapter deployed on its pool again. Returns the names it took.
+
+    Adapters loaded at runtime die with the server, while `loaded_adapters` still lists them: the gateway would keep
+    routing them there, and a dev (or TGI-like) server answers an unknown adapter with the base model, silently.
+    `loaded_adapters` becomes exactly what the backend took now; one that fails to load is logged and left out, so
+    its requests get a clear 503 (`adapter_not_loaded`) instead. TGI backends load `LORA_ADAPTERS` at start: unchanged.
+    """
+    if backend.pool.kind == BackendPool.Kind.TGI:
+        return list(backend.loaded_adapters)
+    loaded = []
+    for deployment in AdapterDeployment.all_tenants.filter(pool=backend.pool).select_related("adapter").order_by("adapter__name"):
+        adapter = deployment.adapter
+        ok, message = _post(backend.url.rstrip("/") + "/v1/load_lora_adapter", {"lora_name": adapter.name, "lora_path": adapter.path})
+        if ok or "already been loaded" in message:
+            loaded.append(adapter.name)
+        else:
+            log.warning("reloading %s on %s: %s", adapter.name, backend.url, message)
+    with transaction.atomic():
+        row = Backend.objects.select_for_update().get(pk=backend.pk)
+        if row.loaded_adapters != loaded:
+            row.loaded_adapters = loaded
+            row.save(update_fields=["loaded_adapters"])  # save(): the gateway's config version moves
+    return loaded
+
+
 def adapter_undeploy(*, tenant: Tenant, adapter: Adapter, actor: Actor) -> list[str]:
     """Take an adapter off every pool: unlisted first (no new requests are routed to it), then unloaded."""
     removed = []

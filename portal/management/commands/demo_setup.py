@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
+import urllib.error
+import urllib.request
 from datetime import date
 from pathlib import Path
 
@@ -11,7 +14,8 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 
 from billing.models import Price
-from serving.models import Backend, BackendPool, BaseModel, ModelConfig
+from finetune import deploy
+from serving.models import AdapterDeployment, Backend, BackendPool, BaseModel, ModelConfig
 from serving.tinymodel import read_model_id
 from tenants import services
 from tenants.models import ApiKey, Tenant
@@ -28,8 +32,31 @@ class Command(BaseCommand):
         parser.add_argument("--console-url", default="http://127.0.0.1:8000")
         parser.add_argument("--json", action="store_true", help="Print the demo credentials as JSON.")
 
-    @transaction.atomic
     def handle(self, *args, model_path, backend_url, console_url, json: bool, **options):
+        with transaction.atomic():
+            backend, secret = self._setup(model_path, backend_url)
+        self._reload_adapters(backend, out=self.stderr if json else self.stdout)  # --json: stdout is the JSON only
+        self._print(console_url, secret, json)
+
+    def _reload_adapters(self, backend: Backend, out) -> None:
+        """The dev backend was just (re)started: adapters deployed before are loaded again, or they would silently
+        answer as the base model. Waits for it to come up (the tiny model loads in seconds)."""
+        if not AdapterDeployment.all_tenants.filter(pool=backend.pool).exists():
+            return
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(backend.url.rstrip("/") + "/health", timeout=2):
+                    break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    self.stderr.write(f"The dev backend at {backend.url} did not answer; deployed adapters were not reloaded.")
+                    return
+                time.sleep(0.5)
+        names = deploy.backend_reload_adapters(backend)
+        out.write(f"  Reloaded {len(names)} deployed adapter(s) on the dev backend.")
+
+    def _setup(self, model_path, backend_url) -> tuple[Backend, str]:
         User = get_user_model()
         staff, created = User.objects.get_or_create(username="admin@example.com", defaults={"email": "admin@example.com", "is_staff": True, "is_superuser": True})
         if created:
@@ -56,7 +83,7 @@ class Command(BaseCommand):
         pool, _ = BackendPool.objects.update_or_create(
             name="dev-tiny", defaults={"base_model": base, "kind": BackendPool.Kind.DEV, "gpu_memory_gb": 80, "gpu_hourly_cost_cents": 400}
         )
-        Backend.objects.update_or_create(pool=pool, url=backend_url, defaults={"max_concurrency": 8, "enabled": True})
+        backend, _ = Backend.objects.update_or_create(pool=pool, url=backend_url, defaults={"max_concurrency": 8, "enabled": True})
         ModelConfig.objects.for_tenant(tenant).get_or_create(defaults={"default_model": "tiny-chat"})
         if not tenant.active_prompt_id:
             services.system_prompt_save(tenant=tenant, text="You are the helpful assistant of Demo Inc.", note="demo", actor=services.Actor(user=owner))
@@ -67,6 +94,9 @@ class Command(BaseCommand):
         _, secret = services.api_key_create(
             tenant=tenant, name="demo", scopes=[s.value for s in ApiKey.Scope], actor=services.Actor(user=owner)
         )
+        return backend, secret
+
+    def _print(self, console_url: str, secret: str, json: bool) -> None:
         info = {
             "console": f"{console_url}/",
             "login": "demo@example.com",

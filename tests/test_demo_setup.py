@@ -1,0 +1,51 @@
+"""manage.py demo_setup, which scripts/up.sh runs at every start: a restarted dev backend gets its deployed adapters back."""
+
+from __future__ import annotations
+
+import io
+
+from django.core.management import call_command
+
+from finetune import deploy
+from serving.models import Adapter, AdapterDeployment, Backend, BackendPool, BaseModel
+from tenants.models import Tenant
+from tenants.services import SYSTEM
+from tests.serving.test_gateway_support import http_json, sim_backend
+
+
+def _served_adapters(url: str) -> list[str]:
+    _, body = http_json("GET", url + "/v1/models")
+    return sorted(m["id"] for m in body["data"] if m.get("parent"))
+
+
+def test_a_restart_reloads_deployed_adapters_on_the_dev_backend(db, tiny_model_path):
+    url, stop = sim_backend()
+    try:
+        call_command("demo_setup", model_path=str(tiny_model_path), backend_url=url, stdout=io.StringIO())
+        tenant, pool = Tenant.objects.get(slug="demo"), BackendPool.objects.get(name="dev-tiny")
+        adapter = Adapter.all_tenants.create(tenant=tenant, name="ft:tiny-chat:demo:zebra:1", base_model=pool.base_model, path="/a/zebra")
+        assert deploy.adapter_deploy(tenant=tenant, adapter=adapter, actor=SYSTEM).state == "active"
+        backend = Backend.objects.get(pool=pool)
+        Backend.objects.filter(pk=backend.pk).update(loaded_adapters=[adapter.name, "ft:tiny-chat:demo:gone:2"])  # one undeployed since
+        assert deploy._post(url + "/v1/unload_lora_adapter", {"lora_name": adapter.name})[0]  # what a restart does to it
+
+        out = io.StringIO()
+        call_command("demo_setup", model_path=str(tiny_model_path), backend_url=url, stdout=out)  # up.sh, again
+        assert "Reloaded 1 deployed adapter(s)" in out.getvalue()
+        assert _served_adapters(url) == [adapter.name]  # served again, not silently answered by the base model
+        assert Backend.objects.get(pk=backend.pk).loaded_adapters == [adapter.name]  # what it really holds
+    finally:
+        stop()
+
+
+def test_an_adapter_that_fails_to_reload_is_not_listed(db, monkeypatch):
+    tenant = Tenant.objects.create(slug="acme", name="Acme")
+    base = BaseModel.objects.create(name="tiny-chat", hf_id="platform/tiny-chat")
+    pool = BackendPool.objects.create(name="dev-tiny", base_model=base, kind="dev")
+    backend = Backend.objects.create(pool=pool, url="http://backend.test:8081", loaded_adapters=["ft:a", "ft:b"])
+    for name in ("ft:a", "ft:b"):
+        adapter = Adapter.all_tenants.create(tenant=tenant, name=name, base_model=base, path=f"/a/{name}")
+        AdapterDeployment.all_tenants.create(tenant=tenant, adapter=adapter, pool=pool)
+    monkeypatch.setattr(deploy, "_post", lambda url, body: (body["lora_name"] == "ft:a", "HTTP 404: no adapter_config.json"))
+    assert deploy.backend_reload_adapters(backend) == ["ft:a"]
+    assert Backend.objects.get(pk=backend.pk).loaded_adapters == ["ft:a"]  # ft:b now gets a clear 503, not the base model
