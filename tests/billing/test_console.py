@@ -57,7 +57,7 @@ def test_invoice_pages(client, world, billed):
 def test_invoice_pages_show_a_void_pending_at_stripe_then_void(client, world, billed, staff):
     client.force_login(world.viewer)
     slug, base = world.tenant.slug, f"/t/{world.tenant.slug}/billing/invoices/"
-    assert f'data-open-invoice="{billed.number}"' in client.get(f"/t/{slug}/billing/").content.decode()
+    assert f'<div class="banner banner-warn" data-open-invoice="{billed.number}"' in client.get(f"/t/{slug}/billing/").content.decode()  # a styled class
     Invoice.all_tenants.filter(pk=billed.pk).update(stripe_invoice_id="in_1", delivery="sent")
     services.invoice_void(invoice=billed, reason="Goodwill after the outage", actor=staff)  # Stripe must confirm first
     listing = client.get(base).content.decode()
