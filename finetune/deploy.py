@@ -136,6 +136,35 @@ def backend_reload_adapters(backend: Backend) -> list[str]:
     return loaded
 
 
+def _served_models(url: str) -> set[str] | None:
+    """The model ids a dev / vLLM backend lists at /v1/models (base and loaded adapters); None if it cannot say."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/v1/models", timeout=LOAD_TIMEOUT_S) as response:
+            return {m["id"] for m in json.load(response)["data"]}
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
+        log.info("could not list the models of %s: %s", url, exc)
+        return None
+
+
+def backends_reconcile_adapters() -> dict[str, list[str]]:
+    """Periodic (beat): a dev / vLLM backend that restarted has forgotten the adapters loaded at run time, while
+    `loaded_adapters` still lists them. Every enabled one whose /v1/models lacks an adapter deployed on its pool
+    gets them all loaded again (`backend_reload_adapters`). Returns {backend url: adapters it now holds} for
+    the backends it reloaded. Unreachable backends are left to the health checks; TGI reloads from its env."""
+    reloaded = {}
+    backends = Backend.objects.filter(enabled=True).exclude(pool__kind=BackendPool.Kind.TGI).select_related("pool")
+    for backend in backends:
+        # all_tenants: a pool's deployments belong to many tenants; they are only compared, never shown.
+        deployed = set(AdapterDeployment.all_tenants.filter(pool=backend.pool).values_list("adapter__name", flat=True))
+        served = _served_models(backend.url) if deployed else None
+        if served is None or deployed <= served:
+            continue
+        log.warning("backend %s no longer serves %s (restarted?); loading the pool's adapters again",
+                    backend.url, ", ".join(sorted(deployed - served)))
+        reloaded[backend.url] = backend_reload_adapters(backend)
+    return reloaded
+
+
 def adapter_undeploy(*, tenant: Tenant, adapter: Adapter, actor: Actor) -> list[str]:
     """Take an adapter off every pool: unlisted first (no new requests are routed to it), then unloaded."""
     removed = []

@@ -3,4 +3,6 @@
 BEAT_SCHEDULE = {
     # A job whose worker died (lease expired) goes back to the queue and resumes from its checkpoint.
     "finetune-requeue-stale": {"task": "finetune.tasks.requeue_stale_jobs", "schedule": 300.0},
+    # A dev / vLLM backend that restarted forgot its runtime-loaded adapters: load them again.
+    "finetune-reconcile-adapters": {"task": "finetune.tasks.reconcile_adapters", "schedule": 60.0},
 }

@@ -28,6 +28,14 @@ def requeue_stale_jobs() -> int:
     return len(stale)
 
 
+@shared_task(name="finetune.tasks.reconcile_adapters")
+def reconcile_adapters() -> int:
+    """Periodic (celery beat, every minute): reload the adapters a restarted dev / vLLM backend forgot."""
+    from finetune.deploy import backends_reconcile_adapters
+
+    return len(backends_reconcile_adapters())
+
+
 @shared_task(bind=True, name="finetune.tasks.push_adapter_to_hub", max_retries=5, default_retry_delay=60)
 def push_adapter_to_hub(self, adapter_id: int, tenant_id: int) -> str:
     """Copy a trained adapter to the tenant's private Hub repository (runs where the adapter files are)."""

@@ -49,3 +49,26 @@ def test_an_adapter_that_fails_to_reload_is_not_listed(db, monkeypatch):
     monkeypatch.setattr(deploy, "_post", lambda url, body: (body["lora_name"] == "ft:a", "HTTP 404: no adapter_config.json"))
     assert deploy.backend_reload_adapters(backend) == ["ft:a"]
     assert Backend.objects.get(pk=backend.pk).loaded_adapters == ["ft:a"]  # ft:b now gets a clear 503, not the base model
+
+
+def test_the_periodic_reconcile_reloads_what_a_restarted_backend_forgot(db, tiny_model_path):
+    """finetune.tasks.reconcile_adapters (beat, every minute): production backends restart without up.sh."""
+    from finetune.tasks import reconcile_adapters
+
+    url, stop = sim_backend()
+    try:
+        call_command("demo_setup", model_path=str(tiny_model_path), backend_url=url, stdout=io.StringIO())
+        tenant, pool = Tenant.objects.get(slug="demo"), BackendPool.objects.get(name="dev-tiny")
+        adapter = Adapter.all_tenants.create(tenant=tenant, name="ft:tiny-chat:demo:zebra:1", base_model=pool.base_model, path="/a/zebra")
+        assert deploy.adapter_deploy(tenant=tenant, adapter=adapter, actor=SYSTEM).state == "active"
+        assert reconcile_adapters() == 0  # everything deployed is served: nothing to do
+        assert deploy._post(url + "/v1/unload_lora_adapter", {"lora_name": adapter.name})[0]  # what a restart does
+        assert _served_adapters(url) == []
+
+        assert reconcile_adapters() == 1
+        assert _served_adapters(url) == [adapter.name]
+        assert Backend.objects.get(pool=pool).loaded_adapters == [adapter.name]
+        Backend.objects.filter(pool=pool).update(url="http://127.0.0.1:9")  # unreachable: left to the health checks
+        assert reconcile_adapters() == 0
+    finally:
+        stop()
