@@ -174,6 +174,10 @@ class BillingUsageApi(TenantAPIView):
 
     @extend_schema(operation_id="billing_usage_retrieve", parameters=[TENANT_SLUG], responses=UsageOutput)
     def get(self, request, tenant_slug):
+        """Cost so far in the current billing period: one line per model/adapter with tokens, prices and cents, the
+        total, and cents per UTC day. Any member, or an API key with management:read or management:write. 404 when
+        the tenant is not yours.
+        """
         cost = selectors.period_cost_so_far(tenant=self.ctx.tenant)
         return Response(UsageOutput({
             "period_start": cost.period, "period_end": rating.next_period(cost.period), "currency": "usd",
@@ -219,6 +223,9 @@ class InvoiceDetailOutput(InvoiceOutput):
 class BillingInvoiceListApi(TenantAPIView):
     @extend_schema(operation_id="billing_invoices_list", parameters=[TENANT_SLUG], responses=InvoiceOutput(many=True))
     def get(self, request, tenant_slug):
+        """The tenant's invoices, newest period first (paginated). Any member, or an API key with management:read or
+        management:write. 404 when the tenant is not yours.
+        """
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(selectors.invoices_for(tenant=self.ctx.tenant), request, view=self)
         return paginator.get_paginated_response(InvoiceOutput(page, many=True).data)
@@ -227,6 +234,9 @@ class BillingInvoiceListApi(TenantAPIView):
 class BillingInvoiceDetailApi(TenantAPIView):
     @extend_schema(operation_id="billing_invoices_retrieve", parameters=[TENANT_SLUG], responses=InvoiceDetailOutput)
     def get(self, request, tenant_slug, invoice_id):
+        """One invoice with its lines. Any member, or an API key with management:read or management:write. 404 for an
+        invoice id that is not this tenant's.
+        """
         invoice = self.get_scoped_or_404(Invoice, pk=invoice_id)
         invoice.lines_data = list(self.scoped(InvoiceLine).filter(invoice=invoice))
         data = InvoiceOutput(invoice).data

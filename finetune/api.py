@@ -147,6 +147,10 @@ def _problem_summary(file: TrainingFile) -> str:
 class FileListApi(OpenAIView):
     @extend_schema(operation_id="files_list", tags=["Files"], responses=OpenApiTypes.OBJECT)
     def get(self, request):
+        """OpenAI-compatible: list the key's tenant's files, newest first. Filter with `purpose`; page with `limit`
+        (1–100; without it, up to 10,000) and `after` (a file id). API key with the finetune scope (401 without a key,
+        403 without the scope or for a suspended tenant).
+        """
         qs = TrainingFile.objects.for_tenant(self.tenant)
         if request.query_params.get("purpose"):
             qs = qs.filter(purpose=request.query_params["purpose"])
@@ -161,6 +165,11 @@ class FileListApi(OpenAIView):
 
     @extend_schema(operation_id="files_create", tags=["Files"], request={"multipart/form-data": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["fine-tune"]}}, "required": ["file", "purpose"]}}, responses=OpenApiTypes.OBJECT)
     def post(self, request):
+        """OpenAI-compatible: upload a JSONL training file (multipart: `file`, `purpose`=fine-tune; extension: `model`,
+        a base model whose tokenizer counts the tokens). The file is validated at once; one with problems is kept
+        with status `error` and `status_details`. API key with the finetune scope. 400 for a missing file or
+        purpose, or a purpose other than fine-tune; 404 for an unknown `model`; 413 over the upload limit.
+        """
         upload = request.FILES.get("file")
         if upload is None:
             raise FinetuneError("file is required: send the JSONL file as multipart form field 'file'", param="file",
@@ -186,18 +195,27 @@ class FileListApi(OpenAIView):
 class FileDetailApi(OpenAIView):
     @extend_schema(operation_id="files_retrieve", tags=["Files"], responses=OpenApiTypes.OBJECT)
     def get(self, request, file_id: str):
+        """OpenAI-compatible: one file. API key with the finetune scope. 404 for a file id that is not the key's
+        tenant's.
+        """
         return Response(file_data(self.file_or_404(file_id)))
 
-    @extend_schema(operation_id="files_delete", tags=["Files"], responses=OpenApiTypes.OBJECT)
+    @extend_schema(operation_id="files_delete", tags=["Files"], responses={200: OpenApiTypes.OBJECT})  # OpenAI answers 200 with a body
     def delete(self, request, file_id: str):
+        """OpenAI-compatible: delete a file and its contents. API key with the finetune scope. 404 for a file id that
+        is not the key's tenant's; 409 while a fine-tuning job uses the file.
+        """
         file = self.file_or_404(file_id)
         services.training_file_delete(tenant=self.tenant, actor=self.actor, file=file)
         return Response({"id": file_id, "object": "file", "deleted": True})
 
 
 class FileContentApi(OpenAIView):
-    @extend_schema(operation_id="files_content", tags=["Files"], responses=OpenApiTypes.OBJECT)
+    @extend_schema(operation_id="files_content", tags=["Files"], responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
     def get(self, request, file_id: str):
+        """OpenAI-compatible: download the file's bytes as uploaded. API key with the finetune scope. 404 for a file id
+        that is not the key's tenant's.
+        """
         file = self.file_or_404(file_id)
         response = HttpResponse(selectors.training_file_read(file), content_type="application/octet-stream")
         response["Content-Disposition"] = f'attachment; filename="{file.filename}"'
@@ -209,6 +227,10 @@ class FileValidationApi(OpenAIView):
 
     @extend_schema(operation_id="files_validation", tags=["Files"], responses=OpenApiTypes.OBJECT)
     def get(self, request, file_id: str):
+        """Extension: the file's full validation report (every problem with line, path, code and message), its
+        statistics and token counts. API key with the finetune scope. 404 for a file id that is not the key's
+        tenant's.
+        """
         file = self.file_or_404(file_id)
         return Response({"object": "file.validation", "id": file.id, **file.validation, "token_counts": file.token_counts})
 
@@ -283,6 +305,10 @@ def checkpoint_data(job: FineTuneJob, ckpt: JobCheckpoint) -> dict:
 class JobListApi(OpenAIView):
     @extend_schema(operation_id="fine_tuning_jobs_list", tags=["Fine-tuning"], responses=OpenApiTypes.OBJECT)
     def get(self, request):
+        """OpenAI-compatible: list the key's tenant's fine-tuning jobs, newest first; page with `limit` (1–100, default
+        20) and `after` (a job id). API key with the finetune scope (401 without a key, 403 without the scope or for
+        a suspended tenant). 400 for a bad `limit`.
+        """
         limit = _limit(request)
         qs = FineTuneJob.objects.for_tenant(self.tenant).select_related("base_model", "tenant")
         after = request.query_params.get("after")
@@ -294,6 +320,11 @@ class JobListApi(OpenAIView):
 
     @extend_schema(operation_id="fine_tuning_jobs_create", tags=["Fine-tuning"], request=JobInput, responses=OpenApiTypes.OBJECT)
     def post(self, request):
+        """OpenAI-compatible: create a fine-tuning job and queue it (supervised method only; extension: `lora`). API
+        key with the finetune scope. 400 for invalid fields or hyperparameters, or a training/validation file with
+        problems; 404 for an unknown model or file; 429 when the tenant already has its maximum of queued or running
+        jobs.
+        """
         data = _parse(JobInput, request)
         job = services.finetune_job_create(
             tenant=self.tenant, actor=self.actor, model=data["model"], training_file=data["training_file"],
@@ -307,6 +338,9 @@ class JobEstimateApi(OpenAIView):
 
     @extend_schema(operation_id="fine_tuning_jobs_estimate", tags=["Fine-tuning"], request=JobInput, responses=OpenApiTypes.OBJECT)
     def post(self, request):
+        """Extension: preview a job's cost (cents) and duration before creating it; same body and same 400/404 errors
+        as creating one, and nothing is created. API key with the finetune scope.
+        """
         data = _parse(JobInput, request)
         plan = services.finetune_job_plan(tenant=self.tenant, model=data["model"], training_file=data["training_file"],
                                           validation_file=data.get("validation_file") or None,
@@ -321,12 +355,19 @@ class JobEstimateApi(OpenAIView):
 class JobDetailApi(OpenAIView):
     @extend_schema(operation_id="fine_tuning_jobs_retrieve", tags=["Fine-tuning"], responses=OpenApiTypes.OBJECT)
     def get(self, request, job_id: str):
+        """OpenAI-compatible: one fine-tuning job, with progress (extension). API key with the finetune scope. 404 for
+        a job id that is not the key's tenant's.
+        """
         return Response(job_data(self.job_or_404(job_id)))
 
 
 class JobCancelApi(OpenAIView):
     @extend_schema(operation_id="fine_tuning_jobs_cancel", request=None, tags=["Fine-tuning"], responses=OpenApiTypes.OBJECT)
     def post(self, request, job_id: str):
+        """OpenAI-compatible: cancel a job that has not finished; a running one stops within about a second and only
+        completed steps are billed. API key with the finetune scope. 404 for a job id that is not the key's
+        tenant's; 409 when the job has already finished.
+        """
         job = services.finetune_job_cancel(tenant=self.tenant, actor=self.actor, job=self.job_or_404(job_id))
         return Response(job_data(job))
 
@@ -334,6 +375,10 @@ class JobCancelApi(OpenAIView):
 class JobEventsApi(OpenAIView):
     @extend_schema(operation_id="fine_tuning_jobs_events", tags=["Fine-tuning"], responses=OpenApiTypes.OBJECT)
     def get(self, request, job_id: str):
+        """OpenAI-compatible: a job's events, newest first; page with `limit` (1–100, default 20) and `after` (an event
+        id). API key with the finetune scope. 400 for a bad `limit` or `after`; 404 for a job id that is not the
+        key's tenant's.
+        """
         job = self.job_or_404(job_id)
         limit = _limit(request)
         qs = JobEvent.objects.for_tenant(self.tenant).filter(job=job).order_by("-id")
@@ -350,6 +395,10 @@ class JobEventsApi(OpenAIView):
 class JobCheckpointsApi(OpenAIView):
     @extend_schema(operation_id="fine_tuning_jobs_checkpoints", tags=["Fine-tuning"], responses=OpenApiTypes.OBJECT)
     def get(self, request, job_id: str):
+        """OpenAI-compatible: a job's checkpoints with their metrics, latest step first; page with `limit` (1–100,
+        default 20) and `after` (a checkpoint id). API key with the finetune scope. 400 for a bad `limit` or
+        `after`; 404 for a job id that is not the key's tenant's.
+        """
         job = self.job_or_404(job_id)
         limit = _limit(request)
         qs = JobCheckpoint.objects.for_tenant(self.tenant).filter(job=job).order_by("-step")
@@ -380,6 +429,10 @@ class AdapterListApi(TenantAPIView):
 
     @extend_schema(operation_id="adapters_list", tags=["Adapters"], responses=OpenApiTypes.OBJECT)
     def get(self, request, tenant_slug: str):
+        """The tenant's fine-tuned adapters and the pools they are deployed to, with each deployment's state (not
+        paginated). Any member, or an API key with management:read or management:write. 404 when the tenant is not
+        yours.
+        """
         return Response([adapter_data(a) for a in self.scoped(Adapter).select_related("base_model")])
 
 
@@ -390,6 +443,11 @@ class AdapterDeployApi(TenantAPIView):
 
     @extend_schema(operation_id="adapters_deploy", request=None, tags=["Adapters"], responses=OpenApiTypes.OBJECT)
     def post(self, request, tenant_slug: str, adapter_id: int):
+        """Deploy an adapter to the tenant's pool for its base model (a dedicated pool, else the shared one).
+        Idempotent. Admins and owners, or an API key with management:write. 403 when under-privileged; 404 for an
+        adapter id that is not this tenant's; 409 when the base model is no longer available to the tenant or no
+        pool serves it.
+        """
         adapter = self.get_scoped_or_404(Adapter, pk=adapter_id)
         try:
             deployment = deploy.adapter_deploy(tenant=self.ctx.tenant, adapter=adapter, actor=self.ctx.actor)
@@ -404,6 +462,10 @@ class AdapterUndeployApi(TenantAPIView):
 
     @extend_schema(operation_id="adapters_undeploy", request=None, tags=["Adapters"], responses=OpenApiTypes.OBJECT)
     def post(self, request, tenant_slug: str, adapter_id: int):
+        """Take an adapter off every pool it is deployed to; `undeployed_from` lists those pools (empty when it was not
+        deployed). Admins and owners, or an API key with management:write. 403 when under-privileged; 404 for an
+        adapter id that is not this tenant's.
+        """
         adapter = self.get_scoped_or_404(Adapter, pk=adapter_id)
         removed = deploy.adapter_undeploy(tenant=self.ctx.tenant, adapter=adapter, actor=self.ctx.actor)
         return Response({"adapter": adapter.name, "undeployed_from": removed})

@@ -236,7 +236,14 @@ REST_FRAMEWORK = {
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "LLM Platform management API",
-    "DESCRIPTION": "Tenants, members, invitations, API keys, system prompts, policies and the audit log.",
+    "DESCRIPTION": (
+        "Tenants, members, invitations, API keys, system prompts, policies, the audit log, usage, billing and adapters "
+        "under /api/ (a browser session or an API key with a management scope); OpenAI-compatible Files and "
+        "Fine-tuning under /v1/ (an API key with the finetune scope; errors in OpenAI's shape). Under "
+        "/api/tenants/{tenant_slug}/, a tenant you are not a member of (or another tenant's key) and another tenant's "
+        "object are 404; a member below the role an operation needs, or a key without its scope, gets 403; invalid "
+        "input gets 400 with a message per field."
+    ),
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
     "GET_LIB_DOC_EXCLUDES": "portal.openapi.lib_doc_excludes",  # base views' docstrings are for us, not API users

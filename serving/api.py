@@ -42,6 +42,10 @@ class UsageApi(TenantAPIView):
         ),
     )
     def get(self, request, tenant_slug):
+        """Tokens and requests per UTC day and model over the last `days` days, and the state of the current quota
+        window (unlimited, ok, warning, throttled or exhausted). Any member, or an API key with management:read or
+        management:write. 400 when `days` is not a whole number from 1 to 366; 404 when the tenant is not yours.
+        """
         raw = request.query_params.get("days", "30")
         if not raw.isdigit() or not 1 <= int(raw) <= 366:
             raise serializers.ValidationError({"days": "Use a whole number of days from 1 to 366."})

@@ -175,6 +175,9 @@ class TenantListApi(APIView):
 
     @extend_schema(operation_id="tenants_list", responses=TenantOutput(many=True))
     def get(self, request):
+        """List the tenants you are a member of, with your role in each (paginated). Any signed-in user. An API key
+        sees only its own tenant (role null) and needs management:read or management:write, else 403.
+        """
         if isinstance(request.user, KeyPrincipal):
             key = request.auth
             if not any(key.has_scope(s) for s in _MANAGEMENT_SCOPES):
@@ -192,10 +195,17 @@ class TenantDetailApi(TenantAPIView):
 
     @extend_schema(operation_id="tenants_retrieve", parameters=[TENANT_SLUG], responses=TenantOutput)
     def get(self, request, tenant_slug):
+        """The tenant's name, status, tenancy and your role. Any member, or an API key with management:read or
+        management:write. 404 when you are not a member of the tenant (or the key is another tenant's).
+        """
         return Response(_tenant_data(self.ctx.tenant, self.ctx.role))
 
     @extend_schema(operation_id="tenants_update", parameters=[TENANT_SLUG], request=InputSerializer, responses=TenantOutput)
     def patch(self, request, tenant_slug):
+        """Rename the tenant (the display name; the slug never changes). Admins and owners, or an API key with
+        management:write. 400 for a missing or invalid name (max 120 characters); 403 below admin or without the
+        scope; 404 when the tenant is not yours.
+        """
         data = _valid(self.InputSerializer, request)
         tenant = services.tenant_rename(tenant=self.ctx.tenant, name=data["name"], actor=self.ctx.actor)
         return Response(_tenant_data(tenant, self.ctx.role))
@@ -215,6 +225,9 @@ class MemberOutput(serializers.Serializer):
 class MemberListApi(TenantAPIView):
     @extend_schema(operation_id="members_list", parameters=[TENANT_SLUG], responses=MemberOutput(many=True))
     def get(self, request, tenant_slug):
+        """List the tenant's members with their roles (paginated). Any member, or an API key with management:read or
+        management:write. 404 when the tenant is not yours.
+        """
         return _paginate(self, self.scoped(Membership).select_related("user"), MemberOutput)
 
 
@@ -232,10 +245,18 @@ class MemberDetailApi(TenantAPIView):
 
     @extend_schema(operation_id="members_retrieve", parameters=[TENANT_SLUG], responses=MemberOutput)
     def get(self, request, tenant_slug, membership_id):
+        """One member and their role. Any member, or an API key with management:read or management:write. 404 for a
+        membership id that is not this tenant's.
+        """
         return Response(MemberOutput(self._membership(membership_id)).data)
 
     @extend_schema(operation_id="members_update", parameters=[TENANT_SLUG], request=InputSerializer, responses=MemberOutput)
     def patch(self, request, tenant_slug, membership_id):
+        """Change a member's role (owner, admin, developer or viewer). Admins and owners, or an API key with
+        management:write. Granting or taking away the owner role needs an owner; a key never can. 400 for an unknown
+        role or when the tenant would be left without an owner; 403 when under-privileged; 404 for a membership id
+        that is not this tenant's.
+        """
         membership = self._membership(membership_id)
         self.require_role(Role.ADMIN)
         role = _valid(self.InputSerializer, request)["role"]
@@ -246,6 +267,11 @@ class MemberDetailApi(TenantAPIView):
 
     @extend_schema(operation_id="members_destroy", parameters=[TENANT_SLUG], responses={204: None})
     def delete(self, request, tenant_slug, membership_id):
+        """Remove a member, or leave the tenant by removing your own membership (any member may leave). Removing
+        someone else needs an admin, or an owner when the member is an owner; an API key with management:write may
+        remove members who are not owners. 204 on success; 400 when the last owner would go; 403 when
+        under-privileged; 404 for a membership id that is not this tenant's.
+        """
         membership = self._membership(membership_id)
         leaving = self.ctx.membership is not None and self.ctx.membership.pk == membership.pk
         if not leaving:
@@ -284,10 +310,19 @@ class InvitationListApi(TenantAPIView):
 
     @extend_schema(operation_id="invitations_list", parameters=[TENANT_SLUG], responses=InvitationOutput(many=True))
     def get(self, request, tenant_slug):
+        """List the tenant's invitations with their state: pending, accepted, revoked or expired (paginated). Admins
+        and owners, or an API key with management:read or management:write; developers and viewers get 403. 404 when
+        the tenant is not yours.
+        """
         return _paginate(self, self.scoped(Invitation).select_related("invited_by"), InvitationOutput)
 
     @extend_schema(operation_id="invitations_create", parameters=[TENANT_SLUG], request=InputSerializer, responses={201: InvitationCreatedOutput})
     def post(self, request, tenant_slug):
+        """Invite someone by e-mail with a role. The invitee is e-mailed the link; the response carries it once as
+        accept_url. Admins and owners, or an API key with management:write. Inviting an owner needs an owner; a key
+        never can. 400 for an invalid e-mail, an unknown role or someone already a member; 403 when
+        under-privileged.
+        """
         data = _valid(self.InputSerializer, request)
         if data["role"] == Role.OWNER:
             self.require_role(Role.OWNER)
@@ -301,10 +336,17 @@ class InvitationDetailApi(TenantAPIView):
 
     @extend_schema(operation_id="invitations_retrieve", parameters=[TENANT_SLUG], responses=InvitationOutput)
     def get(self, request, tenant_slug, invitation_id):
+        """One invitation. Admins and owners, or an API key with management:read or management:write; developers and
+        viewers get 403. 404 for an invitation id that is not this tenant's.
+        """
         return Response(InvitationOutput(self.get_scoped_or_404(Invitation, pk=invitation_id)).data)
 
     @extend_schema(operation_id="invitations_revoke", parameters=[TENANT_SLUG], responses={204: None})
     def delete(self, request, tenant_slug, invitation_id):
+        """Revoke a pending invitation: its link stops working. Admins and owners, or an API key with management:write.
+        204 on success; 400 when it is no longer pending; 403 when under-privileged; 404 for an invitation id that
+        is not this tenant's.
+        """
         services.invitation_revoke(invitation=self.get_scoped_or_404(Invitation, pk=invitation_id), actor=self.ctx.actor)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -324,6 +366,10 @@ class InvitationAcceptApi(APIView):
 
     @extend_schema(operation_id="invitations_accept", request=InputSerializer, responses={201: OutputSerializer})
     def post(self, request):
+        """Accept an invitation with the token from its link: you join the invitation's tenant with its role. Signed-in
+        users only (a session); an API key gets 403. 400 when the token is not valid, the invitation is no longer
+        pending, or you are already a member.
+        """
         if isinstance(request.user, KeyPrincipal):
             raise PermissionDenied("Accept invitations signed in as yourself, not with an API key.")
         token = _valid(self.InputSerializer, request)["token"]
@@ -363,10 +409,18 @@ class ApiKeyListApi(TenantAPIView):
 
     @extend_schema(operation_id="keys_list", parameters=[TENANT_SLUG], responses=ApiKeyOutput(many=True))
     def get(self, request, tenant_slug):
+        """List the tenant's API keys with prefix, scopes and state; never the secret (paginated). Any member, or an
+        API key with management:read or management:write. 404 when the tenant is not yours.
+        """
         return _paginate(self, self.scoped(ApiKey).select_related("created_by"), ApiKeyOutput)
 
     @extend_schema(operation_id="keys_create", parameters=[TENANT_SLUG], request=InputSerializer, responses={201: ApiKeyCreatedOutput})
     def post(self, request, tenant_slug):
+        """Create an API key with scopes (inference, finetune, management:read, management:write) and an optional
+        expiry. The response carries the full secret, once; it is never stored. Admins and owners, or an API key
+        with management:write. 400 for an empty name, no or unknown scopes, or an expiry in the past; 403 when
+        under-privileged.
+        """
         data = _valid(self.InputSerializer, request)
         key, secret = services.api_key_create(
             tenant=self.ctx.tenant, name=data["name"], scopes=data["scopes"], expires_at=data.get("expires_at"), actor=self.ctx.actor
@@ -378,10 +432,16 @@ class ApiKeyListApi(TenantAPIView):
 class ApiKeyDetailApi(TenantAPIView):
     @extend_schema(operation_id="keys_retrieve", parameters=[TENANT_SLUG], responses=ApiKeyOutput)
     def get(self, request, tenant_slug, key_id):
+        """One API key (never its secret). Any member, or an API key with management:read or management:write. 404 for
+        a key id that is not this tenant's.
+        """
         return Response(ApiKeyOutput(self.get_scoped_or_404(ApiKey, pk=key_id)).data)
 
-    @extend_schema(operation_id="keys_destroy", parameters=[TENANT_SLUG], responses=ApiKeyOutput, description="Revokes the key (same as POST …/revoke/).")
+    @extend_schema(operation_id="keys_destroy", parameters=[TENANT_SLUG], responses={200: ApiKeyOutput})  # 200 with the key, not 204
     def delete(self, request, tenant_slug, key_id):
+        """Revoke the key, like POST …/revoke/, and return it. Idempotent. Admins and owners, or an API key with
+        management:write. 403 when under-privileged; 404 for a key id that is not this tenant's.
+        """
         key = services.api_key_revoke(key=self.get_scoped_or_404(ApiKey, pk=key_id), actor=self.ctx.actor)
         return Response(ApiKeyOutput(key).data)
 
@@ -389,6 +449,10 @@ class ApiKeyDetailApi(TenantAPIView):
 class ApiKeyRevokeApi(TenantAPIView):
     @extend_schema(operation_id="keys_revoke", parameters=[TENANT_SLUG], request=None, responses=ApiKeyOutput)
     def post(self, request, tenant_slug, key_id):
+        """Revoke the key and return it; the gateway stops accepting it within about a second. Idempotent. Admins and
+        owners, or an API key with management:write. 403 when under-privileged; 404 for a key id that is not this
+        tenant's.
+        """
         key = services.api_key_revoke(key=self.get_scoped_or_404(ApiKey, pk=key_id), actor=self.ctx.actor)
         return Response(ApiKeyOutput(key).data)
 
@@ -426,6 +490,9 @@ class PromptListApi(TenantAPIView):
 
     @extend_schema(operation_id="prompts_list", parameters=[TENANT_SLUG], responses=PromptSummaryOutput(many=True))
     def get(self, request, tenant_slug):
+        """List the system prompt's versions, marking the active one (paginated; without the text). Any member, or an
+        API key with management:read or management:write. 404 when the tenant is not yours.
+        """
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(self.scoped(SystemPromptVersion).select_related("author"), request, view=self)
         context = {"active_prompt_id": self.ctx.tenant.active_prompt_id}
@@ -433,6 +500,10 @@ class PromptListApi(TenantAPIView):
 
     @extend_schema(operation_id="prompts_create", parameters=[TENANT_SLUG], request=InputSerializer, responses={201: PromptOutput})
     def post(self, request, tenant_slug):
+        """Save a new version of the system prompt and make it active. Admins and owners, or an API key with
+        management:write. 400 when the text is over the platform's character limit or the note over 200 characters;
+        403 when under-privileged.
+        """
         data = _valid(self.InputSerializer, request)
         version = services.system_prompt_save(tenant=self.ctx.tenant, text=data["text"], note=data["note"], actor=self.ctx.actor)
         return Response(PromptOutput(version, context={"active_prompt_id": version.pk}).data, status=status.HTTP_201_CREATED)
@@ -441,6 +512,9 @@ class PromptListApi(TenantAPIView):
 class PromptDetailApi(TenantAPIView):
     @extend_schema(operation_id="prompts_retrieve", parameters=[TENANT_SLUG], responses=PromptOutput)
     def get(self, request, tenant_slug, version):
+        """One version of the system prompt, with its text. Any member, or an API key with management:read or
+        management:write. 404 for a version number this tenant does not have.
+        """
         obj = self.get_scoped_or_404(SystemPromptVersion, version=version)
         return Response(PromptOutput(obj, context={"active_prompt_id": self.ctx.tenant.active_prompt_id}).data)
 
@@ -448,6 +522,9 @@ class PromptDetailApi(TenantAPIView):
 class PromptActivateApi(TenantAPIView):
     @extend_schema(operation_id="prompts_activate", parameters=[TENANT_SLUG], request=None, responses=PromptOutput)
     def post(self, request, tenant_slug, version):
+        """Make an existing version the active system prompt (roll back or forward). Admins and owners, or an API key
+        with management:write. 403 when under-privileged; 404 for a version number this tenant does not have.
+        """
         obj = self.get_scoped_or_404(SystemPromptVersion, version=version)
         services.system_prompt_activate(tenant=self.ctx.tenant, version=obj, actor=self.ctx.actor)
         return Response(PromptOutput(obj, context={"active_prompt_id": obj.pk}).data)
@@ -470,6 +547,10 @@ class PromptDiffApi(TenantAPIView):
         responses=OutputSerializer,
     )
     def get(self, request, tenant_slug, version):
+        """Line diff of a version against another one (`against`, by default the previous version). Any member, or an
+        API key with management:read or management:write. 400 when `against` is not a number or names no version;
+        404 for a version number this tenant does not have.
+        """
         new = self.get_scoped_or_404(SystemPromptVersion, version=version)
         raw = request.query_params.get("against", str(version - 1))
         try:
@@ -526,14 +607,24 @@ class PolicyApi(TenantAPIView):
 
     @extend_schema(operation_id="policy_retrieve", parameters=[TENANT_SLUG], responses=PolicyOutput)
     def get(self, request, tenant_slug):
+        """The tenant's scheduling and quota policy (weight, fair share, token quota, rate and concurrency limits) and
+        the quota in force. Any member, or an API key with management:read or management:write. Platform staff may
+        read any tenant's. 404 when the tenant is not yours.
+        """
         return Response(PolicyOutput(self._policy()).data)
 
     @extend_schema(operation_id="policy_update", parameters=[TENANT_SLUG], request=InputSerializer, responses=PolicyOutput)
     def put(self, request, tenant_slug):
+        """Replace the tenant's policy (every field required). Platform staff only, on any tenant: members of any role
+        and API keys get 403 (404 first when the tenant is not theirs). 400 for missing or out-of-range fields.
+        """
         return self._update(request, partial=False)
 
     @extend_schema(operation_id="policy_partial_update", parameters=[TENANT_SLUG], request=InputSerializer, responses=PolicyOutput)
     def patch(self, request, tenant_slug):
+        """Change some fields of the tenant's policy. Platform staff only, on any tenant: members of any role and API
+        keys get 403 (404 first when the tenant is not theirs). 400 for out-of-range fields.
+        """
         return self._update(request, partial=True)
 
     def _update(self, request, *, partial: bool) -> Response:
@@ -565,6 +656,10 @@ class AuditListApi(TenantAPIView):
         responses=AuditEventOutput(many=True),
     )
     def get(self, request, tenant_slug):
+        """The tenant's audit log, newest first (paginated); `action` keeps actions starting with it. Admins and
+        owners, or an API key with management:read or management:write; developers and viewers get 403. 404 when the
+        tenant is not yours.
+        """
         events = self.scoped(AuditEvent).select_related("actor", "actor_key").order_by("-created_at", "-id")
         action = request.query_params.get("action", "").strip()
         if action:
