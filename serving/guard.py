@@ -19,6 +19,7 @@ that is a few characters (the last word for e-mails, nothing when the text does 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import re._constants as _c
@@ -282,6 +283,31 @@ class OutputGuard:
 
     def stream(self) -> "StreamRedactor":
         return StreamRedactor(self)
+
+    def apply_json(self, text: str) -> str:
+        """Tool-call arguments: JSON text whose strings (keys and values) are redacted one by one and which is
+        then written again, so valid JSON stays valid JSON (a match never spans quotes or brackets). Unchanged
+        text is returned as it is; text that is not JSON (a model may write anything) is redacted as plain text."""
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return self.apply(text)
+        changed = False
+
+        def walk(v):
+            nonlocal changed
+            if isinstance(v, str):
+                out = self.apply(v)
+                changed = changed or out != v
+                return out
+            if isinstance(v, list):
+                return [walk(x) for x in v]
+            if isinstance(v, dict):
+                return {walk(k): walk(x) for k, x in v.items()}
+            return v
+
+        value = walk(value)
+        return json.dumps(value, ensure_ascii=False) if changed else text
 
     def redact_tokens(self, tokens: list[dict]) -> None:
         """Redact TGI `details.tokens` texts in place, so their concatenation equals `apply()` of the text.

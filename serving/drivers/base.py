@@ -34,6 +34,9 @@ class BackendRequest:
     model_id: str = ""  # the backend's id of the base model (vLLM `model` when no adapter)
     cache_salt: str | None = None  # vLLM only; set by the gateway per tenant
     want_tokens: bool = False  # TGI details: keep per-token ids/logprobs
+    tools: list[dict] | None = None  # chat only: validated OpenAI function definitions
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
 
 @dataclass(slots=True)
@@ -45,8 +48,19 @@ class TokenDelta:
 
 
 @dataclass(slots=True)
+class ToolCallDelta:
+    """A fragment of a tool call, as OpenAI streams them: the first fragment of call `index` names the function,
+    later ones carry pieces of its JSON `arguments`."""
+
+    index: int
+    name: str | None = None
+    arguments: str = ""
+    count: int = 1  # tokens in this delta (an estimate; the Finish carries the real count)
+
+
+@dataclass(slots=True)
 class Finish:
-    finish_reason: str  # OpenAI vocabulary: stop | length
+    finish_reason: str  # OpenAI vocabulary: stop | length | tool_calls
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     seed: int | None = None

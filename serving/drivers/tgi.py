@@ -83,6 +83,7 @@ class TGIDriver:
     def stream(self, session: aiohttp.ClientSession, backend_url: str, request: BackendRequest) -> AsyncIterator:
         if request.kind == "chat":
             # TGI's chat route: `model` is the adapter id, or "tgi" for the base model.
-            path, body = openai_body(request, model=request.adapter or "tgi", cache_salt=False, continuous_usage=False)
+            path, body = openai_body(request, model=request.adapter or "tgi", cache_salt=False, continuous_usage=False,
+                                     parallel_tool_calls=False)
             return openai_stream(session, backend_url + path, body, chat=True)
         return generate_stream(session, backend_url + "/generate_stream", generate_body(request))

@@ -21,10 +21,10 @@ import aiohttp
 from django.utils import timezone
 
 from serving.config import INFERENCE_SCOPE, ConfigStore, Snapshot
-from serving.drivers import BackendError, Finish, TokenDelta, driver_for
+from serving.drivers import BackendError, Finish, TokenDelta, ToolCallDelta, driver_for
 from serving.gateway import metrics
 from serving.gateway.errors import ApiError
-from serving.gateway.formatting import OpenAIFormat, TGIFormat
+from serving.gateway.formatting import OpenAIFormat, TGIFormat, ToolCalls
 from serving.gateway.parsing import (
     build_backend_request,
     estimate_prompt_tokens,
@@ -526,9 +526,28 @@ class GatewayApp:
         redactor = guard.stream() if guard is not None and streaming else None
         safe_parts: list[str] = []  # what the redactor released (TGI's final `generated_text`)
         held_tokens = 0  # tokens whose text the redactor still holds: counted as delivered with the next chunk
+        calls = ToolCalls(guard)  # tool calls (chat), their arguments guarded like the text
         raw_headers = [(k.encode(), str(v).encode()) for k, v in headers.items()]
         async for event in stream:
-            if isinstance(event, TokenDelta):
+            if isinstance(event, ToolCallDelta):
+                if call.ttft_ms is None:
+                    call.ttft_ms = int((time.perf_counter() - call.started_at) * 1000)
+                    call.backend_accepted = True
+                items = calls.feed(event)
+                if not streaming:
+                    delivered += event.count
+                    continue
+                if not items:
+                    held_tokens += event.count  # the guard holds this call's arguments until it is complete
+                    continue
+                if not call.response_started:
+                    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + raw_headers})
+                    call.response_started = True
+                await send({"type": "http.response.body", "body": fmt.tool_calls(items), "more_body": True})
+                delivered += event.count + held_tokens
+                held_tokens = 0
+                call.output_tokens = delivered
+            elif isinstance(event, TokenDelta):
                 if call.ttft_ms is None:
                     call.ttft_ms = int((time.perf_counter() - call.started_at) * 1000)
                     call.backend_accepted = True
@@ -571,9 +590,11 @@ class GatewayApp:
                             text = "".join(safe_parts) + rest
                         final = fmt.end(event, text, call.input_tokens, call.output_tokens, tail=rest)
                     else:
-                        final = fmt.end(event, call.input_tokens, call.output_tokens)
-                        if rest:
-                            final = fmt.delta(TokenDelta(rest, 0)) + final
+                        final = (fmt.delta(TokenDelta(rest, 0)) or b"") if rest else b""
+                        held_calls = calls.finish()
+                        if held_calls:
+                            final += fmt.tool_calls(held_calls)
+                        final += fmt.end(event, call.input_tokens, call.output_tokens)
                     if not call.response_started:
                         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + raw_headers})
                         call.response_started = True
@@ -583,7 +604,8 @@ class GatewayApp:
                         text = guard.apply(text)
                         if tgi and fmt.tokens:
                             guard.redact_tokens(fmt.tokens)
-                    body = fmt.body(text, event, call.input_tokens, call.output_tokens)
+                    extra = {"tool_calls": calls.message()} if calls.calls else {}
+                    body = fmt.body(text, event, call.input_tokens, call.output_tokens, **extra)
                     call.response_started = True
                     await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS + raw_headers})
                     await send({"type": "http.response.body", "body": body})

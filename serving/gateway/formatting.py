@@ -7,8 +7,9 @@ adapter path, base model id) is passed through.
 from __future__ import annotations
 
 import json
+import secrets
 
-from serving.drivers import Finish, TokenDelta
+from serving.drivers import Finish, TokenDelta, ToolCallDelta
 
 _dumps = json.dumps
 TGI_FINISH = {"stop": "eos_token", "length": "length"}
@@ -42,6 +43,12 @@ class OpenAIFormat:
             return (self._head + f'"choices":[{{"index":0,"delta":{{{role}"content":{_dumps(d.text)}}},"logprobs":null,"finish_reason":null}}]}}\n\n').encode()
         return (self._head + f'"choices":[{{"index":0,"text":{_dumps(d.text)},"logprobs":null,"finish_reason":null}}]}}\n\n').encode()
 
+    def tool_calls(self, items: list[dict]) -> bytes:
+        """A chunk with `delta.tool_calls` (items as `ToolCalls.feed` gives them)."""
+        role = '"role":"assistant","content":null,' if self._first else ""
+        self._first = False
+        return (self._head + f'"choices":[{{"index":0,"delta":{{{role}"tool_calls":{_dumps(items)}}},"logprobs":null,"finish_reason":null}}]}}\n\n').encode()
+
     def end(self, finish: Finish, prompt_tokens: int, completion_tokens: int) -> bytes:
         if self.chat:
             delta = '{"role":"assistant","content":""}' if self._first else "{}"
@@ -56,15 +63,78 @@ class OpenAIFormat:
     def error_event(message: str, type_: str, code: str | None) -> bytes:
         return ("data: " + _dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}) + "\n\n").encode()
 
-    def body(self, text: str, finish: Finish, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def body(self, text: str, finish: Finish, prompt_tokens: int, completion_tokens: int, tool_calls: list[dict] | None = None) -> bytes:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish.finish_reason}
+            message = {"role": "assistant", "content": text}
+            if tool_calls:
+                message = {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish.finish_reason}
             obj = "chat.completion"
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish.finish_reason}
             obj = "text_completion"
         return _dumps({"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice],
                        "usage": usage_dict(prompt_tokens, completion_tokens)}).encode()
+
+
+class ToolCalls:
+    """One answer's tool calls: fragments merged by index, gateway call ids (`call_<hex>`; the backend's are
+    not passed on), and the tenant's output guard on the arguments.
+
+    Streaming without a guard, every fragment goes out at once in OpenAI's shape (the first of a call with its
+    id, type and name). With a guard, a call's arguments are held until the call is complete (the next call
+    starts, or the answer ends) and redacted whole as JSON (`OutputGuard.apply_json`), then sent as one fragment."""
+
+    def __init__(self, guard=None):
+        self.guard = guard
+        self.calls: dict[int, dict] = {}  # index -> {"id", "name", "arguments", "sent"}
+
+    def feed(self, d: ToolCallDelta) -> list[dict]:
+        """What to stream now: a list of `delta.tool_calls` items, possibly empty."""
+        call = self.calls.get(d.index)
+        new = call is None
+        if new:
+            call = self.calls[d.index] = {"id": "call_" + secrets.token_hex(12), "name": "", "arguments": "", "sent": False}
+        named = bool(d.name) and not call["name"]
+        if named:
+            call["name"] = d.name
+        call["arguments"] += d.arguments
+        if self.guard is not None:
+            return self._release(keep=d.index) if new else []
+        item: dict = {"index": d.index}
+        if new:
+            item.update(id=call["id"], type="function")
+        fn = {"name": d.name} if named else {}
+        if new or d.arguments:
+            fn["arguments"] = d.arguments
+        if fn:
+            item["function"] = fn
+        return [item]
+
+    def finish(self) -> list[dict]:
+        """What is still held at the end (guarded streams)."""
+        return self._release(keep=None) if self.guard is not None else []
+
+    def _release(self, keep: int | None) -> list[dict]:
+        out = []
+        for index in sorted(self.calls):
+            call = self.calls[index]
+            if index == keep or call["sent"]:
+                continue
+            call["sent"] = True
+            out.append({"index": index, "id": call["id"], "type": "function",
+                        "function": {"name": call["name"], "arguments": self._arguments(call)}})
+        return out
+
+    def _arguments(self, call: dict) -> str:
+        return self.guard.apply_json(call["arguments"]) if self.guard is not None else call["arguments"]
+
+    def message(self) -> list[dict] | None:
+        """`message.tool_calls` of a non-streamed answer."""
+        if not self.calls:
+            return None
+        return [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": self._arguments(c)}}
+                for _, c in sorted(self.calls.items())]
 
 
 class TGIFormat:

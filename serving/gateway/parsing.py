@@ -8,13 +8,16 @@ model selection, `adapter_source`, `cache_salt`, `lora_request`, …) never reac
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from serving.config import Route, TenantEntry
 from serving.drivers import BackendRequest, Sampling
 from serving.gateway.errors import bad_request
 
-CHAT_ROLES = {"system", "user", "assistant", "developer"}
+CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
+FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
+TOOL_CHOICES = ("none", "auto", "required")
 
 
 @dataclass(slots=True)
@@ -34,6 +37,9 @@ class ClientRequest:
     do_sample: bool | None = None
     details: bool = False
     return_full_text: bool = False
+    tools: list[dict] | None = None  # validated, rebuilt function definitions (chat only)
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
 
 def parse_json(body: bytes) -> dict:
@@ -98,9 +104,8 @@ def _model(data: dict) -> str | None:
 # OpenAI features the gateway does not carry to backends yet. Dropping them silently would answer a different
 # question (no tool call, no JSON schema), so a request that asks for one is refused, naming it.
 _UNSUPPORTED = {
-    "tools": "Tool (function) calling is not supported by this gateway yet; send the request without `tools`.",
-    "functions": "Function calling is not supported by this gateway yet; send the request without `functions`.",
-    "function_call": "Function calling is not supported by this gateway yet; send the request without `function_call`.",
+    "functions": "The legacy `functions` parameter is not supported; declare them in `tools` instead.",
+    "function_call": "The legacy `function_call` parameter is not supported; use `tool_choice` instead.",
     "logprobs": "Log probabilities are not returned on /v1 yet; use /generate with `details: true` for token logprobs.",
     "response_format": "Only `response_format: {\"type\": \"text\"}` is supported; JSON mode and JSON schemas are not yet.",
 }
@@ -112,13 +117,156 @@ def _refuse_unsupported(data: dict) -> None:
         harmless = (value in (None, False, [], {}) or (name == "response_format" and value == {"type": "text"}))
         if not harmless:
             raise bad_request(message, name, "unsupported_parameter")
-    if data.get("tool_choice") not in (None, "none"):
-        raise bad_request("Tool (function) calling is not supported by this gateway yet; send the request without "
-                          "`tool_choice`.", "tool_choice", "unsupported_parameter")
+
+
+def _object(value, param: str, keys: set[str], required: tuple[str, ...] = ()) -> dict:
+    """A JSON object with only the known `keys` (an unknown one is refused: it would be dropped otherwise)."""
+    if not isinstance(value, dict):
+        raise bad_request(f"`{param}` must be an object.", param, "invalid_type")
+    for key in value:
+        if key not in keys:
+            raise bad_request(f"`{param}.{key}` is not a known field (expected {', '.join(sorted(keys))}).", f"{param}.{key}", "unknown_parameter")
+    for key in required:
+        if value.get(key) is None:
+            raise bad_request(f"`{param}.{key}` is required.", f"{param}.{key}", "missing_required_parameter")
+    return value
+
+
+def _function_name(value, param: str) -> str:
+    if not isinstance(value, str) or not FUNCTION_NAME_RE.match(value):
+        raise bad_request(f"`{param}` must be 1 to 64 letters, digits, underscores or dashes.", param,
+                          "invalid_type" if not isinstance(value, str) else "invalid_value")
+    return value
+
+
+def _function_type(value: dict, param: str) -> None:
+    if value.get("type") != "function":
+        raise bad_request(f"`{param}.type` must be \"function\".", f"{param}.type", "invalid_value")
+
+
+def _tools(data: dict) -> list[dict] | None:
+    """OpenAI's `tools`, rebuilt: [{"type": "function", "function": {"name", "description"?, "parameters"?, "strict"?}}]."""
+    tools = data.get("tools")
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise bad_request("`tools` must be a list of function definitions.", "tools", "invalid_type")
+    if len(tools) > 128:
+        raise bad_request("`tools` may declare at most 128 functions.", "tools")
+    out, names = [], set()
+    for i, tool in enumerate(tools):
+        param = f"tools[{i}]"
+        _object(tool, param, {"type", "function"}, ("type", "function"))
+        _function_type(tool, param)
+        fn = _object(tool["function"], f"{param}.function", {"name", "description", "parameters", "strict"}, ("name",))
+        name = _function_name(fn["name"], f"{param}.function.name")
+        if name in names:
+            raise bad_request(f"The function `{name}` is declared twice in `tools`.", f"{param}.function.name")
+        names.add(name)
+        clean: dict = {"name": name}
+        if fn.get("description") is not None:
+            if not isinstance(fn["description"], str):
+                raise bad_request(f"`{param}.function.description` must be a string.", f"{param}.function.description", "invalid_type")
+            clean["description"] = fn["description"]
+        if fn.get("parameters") is not None:
+            if not isinstance(fn["parameters"], dict):
+                raise bad_request(f"`{param}.function.parameters` must be a JSON Schema object.", f"{param}.function.parameters", "invalid_type")
+            clean["parameters"] = fn["parameters"]
+        strict = _bool(fn, "strict", param=f"{param}.function.strict")
+        if strict is not None:
+            clean["strict"] = strict
+        out.append({"type": "function", "function": clean})
+    return out
+
+
+def _tool_choice(data: dict, tools: list[dict] | None) -> str | dict | None:
+    choice = data.get("tool_choice")
+    if choice is None:
+        return None
+    if isinstance(choice, str):
+        if choice not in TOOL_CHOICES:
+            raise bad_request(f"`tool_choice` must be one of {', '.join(TOOL_CHOICES)} or a function.", "tool_choice")
+        if choice != "none" and tools is None:
+            raise bad_request(f"`tool_choice: \"{choice}\"` needs `tools`.", "tool_choice")
+        return choice
+    _object(choice, "tool_choice", {"type", "function"}, ("type", "function"))
+    _function_type(choice, "tool_choice")
+    fn = _object(choice["function"], "tool_choice.function", {"name"}, ("name",))
+    name = _function_name(fn["name"], "tool_choice.function.name")
+    if not any(t["function"]["name"] == name for t in tools or ()):
+        raise bad_request(f"`tool_choice` names the function `{name}`, which `tools` does not declare.", "tool_choice.function.name")
+    return {"type": "function", "function": {"name": name}}
+
+
+def _text_content(content, param: str, *, nullable: bool = False) -> str | None:
+    if content is None and nullable:
+        return None
+    if isinstance(content, list):  # content parts: only text reaches a text model
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise bad_request(f"`{param}` parts must be text.", param, "invalid_type")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise bad_request(f"`{param}` must be a string.", param, "invalid_type")
+    return content
+
+
+def _tool_calls(calls, param: str) -> list[dict]:
+    """An assistant message's `tool_calls`, rebuilt: [{"id", "type": "function", "function": {"name", "arguments"}}]."""
+    if not isinstance(calls, list) or not calls:
+        raise bad_request(f"`{param}` must be a non-empty list.", param, "invalid_type")
+    out = []
+    for j, call in enumerate(calls):
+        p = f"{param}[{j}]"
+        _object(call, p, {"id", "type", "function"}, ("id", "type", "function"))
+        _function_type(call, p)
+        if not isinstance(call["id"], str) or not call["id"]:
+            raise bad_request(f"`{p}.id` must be a non-empty string.", f"{p}.id", "invalid_type")
+        fn = _object(call["function"], f"{p}.function", {"name", "arguments"}, ("name", "arguments"))
+        if not isinstance(fn["arguments"], str):
+            raise bad_request(f"`{p}.function.arguments` must be a string (JSON text).", f"{p}.function.arguments", "invalid_type")
+        out.append({"id": call["id"], "type": "function",
+                    "function": {"name": _function_name(fn["name"], f"{p}.function.name"), "arguments": fn["arguments"]}})
+    return out
+
+
+def _chat_message(m, i: int, open_calls: set[str]) -> dict:
+    """One message, rebuilt. `open_calls`: ids of the latest assistant tool calls that tool messages may answer."""
+    if isinstance(m, dict) and m.get("role") == "function":
+        raise bad_request(f"`messages[{i}]` has the legacy role `function`; answer tool calls with role `tool`.",
+                          f"messages[{i}].role", "unsupported_parameter")
+    if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+        raise bad_request(f"`messages[{i}].role` must be one of {sorted(CHAT_ROLES)}.", f"messages[{i}].role")
+    role = m["role"]
+    if role == "tool":
+        call_id = m.get("tool_call_id")
+        if not isinstance(call_id, str) or not call_id:
+            raise bad_request(f"`messages[{i}].tool_call_id` is required for a tool message.", f"messages[{i}].tool_call_id",
+                              "missing_required_parameter" if call_id is None else "invalid_type")
+        if call_id not in open_calls:
+            raise bad_request(f"`messages[{i}]` answers the tool call `{call_id}`, which no preceding assistant message made.",
+                              f"messages[{i}].tool_call_id")
+        return {"role": "tool", "tool_call_id": call_id, "content": _text_content(m.get("content"), f"messages[{i}].content")}
+    if m.get("tool_call_id") is not None:
+        raise bad_request(f"`messages[{i}].tool_call_id` is only allowed on tool messages.", f"messages[{i}].tool_call_id")
+    open_calls.clear()
+    calls = m.get("tool_calls")
+    if calls is not None and calls != []:
+        if role != "assistant":
+            raise bad_request(f"`messages[{i}].tool_calls` is only allowed on assistant messages.", f"messages[{i}].tool_calls")
+        calls = _tool_calls(calls, f"messages[{i}].tool_calls")
+        open_calls.update(c["id"] for c in calls)
+        content = _text_content(m.get("content"), f"messages[{i}].content", nullable=True)
+        return {"role": "assistant", "content": content, "tool_calls": calls}
+    content = _text_content(m.get("content"), f"messages[{i}].content")
+    return {"role": "system" if role == "developer" else role, "content": content}
 
 
 def _openai_common(data: dict, req: ClientRequest) -> None:
     _refuse_unsupported(data)
+    if req.endpoint != "chat":
+        for name in ("tools", "tool_choice", "parallel_tool_calls"):
+            if data.get(name) not in (None, [], "none"):
+                raise bad_request(f"`{name}` is only supported on /v1/chat/completions.", name, "unsupported_parameter")
     req.stream = bool(_bool(data, "stream"))
     options = data.get("stream_options")
     if options is not None:
@@ -141,23 +289,12 @@ def parse_chat(data: dict) -> ClientRequest:
         raise bad_request("`messages` is required.", "messages", "missing_required_parameter")
     if not isinstance(messages, list) or not messages:
         raise bad_request("`messages` must be a non-empty list.", "messages", "invalid_type")
-    clean = []
-    for i, m in enumerate(messages):
-        if isinstance(m, dict) and (m.get("role") in ("tool", "function") or m.get("tool_calls")):
-            raise bad_request(f"`messages[{i}]` is part of a tool call, and tool (function) calling is not supported by "
-                              "this gateway yet.", f"messages[{i}]", "unsupported_parameter")
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-            raise bad_request(f"`messages[{i}].role` must be one of {sorted(CHAT_ROLES)}.", f"messages[{i}].role")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text reaches a text model
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise bad_request(f"`messages[{i}].content` parts must be text.", f"messages[{i}].content", "invalid_type")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise bad_request(f"`messages[{i}].content` must be a string.", f"messages[{i}].content", "invalid_type")
-        clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
-    req.messages = clean
+    open_calls: set[str] = set()
+    req.messages = [_chat_message(m, i, open_calls) for i, m in enumerate(messages)]
     _openai_common(data, req)
+    req.tools = _tools(data)
+    req.tool_choice = _tool_choice(data, req.tools)
+    req.parallel_tool_calls = _bool(data, "parallel_tool_calls")
     req.max_tokens = _int(data, "max_completion_tokens", minimum=1)
     if req.max_tokens is None:
         req.max_tokens = _int(data, "max_tokens", minimum=1)
@@ -257,7 +394,10 @@ def build_backend_request(req: ClientRequest, tenant: TenantEntry, route: Route,
     common = dict(max_tokens=max_tokens, sampling=sampling, adapter=route.adapter, model_id=pool.hf_id,
                   cache_salt=tenant.cache_salt if pool.kind == "vllm" else None, want_tokens=req.details)
     if req.endpoint == "chat":
-        return BackendRequest("chat", messages=inject_system_prompt(req.messages, tenant.system_prompt, tenant.system_message_rule), **common)
+        tools = dict(tools=req.tools, tool_choice=req.tool_choice,
+                     parallel_tool_calls=req.parallel_tool_calls) if req.tools is not None else {}
+        return BackendRequest("chat", messages=inject_system_prompt(req.messages, tenant.system_prompt, tenant.system_message_rule),
+                              **tools, **common)
     prompt = f"{tenant.system_prompt}\n\n{req.prompt}" if tenant.system_prompt else req.prompt
     return BackendRequest("text", prompt=prompt, **common)
 
@@ -265,6 +405,8 @@ def build_backend_request(req: ClientRequest, tenant: TenantEntry, route: Route,
 def estimate_prompt_tokens(backend_request: BackendRequest) -> int:
     """Upper-ish estimate for the admission reservation (settled with the real count): ~4 bytes a token."""
     if backend_request.messages is not None:
-        return sum(len(m["content"]) // 3 + 4 for m in backend_request.messages) + 2
+        tools = len(json.dumps(backend_request.tools)) // 3 if backend_request.tools else 0
+        return sum(len(m["content"] or "") // 3 + len(json.dumps(m.get("tool_calls") or "")) // 3 + 4
+                   for m in backend_request.messages) + tools + 2
     return len(backend_request.prompt or "") // 3 + 2
 

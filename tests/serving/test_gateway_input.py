@@ -21,6 +21,8 @@ from tests.serving.test_gateway_support import (
 )
 
 CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}
+TOOL = {"type": "function", "function": {"name": "f"}}
+CALL = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
 
 
 @pytest.fixture
@@ -62,16 +64,51 @@ def _openai_error(r, status: int, code: str | None = None, param: str | None = N
         ("/v1/completions", {"model": "tiny-chat", "prompt": 3}, 400, "invalid_type", "prompt"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}, 413, "request_too_large", None),
         # Features not carried to backends are refused by name, never silently dropped.
-        ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
-         "unsupported_parameter", "tools"),
-        ("/v1/chat/completions", {**CHAT, "tool_choice": "auto"}, 400, "unsupported_parameter", "tool_choice"),
         ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, 400, "unsupported_parameter", "functions"),
+        ("/v1/chat/completions", {**CHAT, "function_call": "auto"}, 400, "unsupported_parameter", "function_call"),
         ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400, "unsupported_parameter",
          "response_format"),
         ("/v1/chat/completions", {**CHAT, "logprobs": True}, 400, "unsupported_parameter", "logprobs"),
         ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "logprobs": 2}, 400, "unsupported_parameter", "logprobs"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "function", "name": "f", "content": "42"}]}, 400,
+         "unsupported_parameter", "messages[0].role"),
+        # Tool calling: every field checked, named the way OpenAI names it.
+        ("/v1/chat/completions", {**CHAT, "tools": {"type": "function"}}, 400, "invalid_type", "tools"),
+        ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "bad name"}}]}, 400,
+         "invalid_value", "tools[0].function.name"),
+        ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f" * 65}}]}, 400,
+         "invalid_value", "tools[0].function.name"),
+        ("/v1/chat/completions", {**CHAT, "tools": [TOOL, {"type": "function", "function": {}}]}, 400,
+         "missing_required_parameter", "tools[1].function.name"),
+        ("/v1/chat/completions", {**CHAT, "tools": [{"type": "code", "function": {"name": "f"}}]}, 400, "invalid_value",
+         "tools[0].type"),
+        ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]}, 400,
+         "invalid_type", "tools[0].function.parameters"),
+        ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]}, 400,
+         "invalid_type", "tools[0].function.strict"),
+        ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "returns": {}}}]}, 400,
+         "unknown_parameter", "tools[0].function.returns"),
+        ("/v1/chat/completions", {**CHAT, "tools": [TOOL, TOOL]}, 400, None, "tools[1].function.name"),
+        ("/v1/chat/completions", {**CHAT, "tool_choice": "auto"}, 400, None, "tool_choice"),
+        ("/v1/chat/completions", {**CHAT, "tools": [TOOL], "tool_choice": "always"}, 400, None, "tool_choice"),
+        ("/v1/chat/completions", {**CHAT, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400,
+         None, "tool_choice.function.name"),
+        ("/v1/chat/completions", {**CHAT, "tools": [TOOL], "parallel_tool_calls": "yes"}, 400, "invalid_type", "parallel_tool_calls"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "tools": [TOOL]}, 400, "unsupported_parameter", "tools"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "tool", "tool_call_id": "c1", "content": "42"}]}, 400,
-         "unsupported_parameter", "messages[0]"),
+         None, "messages[0].tool_call_id"),
+        ("/v1/chat/completions", {**CHAT, "messages": [CALL, {"role": "tool", "content": "42"}]}, 400,
+         "missing_required_parameter", "messages[1].tool_call_id"),
+        ("/v1/chat/completions", {**CHAT, "messages": [CALL, {"role": "tool", "tool_call_id": "c1", "content": None}]}, 400,
+         "invalid_type", "messages[1].content"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{**CALL, "tool_calls": [{"id": "c1", "type": "function",
+                                                                                 "function": {"name": "f", "arguments": {}}}]}]},
+         400, "invalid_type", "messages[0].tool_calls[0].function.arguments"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{**CALL, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": ""}}]}]},
+         400, "missing_required_parameter", "messages[0].tool_calls[0].id"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{**CALL, "role": "user"}]}, 400, None, "messages[0].tool_calls"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant", "content": None}]}, 400, "invalid_type",
+         "messages[0].content"),
     ],
 )
 def test_bad_input_is_refused_before_any_backend(setup, path, body, status, code, param):

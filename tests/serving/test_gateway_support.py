@@ -6,12 +6,14 @@ per test process and cached at module level, because several test modules share 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import socket
 import threading
 import time
 import urllib.request
+from concurrent.futures import Future
 from pathlib import Path
 
 import uvicorn
@@ -186,3 +188,84 @@ def stream_lines(url: str, body: dict, headers: dict) -> tuple[int, list[str]]:
 
     with requests.post(url, json=body, headers=headers, stream=True, timeout=30) as r:
         return r.status_code, [line for line in r.iter_lines(decode_unicode=True) if line]
+
+
+def serve_forever(loop, app, started: Future) -> None:
+    """Serve an aiohttp app on `loop` (in the calling thread) on a free port; `started` gets its URL."""
+    from aiohttp import web
+
+    asyncio.set_event_loop(loop)
+    runner = web.AppRunner(app, access_log=None)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+    host, port = runner.addresses[0][:2]
+    started.set_result(f"http://{host}:{port}")
+    loop.run_forever()
+    loop.run_until_complete(runner.cleanup())
+
+
+class ToolCallingBackend:
+    """A scripted OpenAI-compatible backend that answers every chat request with tool calls, streamed exactly as
+    vLLM's tool parsers stream them (`--enable-auto-tool-choice`): a role chunk, then per call one chunk with
+    `id`, `type`, `index` and `function.name`, then `function.arguments` fragments, a last chunk with
+    `finish_reason: "tool_calls"`, the usage chunk and `[DONE]`. `self.bodies` holds what it received.
+
+    `self.script`: `("content", text)` or `("call", index, name, [argument fragments])` items, in order."""
+
+    def __init__(self):
+        self.script: list[tuple] = [("call", 0, "get_weather", ['{"city": ', '"Par', 'is"}'])]
+        self.prompt_tokens = 11
+        self.bodies: list[dict] = []
+        self.loop = asyncio.new_event_loop()
+        started: Future = Future()
+        threading.Thread(target=self._main, args=(started,), daemon=True, name="tool-backend").start()
+        self.url = started.result(timeout=10)
+
+    def tokens(self) -> int:
+        return sum(1 if item[0] == "content" else 1 + len(item[3]) for item in self.script)
+
+    def _main(self, started: Future) -> None:
+        from aiohttp import web
+
+        async def health(request):
+            return web.Response()
+
+        async def chat(request):
+            body = await request.json()
+            self.bodies.append(body)
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            head = {"id": "chatcmpl-backend", "object": "chat.completion.chunk", "created": 0, "model": body["model"]}
+
+            async def chunk(delta: dict, finish=None):
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                if finish:
+                    choice["stop_reason"] = None
+                await resp.write(b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n")
+                await asyncio.sleep(0.002)
+
+            await chunk({"role": "assistant", "content": ""})
+            called = False
+            for item in self.script:
+                if item[0] == "content":
+                    await chunk({"content": item[1]})
+                    continue
+                _, index, name, fragments = item
+                called = True
+                await chunk({"tool_calls": [{"id": f"chatcmpl-tool-{index}abc", "type": "function", "index": index,
+                                             "function": {"name": name}}]})
+                for fragment in fragments:
+                    await chunk({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
+            await chunk({"content": ""}, "tool_calls" if called else "stop")
+            n = self.tokens()
+            usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+            await resp.write(b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\ndata: [DONE]\n\n")
+            return resp
+
+        app = web.Application()
+        app.router.add_get("/health", health)
+        app.router.add_post("/v1/chat/completions", chat)
+        serve_forever(self.loop, app, started)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)

@@ -17,6 +17,7 @@ from tests.serving.test_gateway_support import (
     make_key,
     make_pool,
     post,
+    serve_forever,
     set_model_config,
     stream_lines,
 )
@@ -236,15 +237,7 @@ class FakeBackend:
         app.router.add_get("/health", health)
         app.router.add_post("/v1/chat/completions", chat)
         app.router.add_post("/generate_stream", generate_stream)
-        asyncio.set_event_loop(self.loop)
-        runner = web.AppRunner(app, access_log=None)
-        self.loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        host, port = runner.addresses[0][:2]
-        started.set_result(f"http://{host}:{port}")
-        self.loop.run_forever()
-        self.loop.run_until_complete(runner.cleanup())
+        serve_forever(self.loop, app, started)
 
     def stop(self):
         self.loop.call_soon_threadsafe(self.loop.stop)
