@@ -107,7 +107,7 @@ def to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
 
 
-def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+def template_message(message: dict[str, Any]) -> dict[str, Any]:
     """A message as chat templates take it: no `weight`; tool-call arguments as a dict (transformers' documented
     shape, which templates serialise themselves) instead of OpenAI's JSON string."""
     out = {k: v for k, v in message.items() if k != "weight"}
@@ -127,7 +127,7 @@ def _render(tokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt
             tools: list[dict[str, Any]] | None = None) -> str:
     if not messages and not add_generation_prompt:
         return ""
-    return tokenizer.apply_chat_template([_template_message(m) for m in messages], tools=tools or None,
+    return tokenizer.apply_chat_template([template_message(m) for m in messages], tools=tools or None,
                                          tokenize=False, add_generation_prompt=add_generation_prompt)
 
 

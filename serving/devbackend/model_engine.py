@@ -21,6 +21,7 @@ from serving.tinymodel import read_model_id
 
 from .config import BackendConfig
 from .protocol import BackendError, Cancellation, GenerationParams, Token
+from .tools import template_messages
 
 _DONE = object()
 
@@ -65,9 +66,10 @@ class ModelEngine:
         return [{"id": i, "text": text[start:stop], "start": start, "stop": stop}
                 for i, (start, stop) in zip(enc["input_ids"], enc["offset_mapping"])]
 
-    def render_chat(self, messages: list[dict]) -> str:
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.apply_chat_template(template_messages(messages), tools=tools, add_generation_prompt=True,
+                                                      tokenize=False)
         except Exception as exc:  # jinja raise_exception, bad roles
             raise BackendError(422, f"chat template error: {exc}", "template_error") from exc
 

@@ -15,6 +15,7 @@ from .generation import (Timing, backend_of, collect, number, produce, read_json
                          visible_text)
 from .protocol import BackendError, GenerationParams, Token, finalize_params, validation_error
 from .state import Backend
+from .tools import ToolCallStream, parse_tool_calls, tools_of
 
 _FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 
@@ -49,7 +50,12 @@ def _content(message) -> dict:
         content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
     if not isinstance(content, str):
         raise validation_error("`content` must be a string or a list of text parts")
-    return {"role": message["role"], "content": content}
+    out = {"role": message["role"], "content": content}
+    if message.get("tool_calls"):  # rendered by the template (arguments as dicts, as templates expect)
+        out["tool_calls"] = message["tool_calls"]
+    if message.get("tool_call_id"):
+        out["tool_call_id"] = message["tool_call_id"]
+    return out
 
 
 def _prompt(backend: Backend, body: dict, chat: bool) -> str:
@@ -57,7 +63,7 @@ def _prompt(backend: Backend, body: dict, chat: bool) -> str:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise validation_error("`messages` must be a non-empty list")
-        return backend.engine.render_chat([_content(m) for m in messages])
+        return backend.engine.render_chat([_content(m) for m in messages], tools_of(body)[0])
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
@@ -101,7 +107,7 @@ def _answer_text(tokens: list[Token], params: GenerationParams) -> str:
 
 async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     backend = backend_of(request)
-    timing, response = Timing(), None
+    timing, response, parse_calls = Timing(), None, False
     try:
         body = await read_json(request)
         backend.record(request.path, body, body.get("cache_salt"))
@@ -115,10 +121,13 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
             finalize_params(params, len(prompt), cfg.max_input_tokens, cfg.max_total_tokens)
             meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                     "model": body.get("model") or backend.engine.model_id, "system_fingerprint": None}
+            # Generated calls are parsed as vLLM's tool parsers do (flavors dev and vllm; TGI constrains its
+            # output with a grammar instead, which is not imitated).
+            parse_calls = chat and tools_of(body)[1] and cfg.flavor != "tgi"
             if body.get("stream"):
                 response = await start_sse(request, {"x-compute-type": backend.engine.compute_type})
                 await _stream(response, backend, ticket, prompt, params, adapter, meta, chat,
-                              bool((body.get("stream_options") or {}).get("include_usage")))
+                              bool((body.get("stream_options") or {}).get("include_usage")), parse_calls)
             else:
                 tokens = await collect(backend, ticket, prompt, params, adapter)
     except BackendError as error:
@@ -131,8 +140,11 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
         return web.Response(status=499)  # nobody is listening any more
     text, finish = _answer_text(tokens, params), _FINISH[tokens[-1].finish_reason]
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish}
+        message = {"role": "assistant", "content": text}
+        content, calls = parse_tool_calls(text) if parse_calls else (text, [])
+        if calls:
+            message, finish = {"role": "assistant", "content": content or None, "tool_calls": calls}, "tool_calls"
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
     answer = {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
@@ -140,13 +152,17 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     return web.json_response(answer, headers=timing.headers(backend.engine.compute_type, len(prompt), len(tokens)))
 
 
-async def _stream(response, backend, ticket, prompt, params, adapter, meta, chat: bool, include_usage: bool):
+async def _stream(response, backend, ticket, prompt, params, adapter, meta, chat: bool, include_usage: bool,
+                  parse_calls: bool = False):
     usage = {"usage": None} if include_usage else {}
     head = {**meta, "object": "chat.completion.chunk" if chat else "text_completion", **usage}
+    calls = ToolCallStream() if parse_calls else None
 
-    def chunk(text: str | None, finish: str | None, first: bool = False) -> bytes:
+    def chunk(text: str | None, finish: str | None, first: bool = False, tool_call: dict | None = None) -> bytes:
         if chat:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text is not None else {})
+            if tool_call is not None:
+                delta = {"tool_calls": [tool_call]}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
@@ -157,9 +173,18 @@ async def _stream(response, backend, ticket, prompt, params, adapter, meta, chat
         await response.write(chunk("", None, first=True))
     async for batch in produce(backend, ticket, prompt, params, adapter):
         generated += len(batch)
-        events = [chunk(t.text, None) for t in batch if not t.special and t.text]
+        texts = [t.text for t in batch if not t.special and t.text]
+        if calls is not None:
+            texts = [text for text in map(calls.feed, texts) if text]
+        events = [chunk(text, None) for text in texts]
         if batch[-1].finish_reason:
-            events.append(chunk(None, _FINISH[batch[-1].finish_reason]))
+            finish = _FINISH[batch[-1].finish_reason]
+            if calls is not None:
+                content, items = calls.finish()
+                events += [chunk(content, None)] if content else []
+                events += [chunk(None, None, tool_call=item) for item in items]
+                finish = "tool_calls" if items else finish
+            events.append(chunk(None, finish))
             if include_usage:
                 events.append(sse({**head, "choices": [], "usage": _usage(len(prompt), generated)}, b"data: "))
             events.append(b"data: [DONE]\n\n")

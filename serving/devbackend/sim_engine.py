@@ -7,6 +7,7 @@ deterministic and cost nothing. This module must not import torch: the simulated
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import AsyncIterator, Sequence
 
 from .config import BackendConfig
@@ -38,9 +39,12 @@ class SimEngine:
         return [{"id": _FIRST_WORD_ID + i // 4, "text": text[i:i + 4], "start": i, "stop": min(i + 4, len(text))}
                 for i in range(0, len(text), 4)]
 
-    def render_chat(self, messages: list[dict]) -> str:
-        turns = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages)
-        return f"<|bos|>{turns}<|assistant|>"
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The tiny model's template, roughly (only the prompt's length matters here)."""
+        head = f"<|tools|>{json.dumps(tools)}<|end|>" if tools else ""
+        turns = "".join(f"<|{m['role']}|>{m.get('content') or ''}{json.dumps(m.get('tool_calls')) if m.get('tool_calls') else ''}<|end|>"
+                        for m in messages)
+        return f"<|bos|>{head}{turns}<|assistant|>"
 
     async def load_adapter(self, name: str, path: str) -> None:
         self.adapters[name] = path

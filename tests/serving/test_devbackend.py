@@ -378,3 +378,93 @@ def test_control_tokens_that_do_not_end_a_turn_are_never_generated(tiny_model_pa
         assert len(tokens) == 20 and not any(isinstance(t, BaseException) for t in tokens)
         assert not never & {t.id for t in tokens}
         assert "".join(t.text for t in tokens if not t.special).strip()  # visible text, not only markers
+
+
+# --- tool calling (vLLM's --enable-auto-tool-choice, for the tiny model's template) -----------------------------
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+CALLED = 'Checking.<|tool_call|>{"name": "get_weather", "arguments": {"city": "Paris"}}<|tool_call|>{"name": "f", "arguments": {}}'
+
+
+def test_tool_call_parser_like_vllms():
+    from serving.devbackend.tools import ToolCallStream, parse_tool_calls
+
+    content, calls = parse_tool_calls(CALLED)
+    assert content == "Checking." and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris"}), ("f", {})]
+    assert all(c["id"].startswith("chatcmpl-tool-") and c["type"] == "function" for c in calls)
+    assert parse_tool_calls("plain text") == ("plain text", [])
+    broken = 'x<|tool_call|>{"name": "f", "argu'
+    assert parse_tool_calls(broken) == (broken, [])  # a cut call stays text
+    assert parse_tool_calls('<|tool_call|>{"name": "f", "arguments": {}} and more')[1] == []
+
+    stream = ToolCallStream()
+    sent = [stream.feed(CALLED[i:i + 3]) for i in range(0, len(CALLED), 3)]
+    assert "".join(sent) == "Checking." and not any("<|" in s for s in sent)
+    content, items = stream.finish()
+    assert content == "" and [i["index"] for i in items] == [0, 0, 1, 1]
+    assert items[0]["function"] == {"name": "get_weather"} and json.loads(items[1]["function"]["arguments"]) == {"city": "Paris"}
+    partial = ToolCallStream()
+    assert partial.feed("a <|tool") == "a " and partial.feed("s") == "<|tools" and partial.finish() == ("", [])
+
+
+def test_tools_and_tool_messages_go_through_the_chat_template(vllm_url, tiny_model_path):
+    from transformers import AutoTokenizer
+
+    from finetune.validation import template_message
+
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    client = openai_client(vllm_url)
+    plain = client.chat.completions.create(model=BASE_ID, messages=messages[:1], max_tokens=3, temperature=0)
+    answer = client.chat.completions.create(model=BASE_ID, messages=messages, tools=WEATHER, tool_choice="auto",
+                                            max_tokens=3, temperature=0)
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    rendered = tok.apply_chat_template([template_message(m) for m in messages], tools=WEATHER, tokenize=False,
+                                       add_generation_prompt=True)
+    assert '<|tools|>[{"type": "function"' in rendered
+    assert '<|tool_call|>{"name": "get_weather", "arguments": {"city": "Paris"}}' in rendered and "<|tool|>sunny<|end|>" in rendered
+    assert answer.usage.prompt_tokens == len(tok(rendered, add_special_tokens=False)["input_ids"]) > plain.usage.prompt_tokens
+    assert stats(vllm_url)["last_request"]["body"]["tools"] == WEATHER
+
+
+@pytest.fixture
+def calling_sim(monkeypatch):
+    """A simulated vllm-flavor backend whose "model" answers CALLED (the random tiny model never calls by itself)."""
+    from serving.devbackend import sim_engine
+    from serving.devbackend.protocol import Token
+
+    def tokens(self, params):
+        pieces = [CALLED[i:i + 5] for i in range(0, len(CALLED), 5)]
+        return [*(Token(100 + i, p, -1.0, False) for i, p in enumerate(pieces)), Token(2, "<|eos|>", -0.1, True, "eos_token")]
+
+    monkeypatch.setattr(sim_engine.SimEngine, "_tokens", tokens)
+    yield from _serve(BackendConfig(simulate=True, flavor="vllm", sim_tokens_per_second=2000))
+
+
+def test_generated_calls_come_back_as_tool_calls_streamed_or_not(calling_sim):
+    client = openai_client(calling_sim)
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    answer = client.chat.completions.create(model="sim/model", messages=ask, tools=WEATHER, max_tokens=50)
+    message = answer.choices[0].message
+    assert answer.choices[0].finish_reason == "tool_calls" and message.content == "Checking."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [("get_weather", {"city": "Paris"}), ("f", {})]
+
+    chunks = list(client.chat.completions.create(model="sim/model", messages=ask, tools=WEATHER, max_tokens=50, stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(d.content or "" for d in deltas) == "Checking."
+    items = [tc for d in deltas for tc in d.tool_calls or []]
+    assert [(tc.index, tc.function.name) for tc in items if tc.id] == [(0, "get_weather"), (1, "f")]
+    assert json.loads("".join(tc.function.arguments or "" for tc in items if tc.index == 0)) == {"city": "Paris"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    for stream in (False, True):  # tool_choice "none": the text as it is, never calls
+        out = client.chat.completions.create(model="sim/model", messages=ask, tools=WEATHER, tool_choice="none", max_tokens=50, stream=stream)
+        if stream:
+            out = list(out)
+            assert "".join(c.choices[0].delta.content or "" for c in out) == CALLED
+            assert not any(c.choices[0].delta.tool_calls for c in out) and out[-1].choices[0].finish_reason == "stop"
+        else:
+            assert out.choices[0].message.content == CALLED and out.choices[0].message.tool_calls is None
