@@ -173,3 +173,27 @@ def test_system_prompt_changes_the_answer_and_is_metered(world, platform):
     assert second.input_tokens - first.input_tokens == extra
     # The backend saw our prompt first; the client's answer never echoes it.
     assert dev_stats(platform["tiny"]["url"])["last_request"]["body"]["inputs"].startswith(system_prompt)
+
+
+def test_tool_definitions_and_tool_results_reach_the_real_model_through_the_gateway(platform):
+    """The whole path with the official SDK: tools and a tool-call round trip are rendered by the real dev backend
+    (the tiny model's template) after the gateway rebuilt them; the prompt grows by what the template renders."""
+    gw = platform["start"]()
+    client = OpenAI(base_url=f"{gw.url}/v1", api_key=platform["keys"]["acme"], max_retries=0)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    plain = client.chat.completions.create(model="tiny-chat", messages=ask, max_tokens=4, temperature=0)
+    with_tools = client.chat.completions.create(model="tiny-chat", messages=ask, tools=tools, max_tokens=4, temperature=0)
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 10  # the definitions were rendered
+    round_trip = ask + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                                                                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"},
+    ]
+    answer = client.chat.completions.create(model="tiny-chat", messages=round_trip, tools=tools, max_tokens=4, temperature=0)
+    assert answer.usage.prompt_tokens > with_tools.usage.prompt_tokens + 10  # the call and its result too
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    streamed = list(client.chat.completions.create(model="tiny-chat", messages=round_trip, tools=tools, max_tokens=4,
+                                                   temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert streamed[-1].usage.prompt_tokens == answer.usage.prompt_tokens
