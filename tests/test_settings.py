@@ -15,6 +15,7 @@ PRODUCTION_ENV = {
     "PLATFORM_ENV": "production",
     "DJANGO_SECRET_KEY": "x7" * 30 + "-production-secret-for-the-check",
     "DJANGO_ALLOWED_HOSTS": "console.example.com",
+    "PLATFORM_METRICS_TOKEN": "prometheus-bearer-token",
 }
 
 
@@ -27,6 +28,13 @@ def test_production_settings_pass_check_deploy_without_warnings():
     result = manage("check", "--deploy", "--fail-level", "WARNING", env=PRODUCTION_ENV)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
+
+
+def test_check_deploy_warns_when_metrics_have_no_token():
+    env = {**PRODUCTION_ENV, "PLATFORM_METRICS_TOKEN": ""}
+    result = manage("check", "--deploy", "--fail-level", "WARNING", env=env)
+    assert result.returncode != 0
+    assert "serving.W001" in result.stderr + result.stdout and "PLATFORM_METRICS_TOKEN" in result.stderr + result.stdout
 
 
 def test_production_requires_a_secret_key():
