@@ -112,6 +112,19 @@ class OpenAIView(APIView):
         return job
 
 
+def _page_by_id(request, qs, prefix: str, what: str) -> tuple[list, bool]:
+    """(rows, has_more): up to `limit` rows of `qs` (newest first) older than the `after` id (`{prefix}N`)."""
+    limit = _limit(request)
+    after = request.query_params.get("after")
+    if after:
+        try:
+            qs = qs.filter(id__lt=int(after.removeprefix(prefix)))
+        except ValueError:
+            raise FinetuneError(f"after must be {what} ({prefix}…)", param="after") from None
+    rows = list(qs[: limit + 1])
+    return rows[:limit], len(rows) > limit
+
+
 def _limit(request) -> int:
     raw = request.query_params.get("limit", DEFAULT_LIMIT)
     try:
@@ -380,16 +393,9 @@ class JobEventsApi(OpenAIView):
         key's tenant's.
         """
         job = self.job_or_404(job_id)
-        limit = _limit(request)
         qs = JobEvent.objects.for_tenant(self.tenant).filter(job=job).order_by("-id")
-        after = request.query_params.get("after")
-        if after:
-            try:
-                qs = qs.filter(id__lt=int(after.removeprefix("ftevent-")))
-            except ValueError:
-                raise FinetuneError("after must be an event id (ftevent-…)", param="after") from None
-        rows = list(qs[: limit + 1])
-        return Response({"object": "list", "data": [event_data(e) for e in rows[:limit]], "has_more": len(rows) > limit})
+        rows, has_more = _page_by_id(request, qs, "ftevent-", "an event id")
+        return Response({"object": "list", "data": [event_data(e) for e in rows], "has_more": has_more})
 
 
 class JobCheckpointsApi(OpenAIView):
@@ -400,17 +406,9 @@ class JobCheckpointsApi(OpenAIView):
         `after`; 404 for a job id that is not the key's tenant's.
         """
         job = self.job_or_404(job_id)
-        limit = _limit(request)
         qs = JobCheckpoint.objects.for_tenant(self.tenant).filter(job=job).order_by("-step")
-        after = request.query_params.get("after")
-        if after:
-            try:
-                qs = qs.filter(id__lt=int(after.removeprefix("ftckpt-")))
-            except ValueError:
-                raise FinetuneError("after must be a checkpoint id (ftckpt-…)", param="after") from None
-        rows = list(qs[: limit + 1])
-        return Response({"object": "list", "data": [checkpoint_data(job, c) for c in rows[:limit]],
-                         "has_more": len(rows) > limit})
+        rows, has_more = _page_by_id(request, qs, "ftckpt-", "a checkpoint id")
+        return Response({"object": "list", "data": [checkpoint_data(job, c) for c in rows], "has_more": has_more})
 
 
 # ---- adapters (management API, /api/tenants/<slug>/adapters/...) -----------------------------------
