@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 from openai import OpenAI
 
@@ -19,6 +18,7 @@ from tests.serving.test_gateway_support import (
     stream_lines,
     set_faults,
     sim_backend,
+    stream_then_hang_up,
     usage_records,
     wait_for,
 )
@@ -123,15 +123,7 @@ def test_client_disconnect_cancels_the_backend_request(world, gateway_factory):
         make_pool("shared", make_base_model(), [url])
         _, key = make_key(world.tenant)
         gw = gateway_factory()
-        body = json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 200, "stream": True}).encode()
-        host, port = gw.url.removeprefix("http://").split(":")
-        sock = socket.create_connection((host, int(port)))
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                     + f"authorization: Bearer {key}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)
-        received = b""
-        while received.count(b"data: ") < 3:
-            received += sock.recv(65536)
-        sock.close()
+        stream_then_hang_up(gw.url, key, max_tokens=200)
         assert wait_for(lambda: dev_stats(url)["requests_cancelled"] == 1)
         record = wait_for(lambda: usage_records(world.tenant))[0]
         assert record.status == "cancelled" and 0 < record.output_tokens < 200

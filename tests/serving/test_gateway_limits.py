@@ -13,9 +13,21 @@ from tests.serving.test_gateway_support import (
     post,
     set_faults,
     sim_backend,
+    stream_then_hang_up,
     usage_records,
     wait_for,
 )
+
+
+def settled_counters(tenant) -> dict[str, int]:
+    """The tenant's month counters once nothing is reserved any more (settlements run as responses close)."""
+    import asyncio
+
+    def counters():
+        snap = get_admission().snapshot(tenant.pk, "month")
+        return asyncio.run(snap) if asyncio.iscoroutine(snap) else snap
+
+    return wait_for(lambda: counters()["reserved"] == 0 and counters())
 
 
 def chat(gw, key, max_tokens=5):
@@ -73,14 +85,8 @@ def test_failed_request_is_refunded_and_counters_match_the_ledger(world, gateway
     assert chat(gw, key).status_code == 503
     assert chat(gw, key).status_code == 200
     ledger = sum(r.input_tokens + r.output_tokens for r in usage_records(world.tenant))
-    import asyncio
-
-    def counters():
-        snap = get_admission().snapshot(world.tenant.pk, "month")
-        return asyncio.run(snap) if asyncio.iscoroutine(snap) else snap
-
     # The last answer's settlement runs as its response closes: wait for it rather than race it.
-    assert wait_for(lambda: counters()["reserved"] == 0 and counters()) == {"used": ledger, "reserved": 0}
+    assert settled_counters(world.tenant) == {"used": ledger, "reserved": 0}
 
 
 def test_playground_token_is_an_inference_credential_for_its_tenant(world, gateway_factory, sim_url):
@@ -112,34 +118,15 @@ def test_playground_token_stops_working_when_its_user_is_demoted_or_removed(worl
 
 
 def test_dropped_stream_is_settled_with_the_tokens_delivered(world, gateway_factory):
-    import json
-    import socket
-
     url, stop = sim_backend(sim_tokens_per_second=50)
     try:
         make_pool("shared", make_base_model(), [url])
         services.policy_update(tenant=world.tenant, actor=services.SYSTEM, quota_tokens=100_000, quota_mode="hard", tokens_per_minute=50_000)
         _, key = make_key(world.tenant)
         gw = gateway_factory()
-        body = json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 500, "stream": True}).encode()
-        host, port = gw.url.removeprefix("http://").split(":")
-        sock = socket.create_connection((host, int(port)))
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                     + f"authorization: Bearer {key}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)
-        received = b""
-        while received.count(b"data: ") < 3:
-            received += sock.recv(65536)
-        sock.close()
+        stream_then_hang_up(gw.url, key, max_tokens=500)
         [record] = wait_for(lambda: usage_records(world.tenant))
         assert record.status == "cancelled" and record.output_tokens < 500
-
-        import asyncio
-
-        def counters():
-            snap = get_admission().snapshot(world.tenant.pk, "month")
-            return asyncio.run(snap) if asyncio.iscoroutine(snap) else snap
-
-        settled = wait_for(lambda: counters()["reserved"] == 0 and counters())
-        assert settled == {"used": record.input_tokens + record.output_tokens, "reserved": 0}  # the unused 500-token reservation was refunded
+        assert settled_counters(world.tenant) == {"used": record.input_tokens + record.output_tokens, "reserved": 0}  # the unused 500-token reservation was refunded
     finally:
         stop()

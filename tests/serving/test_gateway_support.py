@@ -190,6 +190,20 @@ def stream_lines(url: str, body: dict, headers: dict) -> tuple[int, list[str]]:
         return r.status_code, [line for line in r.iter_lines(decode_unicode=True) if line]
 
 
+def stream_then_hang_up(gw_url: str, key: str, max_tokens: int, events: int = 3) -> None:
+    """Open a streamed chat completion on a raw socket, read `events` SSE events, then close: a client that leaves."""
+    body = json.dumps({"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": max_tokens,
+                       "stream": True}).encode()
+    host, port = gw_url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                 + f"authorization: Bearer {key}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)
+    received = b""
+    while received.count(b"data: ") < events:
+        received += sock.recv(65536)
+    sock.close()
+
+
 def serve_forever(loop, app, started: Future) -> None:
     """Serve an aiohttp app on `loop` (in the calling thread) on a free port; `started` gets its URL."""
     from aiohttp import web
