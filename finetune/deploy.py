@@ -153,9 +153,12 @@ def backends_reconcile_adapters() -> dict[str, list[str]]:
     the backends it reloaded. Unreachable backends are left to the health checks; TGI reloads from its env."""
     reloaded = {}
     backends = Backend.objects.filter(enabled=True).exclude(pool__kind=BackendPool.Kind.TGI).select_related("pool")
+    # all_tenants: a pool's deployments belong to many tenants; they are only compared, never shown.
+    deployed_on: dict[int, set[str]] = {}
+    for pool_id, name in AdapterDeployment.all_tenants.filter(pool__in={b.pool_id for b in backends}).values_list("pool_id", "adapter__name"):
+        deployed_on.setdefault(pool_id, set()).add(name)
     for backend in backends:
-        # all_tenants: a pool's deployments belong to many tenants; they are only compared, never shown.
-        deployed = set(AdapterDeployment.all_tenants.filter(pool=backend.pool).values_list("adapter__name", flat=True))
+        deployed = deployed_on.get(backend.pool_id, set())
         served = _served_models(backend.url) if deployed else None
         if served is None or deployed <= served:
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from django.core.management import call_command
 
 from finetune import deploy
@@ -18,24 +19,31 @@ def _served_adapters(url: str) -> list[str]:
     return sorted(m["id"] for m in body["data"] if m.get("parent"))
 
 
-def test_a_restart_reloads_deployed_adapters_on_the_dev_backend(db, tiny_model_path):
+@pytest.fixture
+def demo(db, tiny_model_path):
+    """The demo as up.sh sets it up, on a simulated dev backend, with one adapter deployed: (url, pool, adapter)."""
     url, stop = sim_backend()
     try:
         call_command("demo_setup", model_path=str(tiny_model_path), backend_url=url, stdout=io.StringIO())
         tenant, pool = Tenant.objects.get(slug="demo"), BackendPool.objects.get(name="dev-tiny")
         adapter = Adapter.all_tenants.create(tenant=tenant, name="ft:tiny-chat:demo:zebra:1", base_model=pool.base_model, path="/a/zebra")
         assert deploy.adapter_deploy(tenant=tenant, adapter=adapter, actor=SYSTEM).state == "active"
-        backend = Backend.objects.get(pool=pool)
-        Backend.objects.filter(pk=backend.pk).update(loaded_adapters=[adapter.name, "ft:tiny-chat:demo:gone:2"])  # one undeployed since
-        assert deploy._post(url + "/v1/unload_lora_adapter", {"lora_name": adapter.name})[0]  # what a restart does to it
-
-        out = io.StringIO()
-        call_command("demo_setup", model_path=str(tiny_model_path), backend_url=url, stdout=out)  # up.sh, again
-        assert "Reloaded 1 deployed adapter(s)" in out.getvalue()
-        assert _served_adapters(url) == [adapter.name]  # served again, not silently answered by the base model
-        assert Backend.objects.get(pk=backend.pk).loaded_adapters == [adapter.name]  # what it really holds
+        yield url, pool, adapter
     finally:
         stop()
+
+
+def test_a_restart_reloads_deployed_adapters_on_the_dev_backend(demo, tiny_model_path):
+    url, pool, adapter = demo
+    backend = Backend.objects.get(pool=pool)
+    Backend.objects.filter(pk=backend.pk).update(loaded_adapters=[adapter.name, "ft:tiny-chat:demo:gone:2"])  # one undeployed since
+    assert deploy._post(url + "/v1/unload_lora_adapter", {"lora_name": adapter.name})[0]  # what a restart does to it
+
+    out = io.StringIO()
+    call_command("demo_setup", model_path=str(tiny_model_path), backend_url=url, stdout=out)  # up.sh, again
+    assert "Reloaded 1 deployed adapter(s)" in out.getvalue()
+    assert _served_adapters(url) == [adapter.name]  # served again, not silently answered by the base model
+    assert Backend.objects.get(pk=backend.pk).loaded_adapters == [adapter.name]  # what it really holds
 
 
 def test_an_adapter_that_fails_to_reload_is_not_listed(db, monkeypatch):
@@ -51,24 +59,17 @@ def test_an_adapter_that_fails_to_reload_is_not_listed(db, monkeypatch):
     assert Backend.objects.get(pk=backend.pk).loaded_adapters == ["ft:a"]  # ft:b now gets a clear 503, not the base model
 
 
-def test_the_periodic_reconcile_reloads_what_a_restarted_backend_forgot(db, tiny_model_path):
+def test_the_periodic_reconcile_reloads_what_a_restarted_backend_forgot(demo):
     """finetune.tasks.reconcile_adapters (beat, every minute): production backends restart without up.sh."""
     from finetune.tasks import reconcile_adapters
 
-    url, stop = sim_backend()
-    try:
-        call_command("demo_setup", model_path=str(tiny_model_path), backend_url=url, stdout=io.StringIO())
-        tenant, pool = Tenant.objects.get(slug="demo"), BackendPool.objects.get(name="dev-tiny")
-        adapter = Adapter.all_tenants.create(tenant=tenant, name="ft:tiny-chat:demo:zebra:1", base_model=pool.base_model, path="/a/zebra")
-        assert deploy.adapter_deploy(tenant=tenant, adapter=adapter, actor=SYSTEM).state == "active"
-        assert reconcile_adapters() == 0  # everything deployed is served: nothing to do
-        assert deploy._post(url + "/v1/unload_lora_adapter", {"lora_name": adapter.name})[0]  # what a restart does
-        assert _served_adapters(url) == []
+    url, pool, adapter = demo
+    assert reconcile_adapters() == 0  # everything deployed is served: nothing to do
+    assert deploy._post(url + "/v1/unload_lora_adapter", {"lora_name": adapter.name})[0]  # what a restart does
+    assert _served_adapters(url) == []
 
-        assert reconcile_adapters() == 1
-        assert _served_adapters(url) == [adapter.name]
-        assert Backend.objects.get(pool=pool).loaded_adapters == [adapter.name]
-        Backend.objects.filter(pool=pool).update(url="http://127.0.0.1:9")  # unreachable: left to the health checks
-        assert reconcile_adapters() == 0
-    finally:
-        stop()
+    assert reconcile_adapters() == 1
+    assert _served_adapters(url) == [adapter.name]
+    assert Backend.objects.get(pool=pool).loaded_adapters == [adapter.name]
+    Backend.objects.filter(pool=pool).update(url="http://127.0.0.1:9")  # unreachable: left to the health checks
+    assert reconcile_adapters() == 0
