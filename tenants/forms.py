@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import datetime, time, timedelta, timezone as dt_timezone
 
 from django import forms
@@ -209,6 +210,14 @@ class ApiKeyForm(forms.Form):
         widget=forms.DateInput(attrs={"type": "date"}),
         help_text="The key stops working at the end of this day (UTC).",
     )
+    # One random value per rendered form: posting the same form twice (a reload of the "key created" page, a
+    # double click) creates one key, not two. Optional, so scripted posts without it still work.
+    submission = forms.CharField(required=False, max_length=64, widget=forms.HiddenInput)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.is_bound:
+            self.initial["submission"] = secrets.token_urlsafe(16)
 
     def clean_name(self):
         name = self.cleaned_data["name"].strip()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib import messages
+from django.core.cache import cache
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Q
@@ -31,6 +32,7 @@ from tenants.models import (
 )
 
 AUDIT_PAGE_SIZE = 50
+KEY_FORM_CLAIM_SECONDS = 24 * 3600  # how long a posted key form is remembered
 AUDIT_PREFIXES = ["tenant.", "member.", "invitation.", "api_key.", "prompt.", "policy.", "security."]
 
 
@@ -219,16 +221,36 @@ def keys(request, ctx: TenantContext):
 def key_create(request, ctx: TenantContext):
     form = ApiKeyForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
+        # The form's one-time value, claimed atomically: a second post of the same form makes no second key.
+        claim = f"console:key-form:{ctx.tenant.id}:{form.cleaned_data['submission']}" if form.cleaned_data["submission"] else None
+        if claim and not cache.add(claim, 0, timeout=KEY_FORM_CLAIM_SECONDS):
+            return _key_form_reposted(request, ctx, cache.get(claim))
         try:
             key, secret = services.api_key_create(
                 tenant=ctx.tenant, name=form.cleaned_data["name"], scopes=form.cleaned_data["scopes"], actor=ctx.actor, expires_at=form.expires_at
             )
         except ValidationError as exc:
+            if claim:
+                cache.delete(claim)  # nothing was created: the corrected form may be posted again
             apply_service_errors(form, exc, aliases={"expires_at": "expires_on"})
         else:
+            if claim:
+                cache.set(claim, key.pk, timeout=KEY_FORM_CLAIM_SECONDS)
             # Rendered straight from the POST (no redirect, never cached): the secret exists only in this response.
             return _render(request, ctx, "console/key_created.html", "keys", {"key": key, "secret": secret})
     return _render(request, ctx, "console/key_form.html", "keys", {"form": form}, status=400 if form.is_bound else 200)
+
+
+def _key_form_reposted(request, ctx: TenantContext, key_id: int | None):
+    """The same key form posted again (a reload of the page that showed the secret, a double click)."""
+    key = ApiKey.objects.for_tenant(ctx.tenant).filter(pk=key_id).first() if key_id else None
+    if key is None:
+        messages.info(request, "This form was already submitted; no second key was created. The key list below shows what exists.")
+    else:
+        messages.warning(request, f"This form was already submitted: the key “{key.name}” ({key.prefix}…) was created then and its "
+                                  "secret shown once. No second key was created. If you did not copy the secret, revoke that "
+                                  "key and create another.")
+    return redirect("console-keys", tenant_slug=ctx.tenant.slug)
 
 
 @tenant_view(read=Role.ADMIN)

@@ -455,6 +455,37 @@ def test_key_create_shows_secret_once_and_stores_no_secret(client, world):
     assert services.api_key_authenticate(secret) == key
 
 
+def test_key_form_posted_twice_creates_one_key(client, world):
+    """Reloading the page that showed the secret (or a double click) posts the same form again: no second key."""
+    c = client_for(client, world.admin)
+    form = c.get(url("console-key-create")).context["form"]
+    data = {"name": "prod", "scopes": ["inference"], "submission": form.initial["submission"]}
+    first = c.post(url("console-key-create"), data)
+    assert first.status_code == 200 and "secret" in first.context
+    again = c.post(url("console-key-create"), data, follow=True)
+    assert again.redirect_chain[-1][0] == url("console-keys")
+    key = ApiKey.objects.for_tenant(world.tenant).get(name="prod")  # exactly one
+    page = again.content.decode()
+    assert "already submitted" in page and key.prefix in page and first.context["secret"] not in page
+    # A new form is a new key, and each rendering carries its own value.
+    second_form = c.get(url("console-key-create")).context["form"]
+    assert second_form.initial["submission"] != data["submission"]
+    c.post(url("console-key-create"), {**data, "submission": second_form.initial["submission"]})
+    assert ApiKey.objects.for_tenant(world.tenant).filter(name="prod").count() == 2
+
+
+def test_key_form_refused_by_the_service_can_be_posted_again(client, world):
+    c = client_for(client, world.admin)
+    token = c.get(url("console-key-create")).context["form"].initial["submission"]
+    data = {"name": "ci", "scopes": ["inference"], "submission": token}
+    refused = c.post(url("console-key-create"), {**data, "expires_on": "2001-01-01"})  # the service refuses a past expiry
+    assert refused.status_code == 400 and "secret" not in refused.context
+    assert refused.context["form"]["submission"].value() == token  # the re-rendered form keeps its value
+    fixed = c.post(url("console-key-create"), data)
+    assert fixed.status_code == 200 and "secret" in fixed.context
+    assert ApiKey.objects.for_tenant(world.tenant).filter(name="ci").count() == 1
+
+
 def test_key_create_with_expiry(client, world):
     day = (timezone.now() + timedelta(days=3)).date()
     client_for(client, world.admin).post(url("console-key-create"), {"name": "tmp", "scopes": ["inference"], "expires_on": day.isoformat()})
