@@ -3,7 +3,8 @@
 Request path (docs/gateway.md): read the body (capped) → authenticate the bearer key against the in-memory
 snapshot → validate → route `model` to (pool, adapter) → admission (limits, quota) → fair scheduler slot →
 pick the least-loaded healthy backend holding the adapter → stream through the driver, failing over before
-the first byte → answer in the client's shape → ledger record (awaited before the last byte) → settle.
+the first byte → answer in the client's shape → ledger record and admission settlement (both awaited before
+the last byte, so a client that waits for its answer never finds it still counted against its limits).
 """
 
 from __future__ import annotations
@@ -89,6 +90,16 @@ class Call:
     http_status: int = 200
     recorded: bool = False
     backend_accepted: bool = False
+    reservation: object = None  # admission's, settled once with the tokens the ledger records
+    settled: bool = False
+
+    @property
+    def counted_input_tokens(self) -> int:
+        """Input tokens for the ledger and the limits: the backend's count, else the estimate once a backend
+        accepted the request, else none."""
+        if self.input_tokens is not None:
+            return self.input_tokens
+        return self.prompt_estimate if self.backend_accepted else 0
 
 
 class GatewayApp:
@@ -361,8 +372,16 @@ class GatewayApp:
             err = ApiError(decision.status, decision.message, type=decision.error_type or None, code=decision.code or None)
             return await self._send_error(send, err, tgi=tgi, endpoint=endpoint, tenant=tenant, headers=headers)
 
-        call = Call(request_id, endpoint, tenant, key.id if key else None, route.name, route.adapter or "", pool, started_at, estimate, max_tokens)
-        work = asyncio.ensure_future(self._serve(call, req, route, backend_request, decision, headers, send))
+        call = Call(request_id, endpoint, tenant, key.id if key else None, route.name, route.adapter or "", pool, started_at, estimate, max_tokens,
+                    reservation=decision.reservation)
+
+        async def send_settled(message) -> None:
+            # Whatever ends the answer (result, error, in-band failure): settle before its last byte.
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                await self._settle(call)
+            await send(message)
+
+        work = asyncio.ensure_future(self._serve(call, req, route, backend_request, decision, headers, send_settled))
         watcher = asyncio.ensure_future(receive())
         try:
             await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -375,8 +394,18 @@ class GatewayApp:
                     raise
         finally:
             watcher.cancel()
-            used = (call.input_tokens or 0) + call.output_tokens
-            await admission.settle(decision.reservation, used_tokens=used)
+            await self._settle(call)  # the client left, or nothing was sent: settle now
+
+    @staticmethod
+    async def _settle(call: Call) -> None:
+        """Count the request's real tokens against its limits and refund the rest of its reservation, once
+        (the same figures as its ledger record)."""
+        if call.settled:
+            return
+        from serving.admission import get_admission
+
+        await get_admission().settle(call.reservation, used_tokens=call.counted_input_tokens + call.output_tokens)
+        call.settled = True  # after the await: a settle cut short is repeated (settling is idempotent)
 
     def _warn_quota(self, tenant, decision) -> None:
         """80 % of the quota crossed (admission says so once per window): audit and e-mail, off the request path."""
@@ -420,8 +449,7 @@ class GatewayApp:
             self._observe(call)
 
     def _entry(self, call: Call) -> LedgerEntry:
-        input_tokens = call.input_tokens if call.input_tokens is not None else (call.prompt_estimate if call.backend_accepted else 0)
-        call.input_tokens = input_tokens
+        input_tokens = call.input_tokens = call.counted_input_tokens
         return LedgerEntry(
             request_id=call.request_id, tenant_id=call.tenant.id, api_key_id=call.key_id, endpoint=call.endpoint,
             model=call.model, adapter=call.adapter, pool_id=call.pool.id, backend_id=call.backend_id,
@@ -582,7 +610,8 @@ class GatewayApp:
                 call.output_tokens = event.completion_tokens if event.completion_tokens is not None else delivered
                 text = "".join(parts)
                 call.completed = True
-                await self._record(call, wait=True)  # durable before the client sees the end
+                # Durable in the ledger and settled in admission, side by side, before the client sees the end.
+                await asyncio.gather(self._record(call, wait=True), self._settle(call))
                 if streaming:
                     rest = redactor.flush() if redactor is not None else ""
                     if tgi:

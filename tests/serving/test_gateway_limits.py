@@ -19,15 +19,17 @@ from tests.serving.test_gateway_support import (
 )
 
 
-def settled_counters(tenant) -> dict[str, int]:
-    """The tenant's month counters once nothing is reserved any more (settlements run as responses close)."""
+def counters(tenant) -> dict[str, int]:
+    """The tenant's month counters now: {used, reserved}."""
     import asyncio
 
-    def counters():
-        snap = get_admission().snapshot(tenant.pk, "month")
-        return asyncio.run(snap) if asyncio.iscoroutine(snap) else snap
+    snap = get_admission().snapshot(tenant.pk, "month")
+    return asyncio.run(snap) if asyncio.iscoroutine(snap) else snap
 
-    return wait_for(lambda: counters()["reserved"] == 0 and counters())
+
+def settled_counters(tenant) -> dict[str, int]:
+    """The tenant's month counters once nothing is reserved any more (a dropped or failed request settles as it closes)."""
+    return wait_for(lambda: counters(tenant)["reserved"] == 0 and counters(tenant))
 
 
 def chat(gw, key, max_tokens=5):
@@ -130,3 +132,23 @@ def test_dropped_stream_is_settled_with_the_tokens_delivered(world, gateway_fact
         assert settled_counters(world.tenant) == {"used": record.input_tokens + record.output_tokens, "reserved": 0}  # the unused 500-token reservation was refunded
     finally:
         stop()
+
+
+def test_a_sequential_client_is_never_refused_by_its_own_previous_request(world, gateway_factory, sim_url):
+    """Concurrency limit 1 and a hard quota: each answer's reservation is settled before its last byte, so the
+    next request of a client that waits for answers is never counted against the previous one."""
+    import requests
+
+    make_pool("shared", make_base_model(), [sim_url])
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, max_concurrent_requests=1, quota_tokens=1_000_000, quota_mode="hard")
+    _, key = make_key(world.tenant)
+    gw = gateway_factory()
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with requests.Session() as session:  # keep-alive: the next request follows the last byte within microseconds
+        for i in range(120):
+            r = session.post(f"{gw.url}/v1/chat/completions", json={**body, "stream": i % 2 == 1},
+                             headers={"authorization": f"Bearer {key}"}, timeout=30)
+            assert r.status_code == 200, (i, r.text)
+            r.content  # noqa: B018 — read to the last byte
+            now = counters(world.tenant)
+            assert now["reserved"] == 0, (i, now)  # settled before the client saw the end
