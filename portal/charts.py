@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+LABEL_CHAR_WIDTH = 8  # SVG units per character of an axis label (the console's small font)
+
+
 @dataclass(frozen=True)
 class Bar:
     label: str
@@ -14,6 +17,7 @@ class Bar:
     width: float
     height: float
     title: str
+    show_label: bool = False
 
 
 def bar_chart(points: list[tuple[str, int | float]], *, width: int = 720, height: int = 180, unit: str = "") -> dict:
@@ -23,8 +27,12 @@ def bar_chart(points: list[tuple[str, int | float]], *, width: int = 720, height
     n = max(len(points), 1)
     slot = width / n
     bar_w = max(2.0, slot * 0.7)
+    every = max(1, n // 8)  # about eight axis labels
     bars = []
     for i, (label, value) in enumerate(points):
         h = (height - 20) * value / top
-        bars.append(Bar(label, value, i * slot + (slot - bar_w) / 2, height - h, bar_w, h, f"{label}: {value:,}{unit}"))
-    return {"bars": bars, "width": width, "height": height, "max": peak, "unit": unit, "label_every": max(1, n // 8)}
+        x = i * slot + (slot - bar_w) / 2
+        # A label starts at its bar: one that would run past the right edge is left out.
+        shown = i % every == 0 and x + LABEL_CHAR_WIDTH * len(label) <= width
+        bars.append(Bar(label, value, x, height - h, bar_w, h, f"{label}: {value:,}{unit}", shown))
+    return {"bars": bars, "width": width, "height": height, "max": peak, "unit": unit}

@@ -1,4 +1,4 @@
-"""Reads of the usage ledger for the console and the API: usage per day and model, quota utilization."""
+"""Reads of the usage ledger for the console and the API: usage per day and model or API key, quota utilization."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from django.db.models.functions import TruncDate
 
 from serving.admission import WARN_FRACTION, window_bounds
 from serving.models import BackendPool, BaseModel, ModelConfig, UsageRecord
-from tenants.models import Policy, Tenant
+from tenants.models import ApiKey, Policy, Tenant
 from tenants.selectors import effective_quota_tokens
 
 
@@ -29,17 +29,45 @@ def base_models_for_tenant(tenant) -> list[BaseModel]:
 
 def usage_by_day_and_model(tenant: Tenant, *, days: int = 30, today: date | None = None) -> list[dict]:
     """Rows {day, model, requests, input_tokens, output_tokens} over the last `days` days (UTC), oldest first."""
-    today = today or datetime.now(timezone.utc).date()
-    start = datetime.combine(today - timedelta(days=days - 1), datetime.min.time(), tzinfo=timezone.utc)
+    return _usage_rows(tenant, ("day", "model"), days=days, today=today)
+
+
+def usage_by_day_and_key(tenant: Tenant, *, days: int = 30, today: date | None = None) -> list[dict]:
+    """Rows {day, key_id, key_name, key_prefix, key_revoked, requests, input_tokens, output_tokens, total_tokens} over
+    the last `days` UTC days, oldest first. Requests made from the console's Playground have no key (key_id None)."""
+    return _with_keys(tenant, _usage_rows(tenant, ("day", "api_key_id"), days=days, today=today))
+
+
+def usage_export_rows(tenant: Tenant, *, days: int = 30, today: date | None = None) -> list[dict]:
+    """The finest grouping, for the CSV export: one row per UTC day, model and API key, oldest first."""
+    return _with_keys(tenant, _usage_rows(tenant, ("day", "model", "api_key_id"), days=days, today=today))
+
+
+def first_day(days: int, today: date | None = None) -> date:
+    """The first UTC day of a period of `days` days ending today."""
+    return (today or datetime.now(timezone.utc).date()) - timedelta(days=days - 1)
+
+
+def _usage_rows(tenant: Tenant, group: tuple[str, ...], *, days: int, today: date | None) -> list[dict]:
+    start = datetime.combine(first_day(days, today), datetime.min.time(), tzinfo=timezone.utc)
     rows = (
         UsageRecord.objects.for_tenant(tenant)
         .filter(created_at__gte=start)
         .annotate(day=TruncDate("created_at", tzinfo=timezone.utc))
-        .values("day", "model")
+        .values(*group)
         .annotate(requests=Count("id"), input_tokens=Sum("input_tokens"), output_tokens=Sum("output_tokens"))
-        .order_by("day", "model")
+        .order_by(*group)
     )
     return [{**r, "total_tokens": r["input_tokens"] + r["output_tokens"]} for r in rows]
+
+
+def _with_keys(tenant: Tenant, rows: list[dict]) -> list[dict]:
+    keys = {k.pk: k for k in ApiKey.objects.for_tenant(tenant).filter(pk__in={r["api_key_id"] for r in rows} - {None})}
+    for r in rows:
+        key = keys.get(r.pop("api_key_id"))
+        r.update(key_id=key.pk if key else None, key_name=key.name if key else "", key_prefix=key.prefix if key else "",
+                 key_revoked=bool(key and key.revoked_at))
+    return rows
 
 
 def daily_totals(rows: list[dict], *, days: int = 30, today: date | None = None) -> list[tuple[date, int]]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+from datetime import timedelta
+
 from django.contrib import messages
 from django.db import transaction
 from django.db.models import Q
+from django.http import HttpResponse
 from django.shortcuts import redirect, render
 
 from portal.charts import bar_chart
@@ -20,17 +24,30 @@ def _render(request, ctx: TenantContext, template: str, section: str, context: d
     return render(request, template, {"tenant": ctx.tenant, "section": section, "can_write": ctx.can(Role.ADMIN), **context})
 
 
+USAGE_PERIODS = (7, 30, 90)  # days the Usage page and its export offer
+USAGE_GROUPS = {"model": "model", "key": "API key"}
+
+
+def _usage_days(request) -> int:
+    raw = request.GET.get("days", "")
+    return int(raw) if raw in {str(d) for d in USAGE_PERIODS} else 30
+
+
 @tenant_view()
 def usage(request, ctx: TenantContext):
-    days = 30
-    rows = selectors.usage_by_day_and_model(ctx.tenant, days=days)
-    daily = selectors.daily_totals(rows, days=days)
+    days = _usage_days(request)
+    by = request.GET.get("by") if request.GET.get("by") in USAGE_GROUPS else "model"
+    # The quota history needs the last 30 days (a month window's days so far), whatever period is shown.
+    model_rows = selectors.usage_by_day_and_model(ctx.tenant, days=max(days, 30))
+    shown = [r for r in model_rows if r["day"] >= selectors.first_day(days)]
     quota = selectors.quota_status(ctx.tenant)
-    history = selectors.utilization_history(ctx.tenant, quota, daily)
+    history = selectors.utilization_history(ctx.tenant, quota, selectors.daily_totals(model_rows, days=30))
+    daily = selectors.daily_totals(shown, days=days)
+    rows = shown if by == "model" else selectors.usage_by_day_and_key(ctx.tenant, days=days)
     totals = {
-        "requests": sum(r["requests"] for r in rows),
-        "input_tokens": sum(r["input_tokens"] for r in rows),
-        "output_tokens": sum(r["output_tokens"] for r in rows),
+        "requests": sum(r["requests"] for r in shown),
+        "input_tokens": sum(r["input_tokens"] for r in shown),
+        "output_tokens": sum(r["output_tokens"] for r in shown),
     }
     return _render(
         request,
@@ -38,6 +55,11 @@ def usage(request, ctx: TenantContext):
         "serving/usage.html",
         "usage",
         {
+            "days": days,
+            "periods": USAGE_PERIODS,
+            "by": by,
+            "groups": USAGE_GROUPS,
+            "group_label": USAGE_GROUPS[by],
             "rows": list(reversed(rows)),
             "totals": totals,
             "quota": quota,
@@ -45,6 +67,30 @@ def usage(request, ctx: TenantContext):
             "history_chart": bar_chart(history, unit=" %") if history else None,
         },
     )
+
+
+CSV_COLUMNS = ("day", "model", "api_key_name", "api_key_prefix", "requests", "input_tokens", "output_tokens", "total_tokens")
+
+
+@tenant_view()
+def usage_export(request, ctx: TenantContext):
+    """The Usage page's period as CSV: one row per UTC day, model and API key (the Playground's rows have no key)."""
+    days = _usage_days(request)
+    rows = selectors.usage_export_rows(ctx.tenant, days=days)
+    response = HttpResponse(content_type="text/csv; charset=utf-8")
+    first = selectors.first_day(days)
+    response["Content-Disposition"] = f'attachment; filename="usage-{ctx.tenant.slug}-{first:%Y%m%d}-{first + timedelta(days=days - 1):%Y%m%d}.csv"'
+    writer = csv.writer(response)
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        writer.writerow([r["day"].isoformat(), r["model"], _csv_text(r["key_name"] if r["key_id"] else "(playground)"), r["key_prefix"],
+                         r["requests"], r["input_tokens"], r["output_tokens"], r["total_tokens"]])
+    return response
+
+
+def _csv_text(value: str) -> str:
+    """Text a spreadsheet will not run as a formula (key names are typed by tenant admins)."""
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
 
 
 def model_names_for(tenant) -> list[str]:

@@ -95,9 +95,11 @@ def test_key_secret_is_shown_once_and_revoked(page):
     expect(page.get_by_role("alert")).to_contain_text("shown only once")
     page.get_by_role("button", name="Copy").click()
     expect(page.locator("[data-copy-status]")).to_have_text("Copied to the clipboard.")
-
-    page.get_by_role("link", name=re.compile("back to keys")).click()
-    assert secret not in page.content()
+    expect(page.get_by_role("link", name=re.compile("back to keys"))).to_be_visible()
+    page.reload()  # the browser posts the form again: no second key, and the secret is not shown again
+    expect(page.get_by_role("status")).to_contain_text("already submitted")
+    expect(page).to_have_url(re.compile(r"/keys/$"))
+    assert secret not in page.content() and ApiKey.objects.for_tenant(Tenant.objects.get(slug="initech")).count() == 1
     row = page.locator("tr", has_text="production")
     expect(row.locator(".state")).to_have_text("Active")
     page.screenshot(path="/tmp/console-keys.png", full_page=True)
@@ -135,3 +137,38 @@ def test_prompt_edits_roll_back_and_diff(page):
     expect(page.locator(".diff-del")).to_contain_text("Answer briefly.")
     expect(page.locator(".diff-add")).to_contain_text("Answer in detail.")
     expect(page.locator(".diff-same")).to_contain_text("You are Initech's assistant.")
+
+
+def test_usage_period_grouping_and_csv_download(page):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from serving.models import UsageRecord
+    from tenants import services
+
+    page.goto("/signup/")
+    sign_up(page, "milton@initech.test", org="Initech")
+    tenant = Tenant.objects.get(slug="initech")
+    key, _ = services.api_key_create(tenant=tenant, name="batch-jobs", scopes=["inference"], actor=services.SYSTEM)
+    for i, days_ago in enumerate([0, 1, 45]):
+        UsageRecord.all_tenants.create(tenant=tenant, request_id=f"u{i}", endpoint="chat", model="tiny-chat", api_key=key,
+                                       input_tokens=1000, output_tokens=500, status="ok",
+                                       created_at=timezone.now() - timedelta(days=days_ago))
+    side_nav(page, "Usage").click()
+    expect(page.get_by_role("heading", name="Tokens per day, last 30 days")).to_be_visible()
+    expect(page.locator("dl.facts")).to_contain_text("Input tokens2,000")  # 2 requests in 30 days
+    page.get_by_role("navigation", name="Period").get_by_role("link", name="90 days").click()
+    expect(page.get_by_role("heading", name="Tokens per day, last 90 days")).to_be_visible()
+    expect(page.locator("dl.facts")).to_contain_text("Input tokens3,000")
+    page.get_by_role("link", name="By API key").click()
+    expect(page.get_by_role("heading", name="Per day and API key")).to_be_visible()
+    expect(page.locator("tbody tr")).to_have_count(3)
+    expect(page.locator("tbody tr").first).to_contain_text("batch-jobs")
+    page.screenshot(path="/tmp/console-usage.png", full_page=True)
+    with page.expect_download() as info:
+        page.get_by_role("link", name="Download CSV").click()
+    download = info.value
+    assert download.suggested_filename.startswith("usage-initech-") and download.suggested_filename.endswith(".csv")
+    lines = Path(download.path()).read_text().splitlines()
+    assert lines[0].startswith("day,model,api_key_name") and len(lines) == 4  # the 90 days shown: 3 rows

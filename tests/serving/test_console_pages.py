@@ -51,6 +51,62 @@ def test_usage_page_says_throttled_and_exhausted(client, world, served):
     assert "requests are refused" in client.get(reverse("console-usage", args=["acme"])).content.decode()
 
 
+def _usage(tenant, request_id, *, days_ago=0, key=None, model="tiny-chat", tokens=(10, 5)):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    UsageRecord.all_tenants.create(tenant=tenant, request_id=request_id, endpoint="chat", model=model, api_key=key,
+                                   input_tokens=tokens[0], output_tokens=tokens[1], status="ok",
+                                   created_at=timezone.now() - timedelta(days=days_ago))
+
+
+def test_usage_page_periods_and_rows_by_api_key(client, world, served):
+    ci, _ = services.api_key_create(tenant=world.tenant, name="ci", scopes=["inference"], actor=services.SYSTEM)
+    old, _ = services.api_key_create(tenant=world.tenant, name="old-prod", scopes=["inference"], actor=services.SYSTEM)
+    services.api_key_revoke(key=old, actor=services.SYSTEM)
+    _usage(world.tenant, "a", key=ci, tokens=(100, 20))
+    _usage(world.tenant, "b", key=old, tokens=(7, 3), days_ago=10)
+    _usage(world.tenant, "c", key=None, tokens=(1, 1), days_ago=50)  # the playground, 50 days ago
+    _usage(world.other_tenant, "x", tokens=(10**6, 0))
+    login(client, world.viewer)
+    url = reverse("console-usage", args=["acme"])
+    week = client.get(url, {"days": 7, "by": "key"})
+    assert week.context["days"] == 7 and week.context["totals"]["input_tokens"] == 100
+    assert [(r["key_name"], r["total_tokens"]) for r in week.context["rows"]] == [("ci", 120)]
+    quarter = client.get(url, {"days": 90, "by": "key"})
+    assert quarter.context["totals"] == {"requests": 3, "input_tokens": 108, "output_tokens": 24}
+    html = quarter.content.decode()
+    chart = quarter.context["usage_chart"]
+    assert "Tokens per day, last 90 days" in html and len(chart["bars"]) == 90
+    labelled = [b for b in chart["bars"] if b.show_label]
+    assert len(labelled) >= 7 and all(b.x + 8 * len(b.label) <= chart["width"] for b in labelled)  # none cut at the edge
+    assert ci.prefix in html and "revoked" in html and "Playground (console)" in html and "1,000,000" not in html
+    assert client.get(url, {"days": "12345", "by": "nope"}).context["days"] == 30  # unknown choices: the defaults
+
+
+def test_usage_export_is_csv_for_the_period_with_formulas_defused(client, world, served):
+    import csv
+    import io
+
+    key, _ = services.api_key_create(tenant=world.tenant, name="=HYPERLINK(1)", scopes=["inference"], actor=services.SYSTEM)
+    _usage(world.tenant, "a", key=key, tokens=(100, 20))
+    _usage(world.tenant, "b", key=key, tokens=(1, 2))
+    _usage(world.tenant, "c", key=None, model="ft:tiny-chat:acme:x:1", tokens=(5, 5), days_ago=3)
+    _usage(world.tenant, "d", key=None, tokens=(9, 9), days_ago=40)  # outside 30 days
+    _usage(world.other_tenant, "x", tokens=(10**6, 0))
+    login(client, world.viewer)
+    response = client.get(reverse("console-usage-export", args=["acme"]))
+    assert response.status_code == 200 and response["Content-Type"].startswith("text/csv")
+    assert response["Content-Disposition"].startswith('attachment; filename="usage-acme-')
+    rows = list(csv.DictReader(io.StringIO(response.content.decode())))
+    assert [(r["model"], r["api_key_name"], r["requests"], r["total_tokens"]) for r in rows] == [
+        ("ft:tiny-chat:acme:x:1", "(playground)", "1", "10"), ("tiny-chat", "'=HYPERLINK(1)", "2", "123")]
+    assert rows[1]["api_key_prefix"] == key.prefix and rows[1]["input_tokens"] == "101"
+    assert len(list(csv.reader(io.StringIO(client.get(reverse("console-usage-export", args=["acme"]), {"days": 90}).content.decode())))) == 4
+    assert client.get(reverse("console-usage-export", args=["globex"])).status_code == 404
+
+
 def test_models_page_lists_models_and_admin_saves_settings(client, world, served):
     login(client, world.admin)
     url = reverse("console-models", args=["acme"])
