@@ -16,6 +16,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse, reverse_lazy
 from django.views.decorators.http import require_http_methods
 
+from portal.text import sentence
 from tenants import services, throttle
 from tenants.forms import EmailAuthenticationForm, SignupForm, TenantForm, ThrottledPasswordResetForm, apply_service_errors
 from tenants.selectors import memberships_for_user
@@ -100,9 +101,9 @@ def signup(request):
         else:
             login(request, user, backend="django.contrib.auth.backends.ModelBackend")
             if joining:
-                messages.success(request, f"Welcome! Accept the invitation to join {invitation.tenant.name}.")
+                messages.success(request, f"Welcome! Accept the invitation to join {sentence(invitation.tenant.name)}")
                 return redirect("invitation-accept", token=token)
-            messages.success(request, f"Welcome to {tenant.name}. You are its owner.")
+            messages.success(request, f"Welcome to {sentence(tenant.name)} You are its owner.")
             return redirect("console-dashboard", tenant_slug=tenant.slug)
     return render(request, "auth/signup.html", {"form": form, "invitation": invitation, "token": token if joining else ""},
                   status=400 if form.is_bound and form.errors else 200)

@@ -252,5 +252,27 @@ class AuditEvent(TenantOwnedModel):
         if self.actor_id:
             return f"{self.actor.email or self.actor.username}{' (staff)' if self.actor_is_staff else ''}"
         if self.actor_key_id:
-            return f"API key {self.actor_key.prefix}…"
+            return f"API key “{self.actor_key.name}” ({self.actor_key.prefix}…)"
         return "system"
+
+    @property
+    def details(self) -> list[tuple[str, str]]:
+        """The event's data as (label, text) pairs people read: "quota tokens: 0 → 5,000,000", "scopes: finetune, inference"."""
+        return [(key.replace("_", " "), describe_value(value)) for key, value in self.data.items()]
+
+
+def describe_value(value) -> str:
+    """One audit value in words: numbers with separators, yes/no, lists joined, {from, to} changes as an arrow."""
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, list):
+        return ", ".join(describe_value(v) for v in value) or "—"
+    if isinstance(value, dict):
+        if set(value) == {"from", "to"}:
+            return f"{describe_value(value['from'])} → {describe_value(value['to'])}"
+        return "; ".join(f"{k.replace('_', ' ')}: {describe_value(v)}" for k, v in value.items())
+    return str(value)

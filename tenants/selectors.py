@@ -27,6 +27,13 @@ def membership_for_user(user, tenant_slug: str) -> Membership:
     return membership
 
 
+def is_last_owner(membership: Membership) -> bool:
+    """The tenant's only owner: they cannot leave or be demoted until someone else is owner (services enforce it)."""
+    return membership.role == Role.OWNER and not (
+        Membership.objects.for_tenant(membership.tenant_id).filter(role=Role.OWNER).exclude(pk=membership.pk).exists()
+    )
+
+
 def effective_quota_tokens(policy: Policy) -> int:
     """Tokens per window in force: the fixed quota, or in fair-share mode Q_i = R_total · w_i / Σ_j w_j.
 

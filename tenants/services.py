@@ -16,6 +16,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
+from portal.text import sentence
 from tenants.models import (
     ApiKey,
     AuditEvent,
@@ -149,7 +150,7 @@ def invitation_create(*, tenant: Tenant, email: str, role: str, actor: Actor) ->
     if role not in Role.values:
         raise ValidationError({"role": f"Unknown role {role!r}: use one of {', '.join(Role.values)}."})
     if Membership.objects.for_tenant(tenant).filter(user__email__iexact=email).exists():
-        raise ValidationError({"email": f"{email} is already a member of {tenant.name}."})
+        raise ValidationError({"email": f"{email} is already a member of {sentence(tenant.name)}"})
     token, token_hash = Invitation.new_token()
     invitation = Invitation(
         tenant=tenant,
@@ -196,7 +197,7 @@ def invitation_accept(*, token: str, user) -> Membership:
         with transaction.atomic():
             membership = Membership.objects.for_tenant(tenant).create(tenant=tenant, user=user, role=invitation.role)
     except IntegrityError:
-        raise ValidationError({"token": f"You are already a member of {tenant.name}."}) from None
+        raise ValidationError({"token": f"You are already a member of {sentence(tenant.name)}"}) from None
     invitation.accepted_at = timezone.now()
     invitation.accepted_by = user
     invitation.save(update_fields=["accepted_at", "accepted_by"])

@@ -17,6 +17,7 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
+from portal.text import sentence
 from tenants import selectors, services
 from tenants.access import TenantContext, tenant_view
 from tenants.forms import ApiKeyForm, AuditFilterForm, InviteForm, PromptForm, RoleForm, TenantNameForm, apply_service_errors
@@ -119,6 +120,7 @@ def _members_page(request, ctx: TenantContext, invite_form=None, status=200):
             "invitations": invitations,
             "invite_form": invite_form or (InviteForm(granter=ctx.membership) if can_manage else None),
             "ttl_hours": settings.INVITATION_TTL_HOURS,
+            "last_owner": selectors.is_last_owner(ctx.membership),
         },
         status=status,
     )
@@ -174,7 +176,7 @@ def member_remove(request, ctx: TenantContext, membership_id: int):
         except ValidationError as exc:
             messages.error(request, " ".join(exc.messages))
         else:
-            messages.success(request, f"{membership.user.email} was removed from {ctx.tenant.name}.")
+            messages.success(request, f"{membership.user.email} was removed from {sentence(ctx.tenant.name)}")
             if membership.user_id == request.user.pk:
                 return redirect("console-home")
         return redirect("console-members", tenant_slug=ctx.tenant.slug)
@@ -189,9 +191,9 @@ def member_leave(request, ctx: TenantContext):
         except ValidationError as exc:
             messages.error(request, " ".join(exc.messages))
             return redirect("console-members", tenant_slug=ctx.tenant.slug)
-        messages.success(request, f"You left {ctx.tenant.name}.")
+        messages.success(request, f"You left {sentence(ctx.tenant.name)}")
         return redirect("console-home")
-    return _render(request, ctx, "console/member_leave.html", "members")
+    return _render(request, ctx, "console/member_leave.html", "members", {"last_owner": selectors.is_last_owner(ctx.membership)})
 
 
 @tenant_view()

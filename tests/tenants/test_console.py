@@ -626,3 +626,82 @@ def test_every_console_url_is_a_tenant_view_or_listed_as_public_or_user():
             assert hasattr(p.callback, "tenant_roles"), route  # a tenants.access.tenant_view
         else:
             assert p.name in listed, route
+
+
+# ---- text people read ------------------------------------------------------------------------------
+
+
+def test_sentence_adds_a_full_stop_only_when_missing():
+    from portal.text import sentence
+
+    assert sentence("Acme") == "Acme." and sentence("Demo Inc.") == "Demo Inc." and sentence("Why? ") == "Why?"
+
+
+def test_names_and_reasons_ending_in_a_full_stop_are_not_doubled(client, world):
+    services.tenant_rename(tenant=world.tenant, name="Acme Inc.", actor=services.SYSTEM)
+    services.tenant_set_status(tenant=world.tenant, status="suspended", reason="Suspended by staff.", actor=services.SYSTEM)
+    c = client_for(client, world.admin)
+    for page in ("console-limits", "console-dashboard"):
+        html = c.get(url(page)).content.decode()
+        assert ".." not in html.replace("...", ""), page
+    assert "What the gateway enforces for Acme Inc. Platform staff" in c.get(url("console-limits")).content.decode()
+    assert "API requests are refused: Suspended by staff. Contact support" in c.get(url("console-dashboard")).content.decode()
+
+
+def test_audit_details_read_as_words(client, world):
+    key, _ = services.api_key_create(tenant=world.tenant, name="deploy-bot", scopes=["management:write", "inference"], actor=services.SYSTEM)
+    services.policy_update(tenant=world.tenant, actor=services.Actor(key=key), quota_tokens=5_000_000)
+    html = client_for(client, world.admin).get(url("console-audit")).content.decode()
+    assert "0 → 5,000,000" in html and "quota tokens" in html  # not {'from': 0, 'to': 5000000}
+    assert "inference, management:write" in html and "[" not in re.sub(r"<[^>]+>", "", html.split("<tbody>")[1])
+    assert f"API key “deploy-bot” ({key.prefix}…)" in html
+
+
+# ---- leaving, and the tenant switcher --------------------------------------------------------------
+
+
+def test_the_only_owner_is_not_offered_to_leave(client, world):
+    c = client_for(client, world.owner)
+    members = c.get(url("console-members")).content.decode()
+    assert url("console-member-leave") not in members and "You are the only owner" in members
+    leave = c.get(url("console-member-leave")).content.decode()
+    assert "You are the only owner" in leave and "Leave tenant</button>" not in leave
+    services.membership_change_role(membership=Membership.objects.for_tenant(world.tenant).get(user=world.admin), role=Role.OWNER,
+                                    actor=services.SYSTEM)
+    assert url("console-member-leave") in c.get(url("console-members")).content.decode()  # two owners: either may go
+    assert "Leave tenant</button>" in c.get(url("console-member-leave")).content.decode()
+
+
+def test_tenant_switcher_keeps_the_page_when_the_role_allows(client, world):
+    Membership.objects.for_tenant(world.other_tenant).create(user=world.admin, role=Role.VIEWER)
+    c = client_for(client, world.admin)
+
+    def switch_link(path):
+        response = c.get(path)
+        return dict((m.tenant.slug, link) for m, link in response.context["tenant_switch"])["globex"]
+
+    assert switch_link(url("console-keys")) == url("console-keys", slug="globex")
+    assert switch_link(url("console-key-revoke", key_id=services.api_key_create(
+        tenant=world.tenant, name="k", scopes=["inference"], actor=services.SYSTEM)[0].pk)) == url("console-keys", slug="globex")
+    assert switch_link(reverse("finetune-jobs", args=["acme"])) == reverse("finetune-jobs", args=["globex"])
+    assert switch_link(url("console-audit")) == url("console-dashboard", slug="globex")  # a viewer there: no audit log
+    assert switch_link(url("console-dashboard")) == url("console-dashboard", slug="globex")
+
+
+def test_client_errors_are_logged_without_a_traceback():
+    import logging
+    import sys
+
+    from portal.logfilters import ClientErrorsWithoutTraceback
+
+    try:
+        raise PermissionError("x")
+    except PermissionError:
+        exc_info = sys.exc_info()
+    refused = logging.LogRecord("django.request", logging.WARNING, "", 0, "Forbidden: /t/acme/", (), exc_info)
+    refused.status_code = 403
+    crashed = logging.LogRecord("django.request", logging.ERROR, "", 0, "Internal Server Error: /", (), exc_info)
+    crashed.status_code = 500
+    f = ClientErrorsWithoutTraceback()
+    assert f.filter(refused) and refused.exc_info is None
+    assert f.filter(crashed) and crashed.exc_info is not None
