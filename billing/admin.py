@@ -11,24 +11,54 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import path
 
 from billing import invoicing, services, stripe_gateway
-from billing.models import BillingAccount, BillingSettings, DailyUsage, Invoice, InvoiceLine, Price, StripeEvent
+from billing.models import BillingAccount, BillingSettings, DailyUsage, Invoice, InvoiceLine, Price, StripeEvent, utc_today
 from billing.tasks import invoice_push
 from tenants.models import Tenant
 from tenants.services import Actor
 
 
+class PriceForm(forms.ModelForm):
+    reprice_confirmed = forms.BooleanField(
+        required=False, label="Reprice usage already rated",
+        help_text="Needed for a start from the 1st of this month up to today: the entry then also prices usage already "
+                  "rated this month, and tenants' cost so far changes. Days of ended or invoiced months are never allowed.",
+    )
+
+    class Meta:
+        model = Price
+        fields = "__all__"
+
+    def clean(self):
+        cleaned = super().clean()
+        self.instance.reprice_confirmed = bool(cleaned.get("reprice_confirmed"))  # read by Price.clean (model validation)
+        return cleaned
+
+
 @admin.register(Price)
 class PriceAdmin(admin.ModelAdmin):
+    form = PriceForm
     list_display = ("base_model", "adapter", "pool", "input_price", "output_price", "training_price", "effective_from")
     list_filter = ("base_model",)
     autocomplete_fields = ()
     raw_id_fields = ("adapter",)
+    readonly_fields = ("created_at",)
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # it would skip the per-entry check below
+        return actions
 
     def has_change_permission(self, request, obj=None):
         # A price in force for a past day is history: change prices by adding an entry with a new date.
-        if obj is not None and obj.effective_from <= date.today():
+        if obj is not None and obj.effective_from <= utc_today():
             return False
         return super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None):
+        # Removing an entry in force would reprice the days it priced, as much as editing it would.
+        if obj is not None and obj.effective_from <= utc_today():
+            return False
+        return super().has_delete_permission(request, obj)
 
 
 @admin.register(BillingSettings)

@@ -7,10 +7,11 @@ of $0.075 per million tokens is 7.5, exactly). A rated amount is rounded once, p
 from __future__ import annotations
 
 import uuid
-from datetime import date
+from datetime import date, timedelta, timezone as dt_timezone
 
 from django.core.exceptions import ValidationError
 from django.db import models
+from django.db.models import Max
 from django.utils import timezone
 
 from serving.models import Adapter, BackendPool, BaseModel
@@ -20,11 +21,45 @@ from tenants.scoping import TenantOwnedModel
 PRICE_FIELD = dict(max_digits=18, decimal_places=6, default=0)
 
 
+def utc_today() -> date:
+    return timezone.now().astimezone(dt_timezone.utc).date()
+
+
+def utc_tomorrow() -> date:
+    """The first day a new price can start without repricing usage already rated (the default)."""
+    return utc_today() + timedelta(days=1)
+
+
+def price_start_error(day: date, *, today: date, confirmed: bool = False) -> str | None:
+    """Why a price entry may not start on `day` (None when it may). One rule for new entries and moved ones:
+
+    * never on a day of a period that has ended or has an issued invoice: past periods never change;
+    * from the 1st of the open month up to today only when staff confirm: it reprices usage already rated,
+      which tenants see in their cost so far;
+    * from tomorrow (UTC) on freely: nothing rated yet is priced by it.
+    """
+    open_from = today.replace(day=1)
+    invoiced = Invoice.all_tenants.order_by().aggregate(end=Max("period_end"))["end"]  # batch check over every tenant
+    if invoiced and invoiced > day:
+        last = Invoice.all_tenants.filter(period_end__gt=day).order_by("-period_end", "number").first()
+        return (f"{day:%d %b %Y} lies in a billing period already invoiced ({last.number}, {last.period_start:%B %Y}); "
+                f"past periods never change. Choose {max(open_from, invoiced):%d %b %Y} or later.")
+    if day < open_from:
+        return (f"{day:%d %b %Y} lies in a billing period that has ended ({day:%B %Y}); its invoices use the prices "
+                f"in force then, and past periods never change. Choose {open_from:%d %b %Y} or later.")
+    if day <= today and not confirmed:
+        return (f"From {day:%d %b %Y} this price would reprice usage already rated this month, which tenants already see "
+                f"in their cost so far. Choose {today + timedelta(days=1):%d %b %Y} or later, or tick "
+                "“Reprice usage already rated” to apply it to those days on purpose.")
+    return None
+
+
 class Price(models.Model):
     """A price list entry set by staff. In force from `effective_from` (00:00 UTC) until a later entry.
 
     The most specific entry wins: one for the adapter, else one for the dedicated pool, else the base
-    model's. A change is a new row; old rows are kept so past periods keep their prices.
+    model's. A change is a new row; old rows are kept so past periods keep their prices. An entry in force
+    is history (not changed); when a new or moved entry may start: `price_start_error`.
     """
 
     base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="+")
@@ -33,7 +68,7 @@ class Price(models.Model):
     input_price = models.DecimalField(**PRICE_FIELD, help_text="Cents per million input tokens (6 decimals).")
     output_price = models.DecimalField(**PRICE_FIELD, help_text="Cents per million output tokens (6 decimals).")
     training_price = models.DecimalField(**PRICE_FIELD, help_text="Cents per million trained tokens (6 decimals).")
-    effective_from = models.DateField(default=date.today, help_text="In force from 00:00 UTC of this day.")
+    effective_from = models.DateField(default=utc_tomorrow, help_text="In force from 00:00 UTC of this day.")
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -46,6 +81,10 @@ class Price(models.Model):
         scope = self.adapter.name if self.adapter_id else (f"pool {self.pool.name}" if self.pool_id else "")
         return f"{self.base_model.name}{' · ' + scope if scope else ''} from {self.effective_from}"
 
+    # Staff confirmed that this entry may reprice usage already rated this month (the admin form's checkbox).
+    # Not stored: it only widens what `clean` accepts for this save.
+    reprice_confirmed = False
+
     def clean(self):
         if self.adapter_id and self.pool_id:
             raise ValidationError("Set an adapter or a pool, not both.")
@@ -53,6 +92,15 @@ class Price(models.Model):
             raise ValidationError({"adapter": "This adapter is trained on another base model."})
         if self.pool_id and self.pool.base_model_id != self.base_model_id:
             raise ValidationError({"pool": "This pool serves another base model."})
+        today = utc_today()
+        stored = Price.objects.filter(pk=self.pk).values_list("effective_from", flat=True).first() if self.pk else None
+        if stored is not None and stored <= today:
+            raise ValidationError(f"This entry is in force since {stored:%d %b %Y}: it is history and cannot be changed. "
+                                  "Add a new entry with a later date instead.")
+        if self.effective_from is not None:
+            error = price_start_error(self.effective_from, today=today, confirmed=self.reprice_confirmed)
+            if error:
+                raise ValidationError({"effective_from": error})
 
 
 class BillingSettings(models.Model):
