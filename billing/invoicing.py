@@ -7,7 +7,10 @@ that tenant (`closed_at`): usage of its days rated later goes to the period open
 
 from __future__ import annotations
 
+import logging
+from collections import defaultdict
 from datetime import date, datetime, timedelta
+from decimal import ROUND_FLOOR, Decimal, localcontext
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
@@ -19,6 +22,7 @@ from serving.models import BackendPool
 from tenants.models import Tenant
 from tenants.services import SYSTEM, Actor, audit_record
 
+log = logging.getLogger(__name__)
 
 def invoice_number(tenant: Tenant, period: date) -> str:
     return f"{tenant.slug.upper()}-{period:%Y%m}"
@@ -107,3 +111,66 @@ def period_close(*, period: date, now: datetime | None = None, tenant: Tenant | 
         if invoice is not None:
             invoices.append(invoice)
     return invoices
+
+
+# ---- what issued invoices charged --------------------------------------------------------------------
+
+
+def charged_cents(invoices) -> dict[int, int]:
+    """Whole cents each DailyUsage row was charged on its issued invoice: {row id: cents}.
+
+    Read from the invoices, never from the price table as it is now: a row billed in an invoice's period is matched
+    to the line that billed it among the lines of the same kind, model and adapter, by the price entries those lines
+    used (each line keeps its entry; the entry chosen at close is the latest, most specific one among them, so this
+    finds it again even when entries were added later), and priced with the line's stored prices. A line is rounded
+    once, so its cents are shared among its rows in proportion to their exact amounts (largest remainder): the rows
+    of an invoice add up to its lines, and so to its total, exactly.
+    """
+    by_period = {(i.tenant_id, i.period_start): i.pk for i in invoices}
+    if not by_period:
+        return {}
+    lines: dict[tuple, list[InvoiceLine]] = defaultdict(list)
+    # Staff reads over every tenant: the unscoped managers are intended here.
+    for line in InvoiceLine.all_tenants.filter(invoice_id__in=by_period.values()).select_related("price__adapter"):
+        lines[(line.invoice_id, line.kind, line.model, line.adapter)].append(line)
+    for candidates in lines.values():
+        candidates.sort(key=lambda l: (l.price.effective_from, l.price.pk) if l.price_id else (date.min, 0), reverse=True)
+    rows = DailyUsage.all_tenants.filter(
+        tenant_id__in={t for t, _ in by_period}, period__in={p for _, p in by_period}
+    ).order_by("pk").values("pk", "tenant_id", "period", "day", *rating.KEY, "input_tokens", "output_tokens", "trained_tokens")
+    shares: dict[InvoiceLine, list[tuple[int, Decimal]]] = defaultdict(list)
+    for r in rows:
+        invoice_id = by_period.get((r["tenant_id"], r["period"]))
+        if invoice_id is None:
+            continue
+        line = _billing_line(lines.get((invoice_id, r["kind"], r["model"], r["adapter"]), []), r)
+        if line is None:
+            log.warning("DailyUsage row %s is billed in a closed period but matches no line of its invoice.", r["pk"])
+            continue
+        exact = rating.line_amount(input_tokens=r["input_tokens"], output_tokens=r["output_tokens"], trained_tokens=r["trained_tokens"], price=line)
+        shares[line].append((r["pk"], exact))
+    charged: dict[int, int] = {}
+    for line, parts in shares.items():
+        charged.update(_apportion(line.amount_cents, parts))
+    return charged
+
+
+def _billing_line(candidates: list[InvoiceLine], row: dict) -> InvoiceLine | None:
+    """The line (of one invoice, kind, model and adapter; newest entry first) that billed `row`."""
+    entry = rating.pick_price([l.price for l in candidates if l.price_id], adapter=row["adapter"], pool_id=row["pool_id"], day=row["day"])
+    return next((l for l in candidates if l.price_id == (entry.pk if entry else None)), None)
+
+
+def _apportion(total: int, parts: list[tuple[int, Decimal]]) -> dict[int, int]:
+    """Share `total` whole cents among keys in proportion to their exact amounts (largest remainder; ties: first)."""
+    weight = sum(x for _, x in parts)
+    if not weight:
+        return {key: total if i == 0 else 0 for i, (key, _) in enumerate(parts)}
+    with localcontext() as ctx:
+        ctx.prec = 60
+        quotas = [(key, total * x / weight) for key, x in parts]
+    floors = {key: int(q.to_integral_value(rounding=ROUND_FLOOR)) for key, q in quotas}
+    left = total - sum(floors.values())
+    for key, _ in sorted(quotas, key=lambda kq: -(kq[1] - floors[kq[0]]))[:left]:
+        floors[key] += 1
+    return floors

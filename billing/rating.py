@@ -202,16 +202,22 @@ class PriceBook:
     def resolve(self, *, model: str, adapter: str, pool_id: int | None, day: date) -> Price | None:
         """The most specific entry in force on `day`: adapter, then pool, then the base model's."""
         base = self._base_of_adapter.get(model, model)
-        in_force = [p for p in self._by_model.get(base, ()) if p.effective_from <= day]
-        for match in (
-            lambda p: adapter and p.adapter_id and p.adapter.name == adapter,
-            lambda p: pool_id and p.pool_id == pool_id and not p.adapter_id,
-            lambda p: not p.adapter_id and not p.pool_id,
-        ):
-            for p in in_force:
-                if match(p):
-                    return p
-        return None
+        return pick_price(self._by_model.get(base, ()), adapter=adapter, pool_id=pool_id, day=day)
+
+
+def pick_price(entries, *, adapter: str, pool_id: int | None, day: date) -> Price | None:
+    """Among one base model's `entries` (newest first: effective_from, then id, descending), the one pricing a usage
+    day: the latest in force, most specific scope first (adapter, then pool, then the base model's)."""
+    in_force = [p for p in entries if p.effective_from <= day]
+    for match in (
+        lambda p: adapter and p.adapter_id and p.adapter.name == adapter,
+        lambda p: pool_id and p.pool_id == pool_id and not p.adapter_id,
+        lambda p: not p.adapter_id and not p.pool_id,
+    ):
+        for p in in_force:
+            if match(p):
+                return p
+    return None
 
 
 def round_cents(amount: Decimal) -> int:

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, Q
 from django.utils import timezone
 
-from billing import rating
+from billing import invoicing, rating
 from billing.models import DailyUsage, Invoice
 from serving.models import BackendPool
 from tenants.models import Tenant
@@ -72,7 +72,8 @@ def cost_allocation(*, period: date, now: datetime | None = None) -> tuple[list[
     """Per pool: C_total = backends × hours × gpu_hourly_cost_cents; per tenant C_i = C_total · f_i.
 
     f_i is the tenant's share of the pool's weighted tokens (input + 2·output) used on days of `period`;
-    revenue is that usage priced as invoices price it. Backends = the pool's enabled backends now (the
+    revenue is that usage as invoices charge it: what the issued invoice charged for rows billed in a closed period
+    (`invoicing.charged_cents`, so later price changes never move it), priced as it will be billed otherwise. Backends = the pool's enabled backends now (the
     platform keeps no history of pool sizes); hours = the period's hours, up to `now` for the current one.
     Staff-only: reads every tenant's rows through the unscoped managers.
     """
@@ -81,18 +82,25 @@ def cost_allocation(*, period: date, now: datetime | None = None) -> tuple[list[
     end = min(rating.day_bounds(rating.next_period(period))[0], max(now, start))
     hours = Decimal((end - start).total_seconds()) / Decimal(3600)
     book = rating.PriceBook()
-    groups = (
+    rows = list(
         DailyUsage.all_tenants.filter(day__gte=period, day__lt=rating.next_period(period), kind=DailyUsage.Kind.INFERENCE, pool__isnull=False)
-        .order_by().values("tenant_id", "pool_id", "day", "model", "adapter")
-        .annotate(i=Sum("input_tokens"), o=Sum("output_tokens"))
+        .order_by().values("pk", "tenant_id", "pool_id", "day", "period", "model", "adapter", "input_tokens", "output_tokens")
     )
+    # Rows billed in a period already invoiced count what the invoice charged; the others as they will be priced.
+    invoices = list(Invoice.all_tenants.filter(tenant_id__in={r["tenant_id"] for r in rows}, period_start__in={r["period"] for r in rows})
+                    .only("pk", "tenant_id", "period_start"))
+    invoiced = {(i.tenant_id, i.period_start) for i in invoices}
+    charged = invoicing.charged_cents(invoices)
     weighted: dict[tuple[int, int], int] = defaultdict(int)
     revenue: dict[tuple[int, int], Decimal] = defaultdict(Decimal)
-    for g in groups:
-        key = (g["pool_id"], g["tenant_id"])
-        weighted[key] += g["i"] + OUTPUT_TOKEN_WEIGHT * g["o"]
-        price = book.resolve(model=g["model"], adapter=g["adapter"], pool_id=g["pool_id"], day=g["day"])
-        revenue[key] += rating.line_amount(input_tokens=g["i"], output_tokens=g["o"], trained_tokens=0, price=price)
+    for r in rows:
+        key = (r["pool_id"], r["tenant_id"])
+        weighted[key] += r["input_tokens"] + OUTPUT_TOKEN_WEIGHT * r["output_tokens"]
+        if (r["tenant_id"], r["period"]) in invoiced:
+            revenue[key] += charged.get(r["pk"], 0)
+            continue
+        price = book.resolve(model=r["model"], adapter=r["adapter"], pool_id=r["pool_id"], day=r["day"])
+        revenue[key] += rating.line_amount(input_tokens=r["input_tokens"], output_tokens=r["output_tokens"], trained_tokens=0, price=price)
     tenants = Tenant.objects.in_bulk({t for _, t in weighted})
     pools = []
     for pool in BackendPool.objects.annotate(n=Count("backends", filter=Q(backends__enabled=True))).order_by("name"):
