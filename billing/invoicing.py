@@ -55,6 +55,7 @@ def invoice_close(*, tenant: Tenant, period: date, now: datetime | None = None, 
     settings_row = BillingSettings.load()
     invoice = Invoice.objects.for_tenant(tenant).create(
         tenant=tenant, number=invoice_number(tenant, period), period_start=period, period_end=rating.next_period(period),
+        billed_to_name=Tenant.objects.filter(pk=tenant.pk).values_list("name", flat=True).get(),  # as it is now, not a stale copy
         currency=settings_row.currency, closed_at=now, total_cents=cost.total_cents,
     )
     pools = dict(BackendPool.objects.values_list("id", "name"))

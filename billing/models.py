@@ -206,6 +206,7 @@ class Invoice(TenantOwnedModel):
     uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+")
     number = models.CharField(max_length=60, unique=True)
+    billed_to_name = models.CharField(max_length=120, help_text="The tenant's name when the invoice was issued (what the document shows).")
     period_start = models.DateField()
     period_end = models.DateField(help_text="Exclusive: the first day of the next period.")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.DRAFT)

@@ -73,6 +73,8 @@ def invoice_push(*, invoice: Invoice, client=None) -> Invoice:
         Invoice.objects.for_tenant(tenant).filter(pk=invoice.pk).update(stripe_invoice_id=invoice.stripe_invoice_id)
         if _push_overtaken_by_void(invoice):
             return invoice
+    # Stripe's document names the customer as ours does: it takes the customer's name when it finalizes.
+    stripe_gateway.customer_name_set(invoice_uuid=invoice.uuid, customer_id=customer_id, name=invoice.billed_to_name, client=client)
     pushed = stripe_gateway.invoice_finalize(invoice_uuid=invoice.uuid, stripe_invoice_id=invoice.stripe_invoice_id, client=client)
     invoice.hosted_invoice_url = pushed.hosted_invoice_url
     invoice.delivery = Invoice.Delivery.SENT

@@ -88,6 +88,16 @@ def customer_create(*, tenant_id: int, slug: str, name: str, email: str, client=
     return customer.id
 
 
+def customer_name_set(*, invoice_uuid, customer_id: str, name: str, client=None) -> None:
+    """Name the customer as the invoice about to be finalized is billed to (Stripe copies the customer's name onto
+    an invoice when it finalizes it); key `invoice:{uuid}:customer_name`."""
+    c = _client(client)
+    try:
+        c.v1.customers.update(customer_id, params={"name": name}, options={"idempotency_key": f"invoice:{invoice_uuid}:customer_name"})
+    except stripe.StripeError as exc:
+        raise GatewayError(f"customer update: {exc}") from exc
+
+
 @dataclass
 class PushedInvoice:
     stripe_invoice_id: str

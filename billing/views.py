@@ -189,6 +189,7 @@ class BillingUsageApi(TenantAPIView):
 class InvoiceOutput(serializers.Serializer):
     id = serializers.IntegerField()
     number = serializers.CharField()
+    billed_to_name = serializers.CharField(help_text="The tenant's name when the invoice was issued.")
     period_start = serializers.DateField()
     period_end = serializers.DateField()
     status = serializers.CharField()

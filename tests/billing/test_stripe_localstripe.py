@@ -23,6 +23,7 @@ import pytest
 
 from billing import invoicing, services, stripe_gateway
 from billing.models import BillingAccount, Invoice, InvoiceLine, StripeEvent
+from tenants.services import tenant_rename
 from tests.billing.conftest import WEBHOOK_SECRET, FakeInvoices, invoice_event, post_webhook, price, usage, utc
 
 # localstripe binds every interface and pickles to /tmp: bind it to 127.0.0.1 and keep its store in memory.
@@ -124,6 +125,26 @@ def test_push_creates_customer_items_invoice_once(stripe_env, world, invoice, cl
     assert post_webhook(client, invoice_event("evt_pay_1", "invoice.paid", invoice)).status_code == 200
     page = client.get(f"/t/acme/billing/invoices/{invoice.pk}/").content.decode()
     assert 'data-status="paid"' in page and "data-pay" not in page
+
+
+def test_stripe_invoice_is_finalized_with_the_name_it_was_billed_to(stripe_env, world, catalog, invoice, staff):
+    """Stripe copies the customer's name onto an invoice when it is finalized: the push sets it to the billed-to name
+    first, so Stripe's document names the customer as ours does, even for an invoice issued before a rename."""
+    real = stripe_env.real.v1.customers
+    tenant_rename(tenant=world.tenant, name="Acme Robotics GmbH", actor=staff)  # after January was issued
+    names = []
+    finalize = stripe_env.fake.finalize_invoice
+
+    def finalize_seeing_the_customer(invoice_id, params=None, options=None):
+        names.append(real.retrieve(BillingAccount.objects.for_tenant(world.tenant).get().stripe_customer_id).name)
+        return finalize(invoice_id, params=params, options=options)
+
+    stripe_env.fake.finalize_invoice = finalize_seeing_the_customer
+    services.invoice_push(invoice=invoice, client=stripe_env.client)
+    usage(world.tenant, at=utc(2026, 2, 5), pool=catalog.shared, inp=1_000_000)
+    [february] = invoicing.period_close(period=date(2026, 2, 1), now=utc(2026, 3, 2))
+    services.invoice_push(invoice=february, client=stripe_env.client)
+    assert names == ["Acme", "Acme Robotics GmbH"]
 
 
 def test_void_after_a_stopped_push_deletes_its_pending_items(stripe_env, world, invoice, staff):
