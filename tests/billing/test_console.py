@@ -133,3 +133,15 @@ def test_allocation_page_is_staff_only(client, world, billed):
     world.owner.save()
     page = client.get("/staff/billing/allocation/?period=2026-01")
     assert page.status_code == 200 and 'data-tenant="acme"' in page.content.decode()
+
+
+def test_unpaid_banner_offers_payment_only_where_the_invoice_page_does(client, world, billed):
+    client.force_login(world.viewer)
+    slug = world.tenant.slug
+    link = f'href="/t/{slug}/billing/invoices/{billed.pk}/">'
+    html = client.get(f"/t/{slug}/billing/").content.decode()
+    assert f"{link}View and pay</a>" in html  # the invoice page has a Pay button (Stripe's hosted page)
+    Invoice.all_tenants.filter(pk=billed.pk).update(hosted_invoice_url="")  # Stripe not configured: "contact support to pay"
+    html = client.get(f"/t/{slug}/billing/").content.decode()
+    assert f"{link}View invoice</a>" in html and "View and pay" not in html
+    assert "data-pay" not in client.get(f"/t/{slug}/billing/invoices/{billed.pk}/").content.decode()
