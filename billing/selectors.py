@@ -24,6 +24,12 @@ def current_period(now: datetime | None = None) -> date:
     return rating.period_of(rating.utc_today(now))
 
 
+def first_usage_period() -> date | None:
+    """The first month with rated usage of any tenant (staff pages: where browsing back ends)."""
+    first = DailyUsage.all_tenants.order_by("day").values_list("day", flat=True).first()  # staff read over every tenant
+    return rating.period_of(first) if first else None
+
+
 def period_cost_so_far(*, tenant: Tenant, now: datetime | None = None) -> rating.PeriodCost:
     """What the tenant's usage billed in the current period costs so far (rated rows; cents)."""
     return rating.period_cost(tenant=tenant, period=current_period(now))

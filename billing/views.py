@@ -113,13 +113,17 @@ def payment_methods(request, ctx: TenantContext):
 @staff_member_required
 def staff_allocation(request):
     """Staff: per pool and per tenant, allocated GPU cost beside revenue, for a month (?period=YYYY-MM)."""
-    period = selectors.current_period()
+    current = period = selectors.current_period()
     raw = request.GET.get("period", "")
     if raw:
         try:
             period = date.fromisoformat(f"{raw}-01")
         except ValueError:
             messages.error(request, "Use a period like 2026-01.")
+    if period > current:
+        messages.warning(request, f"{period:%B %Y} has not started yet; showing {current:%B %Y}.")
+        period = current
+    first = selectors.first_usage_period() or current
     pools, tenants = selectors.cost_allocation(period=period)
     chart = bar_chart([(row.tenant.slug, max(row.margin_cents, 0)) for row in tenants[:30]])
     margins = [{"slug": row.tenant.slug, "cost": row.cost_cents, "revenue": row.revenue_cents, "margin": row.margin_cents} for row in tenants]
@@ -130,7 +134,10 @@ def staff_allocation(request):
         m["revenue_w"] = round(m["revenue"] / top * 400, 1)
     return render(request, "billing/staff_allocation.html", {
         "period": period, "pools": pools, "tenants": tenants, "chart": chart, "margins": margins,
-        "chart_height": 16 + 26 * len(margins), "previous": rating.previous_period(period), "next": rating.next_period(period),
+        "chart_height": 16 + 26 * len(margins),
+        # Links only to months that have started, and not to months before the first usage (nothing to allocate).
+        "previous": rating.previous_period(period) if period > first else None,
+        "next": rating.next_period(period) if period < current else None,
     })
 
 

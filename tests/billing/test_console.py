@@ -145,3 +145,23 @@ def test_unpaid_banner_offers_payment_only_where_the_invoice_page_does(client, w
     html = client.get(f"/t/{slug}/billing/").content.decode()
     assert f"{link}View invoice</a>" in html and "View and pay" not in html
     assert "data-pay" not in client.get(f"/t/{slug}/billing/invoices/{billed.pk}/").content.decode()
+
+
+def test_allocation_page_links_only_to_months_that_have_started_and_have_usage(client, world, billed, staff):
+    client.force_login(world.owner)  # staff
+    current = selectors.current_period()
+    following = rating.next_period(current)
+
+    html = client.get("/staff/billing/allocation/").content.decode()
+    assert f"?period={following:%Y-%m}" not in html  # next month has not started
+    assert f'href="?period={rating.previous_period(current):%Y-%m}"' in html
+
+    html = client.get("/staff/billing/allocation/?period=2026-01").content.decode()  # the first month with usage
+    assert 'href="?period=2026-02"' in html and "?period=2025-12" not in html
+
+    response = client.get(f"/staff/billing/allocation/?period={following:%Y-%m}", follow=True)
+    html = response.content.decode()
+    assert f"Cost allocation — {current:%B %Y}" in html and "has not started" in html
+    assert f"?period={following:%Y-%m}" not in html
+
+    assert client.get("/staff/billing/allocation/?period=0001-01").status_code == 200  # no month before it to link to
