@@ -276,6 +276,11 @@ class Invoice(TenantOwnedModel):
         return self.pending_status == self.Status.VOID
 
     @property
+    def period_last_day(self) -> date:
+        """The period's last day (period_end is exclusive): what a person reads on the invoice."""
+        return self.period_end - timedelta(days=1)
+
+    @property
     def total(self) -> str:
         return _fmt_cents(self.total_cents)
 

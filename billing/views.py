@@ -21,7 +21,8 @@ from rest_framework import serializers
 from rest_framework.response import Response
 
 from billing import rating, selectors, services, stripe_gateway
-from billing.models import Invoice, InvoiceLine
+from billing.models import BillingSettings, Invoice, InvoiceLine, utc_today
+from portal.charts import bar_chart
 from tenants.access import TenantContext, tenant_view
 from tenants.api import TENANT_SLUG, TenantAPIView
 from tenants.models import Role
@@ -29,18 +30,6 @@ from tenants.models import Role
 
 def _render(request, ctx: TenantContext, template: str, context: dict | None = None, status: int = 200):
     return render(request, template, {"tenant": ctx.tenant, "section": "billing", "can_write": ctx.can(Role.ADMIN), **(context or {})}, status=status)
-
-
-def bar_chart(items: list[tuple[str, Decimal | int]], *, width: int = 640, height: int = 160) -> dict:
-    """Geometry for a simple inline-SVG bar chart (no JavaScript): one bar per (label, value)."""
-    top = max((float(v) for _, v in items), default=0) or 1
-    slot = width / max(len(items), 1)
-    bars = []
-    for i, (label, value) in enumerate(items):
-        h = round(float(value) / top * (height - 20), 1)
-        bars.append({"x": round(i * slot + slot * 0.1, 1), "y": round(height - 14 - h, 1), "w": round(slot * 0.8, 1), "h": h,
-                     "label": label, "value": value, "label_x": round(i * slot + slot / 2, 1)})
-    return {"width": width, "height": height, "bars": bars, "baseline": height - 14}
 
 
 def _cents(value) -> str:
@@ -54,14 +43,17 @@ def _cents(value) -> str:
 @tenant_view()
 def usage(request, ctx: TenantContext):
     cost = selectors.period_cost_so_far(tenant=ctx.tenant)
-    chart = bar_chart([(f"{day:%d}", cents) for day, cents in cost.daily_cents.items()])
-    for bar in chart["bars"]:
-        bar["title"] = f"{bar['label']}: {_cents(bar['value'])}"
+    currency = BillingSettings.load().currency.upper()
+    last_day = rating.next_period(cost.period) - timedelta(days=1)
+    # Every day of the period so far, days without usage included (the chart's x axis is time).
+    days = [cost.period + timedelta(days=i) for i in range((min(utc_today(), last_day) - cost.period).days + 1)]
+    chart = bar_chart([(f"{day:%d %b}", cost.daily_cents.get(day, Decimal(0))) for day in days], height=160,
+                      fmt=lambda cents: f"{_cents(cents)} {currency}")
     open_invoices = selectors.invoices_for(tenant=ctx.tenant).filter(status__in=[Invoice.Status.OPEN, Invoice.Status.UNCOLLECTIBLE]).exclude(
         pending_status=Invoice.Status.VOID
     )
     return _render(request, ctx, "billing/usage.html", {
-        "cost": cost, "chart": chart, "period_last_day": rating.next_period(cost.period) - timedelta(days=1), "open_invoices": open_invoices,
+        "cost": cost, "chart": chart, "currency": currency, "period_last_day": last_day, "open_invoices": open_invoices,
         "stripe_configured": stripe_gateway.is_configured(),
     })
 
@@ -125,7 +117,6 @@ def staff_allocation(request):
         period = current
     first = selectors.first_usage_period() or current
     pools, tenants = selectors.cost_allocation(period=period)
-    chart = bar_chart([(row.tenant.slug, max(row.margin_cents, 0)) for row in tenants[:30]])
     margins = [{"slug": row.tenant.slug, "cost": row.cost_cents, "revenue": row.revenue_cents, "margin": row.margin_cents} for row in tenants]
     top = max([max(m["cost"], m["revenue"]) for m in margins] or [1]) or 1
     for i, m in enumerate(margins):
@@ -133,7 +124,7 @@ def staff_allocation(request):
         m["cost_w"] = round(m["cost"] / top * 400, 1)
         m["revenue_w"] = round(m["revenue"] / top * 400, 1)
     return render(request, "billing/staff_allocation.html", {
-        "period": period, "pools": pools, "tenants": tenants, "chart": chart, "margins": margins,
+        "period": period, "pools": pools, "tenants": tenants, "margins": margins,
         "chart_height": 16 + 26 * len(margins),
         # Links only to months that have started, and not to months before the first usage (nothing to allocate).
         "previous": rating.previous_period(period) if period > first else None,
@@ -187,7 +178,7 @@ class BillingUsageApi(TenantAPIView):
         """
         cost = selectors.period_cost_so_far(tenant=self.ctx.tenant)
         return Response(UsageOutput({
-            "period_start": cost.period, "period_end": rating.next_period(cost.period), "currency": "usd",
+            "period_start": cost.period, "period_end": rating.next_period(cost.period), "currency": BillingSettings.load().currency,
             "total_cents": cost.total_cents, "lines": [_line_data(l) for l in cost.lines],
             "daily_cents": {d.isoformat(): str(c) for d, c in cost.daily_cents.items()},
         }).data)

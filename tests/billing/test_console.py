@@ -35,6 +35,20 @@ def test_usage_page_shows_cost_so_far_with_chart(client, world, billed):
     first = timezone.now().date().replace(day=1)
     last = rating.next_period(first) - timedelta(days=1)
     assert f"({first:%-d %b} – {last:%-d %b %Y}, UTC)" in html  # the period's last day, not the next month's first
+    # One bar per day of the period so far, days without usage included; money in the tooltips and the peak.
+    chart = page.context["chart"]
+    today = rating.utc_today(timezone.now())
+    assert len(chart["bars"]) == today.day and chart["bars"][-1].title == f"{today:%d %b}: 3.00 USD"
+    assert chart["peak_label"] == "3.00 USD" and "peak 3.00 USD" in html
+
+
+def test_usage_page_speaks_the_configured_currency(client, world, billed):
+    from billing.models import BillingSettings
+
+    BillingSettings.objects.update_or_create(pk=1, defaults={"currency": "eur"})
+    client.force_login(world.viewer)
+    html = client.get(f"/t/{world.tenant.slug}/billing/").content.decode()
+    assert "3.00 EUR</span>" in html and "Cost (EUR)" in html and "peak 3.00 EUR" in html  # (an issued invoice keeps its own)
 
 
 def test_usage_page_before_the_first_rating_points_to_live_usage(client, world, catalog):
@@ -50,6 +64,7 @@ def test_invoice_pages(client, world, billed):
     assert "ACME-202601" in client.get(base).content.decode()
     detail = client.get(f"{base}{billed.pk}/").content.decode()
     assert 'href="https://pay.example.test/i/1"' in detail and "Pay" in detail
+    assert "1 Jan – 31 Jan 2026 (UTC)" in detail  # the period's last day, not the next period's first
     printable = client.get(f"{base}{billed.pk}/print/").content.decode()
     assert "@media print" in printable and "ACME-202601" in printable
 
