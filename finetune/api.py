@@ -13,6 +13,7 @@ from django.http import Http404, HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, serializers, status
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
@@ -75,12 +76,22 @@ def openai_exception_handler(exc, context):
 # ---- the /v1 base --------------------------------------------------------------------------------
 
 
+class IgnoreAccept(DefaultContentNegotiation):
+    """Like OpenAI, /v1 ignores `Accept`: it answers JSON, or a file's bytes from /content. The SDK downloads a file
+    with `Accept: application/binary`; negotiating would answer 406 before the view ran (even for another tenant's
+    file, instead of its 404)."""
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
 class OpenAIView(APIView):
     """Base of the /v1 fine-tuning views: API key with the `finetune` scope; the tenant is the key's."""
 
     authentication_classes = [ApiKeyAuthentication]
     permission_classes: list = []
     renderer_classes = [JSONRenderer]
+    content_negotiation_class = IgnoreAccept
     parser_classes = [JSONParser, MultiPartParser, FormParser]
     pagination_class = None
 

@@ -83,6 +83,37 @@ def upload(client, data: bytes, name: str = "train.jsonl", **extra):
                        format="multipart")
 
 
+@pytest.fixture
+def sdk_for(world):
+    """sdk_for(secret): the official OpenAI SDK calling this Django in-process through WSGI, as a real server would
+    (middleware and CSRF included), inside the test's transaction."""
+    import httpx2
+    from django.core.handlers.wsgi import WSGIHandler
+    from django.core.signals import request_finished, request_started
+    from django.db import close_old_connections
+    from openai import OpenAI
+
+    # As Django's test client does: a request's end must not close the test transaction's connection.
+    request_started.disconnect(close_old_connections)
+    request_finished.disconnect(close_old_connections)
+    clients = []
+
+    def make(secret: str) -> OpenAI:
+        http = httpx2.Client(transport=httpx2.WSGITransport(app=WSGIHandler()))
+        clients.append(http)
+        return OpenAI(base_url="http://testserver/v1", api_key=secret, max_retries=0, http_client=http)
+
+    yield make
+    for http in clients:
+        http.close()
+    request_started.connect(close_old_connections)
+    request_finished.connect(close_old_connections)
+
+
+def key_secret(tenant, owner, scopes=("finetune",)) -> str:
+    return services.api_key_create(tenant=tenant, name="sdk", scopes=list(scopes), actor=Actor(user=owner))[1]
+
+
 def assert_openai_error(response, status: int, code: str | None = None):
     assert response.status_code == status, response.content
     body = response.json()
@@ -140,6 +171,31 @@ def test_files_of_another_tenant_are_404(api, outsider_api):
         assert_openai_error(outsider_api.get(url), 404)
     assert_openai_error(outsider_api.delete(f"/v1/files/{file_id}"), 404)
     assert outsider_api.get("/v1/files").json()["data"] == []
+
+
+@pytest.mark.parametrize("accept", ["application/binary", "application/octet-stream", "*/*", "application/json",
+                                    "text/plain", "image/png"])
+def test_file_content_answers_the_bytes_whatever_accept_says(api, outsider_api, accept):
+    file_id = upload(api, zebra_dataset()).json()["id"]
+    response = api.get(f"/v1/files/{file_id}/content", HTTP_ACCEPT=accept)
+    assert response.status_code == 200, response.content
+    assert response.content == zebra_dataset() and response["Content-Type"] == "application/octet-stream"
+    # Another tenant's id is a 404 in OpenAI's shape, whatever Accept says (never a 406 that confirms nothing).
+    assert_openai_error(outsider_api.get(f"/v1/files/{file_id}/content", HTTP_ACCEPT=accept), 404, "file_not_found")
+
+
+def test_sdk_downloads_file_content_and_gets_404_for_another_tenants_file(world, sdk_for, tmp_path):
+    from openai import NotFoundError
+
+    acme = sdk_for(key_secret(world.tenant, world.owner))
+    dataset = tmp_path / "zebra.jsonl"
+    dataset.write_bytes(zebra_dataset())
+    file_id = acme.files.create(file=open(dataset, "rb"), purpose="fine-tune").id
+    assert acme.files.content(file_id).read() == zebra_dataset()
+    assert acme.files.content(file_id).content == zebra_dataset()
+    with pytest.raises(NotFoundError) as caught:
+        sdk_for(key_secret(world.other_tenant, world.outsider)).files.content(file_id)
+    assert caught.value.body["code"] == "file_not_found"
 
 
 def test_delete_file_removes_bytes(api, world, settings):
