@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.db.models import Q
-from django.http import Http404, HttpResponse
+from django.http import Http404, HttpResponse, JsonResponse
+from django.urls import Resolver404, resolve
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, serializers, status
@@ -38,9 +40,36 @@ _TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_re
           429: "rate_limit_error"}
 
 
-def openai_error(message: str, status_code: int, code: str | None = None, param: str | None = None) -> Response:
+def openai_error_body(message: str, status_code: int, code: str | None = None, param: str | None = None) -> dict:
     kind = _TYPES.get(status_code, "invalid_request_error" if status_code < 500 else "server_error")
-    return Response({"error": {"message": message, "type": kind, "param": param, "code": code}}, status=status_code)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def openai_error(message: str, status_code: int, code: str | None = None, param: str | None = None) -> Response:
+    return Response(openai_error_body(message, status_code, code, param), status=status_code)
+
+
+@csrf_exempt
+def unknown_url(request, *args, **kwargs) -> JsonResponse:
+    """Any other path under /v1/ (routed last): OpenAI's JSON 404 naming the method and path, never Django's HTML
+    page. It serves no data, so it needs no key."""
+    method, path = request.method, request.path
+    message = f"Invalid URL ({method} {path})."
+    if path.endswith("/") and _is_v1_route(path.rstrip("/")):
+        message += f" Remove the trailing slash: {method} {path.rstrip('/')}."
+    else:
+        from serving.gateway import is_gateway_path  # the gateway's paths reach Django only without ASGI
+
+        if is_gateway_path({"path": path, "method": method}):
+            message += " The inference gateway serves it, only under ASGI: run `uvicorn portal.asgi:application`."
+    return JsonResponse(openai_error_body(message, 404, "unknown_url"), status=404)
+
+
+def _is_v1_route(path: str) -> bool:
+    try:
+        return resolve(path).url_name != "v1-unknown-url"
+    except Resolver404:
+        return False
 
 
 def _first_error(detail, prefix: str = "") -> tuple[str | None, str]:
@@ -99,6 +128,9 @@ class OpenAIView(APIView):
         return openai_exception_handler
 
     def initial(self, request, *args, **kwargs):
+        if not hasattr(self, request.method.lower()):  # before the key, as the gateway does: routes are public
+            allowed = [m for m in self.allowed_methods if m not in ("HEAD", "OPTIONS")]
+            raise exceptions.MethodNotAllowed(request.method, f"Use {' or '.join(allowed)} on {request.path}.")
         super().initial(request, *args, **kwargs)
         key = request.auth
         if not isinstance(key, ApiKey):

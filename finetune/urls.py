@@ -1,10 +1,11 @@
 """API routes of fine-tuning.
 
 `v1_patterns`: the OpenAI-compatible API, mounted at /v1/ (tenant from the API key, never the URL).
+`v1_unknown_url`: routed after them, any other path under /v1/ answers OpenAI's JSON 404.
 `tenant_api_patterns`: management API, included under /api/tenants/<slug:tenant_slug>/.
 """
 
-from django.urls import path
+from django.urls import path, re_path
 
 from finetune import api
 
@@ -22,6 +23,8 @@ v1_patterns = [
 ]
 # Names of the /v1 routes, for the isolation suite's allowlist of tenant-less patterns (the key names the tenant).
 V1_URL_NAMES = frozenset(p.name for p in v1_patterns)
+# Matches every remaining path (a regex without `$`), so it must come last under /v1/.
+v1_unknown_url = re_path(r"", api.unknown_url, name="v1-unknown-url")
 
 tenant_api_patterns = [
     path("adapters/", api.AdapterListApi.as_view(), name="api-adapter-list"),

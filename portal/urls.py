@@ -13,7 +13,9 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("staff/pools/", serving_staff.pools_live, name="staff-pools-live"),
     path("api/", include("portal.api_urls")),
-    path("v1/", include(finetune_urls.v1_patterns)),  # Files and Fine-tuning; the inference paths never reach Django
+    # Files and Fine-tuning, then OpenAI's JSON 404 for any other /v1/ path. Under ASGI the gateway's exact paths
+    # (/v1/chat/completions, /v1/completions, /v1/models[/…]) never reach Django (portal/asgi.py).
+    path("v1/", include([*finetune_urls.v1_patterns, finetune_urls.v1_unknown_url])),
     path("", include("billing.urls")),
     path("", include("portal.console_urls")),
 ]

@@ -113,6 +113,8 @@ UNSCOPED_NAMES = {
     # OpenAI-compatible Files and Fine-tuning: the tenant comes from the API key (tests/finetune/test_api.py
     # checks another tenant's ids answer 404 there)
     *__import__("finetune.urls", fromlist=["V1_URL_NAMES"]).V1_URL_NAMES,
+    # any other path under /v1/: OpenAI's JSON 404, no tenant and no data (tests/finetune/test_api.py)
+    "v1-unknown-url",
 }
 # Staff pages outside the admin: across tenants by design, so only staff may open them (checked below).
 STAFF_NAMES = {"billing-staff-allocation", "staff-pools-live"}

@@ -215,6 +215,65 @@ def test_key_without_finetune_scope_gets_403_and_no_key_401(world):
     assert_openai_error(APIClient().get("/v1/fine_tuning/jobs"), 401)
 
 
+# ---- unknown paths and methods under /v1/ --------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, url", [("post", "/v1/embeddings"), ("get", "/v1/files/"), ("get", "/v1/"),
+                                          ("delete", "/v1/fine_tuning/jobs/ftjob-x/events/more"),
+                                          ("post", "/v1/fine_tuning/jobs/"), ("get", "/v1/chat/completions/")])
+def test_unknown_v1_paths_answer_openai_json_404(api, method, url):
+    for client in (api, APIClient()):  # with a key or without one: the path is unknown either way
+        response = getattr(client, method)(url)
+        assert_openai_error(response, 404, "unknown_url")
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] is None
+        assert error["message"].startswith(f"Invalid URL ({method.upper()} {url})"), error
+
+
+def test_unknown_v1_path_message_says_what_to_do(api):
+    assert api.get("/v1/files/").json()["error"]["message"] == (
+        "Invalid URL (GET /v1/files/). Remove the trailing slash: GET /v1/files.")
+    assert api.post("/v1/embeddings").json()["error"]["message"] == "Invalid URL (POST /v1/embeddings)."
+    # Only a server without ASGI (e.g. runserver) lets the gateway's paths reach Django.
+    assert "uvicorn portal.asgi:application" in api.post("/v1/chat/completions").json()["error"]["message"]
+
+
+def test_wrong_method_on_a_known_v1_path_is_a_json_405(api):
+    for client in (api, APIClient()):  # checked before the key, as the gateway does
+        response = client.put("/v1/files")
+        assert_openai_error(response, 405, "method_not_allowed")
+        assert response.json()["error"]["message"] == "Use GET or POST on /v1/files."
+        assert_openai_error(client.post("/v1/files/file-x/content"), 405, "method_not_allowed")
+
+
+def test_sdk_raises_not_found_with_a_json_body_for_an_unknown_v1_path(world, sdk_for):
+    from openai import NotFoundError
+
+    client = sdk_for(key_secret(world.tenant, world.owner))
+    with pytest.raises(NotFoundError) as caught:  # POST through the real middleware: no CSRF page either
+        client.embeddings.create(model="tiny-chat", input="hello")
+    assert caught.value.body == {"message": "Invalid URL (POST /v1/embeddings).", "type": "invalid_request_error",
+                                 "param": None, "code": "unknown_url"}
+
+
+def test_asgi_sends_unknown_v1_paths_to_django_which_answers_json_404():
+    """portal.asgi gives the gateway its exact paths only; Django answers every other /v1 path with the JSON 404."""
+    import asyncio
+
+    import httpx2
+
+    from portal.asgi import application
+
+    async def call(method: str, url: str):
+        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=application), base_url="http://testserver") as client:
+            return await client.request(method, url)
+
+    for method, url in (("POST", "/v1/embeddings"), ("GET", "/v1/chat/completions/"), ("GET", "/v1/files/")):
+        response = asyncio.run(call(method, url))
+        assert response.status_code == 404 and response.headers["content-type"] == "application/json", response.text
+        assert response.json()["error"]["code"] == "unknown_url"
+
+
 # ---- jobs ----------------------------------------------------------------------------------------
 
 
