@@ -28,6 +28,7 @@ from serving import selectors as serving_selectors
 from serving.models import Adapter, AdapterDeployment
 from tenants.api import TenantAPIView
 from tenants.api_auth import ApiKeyAuthentication
+from tenants.api_refusals import tenant_suspended
 from tenants.models import ApiKey, Role
 from tenants.services import Actor
 
@@ -92,8 +93,10 @@ def openai_exception_handler(exc, context):
         return openai_error(str(exc) or "Not found.", 404, "not_found")
     if isinstance(exc, (exceptions.NotAuthenticated, exceptions.AuthenticationFailed)):
         return openai_error(str(exc.detail), 401, "invalid_api_key")
-    if isinstance(exc, (exceptions.PermissionDenied, DjangoPermissionDenied)):
-        return openai_error(str(getattr(exc, "detail", exc)), 403, "insufficient_scope")
+    if isinstance(exc, exceptions.PermissionDenied):  # raised with its code: insufficient_scope, tenant_suspended
+        return openai_error(str(exc.detail), 403, exc.get_codes())
+    if isinstance(exc, DjangoPermissionDenied):
+        return openai_error(str(exc) or "You may not do this.", 403, "insufficient_scope")
     if isinstance(exc, exceptions.ValidationError):
         param, message = _first_error(exc.detail)
         return openai_error(f"{param}: {message}" if param else message, 400, "invalid_request", param)
@@ -136,9 +139,11 @@ class OpenAIView(APIView):
         if not isinstance(key, ApiKey):
             raise exceptions.NotAuthenticated("Use 'Authorization: Bearer <API key>' with a key that has the 'finetune' scope.")
         if not key.has_scope(ApiKey.Scope.FINETUNE):
-            raise exceptions.PermissionDenied("This API key lacks the 'finetune' scope. Create a key with that scope in the console.")
+            raise exceptions.PermissionDenied("This API key lacks the 'finetune' scope. Create a key with that scope in the console.",
+                                              code="insufficient_scope")
         if not key.tenant.is_active:
-            raise exceptions.PermissionDenied(f"The tenant is suspended: {key.tenant.suspended_reason or 'contact support'}.")
+            refusal = tenant_suspended(key.tenant.slug, key.tenant.suspended_reason, disabled="fine-tuning")
+            raise exceptions.PermissionDenied(refusal.message, code=refusal.code)
         self.tenant = key.tenant
         self.actor = Actor(key=key)
 

@@ -38,6 +38,7 @@ from serving.gateway.parsing import (
 from serving.gateway.settings import GatewaySettings
 from serving.health import HealthMonitor
 from serving.ledger import Ledger, LedgerEntry
+from tenants.api_refusals import tenant_suspended
 from tenants.services import PLAYGROUND_PREFIX, playground_token_verify, split_key
 
 log = logging.getLogger(__name__)
@@ -255,9 +256,7 @@ class GatewayApp:
     @staticmethod
     def _check_active(tenant) -> None:
         if not tenant.active:
-            reason = f" ({tenant.suspended_reason})" if tenant.suspended_reason else ""
-            raise ApiError(403, f"The account {tenant.slug!r} is suspended{reason}: inference is disabled. Contact support.",
-                           type="permission_error", code="tenant_suspended")
+            raise ApiError.refusing(tenant_suspended(tenant.slug, tenant.suspended_reason, disabled="inference"))
 
     def _playground_tenant(self, raw: str, snap: Snapshot):
         """The console playground's signed, hour-long token (tenants.services.playground_token_issue)."""

@@ -19,6 +19,11 @@ class ApiError(Exception):
         self.code = code
         self.headers = headers or {}
 
+    @classmethod
+    def refusing(cls, refusal) -> ApiError:
+        """From a `tenants.api_refusals.Refusal`: the wording every API shares."""
+        return cls(refusal.status, refusal.message, type=refusal.type, code=refusal.code)
+
     def openai_body(self) -> bytes:
         return json.dumps({"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}).encode()
 

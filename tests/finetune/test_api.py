@@ -215,6 +215,26 @@ def test_key_without_finetune_scope_gets_403_and_no_key_401(world):
     assert_openai_error(APIClient().get("/v1/fine_tuning/jobs"), 401)
 
 
+@pytest.mark.parametrize("reason, shown", [
+    ("Suspended by staff.", " (Suspended by staff)"),
+    ("Payment overdue: pay invoice ACME-202601 in the console", " (Payment overdue: pay invoice ACME-202601 in the console)"),
+    ("", ""),
+])
+def test_suspended_tenant_gets_403_tenant_suspended_worded_as_the_gateway_words_it(api, world, reason, shown):
+    from tenants.api_refusals import tenant_suspended
+
+    services.tenant_set_status(tenant=world.tenant, status="suspended", actor=services.SYSTEM, reason=reason)
+    for url in ("/v1/files", "/v1/fine_tuning/jobs"):
+        response = api.get(url)
+        assert_openai_error(response, 403, "tenant_suspended")
+        error = response.json()["error"]
+        assert error["type"] == "permission_error"
+        assert error["message"] == f"The account 'acme' is suspended{shown}: fine-tuning is disabled. Contact support."
+    # the gateway's wording, from the same function
+    assert tenant_suspended("acme", reason, disabled="inference").message == (
+        f"The account 'acme' is suspended{shown}: inference is disabled. Contact support.")
+
+
 # ---- unknown paths and methods under /v1/ --------------------------------------------------------
 
 
