@@ -28,7 +28,7 @@ from serving import selectors as serving_selectors
 from serving.models import Adapter, AdapterDeployment
 from tenants.api import TenantAPIView
 from tenants.api_auth import ApiKeyAuthentication
-from tenants.api_refusals import tenant_suspended
+from tenants.api_refusals import MISSING_KEY, tenant_suspended
 from tenants.models import ApiKey, Role
 from tenants.services import Actor
 
@@ -37,8 +37,8 @@ DEFAULT_LIMIT, MAX_LIMIT = 20, 100
 
 # ---- errors --------------------------------------------------------------------------------------
 
-_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-          429: "rate_limit_error"}
+# 401 as OpenAI (and the gateway) answer a bad key: invalid_request_error, code invalid_api_key or expired_api_key.
+_TYPES = {401: "invalid_request_error", 403: "permission_error", 404: "invalid_request_error", 429: "rate_limit_error"}
 
 
 def openai_error_body(message: str, status_code: int, code: str | None = None, param: str | None = None) -> dict:
@@ -58,8 +58,8 @@ def unknown_url(request, *args, **kwargs) -> JsonResponse:
     message = f"Invalid URL ({method} {path})."
     if path.endswith("/") and _is_v1_route(path.rstrip("/")):
         message += f" Remove the trailing slash: {method} {path.rstrip('/')}."
-    else:
-        from serving.gateway import is_gateway_path  # the gateway's paths reach Django only without ASGI
+    else:  # the gateway's own paths reach Django only when it runs without ASGI
+        from serving.gateway import is_gateway_path
 
         if is_gateway_path({"path": path, "method": method}):
             message += " The inference gateway serves it, only under ASGI: run `uvicorn portal.asgi:application`."
@@ -91,8 +91,10 @@ def openai_exception_handler(exc, context):
         return openai_error(exc.message, exc.status, exc.code, exc.param)
     if isinstance(exc, Http404):
         return openai_error(str(exc) or "Not found.", 404, "not_found")
-    if isinstance(exc, (exceptions.NotAuthenticated, exceptions.AuthenticationFailed)):
-        return openai_error(str(exc.detail), 401, "invalid_api_key")
+    if isinstance(exc, (exceptions.NotAuthenticated, exceptions.AuthenticationFailed)):  # raised with the shared code
+        response = openai_error(str(exc.detail), 401, exc.get_codes())
+        response["WWW-Authenticate"] = "Bearer"
+        return response
     if isinstance(exc, exceptions.PermissionDenied):  # raised with its code: insufficient_scope, tenant_suspended
         return openai_error(str(exc.detail), 403, exc.get_codes())
     if isinstance(exc, DjangoPermissionDenied):
@@ -137,7 +139,7 @@ class OpenAIView(APIView):
         super().initial(request, *args, **kwargs)
         key = request.auth
         if not isinstance(key, ApiKey):
-            raise exceptions.NotAuthenticated("Use 'Authorization: Bearer <API key>' with a key that has the 'finetune' scope.")
+            raise exceptions.NotAuthenticated(MISSING_KEY.message, code=MISSING_KEY.code)
         if not key.has_scope(ApiKey.Scope.FINETUNE):
             raise exceptions.PermissionDenied("This API key lacks the 'finetune' scope. Create a key with that scope in the console.",
                                               code="insufficient_scope")

@@ -1,10 +1,11 @@
-"""DRF authentication by API key: `Authorization: Bearer mtl_…`."""
+"""DRF authentication by API key: `Authorization: Bearer mtl_…`, refused in the gateway's words."""
 
 from __future__ import annotations
 
 from rest_framework import authentication, exceptions
 
-from tenants.services import api_key_authenticate, api_key_touch
+from tenants.api_refusals import EXPIRED_KEY, INVALID_KEY, MISSING_KEY, Refusal
+from tenants.services import api_key_find, api_key_touch
 
 
 class KeyPrincipal:
@@ -34,13 +35,20 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         if not header:
             return None
         scheme, _, raw = header.partition(" ")
-        if scheme != self.keyword or not raw.strip():
-            raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <API key>'.")
-        key = api_key_authenticate(raw)
-        if key is None:
-            raise exceptions.AuthenticationFailed("Invalid, expired or revoked API key. Create a new key in the console.")
+        if scheme.lower() != self.keyword.lower() or not raw.strip():
+            raise refused(MISSING_KEY)
+        key = api_key_find(raw)
+        if key is None or key.state == "revoked":
+            raise refused(INVALID_KEY)
+        if key.state == "expired":
+            raise refused(EXPIRED_KEY)
         api_key_touch(key)
         return KeyPrincipal(key), key
 
     def authenticate_header(self, request):
         return self.keyword
+
+
+def refused(refusal: Refusal) -> exceptions.AuthenticationFailed:
+    """A 401 in DRF's terms that keeps the shared message and code (finetune/api.py renders it OpenAI's way)."""
+    return exceptions.AuthenticationFailed(refusal.message, code=refusal.code)

@@ -1,7 +1,8 @@
-"""How the APIs refuse a suspended tenant, worded once for all of them.
+"""How the APIs refuse a key or a suspended tenant, worded once for all of them.
 
-Used by the inference gateway (serving/gateway/app.py) and the OpenAI-compatible Files and Fine-tuning views
-(finetune/api.py), so a client sees the same status, type, code and message whichever endpoint it calls.
+Used by the inference gateway (serving/gateway/app.py), the OpenAI-compatible Files and Fine-tuning views
+(finetune/api.py) and the DRF key authentication (tenants/api_auth.py), so a client sees the same status, type,
+code and message whichever endpoint it calls. 401s are `invalid_request_error`, as OpenAI answers a bad key.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ class Refusal:
     type: str
     code: str
     message: str
+
+
+MISSING_KEY = Refusal(401, "invalid_request_error", "invalid_api_key", "Missing API key: send `Authorization: Bearer <key>`.")
+INVALID_KEY = Refusal(401, "invalid_request_error", "invalid_api_key", "Invalid API key (unknown or revoked).")
+EXPIRED_KEY = Refusal(401, "invalid_request_error", "expired_api_key", "This API key has expired: create a new one in the console.")
 
 
 def tenant_suspended(slug: str, reason: str, *, disabled: str) -> Refusal:

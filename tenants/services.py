@@ -273,8 +273,9 @@ def split_key(raw: str) -> tuple[str, str] | None:
     return raw[:n], raw
 
 
-def api_key_authenticate(raw: str) -> ApiKey | None:
-    """The usable key for a presented secret, or None. Lookup by prefix, constant-time hash comparison."""
+def api_key_find(raw: str) -> ApiKey | None:
+    """The key a presented secret belongs to, whatever its state (revoked, expired), or None. Lookup by prefix,
+    constant-time hash comparison. Callers check `key.is_usable` (or `key.state`, to say why not)."""
     parts = split_key(raw.strip())
     if parts is None:
         return None
@@ -282,9 +283,13 @@ def api_key_authenticate(raw: str) -> ApiKey | None:
     key = ApiKey.all_tenants.select_related("tenant").filter(prefix=prefix).first()
     if key is None or not hmac.compare_digest(key.secret_hash, _hash_secret(full)):
         return None
-    if not key.is_usable:
-        return None
     return key
+
+
+def api_key_authenticate(raw: str) -> ApiKey | None:
+    """The usable key for a presented secret, or None."""
+    key = api_key_find(raw)
+    return key if key is not None and key.is_usable else None
 
 
 def api_key_touch(key: ApiKey, *, min_interval_s: int = 60) -> None:

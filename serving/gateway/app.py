@@ -38,7 +38,7 @@ from serving.gateway.parsing import (
 from serving.gateway.settings import GatewaySettings
 from serving.health import HealthMonitor
 from serving.ledger import Ledger, LedgerEntry
-from tenants.api_refusals import tenant_suspended
+from tenants.api_refusals import EXPIRED_KEY, INVALID_KEY, MISSING_KEY, tenant_suspended
 from tenants.services import PLAYGROUND_PREFIX, playground_token_verify, split_key
 
 log = logging.getLogger(__name__)
@@ -234,16 +234,16 @@ class GatewayApp:
         """(key entry, tenant entry) for the bearer key, or ApiError 401/403. No database access."""
         auth = self._header(scope, b"authorization")
         if not auth or not auth[:7].lower() == "bearer ":
-            raise ApiError(401, "Missing API key: send `Authorization: Bearer <key>`.", type="invalid_request_error", code="invalid_api_key")
+            raise ApiError.refusing(MISSING_KEY)
         raw = auth[7:].strip()
         if raw.startswith(PLAYGROUND_PREFIX):
             return None, self._playground_tenant(raw, snap)
         parts = split_key(raw)
         entry = snap.keys.get(parts[0]) if parts else None
         if entry is None or not hmac.compare_digest(entry.secret_hash, hashlib.sha256(parts[1].encode()).hexdigest()):
-            raise ApiError(401, "Invalid API key (unknown or revoked).", type="invalid_request_error", code="invalid_api_key")
+            raise ApiError.refusing(INVALID_KEY)
         if entry.expires_at is not None and entry.expires_at <= timezone.now():
-            raise ApiError(401, "This API key has expired: create a new one in the console.", type="invalid_request_error", code="expired_api_key")
+            raise ApiError.refusing(EXPIRED_KEY)
         tenant = snap.tenants.get(entry.tenant_id)
         if tenant is None:
             raise ApiError(401, "Invalid API key.", type="invalid_request_error", code="invalid_api_key")

@@ -184,13 +184,11 @@ def test_file_content_answers_the_bytes_whatever_accept_says(api, outsider_api, 
     assert_openai_error(outsider_api.get(f"/v1/files/{file_id}/content", HTTP_ACCEPT=accept), 404, "file_not_found")
 
 
-def test_sdk_downloads_file_content_and_gets_404_for_another_tenants_file(world, sdk_for, tmp_path):
+def test_sdk_downloads_file_content_and_gets_404_for_another_tenants_file(world, sdk_for):
     from openai import NotFoundError
 
     acme = sdk_for(key_secret(world.tenant, world.owner))
-    dataset = tmp_path / "zebra.jsonl"
-    dataset.write_bytes(zebra_dataset())
-    file_id = acme.files.create(file=open(dataset, "rb"), purpose="fine-tune").id
+    file_id = acme.files.create(file=("zebra.jsonl", zebra_dataset()), purpose="fine-tune").id
     assert acme.files.content(file_id).read() == zebra_dataset()
     assert acme.files.content(file_id).content == zebra_dataset()
     with pytest.raises(NotFoundError) as caught:
@@ -213,6 +211,45 @@ def test_key_without_finetune_scope_gets_403_and_no_key_401(world):
     assert_openai_error(inference_only.get("/v1/files"), 403, "insufficient_scope")
     assert_openai_error(inference_only.post("/v1/fine_tuning/jobs", {}, format="json"), 403)
     assert_openai_error(APIClient().get("/v1/fine_tuning/jobs"), 401)
+
+
+MISSING_KEY = {"message": "Missing API key: send `Authorization: Bearer <key>`.", "type": "invalid_request_error",
+               "param": None, "code": "invalid_api_key"}
+INVALID_KEY = {"message": "Invalid API key (unknown or revoked).", "type": "invalid_request_error", "param": None,
+               "code": "invalid_api_key"}
+EXPIRED_KEY = {"message": "This API key has expired: create a new one in the console.", "type": "invalid_request_error",
+               "param": None, "code": "expired_api_key"}
+
+
+def test_auth_errors_are_the_gateways_exactly(world):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    revoked, revoked_secret = services.api_key_create(tenant=world.tenant, name="old", scopes=["finetune"], actor=Actor(user=world.owner))
+    services.api_key_revoke(key=revoked, actor=Actor(user=world.owner))
+    expired, expired_secret = services.api_key_create(tenant=world.tenant, name="exp", scopes=["finetune"], actor=Actor(user=world.owner),
+                                                      expires_at=timezone.now() + timedelta(days=1))
+    type(expired).objects.for_tenant(world.tenant).filter(pk=expired.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    cases = [(None, MISSING_KEY), ("Basic dXNlcjpwYXNz", MISSING_KEY), ("Bearer", MISSING_KEY),
+             ("Bearer sk-not-ours", INVALID_KEY), (f"Bearer {revoked_secret[:-2]}xx", INVALID_KEY),
+             (f"Bearer {revoked_secret}", INVALID_KEY), (f"Bearer {expired_secret}", EXPIRED_KEY)]
+    for header, expected in cases:
+        client = APIClient()
+        if header:
+            client.credentials(HTTP_AUTHORIZATION=header)
+        for response in (client.get("/v1/files"), client.get("/v1/fine_tuning/jobs"),
+                         client.post("/v1/fine_tuning/jobs", {}, format="json")):
+            assert response.status_code == 401 and response.json() == {"error": expected}, (header, response.content)
+            assert response["WWW-Authenticate"] == "Bearer"
+
+
+def test_sdk_with_a_bad_key_raises_authentication_error(sdk_for):
+    from openai import AuthenticationError
+
+    with pytest.raises(AuthenticationError) as caught:
+        sdk_for("mtl_000000000000_not-a-real-secret").files.list()
+    assert caught.value.body == INVALID_KEY
 
 
 @pytest.mark.parametrize("reason, shown", [

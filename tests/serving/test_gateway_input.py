@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 from openai import OpenAI
 
 from serving.models import Backend
@@ -171,12 +173,21 @@ def test_tgi_routes_answer_errors_in_tgi_shape(setup):
 
 def test_missing_invalid_and_unscoped_keys(world, setup):
     gw, backend, key = setup
-    _openai_error(post(gw.url + "/v1/chat/completions", CHAT), 401, "invalid_api_key")
-    _openai_error(post(gw.url + "/v1/chat/completions", CHAT, {"authorization": f"Bearer {key[:-2]}xx"}), 401, "invalid_api_key")
+    # Worded as /v1/files and /v1/fine_tuning word them (tests/finetune/test_api.py::test_auth_errors_are_the_gateways_exactly)
+    missing = _openai_error(post(gw.url + "/v1/chat/completions", CHAT), 401, "invalid_api_key")
+    assert (missing["type"], missing["message"]) == ("invalid_request_error", "Missing API key: send `Authorization: Bearer <key>`.")
+    invalid = _openai_error(post(gw.url + "/v1/chat/completions", CHAT, {"authorization": f"Bearer {key[:-2]}xx"}), 401, "invalid_api_key")
+    assert (invalid["type"], invalid["message"]) == ("invalid_request_error", "Invalid API key (unknown or revoked).")
     _openai_error(post(gw.url + "/v1/chat/completions", CHAT, {"authorization": "Bearer sk-nonsense"}), 401)
     _, finetune_only = make_key(world.tenant, scopes=["finetune"])
+    expires_at = timezone.now() + timedelta(seconds=0.6)
+    _, expiring = services.api_key_create(tenant=world.tenant, name="short", scopes=["inference"], actor=services.SYSTEM,
+                                          expires_at=expires_at)
     time.sleep(0.4)
     _openai_error(post(gw.url + "/v1/chat/completions", CHAT, {"authorization": f"Bearer {finetune_only}"}), 403, "insufficient_scope")
+    time.sleep(max(0.0, (expires_at - timezone.now()).total_seconds()))
+    expired = _openai_error(post(gw.url + "/v1/chat/completions", CHAT, {"authorization": f"Bearer {expiring}"}), 401, "expired_api_key")
+    assert (expired["type"], expired["message"]) == ("invalid_request_error", "This API key has expired: create a new one in the console.")
     assert dev_stats(backend)["requests_started"] == 0
 
 
