@@ -13,7 +13,7 @@ from django.http import Http404, HttpResponse, JsonResponse
 from django.urls import Resolver404, resolve
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import exceptions, serializers, status
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
@@ -33,6 +33,7 @@ from tenants.models import ApiKey, Role
 from tenants.services import Actor
 
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
+FILES_MAX_LIMIT = 10_000  # OpenAI's range for listing files (1–10,000, and the default)
 
 
 # ---- errors --------------------------------------------------------------------------------------
@@ -175,14 +176,26 @@ def _page_by_id(request, qs, prefix: str, what: str) -> tuple[list, bool]:
     return rows[:limit], len(rows) > limit
 
 
-def _limit(request) -> int:
-    raw = request.query_params.get("limit", DEFAULT_LIMIT)
+def _page_by_created(qs, anchor, *, limit: int, ascending: bool = False) -> tuple[list, bool]:
+    """(rows, has_more): up to `limit` rows of `qs` in (created_at, id) order, newest first unless `ascending`,
+    after the `anchor` row (None: from the start). The id breaks ties, so pages never skip or repeat a row."""
+    if anchor is not None:
+        if ascending:
+            qs = qs.filter(Q(created_at__gt=anchor.created_at) | Q(created_at=anchor.created_at, pk__gt=anchor.pk))
+        else:
+            qs = qs.filter(Q(created_at__lt=anchor.created_at) | Q(created_at=anchor.created_at, pk__lt=anchor.pk))
+    rows = list(qs.order_by(*(("created_at", "pk") if ascending else ("-created_at", "-pk")))[: limit + 1])
+    return rows[:limit], len(rows) > limit
+
+
+def _limit(request, *, default: int = DEFAULT_LIMIT, maximum: int = MAX_LIMIT) -> int:
+    raw = request.query_params.get("limit", default)
     try:
         limit = int(raw)
     except (TypeError, ValueError):
         raise FinetuneError("limit must be an integer", param="limit") from None
-    if not 1 <= limit <= MAX_LIMIT:
-        raise FinetuneError(f"limit must be between 1 and {MAX_LIMIT}", param="limit")
+    if not 1 <= limit <= maximum:
+        raise FinetuneError(f"limit must be between 1 and {maximum:,}", param="limit")
     return limit
 
 
@@ -208,23 +221,31 @@ def _problem_summary(file: TrainingFile) -> str:
 
 
 class FileListApi(OpenAIView):
-    @extend_schema(operation_id="files_list", tags=["Files"], responses=OpenApiTypes.OBJECT)
+    @extend_schema(operation_id="files_list", tags=["Files"], responses=OpenApiTypes.OBJECT,
+                   parameters=[OpenApiParameter("order", str, enum=["asc", "desc"], description="By creation time; default desc."),
+                               OpenApiParameter("limit", int, description="1–10,000 (default 10,000)."),
+                               OpenApiParameter("after", str, description="A file id: the page starts after it."),
+                               OpenApiParameter("purpose", str, description="Only files with this purpose.")])
     def get(self, request):
-        """OpenAI-compatible: list the key's tenant's files, newest first. Filter with `purpose`; page with `limit`
-        (1–100; without it, up to 10,000) and `after` (a file id). API key with the finetune scope (401 without a key,
-        403 without the scope or for a suspended tenant).
+        """OpenAI-compatible: list the key's tenant's files by creation time, `order` `desc` (newest first, the
+        default) or `asc`. Filter with `purpose`; page with `limit` (1–10,000, default 10,000) and `after` (a file id:
+        the next page starts after it, in the same order). API key with the finetune scope (401 without a key, 403
+        without the scope or for a suspended tenant). 400 for a bad `order` or `limit`; 404 for an `after` that is
+        not one of the tenant's files.
         """
+        order = request.query_params.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise FinetuneError(f"order must be 'asc' (oldest first) or 'desc' (newest first, the default), not {order!r}",
+                                param="order")
+        limit = _limit(request, default=FILES_MAX_LIMIT, maximum=FILES_MAX_LIMIT)
         qs = TrainingFile.objects.for_tenant(self.tenant)
         if request.query_params.get("purpose"):
             qs = qs.filter(purpose=request.query_params["purpose"])
-        limit = _limit(request) if "limit" in request.query_params else 10_000
         after = request.query_params.get("after")
-        if after:
-            anchor = self.file_or_404(after)
-            qs = qs.filter(Q(created_at__lt=anchor.created_at) | Q(created_at=anchor.created_at, pk__lt=anchor.pk))
-        rows = list(qs.order_by("-created_at", "-pk")[: limit + 1])
-        return Response({"object": "list", "data": [file_data(f) for f in rows[:limit]], "has_more": len(rows) > limit,
-                         "first_id": rows[0].id if rows else None, "last_id": rows[:limit][-1].id if rows else None})
+        rows, has_more = _page_by_created(qs, self.file_or_404(after) if after else None, limit=limit,
+                                          ascending=order == "asc")
+        return Response({"object": "list", "data": [file_data(f) for f in rows], "has_more": has_more,
+                         "first_id": rows[0].id if rows else None, "last_id": rows[-1].id if rows else None})
 
     @extend_schema(operation_id="files_create", tags=["Files"], request={"multipart/form-data": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["fine-tune"]}}, "required": ["file", "purpose"]}}, responses=OpenApiTypes.OBJECT)
     def post(self, request):
@@ -375,11 +396,8 @@ class JobListApi(OpenAIView):
         limit = _limit(request)
         qs = FineTuneJob.objects.for_tenant(self.tenant).select_related("base_model", "tenant")
         after = request.query_params.get("after")
-        if after:
-            anchor = self.job_or_404(after)
-            qs = qs.filter(Q(created_at__lt=anchor.created_at) | Q(created_at=anchor.created_at, pk__lt=anchor.pk))
-        rows = list(qs.order_by("-created_at", "-pk")[: limit + 1])
-        return Response({"object": "list", "data": [job_data(j) for j in rows[:limit]], "has_more": len(rows) > limit})
+        rows, has_more = _page_by_created(qs, self.job_or_404(after) if after else None, limit=limit)
+        return Response({"object": "list", "data": [job_data(j) for j in rows], "has_more": has_more})
 
     @extend_schema(operation_id="fine_tuning_jobs_create", tags=["Fine-tuning"], request=JobInput, responses=OpenApiTypes.OBJECT)
     def post(self, request):

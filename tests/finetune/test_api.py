@@ -196,6 +196,56 @@ def test_sdk_downloads_file_content_and_gets_404_for_another_tenants_file(world,
     assert caught.value.body["code"] == "file_not_found"
 
 
+def files_with_known_times(api, world) -> list[str]:
+    """Five uploaded files, their ids oldest first; the middle two share a created_at (ties break by id)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    ids = [upload(api, zebra_dataset(), name=f"f{i}.jsonl").json()["id"] for i in range(5)]
+    start = timezone.now() - timedelta(hours=1)
+    offsets = [0, 1, 2, 2, 3]
+    for file_id, minutes in zip(ids, offsets):
+        TrainingFile.objects.for_tenant(world.tenant).filter(pk=file_id).update(created_at=start + timedelta(minutes=minutes))
+    return [i for _, i in sorted(zip(offsets, ids))]
+
+
+def page_through(api, **params) -> list[str]:
+    seen, after = [], None
+    while True:
+        page = api.get("/v1/files", {**params, **({"after": after} if after else {})}).json()
+        seen += [f["id"] for f in page["data"]]
+        assert page["first_id"] == page["data"][0]["id"] and page["last_id"] == page["data"][-1]["id"]
+        if not page["has_more"]:
+            return seen
+        after = page["last_id"]
+
+
+def test_files_list_orders_by_creation_both_ways_and_pages_with_after(api, world):
+    oldest_first = files_with_known_times(api, world)
+    assert [f["id"] for f in api.get("/v1/files").json()["data"]] == oldest_first[::-1]  # default: newest first
+    assert [f["id"] for f in api.get("/v1/files?order=desc").json()["data"]] == oldest_first[::-1]
+    assert [f["id"] for f in api.get("/v1/files?order=asc").json()["data"]] == oldest_first
+    for limit in (1, 2, 10_000):
+        assert page_through(api, order="asc", limit=limit) == oldest_first
+        assert page_through(api, order="desc", limit=limit) == oldest_first[::-1]
+        assert page_through(api, order="asc", limit=limit, purpose="fine-tune") == oldest_first
+    assert api.get("/v1/files?order=asc&purpose=assistants").json()["data"] == []
+    response = api.get("/v1/files?order=newest")
+    assert_openai_error(response, 400)
+    assert response.json()["error"]["param"] == "order" and "'asc'" in response.json()["error"]["message"]
+    for bad in ("0", "10001", "x"):
+        assert_openai_error(api.get(f"/v1/files?limit={bad}"), 400)
+
+
+def test_sdk_lists_files_in_either_order_across_pages(api, world, sdk_for):
+    oldest_first = files_with_known_times(api, world)
+    client = sdk_for(key_secret(world.tenant, world.owner))
+    assert [f.id for f in client.files.list(order="asc", limit=2)] == oldest_first  # the SDK pages with `after`
+    assert [f.id for f in client.files.list(order="desc", limit=2)] == oldest_first[::-1]
+    assert [f.id for f in client.files.list(order="asc", purpose="fine-tune")] == oldest_first
+
+
 def test_delete_file_removes_bytes(api, world, settings):
     file_id = upload(api, zebra_dataset()).json()["id"]
     stored = TrainingFile.objects.for_tenant(world.tenant).get(pk=file_id)
