@@ -274,17 +274,25 @@ def finetune_job_create(*, tenant: Tenant, actor: Actor, model: str, training_fi
 
 @transaction.atomic
 def finetune_job_cancel(*, tenant: Tenant, actor: Actor, job: FineTuneJob) -> FineTuneJob:
-    """Cancel a job. A running worker notices within about a second and bills only completed steps."""
+    """Cancel a job. A running worker notices within about a second and bills only completed steps. 409 when the job
+    has finished, even if it did so since `job` was read."""
     if job.status in FineTuneJob.FINISHED_STATUSES:
-        raise FinetuneError(f"Job {job.id} has already {job.status}; it cannot be cancelled.", status=409,
-                            param="fine_tuning_job_id", code="job_finished")
+        raise _already_finished(job)
     now = timezone.now()
-    FineTuneJob.objects.for_tenant(tenant).filter(pk=job.pk, status__in=FineTuneJob.ACTIVE_STATUSES).update(
+    cancelled = FineTuneJob.objects.for_tenant(tenant).filter(pk=job.pk, status__in=FineTuneJob.ACTIVE_STATUSES).update(
         status=FineTuneJob.Status.CANCELLED, finished_at=now, estimated_finish=None)
     job.refresh_from_db()
+    if not cancelled:  # the worker finished it (or another request cancelled it) meanwhile
+        raise _already_finished(job)
     _event(job, "Job cancelled by request")
     audit_record(tenant=tenant, actor=actor, action="finetune.job_cancelled", target=job, data={"id": job.id})
     return job
+
+
+def _already_finished(job: FineTuneJob) -> FinetuneError:
+    words = "is already cancelled" if job.status == FineTuneJob.Status.CANCELLED else f"has already {job.status}"
+    return FinetuneError(f"Job {job.id} {words}, so it cannot be cancelled.", status=409, param="fine_tuning_job_id",
+                         code="job_finished")
 
 
 def _event(job: FineTuneJob, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> JobEvent:

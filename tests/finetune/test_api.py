@@ -420,6 +420,33 @@ def test_job_create_list_retrieve_cancel_events(api, world, base_model, _no_brok
     assert api.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"] == []
 
 
+@pytest.mark.parametrize("status, words", [("cancelled", "is already cancelled"), ("succeeded", "has already succeeded"),
+                                           ("failed", "has already failed")])
+def test_cancelling_a_finished_job_is_409_in_plain_words(api, world, base_model, status, words):
+    job_id = create_job(api, upload(api, zebra_dataset()).json()["id"]).json()["id"]
+    FineTuneJob.objects.for_tenant(world.tenant).filter(pk=job_id).update(status=status)
+    response = api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    assert_openai_error(response, 409, "job_finished")
+    assert response.json()["error"]["message"] == f"Job {job_id} {words}, so it cannot be cancelled."
+
+
+def test_cancel_of_a_job_that_finished_meanwhile_refuses_and_records_nothing(world, base_model):
+    from finetune.models import JobEvent
+    from tenants.models import AuditEvent
+
+    actor = Actor(user=world.owner)
+    file = ft_services.training_file_upload(tenant=world.tenant, actor=actor, filename="z.jsonl", data=zebra_dataset())
+    job = ft_services.finetune_job_create(tenant=world.tenant, actor=actor, model="tiny-chat", training_file=file.id)
+    FineTuneJob.objects.for_tenant(world.tenant).filter(pk=job.pk).update(status="succeeded")  # the worker, just now
+    events = JobEvent.objects.for_tenant(world.tenant).count()
+    with pytest.raises(ft_services.FinetuneError, match="has already succeeded") as caught:
+        ft_services.finetune_job_cancel(tenant=world.tenant, actor=actor, job=job)  # `job` still says queued
+    assert caught.value.status == 409
+    assert FineTuneJob.objects.for_tenant(world.tenant).get(pk=job.pk).status == "succeeded"
+    assert JobEvent.objects.for_tenant(world.tenant).count() == events
+    assert not AuditEvent.objects.for_tenant(world.tenant).filter(action="finetune.job_cancelled").exists()
+
+
 def test_top_level_hyperparameters_and_auto(api, base_model):
     file_id = upload(api, zebra_dataset(20)).json()["id"]
     job = api.post("/v1/fine_tuning/jobs", {"model": "tiny-chat", "training_file": file_id,
