@@ -21,7 +21,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from finetune import deploy, selectors, services
+from finetune import deploy, public_ids, selectors, services
 from finetune.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingFile
 from finetune.services import FinetuneError
 from serving import selectors as serving_selectors
@@ -163,16 +163,20 @@ class OpenAIView(APIView):
         return job
 
 
-def _page_by_id(request, qs, prefix: str, what: str) -> tuple[list, bool]:
-    """(rows, has_more): up to `limit` rows of `qs` (newest first) older than the `after` id (`{prefix}N`)."""
+def _page_by_public_id(request, qs, *, prefix: str, what: str, by: str) -> tuple[list, bool]:
+    """(rows, has_more): up to `limit` rows of `qs` in descending `by` (a unique field), after the row that the `after`
+    id names (`{prefix}-…`, finetune/public_ids.py). That row must be one of `qs`'s: a forged id or another job's
+    answers 400, so ids cannot be probed."""
     limit = _limit(request)
     after = request.query_params.get("after")
     if after:
-        try:
-            qs = qs.filter(id__lt=int(after.removeprefix(prefix)))
-        except ValueError:
-            raise FinetuneError(f"after must be {what} ({prefix}…)", param="after") from None
-    rows = list(qs[: limit + 1])
+        pk = public_ids.decode(prefix, after)
+        anchor = qs.filter(pk=pk).first() if pk is not None else None
+        if anchor is None:
+            raise FinetuneError(f"after must be the id of {what} of this job ({prefix}-…), as a previous page gave it",
+                                param="after")
+        qs = qs.filter(**{f"{by}__lt": getattr(anchor, by)})
+    rows = list(qs.order_by(f"-{by}")[: limit + 1])
     return rows[:limit], len(rows) > limit
 
 
@@ -461,8 +465,8 @@ class JobEventsApi(OpenAIView):
         key's tenant's.
         """
         job = self.job_or_404(job_id)
-        qs = JobEvent.objects.for_tenant(self.tenant).filter(job=job).order_by("-id")
-        rows, has_more = _page_by_id(request, qs, "ftevent-", "an event id")
+        qs = JobEvent.objects.for_tenant(self.tenant).filter(job=job)
+        rows, has_more = _page_by_public_id(request, qs, prefix=JobEvent.PUBLIC_ID_PREFIX, what="an event", by="id")
         return Response({"object": "list", "data": [event_data(e) for e in rows], "has_more": has_more})
 
 
@@ -474,8 +478,9 @@ class JobCheckpointsApi(OpenAIView):
         `after`; 404 for a job id that is not the key's tenant's.
         """
         job = self.job_or_404(job_id)
-        qs = JobCheckpoint.objects.for_tenant(self.tenant).filter(job=job).order_by("-step")
-        rows, has_more = _page_by_id(request, qs, "ftckpt-", "a checkpoint id")
+        qs = JobCheckpoint.objects.for_tenant(self.tenant).filter(job=job)
+        rows, has_more = _page_by_public_id(request, qs, prefix=JobCheckpoint.PUBLIC_ID_PREFIX, what="a checkpoint",
+                                            by="step")
         return Response({"object": "list", "data": [checkpoint_data(job, c) for c in rows], "has_more": has_more})
 
 

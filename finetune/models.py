@@ -1,6 +1,7 @@
 """Fine-tuning rows: uploaded files, jobs with their events and checkpoints, and the trained-tokens ledger.
 
-Ids are OpenAI-shaped strings (`file-…`, `ftjob-…`) so the API can hand them out unchanged. Every model is
+Ids are OpenAI-shaped strings (`file-…`, `ftjob-…`, random) so the API can hand them out unchanged; events and
+checkpoints keep integer keys and show them only through `public_ids` (`ftevent-…`, `ftckpt-…`, opaque). Every model is
 tenant-owned (`Model.objects.for_tenant(t)`); the trained adapter itself is a `serving.Adapter`.
 """
 
@@ -12,6 +13,7 @@ from datetime import timedelta
 from django.db import models
 from django.utils import timezone
 
+from finetune import public_ids
 from tenants.scoping import TenantOwnedModel
 
 # A worker refreshes its lease about once a second while training; one silent this long is presumed dead and
@@ -153,12 +155,15 @@ class JobEvent(TenantOwnedModel):
     data = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
+    PUBLIC_ID_PREFIX = "ftevent"
+
     class Meta(TenantOwnedModel.Meta):
         ordering = ["-id"]
 
     @property
     def public_id(self) -> str:
-        return f"ftevent-{self.pk}"
+        """Opaque: the pk is a sequence across all tenants (finetune/public_ids.py)."""
+        return public_ids.encode(self.PUBLIC_ID_PREFIX, self.pk)
 
 
 class JobCheckpoint(TenantOwnedModel):
@@ -172,13 +177,16 @@ class JobCheckpoint(TenantOwnedModel):
     metrics = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
+    PUBLIC_ID_PREFIX = "ftckpt"
+
     class Meta(TenantOwnedModel.Meta):
         ordering = ["-step"]
         constraints = [models.UniqueConstraint(fields=["job", "step"], name="one_checkpoint_per_job_step")]
 
     @property
     def public_id(self) -> str:
-        return f"ftckpt-{self.pk}"
+        """Opaque: the pk is a sequence across all tenants (finetune/public_ids.py)."""
+        return public_ids.encode(self.PUBLIC_ID_PREFIX, self.pk)
 
 
 class TrainingUsage(TenantOwnedModel):

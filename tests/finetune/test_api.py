@@ -447,6 +447,68 @@ def test_cancel_of_a_job_that_finished_meanwhile_refuses_and_records_nothing(wor
     assert not AuditEvent.objects.for_tenant(world.tenant).filter(action="finetune.job_cancelled").exists()
 
 
+def test_event_and_checkpoint_ids_are_opaque_and_page_with_after(api, world, base_model, sdk_for):
+    """Their primary keys are a global sequence: `ftevent-13` would tell a tenant how many events all tenants made."""
+    import re
+
+    from finetune.models import JobCheckpoint, JobEvent
+
+    file_id = upload(api, zebra_dataset()).json()["id"]
+    job_id = create_job(api, file_id).json()["id"]
+    api.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    job = FineTuneJob.objects.for_tenant(world.tenant).get(pk=job_id)
+    for n in range(5):
+        JobEvent.objects.for_tenant(world.tenant).create(job=job, message=f"step {n}")
+    for step in (10, 20, 30):
+        JobCheckpoint.objects.for_tenant(world.tenant).create(job=job, step=step, epoch=step // 10, path=f"ckpt-{step}")
+
+    events = api.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100").json()["data"]
+    checkpoints = api.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+    assert len(events) == 8 and [c["step_number"] for c in checkpoints] == [30, 20, 10]
+    for item, prefix in [*((e, "ftevent") for e in events), *((c, "ftckpt") for c in checkpoints)]:
+        assert re.fullmatch(prefix + r"-[0-9a-f]{16}", item["id"]), item["id"]  # never `ftevent-<pk>`
+    hex_values = [int(e["id"].removeprefix("ftevent-"), 16) for e in events]
+    assert hex_values != sorted(hex_values) and hex_values != sorted(hex_values, reverse=True)  # no visible sequence
+
+    def page_through(url: str) -> list[str]:
+        seen, after = [], ""
+        while True:
+            page = api.get(f"{url}?limit=3{after}").json()
+            seen += [item["id"] for item in page["data"]]
+            if not page["has_more"]:
+                return seen
+            after = f"&after={seen[-1]}"
+
+    assert page_through(f"/v1/fine_tuning/jobs/{job_id}/events") == [e["id"] for e in events]  # newest first
+    assert page_through(f"/v1/fine_tuning/jobs/{job_id}/checkpoints") == [c["id"] for c in checkpoints]
+    sdk = sdk_for(key_secret(world.tenant, world.owner))
+    assert [e.id for e in sdk.fine_tuning.jobs.list_events(job_id, limit=2)] == [e["id"] for e in events]
+    assert [c.id for c in sdk.fine_tuning.jobs.checkpoints.list(job_id, limit=2)] == [c["id"] for c in checkpoints]
+
+    # `after` must name an event (checkpoint) of this job: not the old numeric form, not another job's, not garbage
+    other_job = create_job(api, file_id).json()["id"]
+    other_event = api.get(f"/v1/fine_tuning/jobs/{other_job}/events").json()["data"][0]["id"]
+    last_pk = JobEvent.objects.for_tenant(world.tenant).filter(job=job).order_by("-pk").first().pk
+    for bad in (other_event, f"ftevent-{last_pk}", "ftevent-ffffffffffffffff", "ftevent-zz", checkpoints[0]["id"]):
+        response = api.get(f"/v1/fine_tuning/jobs/{job_id}/events?after={bad}")
+        assert_openai_error(response, 400)
+        assert response.json()["error"]["param"] == "after"
+    assert_openai_error(api.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints?after={events[0]['id']}"), 400)
+
+
+def test_public_ids_are_a_keyed_permutation_of_the_primary_key(settings):
+    from finetune import public_ids
+
+    for pk in (1, 2, 13, 10**6, 2**63 - 1):
+        public = public_ids.encode("ftevent", pk)
+        assert public_ids.decode("ftevent", public) == pk and public_ids.decode("ftckpt", public) is None
+        assert public_ids.decode("ftckpt", public_ids.encode("ftckpt", pk)) == pk
+    assert len({public_ids.encode("ftevent", pk) for pk in range(1, 2001)}) == 2000
+    before = public_ids.encode("ftevent", 13)
+    settings.SECRET_KEY = "another-secret-key-for-this-test-only-0123456789abcdefghijklmn"
+    assert public_ids.encode("ftevent", 13) != before  # unpredictable without the key
+
+
 def test_top_level_hyperparameters_and_auto(api, base_model):
     file_id = upload(api, zebra_dataset(20)).json()["id"]
     job = api.post("/v1/fine_tuning/jobs", {"model": "tiny-chat", "training_file": file_id,
