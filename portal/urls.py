@@ -1,4 +1,6 @@
 from django.contrib import admin
+from django.http import HttpResponsePermanentRedirect
+from django.templatetags.static import static
 from django.urls import include, path
 
 from finetune import urls as finetune_urls
@@ -11,6 +13,9 @@ admin.site.login_form = StaffAuthenticationForm  # the console's sign-in throttl
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    # Browsers ask for /favicon.ico whatever the page says (the admin's pages, the API docs): the console's icon.
+    # (Resolved per request: production's hashed static names exist only after collectstatic.)
+    path("favicon.ico", lambda request: HttpResponsePermanentRedirect(static("console/favicon.svg")), name="favicon"),
     path("staff/pools/", serving_staff.pools_live, name="staff-pools-live"),
     path("api/", include("portal.api_urls")),
     # Files and Fine-tuning, then OpenAI's JSON 404 for any other /v1/ path. Under ASGI the gateway's exact paths

@@ -93,6 +93,7 @@ VIEWER_WRITABLE: set[tuple[str, str]] = {
 # Patterns without <tenant_slug> that are allowed to exist.
 UNSCOPED_PREFIXES = ("admin/", "static/", "media/")
 UNSCOPED_NAMES = {
+    "favicon",  # a redirect to a static file
     # management API: user-level, schema and docs
     "api-tenant-list",
     "api-invitation-accept",

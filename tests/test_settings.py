@@ -101,3 +101,8 @@ def test_a_filesystem_broker_gets_its_folders_even_when_redis_is_configured(tmp_
     env = {"REDIS_URL": "redis://127.0.0.1:6379/0", "CELERY_BROKER_URL": "filesystem://", "PLATFORM_VAR_DIR": str(tmp_path)}
     options = broker_transport_options(env)
     assert options["data_folder_in"] == options["data_folder_out"] == str(tmp_path / "celery" / "queue")
+
+
+def test_favicon_ico_points_at_the_console_icon(client):
+    response = client.get("/favicon.ico")
+    assert response.status_code == 301 and response["Location"].endswith("console/favicon.svg")
