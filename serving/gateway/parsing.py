@@ -270,6 +270,8 @@ def _openai_common(data: dict, req: ClientRequest) -> None:
     req.stream = bool(_bool(data, "stream"))
     options = data.get("stream_options")
     if options is not None:
+        if not req.stream:  # OpenAI's rule and wording: the options would silently not apply
+            raise bad_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options")
         if not isinstance(options, dict):
             raise bad_request("`stream_options` must be an object.", "stream_options", "invalid_type")
         req.include_usage = bool(_bool(options, "include_usage", param="stream_options.include_usage"))

@@ -120,6 +120,20 @@ def test_bad_input_is_refused_before_any_backend(setup, path, body, status, code
     assert dev_stats(backend)["requests_started"] == 0
 
 
+@pytest.mark.parametrize("path, extra", [("/v1/chat/completions", {}), ("/v1/chat/completions", {"stream": False}),
+                                         ("/v1/completions", {"stream": False})])
+def test_stream_options_need_stream(setup, path, extra):
+    """As OpenAI: `stream_options` is refused unless `stream` is true (it would silently not apply)."""
+    gw, backend, key = setup
+    body = {**CHAT, **extra} if "chat" in path else {"model": "tiny-chat", "prompt": "x", **extra}
+    r = post(gw.url + path, {**body, "stream_options": {"include_usage": True}}, {"authorization": f"Bearer {key}"})
+    error = _openai_error(r, 400, "invalid_value", "stream_options")
+    assert error["message"] == "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+    r = post(gw.url + path, {**body, "max_tokens": 2, "stream_options": None}, {"authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    assert dev_stats(backend)["requests_started"] == 1
+
+
 def test_harmless_values_of_unsupported_features_pass(setup):
     gw, backend, key = setup
     body = {**CHAT, "max_tokens": 5, "tools": [], "tool_choice": "none", "logprobs": False,
