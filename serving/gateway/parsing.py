@@ -198,16 +198,42 @@ def _tool_choice(data: dict, tools: list[dict] | None) -> str | dict | None:
     return {"type": "function", "function": {"name": name}}
 
 
-def _text_content(content, param: str, *, nullable: bool = False) -> str | None:
-    if content is None and nullable:
-        return None
-    if isinstance(content, list):  # content parts: only text reaches a text model
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            raise bad_request(f"`{param}` parts must be text.", param, "invalid_type")
-        content = "".join(p["text"] for p in content)
+def _json_type(value) -> str:
+    return ("null" if value is None else "a boolean" if isinstance(value, bool) else "a number" if isinstance(value, (int, float))
+            else "an object" if isinstance(value, dict) else "a list" if isinstance(value, list) else "a string")
+
+
+def _text_content(m: dict, param: str, *, parts: tuple[str, ...] = ("text",), hint: str = "") -> str:
+    """A message's `content`: a string, or content parts of the given types (`{"type": "text", "text"}`,
+    `{"type": "refusal", "refusal"}`) joined: only text reaches a text model."""
+    if "content" not in m:
+        raise bad_request(f"`{param}` is required{hint}.", param, "missing_required_parameter")
+    content = m["content"]
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in parts or not isinstance(part.get(kind), str):
+                raise bad_request(f"`{param}` parts must be {' or '.join(parts)} parts.", param, "invalid_type")
+            texts.append(part[kind])
+        content = "".join(texts)
     if not isinstance(content, str):
-        raise bad_request(f"`{param}` must be a string.", param, "invalid_type")
+        raise bad_request(f"Invalid value for `{param}`: expected a string or a list of {' or '.join(parts)} parts, "
+                          f"got {_json_type(content)}{hint}.", param, "invalid_type")
     return content
+
+
+def _assistant_content(m: dict, param: str, has_calls: bool) -> str | None:
+    """OpenAI's rule: content may be null or absent only beside `tool_calls`; a `refusal` is what the assistant
+    said, so it is carried as (the end of) its content."""
+    refusal = m.get("refusal")
+    if refusal is not None and not isinstance(refusal, str):
+        raise bad_request(f"`{param}.refusal` must be a string.", f"{param}.refusal", "invalid_type")
+    if m.get("content") is None and (has_calls or refusal is not None):
+        return refusal
+    content = _text_content(m, f"{param}.content", parts=("text", "refusal"),
+                            hint=" (an assistant message may leave it out only when it has `tool_calls`)")
+    return content + refusal if refusal else content
 
 
 def _tool_calls(calls, param: str) -> list[dict]:
@@ -236,29 +262,46 @@ def _chat_message(m, i: int, open_calls: set[str]) -> dict:
                           f"messages[{i}].role", "unsupported_parameter")
     if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
         raise bad_request(f"`messages[{i}].role` must be one of {sorted(CHAT_ROLES)}.", f"messages[{i}].role")
-    role = m["role"]
+    role, p = m["role"], f"messages[{i}]"
+    if m.get("function_call") is not None:
+        raise bad_request(f"`{p}.function_call` is the legacy form of `tool_calls`, which is not supported; use `tool_calls`.",
+                          f"{p}.function_call", "unsupported_parameter")
+    if role != "assistant" and m.get("refusal") is not None:
+        raise bad_request(f"`{p}.refusal` is only allowed on assistant messages.", f"{p}.refusal")
     if role == "tool":
         call_id = m.get("tool_call_id")
         if not isinstance(call_id, str) or not call_id:
-            raise bad_request(f"`messages[{i}].tool_call_id` is required for a tool message.", f"messages[{i}].tool_call_id",
+            raise bad_request(f"`{p}.tool_call_id` is required for a tool message.", f"{p}.tool_call_id",
                               "missing_required_parameter" if call_id is None else "invalid_type")
         if call_id not in open_calls:
-            raise bad_request(f"`messages[{i}]` answers the tool call `{call_id}`, which no preceding assistant message made.",
-                              f"messages[{i}].tool_call_id")
-        return {"role": "tool", "tool_call_id": call_id, "content": _text_content(m.get("content"), f"messages[{i}].content")}
-    if m.get("tool_call_id") is not None:
-        raise bad_request(f"`messages[{i}].tool_call_id` is only allowed on tool messages.", f"messages[{i}].tool_call_id")
-    open_calls.clear()
-    calls = m.get("tool_calls")
-    if calls is not None and calls != []:
-        if role != "assistant":
-            raise bad_request(f"`messages[{i}].tool_calls` is only allowed on assistant messages.", f"messages[{i}].tool_calls")
-        calls = _tool_calls(calls, f"messages[{i}].tool_calls")
-        open_calls.update(c["id"] for c in calls)
-        content = _text_content(m.get("content"), f"messages[{i}].content", nullable=True)
-        return {"role": "assistant", "content": content, "tool_calls": calls}
-    content = _text_content(m.get("content"), f"messages[{i}].content")
-    return {"role": "system" if role == "developer" else role, "content": content}
+            raise bad_request(f"`{p}` answers the tool call `{call_id}`, which no preceding assistant message made.",
+                              f"{p}.tool_call_id")
+        out = {"role": "tool", "tool_call_id": call_id, "content": _text_content(m, f"{p}.content")}
+    else:
+        if m.get("tool_call_id") is not None:
+            raise bad_request(f"`{p}.tool_call_id` is only allowed on tool messages.", f"{p}.tool_call_id")
+        open_calls.clear()
+        calls = m.get("tool_calls")
+        if calls is not None and calls != []:
+            if role != "assistant":
+                raise bad_request(f"`{p}.tool_calls` is only allowed on assistant messages.", f"{p}.tool_calls")
+            calls = _tool_calls(calls, f"{p}.tool_calls")
+            open_calls.update(c["id"] for c in calls)
+        else:
+            calls = None
+        if role == "assistant":
+            out = {"role": "assistant", "content": _assistant_content(m, p, calls is not None)}
+            if calls is not None:
+                out["tool_calls"] = calls
+        else:
+            out = {"role": "system" if role == "developer" else role, "content": _text_content(m, f"{p}.content")}
+    name = m.get("name")  # the participant's name: carried (TGI and vLLM take it; chat templates may render it)
+    if name is not None:
+        if not isinstance(name, str):
+            raise bad_request(f"`{p}.name` must be a string.", f"{p}.name", "invalid_type")
+        if name:
+            out["name"] = name
+    return out
 
 
 def _openai_common(data: dict, req: ClientRequest) -> None:

@@ -111,6 +111,24 @@ def _openai_error(r, status: int, code: str | None = None, param: str | None = N
         ("/v1/chat/completions", {**CHAT, "messages": [{**CALL, "role": "user"}]}, 400, None, "messages[0].tool_calls"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant", "content": None}]}, 400, "invalid_type",
          "messages[0].content"),
+        # Message content as OpenAI has it: null only beside tool_calls; refusal only on assistant messages.
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant"}]}, 400, "missing_required_parameter",
+         "messages[0].content"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant", "content": None, "tool_calls": []}]}, 400,
+         "invalid_type", "messages[0].content"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": None}]}, 400, "invalid_type",
+         "messages[0].content"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]}, 400,
+         "invalid_type", "messages[0].content"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "refusal": "no"}]}, 400, None,
+         "messages[0].refusal"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant", "content": None, "refusal": 3}]}, 400, "invalid_type",
+         "messages[0].refusal"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "name": 3}]}, 400, "invalid_type",
+         "messages[0].name"),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant", "content": None,
+                                                         "function_call": {"name": "f", "arguments": "{}"}}]}, 400,
+         "unsupported_parameter", "messages[0].function_call"),
     ],
 )
 def test_bad_input_is_refused_before_any_backend(setup, path, body, status, code, param):
@@ -132,6 +150,43 @@ def test_stream_options_need_stream(setup, path, extra):
     r = post(gw.url + path, {**body, "max_tokens": 2, "stream_options": None}, {"authorization": f"Bearer {key}"})
     assert r.status_code == 200, r.text
     assert dev_stats(backend)["requests_started"] == 1
+
+
+def test_assistant_messages_as_openai_accepts_them(setup):
+    """Null content beside tool_calls, a refusal instead of content, content as text or refusal parts, `name` on any
+    message: all accepted as OpenAI accepts them, and carried to the backend (a refusal is what the assistant said)."""
+    gw, backend, key = setup
+    sdk_dump = {"tool_calls": None, "function_call": None, "audio": None, "annotations": []}  # model_dump() of an answer
+    messages = [
+        {"role": "user", "content": "hi", "name": "bob"},
+        {"role": "assistant", "content": None, "refusal": "I can't help with that.", **sdk_dump},
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Sure"}, {"type": "text", "text": "!"}], "name": "helper"},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}], "refusal": None},
+        {"role": "user", "content": [{"type": "text", "text": "again"}]},
+        CALL,
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    r = post(gw.url + "/v1/chat/completions", {**CHAT, "messages": messages, "max_tokens": 2}, {"authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    assert dev_stats(backend)["last_request"]["body"]["messages"] == [
+        {"role": "user", "content": "hi", "name": "bob"},
+        {"role": "assistant", "content": "I can't help with that."},
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": "Sure!", "name": "helper"},
+        {"role": "assistant", "content": "No."},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": None, "tool_calls": CALL["tool_calls"]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+
+
+def test_null_content_is_refused_in_openais_words(setup):
+    gw, backend, key = setup
+    r = post(gw.url + "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
+             {"authorization": f"Bearer {key}"})
+    message = _openai_error(r, 400, "invalid_type", "messages[1].content")["message"]
+    assert "expected a string" in message and "got null" in message and "tool_calls" in message
 
 
 def test_harmless_values_of_unsupported_features_pass(setup):
