@@ -22,10 +22,11 @@ from serving.drivers.base import (
 
 
 def openai_body(request: BackendRequest, *, model: str, cache_salt: bool, continuous_usage: bool,
-                parallel_tool_calls: bool = True) -> tuple[str, dict]:
+                parallel_tool_calls: bool = True, unsigned_seed: bool = False) -> tuple[str, dict]:
     """(path, JSON body). Greedy is temperature 0 (TGI's chat route samples whenever temperature is absent).
 
-    `parallel_tool_calls`: whether the server knows the field (TGI does not: it makes one call per answer)."""
+    `parallel_tool_calls`: whether the server knows the field (TGI does not: it makes one call per answer).
+    `unsigned_seed`: the server's seed is a u64 (TGI), not an i64 (vLLM, OpenAI): the same 64 bits are sent."""
     s = request.sampling
     body: dict = {"model": model, "max_tokens": request.max_tokens, "stream": True,
                   "stream_options": {"include_usage": True, **({"continuous_usage_stats": True} if continuous_usage else {})},
@@ -35,7 +36,7 @@ def openai_body(request: BackendRequest, *, model: str, cache_salt: bool, contin
     if s.do_sample and s.top_k is not None and continuous_usage:  # vLLM extension
         body["top_k"] = s.top_k
     if s.seed is not None:
-        body["seed"] = s.seed
+        body["seed"] = s.seed % 2**64 if unsigned_seed else (s.seed - 2**64 if s.seed >= 2**63 else s.seed)
     if s.stop:
         body["stop"] = s.stop
     if cache_salt and request.cache_salt:

@@ -33,7 +33,7 @@ def generate_body(request: BackendRequest) -> dict:
         if s.top_k is not None:
             params["top_k"] = s.top_k
     if s.seed is not None:
-        params["seed"] = s.seed
+        params["seed"] = s.seed % 2**64  # TGI's seed is a u64; an OpenAI client's may be negative (the same 64 bits)
     if s.stop:
         params["stop"] = s.stop
     if request.adapter:
@@ -77,13 +77,17 @@ async def generate_stream(session: aiohttp.ClientSession, url: str, body: dict) 
         resp.close()  # no-op after release(); otherwise drops the connection so the backend cancels
 
 
+def chat_body(request: BackendRequest) -> tuple[str, dict]:
+    """TGI's chat route: `model` is the adapter id, or "tgi" for the base model; one tool call per answer; u64 seeds."""
+    return openai_body(request, model=request.adapter or "tgi", cache_salt=False, continuous_usage=False,
+                       parallel_tool_calls=False, unsigned_seed=True)
+
+
 class TGIDriver:
     kind = "tgi"
 
     def stream(self, session: aiohttp.ClientSession, backend_url: str, request: BackendRequest) -> AsyncIterator:
         if request.kind == "chat":
-            # TGI's chat route: `model` is the adapter id, or "tgi" for the base model.
-            path, body = openai_body(request, model=request.adapter or "tgi", cache_salt=False, continuous_usage=False,
-                                     parallel_tool_calls=False)
+            path, body = chat_body(request)
             return openai_stream(session, backend_url + path, body, chat=True)
         return generate_stream(session, backend_url + "/generate_stream", generate_body(request))

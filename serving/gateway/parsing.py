@@ -52,26 +52,58 @@ def parse_json(body: bytes) -> dict:
     return data
 
 
-def _int(data: dict, name: str, *, minimum: int | None = None, param: str | None = None) -> int | None:
+INT64 = (-(2**63), 2**63 - 1)  # OpenAI's (and vLLM's) seed
+UINT64 = (0, 2**64 - 1)  # TGI's seed
+INT32_MAX = 2**31 - 1  # TGI's top_k
+
+
+def _json_type(value) -> str:
+    return ("null" if value is None else "a boolean" if isinstance(value, bool) else "an integer" if isinstance(value, int)
+            else "a decimal" if isinstance(value, float) else "an object" if isinstance(value, dict)
+            else "an array" if isinstance(value, list) else "a string")
+
+
+def _out_of_range(param: str, kind: str, value, lo, hi, *, lo_open: bool = False):
+    """OpenAI's wording ("Invalid 'top_p': decimal above maximum value. Expected a value from 0 to 1, but got 1.5 instead.")."""
+    if lo is not None and hi is not None and not lo_open:
+        expected = f"from {lo} to {hi}"
+    else:
+        expected = " and ".join(filter(None, (lo is not None and (f"> {lo}" if lo_open else f">= {lo}"), hi is not None and f"<= {hi}")))
+    where = "above maximum" if hi is not None and value > hi else "below minimum"
+    return bad_request(f"Invalid '{param}': {kind} {where} value. Expected a value {expected}, but got {value} instead.", param)
+
+
+def _int(data: dict, name: str, *, minimum: int | None = None, maximum: int | None = None,
+         param: str | None = None) -> int | None:
     value = data.get(name)
     if value is None:
         return None
+    param = param or name
     if isinstance(value, bool) or not isinstance(value, int):
-        raise bad_request(f"`{name}` must be an integer.", param or name, "invalid_type")
-    if minimum is not None and value < minimum:
-        raise bad_request(f"`{name}` must be at least {minimum}.", param or name)
+        raise bad_request(f"Invalid type for '{param}': expected an integer, but got {_json_type(value)} instead.", param, "invalid_type")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise _out_of_range(param, "integer", value, minimum, maximum)
     return value
 
 
-def _number(data: dict, name: str, lo: float, hi: float, *, param: str | None = None) -> float | None:
+def _number(data: dict, name: str, lo: float, hi: float, *, lo_open: bool = False, param: str | None = None) -> float | None:
+    """A number in [lo, hi] (or (lo, hi] with `lo_open`); NaN and infinities are out of every range."""
     value = data.get(name)
     if value is None:
         return None
+    param = param or name
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad_request(f"`{name}` must be a number.", param or name, "invalid_type")
-    if not lo <= value <= hi:
-        raise bad_request(f"`{name}` must be between {lo} and {hi}.", param or name)
+        raise bad_request(f"Invalid type for '{param}': expected a number, but got {_json_type(value)} instead.", param, "invalid_type")
+    if not (lo < value <= hi if lo_open else lo <= value <= hi):
+        raise _out_of_range(param, "decimal", value, lo, hi, lo_open=lo_open)
     return float(value)
+
+
+def _top_p(data: dict, *, param: str | None = None) -> float | None:
+    """OpenAI's 0 <= top_p <= 1. TGI takes only 0 < top_p < 1 and vLLM 0 < top_p <= 1, so 1 (no nucleus cut) is
+    not sent at all, and 0 (only the most likely token) is greedy decoding (`sampling_for`)."""
+    top_p = _number(data, "top_p", 0, 1, param=param)
+    return None if top_p == 1 else top_p
 
 
 def _bool(data: dict, name: str, *, param: str | None = None) -> bool | None:
@@ -87,10 +119,14 @@ def _stop(data: dict, name: str = "stop", *, param: str | None = None) -> list[s
     value = data.get(name)
     if value is None:
         return []
+    param = param or name
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value) or len(value) > 4:
-        raise bad_request(f"`{name}` must be a string or a list of at most 4 strings.", param or name, "invalid_type")
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise bad_request(f"Invalid type for '{param}': expected a string or an array of strings.", param, "invalid_type")
+    if len(value) > 4:  # OpenAI's limit, and TGI's default max_stop_sequences
+        raise bad_request(f"Invalid '{param}': array too long. Expected an array with maximum length 4, but got an array "
+                          f"with length {len(value)} instead.", param)
     return [s for s in value if s]
 
 
@@ -101,22 +137,35 @@ def _model(data: dict) -> str | None:
     return model or None
 
 
-# OpenAI features the gateway does not carry to backends yet. Dropping them silently would answer a different
-# question (no tool call, no JSON schema), so a request that asks for one is refused, naming it.
+# Features the gateway does not carry to backends yet. Dropping them silently would answer a different question
+# (no tool call, no JSON schema, no penalty), so a request that asks for one is refused, naming it. Values that
+# ask for nothing pass: None, false, 0, "", [], {} and the ones listed in _HARMLESS.
 _UNSUPPORTED = {
     "functions": "The legacy `functions` parameter is not supported; declare them in `tools` instead.",
     "function_call": "The legacy `function_call` parameter is not supported; use `tool_choice` instead.",
     "logprobs": "Log probabilities are not returned on /v1 yet; use /generate with `details: true` for token logprobs.",
+    "top_logprobs": "Log probabilities are not returned on /v1 yet; use /generate with `details: true` for token logprobs.",
     "response_format": "Only `response_format: {\"type\": \"text\"}` is supported; JSON mode and JSON schemas are not yet.",
+    "presence_penalty": "`presence_penalty` is not supported yet (only 0).",
+    "frequency_penalty": "`frequency_penalty` is not supported yet (only 0).",
+    "logit_bias": "`logit_bias` is not supported yet.",
+    "best_of": "`best_of` is not supported (only 1).",
+    "suffix": "`suffix` (insertion) is not supported.",
 }
+# TGI's `parameters` the gateway does not carry (huggingface_hub's InferenceClient sends some with their defaults).
+_TGI_UNSUPPORTED = ("best_of", "decoder_input_details", "frequency_penalty", "grammar", "repetition_penalty", "top_n_tokens",
+                    "truncate", "typical_p", "watermark")
+_HARMLESS = {"response_format": ({"type": "text"},), "best_of": (1,), "repetition_penalty": (1,), "typical_p": (1,)}
 
 
-def _refuse_unsupported(data: dict) -> None:
-    for name, message in _UNSUPPORTED.items():
+def _refuse_unsupported(data: dict, names, *, prefix: str = "") -> None:
+    for name in names:
         value = data.get(name)
-        harmless = (value in (None, False, [], {}) or (name == "response_format" and value == {"type": "text"}))
-        if not harmless:
-            raise bad_request(message, name, "unsupported_parameter")
+        if value in (None, False, "", [], {}) or value in _HARMLESS.get(name, ()):  # 0 == False, 1.0 == 1
+            continue
+        param = prefix + name
+        message = _UNSUPPORTED.get(name) if not prefix else f"`{param}` is not supported by this gateway yet."
+        raise bad_request(message, param, "unsupported_parameter")
 
 
 def _object(value, param: str, keys: set[str], required: tuple[str, ...] = ()) -> dict:
@@ -196,11 +245,6 @@ def _tool_choice(data: dict, tools: list[dict] | None) -> str | dict | None:
     if not any(t["function"]["name"] == name for t in tools or ()):
         raise bad_request(f"`tool_choice` names the function `{name}`, which `tools` does not declare.", "tool_choice.function.name")
     return {"type": "function", "function": {"name": name}}
-
-
-def _json_type(value) -> str:
-    return ("null" if value is None else "a boolean" if isinstance(value, bool) else "a number" if isinstance(value, (int, float))
-            else "an object" if isinstance(value, dict) else "a list" if isinstance(value, list) else "a string")
 
 
 def _text_content(m: dict, param: str, *, parts: tuple[str, ...] = ("text",), hint: str = "") -> str:
@@ -305,7 +349,9 @@ def _chat_message(m, i: int, open_calls: set[str]) -> dict:
 
 
 def _openai_common(data: dict, req: ClientRequest) -> None:
-    _refuse_unsupported(data)
+    for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's range first, then: only 0 is carried
+        _number(data, name, -2, 2)
+    _refuse_unsupported(data, _UNSUPPORTED)
     if req.endpoint != "chat":
         for name in ("tools", "tool_choice", "parallel_tool_calls"):
             if data.get(name) not in (None, [], "none"):
@@ -318,12 +364,12 @@ def _openai_common(data: dict, req: ClientRequest) -> None:
         if not isinstance(options, dict):
             raise bad_request("`stream_options` must be an object.", "stream_options", "invalid_type")
         req.include_usage = bool(_bool(options, "include_usage", param="stream_options.include_usage"))
-    n = _int(data, "n", minimum=1)
+    n = _int(data, "n", minimum=1, maximum=128)
     if n not in (None, 1):
         raise bad_request("Only n=1 is supported.", "n")
     req.temperature = _number(data, "temperature", 0, 2)
-    req.top_p = _number(data, "top_p", 0, 1)
-    req.seed = _int(data, "seed")
+    req.top_p = _top_p(data)
+    req.seed = _int(data, "seed", minimum=INT64[0], maximum=INT64[1])
     req.stop = _stop(data)
 
 
@@ -375,14 +421,13 @@ def parse_generate(data: dict, *, stream: bool) -> ClientRequest:
     if adapter is not None and not isinstance(adapter, str):
         raise bad_request("`parameters.adapter_id` must be a string.", "parameters.adapter_id", "invalid_type")
     req = ClientRequest("generate_stream" if stream else "generate", adapter or _model(data), stream=stream)
+    _refuse_unsupported(params, _TGI_UNSUPPORTED, prefix="parameters.")
     req.prompt = inputs
     req.max_tokens = _int(params, "max_new_tokens", minimum=1, param="parameters.max_new_tokens")
-    req.temperature = _number(params, "temperature", 0, 100, param="parameters.temperature")
-    if req.temperature is not None and req.temperature <= 0:
-        raise bad_request("`temperature` must be strictly positive.", "parameters.temperature")
-    req.top_p = _number(params, "top_p", 0, 1, param="parameters.top_p")
-    req.top_k = _int(params, "top_k", minimum=1, param="parameters.top_k")
-    req.seed = _int(params, "seed", param="parameters.seed")
+    req.temperature = _number(params, "temperature", 0, 100, lo_open=True, param="parameters.temperature")
+    req.top_p = _top_p(params, param="parameters.top_p")
+    req.top_k = _int(params, "top_k", minimum=1, maximum=INT32_MAX, param="parameters.top_k")
+    req.seed = _int(params, "seed", minimum=UINT64[0], maximum=UINT64[1], param="parameters.seed")
     req.stop = _stop(params, param="parameters.stop")
     req.do_sample = _bool(params, "do_sample", param="parameters.do_sample")
     req.details = bool(_bool(params, "details", param="parameters.details"))
@@ -414,7 +459,7 @@ def sampling_for(req: ClientRequest, tenant: TenantEntry) -> Sampling:
         temperature = req.temperature if req.temperature is not None else tenant.default_temperature
         do_sample = temperature > 0
     temperature = min(temperature, tenant.max_temperature)
-    if temperature <= 0:
+    if temperature <= 0 or req.top_p == 0:  # top_p=0 keeps only the most likely token: greedy
         do_sample = False
     if not do_sample:
         return Sampling(False, seed=req.seed, stop=req.stop)

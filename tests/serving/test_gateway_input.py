@@ -111,6 +111,30 @@ def _openai_error(r, status: int, code: str | None = None, param: str | None = N
         ("/v1/chat/completions", {**CHAT, "messages": [{**CALL, "role": "user"}]}, 400, None, "messages[0].tool_calls"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant", "content": None}]}, 400, "invalid_type",
          "messages[0].content"),
+        # Sampling parameters: OpenAI's ranges, checked here so that no backend's own wording reaches the client.
+        ("/v1/chat/completions", {**CHAT, "top_p": 1.5}, 400, "invalid_value", "top_p"),
+        ("/v1/chat/completions", {**CHAT, "top_p": -0.1}, 400, "invalid_value", "top_p"),
+        ("/v1/chat/completions", {**CHAT, "top_p": "0.9"}, 400, "invalid_type", "top_p"),
+        ("/v1/chat/completions", {**CHAT, "temperature": -1}, 400, "invalid_value", "temperature"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "temperature": 2.5}, 400, "invalid_value", "temperature"),
+        ("/v1/chat/completions", {**CHAT, "n": 0}, 400, "invalid_value", "n"),
+        ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+        ("/v1/chat/completions", {**CHAT, "max_completion_tokens": -3}, 400, "invalid_value", "max_completion_tokens"),
+        ("/v1/chat/completions", {**CHAT, "seed": 2**63}, 400, "invalid_value", "seed"),
+        ("/v1/chat/completions", {**CHAT, "seed": -(2**63) - 1}, 400, "invalid_value", "seed"),
+        ("/v1/chat/completions", {**CHAT, "seed": 1.5}, 400, "invalid_type", "seed"),
+        ("/v1/chat/completions", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value", "stop"),
+        ("/v1/chat/completions", {**CHAT, "stop": [1]}, 400, "invalid_type", "stop"),
+        ("/v1/chat/completions", {**CHAT, "presence_penalty": 2.5}, 400, "invalid_value", "presence_penalty"),
+        ("/v1/chat/completions", {**CHAT, "frequency_penalty": "high"}, 400, "invalid_type", "frequency_penalty"),
+        # ... and what no backend is sent is refused by name rather than dropped.
+        ("/v1/chat/completions", {**CHAT, "presence_penalty": 0.5}, 400, "unsupported_parameter", "presence_penalty"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "frequency_penalty": -0.5}, 400, "unsupported_parameter",
+         "frequency_penalty"),
+        ("/v1/chat/completions", {**CHAT, "logit_bias": {"50256": -100}}, 400, "unsupported_parameter", "logit_bias"),
+        ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "unsupported_parameter", "top_logprobs"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "best_of": 2}, 400, "unsupported_parameter", "best_of"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "suffix": "end"}, 400, "unsupported_parameter", "suffix"),
         # Message content as OpenAI has it: null only beside tool_calls; refusal only on assistant messages.
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant"}]}, 400, "missing_required_parameter",
          "messages[0].content"),
@@ -192,9 +216,105 @@ def test_null_content_is_refused_in_openais_words(setup):
 def test_harmless_values_of_unsupported_features_pass(setup):
     gw, backend, key = setup
     body = {**CHAT, "max_tokens": 5, "tools": [], "tool_choice": "none", "logprobs": False,
-            "response_format": {"type": "text"}}
+            "response_format": {"type": "text"}, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+            "top_logprobs": None, "top_p": 1, "stop": [], "seed": 0, "user": "end-user-1"}
     r = post(gw.url + "/v1/chat/completions", body, {"authorization": f"Bearer {key}", "content-type": "application/json"})
     assert r.status_code == 200, r.text
+    body = {"model": "tiny-chat", "prompt": "x", "max_tokens": 2, "best_of": 1, "suffix": None, "logprobs": 0, "top_p": 1.0}
+    r = post(gw.url + "/v1/completions", body, {"authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    # What huggingface_hub's InferenceClient.text_generation sends by default (its None values left out).
+    params = {"max_new_tokens": 2, "details": False, "decoder_input_details": False, "watermark": False, "stop": [],
+              "repetition_penalty": 1.0, "frequency_penalty": 0, "best_of": 1, "truncate": None}
+    r = post(gw.url + "/generate", {"inputs": "x", "parameters": params}, {"authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("parameters, param, code", [
+    ({"top_p": 1.5}, "parameters.top_p", "invalid_value"),
+    ({"temperature": 0}, "parameters.temperature", "invalid_value"),
+    ({"top_k": 0}, "parameters.top_k", "invalid_value"),
+    ({"top_k": 2**31}, "parameters.top_k", "invalid_value"),
+    ({"seed": -1}, "parameters.seed", "invalid_value"),
+    ({"seed": 2**64}, "parameters.seed", "invalid_value"),
+    ({"stop": list("abcde")}, "parameters.stop", "invalid_value"),
+    ({"max_new_tokens": 0}, "parameters.max_new_tokens", "invalid_value"),
+    ({"repetition_penalty": 1.2}, "parameters.repetition_penalty", "unsupported_parameter"),
+    ({"frequency_penalty": 0.5}, "parameters.frequency_penalty", "unsupported_parameter"),
+    ({"typical_p": 0.5}, "parameters.typical_p", "unsupported_parameter"),
+    ({"truncate": 100}, "parameters.truncate", "unsupported_parameter"),
+    ({"best_of": 2}, "parameters.best_of", "unsupported_parameter"),
+    ({"top_n_tokens": 3}, "parameters.top_n_tokens", "unsupported_parameter"),
+    ({"watermark": True}, "parameters.watermark", "unsupported_parameter"),
+    ({"decoder_input_details": True}, "parameters.decoder_input_details", "unsupported_parameter"),
+    ({"grammar": {"type": "json", "value": {}}}, "parameters.grammar", "unsupported_parameter"),
+])
+def test_tgi_parameters_are_checked_in_tgi_shape(setup, parameters, param, code):
+    gw, backend, key = setup
+    r = post(gw.url + "/generate", {"inputs": "x", "parameters": parameters}, {"authorization": f"Bearer {key}"})
+    assert r.status_code == 400 and r.json()["error_type"] == code, r.text
+    assert f"'{param}'" in r.json()["error"] or f"`{param}`" in r.json()["error"]
+    assert dev_stats(backend)["requests_started"] == 0
+
+
+def test_range_errors_name_the_parameter_and_the_accepted_range(setup):
+    gw, backend, key = setup
+    error = _openai_error(post(gw.url + "/v1/chat/completions", {**CHAT, "top_p": 1.5}, {"authorization": f"Bearer {key}"}), 400)
+    assert error["message"] == "Invalid 'top_p': decimal above maximum value. Expected a value from 0 to 1, but got 1.5 instead."
+    error = _openai_error(post(gw.url + "/v1/chat/completions", {**CHAT, "max_tokens": 0}, {"authorization": f"Bearer {key}"}), 400)
+    assert error["message"] == "Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, but got 0 instead."
+    error = _openai_error(post(gw.url + "/v1/chat/completions", {**CHAT, "stop": list("abcde")}, {"authorization": f"Bearer {key}"}), 400)
+    assert error["message"] == ("Invalid 'stop': array too long. Expected an array with maximum length 4, "
+                                "but got an array with length 5 instead.")
+
+
+def _sent(backend: str) -> dict:
+    return dev_stats(backend)["last_request"]["body"]
+
+
+def test_top_p_at_the_ends_of_openais_range_is_translated_for_the_backends(setup):
+    """OpenAI takes 0 <= top_p <= 1; TGI refuses 0 and 1, vLLM refuses 0. top_p=1 is no nucleus cut at all (not sent);
+    top_p=0 keeps only the most likely token, i.e. greedy decoding (sent as such)."""
+    gw, backend, key = setup
+    auth = {"authorization": f"Bearer {key}"}
+    r = post(gw.url + "/v1/chat/completions", {**CHAT, "max_tokens": 2, "temperature": 0.7, "top_p": 0}, auth)
+    assert r.status_code == 200, r.text
+    assert _sent(backend)["temperature"] == 0 and "top_p" not in _sent(backend)
+    r = post(gw.url + "/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 2, "temperature": 0.7, "top_p": 1}, auth)
+    assert r.status_code == 200, r.text  # was the backend's "`top_p` must be > 0.0 and < 1.0"
+    assert _sent(backend)["parameters"]["do_sample"] is True and "top_p" not in _sent(backend)["parameters"]
+    r = post(gw.url + "/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 2, "temperature": 0.7, "top_p": 0.5}, auth)
+    assert r.status_code == 200 and _sent(backend)["parameters"]["top_p"] == 0.5
+    r = post(gw.url + "/generate", {"inputs": "x", "parameters": {"max_new_tokens": 2, "do_sample": True, "top_p": 0}}, auth)
+    assert r.status_code == 200, r.text
+    assert _sent(backend)["parameters"]["do_sample"] is False and "top_p" not in _sent(backend)["parameters"]
+
+
+def test_seeds_are_mapped_to_what_each_protocol_takes(setup):
+    """OpenAI's seed is a signed 64-bit integer, TGI's an unsigned one: the same 64 bits go to each backend."""
+    gw, backend, key = setup
+    auth = {"authorization": f"Bearer {key}"}
+    r = post(gw.url + "/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 2, "temperature": 0.7, "seed": -1}, auth)
+    assert r.status_code == 200, r.text
+    assert _sent(backend)["parameters"]["seed"] == 2**64 - 1  # TGI's /generate_stream
+    r = post(gw.url + "/v1/chat/completions", {**CHAT, "max_tokens": 2, "seed": -5}, auth)
+    assert r.status_code == 200 and _sent(backend)["seed"] == -5  # the OpenAI protocol (vLLM's)
+
+
+def test_seed_mapping_per_driver():
+    from serving.drivers import BackendRequest, Sampling
+    from serving.drivers.openai_compat import openai_body
+    from serving.drivers.tgi import chat_body, generate_body
+
+    def request(seed, kind="chat"):
+        return BackendRequest(kind, 4, Sampling(True, 0.7, seed=seed), messages=[{"role": "user", "content": "x"}], prompt="x")
+
+    assert openai_body(request(2**64 - 1), model="m", cache_salt=True, continuous_usage=True)[1]["seed"] == -1  # vLLM: int64
+    assert openai_body(request(-5), model="m", cache_salt=False, continuous_usage=False)[1]["seed"] == -5  # dev: as vLLM
+    assert chat_body(request(-1))[1]["seed"] == 2**64 - 1  # TGI's chat route: u64
+    assert generate_body(request(-(2**63), "text"))["parameters"]["seed"] == 2**63  # TGI's /generate_stream: u64
+
+
 
 
 def test_errors_say_where_the_limit_is_set_and_that_adapters_need_deploying(setup):
