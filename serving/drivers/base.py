@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -79,6 +80,50 @@ class BackendError(Exception):
 
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+
+
+@dataclass(slots=True, frozen=True)
+class ContextOverflow:
+    """A backend's refusal of a prompt (+ max tokens) beyond the model's context, with the figures it gave."""
+
+    limit: int  # the context (or, when only the prompt is counted, the prompt limit)
+    input_tokens: int | None = None
+    completion_tokens: int | None = None  # None: the prompt alone is too long (or the backend did not say)
+
+
+# TGI's router (with or without backticks: 0.x had none; errors may start "Input validation error: "), the dev
+# backend's wording of TGI's prompt limit, and vLLM's engine. Each gives the limit and the prompt's tokens.
+_CONTEXT_REFUSALS = (
+    re.compile(r"`?inputs?`? tokens \+ `?max_new_tokens`? must be <= (?P<limit>\d+)\. Given: (?P<input>\d+) `?inputs?`? tokens "
+               r"and (?P<completion>\d+)"),
+    re.compile(r"`?inputs`? must have less than (?P<limit>\d+) tokens\. Given: (?P<input>\d+)"),
+    re.compile(r"`?inputs`? tokens must be <= (?P<limit>\d+)\. Given: (?P<input>\d+)"),
+    re.compile(r"prompt \(length (?P<input>\d+)\) is longer than the maximum model length of (?P<limit>\d+)"),
+)
+# vLLM's OpenAI server: "This model's maximum context length is N tokens. However, ..." in wordings that changed
+# from release to release; the prompt's and the completion's figures are read where they are given.
+_VLLM_LIMIT = re.compile(r"maximum context length is (\d+) tokens")
+_VLLM_INPUT = re.compile(r"(\d+) in the messages|requested (\d+) tokens in the messages|has (\d+) input tokens"
+                         r"|contains (?:at least )?(\d+) input tokens")
+_VLLM_COMPLETION = re.compile(r"(\d+) in the completion|requested (\d+) output tokens|too large: (\d+)")
+
+
+def _figure(pattern: re.Pattern, message: str) -> int | None:
+    match = pattern.search(message)
+    return int(next(g for g in match.groups() if g is not None)) if match else None
+
+
+def context_overflow(message: str) -> ContextOverflow | None:
+    """The figures of a backend's context-length refusal, or None when the message is about something else."""
+    for pattern in _CONTEXT_REFUSALS:
+        match = pattern.search(message)
+        if match:
+            completion = match.groupdict().get("completion")
+            return ContextOverflow(int(match["limit"]), int(match["input"]), int(completion) if completion else None)
+    limit = _figure(_VLLM_LIMIT, message)
+    if limit is None:
+        return None
+    return ContextOverflow(limit, _figure(_VLLM_INPUT, message), _figure(_VLLM_COMPLETION, message))
 
 
 async def raise_for_status(resp: aiohttp.ClientResponse) -> None:

@@ -23,8 +23,9 @@ from django.utils import timezone
 
 from serving.config import INFERENCE_SCOPE, ConfigStore, Snapshot
 from serving.drivers import BackendError, Finish, TokenDelta, ToolCallDelta, driver_for
+from serving.drivers.base import context_overflow
 from serving.gateway import metrics
-from serving.gateway.errors import ApiError
+from serving.gateway.errors import ApiError, context_length_exceeded
 from serving.gateway.formatting import OpenAIFormat, TGIFormat, ToolCalls
 from serving.gateway.parsing import (
     build_backend_request,
@@ -519,9 +520,13 @@ class GatewayApp:
         await self._send_json(send, err.status, err.tgi_body() if tgi else err.openai_body(), {**headers, **err.headers})
 
     async def _backend_refused(self, call: Call, exc: BackendError, headers: dict, send) -> None:
-        if exc.status in (400, 422):  # the backend's validation (e.g. prompt + max tokens beyond the context)
+        if exc.status in (400, 422):  # the backend's validation: a prompt (+ max tokens) beyond the context, mostly
             call.http_status = 400
-            err = ApiError(400, exc.message, code="invalid_request")
+            overflow = context_overflow(exc.message)
+            if overflow is not None:
+                err = context_length_exceeded(call.endpoint, overflow, call.max_tokens)
+            else:
+                err = ApiError(400, exc.message, code="invalid_request")
         else:
             call.http_status = 502
             err = ApiError(502, f"The backend failed: {exc.message}", type="server_error", code="backend_error")

@@ -10,7 +10,7 @@ OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+                 code: str | None = None, headers: dict | None = None, tgi_type: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -18,6 +18,7 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        self.tgi_type = tgi_type  # TGI's `error_type` where it differs from the code
 
     @classmethod
     def refusing(cls, refusal) -> ApiError:
@@ -28,8 +29,28 @@ class ApiError(Exception):
         return json.dumps({"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}).encode()
 
     def tgi_body(self) -> bytes:
-        return json.dumps({"error": self.message, "error_type": self.code or self.type}).encode()
+        return json.dumps({"error": self.message, "error_type": self.tgi_type or self.code or self.type}).encode()
 
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def context_length_exceeded(endpoint: str, overflow, max_tokens: int) -> ApiError:
+    """OpenAI's answer to a prompt beyond the context, from the figures of the backend's refusal
+    (`serving.drivers.base.ContextOverflow`); `max_tokens`: what the backend was asked for, if it did not say."""
+    tgi = endpoint.startswith("generate")
+    text = {"chat": "messages", "completions": "prompt"}.get(endpoint, "inputs")
+    completion = "`max_new_tokens`" if tgi else "completion"
+    head = f"This model's maximum context length is {overflow.limit} tokens. However, your {text}"
+    prompt, asked = overflow.input_tokens, overflow.completion_tokens
+    if prompt is not None and asked is None:  # the prompt alone is too long
+        message = f"{head} resulted in {prompt} tokens. Please reduce the length of the {text}."
+    else:
+        asked = asked if asked is not None else max_tokens
+        if prompt is not None:
+            message = f"{head} resulted in {prompt + asked} tokens ({prompt} in the {text}, {asked} in {'the ' * (not tgi)}{completion})."
+        else:
+            message = f"{head} and the {asked} tokens asked for the {'answer' if tgi else 'completion'} do not fit in it."
+        message += f" Please reduce the length of the {text} or {completion}."
+    return ApiError(400, message, param=text, code="context_length_exceeded", tgi_type="validation")
