@@ -549,7 +549,7 @@ class GatewayApp:
             fmt = TGIFormat(details=req.details, client_prompt=req.prompt, return_full_text=req.return_full_text)
         else:
             fmt = OpenAIFormat(chat=call.endpoint == "chat", request_id=call.request_id.replace("~", "-"), created=int(time.time()),
-                               model=call.model, include_usage=req.include_usage)
+                               model=call.model, include_usage=req.include_usage, echo=req.prompt if req.echo else "")
         streaming = req.stream
         parts: list[str] = []
         delivered = 0

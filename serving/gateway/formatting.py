@@ -20,10 +20,13 @@ def usage_dict(prompt: int, completion: int) -> dict:
 
 
 class OpenAIFormat:
-    """chat.completion(.chunk) or text_completion, streamed with `data: [DONE]` at the end."""
+    """chat.completion(.chunk) or text_completion, streamed with `data: [DONE]` at the end.
 
-    def __init__(self, *, chat: bool, request_id: str, created: int, model: str, include_usage: bool):
+    `echo` (completions): the client's own prompt, put before the text (with the first text chunk when streaming)."""
+
+    def __init__(self, *, chat: bool, request_id: str, created: int, model: str, include_usage: bool, echo: str = ""):
         self.chat = chat
+        self.echo = echo
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.created = created
         self.model = model
@@ -41,7 +44,10 @@ class OpenAIFormat:
             role = '"role":"assistant",' if self._first else ""
             self._first = False
             return (self._head + f'"choices":[{{"index":0,"delta":{{{role}"content":{_dumps(d.text)}}},"logprobs":null,"finish_reason":null}}]}}\n\n').encode()
-        return (self._head + f'"choices":[{{"index":0,"text":{_dumps(d.text)},"logprobs":null,"finish_reason":null}}]}}\n\n').encode()
+        text = d.text
+        if self.echo:
+            text, self.echo = self.echo + text, ""
+        return (self._head + f'"choices":[{{"index":0,"text":{_dumps(text)},"logprobs":null,"finish_reason":null}}]}}\n\n').encode()
 
     def tool_calls(self, items: list[dict]) -> bytes:
         """A chunk with `delta.tool_calls` (items as `ToolCalls.feed` gives them)."""
@@ -54,7 +60,7 @@ class OpenAIFormat:
             delta = '{"role":"assistant","content":""}' if self._first else "{}"
             out = self._head + f'"choices":[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":"{finish.finish_reason}"}}]}}\n\n'
         else:
-            out = self._head + f'"choices":[{{"index":0,"text":"","logprobs":null,"finish_reason":"{finish.finish_reason}"}}]}}\n\n'
+            out = self._head + f'"choices":[{{"index":0,"text":{_dumps(self.echo)},"logprobs":null,"finish_reason":"{finish.finish_reason}"}}]}}\n\n'
         if self.include_usage:
             out += self._head + f'"choices":[],"usage":{_dumps(usage_dict(prompt_tokens, completion_tokens))}}}\n\n'
         return (out + "data: [DONE]\n\n").encode()
@@ -71,7 +77,7 @@ class OpenAIFormat:
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish.finish_reason}
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish.finish_reason}
+            choice = {"index": 0, "text": self.echo + text, "logprobs": None, "finish_reason": finish.finish_reason}
             obj = "text_completion"
         return _dumps({"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice],
                        "usage": usage_dict(prompt_tokens, completion_tokens)}).encode()

@@ -37,6 +37,7 @@ class ClientRequest:
     do_sample: bool | None = None
     details: bool = False
     return_full_text: bool = False
+    echo: bool = False  # /v1/completions: the client's prompt before the text
     tools: list[dict] | None = None  # validated, rebuilt function definitions (chat only)
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
@@ -380,6 +381,8 @@ def parse_chat(data: dict) -> ClientRequest:
         raise bad_request("`messages` is required.", "messages", "missing_required_parameter")
     if not isinstance(messages, list) or not messages:
         raise bad_request("`messages` must be a non-empty list.", "messages", "invalid_type")
+    if data.get("echo") not in (None, False):
+        raise bad_request("`echo` is only supported on /v1/completions.", "echo", "unsupported_parameter")
     open_calls: set[str] = set()
     req.messages = [_chat_message(m, i, open_calls) for i, m in enumerate(messages)]
     _openai_common(data, req)
@@ -403,6 +406,7 @@ def parse_completions(data: dict) -> ClientRequest:
         raise bad_request("`prompt` must be a string.", "prompt", "invalid_type")
     req.prompt = prompt
     _openai_common(data, req)
+    req.echo = bool(_bool(data, "echo"))
     req.max_tokens = _int(data, "max_tokens", minimum=1)
     return req
 

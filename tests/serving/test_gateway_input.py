@@ -135,6 +135,9 @@ def _openai_error(r, status: int, code: str | None = None, param: str | None = N
         ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "unsupported_parameter", "top_logprobs"),
         ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "best_of": 2}, 400, "unsupported_parameter", "best_of"),
         ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "suffix": "end"}, 400, "unsupported_parameter", "suffix"),
+        # `echo` is a completions feature (OpenAI's chat has none).
+        ("/v1/chat/completions", {**CHAT, "echo": True}, 400, "unsupported_parameter", "echo"),
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "echo": "yes"}, 400, "invalid_type", "echo"),
         # Message content as OpenAI has it: null only beside tool_calls; refusal only on assistant messages.
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant"}]}, 400, "missing_required_parameter",
          "messages[0].content"),
@@ -266,6 +269,27 @@ def test_range_errors_name_the_parameter_and_the_accepted_range(setup):
     error = _openai_error(post(gw.url + "/v1/chat/completions", {**CHAT, "stop": list("abcde")}, {"authorization": f"Bearer {key}"}), 400)
     assert error["message"] == ("Invalid 'stop': array too long. Expected an array with maximum length 4, "
                                 "but got an array with length 5 instead.")
+
+
+def test_completions_echo_the_clients_own_prompt(world, setup):
+    """`echo: true` prepends the client's prompt (never the tenant's system prompt) to the text, streamed or not;
+    usage is unchanged."""
+    gw, backend, key = setup
+    services.system_prompt_save(tenant=world.tenant, text="SECRET HOUSE RULES", note="", actor=services.SYSTEM)
+    time.sleep(0.4)
+    client = OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
+    ask = dict(model="tiny-chat", prompt="The cat sat", max_tokens=4, temperature=0)
+    plain = client.completions.create(**ask)
+    echoed = client.completions.create(**ask, echo=True)
+    assert echoed.choices[0].text == "The cat sat" + plain.choices[0].text and plain.choices[0].text
+    assert echoed.usage == plain.usage
+    assert _sent(backend)["inputs"].startswith("SECRET HOUSE RULES")  # the backend still gets the system prompt
+
+    chunks = list(client.completions.create(**ask, echo=True, stream=True, stream_options={"include_usage": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert texts[0].startswith("The cat sat") and "".join(texts) == echoed.choices[0].text
+    assert chunks[-1].usage == plain.usage
+    assert "SECRET" not in "".join(texts)
 
 
 def _sent(backend: str) -> dict:
