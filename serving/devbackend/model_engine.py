@@ -118,6 +118,14 @@ class ModelEngine:
                 return out.logits[0, -1].float().index_fill_(0, self._never, float("-inf"))
 
     @staticmethod
+    def _penalize(logits: torch.Tensor, params: GenerationParams, generated: list[int]) -> torch.Tensor:
+        """OpenAI's presence and frequency penalties over the tokens generated so far (before temperature, greedy too)."""
+        if not generated or not (params.presence_penalty or params.frequency_penalty):
+            return logits
+        counts = torch.bincount(torch.tensor(generated), minlength=logits.numel()).to(logits.dtype)
+        return logits - (params.frequency_penalty or 0.0) * counts - (params.presence_penalty or 0.0) * (counts > 0).to(logits.dtype)
+
+    @staticmethod
     def _choose(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None):
         if not params.sampling:
             token_id = int(logits.argmax())
@@ -140,12 +148,14 @@ class ModelEngine:
         generator = torch.Generator().manual_seed(params.seed) if params.sampling else None
         input_ids, cache = torch.tensor([list(prompt)]), DynamicCache(config=self.base.config)
         text_ids: list[int] = []
+        generated: list[int] = []  # every token id produced, for the penalties
         text = ""
         for step in range(params.max_new_tokens):
             if cancel.is_set():
                 return
-            logits = self._forward(input_ids, cache, adapter)
+            logits = self._penalize(self._forward(input_ids, cache, adapter), params, generated)
             token_id, logprob = self._choose(logits, params, generator)
+            generated.append(token_id)
             special = token_id in self._special_ids
             if special:
                 piece = self.tokenizer.convert_ids_to_tokens(token_id)

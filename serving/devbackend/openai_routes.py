@@ -86,6 +86,8 @@ def _params(body: dict) -> GenerationParams:
         top_k=top_k if top_k and top_k > 0 else None,  # vLLM uses -1 for "off"
         seed=number(body, "seed", int),
         stop=string_list(body.get("stop"), "stop"),
+        presence_penalty=number(body, "presence_penalty") or None,
+        frequency_penalty=number(body, "frequency_penalty") or None,
     )
 
 

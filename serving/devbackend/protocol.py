@@ -32,6 +32,10 @@ class GenerationParams:
     top_k: int | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # Additive, over the tokens generated so far (OpenAI's and vLLM's definition):
+    # logit[t] -= frequency_penalty · count(t) + presence_penalty · (count(t) > 0)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     token_delay_s: float = 0.0  # fault injection: a slow backend
 
     @property
@@ -102,6 +106,10 @@ def finalize_params(params: GenerationParams, input_length: int, max_input_token
         raise validation_error("`top_p` must be > 0.0 and < 1.0")
     if params.top_k is not None and params.top_k <= 0:
         raise validation_error("`top_k` must be strictly positive")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(params, name)
+        if value is not None and not -2 <= value <= 2:
+            raise validation_error(f"`{name}` must be >= -2.0 and <= 2.0")
     if len(params.stop) > max_stop_sequences:
         raise validation_error(f"`stop` supports up to {max_stop_sequences} stop sequences. Given: {len(params.stop)}")
     if input_length > max_input_tokens:

@@ -40,6 +40,7 @@ def parse_request(body: dict) -> tuple[str, GenerationParams, dict]:
         top_k=number(parameters, "top_k", int),
         seed=number(parameters, "seed", int),
         stop=string_list(parameters.get("stop"), "stop"),
+        frequency_penalty=number(parameters, "frequency_penalty") or None,  # TGI's /generate: no presence penalty
     )
     return inputs, params, parameters
 

@@ -20,6 +20,8 @@ class Sampling:
     top_k: int | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    presence_penalty: float | None = None  # OpenAI's additive penalties over the tokens generated so far
+    frequency_penalty: float | None = None
 
 
 @dataclass(slots=True)

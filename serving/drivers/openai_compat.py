@@ -35,6 +35,10 @@ def openai_body(request: BackendRequest, *, model: str, cache_salt: bool, contin
         body["top_p"] = s.top_p
     if s.do_sample and s.top_k is not None and continuous_usage:  # vLLM extension
         body["top_k"] = s.top_k
+    if s.presence_penalty is not None:
+        body["presence_penalty"] = s.presence_penalty
+    if s.frequency_penalty is not None:
+        body["frequency_penalty"] = s.frequency_penalty
     if s.seed is not None:
         body["seed"] = s.seed % 2**64 if unsigned_seed else (s.seed - 2**64 if s.seed >= 2**63 else s.seed)
     if s.stop:

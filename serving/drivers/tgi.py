@@ -32,6 +32,8 @@ def generate_body(request: BackendRequest) -> dict:
             params["top_p"] = s.top_p
         if s.top_k is not None:
             params["top_k"] = s.top_k
+    if s.frequency_penalty is not None:  # TGI's /generate has no presence penalty (refused by the gateway)
+        params["frequency_penalty"] = s.frequency_penalty
     if s.seed is not None:
         params["seed"] = s.seed % 2**64  # TGI's seed is a u64; an OpenAI client's may be negative (the same 64 bits)
     if s.stop:

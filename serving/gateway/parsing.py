@@ -34,6 +34,8 @@ class ClientRequest:
     top_k: int | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    presence_penalty: float | None = None  # OpenAI's additive penalties, -2…2; None for 0 (no penalty)
+    frequency_penalty: float | None = None
     do_sample: bool | None = None
     details: bool = False
     return_full_text: bool = False
@@ -139,7 +141,7 @@ def _model(data: dict) -> str | None:
 
 
 # Features the gateway does not carry to backends yet. Dropping them silently would answer a different question
-# (no tool call, no JSON schema, no penalty), so a request that asks for one is refused, naming it. Values that
+# (no tool call, no JSON schema), so a request that asks for one is refused, naming it. Values that
 # ask for nothing pass: None, false, 0, "", [], {} and the ones listed in _HARMLESS.
 _UNSUPPORTED = {
     "functions": "The legacy `functions` parameter is not supported; declare them in `tools` instead.",
@@ -147,14 +149,12 @@ _UNSUPPORTED = {
     "logprobs": "Log probabilities are not returned on /v1 yet; use /generate with `details: true` for token logprobs.",
     "top_logprobs": "Log probabilities are not returned on /v1 yet; use /generate with `details: true` for token logprobs.",
     "response_format": "Only `response_format: {\"type\": \"text\"}` is supported; JSON mode and JSON schemas are not yet.",
-    "presence_penalty": "`presence_penalty` is not supported yet (only 0).",
-    "frequency_penalty": "`frequency_penalty` is not supported yet (only 0).",
     "logit_bias": "`logit_bias` is not supported yet.",
     "best_of": "`best_of` is not supported (only 1).",
     "suffix": "`suffix` (insertion) is not supported.",
 }
 # TGI's `parameters` the gateway does not carry (huggingface_hub's InferenceClient sends some with their defaults).
-_TGI_UNSUPPORTED = ("best_of", "decoder_input_details", "frequency_penalty", "grammar", "repetition_penalty", "top_n_tokens",
+_TGI_UNSUPPORTED = ("best_of", "decoder_input_details", "grammar", "repetition_penalty", "top_n_tokens",
                     "truncate", "typical_p", "watermark")
 _HARMLESS = {"response_format": ({"type": "text"},), "best_of": (1,), "repetition_penalty": (1,), "typical_p": (1,)}
 
@@ -350,8 +350,8 @@ def _chat_message(m, i: int, open_calls: set[str]) -> dict:
 
 
 def _openai_common(data: dict, req: ClientRequest) -> None:
-    for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's range first, then: only 0 is carried
-        _number(data, name, -2, 2)
+    req.presence_penalty = _number(data, "presence_penalty", -2, 2) or None
+    req.frequency_penalty = _number(data, "frequency_penalty", -2, 2) or None
     _refuse_unsupported(data, _UNSUPPORTED)
     if req.endpoint != "chat":
         for name in ("tools", "tool_choice", "parallel_tool_calls"):
@@ -433,6 +433,7 @@ def parse_generate(data: dict, *, stream: bool) -> ClientRequest:
     req.top_k = _int(params, "top_k", minimum=1, maximum=INT32_MAX, param="parameters.top_k")
     req.seed = _int(params, "seed", minimum=UINT64[0], maximum=UINT64[1], param="parameters.seed")
     req.stop = _stop(params, param="parameters.stop")
+    req.frequency_penalty = _number(params, "frequency_penalty", -2, 2, param="parameters.frequency_penalty") or None
     req.do_sample = _bool(params, "do_sample", param="parameters.do_sample")
     req.details = bool(_bool(params, "details", param="parameters.details"))
     req.return_full_text = bool(_bool(params, "return_full_text", param="parameters.return_full_text"))
@@ -465,9 +466,10 @@ def sampling_for(req: ClientRequest, tenant: TenantEntry) -> Sampling:
     temperature = min(temperature, tenant.max_temperature)
     if temperature <= 0 or req.top_p == 0:  # top_p=0 keeps only the most likely token: greedy
         do_sample = False
+    penalties = dict(presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)  # greedy too
     if not do_sample:
-        return Sampling(False, seed=req.seed, stop=req.stop)
-    return Sampling(True, temperature, req.top_p, req.top_k, req.seed, req.stop)
+        return Sampling(False, seed=req.seed, stop=req.stop, **penalties)
+    return Sampling(True, temperature, req.top_p, req.top_k, req.seed, req.stop, **penalties)
 
 
 def inject_system_prompt(messages: list[dict], system_prompt: str, rule: str) -> list[dict]:
@@ -485,6 +487,10 @@ def inject_system_prompt(messages: list[dict], system_prompt: str, rule: str) ->
 
 def build_backend_request(req: ClientRequest, tenant: TenantEntry, route: Route, pool, max_tokens: int) -> BackendRequest:
     sampling = sampling_for(req, tenant)
+    if pool.kind in ("tgi", "dev") and req.endpoint != "chat" and sampling.presence_penalty is not None:
+        # Text prompts go to TGI's /generate (TGI and dev pools): a frequency penalty, no presence penalty there.
+        raise bad_request("`presence_penalty` is not supported for text completions on this model's backend (TGI's /generate); use "
+                          "`frequency_penalty`, or /v1/chat/completions.", "presence_penalty", "unsupported_parameter")
     common = dict(max_tokens=max_tokens, sampling=sampling, adapter=route.adapter, model_id=pool.hf_id,
                   cache_salt=tenant.cache_salt if pool.kind == "vllm" else None, want_tokens=req.details)
     if req.endpoint == "chat":

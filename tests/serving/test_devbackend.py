@@ -172,6 +172,30 @@ def test_sampling_is_seeded_and_stop_sequences_stop(dev):
     assert details["finish_reason"] == "stop_sequence" and details["generated_tokens"] <= 3
 
 
+def test_penalties_are_openais_additive_ones_over_the_generated_tokens(dev):
+    import torch
+
+    from serving.devbackend.model_engine import ModelEngine
+    from serving.devbackend.protocol import GenerationParams
+
+    params = GenerationParams(max_new_tokens=1, presence_penalty=0.5, frequency_penalty=2.0)
+    penalized = ModelEngine._penalize(torch.zeros(8), params, [3, 3, 5])
+    assert penalized.tolist() == [0, 0, 0, -4.5, 0, -2.5, 0, 0]  # 2·count + 0.5 for each token already generated
+    assert ModelEngine._penalize(torch.zeros(8), GenerationParams(max_new_tokens=1), [3]).tolist() == [0] * 8
+
+    # Greedy decoding of the random tiny model repeats tokens; a strong frequency penalty (greedy too) changes that.
+    plain = call(dev, "/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 24, "details": True}})[2]
+    ids = [t["id"] for t in plain["details"]["tokens"]]
+    assert len(set(ids)) < len(ids), "the test needs a greedy answer that repeats a token"
+    client = openai_client(dev)
+    assert client.completions.create(model=BASE_ID, prompt="Hello", max_tokens=24, temperature=0).choices[0].text == plain["generated_text"]
+    penalized = client.completions.create(model=BASE_ID, prompt="Hello", max_tokens=24, temperature=0, frequency_penalty=2,
+                                          presence_penalty=2)
+    assert penalized.choices[0].text != plain["generated_text"]
+    status, _, answer = call(dev, "/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 2, "frequency_penalty": 2.5}})
+    assert status == 422 and answer["error"] == "`frequency_penalty` must be >= -2.0 and <= 2.0"
+
+
 def test_generate_stream_reports_errors_as_an_event_with_status_200(dev):
     status, events = sse_events(dev, "/generate_stream", {"inputs": "Hi", "parameters": {"max_new_tokens": 5000}})
     assert status == 200

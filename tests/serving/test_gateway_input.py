@@ -128,9 +128,9 @@ def _openai_error(r, status: int, code: str | None = None, param: str | None = N
         ("/v1/chat/completions", {**CHAT, "presence_penalty": 2.5}, 400, "invalid_value", "presence_penalty"),
         ("/v1/chat/completions", {**CHAT, "frequency_penalty": "high"}, 400, "invalid_type", "frequency_penalty"),
         # ... and what no backend is sent is refused by name rather than dropped.
-        ("/v1/chat/completions", {**CHAT, "presence_penalty": 0.5}, 400, "unsupported_parameter", "presence_penalty"),
-        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "frequency_penalty": -0.5}, 400, "unsupported_parameter",
-         "frequency_penalty"),
+        # (a presence penalty cannot go through TGI's /generate, where text prompts of TGI and dev pools go)
+        ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 2, "presence_penalty": -0.5}, 400, "unsupported_parameter",
+         "presence_penalty"),
         ("/v1/chat/completions", {**CHAT, "logit_bias": {"50256": -100}}, 400, "unsupported_parameter", "logit_bias"),
         ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "unsupported_parameter", "top_logprobs"),
         ("/v1/completions", {"model": "tiny-chat", "prompt": "x", "best_of": 2}, 400, "unsupported_parameter", "best_of"),
@@ -243,7 +243,7 @@ def test_harmless_values_of_unsupported_features_pass(setup):
     ({"stop": list("abcde")}, "parameters.stop", "invalid_value"),
     ({"max_new_tokens": 0}, "parameters.max_new_tokens", "invalid_value"),
     ({"repetition_penalty": 1.2}, "parameters.repetition_penalty", "unsupported_parameter"),
-    ({"frequency_penalty": 0.5}, "parameters.frequency_penalty", "unsupported_parameter"),
+    ({"frequency_penalty": 2.5}, "parameters.frequency_penalty", "invalid_value"),
     ({"typical_p": 0.5}, "parameters.typical_p", "unsupported_parameter"),
     ({"truncate": 100}, "parameters.truncate", "unsupported_parameter"),
     ({"best_of": 2}, "parameters.best_of", "unsupported_parameter"),
@@ -323,6 +323,38 @@ def test_seeds_are_mapped_to_what_each_protocol_takes(setup):
     assert _sent(backend)["parameters"]["seed"] == 2**64 - 1  # TGI's /generate_stream
     r = post(gw.url + "/v1/chat/completions", {**CHAT, "max_tokens": 2, "seed": -5}, auth)
     assert r.status_code == 200 and _sent(backend)["seed"] == -5  # the OpenAI protocol (vLLM's)
+
+
+def test_penalties_reach_the_backend_in_its_own_terms(setup):
+    """presence/frequency penalties: OpenAI's -2…2, carried to vLLM and to TGI's chat route as they are, the frequency
+    penalty to TGI's /generate too (it has no presence penalty: refused there by name, above); 0 is not sent."""
+    gw, backend, key = setup
+    auth = {"authorization": f"Bearer {key}"}
+    r = post(gw.url + "/v1/chat/completions", {**CHAT, "max_tokens": 2, "presence_penalty": 0.5, "frequency_penalty": -1}, auth)
+    assert r.status_code == 200, r.text
+    assert _sent(backend)["presence_penalty"] == 0.5 and _sent(backend)["frequency_penalty"] == -1
+    r = post(gw.url + "/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 2, "frequency_penalty": 1.5}, auth)
+    assert r.status_code == 200 and _sent(backend)["parameters"]["frequency_penalty"] == 1.5
+    r = post(gw.url + "/generate", {"inputs": "x", "parameters": {"max_new_tokens": 2, "frequency_penalty": 0.25}}, auth)
+    assert r.status_code == 200 and _sent(backend)["parameters"]["frequency_penalty"] == 0.25
+    r = post(gw.url + "/v1/chat/completions", {**CHAT, "max_tokens": 2, "presence_penalty": 0, "frequency_penalty": 0.0}, auth)
+    assert r.status_code == 200 and "presence_penalty" not in _sent(backend) and "frequency_penalty" not in _sent(backend)
+
+
+def test_penalties_per_driver():
+    from serving.drivers import BackendRequest, Sampling
+    from serving.drivers.openai_compat import openai_body
+    from serving.drivers.tgi import chat_body, generate_body
+
+    def request(kind="chat"):
+        return BackendRequest(kind, 4, Sampling(False, presence_penalty=0.5, frequency_penalty=1.0),
+                              messages=[{"role": "user", "content": "x"}], prompt="x")
+
+    vllm = openai_body(request(), model="m", cache_salt=True, continuous_usage=True)[1]
+    assert (vllm["presence_penalty"], vllm["frequency_penalty"], vllm["temperature"]) == (0.5, 1.0, 0.0)  # greedy, penalized
+    assert chat_body(request())[1]["presence_penalty"] == 0.5
+    tgi = generate_body(request("text"))["parameters"]
+    assert tgi["frequency_penalty"] == 1.0 and "presence_penalty" not in tgi and tgi["do_sample"] is False
 
 
 def test_seed_mapping_per_driver():
