@@ -93,21 +93,32 @@ def sdk_for(world):
     from django.db import close_old_connections
     from openai import OpenAI
 
-    # As Django's test client does: a request's end must not close the test transaction's connection.
-    request_started.disconnect(close_old_connections)
-    request_finished.disconnect(close_old_connections)
+    handler = WSGIHandler()
+
+    def app(environ, start_response):
+        # As Django's test client does, around each request (the test client reconnects them after its own): a
+        # request's start and end must not close the connection that holds the test's transaction.
+        request_started.disconnect(close_old_connections)
+        request_finished.disconnect(close_old_connections)
+        try:
+            response = handler(environ, start_response)
+            body = b"".join(response)
+            response.close()  # sends request_finished
+            return [body]
+        finally:
+            request_started.connect(close_old_connections)
+            request_finished.connect(close_old_connections)
+
     clients = []
 
     def make(secret: str) -> OpenAI:
-        http = httpx2.Client(transport=httpx2.WSGITransport(app=WSGIHandler()))
+        http = httpx2.Client(transport=httpx2.WSGITransport(app=app))
         clients.append(http)
         return OpenAI(base_url="http://testserver/v1", api_key=secret, max_retries=0, http_client=http)
 
     yield make
     for http in clients:
         http.close()
-    request_started.connect(close_old_connections)
-    request_finished.connect(close_old_connections)
 
 
 def key_secret(tenant, owner, scopes=("finetune",)) -> str:
