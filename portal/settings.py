@@ -220,6 +220,8 @@ PLATFORM_METRICS_TOKEN = env_str("PLATFORM_METRICS_TOKEN")
 PLATFORM_LEDGER_SPOOL_DIR = env_path("PLATFORM_LEDGER_SPOOL_DIR", VAR_DIR / "ledger-spool")
 PLATFORM_LEDGER_REPLAY_INTERVAL_S = env_int("PLATFORM_LEDGER_REPLAY_INTERVAL_S", 10, minimum=1)
 PLATFORM_SCHEDULER = env_str("PLATFORM_SCHEDULER", "vtc")  # 'fcfs' only as a benchmark baseline
+# Slots beyond a full pool's capacity for a tenant with nothing running and nothing waiting (serving.scheduler).
+PLATFORM_SCHEDULER_EXPRESS_SLOTS = env_int("PLATFORM_SCHEDULER_EXPRESS_SLOTS", 1, minimum=0)
 if PLATFORM_SCHEDULER not in ("vtc", "fcfs"):
     raise ImproperlyConfigured(f"PLATFORM_SCHEDULER={PLATFORM_SCHEDULER!r}: use 'vtc' (weighted fair) or 'fcfs'.")
 

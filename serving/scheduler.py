@@ -8,6 +8,11 @@ settles). A tenant that becomes backlogged is lifted to the smallest backlogged 
 first request, so it goes next once and idle time banks no further credit. Throttled tenants (over a soft
 quota) count with a tenth of their weight: served after others, never starved.
 
+Express slots: a request that finds the pool full, from a tenant with nothing running on it and nothing else
+waiting (a light tenant's occasional request), may take one of `express` slots beyond the capacity instead of
+waiting for a heavy tenant's request to end. It is charged as any other; a backlogged tenant never qualifies,
+so weighted shares under overload are unchanged. Without it a light tenant's wait is up to one service time.
+
 With Redis, slots (leases), counters and the backlog are shared by every gateway process: a slot is
 refused to a tenant while another process has a tenant waiting that goes first. Without Redis, all of it
 lives in the process. docs/limits.md has the details.
@@ -76,9 +81,10 @@ class LocalState:
         self._slots: dict[int, dict[str, int]] = {}  # pool -> slot id -> tenant
         self._counters: dict[int, dict[int, float]] = {}
 
-    async def take_slot(self, pool_id: int, capacity: int, slot_id: str, tenant_id: int, *, fair: bool = True) -> bool:
+    async def take_slot(self, pool_id: int, capacity: int, slot_id: str, tenant_id: int, *, fair: bool = True,
+                        express: int = 0) -> bool:
         slots = self._slots.setdefault(pool_id, {})
-        if len(slots) >= capacity:
+        if len(slots) >= capacity and (len(slots) >= capacity + express or tenant_id in slots.values()):
             return False
         slots[slot_id] = tenant_id
         return True
@@ -144,10 +150,11 @@ class RedisState:
     def _key(pool_id: int, what: str) -> str:
         return f"mtl:{{p{pool_id}}}:{what}"
 
-    async def take_slot(self, pool_id: int, capacity: int, slot_id: str, tenant_id: int, *, fair: bool = True) -> bool:
+    async def take_slot(self, pool_id: int, capacity: int, slot_id: str, tenant_id: int, *, fair: bool = True,
+                        express: int = 0) -> bool:
         c = self._client()
         keys = [self._key(pool_id, "slots"), self._key(pool_id, "vtc"), self._key(pool_id, "waiting")]
-        args = [slot_id, capacity, SLOT_LEASE_MS, tenant_id, BACKLOG_STALE_MS, "1" if fair else "0"]
+        args = [slot_id, capacity, SLOT_LEASE_MS, tenant_id, BACKLOG_STALE_MS, "1" if fair else "0", express]
         return bool(await c._platform_scripts[0](keys=keys, args=args))
 
     async def free_slot(self, pool_id: int, slot_id: str, tenant_id: int) -> None:
@@ -196,11 +203,12 @@ class _PoolQueue:
 
 
 class FairScheduler:
-    def __init__(self, state=None, policy: str = "vtc"):
+    def __init__(self, state=None, policy: str = "vtc", express_slots: int = 0):
         if policy not in ("vtc", "fcfs"):
             raise ValueError(f"Unknown scheduling policy {policy!r}: use 'vtc' or 'fcfs'.")
         self.state = state or LocalState()
         self.policy = policy
+        self.express_slots = express_slots if policy == "vtc" else 0
         self._pools: dict[tuple[int, int], _PoolQueue] = {}  # (event loop id, pool id) -> queue
         self._predicted: dict[int, float] = {}  # tenant -> moving average of output tokens
         # tenant -> moving average of real ÷ estimated prompt tokens. Charging the bare estimate (an upper bound
@@ -229,7 +237,11 @@ class FairScheduler:
         return f"{uuid.uuid4().hex[:12]}{next(self._ids)}"
 
     async def _take(self, pool_id: int, pq: _PoolQueue, tenant_id: int, slot_id: str) -> bool:
-        ok = await self.state.take_slot(pool_id, pq.capacity, slot_id, tenant_id, fair=self.policy == "vtc")
+        # Express (module docstring): only for a tenant with nothing running here and no other request waiting;
+        # the state checks that it has nothing running in any process either.
+        alone = pq.running.get(tenant_id, 0) == 0 and len(pq.queues.get(tenant_id) or ()) <= 1
+        ok = await self.state.take_slot(pool_id, pq.capacity, slot_id, tenant_id, fair=self.policy == "vtc",
+                                        express=self.express_slots if alone else 0)
         if ok:
             pq.running[tenant_id] = pq.running.get(tenant_id, 0) + 1
         return ok
@@ -391,7 +403,8 @@ def get_scheduler() -> FairScheduler:
         with _lock:
             if _scheduler is None:
                 state = RedisState(settings.REDIS_URL) if settings.REDIS_URL else LocalState()
-                _scheduler = FairScheduler(state, policy=settings.PLATFORM_SCHEDULER)
+                _scheduler = FairScheduler(state, policy=settings.PLATFORM_SCHEDULER,
+                                           express_slots=settings.PLATFORM_SCHEDULER_EXPRESS_SLOTS)
     return _scheduler
 
 

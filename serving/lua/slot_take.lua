@@ -2,12 +2,14 @@
 -- goes first: a smaller virtual counter, or an equal one with fewer requests running (a lifted newcomer
 -- beats a busy tenant it ties with). Slots are leases, so a crashed process's slots expire.
 -- KEYS: 1 slots zset (member "<tenant>:<id>"), 2 counters hash, 3 waiting hash ("<proc>|<tenant>" -> beat ms)
--- ARGV: 1 slot id, 2 capacity, 3 lease ms, 4 tenant, 5 stale ms, 6 '1' to respect other processes' backlog (VTC), '0' (FCFS)
+-- ARGV: 1 slot id, 2 capacity, 3 lease ms, 4 tenant, 5 stale ms, 6 '1' to respect other processes' backlog (VTC), '0' (FCFS),
+--       7 express slots: beyond the capacity, for a tenant with no slot held (the caller checks it has no other waiter)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
-if #members >= tonumber(ARGV[2]) then
+local capacity = tonumber(ARGV[2])
+if #members >= capacity + tonumber(ARGV[7] or '0') then
   return 0
 end
 local running = {}
@@ -16,6 +18,9 @@ for _, m in ipairs(members) do
   running[owner] = (running[owner] or 0) + 1
 end
 local me = ARGV[4]
+if #members >= capacity and (running[me] or 0) > 0 then
+  return 0  -- full: an express slot is only for a tenant with nothing running
+end
 local my_c = tonumber(redis.call('HGET', KEYS[2], me) or '0')
 local my_r = running[me] or 0
 local waiting = redis.call('HGETALL', KEYS[3])

@@ -229,3 +229,56 @@ def test_prompt_charges_learn_how_far_the_estimate_is_off():
 
     slot = asyncio.run(scenario())
     assert slot.input_estimate == 100 and 74 <= slot.input_tokens <= 76  # charged close to the real prompt
+
+
+@pytest.fixture(params=["local", "redis"])
+def express(request):
+    """A scheduler with one express slot (the production default, PLATFORM_SCHEDULER_EXPRESS_SLOTS)."""
+    if request.param == "local":
+        return FairScheduler(LocalState(), express_slots=1)
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        pytest.skip("needs Redis: set REDIS_URL (CI starts one)")
+    return FairScheduler(RedisState(url), express_slots=1)
+
+
+def test_a_tenant_with_nothing_running_takes_an_express_slot_on_a_full_pool(express):
+    """A light tenant's occasional request does not wait for a heavy tenant's requests to end; a second one of its
+    requests, or a backlogged tenant's, gets no express slot."""
+    sched, pool = express, new_pool()
+
+    async def scenario():
+        heavy = [await sched.acquire(pool_id=pool, capacity=2, tenant_id=1, weight=1, input_tokens=1, max_output_tokens=1)
+                 for _ in range(2)]
+        more_heavy = asyncio.create_task(sched.acquire(pool_id=pool, capacity=2, tenant_id=1, weight=1, input_tokens=1,
+                                                       max_output_tokens=1, timeout_s=0.2))
+        light = await sched.acquire(pool_id=pool, capacity=2, tenant_id=2, weight=1, input_tokens=1, max_output_tokens=1,
+                                    timeout_s=0.05)  # at once, although both slots are taken
+        assert (await sched.snapshot(pool))["in_use"] == 3
+        with pytest.raises(SchedulerTimeout):  # its second request, while the first runs: no second express slot
+            await sched.acquire(pool_id=pool, capacity=2, tenant_id=2, weight=1, input_tokens=1, max_output_tokens=1, timeout_s=0.05)
+        with pytest.raises(SchedulerTimeout):  # the heavy tenant never gets it
+            await more_heavy
+        with pytest.raises(SchedulerTimeout):  # and a third tenant finds the one express slot taken
+            await sched.acquire(pool_id=pool, capacity=2, tenant_id=3, weight=1, input_tokens=1, max_output_tokens=1, timeout_s=0.05)
+        for slot in [*heavy, light]:
+            await sched.release(slot, input_tokens=1, output_tokens=1)
+        assert (await sched.snapshot(pool))["in_use"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_weighted_shares_are_unchanged_with_an_express_slot(express):
+    """Backlogged tenants never qualify: under overload the shares follow the weights as without it."""
+    sched, pool, order = express, new_pool(), []
+
+    async def scenario():
+        blocker = await sched.acquire(pool_id=pool, capacity=1, tenant_id=99, weight=1, input_tokens=1, max_output_tokens=1)
+        tasks = [asyncio.create_task(_serve(sched, pool, 1, t, w, order)) for t, w in [(1, 1), (2, 3)] for _ in range(40)]
+        await asyncio.sleep(0.05)
+        await sched.release(blocker, input_tokens=1, output_tokens=1)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+    first = order[1:41]  # the first dispatch took the express slot while the blocker held the pool
+    assert 27 <= first.count(2) <= 33, first
