@@ -32,7 +32,8 @@ async def _serve(sched, pool, capacity, tenant, weight, order, *, hold_s=0.002, 
     await sched.release(slot, input_tokens=inp, output_tokens=out)
 
 
-def test_backlogged_tenants_share_by_weight(sched):
+def _order_of_two_backlogged_tenants(sched) -> list[int]:
+    """Tenants 1 (weight 1) and 2 (weight 3) each queue 40 requests behind a blocker on a one-slot pool; the order served."""
     pool, order = new_pool(), []
 
     async def scenario():
@@ -44,7 +45,11 @@ def test_backlogged_tenants_share_by_weight(sched):
         await asyncio.gather(*tasks)
 
     asyncio.run(scenario())
-    first = order[:40]  # while both are backlogged
+    return order
+
+
+def test_backlogged_tenants_share_by_weight(sched):
+    first = _order_of_two_backlogged_tenants(sched)[:40]  # while both are backlogged
     assert 27 <= first.count(2) <= 33, first  # 3:1 → 30 of 40
 
 
@@ -270,15 +275,5 @@ def test_a_tenant_with_nothing_running_takes_an_express_slot_on_a_full_pool(expr
 
 def test_weighted_shares_are_unchanged_with_an_express_slot(express):
     """Backlogged tenants never qualify: under overload the shares follow the weights as without it."""
-    sched, pool, order = express, new_pool(), []
-
-    async def scenario():
-        blocker = await sched.acquire(pool_id=pool, capacity=1, tenant_id=99, weight=1, input_tokens=1, max_output_tokens=1)
-        tasks = [asyncio.create_task(_serve(sched, pool, 1, t, w, order)) for t, w in [(1, 1), (2, 3)] for _ in range(40)]
-        await asyncio.sleep(0.05)
-        await sched.release(blocker, input_tokens=1, output_tokens=1)
-        await asyncio.gather(*tasks)
-
-    asyncio.run(scenario())
-    first = order[1:41]  # the first dispatch took the express slot while the blocker held the pool
+    first = _order_of_two_backlogged_tenants(express)[1:41]  # the first request took the express slot beside the blocker
     assert 27 <= first.count(2) <= 33, first
