@@ -282,10 +282,11 @@ class Invoice(TenantOwnedModel):
 
     @property
     def total(self) -> str:
-        return _fmt_cents(self.total_cents)
+        return format_cents(self.total_cents)
 
 
-def _fmt_cents(cents: int) -> str:
+def format_cents(cents: int) -> str:
+    """Whole cents as money for people: 123456 → "1,234.56", -150 → "-1.50" (the one formatter of billing)."""
     sign = "-" if cents < 0 else ""
     cents = abs(cents)
     return f"{sign}{cents // 100:,}.{cents % 100:02d}"
@@ -316,7 +317,7 @@ class InvoiceLine(TenantOwnedModel):
 
     @property
     def amount(self) -> str:
-        return _fmt_cents(self.amount_cents)
+        return format_cents(self.amount_cents)
 
 
 class StripeEvent(models.Model):

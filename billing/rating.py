@@ -18,7 +18,7 @@ from django.db import transaction
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
-from billing.models import BillingSettings, DailyUsage, Invoice, Price
+from billing.models import BillingSettings, DailyUsage, Invoice, Price, format_cents
 from serving.models import Adapter, UsageRecord
 
 log = logging.getLogger(__name__)
@@ -258,8 +258,7 @@ class RatedLine:
 
     @property
     def amount(self) -> str:
-        cents = self.amount_cents
-        return f"{cents // 100:,}.{cents % 100:02d}"
+        return format_cents(self.amount_cents)
 
 
 @dataclass
@@ -274,8 +273,7 @@ class PeriodCost:
 
     @property
     def total(self) -> str:
-        cents = self.total_cents
-        return f"{cents // 100:,}.{cents % 100:02d}"
+        return format_cents(self.total_cents)
 
 
 def period_cost(*, tenant, period: date, book: PriceBook | None = None) -> PeriodCost:

@@ -21,7 +21,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 
 from billing import rating, selectors, services, stripe_gateway
-from billing.models import BillingSettings, Invoice, InvoiceLine, utc_today
+from billing.models import BillingSettings, Invoice, InvoiceLine, format_cents, utc_today
 from portal.charts import bar_chart
 from tenants.access import TenantContext, tenant_view
 from tenants.api import TENANT_SLUG, TenantAPIView
@@ -33,8 +33,7 @@ def _render(request, ctx: TenantContext, template: str, context: dict | None = N
 
 
 def _cents(value) -> str:
-    cents = rating.round_cents(Decimal(value))
-    return f"{'-' if cents < 0 else ''}{abs(cents) // 100:,}.{abs(cents) % 100:02d}"
+    return format_cents(rating.round_cents(Decimal(value)))
 
 
 # ---- console -------------------------------------------------------------------------------------
