@@ -143,11 +143,12 @@ def _model(data: dict) -> str | None:
 # Features the gateway does not carry to backends yet. Dropping them silently would answer a different question
 # (no tool call, no JSON schema), so a request that asks for one is refused, naming it. Values that
 # ask for nothing pass: None, false, 0, "", [], {} and the ones listed in _HARMLESS.
+_NO_LOGPROBS = "Log probabilities are not returned on /v1 yet; use /generate with `details: true` for token logprobs."
 _UNSUPPORTED = {
     "functions": "The legacy `functions` parameter is not supported; declare them in `tools` instead.",
     "function_call": "The legacy `function_call` parameter is not supported; use `tool_choice` instead.",
-    "logprobs": "Log probabilities are not returned on /v1 yet; use /generate with `details: true` for token logprobs.",
-    "top_logprobs": "Log probabilities are not returned on /v1 yet; use /generate with `details: true` for token logprobs.",
+    "logprobs": _NO_LOGPROBS,
+    "top_logprobs": _NO_LOGPROBS,
     "response_format": "Only `response_format: {\"type\": \"text\"}` is supported; JSON mode and JSON schemas are not yet.",
     "logit_bias": "`logit_bias` is not supported yet.",
     "best_of": "`best_of` is not supported (only 1).",
