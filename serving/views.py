@@ -39,7 +39,8 @@ def usage(request, ctx: TenantContext):
     by = request.GET.get("by") if request.GET.get("by") in USAGE_GROUPS else "model"
     # The quota history needs the last 30 days (a month window's days so far), whatever period is shown.
     model_rows = selectors.usage_by_day_and_model(ctx.tenant, days=max(days, 30))
-    shown = [r for r in model_rows if r["day"] >= selectors.first_day(days)]
+    first = selectors.first_day(days)
+    shown = [r for r in model_rows if r["day"] >= first]
     quota = selectors.quota_status(ctx.tenant)
     history = selectors.utilization_history(ctx.tenant, quota, selectors.daily_totals(model_rows, days=30))
     daily = selectors.daily_totals(shown, days=days)
