@@ -52,6 +52,11 @@ class BackendPool(models.Model):
     gpu_memory_gb = models.PositiveIntegerField(default=0, help_text="GPU memory per backend, for the LoRA capacity planner.")
     gpu_hourly_cost_cents = models.PositiveIntegerField(default=0, help_text="Cost of one backend per hour, in cents.")
     lora_adapters_env = models.TextField(blank=True, help_text="TGI pools: the LORA_ADAPTERS value backends must start with.")
+    max_lora_rank = models.PositiveIntegerField(
+        default=16, validators=[MinValueValidator(1)],
+        help_text="Highest LoRA rank its backends load: vLLM's --max-lora-rank (16 by default), TGI's MAX_LORA_RANK. "
+                  "Fine-tuning refuses a rank no pool of the base model serves.",
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -136,6 +141,9 @@ class ModelConfig(TenantOwnedModel):
     default_temperature = models.DecimalField(max_digits=3, decimal_places=2, default=1, validators=[MinValueValidator(0), MaxValueValidator(2)])
     max_temperature = models.DecimalField(max_digits=3, decimal_places=2, default=2, validators=[MinValueValidator(0), MaxValueValidator(2)])
     system_message_rule = models.CharField(max_length=8, choices=SystemMessageRule.choices, default=SystemMessageRule.KEEP_BOTH)
+    auto_deploy_finetuned = models.BooleanField(
+        default=True, help_text="Deploy a fine-tuning job's model as soon as the job succeeds (as OpenAI does), so it is callable at once."
+    )
     # Output guard.
     redact_emails = models.BooleanField(default=False)
     redact_phone_numbers = models.BooleanField(default=False)

@@ -30,6 +30,7 @@ def test_loads_renders_the_chat_template_and_generates(tiny_model_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     assert 400 <= len(tokenizer) <= 520
     assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2
+    assert model.config.hidden_size // model.config.num_attention_heads == 32  # a head size vLLM serves
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert prompt == "<|bos|><|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>"
