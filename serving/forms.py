@@ -1,9 +1,8 @@
 from __future__ import annotations
 
-import re
-
 from django import forms
 
+from serving.guard import MAX_PATTERNS, custom_pattern_error
 from serving.models import ModelConfig
 
 
@@ -20,7 +19,7 @@ class LinesField(forms.CharField):
 
 
 class ModelConfigForm(forms.ModelForm):
-    redact_patterns = LinesField(required=False, help_text="One regular expression per line; matches are replaced by [REDACTED].")
+    redact_patterns = LinesField(required=False, help_text="One regular expression per line (RE2 syntax: no lookarounds or backreferences); matches are replaced by [REDACTED].")
     blocked_terms = LinesField(required=False, help_text="One term per line; replaced by [BLOCKED] (case-insensitive).")
 
     class Meta:
@@ -49,11 +48,12 @@ class ModelConfigForm(forms.ModelForm):
 
     def clean_redact_patterns(self):
         patterns = self.cleaned_data["redact_patterns"]
+        if len(patterns) > MAX_PATTERNS:
+            raise forms.ValidationError(f"{len(patterns)} patterns; the limit is {MAX_PATTERNS}.")
         for p in patterns:
-            try:
-                re.compile(p)
-            except re.error as exc:
-                raise forms.ValidationError(f"{p!r} is not a valid regular expression: {exc}.") from None
+            error = custom_pattern_error(p)
+            if error:
+                raise forms.ValidationError(f"{p!r} cannot be used: {error}.")
         return patterns
 
     def clean(self):

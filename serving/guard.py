@@ -27,12 +27,20 @@ import re._parser as _p
 from dataclasses import dataclass
 from typing import Callable
 
+import re2
+
 log = logging.getLogger(__name__)
 
 REDACTED = "[REDACTED]"
 BLOCKED = "[BLOCKED]"
 MAX_HOLD = 256  # the longest tail a stream holds back; a match candidate longer than this is cut
 CONTEXT = 64  # characters already sent kept for lookbehinds / \b at the start of the undecided text
+# Tenants' own patterns run on RE2 (linear time in the text, whatever the pattern): a backtracking engine lets one
+# tenant's `(?:\S+\s?)+#` spend minutes of the event loop every gateway request shares. The built-in detectors
+# are the platform's own (bounded quantifiers) and keep Python's engine for their lookarounds.
+MAX_PATTERN_CHARS = 500
+MAX_PATTERNS = 50
+RE2_MAX_MEM = 8 << 20  # bytes of compiled program per pattern
 
 EMAIL_RE = (
     r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -226,15 +234,45 @@ class _Analysis:
 @dataclass(frozen=True, slots=True)
 class Detector:
     name: str
-    regex: re.Pattern
+    regex: object  # re.Pattern (built-in detectors) or an RE2 regexp (tenants' patterns): search/finditer alike
     replacement: str
     alphabet_rev: re.Pattern  # matches the trailing alphabet run of the reversed tail
     first: re.Pattern  # matches where a match could start (its leading characters, possibly cut by the end)
     valid: Callable[[str], bool] | None = None
 
 
-def make_detector(name: str, pattern: str | re.Pattern, replacement: str, valid=None) -> Detector:
-    """Compile a detector (raises re.error / ValueError for a bad or empty-matching pattern)."""
+def _re2(pattern: str):
+    options = re2.Options()
+    options.max_mem = RE2_MAX_MEM
+    options.log_errors = False
+    return re2.compile(pattern, options)
+
+
+def custom_pattern_error(pattern: str) -> str | None:
+    """Why a tenant's redaction pattern cannot be used (None: it can). Patterns are RE2 syntax, matched in linear
+    time: no lookarounds or backreferences; `\\d`, `\\w`, `\\s` and `\\b` are ASCII."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        return f"it is {len(pattern)} characters long; the limit is {MAX_PATTERN_CHARS}"
+    try:
+        _re2(pattern)
+    except re2.error as exc:
+        reason = str(exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc)
+        if "invalid perl operator" in reason or "invalid escape sequence" in reason:
+            return f"{reason} (lookarounds and backreferences are not supported: patterns run on RE2, in linear time)"
+        return reason
+    try:
+        make_detector("check", pattern, REDACTED)
+    except (re.error, ValueError, re2.error) as exc:
+        return str(exc)
+    return None
+
+
+def make_detector(name: str, pattern: str | re.Pattern, replacement: str, valid=None, *, linear: bool = True) -> Detector:
+    """Compile a detector (raises re.error / re2.error / ValueError for a bad or empty-matching pattern).
+
+    `linear`: match with RE2 (tenants' patterns). The hold-back analysis reads Python's parse of the same pattern;
+    for the syntax both engines accept they match the same strings (RE2's ASCII classes are subsets of Python's
+    Unicode ones, so the derived alphabet is a safe superset)."""
     regex = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
     parsed = _p.parse(regex.pattern, regex.flags)
     if parsed.getwidth()[0] == 0:
@@ -259,6 +297,8 @@ def make_detector(name: str, pattern: str | re.Pattern, replacement: str, valid=
         starts = re.compile(start, flags)
     else:
         starts = first.compile(flags)
+    if linear:
+        regex = _re2(regex.pattern)
     return Detector(name, regex, replacement, alphabet_rev, starts, valid)
 
 
@@ -433,9 +473,9 @@ _BUILTINS: dict[str, Detector] = {}
 
 def _builtin(name: str) -> Detector:
     if not _BUILTINS:
-        _BUILTINS["email"] = make_detector("email", EMAIL_RE, REDACTED)
-        _BUILTINS["card"] = make_detector("card", CARD_RE, REDACTED, _card_ok)
-        _BUILTINS["phone"] = make_detector("phone", PHONE_RE, REDACTED, _phone_ok)
+        _BUILTINS["email"] = make_detector("email", EMAIL_RE, REDACTED, linear=False)
+        _BUILTINS["card"] = make_detector("card", CARD_RE, REDACTED, _card_ok, linear=False)
+        _BUILTINS["phone"] = make_detector("phone", PHONE_RE, REDACTED, _phone_ok, linear=False)
     return _BUILTINS[name]
 
 
@@ -457,8 +497,8 @@ def build_guard(*, emails: bool = False, phones: bool = False, cards: bool = Fal
         detectors.append(_builtin("card"))
     if phones:
         detectors.append(_builtin("phone"))
-    for n, pattern in enumerate(patterns or ()):
-        if not isinstance(pattern, str) or not pattern:
+    for n, pattern in enumerate(list(patterns or ())[:MAX_PATTERNS]):
+        if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_PATTERN_CHARS:
             continue
         try:
             detectors.append(make_detector(f"pattern{n}", pattern, REDACTED))
@@ -467,7 +507,7 @@ def build_guard(*, emails: bool = False, phones: bool = False, cards: bool = Fal
     blocked = blocked_terms_pattern(blocked_terms or ())
     if blocked is not None:
         try:
-            detectors.append(make_detector("blocked", blocked, BLOCKED))
+            detectors.append(make_detector("blocked", blocked, BLOCKED, linear=False))
         except Exception as exc:
             log.warning("output guard%s: blocked terms skipped: %s", f" ({label})" if label else "", exc)
     return OutputGuard(detectors) if detectors else None

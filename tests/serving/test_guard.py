@@ -338,3 +338,52 @@ def test_tgi_final_event_carries_the_held_tail():
     fmt = TGIFormat(details=False, client_prompt="", return_full_text=False)
     fmt.delta(TokenDelta("", 1, {"id": 2, "text": "</s>", "logprob": 0.0, "special": True}, last=True))
     assert json.loads(fmt.end(Finish("stop"), "", 1, 2)[5:])["token"]["text"] == "</s>"  # no guard: unchanged
+
+
+# ---- tenants' patterns run in linear time --------------------------------------------------------
+
+CATASTROPHIC = r"(?:\S+\s?)+#"  # exponential on a backtracking engine for text without '#'
+
+
+def test_a_catastrophic_pattern_redacts_in_linear_time():
+    # Run in a subprocess with a deadline: on a backtracking engine this text takes longer than the universe's age.
+    import subprocess
+    import sys
+
+    code = ("from serving.guard import build_guard\n"
+            f"g = build_guard(patterns=[{CATASTROPHIC!r}])\n"
+            "text = 'word ' * 2000 + 'end'\n"
+            "assert g.apply(text) == text\n"
+            "r = g.stream(); out = ''.join(r.feed(c) for c in text.split(' ')) + r.flush()\n"
+            "assert g.apply('tag a b c#') == '[REDACTED]'\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_tenant_patterns_keep_the_split_chunk_guarantee():
+    guard = build_guard(patterns=[CATASTROPHIC, r"ACME-\d{3,}"])
+    rng = random.Random(7)
+    for text in ["see ACME-1234 and tag#", "nothing to see here", "a#b# c ACME-99 ACME-100 #", "x " * 100 + "#"]:  # candidates within MAX_HOLD
+        whole = guard.apply(text)
+        for _ in range(20):
+            assert stream(guard, random_chunks(text, rng)) == whole
+
+
+@pytest.mark.parametrize(("pattern", "reason"), [
+    (r"(?<=secret)\d+", "lookarounds and backreferences are not supported"),
+    (r"(a)\1", "lookarounds and backreferences are not supported"),
+    ("a" * 501, "the limit is 500"),
+    ("x*", "empty string"),
+    ("([unclosed", "missing"),
+])
+def test_unusable_patterns_are_refused_with_the_reason(pattern, reason):
+    from serving.guard import custom_pattern_error
+
+    error = custom_pattern_error(pattern)
+    assert error is not None and reason in error
+
+
+def test_a_stored_pattern_re2_cannot_run_is_skipped_not_fatal(caplog):
+    guard = build_guard(patterns=[r"(?<=x)y", r"ACME-\d+"])
+    assert guard.apply("xy ACME-1") == f"xy {REDACTED}"
