@@ -54,9 +54,19 @@ def fair_share_weight_sum() -> int:
 
 
 def prompt_diff(old: SystemPromptVersion, new: SystemPromptVersion) -> list[tuple[str, str]]:
-    """Line diff between two versions as (kind, line) pairs, kind in {' ', '-', '+', '?'}."""
-    lines = difflib.ndiff(old.text.splitlines(), new.text.splitlines())
-    return [(line[:1], line[2:]) for line in lines if not line.startswith("?")]
+    """Line diff between two versions as (kind, line) pairs, kind in {' ', '-', '+'}.
+
+    Lines only, with difflib's junk heuristic: `ndiff` also compared characters within changed lines, quadratic in
+    their length (35 s of CPU for two 8,000-character one-line prompts, for any viewer to request)."""
+    a, b = old.text.splitlines(), new.text.splitlines()
+    out: list[tuple[str, str]] = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b).get_opcodes():
+        if op == "equal":
+            out += [(" ", line) for line in a[i1:i2]]
+            continue
+        out += [("-", line) for line in a[i1:i2]]
+        out += [("+", line) for line in b[j1:j2]]
+    return out
 
 
 def role_choices_for(membership: Membership) -> list[str]:
