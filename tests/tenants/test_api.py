@@ -551,3 +551,17 @@ def test_schema_does_not_describe_endpoints_with_our_base_views_notes(db):
 def test_subclasses_cannot_bypass_tenant_resolution(method):
     with pytest.raises(TypeError, match="may not override"):
         type("Sneaky", (TenantAPIView,), {method: lambda self, *a, **k: None})
+
+
+# ---- pagination bounds ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", ["members/", "audit/"])
+def test_huge_limit_is_capped_and_bad_paging_is_a_400_naming_the_parameter(world, suffix):
+    client = as_user(world.admin)
+    body = client.get(url(world, suffix), {"limit": 10**20}).json()  # overflowed the database's integer: a 500
+    assert "results" in body and len(body["results"]) <= 500
+    assert client.get(url(world, suffix), {"limit": 10**20}).status_code == 200
+    for params, name in [({"offset": 10**20}, "offset"), ({"offset": -1}, "offset"), ({"limit": 0}, "limit"), ({"limit": "x"}, "limit")]:
+        response = client.get(url(world, suffix), params)
+        assert response.status_code == 400 and name in response.json(), (params, response.content)
