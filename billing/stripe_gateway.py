@@ -9,6 +9,7 @@ we get back is stored, so a retried or repeated push creates nothing new.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import stripe
@@ -30,6 +31,10 @@ class NotFound(GatewayError):
 
 class SignatureError(Exception):
     """A webhook whose signature, timestamp or body does not verify."""
+
+
+class MalformedEvent(SignatureError):
+    """A correctly signed body that is not an event of Stripe's shape."""
 
 
 def is_configured() -> bool:
@@ -70,9 +75,32 @@ def construct_event(payload: bytes, signature_header: str, *, secret: str | None
         raise SignatureError("STRIPE_WEBHOOK_SECRET is not set.")
     try:
         event = stripe.Webhook.construct_event(payload, signature_header, secret, tolerance=WEBHOOK_TOLERANCE_S)
-    except (stripe.SignatureVerificationError, ValueError) as exc:
-        raise SignatureError(str(exc)) from None
-    return _as_dict(event)
+    except (stripe.SignatureVerificationError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise SignatureError(str(exc) or exc.__class__.__name__) from None
+    # Stripe's check refuses only old timestamps; a signature made for the future would stay replayable until then.
+    stamps = [part[2:] for part in signature_header.split(",") if part.startswith("t=")]
+    if not stamps or not stamps[0].isdigit() or int(stamps[0]) > time.time() + WEBHOOK_TOLERANCE_S:
+        raise SignatureError("Timestamp outside the tolerance zone (in the future).")
+    event = _as_dict(event)
+    problem = _event_shape_problem(event)
+    if problem:
+        raise MalformedEvent(problem)
+    return event
+
+
+def _event_shape_problem(event: dict) -> str | None:
+    """What is wrong with a verified event's shape, else None (signed garbage must be a 400, never a 500)."""
+    if not isinstance(event.get("id"), str) or not event["id"]:
+        return "`id` must be a non-empty string"
+    if not isinstance(event.get("type"), str):
+        return "`type` must be a string"
+    created = event.get("created", 0)
+    if not isinstance(created, int) or isinstance(created, bool) or not 0 <= created < 2**33:
+        return "`created` must be a Unix timestamp"
+    data = event.get("data", {})
+    if not isinstance(data, dict) or not isinstance(data.get("object", {}), dict):
+        return "`data.object` must be an object"
+    return None
 
 
 def customer_create(*, tenant_id: int, slug: str, name: str, email: str, client=None) -> str:

@@ -18,10 +18,11 @@ log = logging.getLogger(__name__)
 def stripe_webhook(request):
     try:
         event = stripe_gateway.construct_event(request.body, request.headers.get("Stripe-Signature", ""))
+    except stripe_gateway.MalformedEvent as exc:
+        log.warning("Rejected a signed Stripe webhook that is not an event: %s", exc)
+        return HttpResponseBadRequest(f"Not an event: {exc}.")
     except stripe_gateway.SignatureError as exc:
         log.warning("Rejected Stripe webhook: %s", exc)
         return HttpResponseBadRequest("Invalid signature.")
-    if not event.get("id"):
-        return HttpResponseBadRequest("Not an event.")
     outcome = services.stripe_event_apply(event=event, source="webhook")
     return JsonResponse({"received": True, "outcome": outcome})

@@ -61,6 +61,28 @@ def test_stale_timestamp_is_rejected(client, invoice):
     assert invoice.status == "open" and not StripeEvent.objects.exists()
 
 
+def test_future_timestamp_is_rejected(client, invoice):
+    # Stripe's library refuses only old timestamps: a signature made for tomorrow stayed replayable until then.
+    body = invoice_event("evt_future", "invoice.paid", invoice)
+    response = post_webhook(client, body, sign(body, timestamp=int(time.time()) + 3600))
+    assert response.status_code == 400
+    invoice.refresh_from_db()
+    assert invoice.status == "open" and not StripeEvent.objects.exists()
+
+
+@pytest.mark.parametrize("body", [
+    b"[]", b'"text"', b"null", b"{}", b'{"id": 7, "type": "invoice.paid"}', b'{"id": "evt_x", "type": ["a"]}',
+    b'{"id": "evt_x", "type": "invoice.paid", "created": "soon"}', b'{"id": "evt_x", "type": "invoice.paid", "created": 1e40}',
+    b'{"id": "evt_x", "type": "invoice.paid", "data": "x"}', b'{"id": "evt_x", "type": "invoice.paid", "data": {"object": [1]}}',
+    b"[" * 100_000 + b"]" * 100_000,
+])
+def test_signed_but_malformed_bodies_are_a_400_not_a_500(client, invoice, body):
+    response = post_webhook(client, body)
+    assert response.status_code == 400, response.content[:300]
+    invoice.refresh_from_db()
+    assert invoice.status == "open" and not StripeEvent.objects.exists()
+
+
 def test_tampered_body_is_rejected(client, invoice):
     body = invoice_event("evt_t", "invoice.paid", invoice)
     header = sign(body)
