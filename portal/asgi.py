@@ -11,14 +11,25 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 django_application = get_asgi_application()
 
+from portal.security import development_only_reason, is_loopback  # noqa: E402
 from serving.gateway import GatewayApp, is_gateway_path  # noqa: E402 - needs Django set up first
 
 gateway = GatewayApp()
+_LOOPBACK_ONLY = development_only_reason()
+_REFUSAL = (f"This platform runs with {_LOOPBACK_ONLY} and answers on loopback only. To serve other addresses set "
+            "PLATFORM_ENV=production and DJANGO_SECRET_KEY (docs/configuration.md).\n").encode()
+
+
+async def _refuse_non_loopback(send) -> None:
+    await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+    await send({"type": "http.response.body", "body": _REFUSAL})
 
 
 async def application(scope, receive, send):
     if scope["type"] == "lifespan":
         return await gateway.lifespan(scope, receive, send)
+    if _LOOPBACK_ONLY and scope["type"] == "http" and not is_loopback((scope.get("server") or (None,))[0]):
+        return await _refuse_non_loopback(send)
     if scope["type"] == "http" and is_gateway_path(scope):
         return await gateway(scope, receive, send)
     return await django_application(scope, receive, send)

@@ -22,11 +22,14 @@ if PLATFORM_ENV not in ("development", "production"):
 PRODUCTION = PLATFORM_ENV == "production"
 
 DEBUG = env_bool("DJANGO_DEBUG", not PRODUCTION)
+# Known to everyone who reads this file: a process using it answers loopback only (portal.asgi) and refuses a
+# database on another host (below).
+DEVELOPMENT_SECRET_KEY = "development-only-key-never-used-in-production-0123456789abcdefghijklmnop"
 SECRET_KEY = env_str("DJANGO_SECRET_KEY")
 if not SECRET_KEY:
     if PRODUCTION:
         raise ImproperlyConfigured("DJANGO_SECRET_KEY is required in production (50+ random characters).")
-    SECRET_KEY = "development-only-key-never-used-in-production-0123456789abcdefghijklmnop"
+    SECRET_KEY = DEVELOPMENT_SECRET_KEY
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", [] if PRODUCTION else ["127.0.0.1", "localhost", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 PUBLIC_URL = env_url("PLATFORM_PUBLIC_URL", "http://127.0.0.1:8000", schemes=("http", "https")).rstrip("/")
@@ -49,6 +52,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "portal.security.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -94,6 +98,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
+_db_host = DATABASES["default"].get("HOST") or ""
+if SECRET_KEY == DEVELOPMENT_SECRET_KEY and _db_host and _db_host not in ("localhost", "127.0.0.1", "::1") and not _db_host.startswith("/"):
+    raise ImproperlyConfigured(
+        f"DATABASE_URL names a database on {_db_host}, but DJANGO_SECRET_KEY is unset (the built-in development key, "
+        "with which anyone can forge sessions and playground tokens). Set DJANGO_SECRET_KEY to 50+ random characters."
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Redis: unset = embedded in-process mode (limits and counters per process; said so in the console).

@@ -31,6 +31,6 @@ pids+=($!)
 $PY manage.py demo_setup --model-path "$MODEL_DIR" --backend-url "http://127.0.0.1:$BACKEND_PORT" --console-url "http://127.0.0.1:$PORT"
 echo "  Logs: $PLATFORM_VAR_DIR/log/ (dev backend, worker, beat). Ctrl-C stops everything."
 echo
-.venv/bin/uvicorn portal.asgi:application --host 127.0.0.1 --port "$PORT" --log-level warning &
+.venv/bin/uvicorn portal.asgi:application --host 127.0.0.1 --port "$PORT" --no-proxy-headers --log-level warning &
 pids+=($!)
 wait -n "${pids[@]}"

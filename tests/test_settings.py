@@ -106,3 +106,57 @@ def test_a_filesystem_broker_gets_its_folders_even_when_redis_is_configured(tmp_
 def test_favicon_ico_points_at_the_console_icon(client):
     response = client.get("/favicon.ico")
     assert response.status_code == 301 and response["Location"].endswith("console/favicon.svg")
+
+
+# ---- a development setup is never served to the world ---------------------------------------------
+
+
+def test_the_development_key_with_a_database_on_another_host_refuses_to_start():
+    result = manage("check", env={"DATABASE_URL": "postgres://app@db.internal.example:5432/platform"})
+    assert result.returncode != 0
+    assert "DJANGO_SECRET_KEY is unset" in result.stderr and "db.internal.example" in result.stderr
+    assert manage("check", env={"DATABASE_URL": "postgres://app@db.internal.example:5432/platform",
+                                "DJANGO_SECRET_KEY": "k" * 50}).returncode == 0
+
+
+def _asgi_status(server_host: str) -> tuple[int, bytes]:
+    import asyncio
+
+    from portal import asgi
+
+    sent, calls = [], []
+
+    async def receive():
+        calls.append(1)
+        if len(calls) > 1:
+            await asyncio.Event().wait()  # the client stays connected
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/healthz-not-a-page/", "raw_path": b"/healthz-not-a-page/",
+             "query_string": b"", "headers": [(b"host", b"127.0.0.1")], "server": (server_host, 8000),
+             "client": ("203.0.113.9", 5555), "scheme": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "root_path": ""}
+    asyncio.run(asgi.application(scope, receive, send))
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+@pytest.mark.django_db
+def test_development_mode_answers_loopback_only():
+    # With the built-in key anyone forges playground tokens for any tenant; with DEBUG a 500 shows code and settings.
+    status, body = _asgi_status("10.1.2.3")
+    assert status == 503 and b"answers on loopback only" in body and b"DJANGO_SECRET_KEY" in body
+    assert _asgi_status("127.0.0.1")[0] == 404
+
+
+def test_pages_carry_a_content_security_policy_without_inline_scripts(client):
+    response = client.get("/accounts/login/")
+    policy = response["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy and "unsafe-eval" not in policy
+    import re
+
+    templates = (ROOT / "templates").rglob("*.html")
+    inline = [str(t) for t in templates if re.search(r"<script(?![^>]*\bsrc=)|\son[a-z]+=\"", t.read_text())]
+    assert inline == []  # the policy would block them: behaviour belongs in static/*.js
