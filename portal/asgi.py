@@ -11,10 +11,11 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 django_application = get_asgi_application()
 
-from portal.security import development_only_reason, is_loopback  # noqa: E402
+from portal.security import development_only_reason, is_loopback, limit_body  # noqa: E402
 from serving.gateway import GatewayApp, is_gateway_path  # noqa: E402 - needs Django set up first
 
 gateway = GatewayApp()
+django_application = limit_body(django_application)  # the gateway caps its own bodies
 _LOOPBACK_ONLY = development_only_reason()
 _REFUSAL = (f"This platform runs with {_LOOPBACK_ONLY} and answers on loopback only. To serve other addresses set "
             "PLATFORM_ENV=production and DJANGO_SECRET_KEY (docs/configuration.md).\n").encode()

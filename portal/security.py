@@ -1,8 +1,11 @@
-"""Response headers and start-up rules that keep a development setup from being served to the world."""
+"""What guards every Django response and request: the Content-Security-Policy, development mode kept to loopback,
+and request body limits applied before Django reads a byte."""
 
 from __future__ import annotations
 
 import ipaddress
+import json
+import re
 
 from django.conf import settings
 
@@ -51,3 +54,80 @@ def development_only_reason() -> str:
     if settings.DEBUG:
         return "DEBUG on (error pages would show code and settings)"
     return ""
+
+
+# ---- request body limits, before Django reads a byte ------------------------------------------------
+
+# Django's ASGI handler spools the whole body to disk before any view (or authentication) runs: 1 GB to
+# /v1/files with no key was 925 MB written before the 401. These limits apply first, by Content-Length and while
+# the body streams in (chunked uploads).
+UPLOAD_PATHS = re.compile(r"^/v1/files$|^/t/[^/]+/finetune/files/upload/$")
+MULTIPART_SLACK = 64 * 1024  # form fields and part headers around the file
+WEBHOOK_MAX_BYTES = 1024 * 1024  # Stripe's events are a few kB
+
+
+def body_limit(path: str) -> int:
+    """Bytes a request body to `path` may have (Django paths; the gateway caps its own)."""
+    if UPLOAD_PATHS.match(path):
+        return settings.FINETUNE_MAX_UPLOAD_BYTES + MULTIPART_SLACK
+    if path.startswith("/webhooks/"):
+        return WEBHOOK_MAX_BYTES
+    return settings.DATA_UPLOAD_MAX_MEMORY_SIZE + MULTIPART_SLACK
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _too_large_body(path: str, limit: int) -> bytes:
+    what = "file upload" if UPLOAD_PATHS.match(path) else "request body"
+    message = f"The {what} is larger than this path accepts ({limit:,} bytes)."
+    if UPLOAD_PATHS.match(path):
+        message += f" Training files may be up to {settings.FINETUNE_MAX_UPLOAD_BYTES:,} bytes (PLATFORM_FINETUNE_MAX_UPLOAD_BYTES)."
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": "request_too_large"}}).encode()
+
+
+def limit_body(app):
+    """ASGI middleware: 413 for a body over `body_limit(path)`, refused on its Content-Length before reading, or as
+    soon as the streamed bytes pass the limit (the rest is never read)."""
+
+    async def limited(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        path = scope["path"]
+        limit = body_limit(path)
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                return await _send_413(send, path, limit)
+        received = 0
+        started = False
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            return await app(scope, counting_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await _send_413(send, path, limit)
+
+    return limited
+
+
+async def _send_413(send, path: str, limit: int) -> None:
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": _too_large_body(path, limit)})

@@ -1,0 +1,64 @@
+"""Request bodies are bounded per path before Django (or authentication) reads them (portal.security.limit_body)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from portal import asgi
+from portal.security import WEBHOOK_MAX_BYTES, body_limit
+
+CHUNK = 64 * 1024
+
+
+def _call(path: str, *, content_length: int | None, chunks: int, headers=()) -> tuple[int, dict, int]:
+    """Send `chunks` chunks of CHUNK bytes; returns (status, JSON body, chunks the app read)."""
+    sent, read = [], [0]
+
+    async def receive():
+        if read[0] >= chunks:
+            await asyncio.Event().wait()
+        read[0] += 1
+        return {"type": "http.request", "body": b"x" * CHUNK, "more_body": read[0] < chunks}
+
+    async def send(message):
+        sent.append(message)
+
+    raw = [(b"host", b"127.0.0.1"), (b"content-type", b"application/octet-stream"), *headers]
+    if content_length is not None:
+        raw.append((b"content-length", str(content_length).encode()))
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": raw, "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5555), "scheme": "http",
+             "asgi": {"version": "3.0"}, "http_version": "1.1", "root_path": ""}
+    asyncio.run(asyncio.wait_for(asgi.application(scope, receive, send), 30))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body) if sent[0]["status"] == 413 else {}, read[0]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/v1/files", "/webhooks/stripe/", "/t/acme/finetune/files/upload/", "/accounts/login/"])
+def test_a_declared_length_over_the_limit_is_refused_before_reading_a_byte(path):
+    status, body, read = _call(path, content_length=10**9, chunks=10**9 // CHUNK)
+    assert status == 413 and read == 0
+    assert body["error"]["code"] == "request_too_large" and f"{body_limit(path):,} bytes" in body["error"]["message"]
+
+
+@pytest.mark.django_db
+def test_a_chunked_body_is_cut_off_once_it_passes_the_limit():
+    # No Content-Length (chunked): the webhook limit is 1 MiB; the app stops reading right after it.
+    status, body, read = _call("/webhooks/stripe/", content_length=None, chunks=10**9 // CHUNK)
+    assert status == 413 and read == WEBHOOK_MAX_BYTES // CHUNK + 1
+
+
+@pytest.mark.django_db
+def test_a_body_within_the_limit_reaches_django():
+    status, _, read = _call("/webhooks/stripe/", content_length=CHUNK, chunks=1)
+    assert status == 400 and read == 1  # the webhook view answered (no signature), not the limit
+
+
+def test_uploads_get_the_training_file_limit(settings):
+    assert body_limit("/v1/files") > settings.FINETUNE_MAX_UPLOAD_BYTES
+    assert body_limit("/v1/files/file-abc/content") < settings.FINETUNE_MAX_UPLOAD_BYTES
+    assert body_limit("/admin/") < settings.FINETUNE_MAX_UPLOAD_BYTES
