@@ -97,9 +97,35 @@ def limit_body(app):
             return await app(scope, receive, send)
         path = scope["path"]
         limit = body_limit(path)
+        chunked = False
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 return await _send_413(send, path, limit)
+            if name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+        if chunked:
+            # Django reads a body without Content-Length as empty (an upload answered "file is required"): take it
+            # in (bounded by the limit) and hand it on with its length.
+            messages, size = [], 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                size += len(message.get("body", b""))
+                if size > limit:
+                    return await _send_413(send, path, limit)
+                messages.append(message)
+                if not message.get("more_body"):
+                    break
+            headers = [(k, v) for k, v in scope["headers"] if k != b"transfer-encoding"] + [(b"content-length", str(size).encode())]
+            scope = {**scope, "headers": headers}
+            replay = iter(messages)
+
+            async def replay_receive():
+                message = next(replay, None)
+                return message if message is not None else await receive()
+
+            return await app(scope, replay_receive, send)
         received = 0
         started = False
 

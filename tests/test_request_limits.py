@@ -46,9 +46,11 @@ def test_a_declared_length_over_the_limit_is_refused_before_reading_a_byte(path)
 
 
 @pytest.mark.django_db
-def test_a_chunked_body_is_cut_off_once_it_passes_the_limit():
-    # No Content-Length (chunked): the webhook limit is 1 MiB; the app stops reading right after it.
-    status, body, read = _call("/webhooks/stripe/", content_length=None, chunks=10**9 // CHUNK)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_streamed_body_is_cut_off_once_it_passes_the_limit(chunked):
+    # No Content-Length: the webhook limit is 1 MiB; the app stops reading right after it.
+    headers = [(b"transfer-encoding", b"chunked")] if chunked else []
+    status, body, read = _call("/webhooks/stripe/", content_length=None, chunks=10**9 // CHUNK, headers=headers)
     assert status == 413 and read == WEBHOOK_MAX_BYTES // CHUNK + 1
 
 
@@ -62,3 +64,39 @@ def test_uploads_get_the_training_file_limit(settings):
     assert body_limit("/v1/files") > settings.FINETUNE_MAX_UPLOAD_BYTES
     assert body_limit("/v1/files/file-abc/content") < settings.FINETUNE_MAX_UPLOAD_BYTES
     assert body_limit("/admin/") < settings.FINETUNE_MAX_UPLOAD_BYTES
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_chunked_upload_is_read_whole_not_answered_file_is_required(world, settings, tmp_path):
+    # Django takes a body without Content-Length as empty: a chunked upload was answered "file is required".
+    from tenants import services
+    from tenants.services import Actor
+
+    settings.STORAGE_DIR = tmp_path / "storage"
+    _, secret = services.api_key_create(tenant=world.tenant, name="ft", scopes=["finetune"], actor=Actor(user=world.owner))
+    line = b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ahoy!"}]}\n'
+    boundary = b"----chunked-upload"
+    body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+            b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="t.jsonl"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n" + line * 12 + b"\r\n--" + boundary + b"--\r\n")
+    pieces = [body[i:i + 100] for i in range(0, len(body), 100)]
+    sent, at = [], [0]
+
+    async def receive():
+        if at[0] >= len(pieces):
+            await asyncio.Event().wait()
+        at[0] += 1
+        return {"type": "http.request", "body": pieces[at[0] - 1], "more_body": at[0] < len(pieces)}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/files", "raw_path": b"/v1/files", "query_string": b"",
+             "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {secret}".encode()),
+                         (b"content-type", b"multipart/form-data; boundary=" + boundary), (b"transfer-encoding", b"chunked")],
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5555), "scheme": "http", "asgi": {"version": "3.0"},
+             "http_version": "1.1", "root_path": ""}
+    asyncio.run(asyncio.wait_for(asgi.application(scope, receive, send), 60))
+    answer = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    assert sent[0]["status"] == 200, answer
+    assert answer["object"] == "file" and answer["bytes"] == len(line) * 12
