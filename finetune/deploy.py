@@ -2,7 +2,8 @@
 
 dev / vLLM pools load adapters at runtime: each enabled backend gets `POST /v1/load_lora_adapter`, and the
 adapter's name is added to that backend's `loaded_adapters` only once it answered (the gateway routes an
-adapter only to backends listing it). TGI loads adapters only at start (`LORA_ADAPTERS=name=/path,…`): the
+adapter only to backends listing it). What a backend refused is not asked again until a change
+(serving.adapter_loads: the rules shared with the gateway, which reloads what a restarted backend forgot). TGI loads adapters only at start (`LORA_ADAPTERS=name=/path,…`): the
 pool's `lora_adapters_env` is rewritten, its backends are marked `needs_restart` and the deployment stays
 pending until staff restart them one at a time and run "mark restarted" (`pool_mark_restarted`).
 
@@ -20,51 +21,45 @@ import urllib.request
 from django.db import transaction
 
 from finetune import selectors
+from serving import adapter_loads
+from serving.adapter_loads import post_json as _post
 from serving.models import Adapter, AdapterDeployment, Backend, BackendPool
 from serving.selectors import base_models_for_tenant
 from tenants.models import Tenant
 from tenants.services import SYSTEM, Actor, audit_record
 
 log = logging.getLogger(__name__)
-LOAD_TIMEOUT_S = 60  # loading an adapter reads it from disk and may compile kernels on a real server
+LOAD_TIMEOUT_S = adapter_loads.LOAD_TIMEOUT_S
 
 
 class DeployError(Exception):
     """The adapter cannot be published (no pool serves its base model)."""
 
 
-def _post(url: str, body: dict) -> tuple[bool, str]:
-    """POST JSON; (ok, message). The stdlib client: this runs in a view or a task, never the gateway's hot path."""
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=LOAD_TIMEOUT_S) as response:
-            return True, response.read(500).decode("utf-8", "replace")
-    except urllib.error.HTTPError as exc:
-        return False, f"HTTP {exc.code}: {exc.read(300).decode('utf-8', 'replace')}"
-    except (urllib.error.URLError, OSError) as exc:
-        return False, f"unreachable: {getattr(exc, 'reason', exc)}"
-
-
 def _set_loaded(backend: Backend, name: str, loaded: bool) -> None:
     """Add or remove one adapter name on a backend, under a row lock (concurrent deploys must not lose names)."""
-    with transaction.atomic():
-        row = Backend.objects.select_for_update().get(pk=backend.pk)
-        names = [n for n in row.loaded_adapters if n != name] + ([name] if loaded else [])
-        if names != row.loaded_adapters:
-            row.loaded_adapters = names
-            row.save(update_fields=["loaded_adapters"])
+    if loaded:
+        adapter_loads.record_backend_adapters(backend.pk, holding=[name])
+    else:
+        with transaction.atomic():
+            row = Backend.objects.select_for_update().get(pk=backend.pk)
+            names = [n for n in row.loaded_adapters if n != name]
+            if names != row.loaded_adapters:
+                row.loaded_adapters = names
+                row.save(update_fields=["loaded_adapters"])
 
 
 def _tgi_env(pool: BackendPool) -> str:
     deployments = AdapterDeployment.all_tenants.filter(pool=pool).select_related("adapter").order_by("adapter__name")
-    return ",".join(f"{d.adapter.name}={d.adapter.path}" for d in deployments)
+    return ",".join(f"{d.adapter.name}={d.adapter.path}" for d in deployments if not adapter_loads.rank_refusal(d.adapter, pool))
 
 
 def adapter_deploy(*, tenant: Tenant, adapter: Adapter, actor: Actor) -> AdapterDeployment:
-    """Publish `adapter` to the tenant's pool for its base model (dedicated, else shared). Idempotent.
+    """Publish `adapter` to the tenant's pool for its base model (dedicated, else shared). Idempotent; deploying again
+    is the tenant's retry: backends that refused it before are asked again.
 
-    Refused when the tenant may no longer use the adapter's base model (allowed models, availability).
+    Refused when the tenant may no longer use the adapter's base model (allowed models, availability). An adapter of a
+    rank above the pool's `max_lora_rank` is not sent to any backend: the deployment fails at once, saying so.
     """
     if adapter.tenant_id != tenant.pk:
         raise ValueError(f"adapter {adapter.pk} is not tenant {tenant.pk}'s")  # callers look adapters up in the tenant
@@ -77,36 +72,21 @@ def adapter_deploy(*, tenant: Tenant, adapter: Adapter, actor: Actor) -> Adapter
         deployment, _ = AdapterDeployment.objects.for_tenant(tenant).get_or_create(adapter=adapter, pool=pool)
         audit_record(tenant=tenant, actor=actor, action="finetune.adapter_deployed", target=adapter,
                      data={"adapter": adapter.name, "pool": pool.name})
+    refusal = adapter_loads.rank_refusal(adapter, pool)
     if pool.kind == BackendPool.Kind.TGI:
         with transaction.atomic():
             BackendPool.objects.filter(pk=pool.pk).update(lora_adapters_env=_tgi_env(pool))
-            for backend in pool.backends.all():  # save(), not update(): the gateway's signals must fire
-                backend.needs_restart = True
-                backend.save(update_fields=["needs_restart"])
-            deployment.state, deployment.error = AdapterDeployment.State.PENDING, "Waiting for a rolling restart of the TGI backends."
+            if refusal:
+                deployment.state, deployment.error = AdapterDeployment.State.FAILED, refusal
+            else:
+                for backend in pool.backends.all():  # save(), not update(): the gateway's signals must fire
+                    backend.needs_restart = True
+                    backend.save(update_fields=["needs_restart"])
+                deployment.state, deployment.error = AdapterDeployment.State.PENDING, "Waiting for a rolling restart of the TGI backends."
             deployment.save(update_fields=["state", "error"])
         return deployment
-    errors, loaded = [], 0
-    backends = list(pool.backends.filter(enabled=True))
-    for backend in backends:
-        if adapter.name in backend.loaded_adapters:
-            loaded += 1
-            continue
-        ok, message = _post(backend.url.rstrip("/") + "/v1/load_lora_adapter", {"lora_name": adapter.name, "lora_path": adapter.path})
-        if ok or "already been loaded" in message:
-            _set_loaded(backend, adapter.name, True)
-            loaded += 1
-        else:
-            errors.append(f"{backend.url}: {message}")
-    if not backends:
-        state, error = AdapterDeployment.State.PENDING, "The pool has no enabled backends yet."
-    elif errors:
-        state = AdapterDeployment.State.ACTIVE if loaded else AdapterDeployment.State.FAILED
-        error = f"loaded on {loaded} of {len(backends)} backends; " + "; ".join(errors)
-    else:
-        state, error = AdapterDeployment.State.ACTIVE, ""
-    deployment.state, deployment.error = state, error[:300]
-    deployment.save(update_fields=["state", "error"])
+    adapter_loads.deployment_load(deployment, retry=True)
+    deployment.refresh_from_db()
     return deployment
 
 
@@ -115,25 +95,13 @@ def backend_reload_adapters(backend: Backend) -> list[str]:
 
     Adapters loaded at runtime die with the server, while `loaded_adapters` still lists them: the gateway would keep
     routing them there, and a dev (or TGI-like) server answers an unknown adapter with the base model, silently.
-    `loaded_adapters` becomes exactly what the backend took now; one that fails to load is logged and left out, so
-    its requests get a clear 503 (`adapter_not_loaded`) instead. TGI backends load `LORA_ADAPTERS` at start: unchanged.
+    `loaded_adapters` becomes exactly what the backend took now; one it refuses is recorded in its deployment's
+    `failed_on` (not asked again until a change) and left out, so its requests get a clear 503 (`adapter_not_loaded`)
+    or go to another backend. TGI backends load `LORA_ADAPTERS` at start: unchanged.
     """
     if backend.pool.kind == BackendPool.Kind.TGI:
         return list(backend.loaded_adapters)
-    loaded = []
-    for deployment in AdapterDeployment.all_tenants.filter(pool=backend.pool).select_related("adapter").order_by("adapter__name"):
-        adapter = deployment.adapter
-        ok, message = _post(backend.url.rstrip("/") + "/v1/load_lora_adapter", {"lora_name": adapter.name, "lora_path": adapter.path})
-        if ok or "already been loaded" in message:
-            loaded.append(adapter.name)
-        else:
-            log.warning("reloading %s on %s: %s", adapter.name, backend.url, message)
-    with transaction.atomic():
-        row = Backend.objects.select_for_update().get(pk=backend.pk)
-        if row.loaded_adapters != loaded:
-            row.loaded_adapters = loaded
-            row.save(update_fields=["loaded_adapters"])  # save(): the gateway's config version moves
-    return loaded
+    return adapter_loads.backend_reload(backend)
 
 
 def _served_models(url: str) -> set[str] | None:
@@ -146,24 +114,34 @@ def _served_models(url: str) -> set[str] | None:
         return None
 
 
+def _forget_disabled_refusals() -> None:
+    """A backend that refused an adapter is asked again only after a change: once it is disabled (or deleted), its
+    refusals are forgotten, so enabling it again retries them."""
+    enabled = set(Backend.objects.filter(enabled=True).values_list("pk", flat=True))
+    # all_tenants: staff-side maintenance across every tenant's deployments; only `failed_on` is touched.
+    for deployment in AdapterDeployment.all_tenants.exclude(failed_on=[]).select_related("adapter", "pool"):
+        kept = [b for b in deployment.failed_on if b in enabled]
+        if kept != deployment.failed_on:
+            deployment.failed_on = kept
+            adapter_loads.deployment_refresh(deployment, changed=True)
+
+
 def backends_reconcile_adapters() -> dict[str, list[str]]:
     """Periodic (beat): a dev / vLLM backend that restarted has forgotten the adapters loaded at run time, while
-    `loaded_adapters` still lists them. Every enabled one whose /v1/models lacks an adapter deployed on its pool
-    gets them all loaded again (`backend_reload_adapters`). Returns {backend url: adapters it now holds} for
-    the backends it reloaded. Unreachable backends are left to the health checks; TGI reloads from its env."""
+    `loaded_adapters` still lists them; a backend added to a pool (or enabled again) holds none of its deployments yet.
+    Every enabled one whose /v1/models lacks an adapter it should hold (`adapter_loads.adapters_expected`: not one it
+    refused before, nor one of a rank its pool does not serve) gets them loaded (`backend_reload_adapters`).
+    Returns {backend url: adapters it now holds} for the backends it reloaded. Unreachable backends are left to the
+    health checks; TGI reloads from its env. A refused adapter is never asked again here: no retry every minute."""
+    _forget_disabled_refusals()
     reloaded = {}
-    backends = Backend.objects.filter(enabled=True).exclude(pool__kind=BackendPool.Kind.TGI).select_related("pool")
-    # all_tenants: a pool's deployments belong to many tenants; they are only compared, never shown.
-    deployed_on: dict[int, set[str]] = {}
-    for pool_id, name in AdapterDeployment.all_tenants.filter(pool__in={b.pool_id for b in backends}).values_list("pool_id", "adapter__name"):
-        deployed_on.setdefault(pool_id, set()).add(name)
-    for backend in backends:
-        deployed = deployed_on.get(backend.pool_id, set())
-        served = _served_models(backend.url) if deployed else None
-        if served is None or deployed <= served:
+    for backend in Backend.objects.filter(enabled=True).exclude(pool__kind=BackendPool.Kind.TGI).select_related("pool"):
+        expected = {load.name for load in adapter_loads.adapters_expected(backend)}
+        served = _served_models(backend.url) if expected else None
+        if served is None or expected <= served:
             continue
-        log.warning("backend %s no longer serves %s (restarted?); loading the pool's adapters again",
-                    backend.url, ", ".join(sorted(deployed - served)))
+        log.warning("backend %s does not serve %s (restarted, or new to its pool); loading its adapters",
+                    backend.url, ", ".join(sorted(expected - served)))
         reloaded[backend.url] = backend_reload_adapters(backend)
     return reloaded
 

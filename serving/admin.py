@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from django.contrib import admin
+from django.contrib import admin, messages
 
+from serving import adapter_loads
 from serving.models import Adapter, AdapterDeployment, Backend, BackendPool, BaseModel, ModelConfig, UsageRecord
 
 
@@ -30,6 +31,11 @@ class BackendPoolAdmin(admin.ModelAdmin):
     inlines = [BackendInline]
     actions: list = []  # finetune/admin.py adds the TGI "mark restarted" step
 
+    def save_formset(self, request, form, formset, change):
+        super().save_formset(request, form, formset, change)
+        for backend_form in formset.forms:
+            _note_enabled_again(backend_form)
+
     @admin.display(description="healthy / enabled backends")
     def backends_healthy(self, pool: BackendPool) -> str:
         enabled = [b for b in pool.backends.all() if b.enabled]
@@ -43,6 +49,17 @@ class BackendAdmin(admin.ModelAdmin):
     readonly_fields = ("healthy", "last_checked_at", "last_error")
     search_fields = ("url",)
 
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        _note_enabled_again(form)
+
+
+def _note_enabled_again(form) -> None:
+    """A backend enabled again is a change: the adapters it refused are asked of it again (serving.adapter_loads)."""
+    backend = form.instance
+    if backend.pk and backend.enabled and "enabled" in form.changed_data:
+        adapter_loads.backend_refusals_forget(backend)
+
 
 @admin.register(Adapter)
 class AdapterAdmin(admin.ModelAdmin):
@@ -51,11 +68,34 @@ class AdapterAdmin(admin.ModelAdmin):
     search_fields = ("name", "tenant__slug")
 
 
+@admin.action(description="Retry deployment: ask the pool's backends to load it again, those that refused it included")
+def retry_deployments(modeladmin, request, queryset):
+    from tenants.services import Actor
+
+    retried = 0
+    for deployment in queryset.select_related("adapter", "pool", "tenant"):
+        if deployment.pool.kind not in adapter_loads.RUNTIME_KINDS:
+            modeladmin.message_user(request, f"{deployment.adapter.name}: TGI pools load adapters at a restart (pool action "
+                                             "'Mark restarted').", messages.WARNING)
+            continue
+        adapter_loads.deployment_retry(deployment=deployment, actor=Actor(user=request.user))
+        deployment.refresh_from_db()
+        retried += 1
+        level = messages.SUCCESS if deployment.state == AdapterDeployment.State.ACTIVE else messages.WARNING
+        modeladmin.message_user(request, f"{deployment.adapter.name} on {deployment.pool.name}: {deployment.get_state_display()}. "
+                                         f"{deployment.error}".strip(), level)
+    return retried
+
+
 @admin.register(AdapterDeployment)
 class AdapterDeploymentAdmin(admin.ModelAdmin):
+    """A deployment's `error` is what the tenant sees; `error_detail` (the backends' own answers) is for staff."""
+
     list_display = ("adapter", "tenant", "pool", "state", "error", "created_at")
     list_filter = ("state", "pool")
     search_fields = ("adapter__name", "tenant__slug")
+    readonly_fields = ("state", "error", "error_detail", "failed_on")
+    actions = [retry_deployments]
 
 
 @admin.register(ModelConfig)

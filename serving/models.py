@@ -119,7 +119,13 @@ class AdapterDeployment(TenantOwnedModel):
     adapter = models.ForeignKey(Adapter, on_delete=models.CASCADE, related_name="deployments")
     pool = models.ForeignKey(BackendPool, on_delete=models.CASCADE, related_name="deployments")
     state = models.CharField(max_length=8, choices=State.choices, default=State.PENDING)
-    error = models.CharField(max_length=300, blank=True)
+    error = models.CharField(max_length=300, blank=True, help_text="Why it is not (fully) loaded, in the platform's words: shown to the tenant.")
+    error_detail = models.TextField(blank=True, help_text="The backends' own answers to the last failed loads (staff only: backend addresses and wording).")
+    failed_on = models.JSONField(
+        default=list, blank=True,
+        help_text="Ids of the backends that refused to load it. Not retried there until a change: the backend disabled and "
+                  "enabled again, the tenant deploying again, or staff's 'Retry deployment'.",
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta(TenantOwnedModel.Meta):

@@ -54,9 +54,15 @@ def test_an_adapter_that_fails_to_reload_is_not_listed(db, monkeypatch):
     for name in ("ft:a", "ft:b"):
         adapter = Adapter.all_tenants.create(tenant=tenant, name=name, base_model=base, path=f"/a/{name}")
         AdapterDeployment.all_tenants.create(tenant=tenant, adapter=adapter, pool=pool)
-    monkeypatch.setattr(deploy, "_post", lambda url, body: (body["lora_name"] == "ft:a", "HTTP 404: no adapter_config.json"))
+    from serving import adapter_loads
+
+    monkeypatch.setattr(adapter_loads, "post_json", lambda url, body: (body["lora_name"] == "ft:a", "HTTP 404: no adapter_config.json"))
     assert deploy.backend_reload_adapters(backend) == ["ft:a"]
     assert Backend.objects.get(pk=backend.pk).loaded_adapters == ["ft:a"]  # ft:b now gets a clear 503, not the base model
+    refused = AdapterDeployment.all_tenants.get(adapter__name="ft:b")
+    assert (refused.state, refused.failed_on) == ("failed", [backend.pk])  # not asked again until a change
+    assert "http://backend.test:8081: HTTP 404: no adapter_config.json" == refused.error_detail  # staff see the answer
+    assert "backend.test" not in refused.error and "404" not in refused.error  # the tenant sees the platform's words
 
 
 def test_the_periodic_reconcile_reloads_what_a_restarted_backend_forgot(demo):
