@@ -41,9 +41,13 @@ class FineTuneJobAdmin(admin.ModelAdmin):
     list_display = ("id", "tenant", "base_model", "status", "step", "total_steps", "trained_tokens", "attempts", "created_at")
     list_filter = ("status", "base_model")
     search_fields = ("id", "fine_tuned_model", "tenant__slug")
-    readonly_fields = ("id", "tenant", "training_file", "validation_file", "adapter", "worker_id", "worker_heartbeat_at",
-                       "attempts", "trained_tokens", "created_at", "started_at", "finished_at")
+    # Operational state (status, steps, hyperparameters, the model's name) belongs to the trainer and the API: a hand
+    # edit would show the tenant a job that never ran that way. Staff read it; cancelling is the tenant's API call.
+    readonly_fields = tuple(f.name for f in FineTuneJob._meta.fields)
     inlines = [JobCheckpointInline, JobEventInline]
+
+    def has_add_permission(self, request):
+        return False
 
 
 @admin.register(JobCheckpoint)
