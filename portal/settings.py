@@ -192,6 +192,10 @@ STRIPE_API_BASE = env_url("STRIPE_API_BASE", "", schemes=("http", "https"))
 
 # Tenancy and invitations.
 INVITATION_TTL_HOURS = env_int("PLATFORM_INVITATION_TTL_HOURS", 72, minimum=1)
+# Abuse limits: invitations a tenant may send per hour, tenants one account may create, sign-ups per address per hour.
+PLATFORM_INVITATIONS_PER_HOUR = env_int("PLATFORM_INVITATIONS_PER_HOUR", 20, minimum=1)
+PLATFORM_MAX_TENANTS_PER_USER = env_int("PLATFORM_MAX_TENANTS_PER_USER", 5, minimum=1)
+PLATFORM_SIGNUPS_PER_IP = env_int("PLATFORM_SIGNUPS_PER_IP", 10, minimum=1)
 PLATFORM_MAX_PROMPT_CHARS = env_int("PLATFORM_MAX_PROMPT_CHARS", 20_000, minimum=100)
 
 # Sign-in and password-reset throttling (tenants/throttle.py). Failures per account (e-mail) and per client

@@ -90,10 +90,13 @@ def signup(request):
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
+            throttle.signup_requested(request)
             # One transaction: an invalid or taken slug must not leave an account behind.
             with transaction.atomic():
                 user = User.objects.create_user(username=data["email"], email=data["email"], password=data["password1"])
-                tenant = None if joining else services.tenant_create(slug=data["slug"], name=data["name"], owner=user)
+                tenant = None if joining else services.tenant_create(slug=data["slug"], name=data["name"], owner=user, self_service=True)
+        except throttle.Throttled as exc:
+            form.add_error(None, exc.message)
         except ValidationError as exc:
             apply_service_errors(form, exc)
         except IntegrityError:
@@ -115,7 +118,8 @@ def tenant_create(request):
     form = TenantForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
-            tenant = services.tenant_create(slug=form.cleaned_data["slug"], name=form.cleaned_data["name"], owner=request.user)
+            tenant = services.tenant_create(slug=form.cleaned_data["slug"], name=form.cleaned_data["name"], owner=request.user,
+                                            self_service=True)
         except ValidationError as exc:
             apply_service_errors(form, exc)
         else:

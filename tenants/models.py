@@ -214,6 +214,14 @@ class PlatformSettings(models.Model):
     fair_share_total_tokens = models.PositiveBigIntegerField(
         default=0, help_text="R_total: tokens per window shared among fair-share tenants by weight."
     )
+    # The plan a self-service tenant (sign-up, "new tenant" in the console) starts on; staff raise it per tenant.
+    # Unlimited by default meant free, unmetered GPU for anyone with an e-mail address until the first invoice.
+    new_tenant_quota_tokens = models.PositiveBigIntegerField(default=1_000_000, help_text="New self-service tenants: tokens per window; 0 = unlimited.")
+    new_tenant_quota_window = models.CharField(max_length=8, choices=QuotaWindow.choices, default=QuotaWindow.MONTH)
+    new_tenant_quota_mode = models.CharField(max_length=8, choices=QuotaMode.choices, default=QuotaMode.HARD)
+    new_tenant_requests_per_minute = models.PositiveIntegerField(default=60, help_text="0 = unlimited.")
+    new_tenant_tokens_per_minute = models.PositiveIntegerField(default=100_000, help_text="0 = unlimited.")
+    new_tenant_max_concurrent_requests = models.PositiveIntegerField(default=4, help_text="0 = unlimited.")
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -226,6 +234,11 @@ class PlatformSettings(models.Model):
     def load(cls) -> "PlatformSettings":
         obj, _ = cls.objects.get_or_create(pk=1)
         return obj
+
+    def new_tenant_plan(self) -> dict:
+        """Policy fields for a new self-service tenant."""
+        return {name: getattr(self, f"new_tenant_{name}") for name in (
+            "quota_tokens", "quota_window", "quota_mode", "requests_per_minute", "tokens_per_minute", "max_concurrent_requests")}
 
 
 class AuditEvent(TenantOwnedModel):

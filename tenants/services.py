@@ -22,6 +22,7 @@ from tenants.models import (
     AuditEvent,
     Invitation,
     Membership,
+    PlatformSettings,
     Policy,
     Role,
     SystemPromptVersion,
@@ -66,12 +67,23 @@ def audit_record(*, tenant: Tenant, actor: Actor, action: str, target=None, data
 
 
 @transaction.atomic
-def tenant_create(*, slug: str, name: str, owner, tenancy: str = Tenant.Tenancy.SHARED) -> Tenant:
-    """Create a tenant, its default policy and its first owner."""
+def tenant_create(*, slug: str, name: str, owner, tenancy: str = Tenant.Tenancy.SHARED, self_service: bool = False) -> Tenant:
+    """Create a tenant, its policy and its first owner.
+
+    `self_service` (sign-up, "new tenant" in the console): the tenant starts on the staff-defined plan of limits
+    (PlatformSettings.new_tenant_*), and a user may own at most PLATFORM_MAX_TENANTS_PER_USER tenants. Staff and
+    the platform's own tools create tenants unlimited.
+    """
+    if self_service and not owner.is_staff:
+        owned = Membership.all_tenants.filter(user=owner, role=Role.OWNER).count()  # all_tenants: the user's, across tenants
+        if owned >= settings.PLATFORM_MAX_TENANTS_PER_USER:
+            raise ValidationError({"slug": f"You already own {owned} tenants, the most one account may create. "
+                                           "Ask the platform team for more."})
     tenant = Tenant(slug=slug, name=name, tenancy=tenancy)
     tenant.full_clean()
     tenant.save()
-    Policy.objects.for_tenant(tenant).create(tenant=tenant)
+    plan = PlatformSettings.load().new_tenant_plan() if self_service else {}
+    Policy.objects.for_tenant(tenant).create(tenant=tenant, **plan)
     Membership.objects.for_tenant(tenant).create(tenant=tenant, user=owner, role=Role.OWNER)
     audit_record(tenant=tenant, actor=Actor(user=owner), action="tenant.created", target=tenant, data={"slug": slug})
     return tenant
@@ -151,6 +163,13 @@ def invitation_create(*, tenant: Tenant, email: str, role: str, actor: Actor) ->
         raise ValidationError({"role": f"Unknown role {role!r}: use one of {', '.join(Role.values)}."})
     if Membership.objects.for_tenant(tenant).filter(user__email__iexact=email).exists():
         raise ValidationError({"email": f"{email} is already a member of {sentence(tenant.name)}"})
+    hour_ago = timezone.now() - timedelta(hours=1)
+    recent = Invitation.objects.for_tenant(tenant).select_for_update().filter(created_at__gte=hour_ago).order_by("created_at")
+    sent = list(recent.values_list("created_at", flat=True))
+    if len(sent) >= settings.PLATFORM_INVITATIONS_PER_HOUR:
+        at = sent[len(sent) - settings.PLATFORM_INVITATIONS_PER_HOUR] + timedelta(hours=1)
+        raise ValidationError({"email": f"This tenant has sent {len(sent)} invitations in the last hour, the most it may; "
+                                        f"try again after {at:%H:%M} UTC."})
     token, token_hash = Invitation.new_token()
     invitation = Invitation(
         tenant=tenant,
@@ -164,12 +183,17 @@ def invitation_create(*, tenant: Tenant, email: str, role: str, actor: Actor) ->
     invitation.save()
     audit_record(tenant=tenant, actor=actor, action="invitation.created", target=invitation, data={"email": email, "role": role})
     link = invitation_url(token)
+    inviter = invitation.invited_by.email if invitation.invited_by else "the platform team"
+    # The tenant's name is whatever its creator typed ("Your account is locked – verify now"): never the subject,
+    # and quoted in the body as a name, beside who sent the invitation.
     transaction.on_commit(
         lambda: send_mail(
-            subject=f"You are invited to {tenant.name}",
+            subject="Invitation to a team on the LLM platform",
             message=(
-                f"You have been invited to join {tenant.name} as {role} on the LLM platform.\n\n"
-                f"Accept within {settings.INVITATION_TTL_HOURS} hours: {link}\n"
+                f"{inviter} invited you to join the team named “{tenant.name[:80]}” (console id: {tenant.slug}) "
+                f"as {role} on the LLM platform.\n\n"
+                f"Accept within {settings.INVITATION_TTL_HOURS} hours: {link}\n\n"
+                "If you do not know the sender, ignore this e-mail: nothing happens unless you accept.\n"
             ),
             from_email=None,
             recipient_list=[email],

@@ -235,6 +235,22 @@ def signin_unlock(username: str) -> None:
     signin_policy().per_account.clear(_account(username), unlock=True)
 
 
+SIGNUP_IP_MESSAGE = "Too many accounts were created from your network in the last hour. {when}."
+
+
+def signup_requested(request) -> None:
+    """Before creating an account: raise Throttled once the client's address created PLATFORM_SIGNUPS_PER_IP
+    accounts in an hour, else count this one."""
+    limit = Limit("signup:ip", settings.PLATFORM_SIGNUPS_PER_IP, 3600, 3600)
+    ip = client_ip(request)
+    if until := limit.locked_until(ip):
+        when = _when(until)
+        raise Throttled(SIGNUP_IP_MESSAGE.format(when=when), until)
+    if until := limit.count(ip):
+        log.warning("signup:ip: address %s created %d accounts in an hour; refused until %s", ip, limit.max_events,
+                    datetime.fromtimestamp(until, tz=dt_timezone.utc).isoformat())
+
+
 def password_reset_requested(request, email: str) -> None:
     """Before sending a reset e-mail: raise Throttled while the address or the e-mail is locked out, else count it."""
     policy = password_reset_policy()
