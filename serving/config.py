@@ -24,6 +24,8 @@ from django.db import IntegrityError, close_old_connections, connection, transac
 from django.db.models import F
 from django.utils import timezone
 
+from serving.tokencount import BOUND, counter_for
+
 log = logging.getLogger(__name__)
 
 REDIS_VERSION_KEY = "mtl:config:version"
@@ -76,6 +78,8 @@ class PoolEntry:
     capacity: int  # scheduler capacity: the pool's setting, else the sum of its backends' concurrency
     dedicated_tenant_id: int | None
     backends: tuple  # of BackendEntry, enabled ones only
+    # Counts prompts as the backends will (serving.tokencount): the base model's tokenizer when its files are here.
+    counter: object = BOUND
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +151,7 @@ def load_snapshot(version: object = None) -> Snapshot:
         pools[p.id] = PoolEntry(
             p.id, p.name, p.kind, bm.name, bm.hf_id or bm.name, bm.context_length,
             p.capacity or sum(b.max_concurrency for b in bes) or 1, p.dedicated_tenant_id, bes,
+            counter_for(bm.local_path),  # loaded once per base model, not per reload
         )
 
     policies = {p.tenant_id: p for p in Policy.all_tenants.all()}

@@ -23,17 +23,19 @@ from django.utils import timezone
 
 from serving.config import INFERENCE_SCOPE, ConfigStore, Snapshot
 from serving.drivers import BackendError, Finish, TokenDelta, ToolCallDelta, driver_for
-from serving.drivers.base import context_overflow
+from serving.drivers.base import ADAPTER_NOT_LOADED, context_overflow
 from serving.gateway import metrics
 from serving.gateway.errors import ApiError, context_length_exceeded
 from serving.gateway.formatting import OpenAIFormat, TGIFormat, ToolCalls
 from serving.gateway.parsing import (
     build_backend_request,
-    estimate_prompt_tokens,
+    count_prompt,
+    fit_context,
     parse_chat,
     parse_completions,
     parse_generate,
     parse_json,
+    reservation_tokens,
     resolve_max_tokens,
 )
 from serving.gateway.settings import GatewaySettings
@@ -60,6 +62,7 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,48}$")
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+ADAPTER_RETRY_AFTER_S = 3  # a forgotten adapter is reloaded within a health round and a LoRA load (about a second)
 
 
 def is_gateway_path(scope) -> bool:
@@ -353,6 +356,9 @@ class GatewayApp:
                                     "awaiting a backend restart). Try again later.", code="adapter_not_loaded", headers={"retry-after": "30"})
             max_tokens = resolve_max_tokens(req, tenant, pool.context_length)
             backend_request = build_backend_request(req, tenant, route, pool, max_tokens)
+            # The prompt as the backend counts it: exact with the model's tokenizer, else a bound (docs/limits.md).
+            prompt = count_prompt(backend_request, pool)
+            max_tokens = fit_context(req, backend_request, prompt, pool.context_length)
         except asyncio.CancelledError:
             return  # the client left while sending its body
         except ApiError as err:
@@ -361,8 +367,8 @@ class GatewayApp:
         from serving.admission import get_admission
 
         admission = get_admission()
-        estimate = estimate_prompt_tokens(backend_request)
-        decision = await admission.admit(tenant.limits, request_id=request_id, reserve_tokens=estimate + max_tokens)
+        decision = await admission.admit(tenant.limits, request_id=request_id,
+                                         reserve_tokens=reservation_tokens(prompt, max_tokens, pool.context_length))
         headers = {**id_header, **decision.headers}
         if decision.warn:
             self._warn_quota(tenant, decision)
@@ -372,7 +378,7 @@ class GatewayApp:
             err = ApiError(decision.status, decision.message, type=decision.error_type or None, code=decision.code or None)
             return await self._send_error(send, err, tgi=tgi, endpoint=endpoint, tenant=tenant, headers=headers)
 
-        call = Call(request_id, endpoint, tenant, key.id if key else None, route.name, route.adapter or "", pool, started_at, estimate, max_tokens,
+        call = Call(request_id, endpoint, tenant, key.id if key else None, route.name, route.adapter or "", pool, started_at, prompt.tokens, max_tokens,
                     reservation=decision.reservation)
 
         async def send_settled(message) -> None:
@@ -494,6 +500,8 @@ class GatewayApp:
             except BackendError as exc:
                 if exc.connect:
                     self.health.mark_down(backend.id, exc.message)
+                elif exc.error_type == ADAPTER_NOT_LOADED and route.adapter is not None:
+                    self.health.adapter_missing(backend, route.adapter)  # marked here at once, reloaded off this path
                 if call.response_started:
                     return await self._interrupted(call, exc, send)
                 if exc.retryable:
@@ -504,14 +512,22 @@ class GatewayApp:
             finally:
                 state.in_flight -= 1
                 await stream.aclose()
-        # Nothing could serve it.
+        # Nothing could serve it (nothing reached the client, nothing is charged: no backend accepted it).
+        call.http_status = 503
+        healthy = [b for b in pool.backends if self.health.state(b.id).healthy]
         if last_error is not None and not last_error.connect and last_error.status == 429:
             message = f"All backends for `{call.model}` are overloaded; try again in a few seconds."
-        elif route.adapter is not None and not any(route.adapter in b.loaded_adapters and self.health.state(b.id).healthy for b in pool.backends):
+        elif route.adapter is not None and any(route.adapter in b.loaded_adapters for b in healthy) \
+                and not any(self.health.holds(b, route.adapter) for b in healthy):
+            # Its backends forgot it (restarted): being reloaded now (serving.health), never the backend's own words.
+            err = ApiError(503, f"The model `{call.model}` is being loaded again on its backends (one restarted); try again "
+                                f"in a few seconds.", type="service_unavailable", code="adapter_not_loaded",
+                           headers={"retry-after": str(ADAPTER_RETRY_AFTER_S)})
+            return await self._send_error_silently(call, err, headers, send)
+        elif route.adapter is not None and not any(route.adapter in b.loaded_adapters for b in healthy):
             message = f"No healthy backend holds `{call.model}` right now; try again in a few seconds."
         else:
             message = f"No healthy backend for model `{call.model}` right now; try again in a few seconds."
-        call.http_status = 503
         err = ApiError(503, message, type="service_unavailable", code="no_healthy_backend", headers={"retry-after": "2"})
         await self._send_error_silently(call, err, headers, send)
 
@@ -528,8 +544,11 @@ class GatewayApp:
             else:
                 err = ApiError(400, exc.message, code="invalid_request")
         else:
+            # The backend's own words (its addresses, model ids) stay in the log, for staff.
+            log.warning("request %s: backend %s answered %s: %s", call.request_id, call.backend_id, exc.status, exc.message)
             call.http_status = 502
-            err = ApiError(502, f"The backend failed: {exc.message}", type="server_error", code="backend_error")
+            err = ApiError(502, f"The model's backend failed to answer (its status {exc.status}); try again. If it persists, "
+                                f"tell the platform team the request id.", type="server_error", code="backend_error")
         call.backend_accepted = exc.status not in (400, 422)
         await self._send_error_silently(call, err, headers, send)
 
@@ -537,7 +556,9 @@ class GatewayApp:
         """The stream had started: tell the client in-band, record what was delivered."""
         call.status = "interrupted"
         tgi = call.endpoint.startswith("generate")
-        message = f"The backend failed mid-answer ({exc.message}); the answer is incomplete."
+        log.warning("request %s: backend %s failed mid-answer after %s tokens: %s", call.request_id, call.backend_id,
+                    call.output_tokens, exc.message)
+        message = f"The model's backend failed mid-answer after {call.output_tokens} tokens; the answer is incomplete."
         self._record(call, wait=False)
         event = TGIFormat.error_event(message, "incomplete_generation") if tgi else OpenAIFormat.error_event(message, "server_error", "backend_interrupted")
         await send({"type": "http.response.body", "body": event, "more_body": False})

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 from serving.config import Route, TenantEntry
 from serving.drivers import BackendRequest, Sampling
-from serving.gateway.errors import bad_request
+from serving.drivers.base import ContextOverflow
+from serving.gateway.errors import bad_request, context_length_exceeded
+from serving.tokencount import PromptCount
 
 CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
 FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
@@ -493,7 +495,7 @@ def build_backend_request(req: ClientRequest, tenant: TenantEntry, route: Route,
         raise bad_request("`presence_penalty` is not supported for text completions on this model's backend (TGI's /generate); use "
                           "`frequency_penalty`, or /v1/chat/completions.", "presence_penalty", "unsupported_parameter")
     common = dict(max_tokens=max_tokens, sampling=sampling, adapter=route.adapter, model_id=pool.hf_id,
-                  cache_salt=tenant.cache_salt if pool.kind == "vllm" else None, want_tokens=req.details)
+                  cache_salt=tenant.cache_salt if pool.kind == "vllm" else None, want_tokens=req.details or req.endpoint == "generate_stream")
     if req.endpoint == "chat":
         tools = dict(tools=req.tools, tool_choice=req.tool_choice,
                      parallel_tool_calls=req.parallel_tool_calls) if req.tools is not None else {}
@@ -503,11 +505,32 @@ def build_backend_request(req: ClientRequest, tenant: TenantEntry, route: Route,
     return BackendRequest("text", prompt=prompt, **common)
 
 
-def estimate_prompt_tokens(backend_request: BackendRequest) -> int:
-    """Upper-ish estimate for the admission reservation (settled with the real count): ~4 bytes a token."""
-    if backend_request.messages is not None:
-        tools = len(json.dumps(backend_request.tools)) // 3 if backend_request.tools else 0
-        return sum(len(m["content"] or "") // 3 + len(json.dumps(m.get("tool_calls") or "")) // 3 + 4
-                   for m in backend_request.messages) + tools + 2
-    return len(backend_request.prompt or "") // 3 + 2
+def count_prompt(backend_request: BackendRequest, pool) -> PromptCount:
+    """The prompt's tokens as the pool's backends will count them (system prompt, chat template and tools included):
+    exact with the base model's tokenizer here, else an upper bound (serving.tokencount)."""
+    counter = pool.counter
+    if backend_request.kind == "chat":
+        return counter.chat(backend_request.messages, backend_request.tools, kind=pool.kind)
+    return counter.text(backend_request.prompt, kind=pool.kind)
 
+
+def fit_context(req: ClientRequest, backend_request: BackendRequest, prompt: PromptCount, context_length: int) -> int:
+    """The max tokens that go with this prompt. An exact prompt + max tokens beyond the context is refused here, as
+    OpenAI refuses it (400 `context_length_exceeded`, its figures exact), before any backend is called; a default
+    max tokens (the client asked for none) is shortened to what fits. With a bound, the backend decides."""
+    max_tokens = backend_request.max_tokens
+    if not prompt.exact or prompt.tokens + max_tokens <= context_length:
+        return max_tokens
+    room = context_length - prompt.tokens
+    if req.max_tokens is None and room >= 1:
+        backend_request.max_tokens = room
+        return room
+    asked = max_tokens if req.max_tokens is not None else None  # the prompt alone is too long: say so without Y
+    raise context_length_exceeded(req.endpoint, ContextOverflow(context_length, prompt.tokens, asked), max_tokens)
+
+
+def reservation_tokens(prompt: PromptCount, max_tokens: int, context_length: int) -> int:
+    """What admission reserves: prompt + max tokens, an upper bound of what the request can use (a backend never
+    uses more than the context, so a bound is capped there)."""
+    total = prompt.tokens + max_tokens
+    return total if prompt.exact else min(total, context_length)
