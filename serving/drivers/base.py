@@ -36,7 +36,7 @@ class BackendRequest:
     adapter: str | None = None  # backend-side adapter id, or None for the base model
     model_id: str = ""  # the backend's id of the base model (vLLM `model` when no adapter)
     cache_salt: str | None = None  # vLLM only; set by the gateway per tenant
-    want_tokens: bool = False  # TGI details: keep per-token ids/logprobs
+    want_tokens: bool = False  # TGI token events (/generate_stream) and `details`: per-token ids and logprobs
     tools: list[dict] | None = None  # chat only: validated OpenAI function definitions
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
@@ -82,6 +82,14 @@ class BackendError(Exception):
 
 
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+ADAPTER_NOT_LOADED = "adapter_not_loaded"  # BackendError.error_type: the backend does not hold the request's adapter
+
+
+def adapter_not_loaded(adapter: str, backend_message: str) -> BackendError:
+    """vLLM's 404 for an adapter it does not hold (forgotten by a restart, unloaded behind the platform's back). Another
+    backend may hold it; the gateway marks this one and reloads it there (serving.health)."""
+    return BackendError(f"the backend does not hold adapter {adapter} ({backend_message[:200]})", status=503,
+                        error_type=ADAPTER_NOT_LOADED, retryable=True)
 
 
 @dataclass(slots=True, frozen=True)
@@ -91,6 +99,7 @@ class ContextOverflow:
     limit: int  # the context (or, when only the prompt is counted, the prompt limit)
     input_tokens: int | None = None
     completion_tokens: int | None = None  # None: the prompt alone is too long (or the backend did not say)
+    input_at_least: bool = False  # `input_tokens` is a lower bound (vLLM stops counting past the limit), not a count
 
 
 # TGI's router (with or without backticks: 0.x had none; errors may start "Input validation error: "), the dev
@@ -107,6 +116,8 @@ _CONTEXT_REFUSALS = (
 _VLLM_LIMIT = re.compile(r"maximum context length is (\d+) tokens")
 _VLLM_INPUT = re.compile(r"(\d+) in the messages|requested (\d+) tokens in the messages|has (\d+) input tokens"
                          r"|contains (?:at least )?(\d+) input tokens")
+# vLLM 0.10+ tokenizes a long prompt only up to the limit and says "contains at least N input tokens": a bound.
+_VLLM_AT_LEAST = re.compile(r"contains at least \d+ input tokens")
 _VLLM_COMPLETION = re.compile(r"(\d+) in the completion|requested (\d+) output tokens|too large: (\d+)")
 
 
@@ -125,7 +136,8 @@ def context_overflow(message: str) -> ContextOverflow | None:
     limit = _figure(_VLLM_LIMIT, message)
     if limit is None:
         return None
-    return ContextOverflow(limit, _figure(_VLLM_INPUT, message), _figure(_VLLM_COMPLETION, message))
+    return ContextOverflow(limit, _figure(_VLLM_INPUT, message), _figure(_VLLM_COMPLETION, message),
+                           input_at_least=bool(_VLLM_AT_LEAST.search(message)))
 
 
 async def raise_for_status(resp: aiohttp.ClientResponse) -> None:

@@ -17,5 +17,5 @@ class DevDriver:
     def stream(self, session: aiohttp.ClientSession, backend_url: str, request: BackendRequest) -> AsyncIterator:
         if request.kind == "chat":
             path, body = openai_body(request, model=request.adapter or request.model_id, cache_salt=False, continuous_usage=False)
-            return openai_stream(session, backend_url + path, body, chat=True)
+            return openai_stream(session, backend_url + path, body, chat=True, adapter=request.adapter)
         return generate_stream(session, backend_url + "/generate_stream", generate_body(request))

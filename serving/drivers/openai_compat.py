@@ -10,6 +10,7 @@ import aiohttp
 
 from serving.drivers.base import (
     BackendError,
+    adapter_not_loaded,
     BackendRequest,
     Finish,
     TokenDelta,
@@ -22,11 +23,13 @@ from serving.drivers.base import (
 
 
 def openai_body(request: BackendRequest, *, model: str, cache_salt: bool, continuous_usage: bool,
-                parallel_tool_calls: bool = True, unsigned_seed: bool = False) -> tuple[str, dict]:
+                parallel_tool_calls: bool = True, unsigned_seed: bool = False, token_details: bool = False) -> tuple[str, dict]:
     """(path, JSON body). Greedy is temperature 0 (TGI's chat route samples whenever temperature is absent).
 
     `parallel_tool_calls`: whether the server knows the field (TGI does not: it makes one call per answer).
-    `unsigned_seed`: the server's seed is a u64 (TGI), not an i64 (vLLM, OpenAI): the same 64 bits are sent."""
+    `unsigned_seed`: the server's seed is a u64 (TGI), not an i64 (vLLM, OpenAI): the same 64 bits are sent.
+    `token_details`: text prompts ask for each token's id and log-probability (vLLM ≥ 0.10.2: `logprobs` and
+    `return_token_ids`), for TGI's token events and `details`."""
     s = request.sampling
     body: dict = {"model": model, "max_tokens": request.max_tokens, "stream": True,
                   "stream_options": {"include_usage": True, **({"continuous_usage_stats": True} if continuous_usage else {})},
@@ -55,11 +58,19 @@ def openai_body(request: BackendRequest, *, model: str, cache_salt: bool, contin
                 body["parallel_tool_calls"] = request.parallel_tool_calls
         return "/v1/chat/completions", body
     body["prompt"] = request.prompt
+    if token_details:
+        body["logprobs"], body["return_token_ids"] = 0, True  # the sampled token's logprob and id, no alternatives
     return "/v1/completions", body
 
 
-async def openai_stream(session: aiohttp.ClientSession, url: str, body: dict, *, chat: bool) -> AsyncIterator:
-    """Events from an OpenAI-style SSE stream (`stream_options.include_usage` on, so usage is known)."""
+async def openai_stream(session: aiohttp.ClientSession, url: str, body: dict, *, chat: bool, adapter: str | None = None,
+                        token_details: bool = False, seed: int | None = None) -> AsyncIterator:
+    """Events from an OpenAI-style SSE stream (`stream_options.include_usage` on, so usage is known).
+
+    `adapter`: the adapter the request names, so that a 404 for it reads as `adapter_not_loaded` (vLLM's answer for an
+    adapter it does not hold). `token_details`: the body asked for token ids and logprobs (`openai_body`); each token
+    then comes as its own `TokenDelta` with its TGI token object, one chunk late, so that the last one is known.
+    `seed`: the seed the body carries, reported in the `Finish` (vLLM does not echo it)."""
     try:
         resp = await session.post(url, json=body)
     except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
@@ -67,8 +78,14 @@ async def openai_stream(session: aiohttp.ClientSession, url: str, body: dict, *,
     started = called = False
     finish_reason = None
     usage = None
+    held: list[TokenDelta] = []  # token_details: the previous chunk's tokens, sent once the next one arrives
     try:
-        await raise_for_status(resp)
+        try:
+            await raise_for_status(resp)
+        except BackendError as exc:
+            if exc.status == 404 and adapter:
+                raise adapter_not_loaded(adapter, exc.message) from exc
+            raise
         async for event in sse_events(resp):
             err = in_stream_error(event, started=started)
             if err is not None:
@@ -84,9 +101,21 @@ async def openai_stream(session: aiohttp.ClientSession, url: str, body: dict, *,
                 for call in tool_call_fragments(delta.get("tool_calls")) if chat else ():
                     started = called = True
                     yield call
-                if text or reason:
+                if token_details:
+                    tokens = token_deltas(choice, text or "")
+                    if tokens or reason:
+                        started = True
+                        if tokens:
+                            for token in held:
+                                yield token
+                            held = tokens
+                        if reason and held:
+                            held[-1].last = True
+                elif text or reason:
                     started = True
                     yield TokenDelta(text or "", 1 if text else 0, last=bool(reason))
+        for token in held:
+            yield token
         if finish_reason is None:
             raise BackendError("the backend closed the stream before the end of the answer", error_type="incomplete_generation")
         resp.release()  # finished cleanly: the connection may be reused
@@ -94,11 +123,37 @@ async def openai_stream(session: aiohttp.ClientSession, url: str, body: dict, *,
             "length" if finish_reason == "length" else "tool_calls" if called or finish_reason == "tool_calls" else "stop",
             (usage or {}).get("prompt_tokens"),
             (usage or {}).get("completion_tokens"),
+            seed,
         )
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
         raise BackendError(f"backend stream failed: {exc.__class__.__name__}", error_type="incomplete_generation", retryable=not started) from exc
     finally:
         resp.close()  # not release(): an unfinished stream must drop the connection so the backend cancels
+
+
+def token_deltas(choice: dict, text: str) -> list[TokenDelta]:
+    """A completions chunk's tokens, each with its TGI token object `{id, text, logprob, special}` from what vLLM sent
+    (`token_ids`, `logprobs.tokens`, `logprobs.token_logprobs`): real figures or an error, never made-up ones.
+
+    `special`: vLLM leaves special tokens out of the text (`skip_special_tokens`), so a token whose own text is not
+    empty in a chunk without text is a special one. The chunk's text goes with its last token."""
+    ids = choice.get("token_ids")
+    logprobs = choice.get("logprobs") or {}
+    strings, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
+    if not ids and not text:
+        return []
+    if not (isinstance(ids, list) and isinstance(strings, list) and isinstance(values, list) and len(ids) == len(strings) == len(values)):
+        raise BackendError("the backend sent no token ids and log-probabilities for a text completion that asked for them "
+                           "(vLLM 0.10.2 or later sends them)", error_type="protocol")
+    out = []
+    for i, (token_id, string, value) in enumerate(zip(ids, strings, values)):
+        if not isinstance(token_id, int) or not isinstance(string, str) or not isinstance(value, (int, float)):
+            raise BackendError(f"the backend sent an unreadable token: {[token_id, string, value]!r}"[:200], error_type="protocol")
+        special = not text and bool(string) and not string.startswith("bytes:")
+        last_of_chunk = i == len(ids) - 1
+        out.append(TokenDelta(text if last_of_chunk else "", 1, {"id": token_id, "text": string, "logprob": float(value),
+                                                                "special": special}))
+    return out
 
 
 def tool_call_fragments(calls) -> list[ToolCallDelta]:

@@ -44,12 +44,14 @@ def context_length_exceeded(endpoint: str, overflow, max_tokens: int) -> ApiErro
     completion = "`max_new_tokens`" if tgi else "completion"
     head = f"This model's maximum context length is {overflow.limit} tokens. However, your {text}"
     prompt, asked = overflow.input_tokens, overflow.completion_tokens
+    bound = "at least " if overflow.input_at_least else ""  # a backend that stopped counting
     if prompt is not None and asked is None:  # the prompt alone is too long
-        message = f"{head} resulted in {prompt} tokens. Please reduce the length of the {text}."
+        message = f"{head} resulted in {bound}{prompt} tokens. Please reduce the length of the {text}."
     else:
         asked = asked if asked is not None else max_tokens
         if prompt is not None:
-            message = f"{head} resulted in {prompt + asked} tokens ({prompt} in the {text}, {asked} in {'the ' * (not tgi)}{completion})."
+            message = (f"{head} resulted in {bound}{prompt + asked} tokens ({bound}{prompt} in the {text}, {asked} in "
+                       f"{'the ' * (not tgi)}{completion}).")
         else:
             message = f"{head} and the {asked} tokens asked for the {'answer' if tgi else 'completion'} do not fit in it."
         message += f" Please reduce the length of the {text} or {completion}."

@@ -40,6 +40,9 @@ class TenantLabels:
 
 
 def render(snapshot, health, ledger) -> bytes:
+    # The backends of the current snapshot only: one disabled or deleted since must not keep reporting its last value.
+    BACKEND_HEALTHY.clear()
+    BACKEND_IN_FLIGHT.clear()
     if snapshot is not None:
         for pool in snapshot.pools.values():
             for b in pool.backends:

@@ -27,6 +27,8 @@ class FakeVLLM:
         self.refuse: dict[str, tuple[int, str]] = {}  # adapter name -> (status, message) its load is answered with
         self.loads: Counter = Counter()  # load requests per adapter name
         self.bodies: list[dict] = []  # generation requests, as received
+        self.token_details = True  # False: ignores `logprobs` / `return_token_ids`, as vLLM before 0.10.2 did the latter
+        self.fail: tuple[int, str] | None = None  # (status, message) every generation request is answered with
         self.loop = asyncio.new_event_loop()
         started: Future = Future()
         threading.Thread(target=self._main, args=(started,), daemon=True, name="fake-vllm").start()
@@ -76,6 +78,8 @@ class FakeVLLM:
             body = await request.json()
             self.bodies.append(body)
             chat = request.path.endswith("/chat/completions")
+            if self.fail is not None:
+                return error(*self.fail, "InternalServerError")
             if body["model"] != self.model and body["model"] not in self.loaded:
                 aliases = ", ".join([self.model, *self.loaded])
                 return error(404, f"The model `{body['model']}` does not exist. Valid aliases: {aliases}.", "NotFoundError")
@@ -88,10 +92,10 @@ class FakeVLLM:
                     choice = {"index": 0, "delta": {"content": TOKEN_TEXT}, "logprobs": None, "finish_reason": finish}
                 else:
                     choice = {"index": 0, "text": TOKEN_TEXT, "logprobs": None, "finish_reason": finish, "stop_reason": None}
-                    if body.get("logprobs") is not None:
+                    if body.get("logprobs") is not None and self.token_details:
                         choice["logprobs"] = {"text_offset": [2 * (i - 1)], "token_logprobs": [TOKEN_LOGPROB], "tokens": [TOKEN_TEXT],
                                               "top_logprobs": [{TOKEN_TEXT: TOKEN_LOGPROB}]}
-                    choice["token_ids"] = [TOKEN_ID] if body.get("return_token_ids") else None
+                    choice["token_ids"] = [TOKEN_ID] if body.get("return_token_ids") and self.token_details else None
                 usage = {"prompt_tokens": prompt, "total_tokens": prompt + i, "completion_tokens": i}
                 await resp.write(b"data: " + json.dumps({"id": "cmpl-fake", "object": "text_completion", "model": body["model"],
                                                          "choices": [choice], "usage": usage}).encode() + b"\n\n")
