@@ -3,6 +3,7 @@ and request body limits applied before Django reads a byte."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import re
@@ -75,8 +76,22 @@ def body_limit(path: str) -> int:
     return settings.DATA_UPLOAD_MAX_MEMORY_SIZE + MULTIPART_SLACK
 
 
+BODY_IDLE_TIMEOUT_S = 30.0  # a client that sends nothing for this long mid-body is cut off (a slow-body attack)
+
+
 class BodyTooLarge(Exception):
     pass
+
+
+class BodyTimeout(Exception):
+    pass
+
+
+async def _next_body_message(receive):
+    try:
+        return await asyncio.wait_for(receive(), BODY_IDLE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise BodyTimeout from None
 
 
 def _too_large_body(path: str, limit: int) -> bytes:
@@ -108,7 +123,10 @@ def limit_body(app):
             # in (bounded by the limit) and hand it on with its length.
             messages, size = [], 0
             while True:
-                message = await receive()
+                try:
+                    message = await _next_body_message(receive)
+                except BodyTimeout:
+                    return await _send_408(send)
                 if message["type"] != "http.request":
                     return
                 size += len(message.get("body", b""))
@@ -127,15 +145,18 @@ def limit_body(app):
 
             return await app(scope, replay_receive, send)
         received = 0
-        started = False
+        started = body_done = False
 
         async def counting_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # Django now listens for the disconnect: no deadline
+                return await receive()
+            message = await _next_body_message(receive)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message):
@@ -149,8 +170,20 @@ def limit_body(app):
         except BodyTooLarge:
             if not started:
                 await _send_413(send, path, limit)
+        except BodyTimeout:
+            if not started:
+                await _send_408(send)
 
     return limited
+
+
+async def _send_408(send) -> None:
+    body = json.dumps({"error": {"message": f"The request body stopped arriving: nothing for {BODY_IDLE_TIMEOUT_S:.0f} s. "
+                                            "Send it again.", "type": "invalid_request_error", "param": None,
+                                 "code": "request_timeout"}}).encode()
+    await send({"type": "http.response.start", "status": 408,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _send_413(send, path: str, limit: int) -> None:

@@ -13,7 +13,7 @@ from portal.security import WEBHOOK_MAX_BYTES, body_limit
 CHUNK = 64 * 1024
 
 
-def _call(path: str, *, content_length: int | None, chunks: int, headers=()) -> tuple[int, dict, int]:
+def _call(path: str, *, content_length: int | None, chunks: int, headers=(), hang: bool = False) -> tuple[int, dict, int]:
     """Send `chunks` chunks of CHUNK bytes; returns (status, JSON body, chunks the app read)."""
     sent, read = [], [0]
 
@@ -21,7 +21,7 @@ def _call(path: str, *, content_length: int | None, chunks: int, headers=()) -> 
         if read[0] >= chunks:
             await asyncio.Event().wait()
         read[0] += 1
-        return {"type": "http.request", "body": b"x" * CHUNK, "more_body": read[0] < chunks}
+        return {"type": "http.request", "body": b"x" * CHUNK, "more_body": read[0] < chunks or hang}
 
     async def send(message):
         sent.append(message)
@@ -34,7 +34,7 @@ def _call(path: str, *, content_length: int | None, chunks: int, headers=()) -> 
              "asgi": {"version": "3.0"}, "http_version": "1.1", "root_path": ""}
     asyncio.run(asyncio.wait_for(asgi.application(scope, receive, send), 30))
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return sent[0]["status"], json.loads(body) if sent[0]["status"] == 413 else {}, read[0]
+    return sent[0]["status"], json.loads(body) if sent[0]["status"] in (408, 413) else {}, read[0]
 
 
 @pytest.mark.django_db
@@ -100,3 +100,15 @@ def test_a_chunked_upload_is_read_whole_not_answered_file_is_required(world, set
     answer = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
     assert sent[0]["status"] == 200, answer
     assert answer["object"] == "file" and answer["bytes"] == len(line) * 12
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_that_stops_arriving_is_a_408(monkeypatch, chunked):
+    # A client that sends part of a body and then nothing held a worker's connection (and Django's read) forever.
+    from portal import security
+
+    monkeypatch.setattr(security, "BODY_IDLE_TIMEOUT_S", 0.2)
+    headers = [(b"transfer-encoding", b"chunked")] if chunked else []
+    status, body, read = _call("/webhooks/stripe/", content_length=None if chunked else 10 * CHUNK, chunks=3, headers=headers, hang=True)
+    assert status == 408 and read == 3
