@@ -14,6 +14,7 @@ from django.db.models import Q
 from finetune import lora_math
 from finetune.models import FineTuneJob, TrainingFile
 from finetune.validation import auto_n_epochs, estimate_cost_cents, validate_jsonl
+from serving import selectors as serving_selectors
 from serving.models import BackendPool, BaseModel
 from serving.selectors import base_models_for_tenant
 
@@ -175,10 +176,9 @@ def pools_for_tenant(tenant):
 
 
 def pool_for_adapter(tenant, base_model: BaseModel) -> BackendPool | None:
-    """Where an adapter is published: the tenant's dedicated pool of its base model, else the shared one."""
-    pools = list(BackendPool.objects.filter(base_model=base_model).filter(Q(dedicated_tenant__isnull=True) | Q(dedicated_tenant=tenant)))
-    dedicated = [p for p in pools if p.dedicated_tenant_id == tenant.pk]
-    return (dedicated or pools or [None])[0]
+    """Where an adapter is published: the pool that serves its base model to the tenant, by the rule the gateway
+    routes by (serving.selectors.pool_for: its dedicated pool, else a shared one, those with backends first)."""
+    return serving_selectors.pool_for(tenant, base_model)
 
 
 def capacity_plan(*, pool: BackendPool, rank: int, target_modules, memory_budget_gb: float, dtype: str = "bf16") -> dict:

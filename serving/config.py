@@ -81,6 +81,10 @@ class PoolEntry:
     # Counts prompts as the backends will (serving.tokencount): the base model's tokenizer when its files are here.
     counter: object = BOUND
 
+    @property
+    def enabled_backends(self) -> int:  # for serving.selectors.pool_choice
+        return len(self.backends)
+
 
 @dataclass(frozen=True, slots=True)
 class TenantEntry:
@@ -203,24 +207,22 @@ def load_snapshot(version: object = None) -> Snapshot:
 
 
 def _routes_for(tenant, cfg, base_models: dict, pools: dict, deployments) -> dict[str, Route]:
-    """The routing rules (docs/gateway.md): dedicated pools first, then shared base models, then adapters."""
+    """The routing rules (docs/gateway.md): each base model the tenant may use, on the pool that
+    `serving.selectors.pool_choice` names (its dedicated pool, else a shared one), then its adapters."""
+    from serving.selectors import may_use, pool_choice
+
     routes: dict[str, Route] = {}
     allowed = set(cfg.allowed_models or ()) if cfg else set()
-    # The base models this tenant may use (serving.selectors.base_models_for_tenant, over the snapshot).
-    usable = {p.base_model for p in pools.values() if p.dedicated_tenant_id == tenant.id}
-    usable |= {bm.name for bm in base_models.values() if bm.available_to_all and (not allowed or bm.name in allowed)}
-    # Isolated tenancy: a pool dedicated to this tenant serves its base model for it (and only for it).
-    for pool in pools.values():
-        if pool.dedicated_tenant_id == tenant.id and pool.base_model not in routes:
-            bm = next(b for b in base_models.values() if b.name == pool.base_model)
-            routes[pool.base_model] = Route(pool.base_model, pool.id, None, pool.base_model, tenant.slug, int(bm.created_at.timestamp()))
+    dedicated = {p.base_model for p in pools.values() if p.dedicated_tenant_id == tenant.id}
+    usable = {bm.name for bm in base_models.values() if may_use(bm, allowed=allowed, dedicated=bm.name in dedicated)}
     for bm in base_models.values():
-        if bm.name in routes or bm.name not in usable:
+        if bm.name not in usable:
             continue
-        shared = [p for p in pools.values() if p.base_model == bm.name and p.dedicated_tenant_id is None]
-        if shared:
-            pool = next((p for p in shared if p.backends), shared[0])
-            routes[bm.name] = Route(bm.name, pool.id, None, bm.name, "platform", int(bm.created_at.timestamp()))
+        pool = pool_choice([p for p in pools.values() if p.base_model == bm.name], tenant_id=tenant.id)
+        if pool is not None:
+            # Isolated tenancy: a pool dedicated to this tenant serves the base model for it, and only for it.
+            owned_by = tenant.slug if pool.dedicated_tenant_id == tenant.id else "platform"
+            routes[bm.name] = Route(bm.name, pool.id, None, bm.name, owned_by, int(bm.created_at.timestamp()))
     for d in deployments:
         pool = pools.get(d.pool_id)
         if pool is None or pool.dedicated_tenant_id not in (None, tenant.id) or d.adapter.name in routes:

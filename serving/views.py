@@ -94,18 +94,27 @@ def _csv_text(value: str) -> str:
     return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
 
 
+def served_base_models(tenant) -> list[tuple[BaseModel, BackendPool]]:
+    """(base model, its pool) for each base model the tenant may use that a pool serves to it, by the one rule
+    the gateway routes by and adapters are deployed by (`serving.selectors.pool_for`)."""
+    out = []
+    for bm in selectors.base_models_for_tenant(tenant):
+        pool = selectors.pool_for(tenant, bm)
+        if pool is not None:
+            out.append((bm, pool))
+    return out
+
+
 def model_names_for(tenant) -> list[str]:
-    """The model names a tenant can call now: its base models that a pool serves for it, and its deployed adapters
-    on a base model it may use (the gateway's rule: an adapter follows its base model's availability)."""
-    served = set(
-        BackendPool.objects.filter(Q(dedicated_tenant__isnull=True) | Q(dedicated_tenant=tenant)).values_list("base_model_id", flat=True)
-    )
-    usable = selectors.base_models_for_tenant(tenant)
-    allowed = {bm.pk for bm in usable}
-    bases = {bm.name for bm in usable if bm.pk in served}
-    adapters = (AdapterDeployment.objects.for_tenant(tenant).filter(adapter__base_model_id__in=allowed)
+    """The model names a tenant can call now (what the gateway routes): its base models that a pool serves to it, and
+    its adapters with a deployment that has not failed, on a base model it may use and a pool it may reach."""
+    usable = {bm.pk for bm in selectors.base_models_for_tenant(tenant)}
+    bases = {bm.name for bm, _ in served_base_models(tenant)}
+    adapters = (AdapterDeployment.objects.for_tenant(tenant).exclude(state=AdapterDeployment.State.FAILED)
+                .filter(adapter__base_model_id__in=usable, adapter__tenant=tenant)
+                .filter(Q(pool__dedicated_tenant__isnull=True) | Q(pool__dedicated_tenant=tenant))
                 .values_list("adapter__name", flat=True).distinct())
-    return sorted(bases) + sorted(adapters)
+    return sorted(bases) + sorted(set(adapters) - bases)
 
 
 @tenant_view(read=Role.VIEWER, write=Role.ADMIN)
@@ -120,8 +129,8 @@ def models_page(request, ctx: TenantContext):
             audit_record(tenant=tenant, actor=ctx.actor, action="model_config.updated", target=config, data={"fields": form.changed_data})
         messages.success(request, "Model settings saved. The gateway applies them within a second.")
         return redirect("console-models", tenant.slug)
-    dedicated = dict(BackendPool.objects.filter(dedicated_tenant=tenant).values_list("base_model__name", "name"))
-    bases = [{"model": m, "dedicated_pool": dedicated.get(m.name)} for m in BaseModel.objects.filter(name__in=names)]
+    bases = [{"model": m, "dedicated_pool": pool.name if pool.dedicated_tenant_id == tenant.pk else None}
+             for m, pool in served_base_models(tenant)]
     adapters = Adapter.objects.for_tenant(tenant).select_related("base_model")
     deployed = set(AdapterDeployment.objects.for_tenant(tenant).values_list("adapter_id", flat=True))
     return _render(

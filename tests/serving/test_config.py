@@ -5,7 +5,7 @@ from __future__ import annotations
 from serving.config import load_snapshot
 from serving.models import AdapterDeployment
 from serving.views import model_names_for
-from tests.serving.test_gateway_support import deploy_adapter, make_base_model, make_pool, set_model_config
+from tests.serving.test_gateway_support import closed_port_url, deploy_adapter, make_base_model, make_pool, set_model_config
 
 ADAPTER = "ft:tiny-chat:acme::a1"
 
@@ -49,3 +49,52 @@ def test_a_deployment_row_naming_another_tenants_adapter_routes_nowhere(world):
     AdapterDeployment.all_tenants.filter(adapter=adapter).update(tenant=world.other_tenant)
     assert ADAPTER not in routes(world.other_tenant)
     assert ADAPTER not in routes(world.tenant)  # not acme's deployment either: nothing routes it
+
+
+# ---- one rule picks the pool (serving.selectors.pool_choice) -------------------------------------------------
+
+
+def three_choices(tenant, base) -> tuple:
+    """The pool each part picks for (tenant, base model): the gateway's route, a deployment, the console."""
+    from finetune.deploy import adapter_deploy
+    from serving.models import Adapter
+    from serving.views import served_base_models
+    from tenants.services import SYSTEM
+
+    route = load_snapshot().tenants[tenant.pk].models.get(base.name)
+    adapter = Adapter.all_tenants.create(tenant=tenant, name=f"ft:{base.name}:{tenant.slug}::{Adapter.all_tenants.count()}", base_model=base,
+                                         path="/unused")
+    deployment = adapter_deploy(tenant=tenant, adapter=adapter, actor=SYSTEM)
+    console = dict(served_base_models(tenant)).get(base)
+    return route and route.pool_id, deployment.pool_id, console and console.pk
+
+
+def test_routing_deployment_and_the_console_pick_the_same_pool(world):
+    from serving.models import Backend
+
+    base = make_base_model("tiny-chat")
+    idle = make_pool("a-shared-idle", base, [])  # first by name, but no enabled backend
+    Backend.objects.create(pool=idle, url=closed_port_url(), enabled=False)
+    serving = make_pool("b-shared", base, [closed_port_url()])
+    assert three_choices(world.tenant, base) == (serving.pk, serving.pk, serving.pk)
+
+    own = make_pool("z-acme-own", base, [], dedicated=world.tenant)  # isolated tenancy: its own pool, even idle
+    assert three_choices(world.tenant, base) == (own.pk, own.pk, own.pk)
+    assert three_choices(world.other_tenant, base) == (serving.pk, serving.pk, serving.pk)  # never acme's pool
+
+    Backend.objects.filter(pool=serving).update(enabled=False)  # nothing up anywhere: first by name
+    assert three_choices(world.other_tenant, base) == (idle.pk, idle.pk, idle.pk)
+
+
+def test_the_pool_rule():
+    from types import SimpleNamespace as P
+
+    from serving.selectors import pool_choice
+
+    a, b = P(name="a", dedicated_tenant_id=None, enabled_backends=0), P(name="b", dedicated_tenant_id=None, enabled_backends=2)
+    mine, theirs = P(name="x", dedicated_tenant_id=1, enabled_backends=0), P(name="c", dedicated_tenant_id=2, enabled_backends=5)
+    assert pool_choice([a, b], tenant_id=1) is b  # backends first, then name
+    assert pool_choice([a, P(name="0", dedicated_tenant_id=None, enabled_backends=0)], tenant_id=1).name == "0"
+    assert pool_choice([a, b, mine, theirs], tenant_id=1) is mine  # dedicated first
+    assert pool_choice([a, b, mine, theirs], tenant_id=3) is b  # another's dedicated pool never
+    assert pool_choice([theirs], tenant_id=1) is None and pool_choice([], tenant_id=1) is None
