@@ -234,7 +234,9 @@ class PromptCounter:
         return self.templates.get("default")
 
     def tokens(self, text: str, *, add_special_tokens: bool = False) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        # encode_batch_fast: the same ids as encode without the offsets, faster, and it releases the GIL (so a long
+        # prompt counted in a worker thread does not hold up the gateway's event loop; encode holds it).
+        return len(self.tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids)
 
     def render(self, messages: list[dict], tools: list[dict] | None, *, kind: str) -> str:
         """The chat prompt as the backend of `kind` renders it (add_generation_prompt, the special tokens' names)."""

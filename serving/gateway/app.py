@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from serving.config import INFERENCE_SCOPE, ConfigStore, Snapshot
 from serving.drivers import BackendError, Finish, TokenDelta, ToolCallDelta, driver_for
-from serving.drivers.base import ADAPTER_NOT_LOADED, context_overflow
+from serving.drivers.base import ADAPTER_NOT_LOADED, context_overflow, special_token_ids
 from serving.gateway import metrics
 from serving.gateway.errors import ApiError, context_length_exceeded
 from serving.gateway.formatting import OpenAIFormat, TGIFormat, ToolCalls
@@ -357,7 +357,7 @@ class GatewayApp:
             max_tokens = resolve_max_tokens(req, tenant, pool.context_length)
             backend_request = build_backend_request(req, tenant, route, pool, max_tokens)
             # The prompt as the backend counts it: exact with the model's tokenizer, else a bound (docs/limits.md).
-            prompt = count_prompt(backend_request, pool)
+            prompt = await count_prompt(backend_request, pool)
             max_tokens = fit_context(req, backend_request, prompt, pool.context_length)
         except asyncio.CancelledError:
             return  # the client left while sending its body
@@ -483,6 +483,8 @@ class GatewayApp:
     async def _run_backends(self, call: Call, req, route, backend_request, headers: dict, send) -> None:
         pool = call.pool
         driver = driver_for(pool.kind)
+        if backend_request.want_tokens:  # TGI token objects say which tokens are special: the model's tokenizer knows
+            backend_request.special_ids = special_token_ids(pool.counter)
         tried: set[int] = set()
         last_error: BackendError | None = None
         while True:

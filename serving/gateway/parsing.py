@@ -7,6 +7,7 @@ model selection, `adapter_source`, `cache_salt`, `lora_request`, …) never reac
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass, field
@@ -505,13 +506,27 @@ def build_backend_request(req: ClientRequest, tenant: TenantEntry, route: Route,
     return BackendRequest("text", prompt=prompt, **common)
 
 
-def count_prompt(backend_request: BackendRequest, pool) -> PromptCount:
-    """The prompt's tokens as the pool's backends will count them (system prompt, chat template and tools included):
-    exact with the base model's tokenizer here, else an upper bound (serving.tokencount)."""
+COUNT_INLINE_CHARS = 4096  # longer prompts are counted in a worker thread (about 1 ms of tokenizing and more)
+
+
+def _count(backend_request: BackendRequest, pool) -> PromptCount:
     counter = pool.counter
     if backend_request.kind == "chat":
         return counter.chat(backend_request.messages, backend_request.tools, kind=pool.kind)
     return counter.text(backend_request.prompt, kind=pool.kind)
+
+
+async def count_prompt(backend_request: BackendRequest, pool) -> PromptCount:
+    """The prompt's tokens as the pool's backends will count them (system prompt, chat template and tools included):
+    exact with the base model's tokenizer here, else an upper bound (serving.tokencount). A long prompt is counted
+    in a worker thread, so the event loop serves other requests meanwhile (the tokenizer releases the GIL)."""
+    if backend_request.kind == "chat":
+        size = sum(len(m["content"] or "") for m in backend_request.messages)
+    else:
+        size = len(backend_request.prompt or "")
+    if size < COUNT_INLINE_CHARS or not pool.counter.exact:
+        return _count(backend_request, pool)
+    return await asyncio.to_thread(_count, backend_request, pool)
 
 
 def fit_context(req: ClientRequest, backend_request: BackendRequest, prompt: PromptCount, context_length: int) -> int:

@@ -186,3 +186,37 @@ def test_counting_imports_neither_torch_nor_transformers(tiny_model_path):
                          env={**os.environ, "DJANGO_SETTINGS_MODULE": "portal.settings"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_long_prompt_is_counted_off_the_event_loop(counter):
+    """The same count in a worker thread, and the event loop keeps running meanwhile (the tokenizer releases the GIL)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serving.drivers import BackendRequest, Sampling
+    from serving.gateway.parsing import COUNT_INLINE_CHARS, count_prompt
+
+    pool = SimpleNamespace(counter=counter, kind="dev")
+    long_text = (CJK + CODE + EMOJI) * (4 * COUNT_INLINE_CHARS // len(CJK + CODE + EMOJI))
+    short, long = ([{"role": "user", "content": text}] for text in (EMOJI, long_text))
+
+    async def count_with_ticker(messages):
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0)
+                ticks += 1
+
+        task = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        ticks = 0
+        count = await count_prompt(BackendRequest("chat", 1, Sampling(False), messages=messages), pool)
+        task.cancel()
+        return count, ticks
+
+    for messages in (short, long):
+        count, ticks = asyncio.run(count_with_ticker(messages))
+        assert count == counter.chat(messages, None, kind="dev")
+        assert (ticks > 0) == (messages is long)  # short prompts inline (no thread hop); long ones in a thread
