@@ -102,6 +102,7 @@ class FineTuneJob(TenantOwnedModel):
     total_steps = models.PositiveIntegerField(default=0)
     train_loss = models.FloatField(null=True, blank=True)
     tokens_per_second = models.FloatField(null=True, blank=True)
+    load_seconds = models.FloatField(null=True, blank=True, help_text="Loading the base model and the data, before the first step.")
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
     error_param = models.CharField(max_length=64, blank=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -47,6 +48,10 @@ MAX_CONCURRENT_JOBS = settings.FINETUNE_MAX_CONCURRENT_JOBS  # per tenant
 CANCEL_POLL_SECONDS = 1.0  # the worker reads the job's status (and renews its lease) at most this often
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
 MAX_RANK = 256
+DEFAULT_RANK = 16
+# After an automatic deployment the worker waits this many gateway config polls before the job says "succeeded":
+# gateways reload their snapshot on a poll, and the model must be callable as soon as the job has succeeded.
+GATEWAY_POLLS_BEFORE_SUCCESS = 2
 
 
 @dataclass
@@ -131,7 +136,8 @@ def _number(value: Any, name: str, kind: type, low: float, high: float):
 
 
 def resolve_hyperparameters(requested: dict | None, n_examples: int) -> dict:
-    """{"n_epochs", "batch_size", "learning_rate_multiplier"} with every "auto" (or missing) decided."""
+    """{"n_epochs", "batch_size", "learning_rate_multiplier"} with every "auto" (or missing) decided: epochs by OpenAI's
+    rule, the batch from the file's size, the multiplier from the number of optimizer steps these make."""
     requested = requested or {}
     unknown = set(requested) - {"n_epochs", "batch_size", "learning_rate_multiplier"}
     if unknown:
@@ -140,20 +146,27 @@ def resolve_hyperparameters(requested: dict | None, n_examples: int) -> dict:
     n_epochs = _number(requested.get("n_epochs"), "n_epochs", int, 1, 50)
     batch_size = _number(requested.get("batch_size"), "batch_size", int, 1, 256)
     lr = _number(requested.get("learning_rate_multiplier"), "learning_rate_multiplier", float, 1e-3, 100)
-    return {
-        "n_epochs": n_epochs or selectors.auto_n_epochs_for(n_examples),
-        "batch_size": batch_size or selectors.auto_batch_size(n_examples),
-        "learning_rate_multiplier": lr if lr is not None else 1.0,
-    }
+    n_epochs = n_epochs or selectors.auto_n_epochs_for(n_examples)
+    batch_size = batch_size or selectors.auto_batch_size(n_examples)
+    if lr is None:
+        lr = selectors.auto_learning_rate_multiplier(math.ceil(max(1, n_examples) / batch_size) * n_epochs)
+    return {"n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": lr}
 
 
-def resolve_lora(requested: dict | None) -> dict:
-    """{rank, alpha, dropout, target_modules}: rank 16, alpha 2·rank, no dropout, all linear layers by default."""
+def resolve_lora(requested: dict | None, *, base_model: BaseModel | None = None, max_served_rank: int | None = None) -> dict:
+    """{rank, alpha, dropout, target_modules}: rank 16 (or the highest a pool serves, if lower), alpha 2·rank, no
+    dropout, all linear layers by default. A rank above `max_served_rank` (the highest rank a pool of the base model
+    loads) is refused: no backend could serve the adapter the tenant would pay for."""
     requested = requested or {}
     unknown = set(requested) - {"rank", "alpha", "dropout", "target_modules"}
     if unknown:
         raise FinetuneError(f"unknown lora settings: {', '.join(sorted(unknown))}", param="lora", code="invalid_lora")
-    rank = _number(requested.get("rank"), "rank", int, 1, MAX_RANK) or 16
+    rank = _number(requested.get("rank"), "lora.rank", int, 1, MAX_RANK) or min(DEFAULT_RANK, max_served_rank or DEFAULT_RANK)
+    if max_served_rank is not None and rank > max_served_rank:
+        raise FinetuneError(f"LoRA rank {rank} is above the highest rank the pools serving "
+                            f"{base_model.name if base_model else 'this model'} load ({max_served_rank}): an adapter of "
+                            f"that rank could not be served. Choose a rank of at most {max_served_rank}.",
+                            param="lora.rank", code="rank_not_served")
     alpha = _number(requested.get("alpha"), "alpha", int, 1, 4 * MAX_RANK) or 2 * rank
     dropout = _number(requested.get("dropout"), "dropout", float, 0, 0.5) or 0.0
     targets = requested.get("target_modules", "all-linear")
@@ -217,7 +230,8 @@ def finetune_job_plan(*, tenant: Tenant, model: str, training_file: str, validat
     tokens = selectors.file_token_counts(train, bm)
     hp = resolve_hyperparameters(hyperparameters, tokens["examples"] or train.examples)
     preview = selectors.estimate(base_model=bm, tokens_per_epoch=tokens["total_tokens"], n_epochs=hp["n_epochs"])
-    return JobPlan(bm, train, valid, hp, resolve_lora(lora), tokens, preview)
+    lora = resolve_lora(lora, base_model=bm, max_served_rank=selectors.max_lora_rank_served(tenant, bm))
+    return JobPlan(bm, train, valid, hp, lora, tokens, preview)
 
 
 def _fine_tuned_model_name(bm: BaseModel, tenant: Tenant, suffix: str, job_id: str) -> str:
@@ -360,7 +374,8 @@ class JobRunner:
             _event(job, ", ".join(parts), type="metrics", data=data)
             eta = event.get("eta_seconds")
             self.mine().update(step=event["step"], total_steps=event["total_steps"], train_loss=event["train_loss"],
-                               tokens_per_second=event.get("tokens_per_second"), worker_heartbeat_at=timezone.now(),
+                               tokens_per_second=event.get("tokens_per_second"), load_seconds=event.get("load_seconds"),
+                               worker_heartbeat_at=timezone.now(),
                                estimated_finish=timezone.now() + timedelta(seconds=eta) if eta is not None else None)
         elif kind == "checkpoint":
             path = Path(self.output_dir) / "checkpoints" / f"step-{event['step']:06d}"
@@ -442,36 +457,83 @@ class JobRunner:
         return "cancelled"
 
     def _record_success(self, result) -> str:
+        """The adapter, then its deployment (unless the tenant turned that off), then "succeeded": as with OpenAI,
+        the model is callable as soon as the job says it succeeded. Backends are called outside any transaction."""
         job = self.job
         bm = job.base_model
         name = _fine_tuned_model_name(bm, job.tenant, job.suffix, job.id)
         with transaction.atomic():
-            updated = self.mine().update(status=FineTuneJob.Status.SUCCEEDED, fine_tuned_model=name,
+            if not self.mine().select_for_update().exists():
+                return self._record_cancel(result)  # cancelled in the last instant, or no longer ours
+            adapter = self._create_adapter(job, bm, name, result)
+        resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step else ""
+        _event(job, f"New fine-tuned model created: {name}{resumed}")
+        self._auto_deploy(job, adapter)
+        with transaction.atomic():
+            updated = self.mine().update(status=FineTuneJob.Status.SUCCEEDED, fine_tuned_model=name, adapter=adapter,
                                          trained_tokens=result.trained_tokens, step=result.steps,
                                          total_steps=result.total_steps, finished_at=timezone.now(),
-                                         estimated_finish=None, train_loss=result.train_loss)
+                                         estimated_finish=None, train_loss=result.train_loss,
+                                         load_seconds=result.load_seconds)
             if updated == 1:
-                self._create_adapter(job, bm, name, result)
+                self._record_adapter(job, adapter, result)
                 return "succeeded"
-        return self._record_cancel(result)  # cancelled in the last instant, or no longer ours
+        # Cancelled while it was being deployed: the adapter goes with the job (nothing of it is billed or served).
+        from finetune import deploy
 
-    def _create_adapter(self, job: FineTuneJob, bm: BaseModel, name: str, result) -> None:
+        deploy.adapter_undeploy(tenant=job.tenant, adapter=adapter, actor=SYSTEM)
+        Adapter.objects.for_tenant(job.tenant_id).filter(pk=adapter.pk).delete()
+        return self._record_cancel(result)
+
+    def _create_adapter(self, job: FineTuneJob, bm: BaseModel, name: str, result) -> Adapter:
+        """The adapter row (again, if a worker that died after writing it ran this job before)."""
         adapter_config = json.loads((Path(result.adapter_dir) / "adapter_config.json").read_text())
         targets = sorted(adapter_config["target_modules"])
         rank = adapter_config["r"]
-        adapter = Adapter.objects.for_tenant(job.tenant_id).create(
-            name=name, base_model=bm, path=str(Path(result.adapter_dir).resolve()),
+        adapter, _ = Adapter.objects.for_tenant(job.tenant_id).update_or_create(name=name, defaults=dict(
+            base_model=bm, path=str(Path(result.adapter_dir).resolve()),
             rank=rank, alpha=int(adapter_config["lora_alpha"]), target_modules=targets,
             parameters=lora_math.lora_param_count(selectors.model_config(bm), rank, targets),
-            size_bytes=sum(f.stat().st_size for f in Path(result.adapter_dir).iterdir() if f.is_file()))
-        FineTuneJob.objects.for_tenant(self.tenant_id).filter(pk=job.pk).update(adapter=adapter)
+            size_bytes=sum(f.stat().st_size for f in Path(result.adapter_dir).iterdir() if f.is_file())))
+        return adapter
+
+    def _auto_deploy(self, job: FineTuneJob, adapter: Adapter) -> None:
+        """Deploy the new adapter to its base model's pool, unless the tenant's model settings say not to. A
+        deployment that fails leaves the job to succeed (the adapter is the product) and says why in its events."""
+        from finetune import deploy
+        from serving.models import AdapterDeployment, ModelConfig
+
+        config = ModelConfig.objects.for_tenant(job.tenant_id).first()
+        if config is not None and not config.auto_deploy_finetuned:
+            _event(job, f"{adapter.name} is not deployed: automatic deployment is off in the model settings. Deploy it "
+                        "from the console's Adapters page or with POST /api/tenants/<slug>/adapters/<id>/deploy/.")
+            return
+        try:
+            deployment = deploy.adapter_deploy(tenant=job.tenant, adapter=adapter, actor=SYSTEM)
+        except deploy.DeployError as exc:
+            _event(job, f"{adapter.name} is not deployed: {exc}", level="warn")
+            return
+        except Exception as exc:  # noqa: BLE001 - a deployment problem must not fail a finished training
+            log.exception("deploying %s after job %s", adapter.name, job.id)
+            _event(job, f"{adapter.name} could not be deployed ({type(exc).__name__}: {exc}); deploy it again from "
+                        "the console's Adapters page.", level="warn")
+            return
+        if deployment.state == AdapterDeployment.State.ACTIVE:
+            _event(job, f"Deployed {adapter.name} to the {deployment.pool.name} pool: it is callable now")
+            time.sleep(GATEWAY_POLLS_BEFORE_SUCCESS * settings.PLATFORM_GATEWAY_CONFIG_POLL_MS / 1000)
+        elif deployment.state == AdapterDeployment.State.PENDING:
+            _event(job, f"Deploying {adapter.name} to the {deployment.pool.name} pool: {deployment.error}")
+        else:
+            _event(job, f"{adapter.name} could not be deployed to the {deployment.pool.name} pool: {deployment.error}",
+                   level="warn")
+
+    def _record_adapter(self, job: FineTuneJob, adapter: Adapter, result) -> None:
+        name = adapter.name
         _usage(job, result.trained_tokens)
         if hub_enabled():
             from finetune.tasks import push_adapter_to_hub
 
             push_adapter_to_hub.delay_on_commit(adapter.pk, job.tenant_id)
-        resumed = f" (resumed from step {result.resumed_from_step})" if result.resumed_from_step else ""
-        _event(job, f"New fine-tuned model created: {name}{resumed}")
         _event(job, f"The job has successfully completed; {result.trained_tokens:,} tokens trained")
         audit_record(tenant=job.tenant, actor=SYSTEM, action="finetune.job_succeeded", target=job,
                      data={"id": job.id, "fine_tuned_model": name, "trained_tokens": result.trained_tokens})

@@ -85,6 +85,7 @@ class TrainResult:
     train_loss: float | None
     valid_loss: float | None
     resumed_from_step: int | None = None
+    load_seconds: float | None = None  # tokenizer, data and base model loaded before the first step
 
 
 @dataclass
@@ -341,6 +342,7 @@ def train_lora(
     """
     from transformers import AutoTokenizer
 
+    loading_started = time.monotonic()
     hp = Hyperparameters.coerce(hyperparameters)
     output_dir = Path(output_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -377,9 +379,14 @@ def train_lora(
         resumed_from = state["step"]
         on_event({"type": "message", "level": "info", "message": f"resumed from the checkpoint at step {resumed_from}"})
 
+    load_seconds = time.monotonic() - loading_started
+    on_event({"type": "message", "level": "info",
+              "message": f"Loaded the base model and {len(train)} examples in {load_seconds:.1f} s"})
+
     def result(status: str, adapter_dir: Path | None = None) -> TrainResult:
         return TrainResult(status, adapter_dir, state["step"], total_steps, state["epoch"], state["trained_tokens"],
-                           state["trainable_tokens"], state["train_loss"], state["valid_loss"], resumed_from)
+                           state["trainable_tokens"], state["train_loss"], state["valid_loss"], resumed_from,
+                           load_seconds)
 
     started, tokens_seen, steps_done = time.monotonic(), 0, 0
     for epoch in range(state["epoch"], hp.n_epochs):
@@ -409,7 +416,7 @@ def train_lora(
             metrics = {"type": "metrics", "step": state["step"], "total_steps": total_steps, "epoch": epoch + 1,
                        "train_loss": state["train_loss"], "train_mean_token_accuracy": correct / n_labels,
                        "learning_rate": scheduler.get_last_lr()[0], "tokens_per_second": tokens_seen / elapsed,
-                       "eta_seconds": elapsed / steps_done * (total_steps - state["step"])}
+                       "eta_seconds": elapsed / steps_done * (total_steps - state["step"]), "load_seconds": load_seconds}
             epoch_end = state["step"] % steps_per_epoch == 0
             if epoch_end and valid_rows:
                 state["valid_loss"], valid_acc = evaluate(model, valid_rows, hp.batch_size, pad_id, dev, autocast)

@@ -184,7 +184,7 @@ def job_create(request, ctx: TenantContext):
                 messages.success(request, f"Job {job.id} queued.")
                 return redirect("finetune-job", ctx.tenant.slug, job.id)
         except FinetuneError as exc:
-            field = "lora_rank" if exc.param == "rank" else exc.param if exc.param in form.fields else None
+            field = "lora_rank" if exc.param == "lora.rank" else exc.param if exc.param in form.fields else None
             form.add_error(field, exc.message)
     return _render(request, ctx, "finetune/job_form.html", {"form": form, "estimate": estimate},
                    status=400 if request.method == "POST" and form.errors else 200)

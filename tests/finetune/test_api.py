@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
+from django.utils import timezone
 from django.urls import include, path
 from rest_framework.test import APIClient
 
@@ -408,7 +411,8 @@ def test_job_create_list_retrieve_cancel_events(api, world, base_model, _no_brok
     job = response.json()
     assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
     assert job["status"] == "queued" and job["model"] == "tiny-chat" and job["organization_id"] == "acme"
-    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 10, "learning_rate_multiplier": 1.0}
+    # auto multiplier: sqrt(1000 / 6 steps), at most 10
+    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 10, "learning_rate_multiplier": 10.0}
     assert job["method"]["type"] == "supervised" and job["training_file"] == file_id
     assert job["metadata"] == {"team": "risk"} and job["error"] is None and job["fine_tuned_model"] is None
     assert job["estimated_cost_cents"] >= 1
@@ -538,6 +542,67 @@ def test_estimate_previews_cost_and_time(api, world, base_model):
     assert body["tokens_per_epoch"] == tokens and body["trained_tokens"] == 3 * tokens
     assert body["estimated_cost_cents"] == -(-(3 * tokens * 300) // 1_000_000)
     assert body["estimated_seconds"] >= 1 and FineTuneJob.objects.for_tenant(world.tenant).count() == 0
+    # Loading the base model counts: estimated from its weights' size until a job has measured it.
+    weights = (Path(base_model.local_path) / "model.safetensors").stat().st_size
+    assert body["load_seconds"] == round(3.0 + weights / 250_000_000, 1)
+    assert body["estimated_seconds"] == math.ceil(3.0 + weights / 250_000_000 + 3 * tokens / 5000)
+    FineTuneJob.objects.for_tenant(world.tenant).create(  # a job has run: its measured figures replace the guesses
+        base_model=base_model, training_file_id=file_id, status="succeeded", tokens_per_second=100.0, load_seconds=12.5,
+        finished_at=timezone.now())
+    body = api.post("/v1/fine_tuning/jobs/estimate", {"model": "tiny-chat", "training_file": file_id,
+                                                      "hyperparameters": {"n_epochs": 3}}, format="json").json()
+    assert body["load_seconds"] == 12.5 and body["estimated_seconds"] == math.ceil(12.5 + 3 * tokens / 100)
+
+
+def test_auto_hyperparameters_for_a_newcomers_few_dozen_examples(api, base_model):
+    """OpenAI's 3 epochs, batches of 8, and a learning rate for 15 steps: sqrt(1000/15) × the base model's 2e-4."""
+    file_id = upload(api, zebra_dataset(40)).json()["id"]
+    job = api.post("/v1/fine_tuning/jobs", {"model": "tiny-chat", "training_file": file_id}, format="json").json()
+    assert job["hyperparameters"] == {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 8.16}
+    assert ft_services.resolve_hyperparameters({}, 10_000) == {"n_epochs": 2, "batch_size": 20,
+                                                              "learning_rate_multiplier": 1.0}  # 1,000 steps
+    assert ft_services.resolve_hyperparameters({}, 10)["learning_rate_multiplier"] == 4.47  # 10 epochs of 5 steps
+
+
+def test_a_rank_no_pool_of_the_base_model_serves_is_refused_at_creation(api, world, base_model, monkeypatch):
+    from serving.models import BackendPool
+
+    monkeypatch.setattr(ft_services, "MAX_CONCURRENT_JOBS", 10)
+
+    file_id = upload(api, zebra_dataset(20)).json()["id"]
+    assert create_job(api, file_id, lora={"rank": 256}).status_code == 200  # no pool yet: nothing to check against
+    BackendPool.objects.create(name="vllm-small", base_model=base_model, kind="vllm", max_lora_rank=8)
+    BackendPool.objects.create(name="vllm-large", base_model=base_model, kind="vllm", max_lora_rank=32)
+    BackendPool.objects.create(name="globex-only", base_model=base_model, kind="vllm", max_lora_rank=64,
+                               dedicated_tenant=world.other_tenant)  # not a pool acme's adapters can go to
+    for endpoint in ("/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/estimate"):
+        body = {"model": "tiny-chat", "training_file": file_id, "lora": {"rank": 64}}
+        response = api.post(endpoint, body, format="json")
+        assert_openai_error(response, 400, "rank_not_served")
+        error = response.json()["error"]
+        assert error["param"] == "lora.rank" and "at most 32" in error["message"]
+    count = FineTuneJob.objects.for_tenant(world.tenant).count()
+    assert create_job(api, file_id, lora={"rank": 32}).json()["lora"]["rank"] == 32
+    assert FineTuneJob.objects.for_tenant(world.tenant).count() == count + 1
+    BackendPool.objects.filter(name="vllm-large").delete()
+    assert create_job(api, file_id).json()["lora"] == {"rank": 8, "alpha": 16, "dropout": 0.0,
+                                                        "target_modules": "all-linear"}  # default: what pools serve
+
+
+def test_the_console_form_refuses_a_rank_no_pool_serves_on_its_field(world, base_model):
+    from serving.models import BackendPool
+
+    BackendPool.objects.create(name="vllm-tiny", base_model=base_model, kind="vllm", max_lora_rank=16)
+    dev = signed_in(world.developer)
+    file_id = ft_services.training_file_upload(tenant=world.tenant, actor=Actor(user=world.developer), filename="z.jsonl",
+                                               data=zebra_dataset(20), base_model=base_model).id
+    form = {"training_file": file_id, "model": "tiny-chat", "n_epochs": "auto", "batch_size": "auto",
+            "learning_rate_multiplier": "auto", "suffix": "z", "lora_rank": "32"}
+    page = dev.post("/t/acme/finetune/jobs/new/", form)
+    assert page.status_code == 400 and FineTuneJob.objects.for_tenant(world.tenant).count() == 0
+    assert page.context["form"].errors["lora_rank"] == [
+        "LoRA rank 32 is above the highest rank the pools serving tiny-chat load (16): an adapter of that rank could "
+        "not be served. Choose a rank of at most 16."]
 
 
 def test_bad_job_input_answers_in_openai_shape(api, world, base_model):

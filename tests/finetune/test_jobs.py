@@ -187,3 +187,93 @@ def test_the_compile_setting_reaches_the_trainer(world, base_model, monkeypatch,
     monkeypatch.setattr(finetune.trainer, "train_lora", capture)
     run_finetune_job(make_job(world, base_model).id, world.tenant.pk)
     assert seen["compile_layers"] is setting
+
+
+# ---- the job's model is callable when the job succeeds ----------------------------------------------------------------
+
+
+@pytest.fixture
+def served(world, base_model, settings):
+    """A dev pool of the tiny model on a simulated backend (it loads and lists adapters like a real dev backend)."""
+    from serving.models import Backend, BackendPool
+    from tests.serving.test_gateway_support import sim_backend
+
+    settings.PLATFORM_GATEWAY_CONFIG_POLL_MS = 50
+    url, stop = sim_backend()
+    pool = BackendPool.objects.create(name="dev-tiny", base_model=base_model, kind="dev")
+    backend = Backend.objects.create(pool=pool, url=url)
+    yield pool, backend
+    stop()
+
+
+def test_a_succeeded_jobs_model_is_deployed_before_the_job_says_succeeded(world, base_model, served, monkeypatch):
+    from finetune import deploy
+    from serving.models import AdapterDeployment
+
+    pool, backend = served
+    seen = []
+    real_deploy = deploy.adapter_deploy
+
+    def deploy_and_look(**kwargs):
+        deployment = real_deploy(**kwargs)
+        seen.append(FineTuneJob.objects.for_tenant(world.tenant).get(pk=job.pk).status)  # what a poller sees meanwhile
+        return deployment
+
+    monkeypatch.setattr(deploy, "adapter_deploy", deploy_and_look)
+    job = make_job(world, base_model, hp={"n_epochs": 1, "batch_size": 25, "learning_rate_multiplier": 1})
+    assert run_finetune_job(job.id, world.tenant.pk) == "succeeded"
+
+    job = reload(job)
+    assert seen == ["running"]  # deployed first: once it says succeeded, the model answers
+    deployment = AdapterDeployment.objects.for_tenant(world.tenant).get(adapter=job.adapter)
+    assert (deployment.pool, deployment.state) == (pool, "active")
+    backend.refresh_from_db()
+    assert backend.loaded_adapters == [job.fine_tuned_model]
+    messages = [e.message for e in JobEvent.objects.for_tenant(world.tenant).filter(job=job).order_by("id")]
+    assert f"Deployed {job.fine_tuned_model} to the dev-tiny pool: it is callable now" in messages
+    assert job.load_seconds is not None and 0 < job.load_seconds < 60
+    assert any(m.startswith("Loaded the base model and 50 examples in ") for m in messages)
+
+
+def test_a_tenant_that_turned_automatic_deployment_off_deploys_by_itself(world, base_model, served):
+    from serving.models import AdapterDeployment, ModelConfig
+
+    ModelConfig.objects.for_tenant(world.tenant).create(auto_deploy_finetuned=False)
+    job = make_job(world, base_model, hp={"n_epochs": 1, "batch_size": 25, "learning_rate_multiplier": 1})
+    assert run_finetune_job(job.id, world.tenant.pk) == "succeeded"
+    job = reload(job)
+    assert job.adapter is not None and not AdapterDeployment.objects.for_tenant(world.tenant).exists()
+    served[1].refresh_from_db()
+    assert served[1].loaded_adapters == []
+    messages = [e.message for e in JobEvent.objects.for_tenant(world.tenant).filter(job=job)]
+    assert any("is not deployed: automatic deployment is off in the model settings" in m for m in messages)
+
+
+def test_a_deployment_that_cannot_happen_leaves_the_job_succeeded_and_says_why(world, base_model):
+    job = make_job(world, base_model, hp={"n_epochs": 1, "batch_size": 25, "learning_rate_multiplier": 1})
+    assert run_finetune_job(job.id, world.tenant.pk) == "succeeded"  # no pool serves tiny-chat here
+    job = reload(job)
+    assert job.status == "succeeded" and job.adapter is not None
+    warning = JobEvent.objects.for_tenant(world.tenant).get(job=job, level="warn")
+    assert warning.message == f"{job.fine_tuned_model} is not deployed: No pool serves tiny-chat; ask the platform team to add one."
+
+
+def test_a_job_cancelled_while_its_model_deploys_leaves_no_adapter_behind(world, base_model, served, monkeypatch):
+    from finetune import deploy
+    from serving.models import Adapter, AdapterDeployment
+
+    real_deploy = deploy.adapter_deploy
+
+    def deploy_then_cancel(**kwargs):
+        deployment = real_deploy(**kwargs)
+        services.finetune_job_cancel(tenant=world.tenant, actor=Actor(user=world.owner), job=reload(job))
+        return deployment
+
+    monkeypatch.setattr(deploy, "adapter_deploy", deploy_then_cancel)
+    job = make_job(world, base_model, hp={"n_epochs": 1, "batch_size": 25, "learning_rate_multiplier": 1})
+    assert run_finetune_job(job.id, world.tenant.pk) == "cancelled"
+    assert reload(job).status == "cancelled" and reload(job).fine_tuned_model == ""
+    assert not Adapter.objects.for_tenant(world.tenant).exists()
+    assert not AdapterDeployment.objects.for_tenant(world.tenant).exists()
+    served[1].refresh_from_db()
+    assert served[1].loaded_adapters == []
