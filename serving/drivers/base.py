@@ -37,6 +37,7 @@ class BackendRequest:
     model_id: str = ""  # the backend's id of the base model (vLLM `model` when no adapter)
     cache_salt: str | None = None  # vLLM only; set by the gateway per tenant
     want_tokens: bool = False  # TGI token events (/generate_stream) and `details`: per-token ids and logprobs
+    special_ids: frozenset | None = None  # with want_tokens: the base model's special token ids, when its tokenizer is here
     tools: list[dict] | None = None  # chat only: validated OpenAI function definitions
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
@@ -67,6 +68,7 @@ class Finish:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     seed: int | None = None
+    stop_sequence: bool = False  # finish_reason "stop" because a stop sequence matched (TGI's `stop_sequence`), not EOS
 
 
 class BackendError(Exception):
@@ -191,3 +193,19 @@ def in_stream_error(event: dict, *, started: bool) -> BackendError | None:
 
 def connect_error(exc: BaseException, url: str) -> BackendError:
     return BackendError(f"cannot reach backend {url}: {exc.__class__.__name__}", status=503, error_type="connect", retryable=True, connect=True)
+
+
+_SPECIAL_IDS: dict[int, tuple[object, frozenset]] = {}  # id(tokenizer) -> (the tokenizer, its special token ids)
+
+
+def special_token_ids(counter) -> frozenset | None:
+    """The special token ids of a pool's tokenizer (`PoolEntry.counter`, serving.tokencount), once per tokenizer; None
+    when the gateway has no tokenizer files for the model."""
+    tokenizer = getattr(counter, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    cached = _SPECIAL_IDS.get(id(tokenizer))
+    if cached is None or cached[0] is not tokenizer:
+        ids = frozenset(i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special)
+        cached = _SPECIAL_IDS[id(tokenizer)] = (tokenizer, ids)
+    return cached[1]

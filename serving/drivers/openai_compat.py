@@ -64,18 +64,19 @@ def openai_body(request: BackendRequest, *, model: str, cache_salt: bool, contin
 
 
 async def openai_stream(session: aiohttp.ClientSession, url: str, body: dict, *, chat: bool, adapter: str | None = None,
-                        token_details: bool = False, seed: int | None = None) -> AsyncIterator:
+                        token_details: bool = False, seed: int | None = None, special_ids: frozenset | None = None) -> AsyncIterator:
     """Events from an OpenAI-style SSE stream (`stream_options.include_usage` on, so usage is known).
 
     `adapter`: the adapter the request names, so that a 404 for it reads as `adapter_not_loaded` (vLLM's answer for an
     adapter it does not hold). `token_details`: the body asked for token ids and logprobs (`openai_body`); each token
     then comes as its own `TokenDelta` with its TGI token object, one chunk late, so that the last one is known.
-    `seed`: the seed the body carries, reported in the `Finish` (vLLM does not echo it)."""
+    `seed`: the seed the body carries, reported in the `Finish` (vLLM does not echo it). `special_ids`: the model's
+    special token ids (`token_deltas`)."""
     try:
         resp = await session.post(url, json=body)
     except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
         raise connect_error(exc, url) from exc
-    started = called = False
+    started = called = stop_sequence = False
     finish_reason = None
     usage = None
     held: list[TokenDelta] = []  # token_details: the previous chunk's tokens, sent once the next one arrives
@@ -98,11 +99,12 @@ async def openai_stream(session: aiohttp.ClientSession, url: str, body: dict, *,
                 reason = choice.get("finish_reason")
                 if reason:
                     finish_reason = reason
+                    stop_sequence = reason == "stop" and isinstance(choice.get("stop_reason"), str)  # vLLM: the matched string
                 for call in tool_call_fragments(delta.get("tool_calls")) if chat else ():
                     started = called = True
                     yield call
                 if token_details:
-                    tokens = token_deltas(choice, text or "")
+                    tokens = token_deltas(choice, text or "", special_ids, stop_cut=bool(reason))
                     if tokens or reason:
                         started = True
                         if tokens:
@@ -124,6 +126,7 @@ async def openai_stream(session: aiohttp.ClientSession, url: str, body: dict, *,
             (usage or {}).get("prompt_tokens"),
             (usage or {}).get("completion_tokens"),
             seed,
+            stop_sequence,
         )
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
         raise BackendError(f"backend stream failed: {exc.__class__.__name__}", error_type="incomplete_generation", retryable=not started) from exc
@@ -131,12 +134,14 @@ async def openai_stream(session: aiohttp.ClientSession, url: str, body: dict, *,
         resp.close()  # not release(): an unfinished stream must drop the connection so the backend cancels
 
 
-def token_deltas(choice: dict, text: str) -> list[TokenDelta]:
+def token_deltas(choice: dict, text: str, special_ids: frozenset | None = None, *, stop_cut: bool = False) -> list[TokenDelta]:
     """A completions chunk's tokens, each with its TGI token object `{id, text, logprob, special}` from what vLLM sent
     (`token_ids`, `logprobs.tokens`, `logprobs.token_logprobs`): real figures or an error, never made-up ones.
 
-    `special`: vLLM leaves special tokens out of the text (`skip_special_tokens`), so a token whose own text is not
-    empty in a chunk without text is a special one. The chunk's text goes with its last token."""
+    `special`: from the model's special token ids where the gateway has its tokenizer; else inferred as vLLM leaves
+    special tokens out of the text (`skip_special_tokens`): a token whose own text is not empty in a chunk without text,
+    unless that chunk ends the answer (`stop_cut`: a matched stop sequence is cut out of the text too). The chunk's text
+    goes with its last token."""
     ids = choice.get("token_ids")
     logprobs = choice.get("logprobs") or {}
     strings, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
@@ -149,7 +154,10 @@ def token_deltas(choice: dict, text: str) -> list[TokenDelta]:
     for i, (token_id, string, value) in enumerate(zip(ids, strings, values)):
         if not isinstance(token_id, int) or not isinstance(string, str) or not isinstance(value, (int, float)):
             raise BackendError(f"the backend sent an unreadable token: {[token_id, string, value]!r}"[:200], error_type="protocol")
-        special = not text and bool(string) and not string.startswith("bytes:")
+        if special_ids is not None:
+            special = token_id in special_ids
+        else:
+            special = not text and not stop_cut and bool(string) and not string.startswith("bytes:")
         last_of_chunk = i == len(ids) - 1
         out.append(TokenDelta(text if last_of_chunk else "", 1, {"id": token_id, "text": string, "logprob": float(value),
                                                                 "special": special}))

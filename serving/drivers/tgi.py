@@ -70,6 +70,7 @@ async def generate_stream(session: aiohttp.ClientSession, url: str, body: dict) 
                     int(prompt) if prompt is not None else None,
                     details.get("generated_tokens"),
                     details.get("seed"),
+                    details.get("finish_reason") == "stop_sequence",
                 )
                 return
         raise BackendError("the backend closed the stream before the end of the answer", error_type="incomplete_generation")

@@ -30,4 +30,4 @@ class VLLMDriver:
         path, body = openai_body(request, model=request.adapter or request.model_id, cache_salt=True, continuous_usage=True,
                                  token_details=details)
         return openai_stream(session, backend_url + path, body, chat=request.kind == "chat", adapter=request.adapter,
-                             token_details=details, seed=seed)
+                             token_details=details, seed=seed, special_ids=request.special_ids)

@@ -15,6 +15,10 @@ _dumps = json.dumps
 TGI_FINISH = {"stop": "eos_token", "length": "length"}
 
 
+def _tgi_finish(finish: Finish) -> str:
+    return "stop_sequence" if finish.stop_sequence else TGI_FINISH.get(finish.finish_reason, "eos_token")
+
+
 def usage_dict(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -185,7 +189,7 @@ class TGIFormat:
         self.index += 1
         details = None
         if self.details:
-            details = {"finish_reason": TGI_FINISH.get(finish.finish_reason, "eos_token"), "generated_tokens": completion_tokens,
+            details = {"finish_reason": _tgi_finish(finish), "generated_tokens": completion_tokens,
                        "seed": finish.seed, "input_length": prompt_tokens}
         return ("data:" + _dumps({"index": self.index, "token": token, "generated_text": self.prefix + text, "details": details}) + "\n\n").encode()
 
@@ -196,6 +200,6 @@ class TGIFormat:
     def body(self, text: str, finish: Finish, prompt_tokens: int, completion_tokens: int) -> bytes:
         out: dict = {"generated_text": self.prefix + text}
         if self.details:
-            out["details"] = {"finish_reason": TGI_FINISH.get(finish.finish_reason, "eos_token"), "generated_tokens": completion_tokens,
+            out["details"] = {"finish_reason": _tgi_finish(finish), "generated_tokens": completion_tokens,
                               "seed": finish.seed, "prefill": [], "tokens": self.tokens}
         return _dumps(out).encode()

@@ -132,6 +132,29 @@ def test_tgi_details_on_a_vllm_pool_are_vllms_own_token_ids_logprobs_and_seed(wo
     assert events[-1]["generated_text"] == "eseses"
 
 
+def test_a_stop_sequence_is_tgis_stop_sequence_and_its_cut_token_not_special(world, fakes, gateway_factory):
+    (fake,), pool, key = _platform(world, fakes)
+    gw = gateway_factory()
+    r = post(f"{gw.url}/generate", {"inputs": "the cat", "parameters": {"max_new_tokens": 5, "stop": ["xyz"], "details": True}},
+             {"authorization": f"Bearer {key}"})
+    details = r.json()["details"]
+    assert details["finish_reason"] == "stop_sequence" and r.json()["generated_text"] == "es"
+    assert [t["special"] for t in details["tokens"]] == [False, False]  # the last one's text was cut by the stop, not special
+
+
+def test_special_tokens_are_told_by_the_models_tokenizer(world, fakes, gateway_factory, tiny_model_path):
+    from serving.models import BaseModel
+
+    (fake,), pool, key = _platform(world, fakes)
+    fake.hold_first_text = True  # an empty chunk text that is not a special token
+    BaseModel.objects.filter(pk=pool.base_model_id).update(local_path=str(tiny_model_path))
+    gw = gateway_factory()
+    r = post(f"{gw.url}/generate", {"inputs": "the cat", "parameters": {"max_new_tokens": 3, "details": True}},
+             {"authorization": f"Bearer {key}"})
+    assert r.json()["generated_text"] == "eseses"
+    assert [t["special"] for t in r.json()["details"]["tokens"]] == [False, False, False]  # 268 is "es" in the tiny model
+
+
 def test_a_backend_without_token_ids_gets_a_clear_error_not_made_up_tokens(world, fakes, gateway_factory):
     (fake,), pool, key = _platform(world, fakes)
     fake.token_details = False  # a vLLM older than 0.10.2 ignores `return_token_ids`

@@ -29,6 +29,7 @@ class FakeVLLM:
         self.bodies: list[dict] = []  # generation requests, as received
         self.token_details = True  # False: ignores `logprobs` / `return_token_ids`, as vLLM before 0.10.2 did the latter
         self.fail: tuple[int, str] | None = None  # (status, message) every generation request is answered with
+        self.hold_first_text = False  # the first token's text comes with the second (vLLM holds text back: stop strings, UTF-8)
         self.loop = asyncio.new_event_loop()
         started: Future = Future()
         threading.Thread(target=self._main, args=(started,), daemon=True, name="fake-vllm").start()
@@ -86,12 +87,18 @@ class FakeVLLM:
             resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
             await resp.prepare(request)
             n, prompt = body["max_tokens"], 7
+            stops = body.get("stop") or []  # a stop sequence matches at the second token, cut out of the text as vLLM does
+            if stops:
+                n = min(n, 2)
             for i in range(1, n + 1):
-                finish = "length" if i == n else None
+                finish = ("stop" if stops else "length") if i == n else None
                 if chat:
                     choice = {"index": 0, "delta": {"content": TOKEN_TEXT}, "logprobs": None, "finish_reason": finish}
                 else:
-                    choice = {"index": 0, "text": TOKEN_TEXT, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+                    text = "" if (stops and finish) or (self.hold_first_text and i == 1) else TOKEN_TEXT
+                    text *= 2 if self.hold_first_text and i == 2 else 1
+                    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+                              "stop_reason": stops[0] if stops and finish else None}
                     if body.get("logprobs") is not None and self.token_details:
                         choice["logprobs"] = {"text_offset": [2 * (i - 1)], "token_logprobs": [TOKEN_LOGPROB], "tokens": [TOKEN_TEXT],
                                               "top_logprobs": [{TOKEN_TEXT: TOKEN_LOGPROB}]}
