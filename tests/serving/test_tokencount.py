@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from serving.gateway.parsing import inject_system_prompt
-from serving.tokencount import BOUND, PromptCounter, counter_for, load_counter, template_messages
+from serving.tokencount import BOUND, PromptCounter, _vllm_tools, counter_for, load_counter, template_messages
 
 EMOJI = "😀😃😄😁😆😅 42"
 CJK = "你好，世界。今天天气很好，我们去公园散步吧！東京タワーは高い。한국어도 있어요."
@@ -220,3 +220,17 @@ def test_a_long_prompt_is_counted_off_the_event_loop(counter):
         count, ticks = asyncio.run(count_with_ticker(messages))
         assert count == counter.chat(messages, None, kind="dev")
         assert (ticks > 0) == (messages is long)  # short prompts inline (no thread hop); long ones in a thread
+
+
+@pytest.mark.slow
+def test_the_demo_models_counts_equal_transformers(demo_model_path):
+    """SmolLM2-135M-Instruct (a real BPE of 49k tokens, a ChatML template that adds a default system prompt)."""
+    counter = load_counter(demo_model_path)
+    for name, messages in CONVERSATIONS.items():
+        for tools in (None, TOOLS):
+            count = counter.chat(messages, tools, kind="vllm")
+            as_vllm = template_messages(messages, kind="vllm"), tools and _vllm_tools(tools)  # what vLLM hands the template
+            assert (count.tokens, count.exact) == (transformers_count(demo_model_path, *as_vllm), True), name
+    tokenizer = hf_tokenizer(demo_model_path)
+    for text in (EMOJI, CJK, CODE, "3.14159 and 1,000,000", "  two leading spaces", ""):
+        assert counter.text(text, kind="vllm").tokens == len(tokenizer(text)["input_ids"])
