@@ -24,6 +24,7 @@ class ModelConfigForm(forms.ModelForm):
 
     class Meta:
         model = ModelConfig
+        labels = {"auto_deploy_finetuned": "Deploy fine-tuned models when their job succeeds"}
         fields = [
             "default_model",
             "default_max_tokens",
@@ -31,6 +32,7 @@ class ModelConfigForm(forms.ModelForm):
             "default_temperature",
             "max_temperature",
             "system_message_rule",
+            "auto_deploy_finetuned",
             "redact_emails",
             "redact_phone_numbers",
             "redact_card_numbers",

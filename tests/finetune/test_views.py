@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from finetune import services
@@ -94,3 +96,24 @@ def test_without_a_validation_file_the_job_has_none(world, files):
     job = FineTuneJob.objects.for_tenant(world.tenant).get()
     assert response.status_code == 302 and job.validation_file_id is None
     assert "ft-validation-file" not in dev.get(response["Location"]).content.decode()
+
+
+def test_admins_turn_automatic_deployment_of_fine_tuned_models_off_and_on(world, base_model):
+    from serving.models import ModelConfig
+    from tenants.models import AuditEvent
+
+    url = "/t/acme/models/"
+    admin = signed_in(world.admin)
+    page = admin.get(url).content.decode()
+    assert "Deploy fine-tuned models when their job succeeds" in page and 'name="auto_deploy_finetuned"' in page
+    assert re.search(r"<input type=\"checkbox\" name=\"auto_deploy_finetuned\"[^>]* checked", page)  # on by default
+    settings = {"default_model": "", "default_max_tokens": 256, "max_max_tokens": 4096, "default_temperature": "0.7",
+                "max_temperature": "2", "system_message_rule": "keep", "redact_patterns": "", "blocked_terms": ""}
+    assert admin.post(url, settings).status_code == 302  # an unticked box is not posted: off
+    assert ModelConfig.objects.for_tenant(world.tenant).get().auto_deploy_finetuned is False
+    assert admin.post(url, {**settings, "auto_deploy_finetuned": "on"}).status_code == 302
+    assert ModelConfig.objects.for_tenant(world.tenant).get().auto_deploy_finetuned is True
+    assert AuditEvent.objects.for_tenant(world.tenant).filter(action="model_config.updated").count() == 2
+    viewer = signed_in(world.viewer)
+    assert viewer.post(url, settings).status_code == 403
+    assert ModelConfig.objects.for_tenant(world.tenant).get().auto_deploy_finetuned is True
