@@ -230,15 +230,21 @@ def pool_for_adapter(tenant, base_model: BaseModel) -> BackendPool | None:
 def capacity_plan(*, pool: BackendPool, rank: int, target_modules, memory_budget_gb: float, dtype: str = "bf16") -> dict:
     """Exact adapters-that-fit beside the 2·r·d·L estimate, and the cost of serving N tenants.
 
-    Shared base: one backend holds the base once plus up to `per_backend` adapters, so N tenants need
-    ceil(N / per_backend) backends. Isolated: one backend per tenant. Costs in cents per hour (integers).
+    `rank` must be one the pool serves (≤ `pool.max_lora_rank`; ValueError otherwise). vLLM reserves every adapter
+    slot for its --max-lora-rank whatever the adapter's own rank, so on a vLLM pool adapters are counted at the
+    pool's maximum rank (`slot_rank`). Shared base: one backend holds the base once plus up to `per_backend`
+    adapters, so N tenants need ceil(N / per_backend) backends. Isolated: one backend per tenant. Costs in cents per
+    hour (integers).
     """
+    if rank > pool.max_lora_rank:
+        raise ValueError(f"rank {rank} is above the {pool.name} pool's maximum LoRA rank ({pool.max_lora_rank})")
+    slot_rank = pool.max_lora_rank if pool.kind == BackendPool.Kind.VLLM else rank
     config = model_config(pool.base_model)
     budget = int(memory_budget_gb * 1024 ** 3)
-    exact_params = lora_math.lora_param_count(config, rank, target_modules)
-    simple_params = lora_math.simple_lora_param_count(config, rank)
+    exact_params = lora_math.lora_param_count(config, slot_rank, target_modules)
+    simple_params = lora_math.simple_lora_param_count(config, slot_rank)
     per_param = lora_math.BYTES_PER_PARAM[dtype]
-    per_backend = lora_math.adapters_that_fit(budget, config, rank, target_modules, dtype)
+    per_backend = lora_math.adapters_that_fit(budget, config, slot_rank, target_modules, dtype)
     hourly = pool.gpu_hourly_cost_cents
     scenarios = []
     for n in (10, 100, 1000):
@@ -252,4 +258,5 @@ def capacity_plan(*, pool: BackendPool, rank: int, target_modules, memory_budget
         "adapters_that_fit": per_backend,
         "adapters_that_fit_simple": budget // (simple_params * per_param) if simple_params else 0,
         "budget_bytes": budget, "scenarios": scenarios, "hourly_cents": hourly,
+        "rank": rank, "slot_rank": slot_rank, "max_lora_rank": pool.max_lora_rank,
     }

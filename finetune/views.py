@@ -270,7 +270,8 @@ def adapter_undeploy(request, ctx: TenantContext, adapter_id: int):
 
 class PlannerForm(forms.Form):
     pool = forms.ChoiceField()
-    rank = forms.IntegerField(initial=16, min_value=1, max_value=services.MAX_RANK)
+    rank = forms.IntegerField(required=False, min_value=1, max_value=services.MAX_RANK,
+                              help_text="Blank = the highest rank the pool serves.")
     targets = forms.MultipleChoiceField(choices=[(m, m) for m in lora_math.LLAMA_LINEAR_MODULES],
                                         widget=forms.CheckboxSelectMultiple, required=False,
                                         help_text="None ticked = all linear layers.")
@@ -292,8 +293,13 @@ def planner(request, ctx: TenantContext):
     if request.GET and form.is_valid():
         pool = form.pools[form.cleaned_data["pool"]]
         budget = form.cleaned_data["memory_gb"] or pool.gpu_memory_gb
+        rank = form.cleaned_data["rank"] or pool.max_lora_rank
+        if rank > pool.max_lora_rank:
+            form.add_error("rank", f"The {pool.name} pool serves LoRA ranks up to {pool.max_lora_rank}; "
+                                   "an adapter of a higher rank cannot be served there.")
+            return _render(request, ctx, "finetune/planner.html", {"form": form, "plan": None, "error": None})
         try:
-            plan = selectors.capacity_plan(pool=pool, rank=form.cleaned_data["rank"],
+            plan = selectors.capacity_plan(pool=pool, rank=rank,
                                            target_modules=form.cleaned_data["targets"] or "all-linear",
                                            memory_budget_gb=budget)
             plan.update(pool=pool, budget_gb=budget)

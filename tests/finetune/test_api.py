@@ -806,3 +806,25 @@ def test_capacity_planner_counts_exactly(world, base_model):
     assert plan["simple_params"] == lora_math.simple_lora_param_count(config, 8)
     assert plan["scenarios"][2] == {"tenants": 1000, "shared_backends": -(-1000 // fits), "shared_cents_per_hour": -(-1000 // fits) * 250,
                                     "isolated_backends": 1000, "isolated_cents_per_hour": 250_000}
+
+
+def test_the_planner_uses_the_pools_maximum_lora_rank(world, base_model):
+    from finetune import lora_math, selectors
+    from serving.models import BackendPool
+
+    pool = BackendPool.objects.create(name="vllm-tiny", base_model=base_model, kind="vllm", gpu_memory_gb=1,
+                                      max_lora_rank=16)
+    config, budget = selectors.model_config(base_model), int(0.001 * 1024 ** 3)
+    viewer = signed_in(world.viewer)
+    plan = viewer.get(f"/t/acme/finetune/planner/?pool={pool.pk}&rank=8&memory_gb=0.001").context["plan"]
+    # vLLM sizes every adapter slot for --max-lora-rank: a rank-8 adapter takes a rank-16 slot
+    assert (plan["rank"], plan["slot_rank"]) == (8, 16)
+    assert plan["adapters_that_fit"] == lora_math.adapters_that_fit(budget, config, 16) < lora_math.adapters_that_fit(budget, config, 8)
+    page = viewer.get(f"/t/acme/finetune/planner/?pool={pool.pk}&memory_gb=0.001")
+    assert page.context["plan"]["rank"] == 16  # blank: the pool's maximum
+    refused = viewer.get(f"/t/acme/finetune/planner/?pool={pool.pk}&rank=32&memory_gb=0.001")
+    assert refused.context["plan"] is None
+    assert refused.context["form"].errors["rank"] == [
+        "The vllm-tiny pool serves LoRA ranks up to 16; an adapter of a higher rank cannot be served there."]
+    with pytest.raises(ValueError, match="above the vllm-tiny pool's maximum LoRA rank"):
+        selectors.capacity_plan(pool=pool, rank=32, target_modules="all-linear", memory_budget_gb=1)
