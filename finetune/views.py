@@ -137,7 +137,8 @@ class JobForm(forms.Form):
     batch_size = forms.CharField(initial="auto")
     learning_rate_multiplier = forms.CharField(initial="auto", label="Learning-rate multiplier")
     suffix = forms.CharField(required=False, max_length=64, help_text="Part of the model name: ft:base:tenant:suffix:id")
-    lora_rank = forms.IntegerField(initial=16, min_value=1, max_value=services.MAX_RANK, label="LoRA rank")
+    lora_rank = forms.IntegerField(required=False, min_value=1, max_value=services.MAX_RANK, label="LoRA rank",
+                                   help_text="Blank: 16, or the highest rank the base model's pools serve if lower.")
 
     def __init__(self, tenant, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -172,15 +173,16 @@ def job_create(request, ctx: TenantContext):
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         hp = {k: data[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+        lora = {"rank": data["lora_rank"]} if data["lora_rank"] else {}
         try:
             files = {"training_file": data["training_file"], "validation_file": data["validation_file"] or None}
             if "estimate" in request.POST:
                 plan = services.finetune_job_plan(tenant=ctx.tenant, model=data["model"], **files,
-                                                  hyperparameters=hp, lora={"rank": data["lora_rank"]})
+                                                  hyperparameters=hp, lora=lora)
                 estimate = {**plan.estimate, "hyperparameters": plan.hyperparameters, "tokens": plan.tokens}
             else:
                 job = services.finetune_job_create(tenant=ctx.tenant, actor=ctx.actor, model=data["model"], **files,
-                                                   suffix=data["suffix"], hyperparameters=hp, lora={"rank": data["lora_rank"]})
+                                                   suffix=data["suffix"], hyperparameters=hp, lora=lora)
                 messages.success(request, f"Job {job.id} queued.")
                 return redirect("finetune-job", ctx.tenant.slug, job.id)
         except FinetuneError as exc:

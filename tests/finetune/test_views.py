@@ -117,3 +117,12 @@ def test_admins_turn_automatic_deployment_of_fine_tuned_models_off_and_on(world,
     viewer = signed_in(world.viewer)
     assert viewer.post(url, settings).status_code == 403
     assert ModelConfig.objects.for_tenant(world.tenant).get().auto_deploy_finetuned is True
+
+
+def test_a_blank_rank_is_the_highest_the_pools_serve_up_to_16(world, files, base_model):
+    from serving.models import BackendPool
+
+    BackendPool.objects.create(name="vllm-small", base_model=base_model, kind="vllm", max_lora_rank=8)
+    response = signed_in(world.developer).post(NEW_JOB, job_form(training_file=files["train"].id, lora_rank=""))
+    assert response.status_code == 302
+    assert FineTuneJob.objects.for_tenant(world.tenant).get().lora["rank"] == 8
