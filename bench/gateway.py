@@ -7,11 +7,17 @@ Phases, each run against the backend directly and through the gateway, side by s
 - concurrency 1 (sequential, an aiohttp client alternating direct/gateway): latency p50/p99 non-streamed,
   time to first token (TTFT) and total for 16-token streams; "added" = gateway − direct, per percentile;
 - concurrency 32 and 256 (closed loop, wrk + Lua for the POST body, else an aiohttp client): requests/s,
-  errors, p50/p99, CPU ms per request of the gateway and of the backend (from /proc/<pid>/stat).
+  errors, p50/p99, CPU ms per request of the gateway and of the backend (from /proc/<pid>/stat);
+- exact prompt counting (serving/tokencount.py): the model's base model has its tokenizer files here (the tiny
+  model's), so every request above is counted exactly. An A/B phase alternates, in the same gateway, that model
+  with one whose base model has no files (a bound: a few string lengths, what the old ~3-characters-a-token
+  estimate cost) at concurrency 32, and the counting functions alone are timed in this process (µs per request:
+  the old estimate, the bound, the exact count).
 Pinning (2+ cores): load generator + backend on the first core, the gateway on the second.
 
     .venv/bin/python bench/gateway.py                                   # full: 15-s phases, repeated twice
     .venv/bin/python bench/gateway.py --duration-s 3 --seq-requests 200 --repeat 1   # smoke
+    .venv/bin/python bench/gateway.py --only-counting --ab-rounds 3                   # the counting A/B alone
     add --profile to sample the gateway with py-spy during an extra concurrency-32 phase
 """
 
@@ -35,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import _harness as H  # noqa: E402
 
 TITLE = "Inference gateway: overhead and capacity"
+COUNTING_TITLE = "Inference gateway: the cost of exact prompt counting"  # --only-counting
 PROMPT = "You are the helpful assistant of Bench Inc. Answer briefly and politely."
 USER_TEXT = "Hello! Please tell me something short about the weather today."
 PEER = {  # LiteLLM 1.108.7, one worker, same kind of machine (benchmarking.md)
@@ -226,6 +233,85 @@ def profile_gateway(pid: int, seconds: float, load) -> str:
     return "\n".join(lines)
 
 
+
+# ---- exact prompt counting: A/B in the gateway, and the counting functions alone ------------------------------
+
+MODEL_NOFILES = "tiny-chat-nofiles"  # the same backend, a base model without tokenizer files here: bound counting
+CJK = "你好，世界。今天天气很好，我们去公园散步吧！東京タワーは高い。"
+CODE = 'def f(xs):\n    return {k: v**2 for k, v in xs.items() if v != 0}  # 😀\n'
+
+
+def old_estimate(messages: list[dict], tools) -> int:
+    """The gateway's prompt estimate before exact counting (~3 characters a token), for the timing only."""
+    est = len(json.dumps(tools)) // 3 if tools else 0
+    return sum(len(m["content"] or "") // 3 + len(json.dumps(m.get("tool_calls") or "")) // 3 + 4 for m in messages) + est + 2
+
+
+def micro_costs(model_path: Path, n: int = 2000) -> list[list]:
+    """CPU µs per call of the old estimate, the bound and the exact count, for the bench's request and heavier ones."""
+    from serving.tokencount import BOUND, load_counter
+
+    counter = load_counter(model_path)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    cases = {
+        "bench request (system prompt + 1 message)": ([{"role": "system", "content": PROMPT}, {"role": "user", "content": USER_TEXT}], None),
+        "1,000 characters of emoji, CJK, code": ([{"role": "system", "content": PROMPT}, {"role": "user", "content": (CJK + CODE) * 9}], None),
+        "20 messages + a tool": ([{"role": "system", "content": PROMPT}] + [{"role": ("user", "assistant")[i % 2], "content": USER_TEXT}
+                                                                           for i in range(20)], tools),
+    }
+    rows = []
+    for name, (messages, tls) in cases.items():
+        timings = {}
+        for label, fn in (("old estimate", lambda: old_estimate(messages, tls)), ("bound", lambda: BOUND.chat(messages, tls, kind="dev")),
+                          ("exact", lambda: counter.chat(messages, tls, kind="dev"))):
+            fn()
+            t0 = time.thread_time()  # CPU time of this thread: other work on the machine does not count
+            for _ in range(n):
+                fn()
+            timings[label] = (time.thread_time() - t0) / n * 1e6
+        exact = counter.chat(messages, tls, kind="dev").tokens
+        rows.append([name, f"{timings['old estimate']:.1f}", f"{timings['bound']:.1f}", f"**{timings['exact']:.1f}**",
+                     f"{old_estimate(messages, tls)} / {BOUND.chat(messages, tls, kind='dev').tokens} / {exact}"])
+    return rows
+
+
+def counting_ab(args, gateway, backend, tenant, use_wrk, load_core, tmp) -> list[dict]:
+    """Alternate the exactly counted model and the bound-counted one at c=32 (non-streamed), `ab_rounds` times."""
+    headers = {"authorization": f"Bearer {tenant['key']}"}
+    procs = {"gateway": gateway, "backend": backend}
+    out = []
+    for i in range(args.ab_rounds):
+        for label, model in (("exact", H.MODEL), ("bound", MODEL_NOFILES)) if i % 2 == 0 else (("bound", MODEL_NOFILES), ("exact", H.MODEL)):
+            payload = body(model, False)
+            url = gateway.url + "/v1/chat/completions"
+            closed_loop(use_wrk, url, payload, headers, 32, args.warmup_s, load_core, tmp)
+            r, cpu = measured(procs, lambda: closed_loop(use_wrk, url, payload, headers, 32, args.duration_s, load_core, tmp))
+            n = max(1, r["requests"])
+            out.append({"round": i + 1, "counting": label, "rps": r["rps"], "errors": r["errors"], "cpu_ms": 1000 * cpu["gateway"] / n})
+            print(f"  A/B round {i + 1} {label:<5} {r['rps']:6.0f} req/s errors {r['errors']} gateway CPU {out[-1]['cpu_ms']:.3f} ms/req", flush=True)
+    return out
+
+
+def counting_report(ab: list[dict], micro: list[list]) -> str:
+    import statistics
+
+    parts = []
+    if ab:
+        exact = [r["cpu_ms"] for r in ab if r["counting"] == "exact"]
+        bound = [r["cpu_ms"] for r in ab if r["counting"] == "bound"]
+        rows = [[r["round"], r["counting"], f"{r['rps']:.0f}", r["errors"], f"**{r['cpu_ms']:.3f}**"] for r in ab]
+        me, mb = statistics.median(exact), statistics.median(bound)
+        parts += ["Exact counting on and off in the same gateway, c=32 non-streamed, alternating (CPU ms per request of the gateway):", "",
+                  H.md_table(["round", "prompt counting", "req/s", "errors", "gateway CPU ms/req"], rows), "",
+                  f"Median gateway CPU per request: exact **{me:.3f} ms**, bound (≈ the old estimate) {mb:.3f} ms: ratio "
+                  f"**{me / mb:.2f}**, +{me - mb:.3f} ms per request.", ""]
+    if micro:
+        parts += ["The counting alone, in one process (CPU µs per request; tokens: old estimate / bound / exact):", "",
+                  H.md_table(["request", "old estimate µs", "bound µs", "exact µs", "tokens"], micro), ""]
+    return "\n".join(parts)
+
+
 # ---- main -------------------------------------------------------------------------------------------
 
 
@@ -262,7 +348,8 @@ def report(runs: list[dict], args, meta: dict) -> str:
     parts = [f"Date {meta['date']}; machine {meta['machine']}; commit {meta['commit']}; load generator: {meta['loadgen']}; "
              f"admission: {meta['admission']}; database: {meta['database']}; pinning: {meta['pinning']}.",
              f"Settings: simulated dev backend (`--sim-tokens-per-second 0 --sim-ttft-ms 0 --sim-output-tokens 16`), "
-             f"chat completions with 16 output tokens, system prompt set, ledger on; concurrency-1 samples {args.seq_requests} per kind "
+             f"chat completions with 16 output tokens, system prompt set, prompts counted exactly (the tiny model's tokenizer and "
+             f"chat template), ledger on; concurrency-1 samples {args.seq_requests} per kind "
              f"(warm-up {args.seq_warmup}), closed-loop phases {args.duration_s:.0f} s after {args.warmup_s:.0f} s of warm-up; {len(runs)} run(s).", ""]
     rows = []
     for i, run in enumerate(runs, 1):
@@ -328,6 +415,8 @@ def main() -> int:
     ap.add_argument("--database-url", help="default: a fresh SQLite file in a temporary var dir")
     ap.add_argument("--no-wrk", action="store_true", help="use the aiohttp client even if wrk is installed")
     ap.add_argument("--profile", action="store_true", help="py-spy the gateway during an extra concurrency-32 phase")
+    ap.add_argument("--ab-rounds", type=int, default=4, help="rounds of the exact-vs-bound counting A/B at c=32 (0: none)")
+    ap.add_argument("--only-counting", action="store_true", help="only the counting A/B and the counting timings")
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     ap.add_argument("--keep", action="store_true", help="keep the var dir (logs, database)")
     args = ap.parse_args()
@@ -350,12 +439,25 @@ def main() -> int:
         meta["database"] = "SQLite" if plat.database_url.startswith("sqlite") else plat.database_url.split(":", 1)[0]
         backend = plat.start_backend(core=load_core, tokens_per_s=0, ttft_ms=0, output_tokens=16, max_concurrent=4096)
         plat.create_model_and_pool([backend.url], capacity=0, max_concurrency=2048)
+        # Exact prompt counting: the base model's tokenizer files are here (the tiny model's); the second base model
+        # (same backend) has none, so its prompts are counted by the bound.
+        from serving.models import Backend, BackendPool, BaseModel
+        from serving.tinymodel import build_tiny_model
+
+        model_path = build_tiny_model(plat.var / "tiny-chat", model_id=H.MODEL_ID)
+        BaseModel.objects.filter(name=H.MODEL).update(local_path=str(model_path))
+        nofiles = BaseModel.objects.create(name=MODEL_NOFILES, hf_id=H.MODEL_ID, context_length=4096)
+        Backend.objects.create(pool=BackendPool.objects.create(name="bench-nofiles", base_model=nofiles, kind=BackendPool.Kind.DEV),
+                               url=backend.url, max_concurrency=2048)
+        plat._close_db()
+        meta["counting"] = micro_costs(model_path)
+        print(counting_report([], meta["counting"]), flush=True)
         tenant = plat.create_tenant("bench-gw", weight=1, prompt=PROMPT, requests_per_minute=10_000_000, tokens_per_minute=1_000_000_000,
                                     quota_tokens=10**12, quota_window="month", quota_mode="soft")
         gateway = plat.start_gateway(core=gw_core)
         plat.wait_key_ready(gateway.url, tenant["key"])
         print(f"backend {backend.url} (pid {backend.pid}), gateway {gateway.url} (pid {gateway.pid}); {meta['admission']}; {meta['loadgen']}", flush=True)
-        for i in range(args.repeat):
+        for i in range(0 if args.only_counting else args.repeat):
             print(f"run {i + 1}/{args.repeat}", flush=True)
             run = run_once(args, plat, backend, gateway, tenant, use_wrk, load_core, tmp)
             seq = run["seq"]
@@ -365,6 +467,8 @@ def main() -> int:
                       f"p99 {H.percentile(g, 99):.2f} | added p50 {H.percentile(g, 50) - H.percentile(d, 50):+.2f} p99 {H.percentile(g, 99) - H.percentile(d, 99):+.2f} ms"
                       f"  (n={len(g)}, errors {seq['direct']['errors']}/{seq['gateway']['errors']})", flush=True)
             runs.append(run)
+        if args.ab_rounds:
+            meta["ab"] = counting_ab(args, gateway, backend, tenant, use_wrk, load_core, tmp)
         if args.profile:
             payload = body(H.MODEL, False)
             headers = {"authorization": f"Bearer {tenant['key']}"}
@@ -375,11 +479,12 @@ def main() -> int:
             print("gateway died:\n" + gateway.tail())
         ledger = plat.ledger(tenant["id"])
         print(f"ledger: {ledger['count']} records, {ledger['tokens']} tokens, by status {ledger['by_status']}")
-    text = report(runs, args, meta)
+    counting = counting_report(meta.get("ab", []), meta.get("counting", []))
+    text = report(runs, args, meta) + "\n\n" + counting if runs else counting
     print()
     print(text)
     if not args.no_docs:
-        H.write_section(TITLE, text)
+        H.write_section(TITLE if runs else COUNTING_TITLE, text)
         print(f"\nwritten to {H.DOCS}")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
