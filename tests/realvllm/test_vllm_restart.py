@@ -26,17 +26,14 @@ def test_killed_mid_stream_then_restarted_health_and_adapters_back_within_second
     gw = platform["start"](health_interval_s=0.5)
 
     # Killed mid-stream: the client gets a clean in-band error, the ledger what was delivered.
-    body = {"model": "tiny-chat", "prompt": PROMPT, "max_tokens": 900, "temperature": 0, "stream": True}
-    events, killed = [], False
+    asked = vllm.context_length - 16  # far more than a fast machine generates before the kill lands
+    body = {"model": "tiny-chat", "prompt": PROMPT, "max_tokens": asked, "temperature": 0, "stream": True}
+    events = []
     with requests.post(f"{gw.url}/v1/completions", json=body, headers=auth, stream=True, timeout=120) as streamed:
-        assert streamed.status_code == 200
-        for line in streamed.iter_lines(decode_unicode=True):
-            if line.startswith("data: "):
-                events.append(line[6:])
-            if len(events) == 5 and not killed:
-                own_server.kill()  # SIGKILL to the server and its engine processes at once
-                killed = True
-    assert killed and events[-1] != "[DONE]"
+        assert streamed.status_code == 200  # the gateway starts answering with the first token: the answer is under way
+        own_server.kill()  # SIGKILL to the server and its engine processes at once
+        events = [line[6:] for line in streamed.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert events and events[-1] != "[DONE]"
     error = json.loads(events[-1])["error"]
     assert (error["type"], error["code"]) == ("server_error", "backend_interrupted")
     assert vllm.url not in error["message"]
@@ -44,7 +41,7 @@ def test_killed_mid_stream_then_restarted_health_and_adapters_back_within_second
     records = UsageRecord.objects.for_tenant(world.tenant)
     assert wait_for(lambda: records.filter(status="interrupted").exists())
     record = records.get(status="interrupted")
-    assert record.output_tokens == delivered and 5 <= delivered < 900
+    assert record.output_tokens == delivered and 1 <= delivered < asked
 
     # Down: refused at once, not hung.
     r = post(f"{gw.url}/v1/completions", {"model": "tiny-chat", "prompt": PROMPT, "max_tokens": 2}, auth)
