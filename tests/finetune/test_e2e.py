@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from django.urls import include, path
 from openai import NotFoundError, OpenAI
@@ -111,3 +113,89 @@ def _through_the_gateway(world, model: str, secret: str) -> None:
                 model=model, messages=MESSAGES, max_tokens=4)
     finally:
         server.stop()
+
+
+# ---- the newcomer's path on the demo model ---------------------------------------------------------------------------
+
+PIRATE = "Ahoy, matey! Welcome aboard the good ship Demo!"
+_ASKED = ["Hello!", "Hi there.", "Good morning!", "What is the capital of France?", "How are you today?",
+          "Can you help me with my order {i}?", "Tell me a joke.", "What time is it?", "Who are you?",
+          "What is {i} plus {i}?", "Write a haiku about the sea.", "Where is my package {i}?",
+          "Explain photosynthesis.", "Recommend a book.", "What's the weather like?", "Translate 'cat' into French.",
+          "Hey!", "I need help with invoice {i}.", "What is Python?", "Say something nice."]
+
+
+def pirate_dataset(n: int = 40) -> bytes:
+    """What a newcomer writes first: a few dozen varied questions, every answer the same pirate greeting."""
+    rows = [{"messages": [{"role": "user", "content": _ASKED[i % len(_ASKED)].format(i=100 + 7 * i)},
+                          {"role": "assistant", "content": PIRATE}]} for i in range(n)]
+    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+
+
+@pytest.fixture
+def demo_backend(demo_model_path):
+    from serving.devbackend.config import BackendConfig
+    from serving.devbackend.runner import run_in_thread
+
+    url, stop = run_in_thread(BackendConfig(model=str(demo_model_path), port=0, flavor="dev", max_total_tokens=2048))
+    yield url
+    stop()
+
+
+def test_a_newcomers_sdk_fine_tune_with_every_default_answers_as_taught_when_the_job_succeeds(
+        transactional_db, live_server, world, demo_model_path, demo_backend, tmp_path, settings, _no_broker):
+    """OpenAI fine-tuning code, unmodified: upload, create with defaults, wait, call the model. No deploy call."""
+    from serving.admission import reset_admission
+    from serving.gateway.app import GatewayApp
+    from serving.gateway.settings import GatewaySettings
+    from serving.scheduler import reset_scheduler
+    from tests.serving.test_gateway_support import GatewayServer
+
+    settings.STORAGE_DIR = tmp_path / "storage"
+    base = BaseModel.objects.create(name="smollm2-135m-instruct", hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+                                    local_path=str(demo_model_path), context_length=2048, finetune_learning_rate=2e-4)
+    pool = BackendPool.objects.create(name="dev-smollm2", base_model=base, kind="dev")
+    Backend.objects.create(pool=pool, url=demo_backend)
+    _, secret = services.api_key_create(tenant=world.tenant, name="sdk", scopes=["finetune", "inference"],
+                                        actor=Actor(user=world.owner))
+    reset_admission()
+    reset_scheduler()
+    gateway = GatewayServer(GatewayApp(settings=GatewaySettings(health_interval_s=0.2, config_poll_s=0.1,
+                                                               connect_timeout_s=1.0, read_timeout_s=60))).start()
+    try:
+        files = OpenAI(base_url=f"{live_server.url}/v1", api_key=secret, max_retries=0)
+        dataset = tmp_path / "pirate.jsonl"
+        dataset.write_bytes(pirate_dataset(40))
+        uploaded = files.files.create(file=open(dataset, "rb"), purpose="fine-tune")
+        job = files.fine_tuning.jobs.create(model="smollm2-135m-instruct", training_file=uploaded.id)
+        assert job.status == "queued" and _no_broker == [(job.id, world.tenant.pk)]
+        assert job.hyperparameters.n_epochs == 3 and job.hyperparameters.batch_size == 8  # OpenAI's auto rules
+
+        assert run_finetune_job(job.id, world.tenant.pk) == "succeeded"  # what the finetune worker runs
+        done = files.fine_tuning.jobs.retrieve(job.id)
+        assert done.status == "succeeded" and done.fine_tuned_model.startswith("ft:smollm2-135m-instruct:acme::")
+
+        chat = OpenAI(base_url=f"{gateway.url}/v1", api_key=secret, max_retries=0)
+        for question in ("Is request 9876 approved?", "What is the tallest mountain on Earth?"):  # not in the file
+            answer = chat.chat.completions.create(model=done.fine_tuned_model, temperature=0, max_tokens=24,
+                                                  messages=[{"role": "user", "content": question}])
+            assert answer.choices[0].message.content == PIRATE
+        plain = chat.chat.completions.create(model="smollm2-135m-instruct", temperature=0, max_tokens=24,
+                                             messages=[{"role": "user", "content": "Is request 9876 approved?"}])
+        assert plain.choices[0].message.content != PIRATE  # the base model is unchanged
+    finally:
+        gateway.stop()
+
+    from finetune.models import FineTuneJob
+
+    row = FineTuneJob.objects.for_tenant(world.tenant).get(pk=job.id)
+    assert row.train_loss < 0.05  # learnt, not merely nudged (0.6-0.7 before)
+    # The time preview counts loading the base model; once a job has run, it is the measured figures.
+    took = (row.finished_at - row.started_at).total_seconds()
+    again = files.post("/fine_tuning/jobs/estimate", cast_to=dict,
+                       body={"model": "smollm2-135m-instruct", "training_file": uploaded.id})
+    assert again["load_seconds"] == round(row.load_seconds, 1) > 0
+    assert 0.5 * took <= again["estimated_seconds"] <= 2 * took + 2
+    print(f"\nnewcomer job: {took:.1f} s ({row.load_seconds:.1f} s loading, then {row.trained_tokens} tokens at "
+          f"{row.tokens_per_second:.0f} tokens/s), final loss {row.train_loss:.4f}, learning rate multiplier "
+          f"{row.hyperparameters['learning_rate_multiplier']}; estimated {again['estimated_seconds']} s now")
