@@ -386,7 +386,7 @@ def test_asgi_sends_unknown_v1_paths_to_django_which_answers_json_404():
     from portal.asgi import application
 
     async def call(method: str, url: str):
-        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=application), base_url="http://testserver") as client:
+        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=application), base_url="http://127.0.0.1") as client:
             return await client.request(method, url)
 
     for method, url in (("POST", "/v1/embeddings"), ("GET", "/v1/chat/completions/"), ("GET", "/v1/files/")):
