@@ -233,6 +233,9 @@ PLATFORM_METRICS_TOKEN = env_str("PLATFORM_METRICS_TOKEN")
 # Usage records the database refused wait here (local disk) until replayed (docs/gateway.md, "Ledger durability").
 PLATFORM_LEDGER_SPOOL_DIR = env_path("PLATFORM_LEDGER_SPOOL_DIR", VAR_DIR / "ledger-spool")
 PLATFORM_LEDGER_REPLAY_INTERVAL_S = env_int("PLATFORM_LEDGER_REPLAY_INTERVAL_S", 10, minimum=1)
+# Every admitted request is journaled here (local disk) until recorded, so a crashed gateway's usage is billed
+# (serving/journal.py; docs/limits.md, "Faults").
+PLATFORM_GATEWAY_JOURNAL_DIR = env_path("PLATFORM_GATEWAY_JOURNAL_DIR", VAR_DIR / "journal")
 PLATFORM_SCHEDULER = env_str("PLATFORM_SCHEDULER", "vtc")  # 'fcfs' only as a benchmark baseline
 # Slots beyond a full pool's capacity for a tenant with nothing running and nothing waiting (serving.scheduler).
 PLATFORM_SCHEDULER_EXPRESS_SLOTS = env_int("PLATFORM_SCHEDULER_EXPRESS_SLOTS", 1, minimum=0)

@@ -11,7 +11,13 @@ Algorithm (one atomic step per request, in Redis by a Lua script, or under a loc
 - hard quota: at 100 % requests are refused with 429 `insufficient_quota`.
 Keys are hash-tagged per tenant (`mtl:{t42}:…`) so a Redis Cluster keeps each tenant's keys on one slot.
 If Redis is unreachable, tenants with a hard quota are refused (fail closed, 503) and the others fall
-back to per-process limits with a warning in the log; Redis is retried after a second.
+back to per-process limits with a warning in the log; Redis is probed in the background (serving/leases.py).
+
+Faults (docs/limits.md, "Faults"): in-flight entries are 10-s leases renewed by the process's keeper, so a
+dead process's concurrency and reservations free themselves; a settle that Redis cannot take is retried
+until it can; what the fallback admitted is written back to Redis when it answers again (registered while
+still running, counted once when done), so the counters equal the ledger. A counter Redis lost is seeded
+from the ledger leaving out the requests Redis still tracks, which are counted from their settles instead.
 """
 
 from __future__ import annotations
@@ -28,12 +34,15 @@ from pathlib import Path
 
 from django.conf import settings
 
+from serving import leases
+from serving.leases import keeper_for, raise_if_cancelled, redis_client, redis_errors
+
 log = logging.getLogger(__name__)
 
 LUA_DIR = Path(__file__).with_name("lua")
 WARN_FRACTION = 0.8
-CONCURRENCY_LEASE_MS = 15 * 60 * 1000  # a crashed process's slots free themselves after this
-REDIS_RETRY_S = 1.0
+LOCAL_LEASE_S = 15 * 60  # in-process entries: no other process to outlive, only a settle that never came
+SEED_ATTEMPTS = 3
 
 OK, CONCURRENCY, RPM, TPM, TPM_TOO_LARGE, QUOTA, QUOTA_RESERVED, NEED_SEED = 0, 1, 2, 3, 4, 5, 6, 9
 
@@ -62,7 +71,11 @@ class Reservation:
     tokens: int
     window: str
     tpm_cap: int
-    backend: str  # "redis" or "local": settle where it was reserved
+    backend: str  # "redis" or "local" (the per-process fallback): settle where it was reserved
+    life: str = ""  # Redis's reservations life at admission (a new one means Redis lost them); "" for local
+    committed_ms: int = 0  # epoch ms when the request's ledger record was durable (set by the gateway); 0: not yet
+    # Called once the settle has happened (at once, or later when Redis answers again): the journal closes then.
+    on_settled: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -176,10 +189,11 @@ def _refusal(status: int, limits: TenantLimits, retry_ms: int, tokens: int, tpm:
 
 
 def _decision(limits: TenantLimits, request_id: str, tokens: int, res: list, backend: str, window: str) -> Decision:
-    status, retry_ms, r_tokens, t_tokens, quota_used, throttled, warn, eff_tpm = res
+    status, retry_ms, r_tokens, t_tokens, quota_used, throttled, warn, eff_tpm = res[:8]
     headers = _headers(limits, r_tokens=r_tokens, t_tokens=t_tokens, tpm=int(eff_tpm), quota_used=int(quota_used), throttled=bool(throttled))
     if status == OK:
-        reservation = Reservation(limits.tenant_id, request_id, tokens, window, int(eff_tpm), backend)
+        life = res[8] if len(res) > 8 else ""
+        reservation = Reservation(limits.tenant_id, request_id, tokens, window, int(eff_tpm), backend, life)
         return Decision(True, headers, reservation, throttled=bool(throttled), warn=bool(warn), quota_used=int(quota_used))
     error_type, code, message, retry_after = _refusal(status, limits, retry_ms, tokens, int(eff_tpm))
     headers["retry-after"] = str(retry_after)
@@ -190,11 +204,12 @@ def throttle_tpm() -> int:
     return settings.PLATFORM_SOFT_THROTTLE_TPM
 
 
-UsageLoader = Callable[[int, str, str], Awaitable[int]]  # (tenant_id, window kind, window id) -> tokens used
+UsageLoader = Callable[..., Awaitable[int]]  # (tenant_id, window kind, window id, exclude=request ids) -> tokens used
 
 
-async def ledger_usage(tenant_id: int, kind: str, window: str) -> int:
-    """Tokens already in the ledger for a window: seeds a counter that Redis or this process lost."""
+async def ledger_usage(tenant_id: int, kind: str, window: str, *, exclude=()) -> int:
+    """Tokens already in the ledger for a window, leaving out the `exclude` request ids: seeds a counter that
+    Redis or this process lost."""
     from asgiref.sync import sync_to_async
     from django.db.models import Sum
 
@@ -203,9 +218,10 @@ async def ledger_usage(tenant_id: int, kind: str, window: str) -> int:
     start, end = window_bounds(kind)
 
     def load() -> int:
-        agg = UsageRecord.objects.for_tenant(tenant_id).filter(created_at__gte=start, created_at__lt=end).aggregate(
-            i=Sum("input_tokens"), o=Sum("output_tokens")
-        )
+        rows = UsageRecord.objects.for_tenant(tenant_id).filter(created_at__gte=start, created_at__lt=end)
+        if exclude:
+            rows = rows.exclude(request_id__in=list(exclude))
+        agg = rows.aggregate(i=Sum("input_tokens"), o=Sum("output_tokens"))
         return (agg["i"] or 0) + (agg["o"] or 0)
 
     return await sync_to_async(load, thread_sensitive=False)()
@@ -279,7 +295,7 @@ class LocalAdmission:
                 t_tokens -= n
                 self._buckets[(t, "tpm")] = (t_tokens, now)
             quota["reserved"] += n
-            inflight[rid] = now + CONCURRENCY_LEASE_MS / 1000
+            inflight[rid] = now + LOCAL_LEASE_S
             self._reservations[rid] = Reservation(t, rid, n, window, eff_tpm, self.backend_name)
             if limits.quota_tokens and quota["used"] + quota["reserved"] >= WARN_FRACTION * limits.quota_tokens and not quota["warned"]:
                 quota["warned"] = warn = 1
@@ -288,6 +304,22 @@ class LocalAdmission:
     async def settle(self, reservation: Reservation | None, *, used_tokens: int) -> None:
         if reservation is None:
             return
+        self._settle_locally(reservation, used_tokens)
+        if reservation.on_settled is not None:
+            reservation.on_settled()
+
+    async def settle_recovered(self, reservation: Reservation, *, used_tokens: int, committed_ms: int = 0) -> None:
+        """A request of a process that died (its journal): count its tokens if this process counts its window.
+
+        The embedded default has one process: what died with it is gone, and the counter it rebuilds comes
+        from the ledger (the recovery writes the records before this process admits anything)."""
+        with self._lock:
+            quota = self._quota.get((reservation.tenant_id, reservation.window))
+            if quota is not None and reservation.request_id not in self._reservations:
+                quota["used"] += used_tokens
+        self._settle_locally(reservation, used_tokens)
+
+    def _settle_locally(self, reservation: Reservation, used_tokens: int) -> None:
         with self._lock:
             if self._reservations.pop(reservation.request_id, None) is None:
                 return  # already settled: exactly once
@@ -314,6 +346,10 @@ class RedisUnavailable(Exception):
     pass
 
 
+def _window_kind(window: str) -> str:
+    return "day" if len(window) == 8 else "month"
+
+
 class RedisAdmission:
     backend_name = "redis"
 
@@ -322,41 +358,40 @@ class RedisAdmission:
         self._usage_loader = usage_loader
         self.fallback = fallback or LocalAdmission(usage_loader)
         self._clients: dict[int, object] = {}
-        self._down_until = 0.0
-        self._admit_src = (LUA_DIR / "admit.lua").read_text()
-        self._settle_src = (LUA_DIR / "settle.lua").read_text()
+        self._sources = {name: (LUA_DIR / f"{name}.lua").read_text() for name in ("admit", "settle", "seed_begin", "seed_end", "sweep")}
 
     def _client(self):
-        import redis.asyncio as aioredis
-
         loop_id = id(asyncio.get_running_loop())
         client = self._clients.get(loop_id)
         if client is None:
             # A blocking pool: under a burst, callers wait for a connection instead of failing.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.url, max_connections=64, timeout=5, socket_timeout=0.5, socket_connect_timeout=0.5, decode_responses=True
-            )
-            client = aioredis.Redis(connection_pool=pool)
-            client._platform_scripts = (client.register_script(self._admit_src), client.register_script(self._settle_src))
+            client = redis_client(self.url, max_connections=64)
+            client._platform_scripts = {name: client.register_script(src) for name, src in self._sources.items()}
             self._clients[loop_id] = client
+            self.keeper().add_pool(client)
         return client
+
+    def keeper(self):
+        return keeper_for(self.url)
 
     @staticmethod
     def _keys(t: int, window: str) -> list[str]:
         p = f"mtl:{{t{t}}}:"
-        return [p + "rpm", p + "tpm", p + "quota:" + window, p + "inflight", p + "res"]
+        return [p + "rpm", p + "tpm", p + "quota:" + window, p + "inflight", p + "res", p + "quota:" + window + ":pre"]
 
     async def _call(self, fn):
-        import redis
-
-        if time.monotonic() < self._down_until:
-            raise RedisUnavailable("Redis was unreachable less than a second ago")
+        keeper = self.keeper()
+        if not keeper.up:
+            raise RedisUnavailable("Redis is unreachable (probed in the background)")
         try:
             return await fn(self._client())
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            self._down_until = time.monotonic() + REDIS_RETRY_S
-            log.warning("Redis unreachable for admission (%s): hard quotas refuse, soft limits run per process.", exc)
+        except redis_errors() as exc:
+            keeper.mark_down(exc)
+            raise_if_cancelled()
             raise RedisUnavailable(str(exc)) from exc
+
+    async def _script(self, name: str, keys: list, args: list):
+        return await self._call(lambda c: c._platform_scripts[name](keys=keys, args=args))
 
     async def admit(self, limits: TenantLimits, *, request_id: str, reserve_tokens: int) -> Decision:
         window = window_id(limits.quota_window)
@@ -371,26 +406,19 @@ class RedisAdmission:
             limits.max_concurrent,
             throttle_tpm(),
             window_ttl_s(limits.quota_window),
-            CONCURRENCY_LEASE_MS,
+            leases.LEASE_MS,  # renewed while the request runs: a dead process's entries free themselves after this
             window,
         ]
         try:
-            for _ in range(2):
-                res = await self._call(lambda c: c._platform_scripts[0](keys=keys, args=args))
+            for _ in range(SEED_ATTEMPTS + 1):
+                res = await self._script("admit", keys[:6], args)
                 if res[0] != NEED_SEED:
-                    return _decision(limits, request_id, reserve_tokens, res, self.backend_name, window)
-                used = await self._usage_loader(limits.tenant_id, limits.quota_window, window)
-                ttl = window_ttl_s(limits.quota_window)
-
-                async def seed(c, used=used):
-                    async with c.pipeline(transaction=True) as pipe:
-                        pipe.hsetnx(keys[2], "used", used)
-                        pipe.hsetnx(keys[2], "reserved", 0)
-                        pipe.expire(keys[2], ttl)
-                        await pipe.execute()
-
-                await self._call(seed)
-            raise RuntimeError("quota counter could not be seeded")
+                    decision = _decision(limits, request_id, reserve_tokens, res, self.backend_name, window)
+                    if decision.reservation is not None:
+                        self.keeper().track_reservation(decision.reservation)  # renewed while it runs
+                    return decision
+                await self._seed(limits, window, keys)
+            raise RedisUnavailable("the quota counter could not be seeded from the ledger (settles kept coming in)")
         except RedisUnavailable:
             if limits.hard:
                 return Decision(
@@ -402,25 +430,64 @@ class RedisAdmission:
                     message="The rate-limit service is unavailable, so requests under a hard quota are refused. Retry in a few seconds.",
                     retry_after=5,
                 )
-            return await self.fallback.admit(limits, request_id=request_id, reserve_tokens=reserve_tokens)
+            decision = await self.fallback.admit(limits, request_id=request_id, reserve_tokens=reserve_tokens)
+            if decision.reservation is not None:
+                self.keeper().track_reservation(decision.reservation)  # registered in Redis once it answers
+            return decision
+
+    async def _seed(self, limits: TenantLimits, window: str, keys: list[str]) -> None:
+        """Seed the window's counter from the ledger, leaving out the requests Redis counts itself."""
+        seed_keys = [keys[2], keys[5], keys[4]]
+        begun = await self._script("seed_begin", seed_keys, [window])
+        if begun[0] == 1:
+            return
+        version, excluded = begun[1], begun[2]
+        used = await self._usage_loader(limits.tenant_id, limits.quota_window, window, exclude=frozenset(excluded))
+        await self._script("seed_end", seed_keys, [window, version, used, window_ttl_s(limits.quota_window)])
 
     async def settle(self, reservation: Reservation | None, *, used_tokens: int) -> None:
+        """Count the request's tokens and free its reservation, exactly once; queued for retry when Redis
+        cannot take it now (reservation.on_settled is called when it has happened)."""
         if reservation is None:
             return
         if reservation.backend == "local":
-            await self.fallback.settle(reservation, used_tokens=used_tokens)
-            return
+            self.fallback._settle_locally(reservation, used_tokens)  # this process's limits, then Redis's counters
+            mode = "l"
+        else:
+            mode = "r"
+        keeper = self.keeper()
+        keeper.untrack_reservation(reservation)
+        await keeper.run_or_defer(lambda: self._settle_in_redis(reservation, used_tokens, mode), reservation.on_settled,
+                                  what=f"settle {reservation.request_id}")
+
+    async def settle_recovered(self, reservation: Reservation, *, used_tokens: int, committed_ms: int = 0) -> None:
+        """Settle a request of a process that died, from its journal (serving/journal.py). Returns once done:
+        at once, or when Redis answers again. committed_ms: when its ledger record was written (0: not yet)."""
+        reservation.committed_ms = committed_ms
+        done = asyncio.get_running_loop().create_future()
+
+        def settled() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        await self.keeper().run_or_defer(lambda: self._settle_in_redis(reservation, used_tokens, "n"), settled,
+                                         what=f"settle recovered {reservation.request_id}")
+        await done
+
+    async def _settle_in_redis(self, reservation: Reservation, used_tokens: int, mode: str) -> None:
         p = f"mtl:{{t{reservation.tenant_id}}}:"
-        keys = [p + "tpm", p + "inflight", p + "res", p + "quota:" + reservation.window]
-        try:
-            await self._call(lambda c: c._platform_scripts[1](keys=keys, args=[reservation.request_id, used_tokens, reservation.tpm_cap]))
-        except RedisUnavailable:
-            # The in-flight lease expires by itself; the quota counter is re-seeded from the ledger if lost.
-            log.error("Could not settle %s in Redis; its reservation expires with the window.", reservation.request_id)
+        w = reservation.window
+        keys = [p + "tpm", p + "inflight", p + "res", p + "quota:" + w, p + "quota:" + w + ":pre", p + "done"]
+        args = [reservation.request_id, used_tokens, reservation.tpm_cap, mode, reservation.life, reservation.committed_ms or 0,
+                window_ttl_s(_window_kind(w))]
+        client = self._client()
+        await client._platform_scripts["settle"](keys=keys, args=args)
 
     async def snapshot(self, tenant_id: int, kind: str) -> dict[str, int]:
-        key = self._keys(tenant_id, window_id(kind))[2]
-        data = await self._call(lambda c: c.hgetall(key))
+        """Used and reserved tokens of the current window, after releasing what dead processes held."""
+        keys = self._keys(tenant_id, window_id(kind))
+        await self._script("sweep", [keys[3], keys[4]], [])
+        data = await self._call(lambda c: c.hgetall(keys[2]))
         return {"used": int(data.get("used", 0)), "reserved": int(data.get("reserved", 0))}
 
 

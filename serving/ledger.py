@@ -112,6 +112,27 @@ def _flush_in_thread(entries: list[LedgerEntry]) -> int:
         raise
 
 
+def _existing_in_thread(request_ids: list[str]) -> dict[str, tuple[int, int, datetime]]:
+    from serving.models import UsageRecord
+
+    try:
+        # all_tenants: the ids come from one process's journal and belong to many tenants.
+        rows = UsageRecord.all_tenants.filter(request_id__in=request_ids).values_list(
+            "request_id", "input_tokens", "output_tokens", "created_at")
+        return {rid: (i, o, at) for rid, i, o, at in rows}
+    except Exception:
+        connection.close()
+        raise
+
+
+def _write_recovered_in_thread(entries: list[LedgerEntry]) -> None:
+    try:
+        flush_batch(_with_live_references(entries))
+    except Exception:
+        connection.close()
+        raise
+
+
 def _with_live_references(entries: list[LedgerEntry]) -> list[LedgerEntry]:
     """Spooled records can be hours old. A key, pool or backend deleted since becomes NULL (what SET_NULL would
     have done to a row written in time), so one such record cannot block the replay. A record whose tenant is
@@ -220,12 +241,35 @@ class Ledger:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._spool.close)
             self.spooled = 0
 
-    async def record(self, entry: LedgerEntry) -> None:
-        """Queue the entry and wait until it is in the database or the spool (or the writer gave up, logged)."""
+    async def record(self, entry: LedgerEntry) -> bool:
+        """Queue the entry and wait until it is in the database or the spool: True; False when the writer gave
+        up (logged in full)."""
         self.start()
         fut = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((entry, fut))
-        await asyncio.shield(fut)
+        return await asyncio.shield(fut)
+
+    async def existing(self, request_ids: list[str]) -> dict[str, tuple[int, int, datetime]]:
+        """request id -> (input tokens, output tokens, created_at) of the records already in the database.
+
+        Runs on the ledger's thread after what it was writing. Raises when the database refuses."""
+        self.start()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _existing_in_thread, list(request_ids))
+
+    async def record_recovered(self, entries: list[LedgerEntry]) -> None:
+        """Write records recovered from a dead process's journal, now (idempotent; a key, pool or backend deleted
+        since becomes NULL, as in a spool replay). Raises when the database refuses: the journal is kept."""
+        if entries:
+            self.start()
+            await asyncio.get_running_loop().run_in_executor(self._executor, _write_recovered_in_thread, list(entries))
+
+    async def replay_spool(self) -> int:
+        """Replay the spool now (adopting stopped processes' files): a crashed process's records first."""
+        if self._spool is None:
+            return 0
+        count = await asyncio.get_running_loop().run_in_executor(self._executor, _replay_in_thread, self._spool)
+        self.spooled = self._spool.records
+        return count
 
     def submit(self, entry: LedgerEntry) -> None:
         """Queue without waiting (failed / cancelled requests; safe inside a cancelled task)."""

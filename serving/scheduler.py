@@ -16,6 +16,12 @@ so weighted shares under overload are unchanged. Without it a light tenant's wai
 With Redis, slots (leases), counters and the backlog are shared by every gateway process: a slot is
 refused to a tenant while another process has a tenant waiting that goes first. Without Redis, all of it
 lives in the process. docs/limits.md has the details.
+
+Faults: slots are 10-s leases that the process's keeper renews while the request runs (serving/leases.py),
+so a dead process's slots free themselves within seconds. A Redis call that fails never leaks or fails a
+request: while Redis is unreachable each process schedules alone (ResilientState: its own slots, up to the
+pool's capacity, and its own counters), a release or counter correction Redis could not take is retried
+until it can, and the slots taken meanwhile are registered in Redis when it answers again.
 """
 
 from __future__ import annotations
@@ -32,11 +38,13 @@ from pathlib import Path
 
 from django.conf import settings
 
+from serving import leases
+from serving.leases import keeper_for, raise_if_cancelled, redis_client, redis_errors
+
 log = logging.getLogger(__name__)
 
 INPUT_WEIGHT, OUTPUT_WEIGHT = 1, 2  # cost = input + 2 · output, as in the paper
 THROTTLED_WEIGHT_FACTOR = 0.1
-SLOT_LEASE_MS = 15 * 60 * 1000
 REMOTE_POLL_S = 0.005  # how often a waiting process looks for slots freed by other processes
 BACKLOG_STALE_MS = 2000  # a process that stops refreshing its backlog entries (crashed) is ignored after this
 HEARTBEAT_S = 0.25
@@ -135,13 +143,11 @@ class RedisState:
         self._join_src = (LUA_DIR / "backlog_join.lua").read_text()
 
     def _client(self):
-        import redis.asyncio as aioredis
-
         loop_id = id(asyncio.get_running_loop())
         client = self._clients.get(loop_id)
         if client is None:
-            pool = aioredis.BlockingConnectionPool.from_url(self.url, max_connections=32, timeout=5, socket_timeout=1, decode_responses=True)
-            client = aioredis.Redis(connection_pool=pool)
+            client = redis_client(self.url, max_connections=32)
+            keeper_for(self.url).add_pool(client)
             client._platform_scripts = (client.register_script(self._take_src), client.register_script(self._join_src))
             self._clients[loop_id] = client
         return client
@@ -150,11 +156,15 @@ class RedisState:
     def _key(pool_id: int, what: str) -> str:
         return f"mtl:{{p{pool_id}}}:{what}"
 
+    @classmethod
+    def slots_key(cls, pool_id: int) -> str:
+        return cls._key(pool_id, "slots")
+
     async def take_slot(self, pool_id: int, capacity: int, slot_id: str, tenant_id: int, *, fair: bool = True,
                         express: int = 0) -> bool:
         c = self._client()
         keys = [self._key(pool_id, "slots"), self._key(pool_id, "vtc"), self._key(pool_id, "waiting")]
-        args = [slot_id, capacity, SLOT_LEASE_MS, tenant_id, BACKLOG_STALE_MS, "1" if fair else "0", express]
+        args = [slot_id, capacity, leases.LEASE_MS, tenant_id, BACKLOG_STALE_MS, "1" if fair else "0", express]
         return bool(await c._platform_scripts[0](keys=keys, args=args))
 
     async def free_slot(self, pool_id: int, slot_id: str, tenant_id: int) -> None:
@@ -184,6 +194,83 @@ class RedisState:
         c = self._client()
         await c.zremrangebyscore(self._key(pool_id, "slots"), "-inf", int(time.time() * 1000))
         return await c.zcard(self._key(pool_id, "slots"))
+
+
+class ResilientState:
+    """RedisState, with this process's own state while Redis is unreachable (the gateway's state with Redis).
+
+    Every slot this process takes is also kept in its LocalState, so that, while Redis is away, the process
+    runs at most the pool's capacity itself. Slots are leases renewed by the process's keeper, which also
+    registers in Redis the slots taken while it was away; releases and counter corrections that Redis could
+    not take are retried until it can. Nothing here raises because of Redis.
+    """
+
+    shared = True
+
+    def __init__(self, redis_state: RedisState):
+        self.redis = redis_state
+        self.local = LocalState()
+
+    def _keeper(self):
+        return keeper_for(self.redis.url)
+
+    async def _try(self, call, fallback):
+        keeper = self._keeper()
+        if keeper.up:
+            try:
+                return await call()
+            except redis_errors() as exc:
+                keeper.mark_down(exc)
+                raise_if_cancelled()
+        return await fallback()
+
+    async def take_slot(self, pool_id: int, capacity: int, slot_id: str, tenant_id: int, *, fair: bool = True,
+                        express: int = 0) -> bool:
+        keeper = self._keeper()
+        taken = None
+        if keeper.up:
+            try:
+                taken = await self.redis.take_slot(pool_id, capacity, slot_id, tenant_id, fair=fair, express=express)
+            except redis_errors() as exc:
+                keeper.mark_down(exc)
+                raise_if_cancelled()
+        if taken is None:  # Redis away: this process alone, within the pool's capacity
+            taken = await self.local.take_slot(pool_id, capacity, slot_id, tenant_id, fair=fair, express=express)
+        elif taken:
+            self.local._slots.setdefault(pool_id, {})[slot_id] = tenant_id
+        if taken:
+            keeper.track_slot(RedisState.slots_key(pool_id), f"{tenant_id}:{slot_id}")
+        return taken
+
+    async def free_slot(self, pool_id: int, slot_id: str, tenant_id: int) -> None:
+        await self.local.free_slot(pool_id, slot_id, tenant_id)
+        keeper = self._keeper()
+        keeper.untrack_slot(RedisState.slots_key(pool_id), f"{tenant_id}:{slot_id}")
+        await keeper.run_or_defer(lambda: self.redis.free_slot(pool_id, slot_id, tenant_id), what=f"free slot {slot_id}")
+
+    async def counters(self, pool_id: int, tenants: list[int]) -> dict[int, float]:
+        return await self._try(lambda: self.redis.counters(pool_id, tenants), lambda: self.local.counters(pool_id, tenants))
+
+    async def add(self, pool_id: int, tenant_id: int, amount: float) -> None:
+        await self.local.add(pool_id, tenant_id, amount)
+        await self._keeper().run_or_defer(lambda: self.redis.add(pool_id, tenant_id, amount), what="scheduler counter")
+
+    async def join_backlog(self, pool_id: int, tenant_id: int, local_backlogged: list[int], first_cost: float) -> None:
+        await self._try(lambda: self.redis.join_backlog(pool_id, tenant_id, local_backlogged, first_cost),
+                        lambda: self.local.join_backlog(pool_id, tenant_id, local_backlogged, first_cost))
+
+    async def leave_backlog(self, pool_id: int, tenant_id: int) -> None:
+        await self._try(lambda: self.redis.leave_backlog(pool_id, tenant_id), _nothing)  # stale after 2 s anyway
+
+    async def heartbeat(self, pool_id: int, tenants: list[int]) -> None:
+        await self._try(lambda: self.redis.heartbeat(pool_id, tenants), _nothing)
+
+    async def in_use(self, pool_id: int) -> int:
+        return await self._try(lambda: self.redis.in_use(pool_id), lambda: self.local.in_use(pool_id))
+
+
+async def _nothing() -> None:
+    return None
 
 
 # ---- the scheduler -----------------------------------------------------------------------------
@@ -402,7 +489,7 @@ def get_scheduler() -> FairScheduler:
     if _scheduler is None:
         with _lock:
             if _scheduler is None:
-                state = RedisState(settings.REDIS_URL) if settings.REDIS_URL else LocalState()
+                state = ResilientState(RedisState(settings.REDIS_URL)) if settings.REDIS_URL else LocalState()
                 _scheduler = FairScheduler(state, policy=settings.PLATFORM_SCHEDULER,
                                            express_slots=settings.PLATFORM_SCHEDULER_EXPRESS_SLOTS)
     return _scheduler

@@ -3,8 +3,12 @@
 Request path (docs/gateway.md): read the body (capped) → authenticate the bearer key against the in-memory
 snapshot → validate → route `model` to (pool, adapter) → admission (limits, quota) → fair scheduler slot →
 pick the least-loaded healthy backend holding the adapter → stream through the driver, failing over before
-the first byte → answer in the client's shape → ledger record and admission settlement (both awaited before
-the last byte, so a client that waits for its answer never finds it still counted against its limits).
+the first byte → answer in the client's shape → admission settlement, then the ledger record (both awaited
+before the last byte, so a client that waits for its answer never finds it still counted against its limits).
+
+Every admitted request is in the process's journal (serving/journal.py) from admission until it is recorded
+and settled, with the tokens delivered so far, so that a crash of the process loses no billed usage: another
+gateway process on the host (or this one's successor) turns what it finds there into ledger records.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from serving.gateway.parsing import (
 )
 from serving.gateway.settings import GatewaySettings
 from serving.health import HealthMonitor
+from serving.journal import SCAN_S as JOURNAL_SCAN_S
+from serving.journal import Journal, adopt_dead
 from serving.ledger import Ledger, LedgerEntry
 from tenants.api_refusals import EXPIRED_KEY, INVALID_KEY, MISSING_KEY, tenant_suspended
 from tenants.services import PLAYGROUND_PREFIX, playground_token_verify, split_key
@@ -87,7 +93,7 @@ class Call:
     max_tokens: int
     backend_id: int | None = None
     input_tokens: int | None = None
-    output_tokens: int = 0
+    _output_tokens: int = 0
     ttft_ms: int | None = None
     status: str = "error"
     response_started: bool = False  # http.response.start sent: no more failover, no more HTTP status
@@ -97,6 +103,24 @@ class Call:
     backend_accepted: bool = False
     reservation: object = None  # admission's, settled once with the tokens the ledger records
     settled: bool = False
+    settling: asyncio.Future | None = None  # the one settle of this request (shared by all who wait for it)
+    journal: object = None  # its place in the process's journal (serving/journal.py), or None
+
+    @property
+    def output_tokens(self) -> int:
+        """Tokens delivered to the client so far (the backend's count once it finished)."""
+        return self._output_tokens
+
+    @output_tokens.setter
+    def output_tokens(self, value: int) -> None:
+        self._output_tokens = value
+        if self.journal is not None:  # one store into the journal's shared memory, no system call
+            self.journal.progress(self)
+
+    def part_done(self) -> None:
+        """Its ledger record is durable, or its settle happened: after both it leaves the journal."""
+        if self.journal is not None:
+            self.journal.part_done()
 
     @property
     def counted_input_tokens(self) -> int:
@@ -118,6 +142,9 @@ class GatewayApp:
         self.tenant_label = metrics.TenantLabels(self.settings.metrics_top_tenants)
         self._loop = None
         self._background: set[asyncio.Task] = set()  # fire-and-forget work kept alive until done
+        self.journal: Journal | None = None
+        self._recovering: set = set()  # dead journals being recovered by this process
+        self._journal_scan: asyncio.Task | None = None
         self._start_lock: asyncio.Lock | None = None
         self._start_lock_loop = None
 
@@ -135,11 +162,27 @@ class GatewayApp:
         self.health.start(self.session)
         self.ledger.start()
         self._loop = asyncio.get_running_loop()
+        if self.settings.journal_dir is not None:
+            self.journal = Journal(self.settings.journal_dir)
+            # What a crashed predecessor left is recorded before this process admits anything (the embedded
+            # default's counters are then seeded from a ledger that has it), within reason.
+            tasks = self._recover_dead_journals()
+            if tasks:
+                await asyncio.wait(tasks, timeout=10)
+            self._journal_scan = asyncio.get_running_loop().create_task(self._journal_scan_loop(), name="journal-scan")
 
     async def shutdown(self) -> None:
         if self._loop is None:
             return
+        if self._journal_scan is not None:
+            self._journal_scan.cancel()
+            self._journal_scan = None
+        if self._background:  # records waiting for their settle: into the ledger's queue before it drains
+            await asyncio.wait(set(self._background), timeout=5)
         await self.ledger.stop()
+        if self.journal is not None:
+            self.journal.stop()
+            self.journal = None
         await self.health.stop()
         if self.session is not None:
             await self.session.close()
@@ -156,6 +199,40 @@ class GatewayApp:
         async with self._start_lock:
             if self._loop is not loop:
                 await self.startup()
+
+    # ---- the journal's recovery ----------------------------------------------------------------------
+
+    def _recover_dead_journals(self) -> list[asyncio.Task]:
+        """Adopt the journals of stopped gateway processes on this host and recover each in a task."""
+        tasks = []
+        for dead in adopt_dead(self.settings.journal_dir, own=self.journal.path, busy=self._recovering):
+            self._recovering.add(dead.path)
+            task = asyncio.get_running_loop().create_task(self._recover_one(dead), name="journal-recovery")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            tasks.append(task)
+        return tasks
+
+    async def _recover_one(self, dead) -> None:
+        from serving.admission import get_admission
+        from serving.journal_recovery import journal_recover
+        from serving.scheduler import get_scheduler
+
+        try:
+            await journal_recover(dead, ledger=self.ledger, admission=get_admission(), scheduler=get_scheduler())
+        except Exception:
+            log.exception("journal %s: recovery failed; it is tried again in %.0f s", dead.path, JOURNAL_SCAN_S)
+            dead.release()
+        finally:
+            self._recovering.discard(dead.path)
+
+    async def _journal_scan_loop(self) -> None:
+        while True:
+            await asyncio.sleep(JOURNAL_SCAN_S)
+            try:
+                self._recover_dead_journals()
+            except Exception:
+                log.exception("journal scan failed")
 
     async def lifespan(self, scope, receive, send) -> None:
         while True:
@@ -181,7 +258,7 @@ class GatewayApp:
         await self._ensure_started()
         path, method = scope["path"], scope["method"]
         if path == "/":
-            return await self._inference(scope, receive, send, "generate?")
+            return await self._guarded(self._inference, scope, receive, send, "generate?", True)
         if path.startswith("/v1/models/"):
             endpoint, allowed = "model", "GET"
         else:
@@ -194,7 +271,32 @@ class GatewayApp:
             return await self._metrics(scope, send)
         if endpoint in ("models", "model"):
             return await self._models(scope, send, path[len("/v1/models/"):] if endpoint == "model" else None)
-        return await self._inference(scope, receive, send, endpoint)
+        return await self._guarded(self._inference, scope, receive, send, endpoint, tgi)
+
+    async def _guarded(self, handler, scope, receive, send, endpoint: str, tgi: bool) -> None:
+        """Whatever fails unexpectedly, the client gets an error in its API's shape (never a plain-text 500)."""
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await handler(scope, receive, tracking_send, endpoint)
+        except Exception:
+            log.exception("gateway: %s failed unexpectedly", scope["path"])
+            err = ApiError(500, "The gateway failed on this request. Retry; if it persists, tell the platform team the time "
+                                "of the request.", type="server_error", code="internal_error")
+            if not started:
+                await self._send_error(send, err, tgi=tgi, endpoint=endpoint)
+            else:
+                event = TGIFormat.error_event(err.message, "internal_error") if tgi else OpenAIFormat.error_event(err.message, "server_error", "internal_error")
+                try:
+                    await send({"type": "http.response.body", "body": event, "more_body": False})
+                except Exception:
+                    pass
 
     # ---- helpers ------------------------------------------------------------------------------------
 
@@ -380,6 +482,8 @@ class GatewayApp:
 
         call = Call(request_id, endpoint, tenant, key.id if key else None, route.name, route.adapter or "", pool, started_at, prompt.tokens, max_tokens,
                     reservation=decision.reservation)
+        if self.journal is not None:
+            call.journal = self.journal.admit(self._journal_record(call))
 
         async def send_settled(message) -> None:
             # Whatever ends the answer (result, error, in-band failure): settle before its last byte.
@@ -401,17 +505,40 @@ class GatewayApp:
         finally:
             watcher.cancel()
             await self._settle(call)  # the client left, or nothing was sent: settle now
+            if not call.recorded:  # refused before it ran (queue timeout, cancelled): no ledger record comes
+                call.part_done()
+
+    @staticmethod
+    def _journal_record(call: Call) -> dict:
+        """The request's journal line: what a recovery needs for its ledger record and its settle."""
+        r = call.reservation
+        return {
+            "id": call.request_id, "t": call.tenant.id, "k": call.key_id, "e": call.endpoint, "m": call.model, "a": call.adapter,
+            "p": call.pool.id, "pe": call.prompt_estimate, "at": round(time.time(), 3),
+            "r": [r.tokens, r.window, r.tpm_cap, r.backend, r.life] if r is not None else None,
+        }
 
     @staticmethod
     async def _settle(call: Call) -> None:
         """Count the request's real tokens against its limits and refund the rest of its reservation, once
-        (the same figures as its ledger record)."""
-        if call.settled:
-            return
+        (the same figures as its ledger record). Every caller waits for the same settle."""
+        if call.settling is None:
+            call.settling = asyncio.ensure_future(GatewayApp._settle_once(call))
+        await asyncio.shield(call.settling)
+
+    @staticmethod
+    async def _settle_once(call: Call) -> None:
         from serving.admission import get_admission
 
-        await get_admission().settle(call.reservation, used_tokens=call.counted_input_tokens + call.output_tokens)
-        call.settled = True  # after the await: a settle cut short is repeated (settling is idempotent)
+        reservation = call.reservation
+        if call.journal is not None:
+            call.journal.progress(call)  # the final figures, in case the process dies before its record is written
+        if reservation is None:
+            call.part_done()
+        else:
+            reservation.on_settled = call.part_done  # now, or once Redis takes it (retried off the request path)
+            await get_admission().settle(reservation, used_tokens=call.counted_input_tokens + call.output_tokens)
+        call.settled = True
 
     def _warn_quota(self, tenant, decision) -> None:
         """80 % of the quota crossed (admission says so once per window): audit and e-mail, off the request path."""
@@ -442,6 +569,8 @@ class GatewayApp:
             err = ApiError(429, f"The model `{call.model}` is busy: no capacity freed up within {self.settings.queue_timeout_s:.0f} s. "
                                 "Try again in a few seconds.", type="rate_limit_error", code="queue_timeout", headers={"retry-after": "5"})
             return await self._send_error(send, err, tgi=tgi, endpoint=call.endpoint, tenant=call.tenant, headers=headers)
+        if call.journal is not None:
+            call.journal.slot(f"{slot.tenant_id}:{slot.slot_id}")
         try:
             await self._run_backends(call, req, route, backend_request, headers, send)
         except asyncio.CancelledError:
@@ -464,12 +593,24 @@ class GatewayApp:
         )
 
     def _record(self, call: Call, *, wait: bool):
+        """The request's ledger record, written after its settle (docs/limits.md, "Faults": a counter that Redis
+        lost is re-seeded from the ledger without the requests Redis still tracks). wait=False: in a task of its
+        own (safe inside a cancelled task)."""
         call.recorded = True
         entry = self._entry(call)
         if wait:
-            return self.ledger.record(entry)
-        self.ledger.submit(entry)
+            return self._write_record(call, entry)
+        task = asyncio.ensure_future(self._write_record(call, entry))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         return None
+
+    async def _write_record(self, call: Call, entry: LedgerEntry) -> None:
+        await self._settle(call)
+        if await self.ledger.record(entry):
+            if call.reservation is not None:
+                call.reservation.committed_ms = int(time.time() * 1000)  # for a settle still waiting for Redis
+            call.part_done()
 
     def _observe(self, call: Call) -> None:
         label = self.tenant_label(call.tenant.slug)

@@ -20,6 +20,7 @@ class GatewaySettings:
     metrics_top_tenants: int = 20  # PLATFORM_GATEWAY_METRICS_TENANTS: tenants with their own label
     ledger_spool_dir: Path | None = None  # PLATFORM_LEDGER_SPOOL_DIR; None (tests' default): no spool
     ledger_replay_interval_s: float = 10.0  # PLATFORM_LEDGER_REPLAY_INTERVAL_S
+    journal_dir: Path | None = None  # PLATFORM_GATEWAY_JOURNAL_DIR; None (tests' default): no request journal
 
     @classmethod
     def from_env(cls) -> "GatewaySettings":
@@ -38,4 +39,5 @@ class GatewaySettings:
             metrics_top_tenants=s.PLATFORM_GATEWAY_METRICS_TENANTS,
             ledger_spool_dir=s.PLATFORM_LEDGER_SPOOL_DIR,
             ledger_replay_interval_s=float(s.PLATFORM_LEDGER_REPLAY_INTERVAL_S),
+            journal_dir=s.PLATFORM_GATEWAY_JOURNAL_DIR,
         )

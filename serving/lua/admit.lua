@@ -1,15 +1,57 @@
 -- Admission of one request: concurrency, requests/min, tokens/min and the window quota, atomically.
 -- Mirrors serving.admission.LocalAdmission._admit_locked; keep the two in step.
--- KEYS: 1 rpm bucket, 2 tpm bucket, 3 quota hash (window), 4 in-flight zset, 5 reservations hash
--- ARGV: 1 rid, 2 tokens, 3 rpm, 4 tpm, 5 quota, 6 hard(0/1), 7 max_conc, 8 throttle_tpm, 9 window_ttl_s, 10 conc_ttl_ms, 11 window_id
+-- KEYS: 1 rpm bucket, 2 tpm bucket, 3 quota hash (window), 4 in-flight zset (rid -> lease expiry ms),
+--       5 reservations hash (rid -> "tokens|window|had_tpm|state", state l = live, x = lease expired; `_life`),
+--       6 the quota's settled-while-unseeded hash (rid -> tokens)
+-- ARGV: 1 rid, 2 tokens, 3 rpm, 4 tpm, 5 quota, 6 hard(0/1), 7 max_conc, 8 throttle_tpm, 9 window_ttl_s, 10 lease_ms, 11 window_id
+-- Returns {status, retry_ms, rpm left, tpm left, used + reserved, throttled, warn, tpm in force, life}; {9} = seed the quota first.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rid, n = ARGV[1], tonumber(ARGV[2])
 local rpm, tpm, quota = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local hard, max_conc, throttle_tpm = ARGV[6] == '1', tonumber(ARGV[7]), tonumber(ARGV[8])
+local window_ttl = tonumber(ARGV[9])
+local prefix = string.sub(KEYS[5], 1, -4)  -- 'mtl:{t42}:' of 'mtl:{t42}:res'
 
-if quota > 0 and redis.call('EXISTS', KEYS[3]) == 0 then
-  return {9}
+-- The reservations' life: a new value means Redis lost the reservations made before (restart, flush).
+local life = redis.call('HGET', KEYS[5], '_life')
+if not life then
+  life = now .. '-' .. rid
+  redis.call('HSET', KEYS[5], '_life', life)
+end
+
+-- Leases that ran out (their process stopped renewing: it died, or Redis was away longer than a lease):
+-- the reservation is released now; its usage is settled later, from that process's journal.
+-- (Same as sweep.lua.)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
+for _, r in ipairs(expired) do
+  local rec = redis.call('HGET', KEYS[5], r)
+  if rec then
+    local rn, rw, rt, rs = string.match(rec, '^(%d+)|([^|]+)|(%d)|?(%a?)$')
+    if rn and rs ~= 'x' then
+      redis.call('HSET', KEYS[5], r, rn .. '|' .. rw .. '|' .. rt .. '|x')
+      local q = prefix .. 'quota:' .. rw
+      if redis.call('HGET', q, 'seeded') == '1' then
+        redis.call('HINCRBY', q, 'reserved', -tonumber(rn))
+      end
+    end
+  end
+end
+if #expired > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+end
+
+if redis.call('HGET', KEYS[3], 'seeded') ~= '1' then
+  if quota > 0 then
+    return {9}  -- the counter is missing (new window, or Redis lost it): seeded from the ledger first
+  end
+  -- No quota: the counter only informs; it starts from what was settled while it was missing.
+  local add = 0
+  local pre = redis.call('HVALS', KEYS[6])
+  for _, v in ipairs(pre) do add = add + tonumber(v) end
+  redis.call('HINCRBY', KEYS[3], 'used', add)
+  redis.call('HSET', KEYS[3], 'seeded', 1, 'cut', now)
+  redis.call('DEL', KEYS[6])
 end
 local used = tonumber(redis.call('HGET', KEYS[3], 'used') or '0')
 local reserved = tonumber(redis.call('HGET', KEYS[3], 'reserved') or '0')
@@ -30,7 +72,6 @@ end
 local r_tokens = bucket(KEYS[1], rpm)
 local t_tokens = bucket(KEYS[2], eff_tpm)
 
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local inflight = redis.call('ZCARD', KEYS[4])
 
 local status, retry = 0, 0
@@ -64,14 +105,14 @@ if status == 0 then
   end
   reserved = reserved + n
   redis.call('HSET', KEYS[3], 'reserved', reserved)
-  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[9]))
+  redis.call('EXPIRE', KEYS[3], window_ttl)
   redis.call('ZADD', KEYS[4], now + tonumber(ARGV[10]), rid)
   redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[10]))
-  redis.call('HSET', KEYS[5], rid, n .. '|' .. ARGV[11] .. '|' .. (eff_tpm > 0 and 1 or 0))
-  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[9]))
+  redis.call('HSET', KEYS[5], rid, n .. '|' .. ARGV[11] .. '|' .. (eff_tpm > 0 and 1 or 0) .. '|l')
+  redis.call('EXPIRE', KEYS[5], window_ttl)
   if quota > 0 and used + reserved >= quota * 0.8 and redis.call('HSETNX', KEYS[3], 'warned', 1) == 1 then
     warn = 1
   end
   inflight = inflight + 1
 end
-return {status, retry, math.floor(r_tokens), math.floor(t_tokens), used + reserved, throttled and 1 or 0, warn, eff_tpm}
+return {status, retry, math.floor(r_tokens), math.floor(t_tokens), used + reserved, throttled and 1 or 0, warn, eff_tpm, life}
