@@ -128,8 +128,11 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
             parse_calls = chat and tools_of(body)[1] and cfg.flavor != "tgi"
             if body.get("stream"):
                 response = await start_sse(request, {"x-compute-type": backend.engine.compute_type})
+                # vLLM ≥ 0.10.2: a text completion asked for `logprobs` and `return_token_ids` carries each token's id
+                # and log-probability (what the gateway needs for TGI's token events and `details`).
+                token_details = not chat and body.get("return_token_ids") is True and body.get("logprobs") is not None
                 await _stream(response, backend, ticket, prompt, params, adapter, meta, chat,
-                              bool((body.get("stream_options") or {}).get("include_usage")), parse_calls)
+                              bool((body.get("stream_options") or {}).get("include_usage")), parse_calls, token_details)
             else:
                 tokens = await collect(backend, ticket, prompt, params, adapter)
     except BackendError as error:
@@ -155,7 +158,7 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
 
 
 async def _stream(response, backend, ticket, prompt, params, adapter, meta, chat: bool, include_usage: bool,
-                  parse_calls: bool = False):
+                  parse_calls: bool = False, token_details: bool = False):
     usage = {"usage": None} if include_usage else {}
     head = {**meta, "object": "chat.completion.chunk" if chat else "text_completion", **usage}
     calls = ToolCallStream() if parse_calls else None
@@ -170,11 +173,32 @@ async def _stream(response, backend, ticket, prompt, params, adapter, meta, chat
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         return sse({**head, "choices": [choice]}, b"data: ")
 
-    generated = 0
+    def detailed(token) -> bytes:
+        # vLLM leaves special tokens out of the text but lists them with their ids and log-probabilities.
+        choice = {"index": 0, "text": "" if token.special else token.text, "finish_reason": None, "token_ids": [token.id],
+                  "logprobs": {"tokens": [token.text], "token_logprobs": [token.logprob], "top_logprobs": None, "text_offset": [0]}}
+        return sse({**head, "choices": [choice]}, b"data: ")
+
+    generated, sent_text = 0, []
     if chat:
         await response.write(chunk("", None, first=True))
     async for batch in produce(backend, ticket, prompt, params, adapter):
         generated += len(batch)
+        if token_details:
+            events = [detailed(t) for t in batch]
+            sent_text += [t.text for t in batch if not t.special]
+            if batch[-1].finish_reason:
+                end = {"index": 0, "text": "", "logprobs": None, "finish_reason": _FINISH[batch[-1].finish_reason]}
+                if batch[-1].finish_reason == "stop_sequence":  # vLLM names the matched stop string
+                    text = "".join(sent_text)
+                    end["stop_reason"] = next((stop for stop in params.stop if text.endswith(stop) or stop in text), None)
+                events.append(sse({**head, "choices": [end]}, b"data: "))
+                if include_usage:
+                    events.append(sse({**head, "choices": [], "usage": _usage(len(prompt), generated)}, b"data: "))
+                events.append(b"data: [DONE]\n\n")
+                ticket.finished = True
+            await response.write(b"".join(events))
+            continue
         texts = [t.text for t in batch if not t.special and t.text]
         if calls is not None:
             texts = [text for text in map(calls.feed, texts) if text]

@@ -204,3 +204,28 @@ def test_vllms_at_least_count_is_never_told_as_an_exact_one(message):
                            "tokens. Please reduce the length of the prompt.")
     exact = context_overflow("This model's maximum context length is 4096 tokens. However, your request has 4100 input tokens.")
     assert not exact.input_at_least
+
+
+@pytest.mark.slow
+def test_tgi_details_on_a_vllm_pool_of_dev_backends_are_the_models_own_tokens(world, gateway_factory, tiny_model_path):
+    # The dev backend's vllm flavor answers `logprobs` + `return_token_ids` as vLLM does; it answered neither, so TGI's
+    # /generate with details on a vllm-kind pool of dev backends was a 502 ("no token ids").
+    from serving.devbackend.config import BackendConfig
+    from serving.devbackend.runner import run_in_thread
+    from tests.serving.test_devbackend import greedy_ids
+
+    vllm_url, stop_vllm = run_in_thread(BackendConfig(model=str(tiny_model_path), flavor="vllm", port=0))
+    tgi_url, stop_tgi = run_in_thread(BackendConfig(model=str(tiny_model_path), flavor="tgi", port=0))
+    try:
+        make_pool("vllm", make_base_model(local_path=str(tiny_model_path)), [vllm_url], kind="vllm")
+        key = make_key(world.tenant)[1]
+        gw = gateway_factory()
+        body = {"inputs": "Hello there", "parameters": {"max_new_tokens": 8, "do_sample": False, "details": True}}
+        r = post(f"{gw.url}/generate", body, {"authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+        tokens = r.json()["details"]["tokens"]
+        assert [t["id"] for t in tokens] == greedy_ids(tgi_url, "Hello there")  # the same model's greedy tokens
+        assert all(t["logprob"] < 0 for t in tokens) and r.json()["details"]["generated_tokens"] == len(tokens)
+    finally:
+        stop_vllm()
+        stop_tgi()
