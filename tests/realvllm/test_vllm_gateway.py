@@ -300,3 +300,35 @@ def test_an_adapter_vllm_refuses_fails_once_with_the_reason_and_is_not_asked_aga
         assert get_json(vllm.url + "/health")[0] == 200  # and the server is none the worse for it
     finally:
         proxy.stop()
+
+
+ADVERSARIAL = {
+    "emoji": [{"role": "user", "content": "😀🎉🚀👩‍👩‍👧‍👦🏳️‍🌈 42 " * 12}],
+    "cjk": [{"role": "user", "content": "東京の天気はどうですか？北京今天下雨吗？서울 날씨 " * 8}],
+    "code": [{"role": "user", "content": "def f(x):\n    return {k: [v ** 2 for v in x[k]] for k in x if k != '\\t'}\n" * 6}],
+    "many messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}: {'ok ' * (i % 5)}"} for i in range(41)],
+    "tool calls": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                                                                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "22 °C, sunny ☀️"},
+    ],
+}
+
+
+@pytest.mark.parametrize("case", list(ADVERSARIAL))
+def test_admission_reserves_exactly_the_prompt_real_vllm_counts(world, platform, model_path, case):
+    # The reservation (x-quota-used-tokens at admission, nothing used before) is the gateway's own count of the prompt,
+    # system prompt injected, plus max_tokens: it must equal what vLLM itself counts, for input that takes several tokens
+    # a character.
+    from tenants import services
+
+    services.system_prompt_save(tenant=world.tenant, text="You are a helpful pirate. Répondez en français. 🦜", note="", actor=SYSTEM)
+    services.policy_update(tenant=world.tenant, actor=SYSTEM, quota_tokens=10**9, quota_mode="hard")
+    gw = platform["start"]()
+    r = post(f"{gw.url}/v1/chat/completions", {"model": "tiny-chat", "messages": ADVERSARIAL[case], "max_tokens": 4, "temperature": 0},
+             _auth(platform["keys"]["acme"]))
+    assert r.status_code == 200, r.text
+    reserved = int(r.headers["x-quota-used-tokens"]) - 4
+    assert reserved == r.json()["usage"]["prompt_tokens"], (case, reserved, r.json()["usage"])
+    assert _records(world.tenant, 1)[0].input_tokens == reserved
