@@ -739,10 +739,10 @@ class GatewayApp:
                 if not call.response_started:
                     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + raw_headers})
                     call.response_started = True
-                await send({"type": "http.response.body", "body": fmt.tool_calls(items), "more_body": True})
                 delivered += event.count + held_tokens
                 held_tokens = 0
-                call.output_tokens = delivered
+                call.output_tokens = delivered  # counted (and journaled) before it goes out: a crash after the send bills it
+                await send({"type": "http.response.body", "body": fmt.tool_calls(items), "more_body": True})
             elif isinstance(event, TokenDelta):
                 if call.ttft_ms is None:
                     call.ttft_ms = int((time.perf_counter() - call.started_at) * 1000)
@@ -767,10 +767,10 @@ class GatewayApp:
                 if not call.response_started:
                     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + raw_headers})
                     call.response_started = True
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 delivered += event.count + held_tokens
                 held_tokens = 0
-                call.output_tokens = delivered
+                call.output_tokens = delivered  # counted (and journaled) before it goes out: a crash after the send bills it
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
             elif isinstance(event, Finish):
                 call.backend_accepted = True
                 call.status = "ok"
