@@ -166,9 +166,18 @@ def usage_records(tenant):
 
 
 def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
+    """The predicate's first truthy value within `timeout` s. A read that meets the gateway's ledger writer in the
+    in-memory SQLite test database ("database table is locked": shared cache has no busy timeout) is tried again."""
+    from django.db import OperationalError
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            value = None
         if value:
             return value
         time.sleep(interval)
