@@ -778,7 +778,7 @@ class GatewayApp:
                 call.output_tokens = event.completion_tokens if event.completion_tokens is not None else delivered
                 text = "".join(parts)
                 call.completed = True
-                # Durable in the ledger and settled in admission, side by side, before the client sees the end.
+                # Settled in admission, then durable in the ledger (_record waits for the settle), before the client sees the end.
                 await asyncio.gather(self._record(call, wait=True), self._settle(call))
                 if streaming:
                     rest = redactor.flush() if redactor is not None else ""
