@@ -117,9 +117,17 @@ class Journal:
         SLOT.pack_into(self.mm, index * SLOT_SIZE, seq, 0, -1, -1, 0, 0, 0, b"")
         record["s"], record["i"] = seq, index
         line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
-        if self._log_size + len(line) > ROTATE_BYTES:
-            self._rotate()
-        os.write(self._log_fd, line)
+        try:
+            if self._log_size + len(line) > ROTATE_BYTES:
+                self._rotate()
+            written = os.write(self._log_fd, line)
+        except OSError:
+            self._free.append(index)
+            raise
+        if written != len(line):  # (a full disk): take the torn line back, so the next one starts clean
+            self._free.append(index)
+            os.ftruncate(self._log_fd, self._log_size)
+            raise OSError(f"journal {self.path}: short write ({written} of {len(line)} bytes)")
         self._log_size += len(line)
         self._open[index] = line
         return JournalEntry(self, index, seq)

@@ -483,7 +483,10 @@ class GatewayApp:
         call = Call(request_id, endpoint, tenant, key.id if key else None, route.name, route.adapter or "", pool, started_at, prompt.tokens, max_tokens,
                     reservation=decision.reservation)
         if self.journal is not None:
-            call.journal = self.journal.admit(self._journal_record(call))
+            try:
+                call.journal = self.journal.admit(self._journal_record(call))
+            except OSError:  # (disk full): served and recorded all the same, only not safe from a crash of this process
+                log.exception("request %s: could not be journaled in %s", request_id, self.journal.path)
 
         async def send_settled(message) -> None:
             # Whatever ends the answer (result, error, in-band failure): settle before its last byte.
