@@ -19,6 +19,14 @@ mkdir -p "$PLATFORM_VAR_DIR"
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?
+# The whole suite (no arguments) also runs the real-vLLM module on the demo's SmolLM2-135M-Instruct, as the demo
+# serves it: a second vLLM start and a real fine-tune, about 10 minutes on 2 cores. PLATFORM_TEST_VLLM_DEMO=0 skips
+# it on a developer machine; CI always runs it.
+if [ $# -eq 0 ] && [ $rc -eq 0 ] && { [ "${PLATFORM_TEST_VLLM_DEMO:-1}" != 0 ] || [ "${CI:-}" = true ]; }; then
+  echo "Real vLLM on the demo model (tests/realvllm, PLATFORM_TEST_VLLM_ON=demo)…"
+  PLATFORM_TEST_VLLM_ON=demo .venv/bin/python -m pytest tests/realvllm -p no:cacheprovider
+  rc=$?
+fi
 set -e
 if [ $rc -eq 5 ]; then echo "No tests were collected."; fi
 exit $rc

