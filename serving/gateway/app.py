@@ -540,7 +540,10 @@ class GatewayApp:
             call.part_done()
         else:
             reservation.on_settled = call.part_done  # now, or once Redis takes it (retried off the request path)
-            await get_admission().settle(reservation, used_tokens=call.counted_input_tokens + call.output_tokens)
+            try:
+                await get_admission().settle(reservation, used_tokens=call.counted_input_tokens + call.output_tokens)
+            except Exception:  # a bug, not an outage (those are retried): the ledger record must still be written
+                log.exception("request %s: settling failed; its reservation is released when its lease runs out", call.request_id)
         call.settled = True
 
     def _warn_quota(self, tenant, decision) -> None:
@@ -695,7 +698,9 @@ class GatewayApp:
             call.http_status = 502
             err = ApiError(502, f"The model's backend failed to answer (its status {exc.status}); try again. If it persists, "
                                 f"tell the platform team the request id.", type="server_error", code="backend_error")
-        call.backend_accepted = exc.status not in (400, 422)
+        # Nothing is charged for an answer the backend refused or failed to start (OpenAI bills no 4xx/5xx): the record
+        # keeps the request with 0 tokens, and the scheduler takes its charge back.
+        call.backend_accepted = False
         await self._send_error_silently(call, err, headers, send)
 
     async def _interrupted(self, call: Call, exc: BackendError, send) -> None:

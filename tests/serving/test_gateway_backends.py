@@ -173,6 +173,8 @@ def test_a_backend_failure_is_told_in_the_platforms_words(world, fakes, gateway_
     error = r.json()["error"]
     assert (error["type"], error["code"]) == ("server_error", "backend_error")
     assert "10.1.2.3" not in error["message"] and "platform/tiny-chat" not in error["message"] and "500" in error["message"]
+    [record] = wait_for(lambda: UsageRecord.objects.for_tenant(world.tenant).all() or None)
+    assert (record.status, record.input_tokens, record.output_tokens) == ("error", 0, 0)  # a failed answer is not billed
 
 
 def test_metrics_report_only_the_backends_in_rotation(world, fakes, gateway_factory):
