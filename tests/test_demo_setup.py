@@ -109,3 +109,19 @@ def test_a_demo_set_up_on_the_tiny_model_moves_to_the_new_model(db, tiny_model_p
         ("dev-smollm2-135m-instruct", True), ("dev-tiny-chat", False)]
     tenant = Tenant.objects.get(slug="demo")
     assert ModelConfig.objects.for_tenant(tenant).get().default_model == "smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize("change", ["production", "own key"])
+def test_demo_setup_refuses_to_create_its_published_accounts_outside_development(db, settings, tiny_model_path, change):
+    from django.core.management.base import CommandError
+
+    from tenants.models import Tenant
+
+    if change == "production":
+        settings.PRODUCTION = True
+    else:
+        settings.SECRET_KEY = "k" * 50
+    with pytest.raises(CommandError, match="for the embedded development setup only"):
+        call_command("demo_setup", model_path=str(tiny_model_path), model_name="tiny-chat", backend_url="http://127.0.0.1:9",
+                     stdout=io.StringIO())
+    assert not Tenant.objects.filter(slug="demo").exists()

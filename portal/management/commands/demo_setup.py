@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from billing.models import Price
@@ -47,6 +48,11 @@ class Command(BaseCommand):
 
     def handle(self, *args, model_path, backend_url, console_url, json: bool, model_name, context_length,
                finetune_learning_rate, **options):
+        if settings.PRODUCTION or settings.SECRET_KEY != settings.DEVELOPMENT_SECRET_KEY:
+            # It creates a superuser whose password is printed in the README: never on a real deployment.
+            raise CommandError("demo_setup creates accounts with published passwords (a superuser among them) and is for the "
+                               "embedded development setup only; this one runs with PLATFORM_ENV=production or its own "
+                               "DJANGO_SECRET_KEY. Create staff with `manage.py createsuperuser` instead.")
         model = DemoModel(Path(model_path), model_name, context_length, finetune_learning_rate)
         with transaction.atomic():
             backend, secret = self._setup(model, backend_url)
