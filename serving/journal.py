@@ -41,10 +41,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SLOT = struct.Struct("<QQqiiII24s")  # seq, output, input (-1 unknown), ttft ms, backend id, flags, duration ms, slot member
-PROGRESS = struct.Struct("<QQqiiII")  # the same without the scheduler slot
+SLOT = struct.Struct("<QIiiiII32s")  # seq, output, input (-1 unknown), ttft ms, backend id, flags, duration ms, slot member
+PROGRESS = struct.Struct("<QIiiiII")  # the same without the scheduler slot
 MEMBER_OFFSET = PROGRESS.size
 SLOT_SIZE = 64
+assert SLOT.size == SLOT_SIZE
 INITIAL_SLOTS = 1024
 ROTATE_BYTES = 8 << 20
 SCAN_S = 2.0
@@ -71,7 +72,7 @@ class JournalEntry:
 
     def slot(self, member: str) -> None:
         """The scheduler slot the request holds ("<tenant>:<slot id>"), so a recovery frees it at once."""
-        self.journal.mm[self.index * SLOT_SIZE + MEMBER_OFFSET:(self.index + 1) * SLOT_SIZE] = member.encode()[:24].ljust(24, b"\0")
+        self.journal.mm[self.index * SLOT_SIZE + MEMBER_OFFSET:(self.index + 1) * SLOT_SIZE] = member.encode()[:32].ljust(32, b"\0")
 
     def part_done(self) -> None:
         """The ledger record is durable, or the settle happened: after both, the request leaves the journal."""

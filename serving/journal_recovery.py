@@ -67,7 +67,7 @@ async def journal_recover(dead: DeadJournal, *, ledger, admission, scheduler) ->
         reservation = recovered_reservation(req)
         if reservation is not None:
             settles.append(admission.settle_recovered(reservation, used_tokens=used, committed_ms=committed_ms))
-        if req.slot_member and req.record.get("p") is not None and hasattr(scheduler.state, "free_slot"):
+        if req.slot_member and req.record.get("p") is not None:
             tenant, _, slot_id = req.slot_member.partition(":")
             settles.append(scheduler.state.free_slot(req.record["p"], slot_id, int(tenant)))
     await asyncio.gather(*settles)

@@ -33,10 +33,12 @@ LUA_DIR = Path(__file__).with_name("lua")
 
 
 def redis_errors() -> tuple[type[BaseException], ...]:
-    """What a Redis call raises when Redis is unreachable, paused, restarting or refusing (then: fall back, retry)."""
-    import redis
+    """What a Redis call raises when Redis is unreachable, paused, restarting, failing over or out of memory
+    (then: fall back, retry). Other errors (a script's bug) are not outages: they propagate, and are logged."""
+    from redis import exceptions as e
 
-    return (redis.RedisError, OSError, asyncio.TimeoutError)
+    return (e.ConnectionError, e.TimeoutError, e.ReadOnlyError, e.MasterDownError, e.ClusterDownError, e.TryAgainError,
+            e.OutOfMemoryError, OSError, asyncio.TimeoutError)
 
 
 def raise_if_cancelled() -> None:
