@@ -349,7 +349,7 @@ def report(runs: list[dict], args, meta: dict) -> str:
              f"admission: {meta['admission']}; database: {meta['database']}; pinning: {meta['pinning']}.",
              f"Settings: simulated dev backend (`--sim-tokens-per-second 0 --sim-ttft-ms 0 --sim-output-tokens 16`), "
              f"chat completions with 16 output tokens, system prompt set, prompts counted exactly (the tiny model's tokenizer and "
-             f"chat template), ledger on; concurrency-1 samples {args.seq_requests} per kind "
+             f"chat template), ledger and request journal on (a crash-safe record of each request: one write at admission, delivered tokens in shared memory); concurrency-1 samples {args.seq_requests} per kind "
              f"(warm-up {args.seq_warmup}), closed-loop phases {args.duration_s:.0f} s after {args.warmup_s:.0f} s of warm-up; {len(runs)} run(s).", ""]
     rows = []
     for i, run in enumerate(runs, 1):
