@@ -49,11 +49,14 @@ def raise_if_cancelled() -> None:
 
 
 def redis_client(url: str, *, max_connections: int = 32):
-    """An asyncio client that fails fast (0.5 s) and never retries by itself: the caller falls back or defers."""
+    """An asyncio client that fails fast (0.5 s a command) and never retries by itself: the caller falls back or defers.
+
+    Connecting gets 2 s: opening 60 connections at once to a Redis busy with a burst's scripts took more than 0.5 s in
+    CI, which put a healthy Redis down as an outage (hard quotas: every request a 503)."""
     import redis.asyncio as aioredis
 
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=2, socket_timeout=0.5, socket_connect_timeout=0.5, decode_responses=True
+        url, max_connections=max_connections, timeout=2, socket_timeout=0.5, socket_connect_timeout=2, decode_responses=True
     )
     return aioredis.Redis(connection_pool=pool)
 

@@ -418,6 +418,10 @@ class FairScheduler:
                 await self.state.heartbeat(pool_id, backlogged)
                 pq.last_beat = now
             counters = await self.state.counters(pool_id, backlogged) if self.policy == "vtc" else None
+            # A waiter may have timed out while the counters were read: choose among the tenants still waiting.
+            backlogged = [t for t in backlogged if pq.queues.get(t)]
+            if not backlogged:
+                continue
             tenant_id = self._next_tenant(pq, backlogged, counters)
             waiter = pq.queues[tenant_id][0]
             slot_id = self._new_slot_id()
@@ -429,8 +433,10 @@ class FairScheduler:
                 except asyncio.TimeoutError:
                     pass
                 continue
-            pq.queues[tenant_id].popleft()
-            if not pq.queues[tenant_id]:
+            queue = pq.queues[tenant_id]
+            if waiter in queue:  # it may have timed out (and left the queue) while the slot was taken
+                queue.remove(waiter)
+            if not queue:
                 await self.state.leave_backlog(pool_id, tenant_id)
             slot = Slot(pool_id, tenant_id, slot_id, waiter.weight, waiter.predicted_output,
                         self.charge_input(tenant_id, waiter.input_tokens), waiter.input_tokens)
