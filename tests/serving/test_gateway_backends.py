@@ -75,7 +75,8 @@ def test_another_backend_of_the_pool_serves_an_adapter_one_backend_forgot(world,
     first.forget()
     r = _chat(gw, key)
     assert r.status_code == 200, r.text  # failed over before the first byte
-    assert [b["model"] for b in first.bodies] == [ADAPTER] and [b["model"] for b in second.bodies] == [ADAPTER]
+    # The forgetful backend was tried first and refused, or was already known to lack it; the other one answered.
+    assert [b["model"] for b in first.bodies] in ([], [ADAPTER]) and [b["model"] for b in second.bodies] == [ADAPTER]
     assert wait_for(lambda: ADAPTER in first.loaded, timeout=5)
 
 
