@@ -24,6 +24,7 @@ from django.db import IntegrityError, close_old_connections, connection, transac
 from django.db.models import F
 from django.utils import timezone
 
+from serving.routing import Route, routes_for
 from serving.tokencount import BOUND, counter_for
 
 log = logging.getLogger(__name__)
@@ -44,18 +45,6 @@ class KeyEntry:
     tenant_id: int
     scopes: frozenset
     expires_at: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """What a tenant-visible model name resolves to."""
-
-    name: str  # tenant-visible name, echoed in responses
-    pool_id: int
-    adapter: str | None  # backend-side adapter id (only on backends whose loaded_adapters list it)
-    base_model: str
-    owned_by: str
-    created: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +71,7 @@ class PoolEntry:
     counter: object = BOUND
 
     @property
-    def enabled_backends(self) -> int:  # for serving.selectors.pool_choice
+    def enabled_backends(self) -> int:  # for serving.routing.pool_choice
         return len(self.backends)
 
 
@@ -169,6 +158,7 @@ def load_snapshot(version: object = None) -> Snapshot:
         playground_users.setdefault(tenant_id, set()).add(user_id)
     defaults = {f.name: f.default for f in ModelConfig._meta.fields if f.name in ("default_max_tokens", "max_max_tokens", "default_temperature", "max_temperature", "system_message_rule")}
 
+    base_list, pool_list = list(base_models.values()), list(pools.values())
     tenants = {}
     for t in Tenant.objects.select_related("active_prompt").all():
         policy = policies.get(t.id)
@@ -199,40 +189,13 @@ def load_snapshot(version: object = None) -> Snapshot:
             default_temperature=float(cfg.default_temperature if cfg else defaults["default_temperature"]),
             max_temperature=float(cfg.max_temperature if cfg else defaults["max_temperature"]),
             cache_salt=tenant_cache_salt(t.id),
-            models=MappingProxyType(_routes_for(t, cfg, base_models, pools, deployments.get(t.id, ()))),
+            models=MappingProxyType(routes_for(tenant_id=t.id, tenant_slug=t.slug, allowed=cfg.allowed_models if cfg else (),
+                                               base_models=base_list, pools=pool_list,
+                                               deployments=deployments.get(t.id, ()))),
             guard=guard_from_config(cfg, label=t.slug),
             playground_users=frozenset(playground_users.get(t.id, ())),
         )
     return Snapshot(version, time.monotonic(), MappingProxyType(keys), MappingProxyType(tenants), MappingProxyType(pools))
-
-
-def _routes_for(tenant, cfg, base_models: dict, pools: dict, deployments) -> dict[str, Route]:
-    """The routing rules (docs/gateway.md): each base model the tenant may use, on the pool that
-    `serving.selectors.pool_choice` names (its dedicated pool, else a shared one), then its adapters."""
-    from serving.selectors import may_use, pool_choice
-
-    routes: dict[str, Route] = {}
-    allowed = set(cfg.allowed_models or ()) if cfg else set()
-    dedicated = {p.base_model for p in pools.values() if p.dedicated_tenant_id == tenant.id}
-    usable = {bm.name for bm in base_models.values() if may_use(bm, allowed=allowed, dedicated=bm.name in dedicated)}
-    for bm in base_models.values():
-        if bm.name not in usable:
-            continue
-        pool = pool_choice([p for p in pools.values() if p.base_model == bm.name], tenant_id=tenant.id)
-        if pool is not None:
-            # Isolated tenancy: a pool dedicated to this tenant serves the base model for it, and only for it.
-            owned_by = tenant.slug if pool.dedicated_tenant_id == tenant.id else "platform"
-            routes[bm.name] = Route(bm.name, pool.id, None, bm.name, owned_by, int(bm.created_at.timestamp()))
-    for d in deployments:
-        pool = pools.get(d.pool_id)
-        if pool is None or pool.dedicated_tenant_id not in (None, tenant.id) or d.adapter.name in routes:
-            continue
-        # Only the tenant's own adapter (a hand-made deployment row may name another's), and only on a base
-        # model the tenant may still use: an adapter must not reopen a model staff took away.
-        if d.adapter.tenant_id != tenant.id or pool.base_model not in usable:
-            continue
-        routes[d.adapter.name] = Route(d.adapter.name, pool.id, d.adapter.name, pool.base_model, tenant.slug, int(d.adapter.created_at.timestamp()))
-    return routes
 
 
 # ---- the version counter -------------------------------------------------------------------------

@@ -36,6 +36,13 @@ class BaseModel(models.Model):
         return self.name
 
 
+class PoolQuerySet(models.QuerySet):
+    def reachable_by(self, tenant):
+        """The pools a tenant's traffic may use: the shared ones and those dedicated to it. THE scoped query for
+        pools (another tenant's dedicated pool is never in it); routing picks among them (serving.routing)."""
+        return self.filter(models.Q(dedicated_tenant__isnull=True) | models.Q(dedicated_tenant=tenant))
+
+
 class BackendPool(models.Model):
     class Kind(models.TextChoices):
         TGI = "tgi", "TGI"
@@ -58,6 +65,8 @@ class BackendPool(models.Model):
                   "Fine-tuning refuses a rank no pool of the base model serves.",
     )
     created_at = models.DateTimeField(default=timezone.now)
+
+    objects = PoolQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]

@@ -10,46 +10,21 @@ from django.db.models.functions import TruncDate
 
 from serving.admission import WARN_FRACTION, window_bounds
 from serving.models import BackendPool, BaseModel, ModelConfig, UsageRecord
+from serving.routing import may_use, pool_choice
 from tenants.models import ApiKey, Policy, Tenant
 from tenants.selectors import effective_quota_tokens
 
 
-def may_use(base_model, *, allowed: set[str], dedicated: bool) -> bool:
-    """Whether a tenant may use a base model: served on a pool dedicated to it, or available to all and within its
-    allowed models (none listed: all). The one rule for the console, fine-tuning and (over its snapshot) routing."""
-    return dedicated or (base_model.available_to_all and (not allowed or base_model.name in allowed))
-
-
-def pool_choice(pools, *, tenant_id: int):
-    """THE rule for which pool serves a base model to a tenant, used by routing (the gateway's snapshot), adapter
-    deployment and the console, so all three name the same pool.
-
-    `pools`: the base model's pools, each with `name`, `dedicated_tenant_id` and `enabled_backends` (a count).
-    A pool dedicated to the tenant comes first (isolated tenancy: its own pool, even while it has no backend up);
-    else a shared pool. Within each, pools with enabled backends before those without, then by name. None when no
-    pool serves the base model to this tenant; another tenant's dedicated pool never does.
-    """
-    def order(pool):
-        return (pool.enabled_backends == 0, pool.name)
-
-    for tier in (tenant_id, None):
-        candidates = [p for p in pools if p.dedicated_tenant_id == tier]
-        if candidates:
-            return min(candidates, key=order)
-    return None
-
-
 def pool_for(tenant, base_model) -> BackendPool | None:
-    """The pool that serves `base_model` to `tenant` (`pool_choice` over the database)."""
-    pools = (BackendPool.objects.filter(base_model=base_model)
-             .filter(Q(dedicated_tenant__isnull=True) | Q(dedicated_tenant=tenant))
+    """The pool that serves `base_model` to `tenant`, by the routing rule (serving.routing.pool_choice)."""
+    pools = (BackendPool.objects.reachable_by(tenant).filter(base_model=base_model)
              .annotate(enabled_backends=Count("backends", filter=Q(backends__enabled=True))))
     return pool_choice(pools, tenant_id=tenant.pk)
 
 
 def base_models_for_tenant(tenant) -> list[BaseModel]:
-    """Base models the tenant may use (`may_use`): available to all (within its allowed models) or served on a pool
-    dedicated to it."""
+    """Base models the tenant may use (`serving.routing.may_use`): available to all (within its allowed models) or
+    served on a pool dedicated to it."""
     cfg = ModelConfig.objects.for_tenant(tenant).first()
     allowed = set(cfg.allowed_models or ()) if cfg else set()
     dedicated = set(BackendPool.objects.filter(dedicated_tenant=tenant).values_list("base_model_id", flat=True))

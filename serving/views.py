@@ -7,7 +7,6 @@ from datetime import timedelta
 
 from django.contrib import messages
 from django.db import transaction
-from django.db.models import Q
 from django.http import HttpResponse
 from django.shortcuts import redirect, render
 
@@ -15,6 +14,7 @@ from portal.charts import bar_chart
 from serving import selectors
 from serving.forms import ModelConfigForm
 from serving.models import Adapter, AdapterDeployment, BackendPool, BaseModel, ModelConfig
+from serving.routing import tenant_routes
 from tenants.access import TenantContext, tenant_view
 from tenants.models import Role
 from tenants.services import PLAYGROUND_ROLE, audit_record, playground_token_issue
@@ -95,26 +95,18 @@ def _csv_text(value: str) -> str:
 
 
 def served_base_models(tenant) -> list[tuple[BaseModel, BackendPool]]:
-    """(base model, its pool) for each base model the tenant may use that a pool serves to it, by the one rule
-    the gateway routes by and adapters are deployed by (`serving.selectors.pool_for`)."""
-    out = []
-    for bm in selectors.base_models_for_tenant(tenant):
-        pool = selectors.pool_for(tenant, bm)
-        if pool is not None:
-            out.append((bm, pool))
-    return out
+    """(base model, its pool) for each base model the gateway routes for the tenant (serving.routing)."""
+    bases = [r for r in tenant_routes(tenant).values() if r.adapter is None]
+    models = {bm.name: bm for bm in BaseModel.objects.filter(name__in=[r.base_model for r in bases])}
+    pools = BackendPool.objects.in_bulk([r.pool_id for r in bases])
+    return [(models[r.base_model], pools[r.pool_id]) for r in bases]
 
 
 def model_names_for(tenant) -> list[str]:
-    """The model names a tenant can call now (what the gateway routes): its base models that a pool serves to it, and
-    its adapters with a deployment that has not failed, on a base model it may use and a pool it may reach."""
-    usable = {bm.pk for bm in selectors.base_models_for_tenant(tenant)}
-    bases = {bm.name for bm, _ in served_base_models(tenant)}
-    adapters = (AdapterDeployment.objects.for_tenant(tenant).exclude(state=AdapterDeployment.State.FAILED)
-                .filter(adapter__base_model_id__in=usable, adapter__tenant=tenant)
-                .filter(Q(pool__dedicated_tenant__isnull=True) | Q(pool__dedicated_tenant=tenant))
-                .values_list("adapter__name", flat=True).distinct())
-    return sorted(bases) + sorted(set(adapters) - bases)
+    """The model names a tenant can call now: exactly what the gateway routes for it (serving.routing), its base
+    models first, then its adapters."""
+    routes = tenant_routes(tenant).values()
+    return sorted(r.name for r in routes if r.adapter is None) + sorted(r.name for r in routes if r.adapter is not None)
 
 
 @tenant_view(read=Role.VIEWER, write=Role.ADMIN)

@@ -1,0 +1,119 @@
+"""THE routing rule: which model names a tenant may call, and which pool serves each.
+
+`routes_for` is pure (plain objects in, routes out). The gateway's snapshot calls it over everything it loaded for
+every tenant (serving.config); the console, the playground and adapter deployment call it through `tenant_routes`,
+which loads the same inputs for one tenant. So the model list a tenant sees is, by construction, the list the
+gateway routes — a failed deployment, a model staff took away or another tenant's dedicated pool included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What a tenant-visible model name resolves to."""
+
+    name: str  # tenant-visible name, echoed in responses
+    pool_id: int
+    adapter: str | None  # backend-side adapter id (only on backends whose loaded_adapters list it)
+    base_model: str
+    owned_by: str
+    created: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolView:
+    """What routing needs of a pool (the gateway's PoolEntry has these too)."""
+
+    id: int
+    name: str
+    base_model: str  # the base model's public name
+    dedicated_tenant_id: int | None
+    enabled_backends: int
+
+
+def may_use(base_model, *, allowed: set[str], dedicated: bool) -> bool:
+    """Whether a tenant may use a base model: served on a pool dedicated to it, or available to all and within its
+    allowed models (none listed: all)."""
+    return dedicated or (base_model.available_to_all and (not allowed or base_model.name in allowed))
+
+
+def pool_choice(pools, *, tenant_id: int):
+    """Which of a base model's pools serves it to a tenant.
+
+    `pools`: the base model's pools, each with `name`, `dedicated_tenant_id` and `enabled_backends` (a count).
+    A pool dedicated to the tenant comes first (isolated tenancy: its own pool, even while it has no backend up);
+    else a shared pool. Within each, pools with enabled backends before those without, then by name. None when no
+    pool serves the base model to this tenant; another tenant's dedicated pool never does.
+    """
+    def order(pool):
+        return (pool.enabled_backends == 0, pool.name)
+
+    for tier in (tenant_id, None):
+        candidates = [p for p in pools if p.dedicated_tenant_id == tier]
+        if candidates:
+            return min(candidates, key=order)
+    return None
+
+
+def routes_for(*, tenant_id: int, tenant_slug: str, allowed, base_models, pools, deployments) -> dict[str, Route]:
+    """The tenant's routing table (docs/gateway.md, "Routing"): each base model it may use, on the pool
+    `pool_choice` names, then its own adapters with a deployment that has not failed.
+
+    `base_models`: objects with name, available_to_all, created_at. `pools`: PoolView-like (any tenant's; another
+    tenant's dedicated pool is never chosen). `deployments`: the tenant's AdapterDeployment rows (adapter loaded),
+    failed ones included or not: they are skipped here.
+    """
+    from serving.models import AdapterDeployment
+
+    pools = list(pools)
+    by_id = {p.id: p for p in pools}
+    allowed = set(allowed or ())
+    dedicated = {p.base_model for p in pools if p.dedicated_tenant_id == tenant_id}
+    usable = {bm.name for bm in base_models if may_use(bm, allowed=allowed, dedicated=bm.name in dedicated)}
+    routes: dict[str, Route] = {}
+    for bm in base_models:
+        if bm.name not in usable:
+            continue
+        pool = pool_choice([p for p in pools if p.base_model == bm.name], tenant_id=tenant_id)
+        if pool is not None:
+            # Isolated tenancy: a pool dedicated to this tenant serves the base model for it, and only for it.
+            owned_by = tenant_slug if pool.dedicated_tenant_id == tenant_id else "platform"
+            routes[bm.name] = Route(bm.name, pool.id, None, bm.name, owned_by, int(bm.created_at.timestamp()))
+    for d in deployments:
+        if d.state == AdapterDeployment.State.FAILED:
+            continue  # no backend took it: the gateway would have nowhere to send it
+        pool = by_id.get(d.pool_id)
+        if pool is None or pool.dedicated_tenant_id not in (None, tenant_id) or d.adapter.name in routes:
+            continue
+        # Only the tenant's own adapter (a hand-made deployment row may name another's), and only on a base
+        # model the tenant may still use: an adapter must not reopen a model staff took away.
+        if d.tenant_id != tenant_id or d.adapter.tenant_id != tenant_id or pool.base_model not in usable:
+            continue
+        routes[d.adapter.name] = Route(d.adapter.name, pool.id, d.adapter.name, pool.base_model, tenant_slug,
+                                       int(d.adapter.created_at.timestamp()))
+    return routes
+
+
+def pool_views(queryset) -> list[PoolView]:
+    """PoolViews of BackendPool rows (base model name and enabled backend count in the same query)."""
+    from django.db.models import Count, Q
+
+    rows = (queryset.select_related("base_model")
+            .annotate(n_enabled=Count("backends", filter=Q(backends__enabled=True))).order_by("name"))
+    return [PoolView(p.id, p.name, p.base_model.name, p.dedicated_tenant_id, p.n_enabled) for p in rows]
+
+
+def tenant_routes(tenant) -> dict[str, Route]:
+    """`routes_for` over the database, for one tenant: what the gateway's snapshot routes for it."""
+    from serving.models import AdapterDeployment, BackendPool, BaseModel, ModelConfig
+
+    cfg = ModelConfig.objects.for_tenant(tenant).first()
+    return routes_for(
+        tenant_id=tenant.pk, tenant_slug=tenant.slug, allowed=cfg.allowed_models if cfg else (),
+        base_models=list(BaseModel.objects.all()),
+        pools=pool_views(BackendPool.objects.reachable_by(tenant)),
+        deployments=AdapterDeployment.objects.for_tenant(tenant).select_related("adapter").order_by("id"),
+    )
