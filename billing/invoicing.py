@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from billing import rating, stripe_gateway
 from billing.models import BillingSettings, DailyUsage, Invoice, InvoiceLine
+from common.queue import enqueue_on_commit
 from serving.models import BackendPool
 from tenants.models import Tenant
 from tenants.services import SYSTEM, Actor, audit_record
@@ -80,9 +81,7 @@ def invoice_close(*, tenant: Tenant, period: date, now: datetime | None = None, 
     elif stripe_gateway.is_configured():
         Invoice.all_tenants.filter(pk=invoice.pk).update(delivery=Invoice.Delivery.PENDING)
         invoice.delivery = Invoice.Delivery.PENDING
-        from billing.tasks import invoice_push  # the task module imports services; import here to avoid a cycle
-
-        invoice_push.delay_on_commit(invoice.pk, tenant.pk)
+        enqueue_on_commit("billing.tasks.invoice_push", invoice.pk, tenant.pk)
     audit_record(tenant=tenant, actor=actor, action="billing.invoice_closed", target=invoice,
                  data={"number": invoice.number, "total_cents": invoice.total_cents, "period": period.isoformat()})
     return invoice

@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from billing import stripe_gateway
 from billing.models import BillingAccount, BillingSettings, Invoice, InvoiceLine, StripeEvent
+from common.queue import enqueue_on_commit
 from tenants.models import Membership, Role, Tenant
 from tenants.services import SYSTEM, Actor, audit_record, tenant_set_status
 
@@ -92,9 +93,7 @@ def _push_overtaken_by_void(invoice: Invoice) -> bool:
     is saved, so one of the two always sees the other's write."""
     if not Invoice.all_tenants.filter(pk=invoice.pk).filter(Q(pending_status=Invoice.Status.VOID) | Q(status=Invoice.Status.VOID)).exists():
         return False
-    from billing.tasks import invoice_status_sync  # the task module imports this one
-
-    invoice_status_sync.delay_on_commit(invoice.pk, invoice.tenant_id)
+    enqueue_on_commit("billing.tasks.invoice_status_sync", invoice.pk, invoice.tenant_id)
     return True
 
 
@@ -183,9 +182,7 @@ def _staff_status_request(*, invoice: Invoice, status: str, reason: str, actor: 
                      data={"number": invoice.number, "total_cents": invoice.total_cents, "reason": reason})
         if status == Invoice.Status.VOID:
             tenant_restore_if_settled(tenant=invoice.tenant, reason=f"Overdue invoice {invoice.number} voided")
-        from billing.tasks import invoice_status_sync  # the task module imports this one
-
-        invoice_status_sync.delay_on_commit(invoice.pk, invoice.tenant_id)
+        enqueue_on_commit("billing.tasks.invoice_status_sync", invoice.pk, invoice.tenant_id)
     return (f"{invoice.number}: Stripe is being asked to confirm; until it does, the invoice shows "
             f"“{invoice.get_pending_status_display()} pending” (retried automatically while Stripe is unreachable).")
 

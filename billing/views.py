@@ -22,7 +22,7 @@ from rest_framework.response import Response
 
 from billing import rating, selectors, services, stripe_gateway
 from billing.models import BillingSettings, Invoice, InvoiceLine, format_cents, utc_today
-from portal.charts import bar_chart
+from common.charts import bar_chart
 from tenants.access import TenantContext, tenant_view
 from tenants.api import TENANT_SLUG, TenantAPIView
 from tenants.models import Role

@@ -16,7 +16,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse, reverse_lazy
 from django.views.decorators.http import require_http_methods
 
-from portal.text import sentence
+from common.text import sentence
 from tenants import services, throttle
 from tenants.forms import EmailAuthenticationForm, SignupForm, TenantForm, ThrottledPasswordResetForm, apply_service_errors
 from tenants.selectors import memberships_for_user

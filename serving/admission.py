@@ -33,9 +33,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from django.conf import settings
+from django.db import DatabaseError
 
 from serving import leases
-from serving.leases import keeper_for, raise_if_cancelled, redis_client, redis_errors
+from serving.leases import keeper_for, raise_if_cancelled, redis_client, redis_errors, window_ttl_s
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,6 @@ def window_bounds(kind: str, now: datetime | None = None) -> tuple[datetime, dat
     start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
     return start, end
-
-
-def window_ttl_s(kind: str) -> int:
-    return 2 * 86400 if kind == "day" else 35 * 86400
 
 
 def _duration(seconds: float) -> str:
@@ -209,22 +206,51 @@ UsageLoader = Callable[..., Awaitable[int]]  # (tenant_id, window kind, window i
 
 async def ledger_usage(tenant_id: int, kind: str, window: str, *, exclude=()) -> int:
     """Tokens already in the ledger for a window, leaving out the `exclude` request ids: seeds a counter that
-    Redis or this process lost."""
+    Redis or this process lost. Raises django.db.DatabaseError when the database cannot answer."""
     from asgiref.sync import sync_to_async
+    from django.db import connection
     from django.db.models import Sum
 
     from serving.models import UsageRecord
 
     start, end = window_bounds(kind)
 
-    def load() -> int:
+    def query() -> int:
         rows = UsageRecord.objects.for_tenant(tenant_id).filter(created_at__gte=start, created_at__lt=end)
         if exclude:
             rows = rows.exclude(request_id__in=list(exclude))
         agg = rows.aggregate(i=Sum("input_tokens"), o=Sum("output_tokens"))
         return (agg["i"] or 0) + (agg["o"] or 0)
 
+    def load() -> int:
+        # A worker thread keeps its connection; one the database dropped (restart, failover, outage) would fail
+        # every later query on this thread (Django reconnects only between web requests): drop it, try once more.
+        try:
+            return query()
+        except DatabaseError:
+            connection.close()
+        try:
+            return query()
+        except DatabaseError:
+            connection.close()
+            raise
+
     return await sync_to_async(load, thread_sensitive=False)()
+
+
+def _usage_unavailable() -> Decision:
+    """The window's counter must be seeded from the ledger, and the database cannot answer: refused until it does
+    (a retry in 5 s; the ledger's spool and the config poller already log the outage)."""
+    return Decision(
+        False,
+        {"retry-after": "5"},
+        status=503,
+        error_type="service_unavailable",
+        code="usage_unavailable",
+        message="The usage ledger cannot be read right now (the database is unavailable), so this tenant's token quota "
+                "cannot be checked and requests are refused. Retry in a few seconds.",
+        retry_after=5,
+    )
 
 
 # ---- the embedded, in-process equivalent -----------------------------------------------------------
@@ -253,7 +279,10 @@ class LocalAdmission:
         window = window_id(limits.quota_window)
         qkey = (limits.tenant_id, window)
         if limits.quota_tokens and qkey not in self._quota:
-            used = await self._usage_loader(limits.tenant_id, limits.quota_window, window)
+            try:
+                used = await self._usage_loader(limits.tenant_id, limits.quota_window, window)
+            except DatabaseError:
+                return _usage_unavailable()
             with self._lock:
                 self._quota.setdefault(qkey, {"used": used, "reserved": 0, "warned": 0})
         with self._lock:
@@ -417,7 +446,10 @@ class RedisAdmission:
                     if decision.reservation is not None:
                         self.keeper().track_reservation(decision.reservation)  # renewed while it runs
                     return decision
-                await self._seed(limits, window, keys)
+                try:
+                    await self._seed(limits, window, keys)
+                except DatabaseError:
+                    return _usage_unavailable()
             raise RedisUnavailable("the quota counter could not be seeded from the ledger (settles kept coming in)")
         except RedisUnavailable:
             if limits.hard:

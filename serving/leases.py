@@ -32,6 +32,11 @@ PROBE_S, PROBE_MAX_S = 0.1, 2.0  # backoff of the probes while Redis is down
 LUA_DIR = Path(__file__).with_name("lua")
 
 
+def window_ttl_s(kind: str) -> int:
+    """How long Redis keeps a quota window's counters: past the window's end, so a late settle still finds them."""
+    return 2 * 86400 if kind == "day" else 35 * 86400
+
+
 def redis_errors() -> tuple[type[BaseException], ...]:
     """What a Redis call raises when Redis is unreachable, paused, restarting, failing over or out of memory
     (then: fall back, retry). Other errors (a script's bug) are not outages: they propagate, and are logged."""
@@ -207,8 +212,6 @@ class RedisKeeper:
         if not self._slots and not self._reservations:
             self.renewals += 1
             return
-        from serving.admission import window_ttl_s  # noqa: PLC0415 - admission imports this module
-
         client = self._redis()
         renew_slots, renew_res = self._scripts
         slots = {key: list(members) for key, members in self._slots.items()}

@@ -11,7 +11,7 @@ from django.db.models import Count, F, Sum
 from django.shortcuts import render
 from django.utils import timezone
 
-from portal.charts import bar_chart
+from common.charts import bar_chart
 from serving.ledger_spool import spool_summary
 from serving.models import BackendPool, UsageRecord
 from tenants.models import Policy

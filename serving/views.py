@@ -10,7 +10,7 @@ from django.db import transaction
 from django.http import HttpResponse
 from django.shortcuts import redirect, render
 
-from portal.charts import bar_chart
+from common.charts import bar_chart
 from serving import selectors
 from serving.forms import ModelConfigForm
 from serving.models import Adapter, AdapterDeployment, BackendPool, BaseModel, ModelConfig

@@ -16,7 +16,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from portal.text import sentence
+from common.text import sentence
 from tenants.models import (
     ApiKey,
     AuditEvent,

@@ -17,7 +17,7 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
-from portal.text import sentence
+from common.text import sentence
 from tenants import selectors, services
 from tenants.access import TenantContext, tenant_view
 from tenants.forms import ApiKeyForm, AuditFilterForm, InviteForm, PromptForm, RoleForm, TenantNameForm, apply_service_errors

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django import template
 
-from portal.text import sentence as _sentence
+from common.text import sentence as _sentence
 
 register = template.Library()
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import uuid
 
+from common.chat import template_message
+
 from .protocol import validation_error
 
 CALL_MARKER = "<|tool_call|>"
@@ -28,9 +30,7 @@ def tools_of(body: dict) -> tuple[list | None, bool]:
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
-    """Messages as chat templates take them: tool-call arguments as dicts (the fine-tuning validator's conversion)."""
-    from finetune.validation import template_message
-
+    """Messages as chat templates take them: tool-call arguments as dicts (common.chat, as the trainer renders them)."""
     return [template_message(m) for m in messages]
 
 

@@ -435,7 +435,7 @@ def test_tool_call_parser_like_vllms():
 def test_tools_and_tool_messages_go_through_the_chat_template(vllm_url, tiny_model_path):
     from transformers import AutoTokenizer
 
-    from finetune.validation import template_message
+    from common.chat import template_message
 
     messages = [{"role": "user", "content": "Weather?"},
                 {"role": "assistant", "content": None, "tool_calls": [

@@ -650,7 +650,7 @@ def test_every_console_url_is_a_tenant_view_or_listed_as_public_or_user():
 
 
 def test_sentence_adds_a_full_stop_only_when_missing():
-    from portal.text import sentence
+    from common.text import sentence
 
     assert sentence("Acme") == "Acme." and sentence("Demo Inc.") == "Demo Inc." and sentence("Why? ") == "Why?"
 
