@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django import forms
 
-from serving.guard import MAX_PATTERNS, custom_pattern_error
+from serving.guard import MAX_PATTERNS, custom_pattern_error, patterns_total_error
 from serving.models import ModelConfig
 
 
@@ -56,6 +56,9 @@ class ModelConfigForm(forms.ModelForm):
             error = custom_pattern_error(p)
             if error:
                 raise forms.ValidationError(f"{p!r} cannot be used: {error}.")
+        error = patterns_total_error(patterns)
+        if error:
+            raise forms.ValidationError(f"These patterns cannot be used: {error}.")
         return patterns
 
     def clean(self):

@@ -41,6 +41,14 @@ CONTEXT = 64  # characters already sent kept for lookbehinds / \b at the start o
 MAX_PATTERN_CHARS = 500
 MAX_PATTERNS = 50
 RE2_MAX_MEM = 8 << 20  # bytes of compiled program per pattern
+# RE2 is linear in the text, but its factor is the size of the compiled program when the DFA runs out of memory and
+# RE2 simulates the NFA: `(?:(?:\S+\s?){1,30}){1,30}#` (15,303 instructions) took 45 ms of the shared event loop per
+# streamed token and 270 ms per 2,500 characters of answer (bench/noisy_neighbour.py: another tenant's p50 went from
+# 20 ms to 8 s). Up to a few hundred instructions matching stays at DFA speed (≤ 0.03 ms a token, ≤ 0.02 ms per 1,000
+# characters); the patterns a tenant needs (IDs, keys, account numbers) are 15-400. Counted repetitions multiply the
+# size ({1,30} nested in {1,30}: 900 copies); `+` and `*` do not.
+MAX_PROGRAM_SIZE = 500  # RE2 instructions of one pattern
+MAX_TOTAL_PROGRAM_SIZE = 2000  # of all of a tenant's patterns together
 
 EMAIL_RE = (
     r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -254,16 +262,28 @@ def custom_pattern_error(pattern: str) -> str | None:
     if len(pattern) > MAX_PATTERN_CHARS:
         return f"it is {len(pattern)} characters long; the limit is {MAX_PATTERN_CHARS}"
     try:
-        _re2(pattern)
+        size = _re2(pattern).programsize
     except re2.error as exc:
         reason = str(exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc)
         if "invalid perl operator" in reason or "invalid escape sequence" in reason:
             return f"{reason} (lookarounds and backreferences are not supported: patterns run on RE2, in linear time)"
         return reason
+    if size > MAX_PROGRAM_SIZE:
+        return (f"it compiles to {size:,} RE2 instructions; the limit is {MAX_PROGRAM_SIZE:,} (counted repetitions such as "
+                "{1,30}, nested or large, multiply the size and make matching slow: use + or * or smaller counts)")
     try:
         make_detector("check", pattern, REDACTED)
     except (re.error, ValueError, re2.error) as exc:
         return str(exc)
+    return None
+
+
+def patterns_total_error(patterns) -> str | None:
+    """Why a tenant's patterns together cannot be used (each one checked by `custom_pattern_error` first)."""
+    total = sum(_re2(p).programsize for p in patterns)
+    if total > MAX_TOTAL_PROGRAM_SIZE:
+        return (f"together they compile to {total:,} RE2 instructions; the limit is {MAX_TOTAL_PROGRAM_SIZE:,} (every pattern "
+                "is matched against every answer: remove some, or use + or * instead of counted repetitions)")
     return None
 
 
@@ -497,11 +517,18 @@ def build_guard(*, emails: bool = False, phones: bool = False, cards: bool = Fal
         detectors.append(_builtin("card"))
     if phones:
         detectors.append(_builtin("phone"))
+    total = 0
     for n, pattern in enumerate(list(patterns or ())[:MAX_PATTERNS]):
         if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_PATTERN_CHARS:
             continue
         try:
-            detectors.append(make_detector(f"pattern{n}", pattern, REDACTED))
+            detector = make_detector(f"pattern{n}", pattern, REDACTED)
+            size = detector.regex.programsize
+            if size > MAX_PROGRAM_SIZE or total + size > MAX_TOTAL_PROGRAM_SIZE:  # saved before the limits
+                raise ValueError(f"{size:,} RE2 instructions (limits: {MAX_PROGRAM_SIZE:,} a pattern, {MAX_TOTAL_PROGRAM_SIZE:,} "
+                                 f"together; {total:,} used by the patterns before it)")
+            total += size
+            detectors.append(detector)
         except Exception as exc:  # never let one tenant's pattern break the snapshot
             log.warning("output guard%s: custom pattern %r skipped: %s", f" ({label})" if label else "", pattern, exc)
     blocked = blocked_terms_pattern(blocked_terms or ())

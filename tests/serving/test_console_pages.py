@@ -133,6 +133,19 @@ def test_model_settings_errors_are_field_level_and_nothing_saved(client, world, 
     assert ModelConfig.objects.for_tenant(world.tenant).get().max_max_tokens == 4096
 
 
+def test_model_settings_refuse_patterns_too_big_to_match_fast(client, world, served):
+    login(client, world.admin)
+    url = reverse("console-models", args=["acme"])
+    form = {"default_model": "tiny-chat", "default_max_tokens": 50, "max_max_tokens": 200, "default_temperature": "0.5",
+            "max_temperature": "1.5", "system_message_rule": "keep", "blocked_terms": ""}
+    page = client.post(url, {**form, "redact_patterns": "(?:(?:\\S+\\s?){1,30}){1,30}#\n"})
+    assert page.status_code == 200
+    assert "15,303 RE2 instructions; the limit is 500" in page.context["form"].errors["redact_patterns"][0]
+    page = client.post(url, {**form, "redact_patterns": "".join("[A-Za-z0-9+/]{40,100}" + c + "\n" for c in "#@~%&!")})
+    assert "together they compile to 2,190 RE2 instructions" in page.context["form"].errors["redact_patterns"][0]
+    assert ModelConfig.objects.for_tenant(world.tenant).get().redact_patterns == []
+
+
 def test_playground_issues_a_token_for_this_tenant_only(client, world, served):
     login(client, world.developer)
     page = client.get(reverse("console-playground", args=["acme"]))

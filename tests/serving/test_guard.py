@@ -88,6 +88,13 @@ def test_custom_patterns_and_blocked_terms():
                                f"{BLOCKED} code, {REDACTED}.")
 
 
+def test_tool_call_arguments_nested_beyond_what_json_loads_can_recurse_are_redacted_as_text():
+    """A model's arguments are anything it wrote: 5,000 levels deep was a RecursionError mid-answer."""
+    deep = '{"to": "bob@example.com", "x": ' + "[" * 5000 + "]" * 5000 + "}"
+    assert EMAILS.apply_json(deep) == deep.replace("bob@example.com", REDACTED)
+    assert json.loads(EMAILS.apply_json('{"to": "bob@example.com"}')) == {"to": REDACTED}
+
+
 def test_nothing_enabled_is_no_guard_and_bad_patterns_are_skipped(caplog):
     assert build_guard() is None
     assert build_guard(patterns=["", None], blocked_terms=["", "  "]) is None
@@ -376,6 +383,7 @@ def test_tenant_patterns_keep_the_split_chunk_guarantee():
     ("a" * 501, "the limit is 500"),
     ("x*", "empty string"),
     ("([unclosed", "missing"),
+    (r"(?:(?:\S+\s?){1,30}){1,30}#", "15,303 RE2 instructions; the limit is 500"),
 ])
 def test_unusable_patterns_are_refused_with_the_reason(pattern, reason):
     from serving.guard import custom_pattern_error
@@ -387,3 +395,34 @@ def test_unusable_patterns_are_refused_with_the_reason(pattern, reason):
 def test_a_stored_pattern_re2_cannot_run_is_skipped_not_fatal(caplog):
     guard = build_guard(patterns=[r"(?<=x)y", r"ACME-\d+"])
     assert guard.apply("xy ACME-1") == f"xy {REDACTED}"
+
+
+# Accepted before the size limits: 45 ms of the shared event loop per streamed token, 270 ms per 2,500 characters.
+HUGE_PROGRAM = r"(?:(?:\S+\s?){1,30}){1,30}#"
+
+
+def test_the_patterns_a_tenant_needs_fit_the_size_limits():
+    from serving.guard import custom_pattern_error, patterns_total_error
+
+    needed = [r"ACCT-\d{8}", r"\b[A-Z]{2}\d{2}[A-Z0-9]{11,30}\b", r"sk-[A-Za-z0-9]{20,64}", r"[A-Za-z0-9+/]{40,100}",
+              r"(?i)secret[-_ ]?key[:=]\s*\S{8,}", r"(?:\d{1,3}\.){3}\d{1,3}", CATASTROPHIC]
+    assert [custom_pattern_error(p) for p in needed] == [None] * len(needed)
+    assert patterns_total_error(needed) is None
+
+
+def test_patterns_too_big_together_are_refused():
+    from serving.guard import custom_pattern_error, patterns_total_error
+
+    each = [r"[A-Za-z0-9+/]{40,100}" + c for c in "#@~%&!"]  # 365 instructions each: fine alone
+    assert [custom_pattern_error(p) for p in each] == [None] * 6
+    error = patterns_total_error(each)
+    assert error is not None and "2,190 RE2 instructions; the limit is 2,000" in error
+
+
+def test_a_stored_pattern_over_the_size_limits_is_skipped(caplog):
+    guard = build_guard(patterns=[HUGE_PROGRAM, r"ACME-\d+"], label="acme")
+    assert guard.apply("tag a b c# ACME-1") == f"tag a b c# {REDACTED}"
+    assert "15,303 RE2 instructions" in caplog.text
+    many = build_guard(patterns=[r"[A-Za-z0-9+/]{40,100}" + c for c in "#@~%&!"])
+    assert len(many.detectors) == 5  # the sixth would pass the total
+
