@@ -53,19 +53,38 @@ def fair_share_weight_sum() -> int:
     return Policy.all_tenants.filter(fair_share=True, tenant__status=Tenant.Status.ACTIVE).aggregate(s=Sum("weight"))["s"] or 0
 
 
+# Lines of the changed middle, old × new, past which the middle is shown as removed then added. difflib's matcher is
+# superlinear when many lines repeat just under its junk threshold (1 % of the lines): two 20,000-character versions
+# of 2-character lines took 5 s of CPU per GET (bench/noisy_neighbour.py); at 1,000 × 1,000 lines it takes ≤ 20 ms.
+DIFF_MAX_LINE_PAIRS = 1_000_000
+
+
 def prompt_diff(old: SystemPromptVersion, new: SystemPromptVersion) -> list[tuple[str, str]]:
     """Line diff between two versions as (kind, line) pairs, kind in {' ', '-', '+'}.
 
     Lines only, with difflib's junk heuristic: `ndiff` also compared characters within changed lines, quadratic in
-    their length (35 s of CPU for two 8,000-character one-line prompts, for any viewer to request)."""
+    their length (35 s of CPU for two 8,000-character one-line prompts, for any viewer to request). The common
+    first and last lines are taken off first; a middle of more than DIFF_MAX_LINE_PAIRS line pairs is not matched."""
     a, b = old.text.splitlines(), new.text.splitlines()
-    out: list[tuple[str, str]] = []
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b).get_opcodes():
+    head = 0
+    while head < len(a) and head < len(b) and a[head] == b[head]:
+        head += 1
+    tail = 0
+    while tail < len(a) - head and tail < len(b) - head and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    mid_a, mid_b = a[head:len(a) - tail], b[head:len(b) - tail]
+    out: list[tuple[str, str]] = [(" ", line) for line in a[:head]]
+    if len(mid_a) * len(mid_b) > DIFF_MAX_LINE_PAIRS:
+        opcodes = [("replace", 0, len(mid_a), 0, len(mid_b))]
+    else:
+        opcodes = difflib.SequenceMatcher(None, mid_a, mid_b).get_opcodes()
+    for op, i1, i2, j1, j2 in opcodes:
         if op == "equal":
-            out += [(" ", line) for line in a[i1:i2]]
+            out += [(" ", line) for line in mid_a[i1:i2]]
             continue
-        out += [("-", line) for line in a[i1:i2]]
-        out += [("+", line) for line in b[j1:j2]]
+        out += [("-", line) for line in mid_a[i1:i2]]
+        out += [("+", line) for line in mid_b[j1:j2]]
+    out += [(" ", line) for line in a[len(a) - tail:]]
     return out
 
 

@@ -584,6 +584,36 @@ def test_diff_of_two_long_versions_is_not_quadratic():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+def test_diff_of_many_short_repeated_lines_is_bounded():
+    # difflib's matcher is superlinear when lines repeat just under its junk threshold: two 20,000-character versions
+    # of 2-character lines (100 distinct, each ~66 times) took 5 s of CPU per GET; these two of 40,000, half a minute.
+    import subprocess
+    import sys
+
+    n = 40_000 // 3
+    old = "head\n" + "\n".join(f"{i % 100:02d}" for i in range(n)) + "\ntail"
+    new = "head\n" + "\n".join(f"{(i * 7) % 100:02d}" for i in range(n)) + "\ntail"
+    code = ("import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'portal.settings'); django.setup()\n"
+            "from types import SimpleNamespace as V\nfrom tenants.selectors import prompt_diff\n"
+            f"old, new = {old!r}, {new!r}\nlines = prompt_diff(V(text=old), V(text=new))\n"
+            "assert [l for k, l in lines if k in ' -'] == old.splitlines()\n"
+            "assert [l for k, l in lines if k in ' +'] == new.splitlines()\n"
+            "assert lines[0] == (' ', 'head') and lines[-1] == (' ', 'tail')\nprint('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=15)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_diff_keeps_common_first_and_last_lines_and_matches_the_middle():
+    from types import SimpleNamespace as V
+
+    from tenants.selectors import prompt_diff
+
+    old = V(text="Be kind.\nBe brief.\nUse lists.\nSay thanks.\nSign off.")
+    new = V(text="Be kind.\nBe exact.\nUse lists.\nSign off.")
+    assert prompt_diff(old, new) == [(" ", "Be kind."), ("-", "Be brief."), ("+", "Be exact."), (" ", "Use lists."),
+                                     ("-", "Say thanks."), (" ", "Sign off.")]
+
+
 def test_oversized_prompt_is_a_field_error_and_saves_nothing(client, world, settings):
     settings.PLATFORM_MAX_PROMPT_CHARS = 100
     response = client_for(client, world.admin).post(url("console-prompt"), {"text": "x" * 101, "note": ""})
