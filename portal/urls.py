@@ -10,6 +10,7 @@ from tenants.forms import StaffAuthenticationForm
 admin.site.site_header = "LLM Platform staff"
 admin.site.site_title = "LLM Platform staff"
 admin.site.login_form = StaffAuthenticationForm  # the console's sign-in throttle (tenants/throttle.py)
+handler500 = "portal.views.server_error"  # the database unreachable: a 503 that says so (JSON under /api/ and /v1/)
 
 urlpatterns = [
     path("admin/", admin.site.urls),

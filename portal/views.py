@@ -6,13 +6,18 @@ reset request are throttled by their forms (tenants/throttle.py) and answer 429 
 
 from __future__ import annotations
 
+import sys
+
 from django.contrib import messages
 from django.contrib.auth import get_user_model, login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, transaction
+from django.http import HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
+from django.views import defaults
 from django.urls import reverse, reverse_lazy
 from django.views.decorators.http import require_http_methods
 
@@ -154,3 +159,37 @@ def invitation_accept(request, token: str):
     context["signup_url"] = f"{reverse('signup')}?invitation={token}"
     context["login_url"] = f"{reverse('login')}?next={here}"
     return render(request, "auth/invitation.html", context)
+
+
+DATABASE_UNAVAILABLE = "The database cannot be reached right now, so this request could not be completed. Retry in a minute."
+
+
+def server_error(request):
+    """handler500 (DEBUG off). A database that cannot be reached (down, restarting, refusing connections) is a 503
+    that says so, with Retry-After; any other failure stays a 500. Under /v1/ the answer is JSON in OpenAI's error
+    shape, under /api/ the management API's JSON; elsewhere a page rendered without the request (its context
+    processors would ask the database again)."""
+    unavailable = isinstance(sys.exc_info()[1], (OperationalError, InterfaceError))
+    path = request.path
+    if path.startswith(("/v1/", "/api/")):
+        from finetune.api import openai_error_body
+
+        if unavailable:
+            message, code, status = DATABASE_UNAVAILABLE, "database_unavailable", 503
+        else:
+            message, code, status = ("The server failed on this request. Retry; if it persists, tell the platform team "
+                                     "the time of the request.", "internal_error", 500)
+        if path.startswith("/v1/"):
+            body = openai_error_body(message, status, code)
+            if unavailable:
+                body["error"]["type"] = "service_unavailable"
+        else:
+            body = {"detail": message, "code": code}
+        response = JsonResponse(body, status=status)
+    elif unavailable:
+        response = HttpResponse(render_to_string("503.html", {"message": DATABASE_UNAVAILABLE}), status=503)
+    else:
+        return defaults.server_error(request)
+    if unavailable:
+        response["Retry-After"] = "60"
+    return response

@@ -81,6 +81,8 @@ class Result:
     raw_error: bytes = b""  # a body that is not an OpenAI-shaped error
     cut: bool = False  # the stream ended without its end (the gateway died)
     completed: bool = False
+    started: float = 0.0  # time.monotonic() when it was sent
+    ended: float = 0.0  # and when its answer ended
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Faults:
     tenants: dict = field(default_factory=dict)  # tenant slug -> Tenant
     pool_id: int = 0
     results: list = field(default_factory=list)
+    extra_env: dict = field(default_factory=dict)  # more settings for every process
     _n: int = 0
 
     def env(self) -> dict:
@@ -105,7 +108,7 @@ class Faults:
             "PLATFORM_VAR_DIR": str(var), "PLATFORM_GATEWAY_JOURNAL_DIR": str(self.tmp / "journal"),
             "PLATFORM_LEDGER_SPOOL_DIR": str(self.tmp / "spool"), "CELERY_BROKER_URL": "filesystem://",
             "PLATFORM_GATEWAY_CONFIG_POLL_MS": "200", "PLATFORM_GATEWAY_HEALTH_INTERVAL_MS": "500",
-            "PLATFORM_QUEUE_TIMEOUT_S": "20", "DJANGO_DEBUG": "false", "PYTHONUNBUFFERED": "1",
+            "PLATFORM_QUEUE_TIMEOUT_S": "20", "DJANGO_DEBUG": "false", "PYTHONUNBUFFERED": "1", **self.extra_env,
         }
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
@@ -175,6 +178,9 @@ class Faults:
         pool = BackendPool.objects.create(name="shared", base_model=base, kind=BackendPool.Kind.DEV, capacity=CAPACITY)
         Backend.objects.create(pool=pool, url=backend_url, max_concurrency=64)
         self.pool_id = pool.id
+        self.create_tenants(tenants)
+
+    def create_tenants(self, tenants: dict[str, dict]) -> None:
         for slug, policy in tenants.items():
             tenant = services.tenant_create(slug=slug, name=slug, owner=make_user(f"{slug}@faults.test"))
             services.policy_update(tenant=tenant, actor=services.SYSTEM, **policy)
@@ -189,7 +195,7 @@ class Faults:
         import aiohttp
 
         self._n += 1
-        res = Result(tag=f"flt-{self._n}", tenant=tenant)
+        res = Result(tag=f"flt-{self._n}", tenant=tenant, started=time.monotonic())
         self.results.append(res)
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": max_tokens, "stream": True}
         headers = {"authorization": f"Bearer {self.keys[tenant]}", "x-request-id": res.tag}
@@ -220,6 +226,8 @@ class Faults:
                     res.cut = True
         except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError):
             res.cut = True
+        finally:
+            res.ended = time.monotonic()
         return res
 
     async def burst(self, gateways: list[dict], tenants: dict[str, int], *, seconds: float, max_tokens: int, fault=None) -> None:
