@@ -13,6 +13,7 @@ from django.urls import path
 from billing import invoicing, services, stripe_gateway
 from billing.models import BillingAccount, BillingSettings, DailyUsage, Invoice, InvoiceLine, Price, StripeEvent, utc_today
 from billing.tasks import invoice_push
+from tenants.admin import AllTenantsAdmin
 from tenants.models import Tenant
 from tenants.services import Actor
 
@@ -24,9 +25,8 @@ class PriceForm(forms.ModelForm):
                   "rated this month, and tenants' cost so far changes. Days of ended or invoiced months are never allowed.",
     )
 
-    class Meta:
-        model = Price
-        fields = "__all__"
+    # No Meta: the admin builds the form for Price with its own field callback, which offers every tenant's
+    # adapters through AllTenantsAdmin (a form class built here would ask Adapter's default manager, which refuses).
 
     def clean(self):
         cleaned = super().clean()
@@ -35,12 +35,11 @@ class PriceForm(forms.ModelForm):
 
 
 @admin.register(Price)
-class PriceAdmin(admin.ModelAdmin):
+class PriceAdmin(AllTenantsAdmin, admin.ModelAdmin):
     form = PriceForm
     list_display = ("base_model", "adapter", "pool", "input_price", "output_price", "training_price", "effective_from")
     list_filter = ("base_model",)
-    autocomplete_fields = ()
-    raw_id_fields = ("adapter",)
+    autocomplete_fields = ("adapter",)  # searched by name or tenant (AdapterAdmin's search fields)
     readonly_fields = ("created_at",)
 
     def get_actions(self, request):
@@ -67,12 +66,12 @@ class BillingSettingsAdmin(admin.ModelAdmin):
 
 
 @admin.register(BillingAccount)
-class BillingAccountAdmin(admin.ModelAdmin):
+class BillingAccountAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ("tenant", "stripe_customer_id", "suspended_for_nonpayment")
     search_fields = ("tenant__slug", "stripe_customer_id")
 
 
-class InvoiceLineInline(admin.TabularInline):
+class InvoiceLineInline(AllTenantsAdmin, admin.TabularInline):
     model = InvoiceLine
     extra = 0
     can_delete = False
@@ -114,7 +113,7 @@ STAFF_STATUS_CHANGES = {
 
 
 @admin.register(Invoice)
-class InvoiceAdmin(admin.ModelAdmin):
+class InvoiceAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ("number", "tenant", "period_start", "status", "pending_status", "total_cents", "delivery", "closed_at")
     list_filter = ("status", "pending_status", "delivery", "period_start")
     search_fields = ("number", "tenant__slug", "stripe_invoice_id")
@@ -139,7 +138,7 @@ class InvoiceAdmin(admin.ModelAdmin):
 
     def status_view(self, request, invoice_id, status):
         """The "Void…" / "Mark uncollectible…" buttons of one invoice: a reason, then the change."""
-        invoice = get_object_or_404(Invoice.all_tenants.select_related("tenant"), pk=invoice_id)  # staff see every tenant
+        invoice = get_object_or_404(self.get_queryset(request).select_related("tenant"), pk=invoice_id)  # every tenant's
         if not self.has_change_permission(request, invoice):
             raise PermissionDenied
         return self._staff_status_change(request, [invoice], status) or redirect("admin:billing_invoice_change", invoice.pk)
@@ -194,14 +193,14 @@ class InvoiceAdmin(admin.ModelAdmin):
 
 
 @admin.register(StripeEvent)
-class StripeEventAdmin(admin.ModelAdmin):
+class StripeEventAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ("event_id", "type", "created", "source", "invoice", "outcome")
     list_filter = ("type", "source")
     search_fields = ("event_id",)
 
 
 @admin.register(DailyUsage)
-class DailyUsageAdmin(admin.ModelAdmin):
+class DailyUsageAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ("tenant", "day", "period", "kind", "model", "adapter", "pool", "input_tokens", "output_tokens", "trained_tokens")
     list_filter = ("kind", "period")
 

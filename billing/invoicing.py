@@ -76,10 +76,10 @@ def invoice_close(*, tenant: Tenant, period: date, now: datetime | None = None, 
     invoice.move_to(Invoice.Status.OPEN, at=now)
     if invoice.total_cents <= 0:
         invoice.move_to(Invoice.Status.PAID, at=now)  # nothing to collect, as Stripe does for zero invoices
-        Invoice.all_tenants.filter(pk=invoice.pk).update(delivery=Invoice.Delivery.NOT_NEEDED)
+        invoice.own_row().update(delivery=Invoice.Delivery.NOT_NEEDED)
         invoice.delivery = Invoice.Delivery.NOT_NEEDED
     elif stripe_gateway.is_configured():
-        Invoice.all_tenants.filter(pk=invoice.pk).update(delivery=Invoice.Delivery.PENDING)
+        invoice.own_row().update(delivery=Invoice.Delivery.PENDING)
         invoice.delivery = Invoice.Delivery.PENDING
         enqueue_on_commit("billing.tasks.invoice_push", invoice.pk, tenant.pk)
     audit_record(tenant=tenant, actor=actor, action="billing.invoice_closed", target=invoice,

@@ -258,7 +258,7 @@ class Invoice(TenantOwnedModel):
         if self.pending_status and (status == self.pending_status or not self.TRANSITIONS[self.Status(status)]):
             changes["pending_status"] = ""  # reached what staff asked for, or a final state that overrides it
         # Claim the move: only succeeds from the state we read, so two workers cannot both apply it.
-        claimed = Invoice.all_tenants.filter(pk=self.pk, status=self.status).update(**changes)
+        claimed = self.own_row().filter(status=self.status).update(**changes)
         if claimed != 1:
             self.refresh_from_db()
             return self.move_to(status, at=at) if self.status != status else False

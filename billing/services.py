@@ -91,7 +91,7 @@ def _push_overtaken_by_void(invoice: Invoice) -> bool:
     """A void asked for while a push runs wins: the push stops, and the void's task runs (again) to remove
     what the push created. Checked after each stored Stripe id: the void's task reads those ids after the void
     is saved, so one of the two always sees the other's write."""
-    if not Invoice.all_tenants.filter(pk=invoice.pk).filter(Q(pending_status=Invoice.Status.VOID) | Q(status=Invoice.Status.VOID)).exists():
+    if not invoice.own_row().filter(Q(pending_status=Invoice.Status.VOID) | Q(status=Invoice.Status.VOID)).exists():
         return False
     enqueue_on_commit("billing.tasks.invoice_status_sync", invoice.pk, invoice.tenant_id)
     return True
@@ -167,16 +167,16 @@ def _staff_status_request(*, invoice: Invoice, status: str, reason: str, actor: 
     if not reason:
         raise ValidationError("Give a reason: it is kept with the invoice and in the audit log.")
     with transaction.atomic():
-        invoice = Invoice.all_tenants.select_for_update().select_related("tenant").get(pk=invoice.pk)
+        invoice = invoice.own_row().select_for_update().select_related("tenant").get()
         refusal = _staff_status_refusal(invoice, status)
         if refusal:
             raise ValidationError(refusal)
         invoice.status_reason, invoice.status_requested_at = reason, timezone.now()
         if not _at_stripe(invoice):
-            Invoice.all_tenants.filter(pk=invoice.pk).update(status_reason=reason, status_requested_at=invoice.status_requested_at)
+            invoice.own_row().update(status_reason=reason, status_requested_at=invoice.status_requested_at)
             _staff_status_settle(invoice, status, actor=actor, reason=reason)
             return f"{invoice.number} is now {invoice.get_status_display().lower()}."
-        Invoice.all_tenants.filter(pk=invoice.pk).update(pending_status=status, status_reason=reason, status_requested_at=invoice.status_requested_at)
+        invoice.own_row().update(pending_status=status, status_reason=reason, status_requested_at=invoice.status_requested_at)
         invoice.pending_status = status
         audit_record(tenant=invoice.tenant, actor=actor, action=f"billing.invoice_{status}_requested", target=invoice,
                      data={"number": invoice.number, "total_cents": invoice.total_cents, "reason": reason})
@@ -200,7 +200,7 @@ def _staff_status_settle(invoice: Invoice, status: str, *, actor: Actor = SYSTEM
     log.info("Invoice %s %s (%s cents): %s", invoice.number, _DONE[status], invoice.total_cents, data["reason"])
     if status == Invoice.Status.VOID:
         if invoice.delivery == Invoice.Delivery.PENDING:  # never reached the customer: nothing left to send
-            Invoice.all_tenants.filter(pk=invoice.pk).update(delivery=Invoice.Delivery.NOT_NEEDED)
+            invoice.own_row().update(delivery=Invoice.Delivery.NOT_NEEDED)
         tenant_restore_if_settled(tenant=invoice.tenant, reason=f"Overdue invoice {invoice.number} voided")
     return status
 
@@ -216,7 +216,7 @@ def invoice_status_sync(*, invoice: Invoice, client=None) -> str:
     Stripe's invoice is read first, so a retry after a lost answer, or after the webhook came first, calls
     nothing twice (and each POST carries a key from our uuid). If the customer paid first, it is marked paid.
     """
-    invoice = Invoice.all_tenants.select_related("tenant").get(pk=invoice.pk)
+    invoice = invoice.own_row().select_related("tenant").get()
     target = invoice.pending_status or (Invoice.Status.VOID if invoice.status == Invoice.Status.VOID else "")
     if not target:
         return "nothing pending"
@@ -225,8 +225,8 @@ def invoice_status_sync(*, invoice: Invoice, client=None) -> str:
     else:
         at_stripe = _mark_uncollectible_at_stripe(invoice, client=client)
     with transaction.atomic():
-        invoice = Invoice.all_tenants.select_for_update().select_related("tenant").get(pk=invoice.pk)
-        Invoice.all_tenants.filter(pk=invoice.pk).update(delivery_error="")
+        invoice = invoice.own_row().select_for_update().select_related("tenant").get()
+        invoice.own_row().update(delivery_error="")
         if at_stripe == "paid":
             log.warning("Invoice %s was paid at Stripe before it could be %s; marking it paid.", invoice.number, _DONE[target])
             return invoice_mark_paid(invoice=invoice)
@@ -297,7 +297,7 @@ def stripe_event_apply(*, event: dict, source: str = "webhook", client=None) -> 
         if invoice is None:
             outcome = "ignored: not one of our invoices" if str(event.get("type", "")).startswith("invoice.") else "ignored"
         else:
-            invoice = Invoice.all_tenants.select_for_update().select_related("tenant").get(pk=invoice.pk)
+            invoice = invoice.own_row().select_for_update().select_related("tenant").get()
             outcome = _apply_invoice_event(event["type"], obj, invoice, client=client)
         record.invoice = invoice
         record.outcome = outcome[:200]
@@ -308,9 +308,9 @@ def stripe_event_apply(*, event: dict, source: str = "webhook", client=None) -> 
 def _apply_invoice_event(kind: str, obj: dict, invoice: Invoice, *, client=None) -> str:
     if obj.get("id") and not invoice.stripe_invoice_id:
         invoice.stripe_invoice_id = obj["id"]
-        Invoice.all_tenants.filter(pk=invoice.pk).update(stripe_invoice_id=obj["id"])
+        invoice.own_row().update(stripe_invoice_id=obj["id"])
     if obj.get("hosted_invoice_url") and not invoice.hosted_invoice_url:
-        Invoice.all_tenants.filter(pk=invoice.pk).update(hosted_invoice_url=obj["hosted_invoice_url"], delivery=Invoice.Delivery.SENT)
+        invoice.own_row().update(hosted_invoice_url=obj["hosted_invoice_url"], delivery=Invoice.Delivery.SENT)
     if kind in PAID_EVENTS:
         return invoice_mark_paid(invoice=invoice)
     if kind == "invoice.payment_failed":
@@ -369,7 +369,7 @@ def invoice_payment_failed(*, invoice: Invoice, now: datetime | None = None) -> 
     now = now or timezone.now()
     first = invoice.payment_failed_at is None
     if first:
-        Invoice.all_tenants.filter(pk=invoice.pk, payment_failed_at__isnull=True).update(payment_failed_at=now)
+        invoice.own_row().filter(payment_failed_at__isnull=True).update(payment_failed_at=now)
         invoice.payment_failed_at = now
     grace = BillingSettings.load().grace_days
     audit_record(tenant=invoice.tenant, actor=SYSTEM, action="billing.payment_failed", target=invoice,

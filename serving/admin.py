@@ -6,6 +6,7 @@ from django.contrib import admin, messages
 
 from serving import adapter_loads
 from serving.models import Adapter, AdapterDeployment, Backend, BackendPool, BaseModel, ModelConfig, UsageRecord
+from tenants.admin import AllTenantsAdmin
 
 
 @admin.register(BaseModel)
@@ -62,7 +63,7 @@ def _note_enabled_again(form) -> None:
 
 
 @admin.register(Adapter)
-class AdapterAdmin(admin.ModelAdmin):
+class AdapterAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ("name", "tenant", "base_model", "rank", "size_bytes", "created_at")
     list_filter = ("base_model",)
     search_fields = ("name", "tenant__slug")
@@ -88,7 +89,7 @@ def retry_deployments(modeladmin, request, queryset):
 
 
 @admin.register(AdapterDeployment)
-class AdapterDeploymentAdmin(admin.ModelAdmin):
+class AdapterDeploymentAdmin(AllTenantsAdmin, admin.ModelAdmin):
     """A deployment's `error` is what the tenant sees; `error_detail` (the backends' own answers) is for staff."""
 
     list_display = ("adapter", "tenant", "pool", "state", "error", "created_at")
@@ -99,13 +100,13 @@ class AdapterDeploymentAdmin(admin.ModelAdmin):
 
 
 @admin.register(ModelConfig)
-class ModelConfigAdmin(admin.ModelAdmin):
+class ModelConfigAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ("tenant", "default_model", "default_max_tokens", "max_max_tokens", "system_message_rule")
     search_fields = ("tenant__slug",)
 
 
 @admin.register(UsageRecord)
-class UsageRecordAdmin(admin.ModelAdmin):
+class UsageRecordAdmin(AllTenantsAdmin, admin.ModelAdmin):
     """The ledger is written once by the gateway and read by billing: staff can look, never edit."""
 
     list_display = ("created_at", "tenant", "endpoint", "model", "adapter", "pool", "status", "input_tokens", "output_tokens", "ttft_ms", "duration_ms")

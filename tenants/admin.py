@@ -1,4 +1,6 @@
-"""Staff tools. Staff see every tenant (the admin uses the `all_tenants` managers by design).
+"""Staff tools. Staff see every tenant: every admin below that shows tenant-owned rows, or offers them as choices,
+inherits `AllTenantsAdmin`, the one place the admin reads `all_tenants` (the default manager refuses, see
+tenants.scoping). serving, finetune and billing use the same mixin for theirs.
 
 Staff changes go through the same services as the console and the API: the same rules (a tenant keeps an owner,
 a suspension has a reason, the slug never changes) and the same audit events, recorded with `actor_is_staff`.
@@ -8,19 +10,72 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import ValidationError
+from django.contrib.admin.exceptions import NotRegistered
+from django.contrib.admin.widgets import AutocompleteSelect
+from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import transaction
 
 from tenants import services
 from tenants.models import ApiKey, AuditEvent, Invitation, Membership, PlatformSettings, Policy, Role, SystemPromptVersion, Tenant
+from tenants.scoping import TenantOwnedModel, all_tenants_by_default, foreign_key_formfield
 from tenants.selectors import effective_quota_tokens
+
+
+class AllTenantsInlineFormSet(forms.models.BaseInlineFormSet):
+    """An admin inline's formset over tenant-owned rows: its hidden row-id field chooses among every tenant's rows
+    (Django builds it from the default manager, which refuses)."""
+
+    def add_fields(self, form, index):
+        with all_tenants_by_default(self.model):
+            super().add_fields(form, index)
+
+
+class AllTenantsAdmin:
+    """Mixin for a ModelAdmin or inline over tenant-owned rows, or with foreign keys to them: staff see every tenant.
+
+    Django's admin asks a model's default manager for its rows and for a foreign key's choices; a tenant-owned
+    model's refuses (tenants.scoping), so this asks `all_tenants`, loudly and only for staff. An inline's formset
+    must be an AllTenantsInlineFormSet.
+    """
+
+    formset = AllTenantsInlineFormSet  # used by inlines only
+
+    def get_queryset(self, request):
+        if not issubclass(self.model, TenantOwnedModel):
+            return super().get_queryset(request)
+        qs = self.model.all_tenants.get_queryset()  # all_tenants: the staff admin sees every tenant's rows
+        ordering = self.get_ordering(request)
+        return qs.order_by(*ordering) if ordering else qs
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if not issubclass(db_field.remote_field.model, TenantOwnedModel):
+            return super().formfield_for_foreignkey(db_field, request, **kwargs)
+        if db_field.name in self.raw_id_fields or db_field.name in self.radio_fields:
+            raise ImproperlyConfigured(f"{type(self).__name__}.{db_field.name}: list it in autocomplete_fields or as a plain "
+                                       "select; raw-id and radio widgets look tenant-owned rows up unscoped.")
+        db = kwargs.get("using")
+        if "widget" not in kwargs and db_field.name in self.get_autocomplete_fields(request):
+            kwargs["widget"] = AutocompleteSelect(db_field, self.admin_site, using=db)
+        kwargs.setdefault("queryset", self.get_field_queryset(db, db_field, request))
+        return foreign_key_formfield(db_field, **kwargs)
+
+    def get_field_queryset(self, db, db_field, request):
+        related = db_field.remote_field.model
+        if not issubclass(related, TenantOwnedModel):
+            return super().get_field_queryset(db, db_field, request)
+        try:
+            ordering = self.admin_site.get_model_admin(related).get_ordering(request)
+        except NotRegistered:
+            ordering = None
+        qs = related.all_tenants.using(db)  # all_tenants: staff may pick any tenant's row
+        return qs.order_by(*ordering) if ordering else qs
 
 
 def _staff(request) -> services.Actor:
     return services.Actor(user=request.user)
 
 
-class MembershipFormSet(forms.models.BaseInlineFormSet):
+class MembershipFormSet(AllTenantsInlineFormSet):
     def clean(self):
         super().clean()
         if self.instance.pk is None:
@@ -35,7 +90,7 @@ class MembershipFormSet(forms.models.BaseInlineFormSet):
             raise ValidationError("A tenant must keep at least one owner: make someone else owner first.")
 
 
-class MembershipInline(admin.TabularInline):
+class MembershipInline(AllTenantsAdmin, admin.TabularInline):
     model = Membership
     formset = MembershipFormSet
     extra = 0
@@ -45,7 +100,7 @@ class MembershipInline(admin.TabularInline):
         return ["user"] if obj is not None else []  # a row is a member: change the role, or remove the row
 
 
-class PolicyInline(admin.StackedInline):
+class PolicyInline(AllTenantsAdmin, admin.StackedInline):
     model = Policy
     can_delete = False
 
@@ -53,7 +108,9 @@ class PolicyInline(admin.StackedInline):
 class TenantAdminForm(forms.ModelForm):
     class Meta:
         model = Tenant
-        fields = "__all__"
+        # `active_prompt` is read-only here (prompts are versioned through the services); a choice field over it
+        # would ask SystemPromptVersion's default manager, which refuses to list every tenant's prompts.
+        exclude = ["active_prompt"]
 
     def clean(self):
         data = super().clean()
@@ -63,7 +120,7 @@ class TenantAdminForm(forms.ModelForm):
 
 
 @admin.register(Tenant)
-class TenantAdmin(admin.ModelAdmin):
+class TenantAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ["slug", "name", "status", "tenancy", "weight", "derived_quota", "created_at"]
     list_filter = ["status", "tenancy"]
     search_fields = ["slug", "name"]
@@ -147,7 +204,7 @@ class TenantAdmin(admin.ModelAdmin):
 
 
 @admin.register(Membership)
-class MembershipAdmin(admin.ModelAdmin):
+class MembershipAdmin(AllTenantsAdmin, admin.ModelAdmin):
     """Read-only list: members are changed on their tenant's page, where the last-owner rule sees every row."""
 
     list_display = ["user", "tenant", "role", "created_at"]
@@ -165,7 +222,7 @@ class MembershipAdmin(admin.ModelAdmin):
 
 
 @admin.register(Invitation)
-class InvitationAdmin(admin.ModelAdmin):
+class InvitationAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ["email", "tenant", "role", "state", "created_at", "expires_at"]
     list_filter = ["role"]
     search_fields = ["email", "tenant__slug"]
@@ -174,7 +231,7 @@ class InvitationAdmin(admin.ModelAdmin):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ["prefix", "name", "tenant", "scopes", "state", "created_at", "last_used_at", "expires_at"]
     list_filter = ["revoked_at", "tenant"]
     search_fields = ["prefix", "name", "tenant__slug"]
@@ -193,7 +250,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
 
 @admin.register(SystemPromptVersion)
-class SystemPromptVersionAdmin(admin.ModelAdmin):
+class SystemPromptVersionAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ["tenant", "version", "note", "author", "created_at"]
     search_fields = ["tenant__slug", "note", "text"]
     readonly_fields = ["tenant", "version", "text", "note", "author", "created_at"]
@@ -203,7 +260,7 @@ class SystemPromptVersionAdmin(admin.ModelAdmin):
 
 
 @admin.register(Policy)
-class PolicyAdmin(admin.ModelAdmin):
+class PolicyAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ["tenant", "weight", "fair_share", "quota_tokens", "quota_window", "quota_mode", "requests_per_minute", "tokens_per_minute", "max_concurrent_requests"]
     list_filter = ["quota_mode", "quota_window", "fair_share"]
     search_fields = ["tenant__slug"]
@@ -226,7 +283,7 @@ class PlatformSettingsAdmin(admin.ModelAdmin):
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(admin.ModelAdmin):
+class AuditEventAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ["created_at", "tenant", "action", "actor", "actor_key", "target_type", "target_id"]
     list_filter = ["action", "actor_is_staff"]
     search_fields = ["tenant__slug", "action", "actor__email"]

@@ -70,7 +70,28 @@ def _paginate(view: APIView, items, serializer_class) -> Response:
 # ---- the tenant-scoped base ----------------------------------------------------------------------
 
 
-class TenantAPIView(APIView):
+class SealedMethods:
+    """A base class whose methods named in `_FINAL` no subclass may replace (directly or through a mixin).
+
+    The base that resolves the tenant lists the methods doing it; a subclass that brings its own version of one of
+    them fails at class creation, so no view can skip the scoping its base promises.
+    """
+
+    _FINAL: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        sealer = next((base for base in cls.__mro__[1:] if base.__dict__.get("_FINAL")), None)
+        if sealer is None:
+            return  # the sealing base itself
+        missing = set(sealer._FINAL) - set(cls._FINAL)
+        replaced = [name for name in sealer._FINAL if getattr(cls, name, None) is not getattr(sealer, name, None)]
+        if replaced or missing:
+            names = ", ".join(replaced) or f"_FINAL (without {', '.join(sorted(missing))})"
+            raise TypeError(f"{cls.__name__} may not override {names}: tenant resolution is {sealer.__name__}'s alone.")
+
+
+class TenantAPIView(SealedMethods, APIView):
     """Base of every view under /api/tenants/<tenant_slug>/.
 
     `initial()` resolves the tenant once, from the URL, through `tenants.access` (a signed-in user by
@@ -87,12 +108,6 @@ class TenantAPIView(APIView):
     ctx: TenantContext
 
     _FINAL = ("dispatch", "initial", "resolve_context", "scoped", "get_scoped_or_404", "require_role")
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        overridden = [name for name in cls._FINAL if name in cls.__dict__]
-        if overridden:
-            raise TypeError(f"{cls.__name__} may not override {', '.join(overridden)}: tenant resolution is TenantAPIView's alone.")
 
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)  # authentication, IsAuthenticated, throttles
