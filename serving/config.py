@@ -212,6 +212,13 @@ def _redis_client():
     return _redis
 
 
+def _redis_where() -> str:
+    """Redis's host, port and database, for logs (REDIS_URL may hold a password)."""
+    kwargs = _redis_client().connection_pool.connection_kwargs
+    where = f"unix:{kwargs['path']}" if "path" in kwargs else f"{kwargs.get('host')}:{kwargs.get('port')}"
+    return f"{where}/{kwargs.get('db', 0)}"
+
+
 def config_version_bump() -> None:
     """Tell every gateway process to reload its snapshot. Call after the change has committed."""
     if settings.REDIS_URL:
@@ -256,6 +263,8 @@ class ConfigStore:
         self._used_keys: set[int] = set()
         self._last_touch = time.monotonic()
         self.reloads = 0
+        self._failing: str | None = None  # "redis" or "reload" while polls fail (logged once), else None
+        self._failing_since = 0.0
 
     def note_key_used(self, key_id: int) -> None:
         self._used_keys.add(key_id)  # set.add is atomic under the GIL
@@ -288,15 +297,51 @@ class ConfigStore:
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
-            try:
-                self.refresh()
-                if time.monotonic() - self._last_touch >= self.touch_interval_s:
-                    self._flush_touches()
-            except Exception:  # keep serving the last good snapshot; retry next tick
-                log.exception("gateway config reload failed; serving the previous snapshot")
-                connection.close()
+            self.poll()
         close_old_connections()
         connection.close()
+
+    def poll(self) -> None:
+        """One round of the poller: reload if the version moved, write keys' last use when it is due.
+
+        A failure keeps the last good snapshot in service and is retried next round. It is logged once when it
+        starts (a warning that says what it means and what to do when Redis is unreachable; the traceback for
+        anything else), at debug level while it lasts, and once at info level when a round succeeds again. A round
+        after a failure reloads in any case: a change made during a Redis outage could not bump the version."""
+        try:
+            self.refresh(force=self._failing is not None)
+        except Exception as exc:  # keep serving the last good snapshot; retry next round
+            if self._note_failure(exc) != "redis":
+                connection.close()  # a database error may have left it unusable
+            return
+        if self._failing is not None:
+            what = f"Redis at {_redis_where()} answers again" if self._failing == "redis" else "gateway config reload works again"
+            log.info("%s after %.1f s: the config snapshot is current again.", what, time.monotonic() - self._failing_since)
+            self._failing = None
+        if time.monotonic() - self._last_touch >= self.touch_interval_s:
+            self._flush_touches()
+
+    def _note_failure(self, exc: Exception) -> str:
+        """Log the failure if it is a new one; returns its kind ("redis" or "reload")."""
+        from redis.exceptions import RedisError
+
+        kind = "redis" if settings.REDIS_URL and isinstance(exc, RedisError) else "reload"
+        if self._failing == kind:
+            log.debug("gateway config reload still failing (%s: %s)", type(exc).__name__, exc)
+            return kind
+        self._failing, self._failing_since = kind, time.monotonic()
+        current = self.snapshot
+        age = f"{time.monotonic() - current.loaded_at:.0f} s old" if current is not None else "none loaded"
+        if kind == "redis":
+            log.warning("Redis at %s is unreachable (%s: %s): this gateway process keeps serving its config snapshot (%s), "
+                        "so revoked keys, suspensions, new system prompts and deployments do not reach it until Redis "
+                        "answers again. Check that Redis is running and that REDIS_URL points at it; the gateway retries "
+                        "every %.1f s and says here when it is back.", _redis_where(), type(exc).__name__, exc, age,
+                        self.poll_interval_s)
+        else:
+            log.exception("gateway config reload failed; serving the previous snapshot (%s); retried every %.1f s, "
+                          "logged again when it works", age, self.poll_interval_s)
+        return kind
 
     def _flush_touches(self) -> None:
         self._last_touch = time.monotonic()

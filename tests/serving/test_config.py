@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from serving.config import load_snapshot
 from serving.models import AdapterDeployment
 from serving.views import model_names_for
@@ -98,3 +100,71 @@ def test_the_pool_rule():
     assert pool_choice([a, b, mine, theirs], tenant_id=1) is mine  # dedicated first
     assert pool_choice([a, b, mine, theirs], tenant_id=3) is b  # another's dedicated pool never
     assert pool_choice([theirs], tenant_id=1) is None and pool_choice([], tenant_id=1) is None
+
+
+# ---- the poller's logging while Redis (or the reload) fails ----------------------------------------------------
+
+
+def _config_records(caplog) -> list:
+    return [r for r in caplog.records if r.name == "serving.config"]
+
+
+def test_a_redis_outage_is_logged_once_then_quietly_then_once_when_it_ends(db, settings, monkeypatch, caplog):
+    from serving import config
+    from tests.serving.redis_server import RedisServer
+
+    server = RedisServer().start()
+    try:
+        settings.REDIS_URL = server.url
+        monkeypatch.setattr(config, "_redis", None)  # a client for this Redis (the previous one comes back after)
+        store = config.ConfigStore()
+        store.refresh(force=True)
+        caplog.set_level(logging.DEBUG, logger="serving.config")
+        server.kill()
+        for _ in range(3):
+            store.poll()
+        records = _config_records(caplog)
+        assert [r.levelno for r in records] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+        down = records[0]
+        assert down.exc_info is None  # what happened and what to do, not a traceback every half second
+        message = down.getMessage()
+        assert f"Redis at 127.0.0.1:{server.port}/0 is unreachable (ConnectionError" in message
+        assert "keeps serving its config snapshot" in message and "revoked keys" in message
+        assert "Check that Redis is running and that REDIS_URL points at it" in message
+
+        caplog.clear()
+        server.start()
+        reloads = store.reloads
+        store.poll()
+        store.poll()
+        records = _config_records(caplog)
+        assert [r.levelno for r in records] == [logging.INFO]
+        assert records[0].getMessage().startswith(f"Redis at 127.0.0.1:{server.port}/0 answers again after ")
+        assert store.reloads == reloads + 1  # reloaded at once: a change made meanwhile could not bump the version
+    finally:
+        server.stop()
+
+
+def test_a_failing_reload_logs_its_traceback_once(transactional_db, monkeypatch, caplog):
+    """(transactional_db: the poller closes its database connection after a failure.)"""
+    from serving import config
+
+    store = config.ConfigStore()
+    store.refresh(force=True)
+    caplog.set_level(logging.DEBUG, logger="serving.config")
+    real_read = config.config_version_read
+
+    def broken():
+        raise RuntimeError("the version table is gone")
+
+    monkeypatch.setattr(config, "config_version_read", broken)
+    for _ in range(3):
+        store.poll()
+    records = _config_records(caplog)
+    assert [r.levelno for r in records] == [logging.ERROR, logging.DEBUG, logging.DEBUG]
+    assert records[0].exc_info is not None and "serving the previous snapshot" in records[0].getMessage()
+    caplog.clear()
+    monkeypatch.setattr(config, "config_version_read", real_read)
+    store.poll()
+    assert [(r.levelno, r.getMessage().split(" after ")[0]) for r in _config_records(caplog)] == [
+        (logging.INFO, "gateway config reload works again")]
