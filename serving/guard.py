@@ -29,6 +29,8 @@ from typing import Callable
 
 import re2
 
+from tenants.parsers import json_loads
+
 log = logging.getLogger(__name__)
 
 REDACTED = "[REDACTED]"
@@ -349,7 +351,7 @@ class OutputGuard:
         then written again, so valid JSON stays valid JSON (a match never spans quotes or brackets). Unchanged
         text is returned as it is; text that is not JSON (a model may write anything) is redacted as plain text."""
         try:
-            value = json.loads(text)
+            value = json_loads(text)  # a model's arguments may nest deeper than json.loads (or `walk`) can recurse
         except ValueError:
             return self.apply(text)
         changed = False

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import aiohttp
+from aiohttp.http_exceptions import LineTooLong
+
+from tenants.parsers import JsonRefused, json_loads
 
 
 @dataclass(slots=True)
@@ -148,7 +150,7 @@ async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
     text = (await resp.text(errors="replace"))[:500]
     message, error_type = text, "backend_error"
     try:
-        body = json.loads(text)
+        body = json_loads(text)
         err = body.get("error")
         if isinstance(err, dict):
             message, error_type = err.get("message", text), err.get("type") or error_type
@@ -162,19 +164,28 @@ async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
 
 
 async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict]:
-    """JSON payloads of `data:` lines; stops at `[DONE]`. Comments and other fields are skipped."""
-    async for raw in resp.content:
-        if not raw.startswith(b"data:"):
-            continue
-        payload = raw[5:].strip()
-        if not payload:
-            continue
-        if payload == b"[DONE]":
-            return
-        try:
-            yield json.loads(payload)
-        except ValueError:
-            raise BackendError(f"backend sent an unreadable event: {payload[:100]!r}", error_type="protocol") from None
+    """JSON payloads of `data:` lines; stops at `[DONE]`. Comments and other fields are skipped. What a broken (or
+    hostile) backend sends instead is a BackendError `protocol`: not JSON, nested too deep, a lone surrogate, not an
+    object, a line beyond aiohttp's 512 KiB."""
+    try:
+        async for raw in resp.content:
+            if not raw.startswith(b"data:"):
+                continue
+            payload = raw[5:].strip()
+            if not payload:
+                continue
+            if payload == b"[DONE]":
+                return
+            try:
+                event = json_loads(payload)
+            except ValueError as exc:
+                reason = f" ({exc.code})" if isinstance(exc, JsonRefused) else ""
+                raise BackendError(f"backend sent an unreadable event{reason}: {payload[:100]!r}", error_type="protocol") from None
+            if not isinstance(event, dict):
+                raise BackendError(f"backend sent an unreadable event (not an object): {payload[:100]!r}", error_type="protocol")
+            yield event
+    except LineTooLong:
+        raise BackendError("backend sent an unreadable event (a line longer than 512 KiB)", error_type="protocol") from None
 
 
 def in_stream_error(event: dict, *, started: bool) -> BackendError | None:

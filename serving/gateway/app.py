@@ -696,8 +696,9 @@ class GatewayApp:
             # The backend's own words (its addresses, model ids) stay in the log, for staff.
             log.warning("request %s: backend %s answered %s: %s", call.request_id, call.backend_id, exc.status, exc.message)
             call.http_status = 502
-            err = ApiError(502, f"The model's backend failed to answer (its status {exc.status}); try again. If it persists, "
-                                f"tell the platform team the request id.", type="server_error", code="backend_error")
+            what = "sent an unreadable answer" if exc.error_type == "protocol" else f"failed to answer (its status {exc.status})"
+            err = ApiError(502, f"The model's backend {what}; try again. If it persists, tell the platform team the request id.",
+                           type="server_error", code="backend_error")
         # Nothing is charged for an answer the backend refused or failed to start (OpenAI bills no 4xx/5xx): the record
         # keeps the request with 0 tokens, and the scheduler takes its charge back.
         call.backend_accepted = False

@@ -8,7 +8,6 @@ model selection, `adapter_source`, `cache_salt`, `lora_request`, …) never reac
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ from serving.drivers import BackendRequest, Sampling
 from serving.drivers.base import ContextOverflow
 from serving.gateway.errors import bad_request, context_length_exceeded
 from serving.tokencount import PromptCount
+from tenants.parsers import JsonRefused, json_depth_exceeds, json_loads, too_deep
 
 CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
 FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
@@ -49,9 +49,13 @@ class ClientRequest:
 
 
 def parse_json(body: bytes) -> dict:
+    """The body's JSON object. Nesting deeper than MAX_JSON_DEPTH (400 `json_too_deep`) and lone UTF-16 surrogates
+    (400 `invalid_unicode`, `param` the field) are refused here, before admission: nothing is counted for them."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        data = json_loads(body)
+    except JsonRefused as exc:
+        raise bad_request(exc.message, exc.param, exc.code) from None
+    except ValueError:  # UnicodeDecodeError included
         raise bad_request("The body is not valid JSON.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("The body must be a JSON object.", code="invalid_json")
@@ -299,6 +303,8 @@ def _tool_calls(calls, param: str) -> list[dict]:
         fn = _object(call["function"], f"{p}.function", {"name", "arguments"}, ("name", "arguments"))
         if not isinstance(fn["arguments"], str):
             raise bad_request(f"`{p}.function.arguments` must be a string (JSON text).", f"{p}.function.arguments", "invalid_type")
+        if json_depth_exceeds(fn["arguments"].encode("utf-8", "surrogatepass")):  # parsed again by the prompt count and the backends
+            raise bad_request(too_deep(what=f"`{p}.function.arguments`").message, f"{p}.function.arguments", "json_too_deep")
         out.append({"id": call["id"], "type": "function",
                     "function": {"name": _function_name(fn["name"], f"{p}.function.name"), "arguments": fn["arguments"]}})
     return out

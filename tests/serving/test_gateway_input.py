@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import timedelta
 
@@ -12,6 +13,7 @@ from openai import OpenAI
 from serving.models import Backend
 from tenants import services
 from tenants.models import Tenant
+from tests.serving.test_gateway_counting import settled_day_counters
 from tests.serving.test_gateway_support import (
     dev_stats,
     make_base_model,
@@ -20,6 +22,10 @@ from tests.serving.test_gateway_support import (
     post,
     set_model_config,
     sim_backend,
+    stream_lines,
+    tiny_backend,
+    usage_records,
+    wait_for,
 )
 
 CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}
@@ -484,3 +490,238 @@ def test_health_is_persisted_for_the_admin(world, gateway_factory):
             break
         time.sleep(0.1)
     assert not backend.healthy and "/health failed" in backend.last_error
+
+
+# ---- hostile JSON: nesting and lone surrogates (issue 12, item 10) ---------------------------------------
+
+DEEP_MESSAGES = b'{"model": "tiny-chat", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+LONE = "\\ud800"  # JSON escape of half an emoji: decodes to a str that is not valid Unicode
+PAIR = "\\ud83d\\ude00"  # a valid surrogate pair escape: 😀
+
+
+def nested(depth: int) -> bytes:
+    return b'{"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "user": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+def test_the_depth_scan_counts_brackets_outside_strings_only():
+    from tenants.parsers import MAX_JSON_DEPTH, json_depth_exceeds
+
+    assert not json_depth_exceeds(nested(MAX_JSON_DEPTH)) and json_depth_exceeds(nested(MAX_JSON_DEPTH + 1))
+    brackets_in_strings = json.dumps({"content": "[{" * 1000, "stop": ['\\"[[[[', "\\\\" + "[" * 100]}).encode()
+    assert not json_depth_exceeds(brackets_in_strings)
+    alternating = json.dumps([{"a": [{"b": [{}]}]}] * 3)  # depth 6, innermost pairs of both kinds
+    assert not json_depth_exceeds(alternating.encode(), 6) and json_depth_exceeds(alternating.encode(), 5)
+    assert json_depth_exceeds(b"[" * 1_000_000) and json_depth_exceeds(b"[{}" * 100 + b"]" * 100)
+    assert json_depth_exceeds(DEEP_MESSAGES)
+    assert not json_depth_exceeds(b"[" + b"[0]," * 10_000 + b"[0]]")  # wide, not deep
+
+
+@pytest.mark.parametrize("body", [DEEP_MESSAGES, b"[" * 1_000_000, nested(65)], ids=["messages-100000-deep", "brackets-1e6", "65-deep"])
+def test_deep_nesting_is_a_400_from_the_parser_not_a_recursion_error(body):
+    from serving.gateway.errors import ApiError
+    from serving.gateway.parsing import parse_json
+
+    with pytest.raises(ApiError) as refused:
+        parse_json(body)
+    assert (refused.value.status, refused.value.type, refused.value.code) == (400, "invalid_request_error", "json_too_deep")
+    assert "nested deeper than 64 levels" in refused.value.message
+    assert parse_json(nested(64))["model"] == "tiny-chat"
+
+
+@pytest.mark.parametrize("body, param", [
+    (f'{{"messages": [{{"role": "user", "content": "a{LONE}b"}}]}}', "messages[0].content"),
+    (f'{{"prompt": "x", "stop": ["ok", "\\udfff"]}}', "stop[1]"),
+    (f'{{"inputs": "x", "parameters": {{"adapter_id": "{LONE}"}}}}', "parameters.adapter_id"),
+    (f'{{"messages": [{{"role": "user", "content": "x", "{LONE}": 1}}]}}', "messages[0]"),
+])
+def test_a_lone_surrogate_is_refused_naming_its_field(body, param):
+    from serving.gateway.errors import ApiError
+    from serving.gateway.parsing import parse_json
+
+    for raw in (body.encode(), body.encode("utf-16")):  # escaped, and raw in a UTF-16 body (json.loads reads both)
+        with pytest.raises(ApiError) as refused:
+            parse_json(raw)
+        assert (refused.value.status, refused.value.code, refused.value.param) == (400, "invalid_unicode", param)
+        assert "lone UTF-16 surrogate" in refused.value.message and "send valid Unicode" in refused.value.message
+    raw_utf8 = body.replace(LONE, "\ud800").replace("\\udfff", "\udfff").encode("utf-8", "surrogatepass")
+    with pytest.raises(ApiError):
+        parse_json(raw_utf8)  # the surrogate's UTF-8 bytes, which json.loads decodes "surrogatepass"
+
+
+def test_emoji_as_a_surrogate_pair_escape_is_valid_json():
+    from serving.gateway.parsing import parse_chat, parse_json
+
+    data = parse_json(f'{{"model": "tiny-chat", "messages": [{{"role": "user", "content": "a{PAIR}b"}}]}}'.encode())
+    assert parse_chat(data).messages[0]["content"] == "a😀b"
+
+
+def test_tool_call_arguments_nested_too_deep_are_refused():
+    """Tool-call arguments are JSON in a string: the body scan does not see their brackets, the prompt count parses them."""
+    from serving.gateway.errors import ApiError
+    from serving.gateway.parsing import parse_chat
+
+    call = {**CALL, "tool_calls": [{**CALL["tool_calls"][0], "function": {"name": "f", "arguments": "[" * 100_000}}]}
+    with pytest.raises(ApiError) as refused:
+        parse_chat({**CHAT, "messages": [{"role": "user", "content": "hi"}, call]})
+    assert (refused.value.code, refused.value.param) == ("json_too_deep", "messages[1].tool_calls[0].function.arguments")
+
+
+@pytest.fixture
+def big_bodies(world, gateway_factory):
+    """A gateway that reads bodies of up to 1 MiB (its default), on a simulated backend."""
+    url, stop = sim_backend()
+    make_pool("shared", make_base_model(), [url])
+    _, key = make_key(world.tenant)
+    yield gateway_factory(), url, {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    stop()
+
+
+ROUTES_AND_SHAPES = [("/v1/chat/completions", "openai"), ("/v1/completions", "openai"), ("/generate", "tgi"),
+                     ("/generate_stream", "tgi"), ("/", "tgi")]
+
+
+@pytest.mark.parametrize("path, shape", ROUTES_AND_SHAPES)
+def test_every_route_answers_deep_json_with_a_400_in_its_shape(big_bodies, path, shape):
+    gw, backend, headers = big_bodies
+    for body in (DEEP_MESSAGES, b"[" * 1_000_000):
+        r = post(gw.url + path, body, headers)
+        if shape == "openai":
+            error = _openai_error(r, 400, "json_too_deep")
+            assert error["type"] == "invalid_request_error" and "nested deeper than 64 levels" in error["message"]
+        else:
+            assert r.status_code == 400 and r.json()["error_type"] == "json_too_deep", r.text
+            assert "nested deeper than 64 levels" in r.json()["error"]
+    assert dev_stats(backend)["requests_started"] == 0
+
+
+@pytest.mark.parametrize("path, shape", ROUTES_AND_SHAPES)
+def test_every_route_refuses_a_lone_surrogate_and_takes_a_pair(big_bodies, path, shape):
+    gw, backend, headers = big_bodies
+
+    def body(text: str) -> bytes:
+        if path == "/v1/chat/completions":
+            return f'{{"model": "tiny-chat", "max_tokens": 2, "messages": [{{"role": "user", "content": "{text}"}}]}}'.encode()
+        if path == "/v1/completions":
+            return f'{{"model": "tiny-chat", "max_tokens": 2, "prompt": "{text}"}}'.encode()
+        return f'{{"inputs": "{text}", "parameters": {{"max_new_tokens": 2}}, "stream": {str(path == "/").lower()}}}'.encode()
+
+    r = post(gw.url + path, body(f"a{LONE}b"), headers)
+    param = {"/v1/chat/completions": "messages[0].content", "/v1/completions": "prompt"}.get(path, "inputs")
+    if shape == "openai":
+        assert "lone UTF-16 surrogate (\\ud800)" in _openai_error(r, 400, "invalid_unicode", param)["message"]
+    else:
+        assert r.status_code == 400 and r.json()["error_type"] == "invalid_unicode", r.text
+        assert f"`{param}` contains a lone UTF-16 surrogate" in r.json()["error"]
+    assert dev_stats(backend)["requests_started"] == 0
+    assert post(gw.url + path, body(f"a{PAIR}b"), headers).status_code == 200
+    assert "a😀b" in json.dumps(dev_stats(backend)["last_request"]["body"], ensure_ascii=False)
+
+
+def test_a_refused_lone_surrogate_counts_nothing(world, gateway_factory):
+    """On a real tokenizer the lone surrogate reached the backend, which failed (a 502), and the request had taken a
+    place in the tenant's requests per minute and its ledger. Now: a 400 before admission."""
+    backend = tiny_backend()
+    make_pool("shared", make_base_model(), [backend["url"]])
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, requests_per_minute=2, quota_tokens=10_000,
+                           quota_window="day", quota_mode="hard")
+    _, key = make_key(world.tenant)
+    gw = gateway_factory()
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    started = dev_stats(backend["url"])["requests_started"]
+    chat = f'{{"model": "tiny-chat", "max_tokens": 2, "messages": [{{"role": "user", "content": "a{LONE}b"}}]}}'
+    for path, body in [("/v1/chat/completions", chat), ("/v1/completions", f'{{"max_tokens": 2, "prompt": "{LONE}"}}'),
+                       ("/generate", f'{{"inputs": "{LONE}", "parameters": {{"max_new_tokens": 2}}}}')]:
+        r = post(gw.url + path, body.encode(), headers)
+        assert r.status_code == 400, r.text
+    assert dev_stats(backend["url"])["requests_started"] == started
+    assert settled_day_counters(world.tenant) == {"used": 0, "reserved": 0}
+    assert usage_records(world.tenant) == []
+    answers = [post(gw.url + "/v1/chat/completions", {**CHAT, "max_tokens": 2}, headers) for _ in range(2)]
+    assert [r.status_code for r in answers] == [200, 200]  # the refused ones took no place in the 2 requests a minute
+    records = wait_for(lambda: len(usage_records(world.tenant)) == 2 and usage_records(world.tenant))
+    assert [r.status for r in records] == ["ok", "ok"]
+    assert settled_day_counters(world.tenant)["used"] == sum(r.json()["usage"]["total_tokens"] for r in answers)
+
+
+# ---- hostile JSON from a backend ------------------------------------------------------------------------------
+
+
+class ScriptedBackend:
+    """An OpenAI-compatible backend (pool kind vllm) that answers every generation with the SSE lines in `lines`."""
+
+    def __init__(self):
+        import asyncio
+        import threading
+        from concurrent.futures import Future
+
+        self.lines: list[bytes] = []
+        self.loop = asyncio.new_event_loop()
+        started: Future = Future()
+        threading.Thread(target=self._main, args=(started,), daemon=True, name="scripted-backend").start()
+        self.url = started.result(timeout=10)
+
+    def _main(self, started) -> None:
+        from aiohttp import web
+
+        from tests.serving.test_gateway_support import serve_forever
+
+        async def health(request):
+            return web.Response()
+
+        async def generate(request):
+            await request.read()
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            for line in self.lines:
+                await resp.write(b"data: " + line + b"\n\n")
+            return resp
+
+        app = web.Application(client_max_size=4 << 20)
+        app.router.add_get("/health", health)
+        app.router.add_post("/v1/chat/completions", generate)
+        app.router.add_post("/v1/completions", generate)
+        serve_forever(self.loop, app, started)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def _chunk(content: str) -> bytes:
+    return json.dumps({"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": content},
+                                                                                   "finish_reason": None}]}).encode()
+
+
+@pytest.fixture
+def scripted(world, gateway_factory):
+    backend = ScriptedBackend()
+    make_pool("vllm-shared", make_base_model(), [backend.url], kind="vllm")
+    _, key = make_key(world.tenant)
+    yield gateway_factory(), backend, {"authorization": f"Bearer {key}"}
+    backend.stop()
+
+
+@pytest.mark.parametrize("line", [b'{"choices": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"[" * 1_000_000,
+                                  b'{"choices": [{"index": 0, "delta": {"content": "a\\ud800"}, "finish_reason": null}]}',
+                                  b"[1, 2]"], ids=["deep", "brackets-1e6", "lone-surrogate", "not-an-object"])
+def test_a_backend_answer_the_gateway_cannot_read_is_a_502_that_costs_nothing(world, scripted, line):
+    gw, backend, headers = scripted
+    backend.lines = [line]
+    r = post(gw.url + "/v1/chat/completions", {**CHAT, "max_tokens": 5}, headers)
+    error = _openai_error(r, 502, "backend_error")
+    assert error["type"] == "server_error" and "unreadable" in error["message"]
+    r = post(gw.url + "/generate", {"inputs": "x", "parameters": {"max_new_tokens": 5}}, headers)
+    assert r.status_code == 502 and r.json()["error_type"] == "backend_error", r.text
+    records = wait_for(lambda: len(usage_records(world.tenant)) == 2 and usage_records(world.tenant))
+    assert [(u.status, u.input_tokens, u.output_tokens) for u in records] == [("error", 0, 0)] * 2  # before its first token
+
+
+def test_a_backend_that_turns_unreadable_mid_stream_interrupts_it_and_bills_what_was_delivered(world, scripted):
+    gw, backend, headers = scripted
+    backend.lines = [_chunk("Hel"), _chunk("lo"), b'{"choices": ' + b"[" * 100_000]
+    status, lines = stream_lines(gw.url + "/v1/chat/completions", {**CHAT, "max_tokens": 5, "stream": True}, headers)
+    assert status == 200
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == "Hello"
+    assert events[-1]["error"]["code"] == "backend_interrupted"
+    record = wait_for(lambda: usage_records(world.tenant))[0]
+    assert (record.status, record.output_tokens) == ("interrupted", 2)
