@@ -74,11 +74,13 @@ def test_future_timestamp_is_rejected(client, invoice):
     b"[]", b'"text"', b"null", b"{}", b'{"id": 7, "type": "invoice.paid"}', b'{"id": "evt_x", "type": ["a"]}',
     b'{"id": "evt_x", "type": "invoice.paid", "created": "soon"}', b'{"id": "evt_x", "type": "invoice.paid", "created": 1e40}',
     b'{"id": "evt_x", "type": "invoice.paid", "data": "x"}', b'{"id": "evt_x", "type": "invoice.paid", "data": {"object": [1]}}',
-    b"[" * 100_000 + b"]" * 100_000,
+    b"[" * 100_000 + b"]" * 100_000, b'{"id": "evt_x", "type": "invoice.paid", "data": ' + b'{"a": ' * 100 + b"1" + b"}" * 101,
+    b'{"id": "evt_\\ud800", "type": "invoice.paid"}', b'{"id": "evt_x", "type": "invoice.\\udfff"}',
 ])
 def test_signed_but_malformed_bodies_are_a_400_not_a_500(client, invoice, body):
     response = post_webhook(client, body)
     assert response.status_code == 400, response.content[:300]
+    assert b"Not an event" in response.content  # signed: a malformed event, not a bad signature
     invoice.refresh_from_db()
     assert invoice.status == "open" and not StripeEvent.objects.exists()
 
