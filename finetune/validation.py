@@ -1,7 +1,11 @@
 """Fine-tuning dataset validation: every problem of a JSONL file, each with line, JSON path, code and a fix.
 
-Bytes in, `ValidationResult` out. Tenants fix a whole file at once instead of one vague error per upload,
+A stream (or bytes) in, `ValidationResult` out. Tenants fix a whole file at once instead of one vague error per upload,
 so nothing here stops at the first problem (only at `max_problems`, saying how many more there were).
+`JsonlValidator` takes one line at a time and keeps counts, the capped problem list and 12 bytes per example for
+the duplicate check, not the examples (unless asked to, for the trainer): memory is bounded by the longest line
+(`MAX_LINE_BYTES`), whatever the file's length. A line nesting lists and objects deeper than `MAX_JSON_DEPTH` is a
+problem of that line, found before `json.loads` (which would raise RecursionError on it).
 Pure library code: no Django, callable from views, Celery tasks and the trainer.
 """
 
@@ -9,11 +13,14 @@ from __future__ import annotations
 
 from decimal import ROUND_CEILING, Decimal
 
+import hashlib
+import io
 import json
 import re
+from array import array
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 ROLES = ("system", "user", "assistant", "tool")
 CHAT_KEYS = {"messages", "tools", "parallel_tool_calls"}
@@ -28,6 +35,15 @@ FUNCTION_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for fun
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024  # 512 MiB upload cap
 DEFAULT_MIN_EXAMPLES = 10
 DEFAULT_MAX_PROBLEMS = 1000
+# Lists and objects nested deeper than this in one line (or in a tool call's arguments) are refused: no chat example
+# needs more, and json.loads raises RecursionError on a few thousand levels.
+MAX_JSON_DEPTH = 64
+# A longer line is a problem, not parsed (memory stays bounded): 1 MiB is far more text than the longest context the
+# trainer uses (finetune.selectors.MAX_SEQ_LEN_CAP tokens).
+MAX_LINE_BYTES = 1024 * 1024
+# Duplicate groups listed in a report (each with at most this many lines); `duplicate_groups` counts them all.
+MAX_DUPLICATE_GROUPS = 100
+_DUPLICATE_BUCKETS = 256  # the duplicate check's 64-bit hashes are kept in this many arrays, grouped one at a time
 
 
 @dataclass(frozen=True)
@@ -54,18 +70,26 @@ class Example:
 
 @dataclass
 class ValidationResult:
-    """Outcome of `validate_jsonl`; `ok` means no problems. Token figures are None without a tokenizer."""
+    """Outcome of a validation; `ok` means no problems. Token figures are None without a tokenizer.
+
+    `examples` holds the examples only when they were asked for (`keep_examples`); `example_count` always counts them
+    (with a tokenizer: those its chat template renders). `lines` and `bytes` are what was read.
+    """
 
     problems: list[Problem] = field(default_factory=list)
     problems_omitted: int = 0
     format: str | None = None  # "chat" | "prompt_completion"
     examples: list[Example] = field(default_factory=list)
+    example_count: int = 0
     duplicates: list[list[int]] = field(default_factory=list)  # groups of line numbers with identical examples
+    duplicate_groups: int = 0
     total_tokens: int | None = None
     trainable_tokens: int | None = None
     min_tokens: int | None = None
     mean_tokens: float | None = None
     max_tokens: int | None = None
+    lines: int = 0
+    bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -74,10 +98,10 @@ class ValidationResult:
     def stats(self) -> dict[str, Any]:
         """The JSON-friendly summary shown to tenants and stored with a file."""
         return {
-            "examples": len(self.examples), "format": self.format,
+            "examples": self.example_count, "format": self.format,
             "total_tokens": self.total_tokens, "trainable_tokens": self.trainable_tokens,
             "min_tokens": self.min_tokens, "mean_tokens": self.mean_tokens, "max_tokens": self.max_tokens,
-            "duplicates": self.duplicates,
+            "duplicates": self.duplicates, "duplicate_groups": self.duplicate_groups,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -348,6 +372,10 @@ def _check_tool_call(c: _Collector, line: int, path: str, call: Any) -> bool:
               f'arguments must be a string of JSON such as "{{\\"city\\": \\"Paris\\"}}", got '
               f'{_kind(arguments) if "arguments" in function else "nothing"}')
         return False
+    if too_deep(arguments.encode("utf-8", "surrogatepass")):
+        c.add(line, f"{path}.function.arguments", "arguments_too_deep",
+              f"arguments nests lists and objects more than {MAX_JSON_DEPTH} levels deep; flatten them")
+        return False
     try:
         parsed = json.loads(arguments)
     except json.JSONDecodeError as e:
@@ -494,7 +522,215 @@ def _kind(value: Any) -> str:
         type(value), "a number")
 
 
+# ---------------------------------------------------------------------------------------------- nesting
+
+# A JSON string, escapes included (unrolled, so matching stays linear on long strings).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def too_deep(text: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a JSON text (UTF-8) nests lists and objects more than `limit` levels deep, brackets inside strings not
+    counted. Linear in the text and recursion-free, so it is safe on input `json.loads` would raise RecursionError on."""
+    if text.count(b"[") + text.count(b"{") <= limit:  # nearly every line: too few brackets to nest that deep
+        return False
+    depth = 0
+    for b in _JSON_STRING.sub(b"", text).translate(None, _NOT_BRACKETS):
+        depth += 1 if b in (0x5B, 0x7B) else -1  # [ {  vs  ] }
+        if depth > limit:
+            return True
+    return False
+
+
 # ---------------------------------------------------------------------------------------------- the file
+
+class JsonlValidator:
+    """Checks a fine-tuning JSONL file fed one line at a time; with a chat-template tokenizer also counts tokens and
+    checks lengths, example by example.
+
+    Keeps counts, the first `max_problems` problems, token statistics and a 64-bit hash and line number per example
+    (the duplicate check), and the examples themselves only with `keep_examples` (the trainer needs them): memory is
+    bounded by the longest line, not the file. Blank lines and CRLF endings are accepted; a UTF-8 byte-order mark at
+    the start is ignored.
+    """
+
+    def __init__(self, *, filename: str | None = None, tokenizer=None, context_length: int | None = None,
+                 min_examples: int = DEFAULT_MIN_EXAMPLES, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_problems: int = DEFAULT_MAX_PROBLEMS, keep_examples: bool = False):
+        self.tokenizer, self.context_length = tokenizer, context_length
+        self.min_examples, self.max_bytes, self.keep_examples = min_examples, max_bytes, keep_examples
+        self.c = _Collector(max_problems)
+        self.result = ValidationResult()
+        self.nonblank = 0
+        self.too_large = False
+        self._hashes = [array("Q") for _ in range(_DUPLICATE_BUCKETS)]
+        self._hash_lines = [array("I") for _ in range(_DUPLICATE_BUCKETS)]
+        self._tokens = [0, 0]  # total, trainable
+        if filename is not None and not filename.lower().endswith(".jsonl"):
+            self.c.add(None, "", "wrong_extension", f"{filename!r} must be a .jsonl file (one JSON object per line)")
+
+    def refuse_size(self, size: int) -> None:
+        """The file is `size` bytes, over `max_bytes`: it is not read (further)."""
+        self.too_large = True
+        self.c.add(None, "", "file_too_large", f"the file is {size:,} bytes; the limit is {self.max_bytes:,} bytes")
+
+    def feed(self, raw: bytes) -> None:
+        """One line of the file, its newline included or not."""
+        r = self.result
+        r.lines += 1
+        r.bytes += len(raw)
+        n = r.lines
+        if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        raw = raw.rstrip(b"\n").rstrip(b"\r")
+        if not raw.strip():
+            return
+        self.nonblank += 1
+        record = self._parse(n, raw)
+        if record is not None:
+            self._check(n, record)
+
+    def feed_too_long(self, size: int) -> None:
+        """A line of `size` bytes, longer than MAX_LINE_BYTES: reported, not parsed."""
+        self.result.lines += 1
+        self.result.bytes += size
+        self.nonblank += 1
+        self.c.add(self.result.lines, "", "line_too_long",
+                   f"this line is {size:,} bytes; an example may be at most {MAX_LINE_BYTES:,} bytes, far longer than "
+                   "any context a model is trained on: shorten or split it")
+
+    def _parse(self, n: int, raw: bytes) -> dict[str, Any] | None:
+        c = self.c
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            c.add(n, "", "invalid_utf8", f"byte {e.start + 1} of this line is not valid UTF-8; save the file as UTF-8")
+            return None
+        if too_deep(raw):
+            c.add(n, "", "nesting_too_deep", f"this line nests lists and objects more than {MAX_JSON_DEPTH} levels "
+                  "deep; an example is an object of messages whose content is a string: flatten it")
+            return None
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            c.add(n, "", "invalid_json", f"not valid JSON at column {e.colno}: {e.msg}")
+            return None
+        except RecursionError:  # too_deep() stops such lines first; this keeps any other from crashing a worker
+            c.add(n, "", "nesting_too_deep", "this line nests lists and objects too deeply to be read; flatten it")
+            return None
+        if not isinstance(record, dict):
+            c.add(n, "", "not_an_object", f"each line must be a JSON object, got {_kind(record)}")
+            return None
+        return record
+
+    def _check(self, n: int, record: dict[str, Any]) -> None:
+        c, r = self.c, self.result
+        fmt = "chat" if "messages" in record else (
+            "prompt_completion" if PROMPT_COMPLETION_KEYS & set(record) else None)
+        if fmt is None:
+            c.add(n, "", "unknown_format",
+                  'an example needs "messages" (chat) or "prompt" and "completion"; found keys: '
+                  + (", ".join(sorted(record)) or "none"))
+            return
+        if r.format is None:
+            r.format = fmt
+        elif fmt != r.format:
+            c.add(n, "", "mixed_format", f"this line is {fmt} but the file started as {r.format}; use one format per file")
+            return
+        allowed = CHAT_KEYS if fmt == "chat" else PROMPT_COMPLETION_KEYS
+        unknown = sorted(set(record) - allowed)
+        for key in unknown:
+            c.add(n, key, "unknown_key", f"unknown top-level key {key!r}; allowed: {', '.join(sorted(allowed))}")
+        ok = (_check_chat if fmt == "chat" else _check_prompt_completion)(c, n, record)
+        if not ok or unknown:
+            return
+        digest = hashlib.blake2b(json.dumps(record, sort_keys=True).encode(), digest_size=8).digest()
+        key = int.from_bytes(digest, "little")
+        self._hashes[key % _DUPLICATE_BUCKETS].append(key)
+        self._hash_lines[key % _DUPLICATE_BUCKETS].append(n)
+        example = Example(n, to_messages(record), tools=record.get("tools"))
+        if self.tokenizer is not None:
+            example = self._count(example)
+            if example is None:
+                return
+        r.example_count += 1
+        if self.keep_examples:
+            r.examples.append(example)
+
+    def _count(self, ex: Example) -> Example | None:
+        """Tokenize one example with the chat template; None when the template cannot render it (a problem)."""
+        c, context_length = self.c, self.context_length
+        try:
+            ids, mask = tokenize_chat_example(self.tokenizer, ex.messages, ex.tools)
+        except Exception as e:  # the model's own template rejects it (e.g. a role it does not support)
+            c.add(ex.line, "messages", "template_error", f"the base model's chat template cannot render this example: {e}")
+            return None
+        size, trainable = len(ids), sum(mask)
+        r = self.result
+        r.min_tokens = size if r.min_tokens is None else min(r.min_tokens, size)
+        r.max_tokens = size if r.max_tokens is None else max(r.max_tokens, size)
+        self._tokens[0] += size
+        self._tokens[1] += trainable
+        if context_length is not None and size > context_length:
+            c.add(ex.line, "messages", "too_long",
+                  f"the example is {size} tokens, longer than the context of {context_length} tokens; shorten it")
+            if not any(mask[:context_length]):
+                c.add(ex.line, "messages", "assistant_truncated",
+                      f"no assistant token falls within the first {context_length} tokens, so nothing would be learned")
+        return replace(ex, total_tokens=size, trainable_tokens=trainable)
+
+    def finish(self) -> ValidationResult:
+        """The result, once every line has been fed."""
+        c, r = self.c, self.result
+        if not self.too_large:
+            if not self.nonblank:
+                c.add(None, "", "empty_file", "the file has no examples; put one JSON object per line")
+            elif self.nonblank < self.min_examples:
+                c.add(None, "", "too_few_examples",
+                      f"the file has {self.nonblank} examples; at least {self.min_examples} are required")
+        groups = []
+        for hashes, lines in zip(self._hashes, self._hash_lines):  # one bucket's dict at a time
+            seen: dict[int, list[int]] = defaultdict(list)
+            for key, n in zip(hashes, lines):
+                seen[key].append(n)
+            groups += [group for group in seen.values() if len(group) > 1]
+        groups.sort()
+        r.duplicate_groups = len(groups)
+        r.duplicates = [group[:MAX_DUPLICATE_GROUPS] for group in groups[:MAX_DUPLICATE_GROUPS]]
+        if self.tokenizer is not None and not self.too_large:
+            r.total_tokens, r.trainable_tokens = self._tokens
+            if r.example_count:
+                r.mean_tokens = r.total_tokens / r.example_count
+        r.problems, r.problems_omitted = c.problems, c.omitted
+        return r
+
+
+def validate_stream(stream: BinaryIO, *, size: int | None = None,
+                    on_progress: Callable[[int, int], None] | None = None, **options) -> ValidationResult:
+    """Validate a JSONL file read from a binary stream, line by line; `options` are `JsonlValidator`'s.
+
+    `size` (bytes, when known) refuses an oversized file before reading it; otherwise reading stops once `max_bytes`
+    is passed. `on_progress(lines, bytes)` is called after each line.
+    """
+    validator = JsonlValidator(**options)
+    if size is not None and size > validator.max_bytes:
+        validator.refuse_size(size)
+        return validator.finish()
+    while raw := stream.readline(MAX_LINE_BYTES + 1):
+        if len(raw) > MAX_LINE_BYTES:  # too long: skip to its end without holding it
+            length = len(raw)
+            while not raw.endswith(b"\n") and (raw := stream.readline(MAX_LINE_BYTES)):
+                length += len(raw)
+            validator.feed_too_long(length)
+        else:
+            validator.feed(raw)
+        if validator.result.bytes > validator.max_bytes:
+            validator.refuse_size(validator.result.bytes)
+            break
+        if on_progress is not None:
+            on_progress(validator.result.lines, validator.result.bytes)
+    return validator.finish()
+
 
 def validate_jsonl(
     data: bytes,
@@ -506,100 +742,15 @@ def validate_jsonl(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_problems: int = DEFAULT_MAX_PROBLEMS,
 ) -> ValidationResult:
-    """Check a fine-tuning JSONL file; with a chat-template tokenizer also count tokens and check lengths.
-
-    Blank lines and CRLF endings are accepted; a UTF-8 byte-order mark at the start is ignored.
-    """
-    c = _Collector(max_problems)
-    result = ValidationResult()
-    if filename is not None and not filename.lower().endswith(".jsonl"):
-        c.add(None, "", "wrong_extension", f"{filename!r} must be a .jsonl file (one JSON object per line)")
-    if len(data) > max_bytes:
-        c.add(None, "", "file_too_large", f"the file is {len(data):,} bytes; the limit is {max_bytes:,} bytes")
-        return _finish(result, c)
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    lines = [(n, raw.rstrip(b"\r")) for n, raw in enumerate(data.split(b"\n"), start=1)]
-    lines = [(n, raw) for n, raw in lines if raw.strip()]
-    if not lines:
-        c.add(None, "", "empty_file", "the file has no examples; put one JSON object per line")
-        return _finish(result, c)
-
-    by_content: dict[str, list[int]] = defaultdict(list)
-    for n, raw in lines:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            c.add(n, "", "invalid_utf8", f"byte {e.start + 1} of this line is not valid UTF-8; save the file as UTF-8")
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            c.add(n, "", "invalid_json", f"not valid JSON at column {e.colno}: {e.msg}")
-            continue
-        if not isinstance(record, dict):
-            c.add(n, "", "not_an_object", f"each line must be a JSON object, got {_kind(record)}")
-            continue
-        fmt = "chat" if "messages" in record else (
-            "prompt_completion" if PROMPT_COMPLETION_KEYS & set(record) else None)
-        if fmt is None:
-            c.add(n, "", "unknown_format",
-                  'an example needs "messages" (chat) or "prompt" and "completion"; found keys: '
-                  + (", ".join(sorted(record)) or "none"))
-            continue
-        if result.format is None:
-            result.format = fmt
-        elif fmt != result.format:
-            c.add(n, "", "mixed_format", f"this line is {fmt} but the file started as {result.format}; use one format per file")
-            continue
-        allowed = CHAT_KEYS if fmt == "chat" else PROMPT_COMPLETION_KEYS
-        unknown = sorted(set(record) - allowed)
-        for key in unknown:
-            c.add(n, key, "unknown_key", f"unknown top-level key {key!r}; allowed: {', '.join(sorted(allowed))}")
-        ok = (_check_chat if fmt == "chat" else _check_prompt_completion)(c, n, record)
-        if ok and not unknown:
-            result.examples.append(Example(n, to_messages(record), tools=record.get("tools")))
-            by_content[json.dumps(record, sort_keys=True)].append(n)
-
-    if len(lines) < min_examples:
-        c.add(None, "", "too_few_examples", f"the file has {len(lines)} examples; at least {min_examples} are required")
-    result.duplicates = [group for group in by_content.values() if len(group) > 1]
-    if tokenizer is not None:
-        _count_tokens(c, result, tokenizer, context_length)
-    return _finish(result, c)
-
-
-def _count_tokens(c: _Collector, result: ValidationResult, tokenizer, context_length: int | None) -> None:
-    counted = []
-    for ex in result.examples:
-        try:
-            ids, mask = tokenize_chat_example(tokenizer, ex.messages, ex.tools)
-        except Exception as e:  # the model's own template rejects it (e.g. a role it does not support)
-            c.add(ex.line, "messages", "template_error", f"the base model's chat template cannot render this example: {e}")
-            continue
-        counted.append(replace(ex, total_tokens=len(ids), trainable_tokens=sum(mask)))
-        if context_length is not None and len(ids) > context_length:
-            c.add(ex.line, "messages", "too_long",
-                  f"the example is {len(ids)} tokens, longer than the context of {context_length} tokens; shorten it")
-            if not any(mask[:context_length]):
-                c.add(ex.line, "messages", "assistant_truncated",
-                      f"no assistant token falls within the first {context_length} tokens, so nothing would be learned")
-    result.examples = counted
-    sizes = [ex.total_tokens for ex in counted]
-    result.total_tokens = sum(sizes)
-    result.trainable_tokens = sum(ex.trainable_tokens for ex in counted)
-    if sizes:
-        result.min_tokens, result.max_tokens = min(sizes), max(sizes)
-        result.mean_tokens = result.total_tokens / len(sizes)
-
-
-def _finish(result: ValidationResult, c: _Collector) -> ValidationResult:
-    result.problems, result.problems_omitted = c.problems, c.omitted
-    return result
+    """Check a fine-tuning JSONL file held in memory, keeping its examples (`validate_stream` for a stored file)."""
+    return validate_stream(io.BytesIO(data), size=len(data), filename=filename, tokenizer=tokenizer,
+                           context_length=context_length, min_examples=min_examples, max_bytes=max_bytes,
+                           max_problems=max_problems, keep_examples=True)
 
 
 def find_overlap(train: ValidationResult, valid: ValidationResult) -> list[tuple[int, int]]:
-    """(training line, validation line) pairs of identical conversations (same tools too): leaked validation examples."""
+    """(training line, validation line) pairs of identical conversations (same tools too): leaked validation examples.
+    Both results must hold their examples (`validate_jsonl`, or `keep_examples`)."""
     def key(ex: Example) -> str:
         return json.dumps([ex.tools, ex.messages], sort_keys=True)
 

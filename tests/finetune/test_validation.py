@@ -1,15 +1,20 @@
 """The dataset validator: every fault with its line and code, statistics, tokens and the cost preview."""
 
 import json
+import tracemalloc
 
 import pytest
 
+from finetune import validation
 from finetune.validation import (
+    MAX_DUPLICATE_GROUPS,
+    MAX_JSON_DEPTH,
     auto_n_epochs,
     estimate_cost_cents,
     find_overlap,
     tokenize_chat_example,
     validate_jsonl,
+    validate_stream,
 )
 
 
@@ -364,3 +369,59 @@ def test_cost_preview_is_exact_integer_cents():
 @pytest.mark.parametrize("n, epochs", [(10, 10), (4, 25), (1, 25), (34, 3), (50, 3), (8333, 3), (8334, 2), (100_000, 1)])
 def test_auto_epochs(n, epochs):
     assert auto_n_epochs(n) == epochs
+
+
+# ---- streaming: bounded memory, nesting depth, long lines -------------------------------------------------------
+
+def test_a_line_nested_too_deep_is_a_problem_of_its_line_not_a_recursion_error():
+    deep_list = "[" * 100_000 + "]" * 100_000
+    deep_content = '{"messages": [{"content": ' + '{"a": ' * 100_000 + "1" + "}" * 100_000 + "}]}"
+    deep_arguments = {"messages": [ASK, calling(call(arguments='{"a": ' * 5000 + "1" + "}" * 5000))]}
+    just_enough = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH  # 64 levels: read, and then not an object
+    brackets_in_a_string = chat("[" * 200, "{" * 200)  # not nesting
+    result = validate_jsonl(jsonl(*(chat(f"q{i}", "a") for i in range(10)), deep_list, deep_content, deep_arguments,
+                                  just_enough, brackets_in_a_string))
+    assert [(p.line, p.path, p.code) for p in result.problems] == [
+        (11, "", "nesting_too_deep"), (12, "", "nesting_too_deep"),
+        (13, "messages[1].tool_calls[0].function.arguments", "arguments_too_deep"), (14, "", "not_an_object")]
+    assert f"more than {MAX_JSON_DEPTH} levels deep" in result.problems[0].message
+    assert [ex.line for ex in result.examples][-1] == 15
+
+
+def test_a_large_file_is_validated_line_by_line_without_keeping_its_examples(tmp_path):
+    path, filler = tmp_path / "big.jsonl", "lorem ipsum dolor sit amet " * 35
+    with open(path, "w") as out:
+        n = 0
+        while out.tell() < 20 * 1024 * 1024:
+            out.write(json.dumps(chat(f"question {n} {filler}", f"answer {n}")) + "\n")
+            n += 1
+    progress = []
+    tracemalloc.start()
+    try:
+        with open(path, "rb") as stream:
+            result = validate_stream(stream, filename="big.jsonl",
+                                     on_progress=lambda lines, nbytes: progress.append((lines, nbytes)) if lines % 1000 == 0 else None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.ok and result.example_count == n and result.examples == []  # counted, not kept
+    assert (result.lines, result.bytes) == (n, path.stat().st_size)
+    assert progress[0] == (1000, progress[0][1]) and progress == sorted(progress) and len(progress) == n // 1000
+    assert peak < 2 * 1024 * 1024, f"{peak:,} bytes held to validate {result.bytes:,}"
+
+
+def test_a_line_over_the_length_limit_is_reported_without_being_held(monkeypatch):
+    monkeypatch.setattr(validation, "MAX_LINE_BYTES", 1000)
+    long_line = json.dumps(chat("x" * 5000, "y"))
+    result = validate_jsonl(valid_file() + long_line.encode() + b"\n" + jsonl(chat("after", "it")))
+    assert [(p.line, p.code) for p in result.problems] == [(13, "line_too_long")]
+    assert f"this line is {len(long_line) + 1:,} bytes" in result.problems[0].message
+    assert result.examples[-1].line == 14 and result.lines == 14
+
+
+def test_duplicate_groups_are_listed_up_to_a_cap_and_all_counted():
+    rows = [chat(f"q{i % 150}", "a") for i in range(300)]  # 150 groups of two
+    result = validate_jsonl(jsonl(*rows))
+    assert result.duplicate_groups == 150 and len(result.duplicates) == MAX_DUPLICATE_GROUPS
+    assert result.duplicates[:2] == [[1, 151], [2, 152]]  # by first line
+    assert result.stats()["duplicate_groups"] == 150
