@@ -29,16 +29,15 @@ from serving.config import INFERENCE_SCOPE, ConfigStore, Snapshot
 from serving.drivers import BackendError, Finish, TokenDelta, ToolCallDelta, driver_for
 from serving.drivers.base import ADAPTER_NOT_LOADED, context_overflow, special_token_ids
 from serving.gateway import metrics
+from serving.gateway.endpoints import CHAT, MODELS, ROUTES, Endpoint, endpoint_for
 from serving.gateway.errors import ApiError, context_length_exceeded
 from serving.gateway.formatting import OpenAIFormat, TGIFormat, ToolCalls
 from serving.gateway.parsing import (
     build_backend_request,
     count_prompt,
     fit_context,
-    parse_chat,
-    parse_completions,
-    parse_generate,
     parse_json,
+    parse_request,
     reservation_tokens,
     resolve_max_tokens,
 )
@@ -52,15 +51,6 @@ from tenants.services import PLAYGROUND_PREFIX, playground_token_verify, split_k
 
 log = logging.getLogger(__name__)
 
-# path -> (endpoint, allowed method)
-ROUTES = {
-    "/v1/chat/completions": ("chat", "POST"),
-    "/v1/completions": ("completions", "POST"),
-    "/v1/models": ("models", "GET"),
-    "/generate": ("generate", "POST"),
-    "/generate_stream": ("generate_stream", "POST"),
-    "/metrics": ("metrics", "GET"),
-}
 # "tgi": TGI's own placeholder; "dummy": what huggingface_hub's InferenceClient(model=<url>).chat_completion() sends.
 DEFAULT_MODEL_NAMES = {None, "", "default", "tgi", "dummy"}
 NOT_DEPLOYED_HINT = " A fine-tuned model answers only once it is deployed (console: Fine-tuning › Adapters)."
@@ -82,7 +72,7 @@ class Call:
     """One inference request's state, for the answer, the ledger, the scheduler and admission."""
 
     request_id: str
-    endpoint: str
+    endpoint: Endpoint
     tenant: object
     key_id: int
     model: str
@@ -257,23 +247,19 @@ class GatewayApp:
             return await self.lifespan(scope, receive, send)
         await self._ensure_started()
         path, method = scope["path"], scope["method"]
-        if path == "/":
-            return await self._guarded(self._inference, scope, receive, send, "generate?", True)
-        if path.startswith("/v1/models/"):
-            endpoint, allowed = "model", "GET"
-        else:
-            endpoint, allowed = ROUTES[path]
-        tgi = endpoint.startswith("generate")
-        if method != allowed:
-            return await self._send_error(send, ApiError(405, f"Use {allowed} on {path}.", code="method_not_allowed",
-                                                         headers={"allow": allowed}), tgi=tgi, endpoint=endpoint)
-        if endpoint == "metrics":
-            return await self._metrics(scope, send)
-        if endpoint in ("models", "model"):
-            return await self._models(scope, send, path[len("/v1/models/"):] if endpoint == "model" else None)
-        return await self._guarded(self._inference, scope, receive, send, endpoint, tgi)
+        endpoint = endpoint_for(path)
+        if endpoint.compat:  # TGI's POST / (the only method portal.asgi sends here)
+            return await self._guarded(self._inference, scope, receive, send, endpoint)
+        if method != endpoint.method:
+            return await self._send_error(send, ApiError(405, f"Use {endpoint.method} on {path}.", code="method_not_allowed",
+                                                         headers={"allow": endpoint.method}), endpoint=endpoint)
+        if not endpoint.inference:
+            if endpoint.name == "metrics":
+                return await self._metrics(scope, send)
+            return await self._models(scope, send, path[len("/v1/models/"):] if endpoint.name == "model" else None)
+        return await self._guarded(self._inference, scope, receive, send, endpoint)
 
-    async def _guarded(self, handler, scope, receive, send, endpoint: str, tgi: bool) -> None:
+    async def _guarded(self, handler, scope, receive, send, endpoint: Endpoint) -> None:
         """Whatever fails unexpectedly, the client gets an error in its API's shape (never a plain-text 500)."""
         started = False
 
@@ -290,9 +276,9 @@ class GatewayApp:
             err = ApiError(500, "The gateway failed on this request. Retry; if it persists, tell the platform team the time "
                                 "of the request.", type="server_error", code="internal_error")
             if not started:
-                await self._send_error(send, err, tgi=tgi, endpoint=endpoint)
+                await self._send_error(send, err, endpoint=endpoint)
             else:
-                event = TGIFormat.error_event(err.message, "internal_error") if tgi else OpenAIFormat.error_event(err.message, "server_error", "internal_error")
+                event = endpoint.error_event(err.message, code="internal_error", tgi_type="internal_error")
                 try:
                     await send({"type": "http.response.body", "body": event, "more_body": False})
                 except Exception:
@@ -314,9 +300,9 @@ class GatewayApp:
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
 
-    async def _send_error(self, send, err: ApiError, *, tgi: bool, endpoint: str, tenant=None, headers: dict | None = None) -> None:
-        metrics.REQUESTS.labels(endpoint, str(err.status), self.tenant_label(getattr(tenant, "slug", None))).inc()
-        await self._send_json(send, err.status, err.tgi_body() if tgi else err.openai_body(), {**(headers or {}), **err.headers})
+    async def _send_error(self, send, err: ApiError, *, endpoint: Endpoint, tenant=None, headers: dict | None = None) -> None:
+        metrics.REQUESTS.labels(endpoint.name, str(err.status), self.tenant_label(getattr(tenant, "slug", None))).inc()
+        await self._send_json(send, err.status, endpoint.error_body(err), {**(headers or {}), **err.headers})
 
     async def _read_body(self, scope, receive) -> bytes:
         cap = self.settings.max_body_bytes
@@ -410,7 +396,7 @@ class GatewayApp:
         try:
             _, tenant = self._authenticate(scope, self.store.snapshot)
         except ApiError as err:
-            return await self._send_error(send, err, tgi=False, endpoint="models")
+            return await self._send_error(send, err, endpoint=MODELS)
 
         def item(r):
             return {"id": r.name, "object": "model", "created": r.created, "owned_by": r.owned_by}
@@ -419,7 +405,7 @@ class GatewayApp:
             route = tenant.models.get(one)
             if route is None:
                 return await self._send_error(send, ApiError(404, f"The model `{one}` does not exist or you do not have access to it.",
-                                                             param="model", code="model_not_found"), tgi=False, endpoint="models", tenant=tenant)
+                                                             param="model", code="model_not_found"), endpoint=MODELS, tenant=tenant)
             body = item(route)
         else:
             body = {"object": "list", "data": [item(r) for r in sorted(tenant.models.values(), key=lambda r: r.name)]}
@@ -428,7 +414,7 @@ class GatewayApp:
 
     # ---- inference ----------------------------------------------------------------------------------
 
-    async def _inference(self, scope, receive, send, endpoint: str) -> None:
+    async def _inference(self, scope, receive, send, endpoint: Endpoint) -> None:
         started_at = time.perf_counter()
         given_id = self._header(scope, b"x-request-id")
         echo_id = given_id if given_id and REQUEST_ID_RE.match(given_id) else None
@@ -436,21 +422,14 @@ class GatewayApp:
         # would make ignore_conflicts drop the later requests' usage).
         request_id = f"{echo_id}~{secrets.token_hex(6)}" if echo_id else secrets.token_hex(12)
         id_header = {"x-request-id": echo_id or request_id}
-        tgi = endpoint.startswith("generate")
         tenant = None
         try:
             body = await self._read_body(scope, receive)
             snap = self.store.snapshot
             key, tenant = self._authenticate(scope, snap)
             data = parse_json(body)
-            if endpoint == "generate?":  # TGI's POST / : `stream` picks the route
-                endpoint = "generate_stream" if data.get("stream") is True else "generate"
-            if endpoint == "chat":
-                req = parse_chat(data)
-            elif endpoint == "completions":
-                req = parse_completions(data)
-            else:
-                req = parse_generate(data, stream=endpoint == "generate_stream")
+            endpoint = endpoint.resolve(data)  # TGI's POST /: `stream` picks the route
+            req = parse_request(endpoint, data)
             route = self._route(tenant, req.model)
             pool = snap.pools[route.pool_id]
             if route.adapter is not None and not any(route.adapter in b.loaded_adapters for b in pool.backends):
@@ -464,7 +443,7 @@ class GatewayApp:
         except asyncio.CancelledError:
             return  # the client left while sending its body
         except ApiError as err:
-            return await self._send_error(send, err, tgi=tgi, endpoint=endpoint, tenant=tenant, headers=id_header)
+            return await self._send_error(send, err, endpoint=endpoint, tenant=tenant, headers=id_header)
 
         from serving.admission import get_admission
 
@@ -478,7 +457,7 @@ class GatewayApp:
             if decision.retry_after:
                 headers["retry-after"] = str(decision.retry_after)
             err = ApiError(decision.status, decision.message, type=decision.error_type or None, code=decision.code or None)
-            return await self._send_error(send, err, tgi=tgi, endpoint=endpoint, tenant=tenant, headers=headers)
+            return await self._send_error(send, err, endpoint=endpoint, tenant=tenant, headers=headers)
 
         call = Call(request_id, endpoint, tenant, key.id if key else None, route.name, route.adapter or "", pool, started_at, prompt.tokens, max_tokens,
                     reservation=decision.reservation)
@@ -516,7 +495,7 @@ class GatewayApp:
         """The request's journal line: what a recovery needs for its ledger record and its settle."""
         r = call.reservation
         return {
-            "id": call.request_id, "t": call.tenant.id, "k": call.key_id, "e": call.endpoint, "m": call.model, "a": call.adapter,
+            "id": call.request_id, "t": call.tenant.id, "k": call.key_id, "e": call.endpoint.name, "m": call.model, "a": call.adapter,
             "p": call.pool.id, "pe": call.prompt_estimate, "at": round(time.time(), 3),
             "r": [r.tokens, r.window, r.tpm_cap, r.backend, r.life] if r is not None else None,
         }
@@ -564,7 +543,6 @@ class GatewayApp:
     async def _serve(self, call: Call, req, route, backend_request, decision, headers: dict, send) -> None:
         from serving.scheduler import SchedulerTimeout, get_scheduler
 
-        tgi = call.endpoint.startswith("generate")
         pool = call.pool
         scheduler = get_scheduler()
         try:
@@ -574,7 +552,7 @@ class GatewayApp:
         except SchedulerTimeout:
             err = ApiError(429, f"The model `{call.model}` is busy: no capacity freed up within {self.settings.queue_timeout_s:.0f} s. "
                                 "Try again in a few seconds.", type="rate_limit_error", code="queue_timeout", headers={"retry-after": "5"})
-            return await self._send_error(send, err, tgi=tgi, endpoint=call.endpoint, tenant=call.tenant, headers=headers)
+            return await self._send_error(send, err, endpoint=call.endpoint, tenant=call.tenant, headers=headers)
         if call.journal is not None:
             call.journal.slot(f"{slot.tenant_id}:{slot.slot_id}")
         try:
@@ -592,7 +570,7 @@ class GatewayApp:
     def _entry(self, call: Call) -> LedgerEntry:
         input_tokens = call.input_tokens = call.counted_input_tokens
         return LedgerEntry(
-            request_id=call.request_id, tenant_id=call.tenant.id, api_key_id=call.key_id, endpoint=call.endpoint,
+            request_id=call.request_id, tenant_id=call.tenant.id, api_key_id=call.key_id, endpoint=call.endpoint.name,
             model=call.model, adapter=call.adapter, pool_id=call.pool.id, backend_id=call.backend_id,
             input_tokens=input_tokens, output_tokens=call.output_tokens, status=call.status, ttft_ms=call.ttft_ms,
             duration_ms=int((time.perf_counter() - call.started_at) * 1000),
@@ -620,12 +598,12 @@ class GatewayApp:
 
     def _observe(self, call: Call) -> None:
         label = self.tenant_label(call.tenant.slug)
-        metrics.REQUESTS.labels(call.endpoint, str(call.http_status) if call.status in ("ok", "error") else call.status, label).inc()
+        metrics.REQUESTS.labels(call.endpoint.name, str(call.http_status) if call.status in ("ok", "error") else call.status, label).inc()
         metrics.TOKENS_IN.labels(label).inc(call.input_tokens or 0)
         metrics.TOKENS_OUT.labels(label).inc(call.output_tokens)
-        metrics.LATENCY.labels(call.endpoint).observe(time.perf_counter() - call.started_at)
+        metrics.LATENCY.labels(call.endpoint.name).observe(time.perf_counter() - call.started_at)
         if call.ttft_ms is not None:
-            metrics.TTFT.labels(call.endpoint).observe(call.ttft_ms / 1000)
+            metrics.TTFT.labels(call.endpoint.name).observe(call.ttft_ms / 1000)
 
     async def _run_backends(self, call: Call, req, route, backend_request, headers: dict, send) -> None:
         pool = call.pool
@@ -681,8 +659,7 @@ class GatewayApp:
         await self._send_error_silently(call, err, headers, send)
 
     async def _send_error_silently(self, call: Call, err: ApiError, headers: dict, send) -> None:
-        tgi = call.endpoint.startswith("generate")
-        await self._send_json(send, err.status, err.tgi_body() if tgi else err.openai_body(), {**headers, **err.headers})
+        await self._send_json(send, err.status, call.endpoint.error_body(err), {**headers, **err.headers})
 
     async def _backend_refused(self, call: Call, exc: BackendError, headers: dict, send) -> None:
         if exc.status in (400, 422):  # the backend's validation: a prompt (+ max tokens) beyond the context, mostly
@@ -707,21 +684,20 @@ class GatewayApp:
     async def _interrupted(self, call: Call, exc: BackendError, send) -> None:
         """The stream had started: tell the client in-band, record what was delivered."""
         call.status = "interrupted"
-        tgi = call.endpoint.startswith("generate")
         log.warning("request %s: backend %s failed mid-answer after %s tokens: %s", call.request_id, call.backend_id,
                     call.output_tokens, exc.message)
         message = f"The model's backend failed mid-answer after {call.output_tokens} tokens; the answer is incomplete."
         self._record(call, wait=False)
-        event = TGIFormat.error_event(message, "incomplete_generation") if tgi else OpenAIFormat.error_event(message, "server_error", "backend_interrupted")
+        event = call.endpoint.error_event(message, code="backend_interrupted", tgi_type="incomplete_generation")
         await send({"type": "http.response.body", "body": event, "more_body": False})
 
     async def _relay(self, call: Call, req, stream, headers: dict, send) -> None:
         """Forward the driver's events in the client's shape; raises BackendError (caller decides failover)."""
-        tgi = call.endpoint.startswith("generate")
+        tgi = call.endpoint.tgi
         if tgi:
             fmt = TGIFormat(details=req.details, client_prompt=req.prompt, return_full_text=req.return_full_text)
         else:
-            fmt = OpenAIFormat(chat=call.endpoint == "chat", request_id=call.request_id.replace("~", "-"), created=int(time.time()),
+            fmt = OpenAIFormat(chat=call.endpoint is CHAT, request_id=call.request_id.replace("~", "-"), created=int(time.time()),
                                model=call.model, include_usage=req.include_usage, echo=req.prompt if req.echo else "")
         streaming = req.stream
         parts: list[str] = []

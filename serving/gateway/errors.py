@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from serving.gateway.endpoints import Endpoint, named
+
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
@@ -36,11 +38,13 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return ApiError(400, message, param=param, code=code)
 
 
-def context_length_exceeded(endpoint: str, overflow, max_tokens: int) -> ApiError:
+def context_length_exceeded(endpoint: Endpoint | str, overflow, max_tokens: int) -> ApiError:
     """OpenAI's answer to a prompt beyond the context, from the figures of the backend's refusal
-    (`serving.drivers.base.ContextOverflow`); `max_tokens`: what the backend was asked for, if it did not say."""
-    tgi = endpoint.startswith("generate")
-    text = {"chat": "messages", "completions": "prompt"}.get(endpoint, "inputs")
+    (`serving.drivers.base.ContextOverflow`); `max_tokens`: what the backend was asked for, if it did not say.
+    `endpoint`: the request's (or its name)."""
+    endpoint = named(endpoint)
+    tgi = endpoint.tgi
+    text = endpoint.prompt_param
     completion = "`max_new_tokens`" if tgi else "completion"
     head = f"This model's maximum context length is {overflow.limit} tokens. However, your {text}"
     prompt, asked = overflow.input_tokens, overflow.completion_tokens

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from serving.config import Route, TenantEntry
 from serving.drivers import BackendRequest, Sampling
 from serving.drivers.base import ContextOverflow
+from serving.gateway.endpoints import CHAT, COMPLETIONS, GENERATE, GENERATE_STREAM, Endpoint
 from serving.gateway.errors import bad_request, context_length_exceeded
 from serving.tokencount import PromptCount
 from tenants.parsers import JsonRefused, json_depth_exceeds, json_loads, too_deep
@@ -25,7 +26,7 @@ TOOL_CHOICES = ("none", "auto", "required")
 
 @dataclass(slots=True)
 class ClientRequest:
-    endpoint: str  # chat | completions | generate | generate_stream
+    endpoint: Endpoint  # CHAT | COMPLETIONS | GENERATE | GENERATE_STREAM
     model: str | None
     stream: bool = False
     include_usage: bool = False
@@ -363,7 +364,7 @@ def _openai_common(data: dict, req: ClientRequest) -> None:
     req.presence_penalty = _number(data, "presence_penalty", -2, 2) or None
     req.frequency_penalty = _number(data, "frequency_penalty", -2, 2) or None
     _refuse_unsupported(data, _UNSUPPORTED)
-    if req.endpoint != "chat":
+    if req.endpoint is not CHAT:
         for name in ("tools", "tool_choice", "parallel_tool_calls"):
             if data.get(name) not in (None, [], "none"):
                 raise bad_request(f"`{name}` is only supported on /v1/chat/completions.", name, "unsupported_parameter")
@@ -385,7 +386,7 @@ def _openai_common(data: dict, req: ClientRequest) -> None:
 
 
 def parse_chat(data: dict) -> ClientRequest:
-    req = ClientRequest("chat", _model(data))
+    req = ClientRequest(CHAT, _model(data))
     messages = data.get("messages")
     if messages is None:
         raise bad_request("`messages` is required.", "messages", "missing_required_parameter")
@@ -406,7 +407,7 @@ def parse_chat(data: dict) -> ClientRequest:
 
 
 def parse_completions(data: dict) -> ClientRequest:
-    req = ClientRequest("completions", _model(data))
+    req = ClientRequest(COMPLETIONS, _model(data))
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -434,7 +435,7 @@ def parse_generate(data: dict, *, stream: bool) -> ClientRequest:
     adapter = params.get("adapter_id")
     if adapter is not None and not isinstance(adapter, str):
         raise bad_request("`parameters.adapter_id` must be a string.", "parameters.adapter_id", "invalid_type")
-    req = ClientRequest("generate_stream" if stream else "generate", adapter or _model(data), stream=stream)
+    req = ClientRequest(GENERATE_STREAM if stream else GENERATE, adapter or _model(data), stream=stream)
     _refuse_unsupported(params, _TGI_UNSUPPORTED, prefix="parameters.")
     req.prompt = inputs
     req.max_tokens = _int(params, "max_new_tokens", minimum=1, param="parameters.max_new_tokens")
@@ -450,24 +451,30 @@ def parse_generate(data: dict, *, stream: bool) -> ClientRequest:
     return req
 
 
-def _param_name(req: ClientRequest) -> str:
-    return "parameters.max_new_tokens" if req.endpoint.startswith("generate") else "max_tokens"
+def parse_request(endpoint: Endpoint, data: dict) -> ClientRequest:
+    """The body of an inference route, validated (`endpoint` resolved: never TGI's POST /, see `Endpoint.resolve`)."""
+    if endpoint is CHAT:
+        return parse_chat(data)
+    if endpoint is COMPLETIONS:
+        return parse_completions(data)
+    return parse_generate(data, stream=endpoint is GENERATE_STREAM)
 
 
 def resolve_max_tokens(req: ClientRequest, tenant: TenantEntry, context_length: int) -> int:
     """The request's max tokens, else the tenant's default; above the cap or the context → 400."""
     max_tokens = req.max_tokens if req.max_tokens is not None else min(tenant.default_max_tokens, max(1, context_length - 1))
+    param = req.endpoint.max_tokens_param
     if max_tokens > tenant.max_max_tokens:
-        raise bad_request(f"`{_param_name(req)}` is {max_tokens}; your tenant's limit is {tenant.max_max_tokens} "
-                          "(console: Models › Max max tokens).", _param_name(req))
+        raise bad_request(f"`{param}` is {max_tokens}; your tenant's limit is {tenant.max_max_tokens} "
+                          "(console: Models › Max max tokens).", param)
     if max_tokens >= context_length:
-        raise bad_request(f"`{_param_name(req)}` is {max_tokens}; the model's context is {context_length} tokens, prompt included.", _param_name(req))
+        raise bad_request(f"`{param}` is {max_tokens}; the model's context is {context_length} tokens, prompt included.", param)
     return max_tokens
 
 
 def sampling_for(req: ClientRequest, tenant: TenantEntry) -> Sampling:
     """Explicit sampling: temperature clamped to the tenant's maximum; greedy when it is 0 or do_sample is false."""
-    if req.endpoint.startswith("generate"):
+    if req.endpoint.tgi:
         do_sample = bool(req.do_sample) or (req.do_sample is None and req.temperature is not None)
         temperature = req.temperature if req.temperature is not None else tenant.default_temperature
     else:
@@ -497,13 +504,13 @@ def inject_system_prompt(messages: list[dict], system_prompt: str, rule: str) ->
 
 def build_backend_request(req: ClientRequest, tenant: TenantEntry, route: Route, pool, max_tokens: int) -> BackendRequest:
     sampling = sampling_for(req, tenant)
-    if pool.kind in ("tgi", "dev") and req.endpoint != "chat" and sampling.presence_penalty is not None:
+    if pool.kind in ("tgi", "dev") and req.endpoint is not CHAT and sampling.presence_penalty is not None:
         # Text prompts go to TGI's /generate (TGI and dev pools): a frequency penalty, no presence penalty there.
         raise bad_request("`presence_penalty` is not supported for text completions on this model's backend (TGI's /generate); use "
                           "`frequency_penalty`, or /v1/chat/completions.", "presence_penalty", "unsupported_parameter")
     common = dict(max_tokens=max_tokens, sampling=sampling, adapter=route.adapter, model_id=pool.hf_id,
-                  cache_salt=tenant.cache_salt if pool.kind == "vllm" else None, want_tokens=req.details or req.endpoint == "generate_stream")
-    if req.endpoint == "chat":
+                  cache_salt=tenant.cache_salt if pool.kind == "vllm" else None, want_tokens=req.details or req.endpoint is GENERATE_STREAM)
+    if req.endpoint is CHAT:
         tools = dict(tools=req.tools, tool_choice=req.tool_choice,
                      parallel_tool_calls=req.parallel_tool_calls) if req.tools is not None else {}
         return BackendRequest("chat", messages=inject_system_prompt(req.messages, tenant.system_prompt, tenant.system_message_rule),
