@@ -26,7 +26,7 @@ from finetune.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingFile
 from finetune.services import FinetuneError
 from serving import selectors as serving_selectors
 from serving.models import Adapter, AdapterDeployment
-from tenants.api import TenantAPIView
+from tenants.api import SealedMethods, TenantAPIView
 from tenants.api_auth import ApiKeyAuthentication
 from tenants.api_refusals import MISSING_KEY, tenant_suspended
 from tenants.models import ApiKey, Role
@@ -120,8 +120,12 @@ class IgnoreAccept(DefaultContentNegotiation):
         return renderers[0], renderers[0].media_type
 
 
-class OpenAIView(APIView):
-    """Base of the /v1 fine-tuning views: API key with the `finetune` scope; the tenant is the key's."""
+class OpenAIView(SealedMethods, APIView):
+    """Base of the /v1 fine-tuning views: API key with the `finetune` scope; the tenant is the key's.
+
+    `initial()` sets `self.tenant` from the key; views reach rows only through `file_or_404()` / `job_or_404()` or
+    `Model.objects.for_tenant(self.tenant)`. Like TenantAPIView's, those methods cannot be overridden.
+    """
 
     authentication_classes = [ApiKeyAuthentication]
     permission_classes: list = []
@@ -129,6 +133,8 @@ class OpenAIView(APIView):
     content_negotiation_class = IgnoreAccept
     parser_classes = [JSONParser, MultiPartParser, FormParser]
     pagination_class = None
+
+    _FINAL = ("dispatch", "initial", "file_or_404", "job_or_404", "get_exception_handler")
 
     def get_exception_handler(self):
         return openai_exception_handler
@@ -211,9 +217,12 @@ def _ts(value) -> int | None:
 
 
 def file_data(file: TrainingFile) -> dict:
+    """OpenAI's file object; `status` is `uploaded` while a worker validates it (extension: `progress`)."""
     return {"id": file.id, "object": "file", "bytes": file.bytes, "created_at": _ts(file.created_at),
             "filename": file.filename, "purpose": file.purpose, "status": file.status,
-            "status_details": None if file.is_valid else _problem_summary(file)}
+            "status_details": _problem_summary(file) if file.status == TrainingFile.Status.ERROR else None,
+            "progress": {"percent": file.progress_percent, "lines_validated": file.lines_validated,
+                         "bytes_validated": file.bytes_validated}}
 
 
 def _problem_summary(file: TrainingFile) -> str:
@@ -254,37 +263,36 @@ class FileListApi(OpenAIView):
     @extend_schema(operation_id="files_create", tags=["Files"], request={"multipart/form-data": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["fine-tune"]}}, "required": ["file", "purpose"]}}, responses=OpenApiTypes.OBJECT)
     def post(self, request):
         """OpenAI-compatible: upload a JSONL training file (multipart: `file`, `purpose`=fine-tune; extension: `model`,
-        a base model whose tokenizer counts the tokens). The file is validated at once; one with problems is kept
-        with status `error` and `status_details`. API key with the finetune scope. 400 for a missing file or
-        purpose, or a purpose other than fine-tune; 404 for an unknown `model`; 413 over the upload limit.
+        a base model whose tokenizer counts the tokens). The answer comes once the file is stored, with status
+        `uploaded`: a worker validates it, then GET /v1/files/{id} says `processed`, or `error` with `status_details`
+        (the SDK's `files.wait_for_processing(id)` waits for that; `progress` says how far it is). API key with the
+        finetune scope. 400 for a missing file or purpose, or a purpose other than fine-tune; 404 for an unknown
+        `model`; 413 over the upload limit; 503 when storage fails.
         """
         upload = request.FILES.get("file")
         if upload is None:
             raise FinetuneError("file is required: send the JSONL file as multipart form field 'file'", param="file",
                                 code="missing_file")
-        if upload.size > services.MAX_UPLOAD_BYTES:
-            raise FinetuneError(f"The file is {upload.size:,} bytes; the limit is {services.MAX_UPLOAD_BYTES:,} bytes.",
-                                status=413, param="file", code="file_too_large")
         purpose = request.data.get("purpose")
         if not purpose:
             raise FinetuneError("purpose is required; use 'fine-tune'", param="purpose", code="missing_purpose")
         base_model = None
-        if request.data.get("model"):  # extension: count tokens with this base model's tokenizer at upload
+        if request.data.get("model"):  # extension: count tokens with this base model's tokenizer at validation
             base_model = next((bm for bm in serving_selectors.base_models_for_tenant(self.tenant)
                                if bm.name == request.data["model"]), None)
             if base_model is None:
                 raise FinetuneError(f"The model '{request.data['model']}' does not exist or you do not have access to it.",
                                     status=404, param="model", code="model_not_found")
         file = services.training_file_upload(tenant=self.tenant, actor=self.actor, filename=upload.name,
-                                             data=upload.read(), purpose=purpose, base_model=base_model)
+                                             content=upload, purpose=purpose, base_model=base_model)
         return Response(file_data(file), status=status.HTTP_200_OK)
 
 
 class FileDetailApi(OpenAIView):
     @extend_schema(operation_id="files_retrieve", tags=["Files"], responses=OpenApiTypes.OBJECT)
     def get(self, request, file_id: str):
-        """OpenAI-compatible: one file. API key with the finetune scope. 404 for a file id that is not the key's
-        tenant's.
+        """OpenAI-compatible: one file; `status` `uploaded` while it is validated (extension: `progress`), then
+        `processed` or `error`. API key with the finetune scope. 404 for a file id that is not the key's tenant's.
         """
         return Response(file_data(self.file_or_404(file_id)))
 
@@ -316,11 +324,12 @@ class FileValidationApi(OpenAIView):
     @extend_schema(operation_id="files_validation", tags=["Files"], responses=OpenApiTypes.OBJECT)
     def get(self, request, file_id: str):
         """Extension: the file's full validation report (every problem with line, path, code and message), its
-        statistics and token counts. API key with the finetune scope. 404 for a file id that is not the key's
-        tenant's.
+        statistics and token counts; while it is validated, `status` `uploaded`, its `progress` and no report yet.
+        API key with the finetune scope. 404 for a file id that is not the key's tenant's.
         """
         file = self.file_or_404(file_id)
-        return Response({"object": "file.validation", "id": file.id, **file.validation, "token_counts": file.token_counts})
+        return Response({"object": "file.validation", "id": file.id, "status": file.status, **file.validation,
+                         "token_counts": file.token_counts, "progress": file_data(file)["progress"]})
 
 
 # ---- jobs ----------------------------------------------------------------------------------------
@@ -406,9 +415,9 @@ class JobListApi(OpenAIView):
     @extend_schema(operation_id="fine_tuning_jobs_create", tags=["Fine-tuning"], request=JobInput, responses=OpenApiTypes.OBJECT)
     def post(self, request):
         """OpenAI-compatible: create a fine-tuning job and queue it (supervised method only; extension: `lora`). API
-        key with the finetune scope. 400 for invalid fields or hyperparameters, or a training/validation file with
-        problems; 404 for an unknown model or file; 429 when the tenant already has its maximum of queued or running
-        jobs.
+        key with the finetune scope. 400 for invalid fields or hyperparameters, a training/validation file with
+        problems (`invalid_file`) or one still being validated (`file_not_ready`, with its progress); 404 for an
+        unknown model or file; 429 when the tenant already has its maximum of queued or running jobs.
         """
         data = _parse(JobInput, request)
         job = services.finetune_job_create(

@@ -11,6 +11,7 @@ urlpatterns = [
     path("files/", views.files, name="finetune-files"),
     path("files/upload/", views.file_upload, name="finetune-file-upload"),
     path("files/<str:file_id>/", views.file_detail, name="finetune-file"),
+    path("files/<str:file_id>/status/", views.file_status, name="finetune-file-status"),
     path("files/<str:file_id>/delete/", views.file_delete, name="finetune-file-delete"),
     path("jobs/", views.jobs, name="finetune-jobs"),
     path("jobs/new/", views.job_create, name="finetune-job-create"),

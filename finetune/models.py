@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
@@ -18,8 +19,8 @@ from tenants.scoping import TenantOwnedModel
 
 # A worker refreshes its lease about once a second while training; one silent this long is presumed dead and
 # its job may be claimed again (it resumes from its last checkpoint). Generous: loading a large base model
-# happens before the first heartbeat of the training loop.
-LEASE_SECONDS = 300
+# happens before the first heartbeat of the training loop. PLATFORM_FINETUNE_LEASE_SECONDS (tests shorten it).
+LEASE_SECONDS = settings.FINETUNE_LEASE_SECONDS
 
 
 def _new_id(prefix: str) -> str:
@@ -35,9 +36,14 @@ def new_job_id() -> str:
 
 
 class TrainingFile(TenantOwnedModel):
-    """An uploaded JSONL file (`purpose=fine-tune`) and its full validation report."""
+    """An uploaded JSONL file (`purpose=fine-tune`) and its full validation report.
+
+    `uploaded` (OpenAI's status) until a worker has validated it (finetune.services.training_file_validate), with its
+    progress in `lines_validated` / `bytes_validated`; then `processed` or `error`, the report written once.
+    """
 
     class Status(models.TextChoices):
+        UPLOADED = "uploaded", "Validating"
         PROCESSED = "processed", "Valid"
         ERROR = "error", "Has problems"
 
@@ -47,8 +53,14 @@ class TrainingFile(TenantOwnedModel):
     purpose = models.CharField(max_length=32, default="fine-tune")
     bytes = models.PositiveBigIntegerField(default=0)
     path = models.CharField(max_length=500, help_text="Relative to STORAGE_DIR.")
-    status = models.CharField(max_length=16, choices=Status.choices)
-    # validate_jsonl(...).to_dict(): {ok, problems[{line,path,code,message}], problems_omitted, stats}
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.UPLOADED)
+    # The base model named at upload: validation also counts tokens with its chat template.
+    base_model = models.ForeignKey("serving.BaseModel", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    lines_validated = models.PositiveBigIntegerField(default=0)
+    bytes_validated = models.PositiveBigIntegerField(default=0)
+    progress_at = models.DateTimeField(null=True, blank=True, help_text="The validating worker's last progress write.")
+    validated_at = models.DateTimeField(null=True, blank=True)
+    # validate_stream(...).to_dict(): {ok, problems[{line,path,code,message}], problems_omitted, stats}
     validation = models.JSONField(default=dict, blank=True)
     # Per base model name: {"total_tokens", "trainable_tokens", "examples", "problems"} with that model's tokenizer.
     token_counts = models.JSONField(default=dict, blank=True)
@@ -65,8 +77,29 @@ class TrainingFile(TenantOwnedModel):
         return self.status == self.Status.PROCESSED
 
     @property
+    def is_validating(self) -> bool:
+        return self.status == self.Status.UPLOADED
+
+    @property
     def examples(self) -> int:
         return (self.validation.get("stats") or {}).get("examples") or 0
+
+    @property
+    def progress_percent(self) -> int:
+        """How much of the file validation has read, 0-100 (100 once it is validated)."""
+        if not self.is_validating:
+            return 100
+        return min(100, 100 * self.bytes_validated // self.bytes) if self.bytes else 0
+
+    @property
+    def progress_text(self) -> str:
+        """The validation's progress in words, for messages and the console."""
+        if not self.is_validating:
+            return "validated"
+        if not self.bytes_validated:
+            return "waiting for a worker to validate it"
+        return (f"{self.progress_percent} % validated: {self.lines_validated:,} lines, {self.bytes_validated:,} of "
+                f"{self.bytes:,} bytes")
 
 
 class FineTuneJob(TenantOwnedModel):

@@ -7,13 +7,14 @@ import json
 import math
 from decimal import Decimal
 from pathlib import Path
+from typing import BinaryIO
 
 from django.conf import settings
 from django.db.models import Max, Q
 
 from finetune import lora_math
 from finetune.models import FineTuneJob, TrainingFile
-from finetune.validation import auto_n_epochs, estimate_cost_cents, validate_jsonl
+from finetune.validation import auto_n_epochs, estimate_cost_cents
 from serving import selectors as serving_selectors
 from serving.models import BackendPool, BaseModel
 from serving.selectors import base_models_for_tenant
@@ -62,6 +63,28 @@ def training_file_read(file: TrainingFile) -> bytes:
     return (storage_root() / file.path).read_bytes()
 
 
+def training_file_open(file: TrainingFile) -> BinaryIO:
+    """The stored bytes as a binary stream, to read line by line (validation, the trainer)."""
+    return open(storage_root() / file.path, "rb")
+
+
+def training_file_lines(file: TrainingFile, wanted: set[int], *, max_chars: int = 300) -> dict[int, str]:
+    """The first `max_chars` characters of the lines numbered in `wanted` (1-based), read up to the last of them
+    without holding more than one line's head: a long line is skipped through, not loaded."""
+    found: dict[int, str] = {}
+    last = max(wanted, default=0)
+    with training_file_open(file) as stream:
+        for n in range(1, last + 1):
+            head = stream.readline(4 * max_chars)  # UTF-8: at most 4 bytes a character
+            if not head:
+                break
+            if n in wanted:
+                found[n] = head.rstrip(b"\r\n").decode("utf-8", "replace")[:max_chars]
+            while not head.endswith(b"\n") and (head := stream.readline(64 * 1024)):
+                pass
+    return found
+
+
 # ---- base models ---------------------------------------------------------------------------------
 
 
@@ -106,28 +129,17 @@ def tokenizer_for(base_model: BaseModel | None):
         return None
 
 
-def file_token_counts(file: TrainingFile, base_model: BaseModel) -> dict:
-    """Tokens of a file with a base model's chat template: {total_tokens, trainable_tokens, examples, estimated}.
+def file_token_counts(file: TrainingFile, base_model: BaseModel) -> dict | None:
+    """Tokens of a file with a base model's chat template, as a worker counted them: {total_tokens, trainable_tokens,
+    examples, estimated, min_tokens, max_tokens, problems}; None until counted (services.training_file_request_token_count
+    asks a worker; nothing is tokenized in a request)."""
+    return file.token_counts.get(base_model.name) or None
 
-    Counted once per (file, base model) and kept on the file. Without a tokenizer here the figure is
-    estimated from the size (4 bytes a token) and says so.
-    """
-    cached = file.token_counts.get(base_model.name)
-    if cached:
-        return cached
-    tokenizer = tokenizer_for(base_model)
-    if tokenizer is None:
-        return {"total_tokens": math.ceil(file.bytes / 4), "trainable_tokens": None, "examples": file.examples,
-                "estimated": True, "problems": []}
-    result = validate_jsonl(training_file_read(file), filename=file.filename, tokenizer=tokenizer,
-                            context_length=max_seq_len(base_model))
-    counts = {"total_tokens": result.total_tokens or 0, "trainable_tokens": result.trainable_tokens or 0,
-              "examples": len(result.examples), "estimated": False,
-              "min_tokens": result.min_tokens, "max_tokens": result.max_tokens,
-              "problems": [p.__dict__ for p in result.problems][:100]}
-    file.token_counts = {**file.token_counts, base_model.name: counts}
-    TrainingFile.objects.for_tenant(file.tenant_id).filter(pk=file.pk).update(token_counts=file.token_counts)
-    return counts
+
+def estimated_token_counts(file: TrainingFile) -> dict:
+    """Tokens of a file estimated from its size (4 bytes a token), until a worker has counted them, and so marked."""
+    return {"total_tokens": math.ceil(file.bytes / 4), "trainable_tokens": None, "examples": file.examples,
+            "estimated": True, "min_tokens": None, "max_tokens": None, "problems": []}
 
 
 def training_tokens_per_second(base_model: BaseModel) -> float:

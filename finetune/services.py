@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from django.conf import settings
+from django.core.cache import cache
 from django.db import transaction
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce
@@ -34,7 +36,7 @@ from finetune.models import (
     TrainingFile,
     TrainingUsage,
 )
-from finetune.validation import validate_jsonl
+from finetune.validation import Problem, ValidationResult, validate_stream
 from serving import selectors as serving_selectors
 from serving.models import Adapter, BaseModel
 from tenants.models import Tenant
@@ -69,54 +71,232 @@ class FinetuneError(Exception):
 
 # ---- files ---------------------------------------------------------------------------------------
 
+UPLOAD_CHUNK_BYTES = 1024 * 1024  # an upload is copied to storage this much at a time
+VALIDATION_PROGRESS_SECONDS = 1.0  # a validating worker writes its progress at most this often
+# A token count asked for a (file, base model) is not asked again for this long (cache), unless it has been stored.
+TOKEN_COUNT_PENDING_SECONDS = 600
+# An upload still `uploaded` with no progress for this long lost its message (broker down at the upload, or wiped):
+# the periodic sweep enqueues its validation again (a second delivery of a live one is harmless: it stores nothing).
+STALE_VALIDATION_SECONDS = 600
 
-@transaction.atomic
-def training_file_upload(*, tenant: Tenant, actor: Actor, filename: str, data: bytes, purpose: str = "fine-tune",
+
+def training_file_upload(*, tenant: Tenant, actor: Actor, filename: str, content: BinaryIO, purpose: str = "fine-tune",
                          base_model: BaseModel | None = None) -> TrainingFile:
-    """Store a JSONL file under the tenant's storage and validate it fully (every problem, with its line).
+    """Store an uploaded JSONL file under the tenant's storage and queue its validation on a worker (`default` queue).
 
-    With `base_model` (and its tokenizer available here) tokens are counted with its chat template too.
-    A file with problems is kept (status `error`) so its report can be read; jobs refuse it.
+    `content` is a binary stream (Django's UploadedFile: spooled to a temporary file when large). It is copied in
+    UPLOAD_CHUNK_BYTES chunks, counted against MAX_UPLOAD_BYTES while copying (413), and flushed to disk under the
+    file's final name before the row is written in a short transaction; bytes whose row cannot be saved are removed.
+    A crash in between leaves orphan bytes, never a row without its bytes. The file is `uploaded` until the worker
+    has validated it: `processed`, or `error` with every problem and its line (kept so its report can be read; jobs
+    refuse it). With `base_model` the worker also counts tokens with its chat template.
     """
     if purpose != "fine-tune":
         raise FinetuneError(f"purpose must be 'fine-tune', got {purpose!r}", param="purpose", code="invalid_purpose")
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise FinetuneError(f"The file is {len(data):,} bytes; the limit is {MAX_UPLOAD_BYTES:,} bytes.", status=413,
-                            param="file", code="file_too_large")
+    declared = getattr(content, "size", None)
+    if declared is not None and declared > MAX_UPLOAD_BYTES:
+        raise _too_large(declared)
     name = Path(filename or "upload.jsonl").name[:255]
-    tokenizer = selectors.tokenizer_for(base_model)
-    result = validate_jsonl(data, filename=name, tokenizer=tokenizer,
-                            context_length=selectors.max_seq_len(base_model) if base_model else None,
-                            max_bytes=MAX_UPLOAD_BYTES)
-    file = TrainingFile(tenant=tenant, filename=name, purpose=purpose, bytes=len(data),
-                        status=TrainingFile.Status.PROCESSED if result.ok else TrainingFile.Status.ERROR,
-                        validation={**result.to_dict(), "model": base_model.name if base_model and tokenizer else None})
+    file = TrainingFile(tenant=tenant, filename=name, purpose=purpose, status=TrainingFile.Status.UPLOADED,
+                        base_model=base_model)
     relative = Path("tenants") / str(tenant.pk) / "files" / f"{file.id}.jsonl"
     target = selectors.storage_root() / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
+    file.bytes = _store_upload(content, target)
     file.path = str(relative)
-    if base_model is not None and tokenizer is not None:
-        file.token_counts = {base_model.name: {
-            "total_tokens": result.total_tokens or 0, "trainable_tokens": result.trainable_tokens or 0,
-            "examples": len(result.examples), "estimated": False, "min_tokens": result.min_tokens,
-            "max_tokens": result.max_tokens, "problems": []}}
-    file.save()
-    audit_record(tenant=tenant, actor=actor, action="finetune.file_uploaded", target=file,
-                 data={"id": file.id, "filename": name, "bytes": len(data), "ok": result.ok})
+    try:
+        with transaction.atomic():
+            file.save(force_insert=True)
+            audit_record(tenant=tenant, actor=actor, action="finetune.file_uploaded", target=file,
+                         data={"id": file.id, "filename": name, "bytes": file.bytes,
+                               "model": base_model.name if base_model else None})
+            from finetune.tasks import validate_training_file
+
+            _send_on_commit(validate_training_file, file.id, tenant.pk)
+    except BaseException:
+        target.unlink(missing_ok=True)  # no row: no bytes either
+        raise
     return file
+
+
+def _send_on_commit(task, *args) -> None:
+    """Send a task once the transaction commits. A broker that is down is logged, not raised: the request that stored
+    the file has succeeded (the periodic sweep sends a lost validation again; a token count is asked again)."""
+    def send() -> None:
+        task.delay(*args)
+
+    send.__qualname__ = f"{task.name}.delay"  # named so in the log of a failed send
+    transaction.on_commit(send, robust=True)
+
+
+def _too_large(size: int) -> FinetuneError:
+    return FinetuneError(f"The file is {size:,} bytes; the limit is {MAX_UPLOAD_BYTES:,} bytes.", status=413,
+                         param="file", code="file_too_large")
+
+
+def _store_upload(content: BinaryIO, target: Path) -> int:
+    """Copy `content` to `target` with bounded memory and durably: into a temporary name beside it, fsync'd, then
+    renamed (the final name only ever holds a whole file) and the folder fsync'd. Returns the bytes copied; nothing
+    is left behind when it fails (413 past MAX_UPLOAD_BYTES, 503 when storage fails)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(f".{target.name}.part")
+    copied = 0
+    try:
+        with open(part, "wb") as out:
+            while chunk := content.read(UPLOAD_CHUNK_BYTES):
+                copied += len(chunk)
+                if copied > MAX_UPLOAD_BYTES:
+                    raise _too_large(copied)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(part, target)
+        folder = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
+        log.exception("storing an upload at %s", target)
+        raise FinetuneError(f"The file could not be stored ({exc.strerror or exc}); nothing was kept. Please try "
+                            "again later.", status=503, param="file", code="storage_error") from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return copied
+
+
+def training_file_validate(*, file_id: str, tenant_id: int) -> str:
+    """Validate an uploaded file on a worker (the `validate_training_file` task) and store the outcome once: status
+    `processed` or `error`, the full report and, for the base model named at upload, its token counts.
+
+    The file is read line by line (memory bounded by the longest line: no example is kept) and its progress written
+    about once every VALIDATION_PROGRESS_SECONDS. Idempotent: a redelivered message finds the file validated, and of
+    two workers validating it at once only the first stores its result. Returns 'processed' | 'error' | 'done'
+    (validated before) | 'gone' (deleted meanwhile).
+    """
+    files = TrainingFile.objects.for_tenant(tenant_id)
+    file = files.select_related("tenant", "base_model").filter(pk=file_id).first()
+    if file is None:
+        return "gone"
+    if not file.is_validating:
+        return "done"
+    pending = files.filter(pk=file_id, status=TrainingFile.Status.UPLOADED)
+    bm = file.base_model
+    tokenizer = selectors.tokenizer_for(bm)
+    last = time.monotonic()
+
+    def progress(lines: int, nbytes: int) -> None:
+        nonlocal last
+        if time.monotonic() - last >= VALIDATION_PROGRESS_SECONDS:
+            last = time.monotonic()
+            _validation_progress(pending, lines, nbytes)
+
+    result = _validate_stored(file, tokenizer=tokenizer, context_length=selectors.max_seq_len(bm) if bm else None,
+                              on_progress=progress)
+    counted = bm is not None and tokenizer is not None and result.lines > 0  # (an unreadable file counted nothing)
+    status = TrainingFile.Status.PROCESSED if result.ok else TrainingFile.Status.ERROR
+    with transaction.atomic():
+        stored = pending.update(
+            status=status, validation={**result.to_dict(), "model": bm.name if counted else None},
+            token_counts={bm.name: _token_counts(result, problems=[])} if counted else {},
+            lines_validated=result.lines, bytes_validated=result.bytes, validated_at=timezone.now())
+        if not stored:
+            return "gone" if not files.filter(pk=file_id).exists() else "done"
+        audit_record(tenant=file.tenant, actor=SYSTEM, action="finetune.file_validated", target=file,
+                     data={"id": file.id, "ok": result.ok, "examples": result.example_count,
+                           "problems": len(result.problems) + result.problems_omitted})
+    return status
+
+
+def _validation_progress(pending, lines: int, nbytes: int) -> None:
+    """One short write: how far the validation has read (the console's bar, the API's `progress`)."""
+    pending.update(lines_validated=lines, bytes_validated=nbytes, progress_at=timezone.now())
+
+
+def training_file_stale_validations() -> list[tuple[str, int]]:
+    """(file id, tenant id) of uploads still `uploaded` with no progress for STALE_VALIDATION_SECONDS, for a periodic
+    re-enqueue."""
+    stale = timezone.now() - timedelta(seconds=STALE_VALIDATION_SECONDS)
+    # all_tenants: a sweep over every tenant's uploads, returning ids only.
+    return list(TrainingFile.all_tenants.filter(status=TrainingFile.Status.UPLOADED)
+                .filter(Q(progress_at__lt=stale) | Q(progress_at__isnull=True, created_at__lt=stale))
+                .values_list("id", "tenant_id"))
+
+
+def _validate_stored(file: TrainingFile, **options) -> ValidationResult:
+    """validate_stream over the stored bytes. A file that cannot be read, or a validator that fails, is a problem of
+    the file (the tenant is told what to do), never an exception that would leave it `uploaded` for good."""
+    try:
+        with selectors.training_file_open(file) as stream:
+            return validate_stream(stream, size=file.bytes, filename=file.filename, max_bytes=MAX_UPLOAD_BYTES, **options)
+    except OSError as exc:
+        log.exception("reading %s for validation", file.id)
+        code, message = "unreadable_file", (f"the stored file could not be read ({exc.strerror or exc}); upload it "
+                                            "again, and contact support with the file id if this happens again")
+    except Exception as exc:  # noqa: BLE001 - a validator bug must still end the validation, in words
+        log.exception("validating %s", file.id)
+        code, message = "validation_failed", (f"validation stopped unexpectedly ({type(exc).__name__}); upload the "
+                                              "file again, and contact support with the file id if this happens again")
+    return ValidationResult(problems=[Problem(None, "", code, message)])
+
+
+def _token_counts(result: ValidationResult, *, problems: list[Problem]) -> dict:
+    """What TrainingFile.token_counts keeps per base model, from a validation with its tokenizer."""
+    return {"total_tokens": result.total_tokens or 0, "trainable_tokens": result.trainable_tokens or 0,
+            "examples": result.example_count, "estimated": False, "min_tokens": result.min_tokens,
+            "max_tokens": result.max_tokens, "problems": [asdict(p) for p in problems][:100]}
+
+
+def training_file_request_token_count(*, file: TrainingFile, base_model: BaseModel) -> None:
+    """Ask a worker to count a validated file's tokens with `base_model`'s chat template (finetune.tasks.
+    count_file_tokens), unless they are counted or were asked for in the last TOKEN_COUNT_PENDING_SECONDS."""
+    if not file.is_valid or selectors.file_token_counts(file, base_model) is not None:
+        return
+    if cache.add(f"finetune:token-count:{file.pk}:{base_model.pk}", 1, TOKEN_COUNT_PENDING_SECONDS):
+        from finetune.tasks import count_file_tokens
+
+        _send_on_commit(count_file_tokens, file.pk, file.tenant_id, base_model.pk)
+
+
+def training_file_count_tokens(*, file_id: str, tenant_id: int, base_model_id: int) -> str:
+    """Count a validated file's tokens with a base model's tokenizer on a worker and keep them on the file (the
+    `count_file_tokens` task). Without the tokenizer here they are estimated from the size, and marked so.
+    Returns 'counted' | 'estimated' | 'done' (counted before) | 'gone' (file or model deleted, or not validated)."""
+    file = TrainingFile.objects.for_tenant(tenant_id).filter(pk=file_id, status=TrainingFile.Status.PROCESSED).first()
+    bm = BaseModel.objects.filter(pk=base_model_id).first()
+    if file is None or bm is None:
+        return "gone"
+    if selectors.file_token_counts(file, bm) is not None:
+        return "done"
+    tokenizer = selectors.tokenizer_for(bm)
+    if tokenizer is None:
+        counts = selectors.estimated_token_counts(file)
+    else:
+        result = _validate_stored(file, tokenizer=tokenizer, context_length=selectors.max_seq_len(bm))
+        counts = _token_counts(result, problems=result.problems)
+    with transaction.atomic():  # read-modify-write of one JSON field: counts of other models may land meanwhile
+        row = TrainingFile.objects.for_tenant(tenant_id).select_for_update().filter(pk=file_id).first()
+        if row is None:
+            return "gone"
+        row.token_counts = {**row.token_counts, bm.name: counts}
+        row.save(update_fields=["token_counts"])
+    return "estimated" if counts["estimated"] else "counted"
 
 
 @transaction.atomic
 def training_file_delete(*, tenant: Tenant, actor: Actor, file: TrainingFile) -> None:
-    """Delete a file and its bytes. A file a job uses is kept until those jobs are gone (409)."""
+    """Delete a file and its bytes: the row first, the bytes once that has committed (a crash in between leaves
+    orphan bytes, never a row without them). A file a job uses is kept until those jobs are gone (409)."""
     in_use = FineTuneJob.objects.for_tenant(tenant).filter(Q(training_file=file) | Q(validation_file=file)).exists()
     if in_use:
         raise FinetuneError("This file is used by a fine-tuning job and cannot be deleted.", status=409,
                             param="file_id", code="file_in_use")
-    (selectors.storage_root() / file.path).unlink(missing_ok=True)
     audit_record(tenant=tenant, actor=actor, action="finetune.file_deleted", target=file, data={"id": file.id})
     TrainingFile.objects.for_tenant(tenant).filter(pk=file.pk).delete()
+    stored = selectors.storage_root() / file.path
+    transaction.on_commit(lambda: stored.unlink(missing_ok=True))
 
 
 # ---- jobs: create, estimate, cancel --------------------------------------------------------------
@@ -199,6 +379,10 @@ def _file_for(tenant: Tenant, file_id: Any, param: str) -> TrainingFile:
         raise FinetuneError(f"No such file: {file_id}", status=404, param=param, code="file_not_found")
     if file.purpose != "fine-tune":
         raise FinetuneError(f"File {file.id} has purpose {file.purpose!r}; upload it with purpose 'fine-tune'.", param=param)
+    if file.is_validating:
+        raise FinetuneError(f"File {file.id} is still being processed and is not ready to be used for fine-tuning "
+                            f"({file.progress_text}). Please try again later: GET /v1/files/{file.id} says "
+                            "status 'processed' once it is ready.", param=param, code="file_not_ready")
     if not file.is_valid:
         n = len(file.validation.get("problems", [])) + file.validation.get("problems_omitted", 0)
         raise FinetuneError(f"File {file.id} has {n} problem(s); fix them and upload it again "
@@ -228,6 +412,9 @@ def finetune_job_plan(*, tenant: Tenant, model: str, training_file: str, validat
                             "not show how the model does on unseen examples. Upload held-out examples as a separate "
                             "file, or leave validation_file out.", param="validation_file", code="same_file")
     tokens = selectors.file_token_counts(train, bm)
+    if tokens is None:  # not counted with this model yet: a worker counts them; the size estimates them until then
+        training_file_request_token_count(file=train, base_model=bm)
+        tokens = selectors.estimated_token_counts(train)
     hp = resolve_hyperparameters(hyperparameters, tokens["examples"] or train.examples)
     preview = selectors.estimate(base_model=bm, tokens_per_epoch=tokens["total_tokens"], n_epochs=hp["n_epochs"])
     lora = resolve_lora(lora, base_model=bm, max_served_rank=selectors.max_lora_rank_served(tenant, bm))
@@ -274,8 +461,9 @@ def finetune_job_create(*, tenant: Tenant, actor: Actor, model: str, training_fi
         raise FinetuneError("the suffix is too long for this model's name; shorten it", param="suffix", code="invalid_suffix")
     job.save()
     _event(job, f"Created fine-tuning job: {job.id}")
+    about = " (estimated from the file's size: not counted with this model yet)" if plan.tokens["estimated"] else ""
     _event(job, f"Validated training file {plan.training_file.id}: {plan.tokens['examples']} examples, "
-                f"{plan.tokens['total_tokens']:,} tokens per epoch; estimated cost "
+                f"{plan.tokens['total_tokens']:,} tokens per epoch{about}; estimated cost "
                 f"${plan.estimate['estimated_cost_cents'] / 100:.2f}")
     audit_record(tenant=tenant, actor=actor, action="finetune.job_created", target=job,
                  data={"id": job.id, "model": plan.base_model.name, "training_file": plan.training_file.id})
@@ -429,8 +617,11 @@ class JobRunner:
 
     def _validated_examples(self, file: TrainingFile, bm: BaseModel, param: str):
         tokenizer = selectors.tokenizer_for(bm)
-        result = validate_jsonl(selectors.training_file_read(file), filename=file.filename, tokenizer=tokenizer,
-                                context_length=selectors.max_seq_len(bm))
+        # Streamed as at upload (nesting depth and line length bounded), keeping the examples to train on; a storage
+        # failure propagates (the job fails with storage_error).
+        with selectors.training_file_open(file) as stream:
+            result = validate_stream(stream, size=file.bytes, filename=file.filename, tokenizer=tokenizer,
+                                     context_length=selectors.max_seq_len(bm), keep_examples=True)
         if not result.ok:
             shown = "; ".join(f"line {p.line}: {p.message}" if p.line else p.message for p in result.problems[:5])
             more = len(result.problems) + result.problems_omitted - 5

@@ -1,5 +1,6 @@
-"""Fine-tuning's Celery tasks. Thin: ids in, a service called. Training and the Hub copy run on the `finetune` queue,
-the stale-job requeue on `default` (CELERY_TASK_ROUTES in portal/settings.py)."""
+"""Fine-tuning's Celery tasks. Thin: ids in, a service called. Training and the Hub copy run on the `finetune` queue;
+validating uploads, counting their tokens and the stale-job requeue on `default` (CELERY_TASK_ROUTES in
+portal/settings.py)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,35 @@ def run_finetune_job(self, job_id: str, tenant_id: int) -> str:
     return outcome
 
 
+@shared_task(name="finetune.tasks.validate_training_file", acks_late=True)
+def validate_training_file(file_id: str, tenant_id: int) -> str:
+    """Validate an uploaded file and store its report once (enqueued when the upload commits). Acknowledged after the
+    work: a worker that dies mid-file gets the message redelivered, and a second delivery finds the file validated."""
+    return services.training_file_validate(file_id=file_id, tenant_id=tenant_id)
+
+
+@shared_task(name="finetune.tasks.count_file_tokens", acks_late=True)
+def count_file_tokens(file_id: str, tenant_id: int, base_model_id: int) -> str:
+    """Count a validated file's tokens with another base model's chat template (the console's cost preview, a job's
+    estimate), so that no request tokenizes a file."""
+    return services.training_file_count_tokens(file_id=file_id, tenant_id=tenant_id, base_model_id=base_model_id)
+
+
 @shared_task(name="finetune.tasks.requeue_stale_jobs")
 def requeue_stale_jobs() -> int:
     """Periodic (celery beat, every few minutes): re-enqueue running jobs whose worker stopped renewing its lease."""
     stale = services.finetune_stale_jobs()
     for job_id, tenant_id in stale:
         run_finetune_job.delay(job_id, tenant_id)
+    return len(stale)
+
+
+@shared_task(name="finetune.tasks.requeue_stale_validations")
+def requeue_stale_validations() -> int:
+    """Periodic (celery beat, every few minutes): enqueue again the validation of uploads that lost their message."""
+    stale = services.training_file_stale_validations()
+    for file_id, tenant_id in stale:
+        validate_training_file.delay(file_id, tenant_id)
     return len(stale)
 
 

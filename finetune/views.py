@@ -11,6 +11,7 @@ from django import forms
 from django.contrib import messages
 from django.http import Http404, JsonResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from finetune import deploy, lora_math, selectors, services
@@ -63,41 +64,64 @@ def files(request, ctx: TenantContext):
 @require_POST
 @tenant_view(write=Role.DEVELOPER)
 def file_upload(request, ctx: TenantContext):
-    """The XHR target of the upload form (multipart `file`, optional `model`): JSON with the file's page."""
+    """The XHR target of the upload form (multipart `file`, optional `model`): JSON with the file's page, answered once
+    the file is stored; a worker validates it (the page shows its progress)."""
     upload = request.FILES.get("file")
     if upload is None:
         return JsonResponse({"error": "Choose a .jsonl file to upload."}, status=400)
-    if upload.size > services.MAX_UPLOAD_BYTES:
-        return JsonResponse({"error": f"The file is {upload.size:,} bytes; the limit is {services.MAX_UPLOAD_BYTES:,}."}, status=413)
     base_model = next((bm for bm in selectors.trainable_base_models(ctx.tenant) if bm.name == request.POST.get("model")), None)
     try:
         file = services.training_file_upload(tenant=ctx.tenant, actor=ctx.actor, filename=upload.name,
-                                             data=upload.read(), base_model=base_model)
+                                             content=upload, base_model=base_model)
     except FinetuneError as exc:
         return JsonResponse({"error": exc.message}, status=exc.status)
-    from django.urls import reverse
-
     return JsonResponse({"id": file.id, "status": file.status,
                          "url": reverse("finetune-file", args=[ctx.tenant.slug, file.id])})
+
+
+def _cost_previews(ctx: TenantContext, file: TrainingFile) -> list[dict]:
+    """Per trainable base model: the tokens a worker counted and the job's cost and time, or `counting` (a worker has
+    been asked: no request tokenizes a file)."""
+    previews = []
+    for bm in selectors.trainable_base_models(ctx.tenant):
+        counts = selectors.file_token_counts(file, bm)
+        if counts is None:
+            services.training_file_request_token_count(file=file, base_model=bm)
+            previews.append({"model": bm, "counting": True})
+            continue
+        epochs = selectors.auto_n_epochs_for(counts["examples"] or file.examples)
+        previews.append({"model": bm, "counts": counts, "epochs": epochs,
+                         **selectors.estimate(base_model=bm, tokens_per_epoch=counts["total_tokens"], n_epochs=epochs)})
+    return previews
 
 
 @tenant_view(write=Role.DEVELOPER)
 def file_detail(request, ctx: TenantContext, file_id: str):
     file = _file(ctx, file_id)
     problems = file.validation.get("problems", [])[:MAX_SHOWN_PROBLEMS]
-    lines = selectors.training_file_read(file).split(b"\n") if problems else []
-    shown = [{**p, "text": lines[p["line"] - 1].decode("utf-8", "replace")[:300] if p.get("line") and p["line"] <= len(lines) else ""}
-             for p in problems]
-    previews = []
-    if file.is_valid:
-        for bm in selectors.trainable_base_models(ctx.tenant):
-            counts = selectors.file_token_counts(file, bm)
-            epochs = selectors.auto_n_epochs_for(counts["examples"] or file.examples)
-            previews.append({"model": bm, "counts": counts, "epochs": epochs,
-                             **selectors.estimate(base_model=bm, tokens_per_epoch=counts["total_tokens"], n_epochs=epochs)})
+    texts = selectors.training_file_lines(file, {p["line"] for p in problems if p.get("line")}) if problems else {}
+    shown = [{**p, "text": texts.get(p.get("line"), "")} for p in problems]
+    previews = _cost_previews(ctx, file) if file.is_valid else []
     return _render(request, ctx, "finetune/file.html", {
         "file": file, "problems": shown, "problem_count": len(file.validation.get("problems", [])) + file.validation.get("problems_omitted", 0),
-        "stats": file.validation.get("stats", {}), "previews": previews})
+        "stats": file.validation.get("stats", {}), "previews": previews,
+        "status": file_status_data(ctx, file)})
+
+
+def file_status_data(ctx: TenantContext, file: TrainingFile) -> dict:
+    """What the file page polls while the file is validated or its tokens counted."""
+    counting = [bm.name for bm in selectors.trainable_base_models(ctx.tenant)
+                if file.is_valid and selectors.file_token_counts(file, bm) is None]
+    return {"id": file.id, "status": file.status, "status_display": file.get_status_display(),
+            "progress": file.progress_percent, "progress_text": file.progress_text,
+            "lines_validated": file.lines_validated, "bytes_validated": file.bytes_validated, "bytes": file.bytes,
+            "finished": not file.is_validating, "counting": counting}
+
+
+@require_GET
+@tenant_view(write=Role.DEVELOPER)
+def file_status(request, ctx: TenantContext, file_id: str):
+    return JsonResponse(file_status_data(ctx, _file(ctx, file_id)))
 
 
 @require_POST

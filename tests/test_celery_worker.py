@@ -8,6 +8,7 @@ this test. tests/test_celery.py checks the configuration without a worker.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from django.utils import timezone
 from billing.models import DailyUsage
 from billing.tasks import rate_recent
 from finetune import services
-from finetune.models import FineTuneJob
+from finetune.models import FineTuneJob, TrainingFile
 from portal.celery import app
 from serving.models import BaseModel
 from tenants.services import Actor
@@ -137,7 +138,7 @@ def wait_for(what: str, done, worker: subprocess.Popen, log: Path, timeout: floa
         time.sleep(0.25)
 
 
-def test_a_worker_runs_training_from_the_finetune_queue_and_rating_from_default(
+def test_a_worker_validates_uploads_and_rates_from_default_and_trains_from_finetune(
         worker_database_url, broker_env, world, tiny_model_path, settings, tmp_path):
     settings.STORAGE_DIR = tmp_path / "storage"
     base = BaseModel.objects.create(name="tiny-chat", hf_id="platform/tiny-chat", local_path=str(tiny_model_path),
@@ -147,21 +148,25 @@ def test_a_worker_runs_training_from_the_finetune_queue_and_rating_from_default(
     usage(world.tenant, at=timezone.now(), inp=1000, out=10)
     actor = Actor(user=world.owner)
     file = services.training_file_upload(tenant=world.tenant, actor=actor, filename="zebra.jsonl",
-                                         data=zebra_dataset(10), base_model=base)
-    job = services.finetune_job_create(tenant=world.tenant, actor=actor, model="tiny-chat", training_file=file.id,
-                                       suffix="zebra", hyperparameters={"n_epochs": 1, "batch_size": 5},
-                                       lora={"rank": 4})  # enqueued with .delay() once committed
+                                         content=io.BytesIO(zebra_dataset(10)), base_model=base)  # validated on commit
     rate_recent.delay()
-    assert waiting_messages() == {"default": 1, "finetune": 1}  # routed through the broker, before any worker
+    assert file.status == "uploaded" and waiting_messages() == {"default": 2, "finetune": 0}  # before any worker
 
     env = {**os.environ, **broker_env, "DATABASE_URL": worker_database_url, "PLATFORM_STORAGE_DIR": str(settings.STORAGE_DIR)}
     log = tmp_path / "worker.log"
+    files = TrainingFile.objects.for_tenant(world.tenant)
     jobs = FineTuneJob.objects.for_tenant(world.tenant)
     rated = DailyUsage.objects.for_tenant(world.tenant).filter(kind=DailyUsage.Kind.INFERENCE)
     with celery_worker(env, log) as worker:
+        wait_for("validated file", lambda: files.get(pk=file.pk).status != "uploaded", worker, log)
+        file = files.get(pk=file.pk)
+        assert (file.status, file.lines_validated) == ("processed", 10) and file.token_counts["tiny-chat"]["total_tokens"] > 0
+        job = services.finetune_job_create(tenant=world.tenant, actor=actor, model="tiny-chat", training_file=file.id,
+                                           suffix="zebra", hyperparameters={"n_epochs": 1, "batch_size": 5},
+                                           lora={"rank": 4})  # enqueued with .delay() once committed
         wait_for("finished fine-tuning job", lambda: jobs.get(pk=job.pk).finished_at is not None, worker, log)
         wait_for("rated usage", rated.exists, worker, log)
-        assert waiting_messages() == {"default": 0, "finetune": 0}  # both acknowledged
+        assert waiting_messages() == {"default": 0, "finetune": 0}  # all acknowledged
 
     job = jobs.get(pk=job.pk)
     assert (job.status, job.error_message) == ("succeeded", "") and job.step == job.total_steps == 2

@@ -1,4 +1,5 @@
-/* Fine-tuning console: XHR upload with a progress bar, live job polling, and the loss chart in inline SVG. */
+/* Fine-tuning console: XHR upload with a progress bar, live file validation and job polling, and the loss chart in
+   inline SVG. */
 (function () {
   "use strict";
 
@@ -31,7 +32,7 @@
       xhr.onload = function () {
         var body = {};
         try { body = JSON.parse(xhr.responseText); } catch (err) { body = {error: "The server answered " + xhr.status + "."}; }
-        if (xhr.status === 200 && body.url) { status.textContent = "Validated. Opening the report…"; window.location = body.url; }
+        if (xhr.status === 200 && body.url) { status.textContent = "Uploaded. Opening the file, where its validation shows…"; window.location = body.url; }
         else { bar.hidden = true; status.textContent = body.error || ("Upload failed (" + xhr.status + ")."); }
       };
       xhr.onerror = function () { bar.hidden = true; status.textContent = "The upload failed: check your connection and try again."; };
@@ -44,6 +45,34 @@
     ["dragleave", "drop"].forEach(function (t) { drop.addEventListener(t, function (e) { e.preventDefault(); drop.classList.remove("is-over"); }); });
     drop.addEventListener("drop", function (e) { if (e.dataTransfer.files.length) send(e.dataTransfer.files[0]); });
     form.addEventListener("submit", function (e) { e.preventDefault(); if (input.files.length) send(input.files[0]); });
+  }
+
+  // ---- file validation -----------------------------------------------------------------------------
+  // While a worker validates the file (or counts its tokens for a cost preview), poll its status, move the bar, and
+  // reload the page for the report once it is there.
+  function setupFile() {
+    var box = document.getElementById("ft-file");
+    if (!box) return;
+    var validating = box.dataset.finished !== "1", counting = parseInt(box.dataset.counting || "0", 10);
+    if (!validating && !counting) return;
+
+    function render(s) {
+      var bar = document.getElementById("ft-file-bar"), text = document.getElementById("ft-file-progress");
+      if (bar) { if (s.bytes_validated || s.finished) bar.value = s.progress; else bar.removeAttribute("value"); }
+      if (text) text.textContent = s.progress_text.charAt(0).toUpperCase() + s.progress_text.slice(1);
+    }
+
+    function poll() {
+      fetch(box.dataset.statusUrl, {headers: {"Accept": "application/json"}, credentials: "same-origin"})
+        .then(function (r) { return r.ok ? r.json() : Promise.reject(r.status); })
+        .then(function (s) {
+          render(s);
+          if ((validating && s.finished) || (!validating && s.counting.length < counting)) { window.location.reload(); return; }
+          setTimeout(poll, 1500);
+        })
+        .catch(function () { setTimeout(poll, 5000); });
+    }
+    setTimeout(poll, 1500);
   }
 
   // ---- loss chart --------------------------------------------------------------------------------
@@ -125,5 +154,5 @@
     setTimeout(poll, 2000);
   }
 
-  document.addEventListener("DOMContentLoaded", function () { setupUpload(); setupJob(); });
+  document.addEventListener("DOMContentLoaded", function () { setupUpload(); setupFile(); setupJob(); });
 })();

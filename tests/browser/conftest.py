@@ -46,3 +46,13 @@ def page(browser, console):
     page = context.new_page()
     yield page
     context.close()
+
+
+def sign_in(page, email: str) -> None:
+    """Sign in on the login page as a person would (every test user has tests.conftest.PASSWORD)."""
+    from tests.conftest import PASSWORD
+
+    page.goto("/login/")
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()

@@ -8,7 +8,7 @@ import pytest
 
 from finetune.models import FineTuneJob, TrainingFile
 from serving.models import BaseModel
-from tests.conftest import PASSWORD
+from tests.browser.conftest import sign_in
 
 pytestmark = [
     pytest.mark.browser,
@@ -24,10 +24,7 @@ def test_running_job_says_what_it_waits_for_then_offers_deploy_and_drops_cancel(
                                            status=TrainingFile.Status.PROCESSED)
     job = FineTuneJob.all_tenants.create(tenant=world.tenant, base_model=base, training_file=file, status=FineTuneJob.Status.RUNNING,
                                          hyperparameters={"n_epochs": 3, "batch_size": 8}, lora={"rank": 16})
-    page.goto("/login/")
-    page.get_by_label("Email").fill(world.owner.email)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
+    sign_in(page, world.owner.email)
     page.goto(f"/t/acme/finetune/jobs/{job.id}/")
     expect(page.locator("#ft-steps")).to_have_text("starting: loading the base model…")
     cancel = page.get_by_role("button", name="Cancel job")

@@ -17,6 +17,7 @@ from finetune.models import FineTuneJob, TrainingFile
 from serving.models import Adapter, BaseModel
 from tenants import services
 from tenants.services import Actor
+from tests.finetune.conftest import committed, upload_file
 
 # Until portal/urls.py mounts them, tests serve the fine-tuning routes beside the project's own.
 urlpatterns = [
@@ -79,11 +80,15 @@ def outsider_api(world):
     return key_client(world.other_tenant, world.outsider)
 
 
-def upload(client, data: bytes, name: str = "train.jsonl", **extra):
+def upload(client, data: bytes, name: str = "train.jsonl", *, validate: bool = True, **extra):
+    """POST /v1/files; with `validate` the worker's validation then runs (the upload's commit, eager here)."""
     from django.core.files.uploadedfile import SimpleUploadedFile
 
-    return client.post("/v1/files", {"file": SimpleUploadedFile(name, data), "purpose": "fine-tune", **extra},
-                       format="multipart")
+    def post():
+        return client.post("/v1/files", {"file": SimpleUploadedFile(name, data), "purpose": "fine-tune", **extra},
+                           format="multipart")
+
+    return committed(post) if validate else post()
 
 
 @pytest.fixture
@@ -140,12 +145,15 @@ def assert_openai_error(response, status: int, code: str | None = None):
 # ---- files ---------------------------------------------------------------------------------------
 
 
-def test_upload_validates_and_counts_tokens_with_the_base_model(api, base_model):
+def test_upload_is_stored_then_validated_by_the_worker_with_the_base_models_token_counts(api, base_model):
     response = upload(api, zebra_dataset(20), model="tiny-chat")
     assert response.status_code == 200, response.content
     body = response.json()
-    assert body["object"] == "file" and body["id"].startswith("file-") and body["status"] == "processed"
+    assert body["object"] == "file" and body["id"].startswith("file-") and body["status"] == "uploaded"  # as stored
     assert body["bytes"] == len(zebra_dataset(20)) and body["filename"] == "train.jsonl" and body["purpose"] == "fine-tune"
+    now = api.get(f"/v1/files/{body['id']}").json()  # after the worker's validation
+    assert now["status"] == "processed" and now["status_details"] is None
+    assert now["progress"] == {"percent": 100, "lines_validated": 20, "bytes_validated": len(zebra_dataset(20))}
 
     report = api.get(f"/v1/files/{body['id']}/validation").json()
     assert report["ok"] is True and report["problems"] == []
@@ -159,7 +167,7 @@ def test_upload_validates_and_counts_tokens_with_the_base_model(api, base_model)
 def test_every_fault_is_reported_with_its_line(api):
     response = upload(api, ("\n".join(FAULTY) + "\n").encode())
     assert response.status_code == 200
-    body = response.json()
+    body = api.get(f"/v1/files/{response.json()['id']}").json()
     assert body["status"] == "error" and "problem" in body["status_details"]
     problems = api.get(f"/v1/files/{body['id']}/validation").json()["problems"]
     found = {(p["line"], p["code"]) for p in problems}
@@ -265,7 +273,8 @@ def test_delete_file_removes_bytes(api, world, settings):
     stored = TrainingFile.objects.for_tenant(world.tenant).get(pk=file_id)
     assert (settings.STORAGE_DIR / stored.path).is_file()
     assert str(stored.path).startswith(f"tenants/{world.tenant.pk}/files/")
-    assert api.delete(f"/v1/files/{file_id}").json() == {"id": file_id, "object": "file", "deleted": True}
+    deleted = committed(lambda: api.delete(f"/v1/files/{file_id}"))  # the bytes go once the row's deletion commits
+    assert deleted.json() == {"id": file_id, "object": "file", "deleted": True}
     assert not (settings.STORAGE_DIR / stored.path).exists()
     assert_openai_error(api.get(f"/v1/files/{file_id}"), 404)
 
@@ -450,7 +459,7 @@ def test_cancel_of_a_job_that_finished_meanwhile_refuses_and_records_nothing(wor
     from tenants.models import AuditEvent
 
     actor = Actor(user=world.owner)
-    file = ft_services.training_file_upload(tenant=world.tenant, actor=actor, filename="z.jsonl", data=zebra_dataset())
+    file = upload_file(world.tenant, actor, zebra_dataset(), "z.jsonl")
     job = ft_services.finetune_job_create(tenant=world.tenant, actor=actor, model="tiny-chat", training_file=file.id)
     FineTuneJob.objects.for_tenant(world.tenant).filter(pk=job.pk).update(status="succeeded")  # the worker, just now
     events = JobEvent.objects.for_tenant(world.tenant).count()
@@ -535,7 +544,7 @@ def test_top_level_hyperparameters_and_auto(api, base_model):
 
 
 def test_estimate_previews_cost_and_time(api, world, base_model):
-    file_id = upload(api, zebra_dataset(20)).json()["id"]
+    file_id = upload(api, zebra_dataset(20), model="tiny-chat").json()["id"]
     body = api.post("/v1/fine_tuning/jobs/estimate", {"model": "tiny-chat", "training_file": file_id,
                                                       "hyperparameters": {"n_epochs": 3}}, format="json").json()
     tokens = TrainingFile.objects.for_tenant(world.tenant).get(pk=file_id).token_counts["tiny-chat"]["total_tokens"]
@@ -594,8 +603,7 @@ def test_the_console_form_refuses_a_rank_no_pool_serves_on_its_field(world, base
 
     BackendPool.objects.create(name="vllm-tiny", base_model=base_model, kind="vllm", max_lora_rank=16)
     dev = signed_in(world.developer)
-    file_id = ft_services.training_file_upload(tenant=world.tenant, actor=Actor(user=world.developer), filename="z.jsonl",
-                                               data=zebra_dataset(20), base_model=base_model).id
+    file_id = upload_file(world.tenant, Actor(user=world.developer), zebra_dataset(20), "z.jsonl", base_model).id
     form = {"training_file": file_id, "model": "tiny-chat", "n_epochs": "auto", "batch_size": "auto",
             "learning_rate_multiplier": "auto", "suffix": "z", "lora_rank": "32"}
     page = dev.post("/t/acme/finetune/jobs/new/", form)
@@ -724,13 +732,14 @@ def test_console_upload_report_job_and_status(world, base_model):
 
     dev = signed_in(world.developer)
     assert dev.get("/t/acme/finetune/files/").status_code == 200
-    response = dev.post("/t/acme/finetune/files/upload/", {"file": SimpleUploadedFile("bad.jsonl", ("\n".join(FAULTY)).encode()),
-                                                          "model": "tiny-chat"})
-    assert response.status_code == 200 and response.json()["status"] == "error"
+    response = committed(lambda: dev.post("/t/acme/finetune/files/upload/", {
+        "file": SimpleUploadedFile("bad.jsonl", ("\n".join(FAULTY)).encode()), "model": "tiny-chat"}))
+    assert response.status_code == 200 and response.json()["status"] == "uploaded"  # stored; the worker validates
     page = dev.get(response.json()["url"]).content.decode()
     assert "13 problems to fix" in page and "not valid JSON at column 1" in page and "[1, 2]" in page
 
-    good = dev.post("/t/acme/finetune/files/upload/", {"file": SimpleUploadedFile("z.jsonl", zebra_dataset(20)), "model": "tiny-chat"}).json()
+    good = committed(lambda: dev.post("/t/acme/finetune/files/upload/", {
+        "file": SimpleUploadedFile("z.jsonl", zebra_dataset(20)), "model": "tiny-chat"})).json()
     page = dev.get(good["url"]).content.decode()
     assert "Cost preview" in page and "300 ¢/M" in page
     form = {"training_file": good["id"], "model": "tiny-chat", "n_epochs": "2", "batch_size": "auto",

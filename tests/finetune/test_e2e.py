@@ -50,7 +50,8 @@ def test_sdk_upload_train_deploy_and_answer(transactional_db, live_server, world
     dataset = tmp_path / "zebra.jsonl"
     dataset.write_bytes(zebra_dataset(50))
     uploaded = client.files.create(file=open(dataset, "rb"), purpose="fine-tune")
-    assert uploaded.status == "processed" and uploaded.bytes == dataset.stat().st_size
+    assert uploaded.status == "uploaded" and uploaded.bytes == dataset.stat().st_size  # stored; a worker validates it
+    assert client.files.wait_for_processing(uploaded.id, poll_interval=0.2).status == "processed"
 
     job = client.fine_tuning.jobs.create(
         model="tiny-chat", training_file=uploaded.id, suffix="zebra", seed=7,
@@ -167,6 +168,7 @@ def test_a_newcomers_sdk_fine_tune_with_every_default_answers_as_taught_when_the
         dataset = tmp_path / "pirate.jsonl"
         dataset.write_bytes(pirate_dataset(40))
         uploaded = files.files.create(file=open(dataset, "rb"), purpose="fine-tune")
+        assert files.files.wait_for_processing(uploaded.id, poll_interval=0.2).status == "processed"
         job = files.fine_tuning.jobs.create(model="smollm2-135m-instruct", training_file=uploaded.id)
         assert job.status == "queued" and _no_broker == [(job.id, world.tenant.pk)]
         assert job.hyperparameters.n_epochs == 3 and job.hyperparameters.batch_size == 8  # OpenAI's auto rules

@@ -11,6 +11,7 @@ from finetune import lora_math, selectors, services
 from finetune.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingUsage
 from finetune.tasks import run_finetune_job
 from tenants.services import Actor
+from tests.finetune.conftest import upload_file
 from tests.finetune.test_api import zebra_dataset
 
 HP = {"n_epochs": 3, "batch_size": 5, "learning_rate_multiplier": 50}  # 30 steps at lr 1e-2 on 50 examples
@@ -23,8 +24,7 @@ class WorkerKilled(BaseException):
 
 def make_job(world, base_model, *, data: bytes | None = None, hp=HP) -> FineTuneJob:
     actor = Actor(user=world.owner)
-    file = services.training_file_upload(tenant=world.tenant, actor=actor, filename="zebra.jsonl",
-                                         data=data or zebra_dataset(50), base_model=base_model)
+    file = upload_file(world.tenant, actor, data or zebra_dataset(50), "zebra.jsonl", base_model)
     return services.finetune_job_create(tenant=world.tenant, actor=actor, model=base_model.name,
                                         training_file=file.id, suffix="zebra", hyperparameters=hp, lora=LORA)
 
@@ -69,10 +69,8 @@ def test_job_trains_an_adapter_and_meters_trained_tokens(world, base_model):
 
 def test_a_validation_file_gets_its_loss_reported_at_each_epoch_end(world, base_model):
     actor = Actor(user=world.owner)
-    valid = services.training_file_upload(tenant=world.tenant, actor=actor, filename="valid.jsonl",
-                                          data=zebra_dataset(10), base_model=base_model)
-    train = services.training_file_upload(tenant=world.tenant, actor=actor, filename="train.jsonl",
-                                          data=zebra_dataset(20), base_model=base_model)
+    valid = upload_file(world.tenant, actor, zebra_dataset(10), "valid.jsonl", base_model)
+    train = upload_file(world.tenant, actor, zebra_dataset(20), "train.jsonl", base_model)
     job = services.finetune_job_create(tenant=world.tenant, actor=actor, model=base_model.name, training_file=train.id,
                                        validation_file=valid.id, hyperparameters={"n_epochs": 2, "batch_size": 10}, lora=LORA)
     assert run_finetune_job(job.id, world.tenant.pk) == "succeeded"

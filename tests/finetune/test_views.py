@@ -6,17 +6,16 @@ import re
 
 import pytest
 
-from finetune import services
 from finetune.models import FineTuneJob, TrainingFile
 from tenants.services import Actor
+from tests.finetune.conftest import upload_file
 from tests.finetune.test_api import signed_in, zebra_dataset
 
 NEW_JOB = "/t/acme/finetune/jobs/new/"
 
 
 def upload(tenant, user, data: bytes, name: str, base_model=None) -> TrainingFile:
-    return services.training_file_upload(tenant=tenant, actor=Actor(user=user), filename=name, data=data,
-                                         base_model=base_model)
+    return upload_file(tenant, Actor(user=user), data, name, base_model)
 
 
 @pytest.fixture
