@@ -16,7 +16,8 @@ class TrainingFileAdmin(admin.ModelAdmin):
     list_display = ("id", "tenant", "filename", "bytes", "status", "created_at")
     list_filter = ("status",)
     search_fields = ("id", "filename", "tenant__slug")
-    readonly_fields = ("id", "tenant", "filename", "purpose", "bytes", "path", "status", "validation", "token_counts", "created_at")
+    readonly_fields = ("id", "tenant", "filename", "purpose", "bytes", "path", "status", "base_model", "lines_validated",
+                       "bytes_validated", "progress_at", "validated_at", "validation", "token_counts", "created_at")
 
 
 class JobEventInline(admin.TabularInline):
