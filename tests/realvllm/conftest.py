@@ -146,9 +146,13 @@ def random_adapter(vllm, tmp_path_factory):
 
 @pytest.fixture
 def _no_broker(monkeypatch):
-    """Jobs are enqueued on commit; the fine-tuning test runs the task itself (as tests/finetune does)."""
+    """Jobs are enqueued on commit; the fine-tuning test runs the task itself (as tests/finetune does). An upload's
+    validation runs eagerly once it commits, as a worker would run it."""
     from finetune import tasks
+    from portal.celery import app
 
+    monkeypatch.setitem(app.conf, "task_always_eager", True)
+    monkeypatch.setitem(app.conf, "task_eager_propagates", True)
     sent = []
     monkeypatch.setattr(tasks.run_finetune_job, "delay", lambda *args: sent.append(args))
     return sent

@@ -36,6 +36,7 @@ def test_fine_tune_deploy_serve_and_undeploy_on_vllm(world, platform, model_path
     dataset = tmp_path / "zebra.jsonl"
     dataset.write_bytes(zebra_dataset(50))
     uploaded = api.files.create(file=open(dataset, "rb"), purpose="fine-tune")
+    assert api.files.wait_for_processing(uploaded.id, poll_interval=0.2).status == "processed"
     # The tiny random model needs a strong push (tests/finetune/test_e2e.py); a real model takes the defaults.
     hyper = {"n_epochs": 3, "batch_size": 5, "learning_rate_multiplier": 50} if vllm.server is not None else {}
     job = api.fine_tuning.jobs.create(model="tiny-chat", training_file=uploaded.id, suffix="zebra", seed=7,
