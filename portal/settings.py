@@ -214,6 +214,7 @@ PLATFORM_TRUSTED_PROXY_COUNT = env_int("PLATFORM_TRUSTED_PROXY_COUNT", 0, minimu
 FINETUNE_MAX_UPLOAD_BYTES = env_int("PLATFORM_FINETUNE_MAX_UPLOAD_BYTES", 50 * 1024 * 1024, minimum=1024)
 FINETUNE_MAX_CONCURRENT_JOBS = env_int("PLATFORM_FINETUNE_MAX_CONCURRENT_JOBS", 2, minimum=1)  # per tenant
 FINETUNE_COMPILE = env_bool("PLATFORM_FINETUNE_COMPILE", False)  # torch.compile decoder layers on CUDA workers
+FINETUNE_LEASE_SECONDS = env_int("PLATFORM_FINETUNE_LEASE_SECONDS", 300, minimum=2)  # a job's silent worker is presumed dead
 
 # Optional: push every trained adapter to a private Hugging Face Hub repository per tenant.
 PLATFORM_HF_HUB_TOKEN = env_str("PLATFORM_HF_HUB_TOKEN")
