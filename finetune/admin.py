@@ -8,11 +8,12 @@ from django.contrib import admin
 
 from finetune import deploy
 from finetune.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingFile, TrainingUsage
+from tenants.admin import AllTenantsAdmin
 from tenants.services import Actor
 
 
 @admin.register(TrainingFile)
-class TrainingFileAdmin(admin.ModelAdmin):
+class TrainingFileAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ("id", "tenant", "filename", "bytes", "status", "created_at")
     list_filter = ("status",)
     search_fields = ("id", "filename", "tenant__slug")
@@ -20,7 +21,7 @@ class TrainingFileAdmin(admin.ModelAdmin):
                        "bytes_validated", "progress_at", "validated_at", "validation", "token_counts", "created_at")
 
 
-class JobEventInline(admin.TabularInline):
+class JobEventInline(AllTenantsAdmin, admin.TabularInline):
     model = JobEvent
     fields = ("created_at", "level", "type", "message", "data")
     readonly_fields = fields
@@ -29,7 +30,7 @@ class JobEventInline(admin.TabularInline):
     ordering = ("-id",)
 
 
-class JobCheckpointInline(admin.TabularInline):
+class JobCheckpointInline(AllTenantsAdmin, admin.TabularInline):
     model = JobCheckpoint
     fields = ("step", "epoch", "path", "metrics", "created_at")
     readonly_fields = fields
@@ -38,7 +39,7 @@ class JobCheckpointInline(admin.TabularInline):
 
 
 @admin.register(FineTuneJob)
-class FineTuneJobAdmin(admin.ModelAdmin):
+class FineTuneJobAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ("id", "tenant", "base_model", "status", "step", "total_steps", "trained_tokens", "attempts", "created_at")
     list_filter = ("status", "base_model")
     search_fields = ("id", "fine_tuned_model", "tenant__slug")
@@ -52,13 +53,13 @@ class FineTuneJobAdmin(admin.ModelAdmin):
 
 
 @admin.register(JobCheckpoint)
-class JobCheckpointAdmin(admin.ModelAdmin):
+class JobCheckpointAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ("job", "tenant", "step", "epoch", "created_at")
     search_fields = ("job__id",)
 
 
 @admin.register(TrainingUsage)
-class TrainingUsageAdmin(admin.ModelAdmin):
+class TrainingUsageAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ("job", "tenant", "base_model", "trained_tokens", "created_at")
     list_filter = ("base_model",)
     readonly_fields = ("tenant", "job", "base_model", "trained_tokens", "created_at")
