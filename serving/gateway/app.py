@@ -20,7 +20,6 @@ import logging
 import re
 import secrets
 import time
-from dataclasses import dataclass
 
 import aiohttp
 from django.utils import timezone
@@ -29,7 +28,8 @@ from serving.config import INFERENCE_SCOPE, ConfigStore, Snapshot
 from serving.drivers import BackendError, Finish, TokenDelta, ToolCallDelta, driver_for
 from serving.drivers.base import ADAPTER_NOT_LOADED, context_overflow, special_token_ids
 from serving.gateway import metrics
-from serving.gateway.endpoints import CHAT, MODELS, ROUTES, Endpoint, endpoint_for
+from serving.gateway.accounting import Accounting
+from serving.gateway.endpoints import CHAT, METRICS, MODEL, MODEL_PREFIX, MODELS, ROUTES, Endpoint, endpoint_for
 from serving.gateway.errors import ApiError, context_length_exceeded
 from serving.gateway.formatting import OpenAIFormat, TGIFormat, ToolCalls
 from serving.gateway.parsing import (
@@ -41,11 +41,12 @@ from serving.gateway.parsing import (
     reservation_tokens,
     resolve_max_tokens,
 )
+from serving.gateway.response import Response
 from serving.gateway.settings import GatewaySettings
 from serving.health import HealthMonitor
 from serving.journal import SCAN_S as JOURNAL_SCAN_S
 from serving.journal import Journal, adopt_dead
-from serving.ledger import Ledger, LedgerEntry
+from serving.ledger import Ledger
 from tenants.api_refusals import EXPIRED_KEY, INVALID_KEY, MISSING_KEY, tenant_suspended
 from tenants.services import PLAYGROUND_PREFIX, playground_token_verify, split_key
 
@@ -55,8 +56,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAMES = {None, "", "default", "tgi", "dummy"}
 NOT_DEPLOYED_HINT = " A fine-tuned model answers only once it is deployed (console: Fine-tuning › Adapters)."
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,48}$")
-JSON_HEADERS = [(b"content-type", b"application/json")]
-SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 ADAPTER_RETRY_AFTER_S = 3  # a forgotten adapter is reloaded within a health round and a LoRA load (about a second)
 
@@ -65,60 +64,6 @@ def is_gateway_path(scope) -> bool:
     """True for the paths the gateway serves (portal.asgi dispatches them before Django)."""
     path = scope["path"]
     return path in ROUTES or path.startswith("/v1/models/") or (path == "/" and scope.get("method") == "POST")
-
-
-@dataclass(slots=True)
-class Call:
-    """One inference request's state, for the answer, the ledger, the scheduler and admission."""
-
-    request_id: str
-    endpoint: Endpoint
-    tenant: object
-    key_id: int
-    model: str
-    adapter: str
-    pool: object
-    started_at: float
-    prompt_estimate: int
-    max_tokens: int
-    backend_id: int | None = None
-    input_tokens: int | None = None
-    _output_tokens: int = 0
-    ttft_ms: int | None = None
-    status: str = "error"
-    response_started: bool = False  # http.response.start sent: no more failover, no more HTTP status
-    completed: bool = False  # the last byte is on its way: a disconnect now is not a cancellation
-    http_status: int = 200
-    recorded: bool = False
-    backend_accepted: bool = False
-    reservation: object = None  # admission's, settled once with the tokens the ledger records
-    settled: bool = False
-    settling: asyncio.Future | None = None  # the one settle of this request (shared by all who wait for it)
-    journal: object = None  # its place in the process's journal (serving/journal.py), or None
-
-    @property
-    def output_tokens(self) -> int:
-        """Tokens delivered to the client so far (the backend's count once it finished)."""
-        return self._output_tokens
-
-    @output_tokens.setter
-    def output_tokens(self, value: int) -> None:
-        self._output_tokens = value
-        if self.journal is not None:  # one store into the journal's shared memory, no system call
-            self.journal.progress(self)
-
-    def part_done(self) -> None:
-        """Its ledger record is durable, or its settle happened: after both it leaves the journal."""
-        if self.journal is not None:
-            self.journal.part_done()
-
-    @property
-    def counted_input_tokens(self) -> int:
-        """Input tokens for the ledger and the limits: the backend's count, else the estimate once a backend
-        accepted the request, else none."""
-        if self.input_tokens is not None:
-            return self.input_tokens
-        return self.prompt_estimate if self.backend_accepted else 0
 
 
 class GatewayApp:
@@ -246,43 +191,31 @@ class GatewayApp:
         if scope["type"] == "lifespan":
             return await self.lifespan(scope, receive, send)
         await self._ensure_started()
-        path, method = scope["path"], scope["method"]
+        path = scope["path"]
         endpoint = endpoint_for(path)
+        out = Response(send, endpoint)
         if endpoint.compat:  # TGI's POST / (the only method portal.asgi sends here)
-            return await self._guarded(self._inference, scope, receive, send, endpoint)
-        if method != endpoint.method:
-            return await self._send_error(send, ApiError(405, f"Use {endpoint.method} on {path}.", code="method_not_allowed",
-                                                         headers={"allow": endpoint.method}), endpoint=endpoint)
+            return await self._guarded(self._inference, scope, receive, out)
+        if scope["method"] != endpoint.method:
+            return await self._refuse(out, ApiError(405, f"Use {endpoint.method} on {path}.", code="method_not_allowed",
+                                                    headers={"allow": endpoint.method}))
+        if endpoint is METRICS:
+            return await self._metrics(scope, out)
         if not endpoint.inference:
-            if endpoint.name == "metrics":
-                return await self._metrics(scope, send)
-            return await self._models(scope, send, path[len("/v1/models/"):] if endpoint.name == "model" else None)
-        return await self._guarded(self._inference, scope, receive, send, endpoint)
+            return await self._models(scope, out, path[len(MODEL_PREFIX):] if endpoint is MODEL else None)
+        return await self._guarded(self._inference, scope, receive, out)
 
-    async def _guarded(self, handler, scope, receive, send, endpoint: Endpoint) -> None:
+    async def _guarded(self, handler, scope, receive, out: Response) -> None:
         """Whatever fails unexpectedly, the client gets an error in its API's shape (never a plain-text 500)."""
-        started = False
-
-        async def tracking_send(message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
         try:
-            await handler(scope, receive, tracking_send, endpoint)
+            await handler(scope, receive, out)
         except Exception:
             log.exception("gateway: %s failed unexpectedly", scope["path"])
             err = ApiError(500, "The gateway failed on this request. Retry; if it persists, tell the platform team the time "
                                 "of the request.", type="server_error", code="internal_error")
-            if not started:
-                await self._send_error(send, err, endpoint=endpoint)
-            else:
-                event = endpoint.error_event(err.message, code="internal_error", tgi_type="internal_error")
-                try:
-                    await send({"type": "http.response.body", "body": event, "more_body": False})
-                except Exception:
-                    pass
+            if not out.started:
+                self._count(out.endpoint, err.status)
+            await out.fail(err)
 
     # ---- helpers ------------------------------------------------------------------------------------
 
@@ -293,16 +226,13 @@ class GatewayApp:
                 return v.decode("latin-1")
         return None
 
-    async def _send_json(self, send, status: int, body: bytes, headers: dict | None = None) -> None:
-        raw = list(JSON_HEADERS)
-        for k, v in (headers or {}).items():
-            raw.append((k.lower().encode(), str(v).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": body})
+    def _count(self, endpoint: Endpoint, status: int, tenant=None) -> None:
+        metrics.REQUESTS.labels(endpoint.name, str(status), self.tenant_label(getattr(tenant, "slug", None))).inc()
 
-    async def _send_error(self, send, err: ApiError, *, endpoint: Endpoint, tenant=None, headers: dict | None = None) -> None:
-        metrics.REQUESTS.labels(endpoint.name, str(err.status), self.tenant_label(getattr(tenant, "slug", None))).inc()
-        await self._send_json(send, err.status, endpoint.error_body(err), {**(headers or {}), **err.headers})
+    async def _refuse(self, out: Response, err: ApiError, tenant=None, endpoint: Endpoint | None = None) -> None:
+        """An error answer, counted in the metrics under `endpoint` (the request's, once its body resolved it)."""
+        self._count(endpoint or out.endpoint, err.status, tenant)
+        await out.error(err)
 
     async def _read_body(self, scope, receive) -> bytes:
         cap = self.settings.max_body_bytes
@@ -378,25 +308,25 @@ class GatewayApp:
 
     # ---- /metrics and /v1/models --------------------------------------------------------------------
 
-    async def _metrics(self, scope, send) -> None:
+    async def _metrics(self, scope, out: Response) -> None:
         token = self.settings.metrics_token
         if token:
             auth = self._header(scope, b"authorization") or ""
             if not hmac.compare_digest(auth.encode(), f"Bearer {token}".encode()):
-                return await self._send_json(send, 401, b'{"error":"metrics need the bearer token"}')
+                return await out.json(401, b'{"error":"metrics need the bearer token"}')
         elif (scope.get("client") or ("",))[0] not in LOOPBACK:
-            return await self._send_json(send, 403, b'{"error":"metrics are served to loopback only unless PLATFORM_METRICS_TOKEN is set"}')
+            return await out.json(403, b'{"error":"metrics are served to loopback only unless PLATFORM_METRICS_TOKEN is set"}')
         body = metrics.render(self.store.snapshot, self.health, self.ledger)
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]})
-        await send({"type": "http.response.body", "body": body})
+        await out.start(200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+        await out.last(body, more_body_key=False)
 
-    async def _models(self, scope, send, one: str | None) -> None:
+    async def _models(self, scope, out: Response, one: str | None) -> None:
         import json
 
         try:
             _, tenant = self._authenticate(scope, self.store.snapshot)
         except ApiError as err:
-            return await self._send_error(send, err, endpoint=MODELS)
+            return await self._refuse(out, err, endpoint=MODELS)
 
         def item(r):
             return {"id": r.name, "object": "model", "created": r.created, "owned_by": r.owned_by}
@@ -404,25 +334,25 @@ class GatewayApp:
         if one is not None:
             route = tenant.models.get(one)
             if route is None:
-                return await self._send_error(send, ApiError(404, f"The model `{one}` does not exist or you do not have access to it.",
-                                                             param="model", code="model_not_found"), endpoint=MODELS, tenant=tenant)
+                return await self._refuse(out, ApiError(404, f"The model `{one}` does not exist or you do not have access to it.",
+                                                        param="model", code="model_not_found"), tenant, MODELS)
             body = item(route)
         else:
             body = {"object": "list", "data": [item(r) for r in sorted(tenant.models.values(), key=lambda r: r.name)]}
-        metrics.REQUESTS.labels("models", "200", self.tenant_label(tenant.slug)).inc()
-        await self._send_json(send, 200, json.dumps(body).encode())
+        self._count(MODELS, 200, tenant)
+        await out.json(200, json.dumps(body).encode())
 
     # ---- inference ----------------------------------------------------------------------------------
 
-    async def _inference(self, scope, receive, send, endpoint: Endpoint) -> None:
+    async def _inference(self, scope, receive, out: Response) -> None:
         started_at = time.perf_counter()
         given_id = self._header(scope, b"x-request-id")
         echo_id = given_id if given_id and REQUEST_ID_RE.match(given_id) else None
         # The ledger id is unique per request even when a client reuses its x-request-id (else a reused id
         # would make ignore_conflicts drop the later requests' usage).
         request_id = f"{echo_id}~{secrets.token_hex(6)}" if echo_id else secrets.token_hex(12)
-        id_header = {"x-request-id": echo_id or request_id}
-        tenant = None
+        out.headers = {"x-request-id": echo_id or request_id}
+        endpoint, tenant = out.endpoint, None
         try:
             body = await self._read_body(scope, receive)
             snap = self.store.snapshot
@@ -443,41 +373,40 @@ class GatewayApp:
         except asyncio.CancelledError:
             return  # the client left while sending its body
         except ApiError as err:
-            return await self._send_error(send, err, endpoint=endpoint, tenant=tenant, headers=id_header)
+            return await self._refuse(out, err, tenant, endpoint)
 
         from serving.admission import get_admission
 
         admission = get_admission()
         decision = await admission.admit(tenant.limits, request_id=request_id,
                                          reserve_tokens=reservation_tokens(prompt, max_tokens, pool.context_length))
-        headers = {**id_header, **decision.headers}
+        out.headers = {**out.headers, **decision.headers}
         if decision.warn:
             self._warn_quota(tenant, decision)
         if not decision.allowed:
-            if decision.retry_after:
-                headers["retry-after"] = str(decision.retry_after)
-            err = ApiError(decision.status, decision.message, type=decision.error_type or None, code=decision.code or None)
-            return await self._send_error(send, err, endpoint=endpoint, tenant=tenant, headers=headers)
+            err = ApiError(decision.status, decision.message, type=decision.error_type or None, code=decision.code or None,
+                           headers={"retry-after": str(decision.retry_after)} if decision.retry_after else None)
+            return await self._refuse(out, err, tenant, endpoint)
 
-        call = Call(request_id, endpoint, tenant, key.id if key else None, route.name, route.adapter or "", pool, started_at, prompt.tokens, max_tokens,
-                    reservation=decision.reservation)
+        acct = Accounting(request_id=request_id, endpoint=endpoint, tenant=tenant, key_id=key.id if key else None, model=route.name,
+                          adapter=route.adapter or "", pool=pool, started_at=started_at, prompt_estimate=prompt.tokens,
+                          reservation=decision.reservation, admission=admission, ledger=self.ledger, background=self._background)
         if self.journal is not None:
-            try:
-                call.journal = self.journal.admit(self._journal_record(call))
-            except OSError:  # (disk full): served and recorded all the same, only not safe from a crash of this process
-                log.exception("request %s: could not be journaled in %s", request_id, self.journal.path)
+            acct.open_journal(self.journal)
+        out.settle_before_end(acct.settle_once)  # whatever ends the answer (result, error, in-band failure)
+        try:
+            await self._until_disconnect(self._serve(acct, req, route, backend_request, decision, max_tokens, out), receive, acct)
+        finally:
+            await acct.close()  # the client left, or nothing was sent: settled now
 
-        async def send_settled(message) -> None:
-            # Whatever ends the answer (result, error, in-band failure): settle before its last byte.
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                await self._settle(call)
-            await send(message)
-
-        work = asyncio.ensure_future(self._serve(call, req, route, backend_request, decision, headers, send_settled))
+    @staticmethod
+    async def _until_disconnect(work, receive, acct: Accounting) -> None:
+        """Run `work`, cancelled if the client disconnects before the answer is complete."""
+        work = asyncio.ensure_future(work)
         watcher = asyncio.ensure_future(receive())
         try:
             await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done() and watcher.done() and watcher.result().get("type") == "http.disconnect" and not call.completed:
+            if not work.done() and watcher.done() and watcher.result().get("type") == "http.disconnect" and not acct.completed:
                 work.cancel()
             try:
                 await work
@@ -486,44 +415,6 @@ class GatewayApp:
                     raise
         finally:
             watcher.cancel()
-            await self._settle(call)  # the client left, or nothing was sent: settle now
-            if not call.recorded:  # refused before it ran (queue timeout, cancelled): no ledger record comes
-                call.part_done()
-
-    @staticmethod
-    def _journal_record(call: Call) -> dict:
-        """The request's journal line: what a recovery needs for its ledger record and its settle."""
-        r = call.reservation
-        return {
-            "id": call.request_id, "t": call.tenant.id, "k": call.key_id, "e": call.endpoint.name, "m": call.model, "a": call.adapter,
-            "p": call.pool.id, "pe": call.prompt_estimate, "at": round(time.time(), 3),
-            "r": [r.tokens, r.window, r.tpm_cap, r.backend, r.life] if r is not None else None,
-        }
-
-    @staticmethod
-    async def _settle(call: Call) -> None:
-        """Count the request's real tokens against its limits and refund the rest of its reservation, once
-        (the same figures as its ledger record). Every caller waits for the same settle."""
-        if call.settling is None:
-            call.settling = asyncio.ensure_future(GatewayApp._settle_once(call))
-        await asyncio.shield(call.settling)
-
-    @staticmethod
-    async def _settle_once(call: Call) -> None:
-        from serving.admission import get_admission
-
-        reservation = call.reservation
-        if call.journal is not None:
-            call.journal.progress(call)  # the final figures, in case the process dies before its record is written
-        if reservation is None:
-            call.part_done()
-        else:
-            reservation.on_settled = call.part_done  # now, or once Redis takes it (retried off the request path)
-            try:
-                await get_admission().settle(reservation, used_tokens=call.counted_input_tokens + call.output_tokens)
-            except Exception:  # a bug, not an outage (those are retried): the ledger record must still be written
-                log.exception("request %s: settling failed; its reservation is released when its lease runs out", call.request_id)
-        call.settled = True
 
     def _warn_quota(self, tenant, decision) -> None:
         """80 % of the quota crossed (admission says so once per window): audit and e-mail, off the request path."""
@@ -540,73 +431,43 @@ class GatewayApp:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _serve(self, call: Call, req, route, backend_request, decision, headers: dict, send) -> None:
+    async def _serve(self, acct: Accounting, req, route, backend_request, decision, max_tokens: int, out: Response) -> None:
         from serving.scheduler import SchedulerTimeout, get_scheduler
 
-        pool = call.pool
+        pool = acct.pool
         scheduler = get_scheduler()
         try:
-            slot = await scheduler.acquire(pool_id=pool.id, capacity=pool.capacity, tenant_id=call.tenant.id, weight=call.tenant.weight,
-                                           input_tokens=call.prompt_estimate, max_output_tokens=call.max_tokens,
+            slot = await scheduler.acquire(pool_id=pool.id, capacity=pool.capacity, tenant_id=acct.tenant.id, weight=acct.tenant.weight,
+                                           input_tokens=acct.prompt_estimate, max_output_tokens=max_tokens,
                                            throttled=decision.throttled, timeout_s=self.settings.queue_timeout_s)
         except SchedulerTimeout:
-            err = ApiError(429, f"The model `{call.model}` is busy: no capacity freed up within {self.settings.queue_timeout_s:.0f} s. "
+            err = ApiError(429, f"The model `{acct.model}` is busy: no capacity freed up within {self.settings.queue_timeout_s:.0f} s. "
                                 "Try again in a few seconds.", type="rate_limit_error", code="queue_timeout", headers={"retry-after": "5"})
-            return await self._send_error(send, err, endpoint=call.endpoint, tenant=call.tenant, headers=headers)
-        if call.journal is not None:
-            call.journal.slot(f"{slot.tenant_id}:{slot.slot_id}")
+            return await self._refuse(out, err, acct.tenant, acct.endpoint)
+        acct.hold_slot(slot)
         try:
-            await self._run_backends(call, req, route, backend_request, headers, send)
+            await self._run_backends(acct, req, route, backend_request, max_tokens, out)
         except asyncio.CancelledError:
-            call.status = "cancelled"
+            acct.cancel()
             raise
         finally:
-            await scheduler.release(slot, input_tokens=call.input_tokens or call.prompt_estimate, output_tokens=call.output_tokens,
-                                    refund=not call.backend_accepted)
-            if not call.recorded:
-                self._record(call, wait=False)
-            self._observe(call)
+            await scheduler.release(slot, input_tokens=acct.input_tokens or acct.prompt_estimate, output_tokens=acct.output_tokens,
+                                    refund=not acct.backend_accepted)
+            acct.record_once()
+            self._observe(acct, out)
 
-    def _entry(self, call: Call) -> LedgerEntry:
-        input_tokens = call.input_tokens = call.counted_input_tokens
-        return LedgerEntry(
-            request_id=call.request_id, tenant_id=call.tenant.id, api_key_id=call.key_id, endpoint=call.endpoint.name,
-            model=call.model, adapter=call.adapter, pool_id=call.pool.id, backend_id=call.backend_id,
-            input_tokens=input_tokens, output_tokens=call.output_tokens, status=call.status, ttft_ms=call.ttft_ms,
-            duration_ms=int((time.perf_counter() - call.started_at) * 1000),
-        )
+    def _observe(self, acct: Accounting, out: Response) -> None:
+        label = self.tenant_label(acct.tenant.slug)
+        name = acct.endpoint.name
+        metrics.REQUESTS.labels(name, str(out.status or 200) if acct.status in ("ok", "error") else acct.status, label).inc()
+        metrics.TOKENS_IN.labels(label).inc(acct.input_tokens or 0)
+        metrics.TOKENS_OUT.labels(label).inc(acct.output_tokens)
+        metrics.LATENCY.labels(name).observe(time.perf_counter() - acct.started_at)
+        if acct.ttft_ms is not None:
+            metrics.TTFT.labels(name).observe(acct.ttft_ms / 1000)
 
-    def _record(self, call: Call, *, wait: bool):
-        """The request's ledger record, written after its settle (docs/limits.md, "Faults": a counter that Redis
-        lost is re-seeded from the ledger without the requests Redis still tracks). wait=False: in a task of its
-        own (safe inside a cancelled task)."""
-        call.recorded = True
-        entry = self._entry(call)
-        if wait:
-            return self._write_record(call, entry)
-        task = asyncio.ensure_future(self._write_record(call, entry))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return None
-
-    async def _write_record(self, call: Call, entry: LedgerEntry) -> None:
-        await self._settle(call)
-        if await self.ledger.record(entry):
-            if call.reservation is not None:
-                call.reservation.committed_ms = int(time.time() * 1000)  # for a settle still waiting for Redis
-            call.part_done()
-
-    def _observe(self, call: Call) -> None:
-        label = self.tenant_label(call.tenant.slug)
-        metrics.REQUESTS.labels(call.endpoint.name, str(call.http_status) if call.status in ("ok", "error") else call.status, label).inc()
-        metrics.TOKENS_IN.labels(label).inc(call.input_tokens or 0)
-        metrics.TOKENS_OUT.labels(label).inc(call.output_tokens)
-        metrics.LATENCY.labels(call.endpoint.name).observe(time.perf_counter() - call.started_at)
-        if call.ttft_ms is not None:
-            metrics.TTFT.labels(call.endpoint.name).observe(call.ttft_ms / 1000)
-
-    async def _run_backends(self, call: Call, req, route, backend_request, headers: dict, send) -> None:
-        pool = call.pool
+    async def _run_backends(self, acct: Accounting, req, route, backend_request, max_tokens: int, out: Response) -> None:
+        pool = acct.pool
         driver = driver_for(pool.kind)
         if backend_request.want_tokens:  # TGI token objects say which tokens are special: the model's tokenizer knows
             backend_request.special_ids = special_token_ids(pool.counter)
@@ -617,103 +478,91 @@ class GatewayApp:
             if backend is None:
                 break
             tried.add(backend.id)
-            call.backend_id = backend.id
+            acct.backend_id = backend.id
             state = self.health.state(backend.id)
             state.in_flight += 1
             stream = driver.stream(self.session, backend.url, backend_request)
             try:
-                await self._relay(call, req, stream, headers, send)
+                await self._relay(acct, req, stream, out)
                 return
             except BackendError as exc:
                 if exc.connect:
                     self.health.mark_down(backend.id, exc.message)
                 elif exc.error_type == ADAPTER_NOT_LOADED and route.adapter is not None:
                     self.health.adapter_missing(backend, route.adapter)  # marked here at once, reloaded off this path
-                if call.response_started:
-                    return await self._interrupted(call, exc, send)
+                if out.started:
+                    return await self._interrupted(acct, exc, out)
                 if exc.retryable:
                     last_error = exc
-                    log.info("request %s: backend %s failed before the first byte (%s); failing over", call.request_id, backend.url, exc.message)
+                    log.info("request %s: backend %s failed before the first byte (%s); failing over", acct.request_id, backend.url, exc.message)
                     continue
-                return await self._backend_refused(call, exc, headers, send)
+                return await self._backend_refused(acct, exc, max_tokens, out)
             finally:
                 state.in_flight -= 1
                 await stream.aclose()
-        # Nothing could serve it (nothing reached the client, nothing is charged: no backend accepted it).
-        call.http_status = 503
-        healthy = [b for b in pool.backends if self.health.state(b.id).healthy]
+        await self._no_backend(acct, route, last_error, out)
+
+    async def _no_backend(self, acct: Accounting, route, last_error: BackendError | None, out: Response) -> None:
+        """Nothing could serve it (nothing reached the client, nothing is charged: no backend accepted it)."""
+        healthy = [b for b in acct.pool.backends if self.health.state(b.id).healthy]
         if last_error is not None and not last_error.connect and last_error.status == 429:
-            message = f"All backends for `{call.model}` are overloaded; try again in a few seconds."
+            message = f"All backends for `{acct.model}` are overloaded; try again in a few seconds."
         elif route.adapter is not None and any(route.adapter in b.loaded_adapters for b in healthy) \
                 and not any(self.health.holds(b, route.adapter) for b in healthy):
             # Its backends forgot it (restarted): being reloaded now (serving.health), never the backend's own words.
-            err = ApiError(503, f"The model `{call.model}` is being loaded again on its backends (one restarted); try again "
-                                f"in a few seconds.", type="service_unavailable", code="adapter_not_loaded",
-                           headers={"retry-after": str(ADAPTER_RETRY_AFTER_S)})
-            return await self._send_error_silently(call, err, headers, send)
+            return await out.error(ApiError(503, f"The model `{acct.model}` is being loaded again on its backends (one restarted); "
+                                                 f"try again in a few seconds.", type="service_unavailable", code="adapter_not_loaded",
+                                            headers={"retry-after": str(ADAPTER_RETRY_AFTER_S)}))
         elif route.adapter is not None and not any(route.adapter in b.loaded_adapters for b in healthy):
-            message = f"No healthy backend holds `{call.model}` right now; try again in a few seconds."
+            message = f"No healthy backend holds `{acct.model}` right now; try again in a few seconds."
         else:
-            message = f"No healthy backend for model `{call.model}` right now; try again in a few seconds."
-        err = ApiError(503, message, type="service_unavailable", code="no_healthy_backend", headers={"retry-after": "2"})
-        await self._send_error_silently(call, err, headers, send)
+            message = f"No healthy backend for model `{acct.model}` right now; try again in a few seconds."
+        await out.error(ApiError(503, message, type="service_unavailable", code="no_healthy_backend", headers={"retry-after": "2"}))
 
-    async def _send_error_silently(self, call: Call, err: ApiError, headers: dict, send) -> None:
-        await self._send_json(send, err.status, call.endpoint.error_body(err), {**headers, **err.headers})
-
-    async def _backend_refused(self, call: Call, exc: BackendError, headers: dict, send) -> None:
+    async def _backend_refused(self, acct: Accounting, exc: BackendError, max_tokens: int, out: Response) -> None:
         if exc.status in (400, 422):  # the backend's validation: a prompt (+ max tokens) beyond the context, mostly
-            call.http_status = 400
             overflow = context_overflow(exc.message)
             if overflow is not None:
-                err = context_length_exceeded(call.endpoint, overflow, call.max_tokens)
+                err = context_length_exceeded(acct.endpoint, overflow, max_tokens)
             else:
                 err = ApiError(400, exc.message, code="invalid_request")
         else:
             # The backend's own words (its addresses, model ids) stay in the log, for staff.
-            log.warning("request %s: backend %s answered %s: %s", call.request_id, call.backend_id, exc.status, exc.message)
-            call.http_status = 502
+            log.warning("request %s: backend %s answered %s: %s", acct.request_id, acct.backend_id, exc.status, exc.message)
             what = "sent an unreadable answer" if exc.error_type == "protocol" else f"failed to answer (its status {exc.status})"
             err = ApiError(502, f"The model's backend {what}; try again. If it persists, tell the platform team the request id.",
                            type="server_error", code="backend_error")
-        # Nothing is charged for an answer the backend refused or failed to start (OpenAI bills no 4xx/5xx): the record
-        # keeps the request with 0 tokens, and the scheduler takes its charge back.
-        call.backend_accepted = False
-        await self._send_error_silently(call, err, headers, send)
+        acct.refund()  # before the error's last byte, where it is settled
+        await out.error(err)
 
-    async def _interrupted(self, call: Call, exc: BackendError, send) -> None:
+    async def _interrupted(self, acct: Accounting, exc: BackendError, out: Response) -> None:
         """The stream had started: tell the client in-band, record what was delivered."""
-        call.status = "interrupted"
-        log.warning("request %s: backend %s failed mid-answer after %s tokens: %s", call.request_id, call.backend_id,
-                    call.output_tokens, exc.message)
-        message = f"The model's backend failed mid-answer after {call.output_tokens} tokens; the answer is incomplete."
-        self._record(call, wait=False)
-        event = call.endpoint.error_event(message, code="backend_interrupted", tgi_type="incomplete_generation")
-        await send({"type": "http.response.body", "body": event, "more_body": False})
+        log.warning("request %s: backend %s failed mid-answer after %s tokens: %s", acct.request_id, acct.backend_id,
+                    acct.output_tokens, exc.message)
+        message = f"The model's backend failed mid-answer after {acct.output_tokens} tokens; the answer is incomplete."
+        acct.interrupt()
+        await out.stream_error(message, code="backend_interrupted", tgi_type="incomplete_generation")
 
-    async def _relay(self, call: Call, req, stream, headers: dict, send) -> None:
+    async def _relay(self, acct: Accounting, req, stream, out: Response) -> None:
         """Forward the driver's events in the client's shape; raises BackendError (caller decides failover)."""
-        tgi = call.endpoint.tgi
+        tgi = acct.endpoint.tgi
         if tgi:
             fmt = TGIFormat(details=req.details, client_prompt=req.prompt, return_full_text=req.return_full_text)
         else:
-            fmt = OpenAIFormat(chat=call.endpoint is CHAT, request_id=call.request_id.replace("~", "-"), created=int(time.time()),
-                               model=call.model, include_usage=req.include_usage, echo=req.prompt if req.echo else "")
+            fmt = OpenAIFormat(chat=acct.endpoint is CHAT, request_id=acct.request_id.replace("~", "-"), created=int(time.time()),
+                               model=acct.model, include_usage=req.include_usage, echo=req.prompt if req.echo else "")
         streaming = req.stream
         parts: list[str] = []
         delivered = 0
         # The tenant's output guard (docs/gateway.md, "Output guard"): None for tenants without one.
-        guard = call.tenant.guard
+        guard = acct.tenant.guard
         redactor = guard.stream() if guard is not None and streaming else None
         safe_parts: list[str] = []  # what the redactor released (TGI's final `generated_text`)
         held_tokens = 0  # tokens whose text the redactor still holds: counted as delivered with the next chunk
         calls = ToolCalls(guard)  # tool calls (chat), their arguments guarded like the text
-        raw_headers = [(k.encode(), str(v).encode()) for k, v in headers.items()]
         async for event in stream:
             if isinstance(event, ToolCallDelta):
-                if call.ttft_ms is None:
-                    call.ttft_ms = int((time.perf_counter() - call.started_at) * 1000)
-                    call.backend_accepted = True
+                acct.first_token()
                 items = calls.feed(event)
                 if not streaming:
                     delivered += event.count
@@ -721,17 +570,12 @@ class GatewayApp:
                 if not items:
                     held_tokens += event.count  # the guard holds this call's arguments until it is complete
                     continue
-                if not call.response_started:
-                    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + raw_headers})
-                    call.response_started = True
                 delivered += event.count + held_tokens
                 held_tokens = 0
-                call.output_tokens = delivered  # counted (and journaled) before it goes out: a crash after the send bills it
-                await send({"type": "http.response.body", "body": fmt.tool_calls(items), "more_body": True})
+                acct.deliver(delivered)
+                await out.chunk(fmt.tool_calls(items))
             elif isinstance(event, TokenDelta):
-                if call.ttft_ms is None:
-                    call.ttft_ms = int((time.perf_counter() - call.started_at) * 1000)
-                    call.backend_accepted = True
+                acct.first_token()
                 parts.append(event.text)
                 if not streaming:
                     delivered += event.count
@@ -749,48 +593,33 @@ class GatewayApp:
                     elif had_text:
                         held_tokens += event.count  # its text is held by the guard
                     continue
-                if not call.response_started:
-                    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + raw_headers})
-                    call.response_started = True
                 delivered += event.count + held_tokens
                 held_tokens = 0
-                call.output_tokens = delivered  # counted (and journaled) before it goes out: a crash after the send bills it
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                acct.deliver(delivered)
+                await out.chunk(chunk)
             elif isinstance(event, Finish):
-                call.backend_accepted = True
-                call.status = "ok"
-                call.input_tokens = event.prompt_tokens if event.prompt_tokens is not None else call.prompt_estimate
-                call.output_tokens = event.completion_tokens if event.completion_tokens is not None else delivered
                 text = "".join(parts)
-                call.completed = True
-                # Settled in admission, then durable in the ledger (_record waits for the settle), before the client sees the end.
-                await asyncio.gather(self._record(call, wait=True), self._settle(call))
+                await acct.complete(event, delivered)  # settled, then durable in the ledger, before the client sees the end
                 if streaming:
                     rest = redactor.flush() if redactor is not None else ""
                     if tgi:
                         if redactor is not None:
                             text = "".join(safe_parts) + rest
-                        final = fmt.end(event, text, call.input_tokens, call.output_tokens, tail=rest)
+                        final = fmt.end(event, text, acct.input_tokens, acct.output_tokens, tail=rest)
                     else:
                         final = (fmt.delta(TokenDelta(rest, 0)) or b"") if rest else b""
                         held_calls = calls.finish()
                         if held_calls:
                             final += fmt.tool_calls(held_calls)
-                        final += fmt.end(event, call.input_tokens, call.output_tokens)
-                    if not call.response_started:
-                        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + raw_headers})
-                        call.response_started = True
-                    await send({"type": "http.response.body", "body": final, "more_body": False})
+                        final += fmt.end(event, acct.input_tokens, acct.output_tokens)
+                    await out.end(final)
                 else:
                     if guard is not None:
                         text = guard.apply(text)
                         if tgi and fmt.tokens:
                             guard.redact_tokens(fmt.tokens)
                     extra = {"tool_calls": calls.message()} if calls.calls else {}
-                    body = fmt.body(text, event, call.input_tokens, call.output_tokens, **extra)
-                    call.response_started = True
-                    await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS + raw_headers})
-                    await send({"type": "http.response.body", "body": body})
+                    await out.json(200, fmt.body(text, event, acct.input_tokens, acct.output_tokens, **extra))
                 return
         raise BackendError("the backend stream ended without a result", error_type="incomplete_generation")
 

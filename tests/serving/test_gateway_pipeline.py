@@ -3,10 +3,14 @@ accounting object (settle and record exactly once, on every exit path), the resp
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from types import SimpleNamespace
 
 import pytest
 
+from serving.drivers import Finish
 from serving.drivers.base import ContextOverflow
 from serving.gateway import endpoints as E
 from serving.gateway.errors import ApiError, context_length_exceeded
@@ -85,3 +89,363 @@ def test_the_endpoint_names_the_prompt_and_max_tokens_in_context_errors():
     assert context_length_exceeded("generate", overflow, 20).message == tgi.message  # by its name too
     assert E.GENERATE.max_tokens_param == "parameters.max_new_tokens" and E.CHAT.max_tokens_param == "max_tokens"
 
+
+# ---- the accounting object: settle and record exactly once --------------------------------------------
+
+
+class FakeAdmission:
+    """Settles as serving.admission does (on_settled once it happened); `gate` holds settles, `defer` keeps them
+    waiting for Redis (`redis_answers()`), `fail` makes them raise."""
+
+    def __init__(self, *, gate: asyncio.Event | None = None, defer: bool = False, fail: bool = False):
+        self.gate, self.defer, self.fail = gate, defer, fail
+        self.settles: list[tuple[str, int]] = []
+        self.done: set[str] = set()
+        self.deferred: list = []
+
+    async def settle(self, reservation, *, used_tokens: int) -> None:
+        self.settles.append((reservation.request_id, used_tokens))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise RuntimeError("a bug in settle")
+        if self.defer:
+            self.deferred.append(reservation)
+            return
+        self.done.add(reservation.request_id)
+        reservation.on_settled()
+
+    def redis_answers(self) -> None:
+        for reservation in self.deferred:
+            self.done.add(reservation.request_id)
+            reservation.on_settled()
+
+
+class FakeLedger:
+    """Records entries, noting whether each one's settle had happened by then."""
+
+    def __init__(self, admission: FakeAdmission, *, durable: bool = True):
+        self.admission, self.durable = admission, durable
+        self.entries: list = []
+        self.after_settle: list[bool] = []
+
+    async def record(self, entry) -> bool:
+        await asyncio.sleep(0)
+        self.entries.append(entry)
+        self.after_settle.append(entry.request_id in self.admission.done or bool(self.admission.fail))
+        return self.durable
+
+
+def _accounting(*, journal=None, reservation=True, durable=True, **admission_options):
+    """(an Accounting as the gateway makes one, its fake admission, its fake ledger)."""
+    from serving.admission import Reservation
+    from serving.gateway.accounting import Accounting
+
+    admission = FakeAdmission(**admission_options)
+    ledger = FakeLedger(admission, durable=durable)
+    acct = Accounting(request_id="r1", endpoint=E.CHAT, tenant=SimpleNamespace(id=7, slug="t"), key_id=5, model="m",
+                      adapter="", pool=SimpleNamespace(id=3), started_at=time.perf_counter(), prompt_estimate=40,
+                      reservation=Reservation(7, "r1", 140, "202601", 0, "local") if reservation else None,
+                      admission=admission, ledger=ledger, background=set())
+    if journal is not None:
+        acct.open_journal(journal)
+    return acct, admission, ledger
+
+
+@pytest.fixture
+def journal(tmp_path):
+    from serving.journal import Journal
+
+    j = Journal(tmp_path / "journal")
+    yield j
+    j.stop()
+
+
+def _journaled_output(journal, acct) -> int:
+    from serving.journal import SLOT, SLOT_SIZE
+
+    return SLOT.unpack_from(journal.mm, acct.journal.index * SLOT_SIZE)[1]
+
+
+def test_concurrent_settles_are_one_settle_that_every_caller_waits_for():
+    async def run():
+        gate = asyncio.Event()
+        acct, admission, _ = _accounting(gate=gate)
+        acct.first_token()
+        acct.deliver(9)
+        callers = [asyncio.ensure_future(acct.settle_once()) for _ in range(20)]
+        await asyncio.sleep(0.01)
+        assert admission.settles == [("r1", 40 + 9)] and not any(c.done() for c in callers)
+        gate.set()
+        await asyncio.gather(*callers)
+        await acct.settle_once()
+        assert admission.settles == [("r1", 49)]
+
+    asyncio.run(run())
+
+
+def test_a_caller_cancelled_while_it_waits_does_not_cancel_the_settle():
+    async def run():
+        gate = asyncio.Event()
+        acct, admission, _ = _accounting(gate=gate)
+        first = asyncio.ensure_future(acct.settle_once())
+        await asyncio.sleep(0.01)
+        first.cancel()
+        gate.set()
+        await acct.settle_once()
+        assert first.cancelled() and admission.done == {"r1"} and len(admission.settles) == 1
+
+    asyncio.run(run())
+
+
+def test_one_ledger_record_however_many_ask_and_it_waits_for_the_settle():
+    async def run():
+        gate = asyncio.Event()
+        acct, admission, ledger = _accounting(gate=gate)
+        writes = [acct.record_once() for _ in range(5)]
+        assert writes[0] is not None and writes[1:] == [None] * 4
+        await asyncio.sleep(0.01)
+        assert ledger.entries == []  # the settle has not happened: no record yet
+        gate.set()
+        await writes[0]
+        assert len(ledger.entries) == 1 and ledger.after_settle == [True]
+
+    asyncio.run(run())
+
+
+def test_a_completed_request_is_settled_and_durable_when_complete_returns(journal):
+    async def run():
+        acct, admission, ledger = _accounting(journal=journal)
+        acct.first_token()
+        acct.deliver(3)
+        await acct.complete(Finish("stop", prompt_tokens=38, completion_tokens=4), delivered=3)
+        assert acct.completed and len(ledger.entries) == 1 and ledger.after_settle == [True]
+        entry = ledger.entries[0]
+        assert (entry.status, entry.input_tokens, entry.output_tokens, entry.endpoint) == ("ok", 38, 4, "chat")
+        assert admission.settles == [("r1", 42)]
+        assert journal.in_flight == 0  # recorded and settled: out of the journal
+        await acct.close()
+        assert len(ledger.entries) == 1 and len(admission.settles) == 1
+
+    asyncio.run(run())
+
+
+def test_a_finish_without_counts_bills_the_estimate_and_what_was_delivered():
+    async def run():
+        acct, admission, ledger = _accounting()
+        await acct.complete(Finish("length"), delivered=6)
+        assert (ledger.entries[0].input_tokens, ledger.entries[0].output_tokens) == (40, 6)
+
+    asyncio.run(run())
+
+
+def test_a_backend_that_refuses_before_its_first_token_charges_nothing(journal):
+    async def run():
+        acct, admission, ledger = _accounting(journal=journal)
+        acct.first_token()  # it had started, then refused (a 5xx with nothing sent)
+        acct.refund()
+        await acct.settle_once()  # before the error's last byte
+        await acct.record_once()
+        await acct.close()
+        entry = ledger.entries[0]
+        assert (entry.status, entry.input_tokens, entry.output_tokens) == ("error", 0, 0)
+        assert admission.settles == [("r1", 0)] and journal.in_flight == 0
+
+    asyncio.run(run())
+
+
+def test_a_stream_cut_mid_answer_is_recorded_interrupted_with_what_was_delivered(journal):
+    async def run():
+        acct, admission, ledger = _accounting(journal=journal)
+        acct.first_token()
+        acct.deliver(5)
+        assert _journaled_output(journal, acct) == 5  # counted before the chunk goes out
+        acct.interrupt()
+        await acct.settle_once()  # before the in-band error
+        await acct.close()
+        await asyncio.sleep(0.01)
+        entry = ledger.entries[0]
+        assert (entry.status, entry.input_tokens, entry.output_tokens) == ("interrupted", 40, 5)
+        assert admission.settles == [("r1", 45)] and ledger.after_settle == [True] and journal.in_flight == 0
+
+    asyncio.run(run())
+
+
+def test_a_client_that_hangs_up_is_recorded_cancelled_and_settled_at_close(journal):
+    async def run():
+        acct, admission, ledger = _accounting(journal=journal)
+        acct.first_token()
+        acct.deliver(2)
+        acct.cancel()
+        write = acct.record_once()  # in a task of its own: the request's task is being cancelled
+        await acct.close()
+        await write
+        assert [(e.status, e.output_tokens) for e in ledger.entries] == [("cancelled", 2)]
+        assert admission.settles == [("r1", 42)] and journal.in_flight == 0
+
+    asyncio.run(run())
+
+
+def test_a_request_that_never_ran_is_settled_with_nothing_and_leaves_no_record(journal):
+    async def run():
+        acct, admission, ledger = _accounting(journal=journal)
+        assert journal.in_flight == 1
+        await acct.close()  # a queue timeout, an unexpected failure before a slot
+        assert admission.settles == [("r1", 0)] and ledger.entries == [] and journal.in_flight == 0
+
+    asyncio.run(run())
+
+
+def test_a_settle_that_fails_still_lets_the_record_be_written(caplog):
+    async def run():
+        acct, admission, ledger = _accounting(fail=True)
+        await acct.complete(Finish("stop", 1, 1), delivered=1)
+        assert len(ledger.entries) == 1
+
+    asyncio.run(run())
+    assert "settling failed" in caplog.text
+
+
+def test_a_settle_waiting_for_redis_keeps_the_request_in_the_journal_until_it_happens(journal):
+    async def run():
+        acct, admission, ledger = _accounting(defer=True, journal=journal)
+        await acct.complete(Finish("stop", 10, 2), delivered=2)
+        assert len(ledger.entries) == 1 and acct.reservation.committed_ms > 0  # the settle still waiting learns it
+        assert journal.in_flight == 1
+        admission.redis_answers()
+        assert journal.in_flight == 0
+
+    asyncio.run(run())
+
+
+def test_a_record_the_ledger_could_not_make_durable_keeps_the_request_in_the_journal(journal):
+    async def run():
+        acct, admission, ledger = _accounting(durable=False, journal=journal)
+        await acct.complete(Finish("stop", 10, 2), delivered=2)
+        await acct.close()
+        assert journal.in_flight == 1  # for a recovery to record
+
+    asyncio.run(run())
+
+
+def test_without_a_reservation_the_settle_only_releases_the_journal(journal):
+    async def run():
+        acct, admission, ledger = _accounting(journal=journal, reservation=False)
+        await acct.complete(Finish("stop", 10, 2), delivered=2)
+        assert admission.settles == [] and len(ledger.entries) == 1 and journal.in_flight == 0
+
+    asyncio.run(run())
+
+
+def test_the_journal_line_has_what_a_recovery_needs(journal):
+    acct, _, _ = _accounting()
+    line = acct.journal_line()
+    assert {k: line[k] for k in ("id", "t", "k", "e", "m", "a", "p", "pe", "r")} == {
+        "id": "r1", "t": 7, "k": 5, "e": "chat", "m": "m", "a": "", "p": 3, "pe": 40, "r": [140, "202601", 0, "local", ""]}
+
+
+# ---- the response: started once, settled before the last byte ------------------------------------------
+
+
+class Sent(list):
+    """An ASGI `send` that keeps the messages (and, with `ledger`, how many records existed at each one)."""
+
+    def __init__(self, ledger=None):
+        super().__init__()
+        self.ledger = ledger
+        self.records_at: list[int] = []
+
+    async def __call__(self, message) -> None:
+        self.append(message)
+        self.records_at.append(len(self.ledger.entries) if self.ledger is not None else 0)
+
+    def starts(self) -> list[dict]:
+        return [m for m in self if m["type"] == "http.response.start"]
+
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self if m["type"] == "http.response.body")
+
+
+def test_a_stream_starts_once_with_the_requests_headers_and_its_status_is_known():
+    from serving.gateway.response import Response
+
+    async def run():
+        sent = Sent()
+        out = Response(sent, E.CHAT)
+        out.headers = {"x-request-id": "abc", "x-ratelimit-limit-requests": 10}
+        assert not out.started
+        await out.chunk(b"data: 1\n\n")
+        await out.chunk(b"data: 2\n\n")
+        await out.end(b"data: [DONE]\n\n")
+        assert out.started and out.status == 200
+        (start,) = sent.starts()
+        assert (b"content-type", b"text/event-stream") in start["headers"]
+        assert (b"x-request-id", b"abc") in start["headers"] and (b"x-ratelimit-limit-requests", b"10") in start["headers"]
+        assert [m.get("more_body") for m in sent[1:]] == [True, True, False]
+
+    asyncio.run(run())
+
+
+def test_an_error_is_shaped_by_the_endpoint_and_carries_its_own_headers():
+    from serving.gateway.response import Response
+
+    async def run():
+        sent = Sent()
+        out = Response(sent, E.GENERATE)
+        out.headers = {"x-request-id": "abc"}
+        await out.error(ApiError(429, "Slow down.", code="queue_timeout", headers={"retry-after": "5"}))
+        (start,) = sent.starts()
+        assert start["status"] == 429 and out.status == 429
+        assert {(b"x-request-id", b"abc"), (b"retry-after", b"5"), (b"content-type", b"application/json")} <= set(start["headers"])
+        assert json.loads(sent.body()) == {"error": "Slow down.", "error_type": "queue_timeout"}
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("last", ["json", "end", "stream_error"])
+def test_the_settle_runs_before_the_last_byte_whatever_it_is(last):
+    from serving.gateway.response import Response
+
+    async def run():
+        sent = Sent()
+        out = Response(sent, E.CHAT)
+        seen = []
+
+        async def settle():
+            seen.append(len(sent))
+
+        out.settle_before_end(settle)
+        if last == "json":
+            await out.json(200, b"{}")
+        elif last == "end":
+            await out.chunk(b"a")
+            await out.end(b"b")
+        else:
+            await out.chunk(b"a")
+            await out.stream_error("Cut.", code="backend_interrupted", tgi_type="incomplete_generation")
+        assert seen == [len(sent) - 1]  # just before the last message, not before the others
+
+    asyncio.run(run())
+
+
+def test_an_unexpected_failure_is_a_bare_500_before_the_start_and_in_band_after():
+    from serving.gateway.response import Response
+
+    err = ApiError(500, "The gateway failed.", type="server_error", code="internal_error")
+
+    async def run():
+        sent = Sent()
+        out = Response(sent, E.CHAT)
+        out.headers = {"x-request-id": "abc"}
+        await out.fail(err)
+        assert sent.starts()[0]["status"] == 500 and sent.starts()[0]["headers"] == [(b"content-type", b"application/json")]
+        assert json.loads(sent.body())["error"]["code"] == "internal_error"
+
+        sent = Sent()
+        out = Response(sent, E.GENERATE_STREAM)
+        await out.chunk(b"data:{}\n\n")
+        await out.fail(err)
+        assert len(sent.starts()) == 1 and json.loads(sent[-1]["body"].removeprefix(b"data:")) == {
+            "error": "The gateway failed.", "error_type": "internal_error"}
+
+    asyncio.run(run())
