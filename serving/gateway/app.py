@@ -25,13 +25,12 @@ import aiohttp
 from django.utils import timezone
 
 from serving.config import INFERENCE_SCOPE, ConfigStore, Snapshot
-from serving.drivers import BackendError, Finish, TokenDelta, ToolCallDelta, driver_for
+from serving.drivers import BackendError, driver_for
 from serving.drivers.base import ADAPTER_NOT_LOADED, context_overflow, special_token_ids
 from serving.gateway import metrics
 from serving.gateway.accounting import Accounting
-from serving.gateway.endpoints import CHAT, METRICS, MODEL, MODEL_PREFIX, MODELS, ROUTES, Endpoint, endpoint_for
+from serving.gateway.endpoints import METRICS, MODEL, MODEL_PREFIX, MODELS, ROUTES, Endpoint, endpoint_for
 from serving.gateway.errors import ApiError, context_length_exceeded
-from serving.gateway.formatting import OpenAIFormat, TGIFormat, ToolCalls
 from serving.gateway.parsing import (
     build_backend_request,
     count_prompt,
@@ -41,6 +40,7 @@ from serving.gateway.parsing import (
     reservation_tokens,
     resolve_max_tokens,
 )
+from serving.gateway.relays import relay_for
 from serving.gateway.response import Response
 from serving.gateway.settings import GatewaySettings
 from serving.health import HealthMonitor
@@ -483,7 +483,7 @@ class GatewayApp:
             state.in_flight += 1
             stream = driver.stream(self.session, backend.url, backend_request)
             try:
-                await self._relay(acct, req, stream, out)
+                await relay_for(acct, req, out).run(stream)
                 return
             except BackendError as exc:
                 if exc.connect:
@@ -542,95 +542,3 @@ class GatewayApp:
         message = f"The model's backend failed mid-answer after {acct.output_tokens} tokens; the answer is incomplete."
         acct.interrupt()
         await out.stream_error(message, code="backend_interrupted", tgi_type="incomplete_generation")
-
-    async def _relay(self, acct: Accounting, req, stream, out: Response) -> None:
-        """Forward the driver's events in the client's shape; raises BackendError (caller decides failover)."""
-        tgi = acct.endpoint.tgi
-        if tgi:
-            fmt = TGIFormat(details=req.details, client_prompt=req.prompt, return_full_text=req.return_full_text)
-        else:
-            fmt = OpenAIFormat(chat=acct.endpoint is CHAT, request_id=acct.request_id.replace("~", "-"), created=int(time.time()),
-                               model=acct.model, include_usage=req.include_usage, echo=req.prompt if req.echo else "")
-        streaming = req.stream
-        parts: list[str] = []
-        delivered = 0
-        # The tenant's output guard (docs/gateway.md, "Output guard"): None for tenants without one.
-        guard = acct.tenant.guard
-        redactor = guard.stream() if guard is not None and streaming else None
-        safe_parts: list[str] = []  # what the redactor released (TGI's final `generated_text`)
-        held_tokens = 0  # tokens whose text the redactor still holds: counted as delivered with the next chunk
-        calls = ToolCalls(guard)  # tool calls (chat), their arguments guarded like the text
-        async for event in stream:
-            if isinstance(event, ToolCallDelta):
-                acct.first_token()
-                items = calls.feed(event)
-                if not streaming:
-                    delivered += event.count
-                    continue
-                if not items:
-                    held_tokens += event.count  # the guard holds this call's arguments until it is complete
-                    continue
-                delivered += event.count + held_tokens
-                held_tokens = 0
-                acct.deliver(delivered)
-                await out.chunk(fmt.tool_calls(items))
-            elif isinstance(event, TokenDelta):
-                acct.first_token()
-                parts.append(event.text)
-                if not streaming:
-                    delivered += event.count
-                    if tgi:
-                        fmt.collect(event)
-                    continue
-                had_text = bool(event.text)
-                if redactor is not None:
-                    event = _redacted_delta(event, redactor)
-                    safe_parts.append(event.text)
-                chunk = fmt.delta(event)
-                if chunk is None:
-                    if event.last:
-                        delivered += event.count  # held back (TGI's last token), sent with the finish
-                    elif had_text:
-                        held_tokens += event.count  # its text is held by the guard
-                    continue
-                delivered += event.count + held_tokens
-                held_tokens = 0
-                acct.deliver(delivered)
-                await out.chunk(chunk)
-            elif isinstance(event, Finish):
-                text = "".join(parts)
-                await acct.complete(event, delivered)  # settled, then durable in the ledger, before the client sees the end
-                if streaming:
-                    rest = redactor.flush() if redactor is not None else ""
-                    if tgi:
-                        if redactor is not None:
-                            text = "".join(safe_parts) + rest
-                        final = fmt.end(event, text, acct.input_tokens, acct.output_tokens, tail=rest)
-                    else:
-                        final = (fmt.delta(TokenDelta(rest, 0)) or b"") if rest else b""
-                        held_calls = calls.finish()
-                        if held_calls:
-                            final += fmt.tool_calls(held_calls)
-                        final += fmt.end(event, acct.input_tokens, acct.output_tokens)
-                    await out.end(final)
-                else:
-                    if guard is not None:
-                        text = guard.apply(text)
-                        if tgi and fmt.tokens:
-                            guard.redact_tokens(fmt.tokens)
-                    extra = {"tool_calls": calls.message()} if calls.calls else {}
-                    await out.json(200, fmt.body(text, event, acct.input_tokens, acct.output_tokens, **extra))
-                return
-        raise BackendError("the backend stream ended without a result", error_type="incomplete_generation")
-
-
-def _redacted_delta(event: TokenDelta, redactor) -> TokenDelta:
-    """The delta with its text passed through the tenant's guard (what is not safe yet comes out later).
-
-    TGI token objects keep their id, logprob and special flag; their text is the released text, possibly empty.
-    """
-    safe = redactor.feed(event.text) if event.text else ""
-    token = event.token
-    if token is not None and not token.get("special"):
-        token = {**token, "text": safe}
-    return TokenDelta(safe, event.count, token, event.last)

@@ -10,11 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from serving.drivers import Finish
+from serving.drivers import BackendError, Finish, TokenDelta, ToolCallDelta
 from serving.drivers.base import ContextOverflow
 from serving.gateway import endpoints as E
 from serving.gateway.errors import ApiError, context_length_exceeded
 from serving.gateway.parsing import parse_request
+from serving.guard import build_guard
 
 CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -354,10 +355,13 @@ class Sent(list):
         super().__init__()
         self.ledger = ledger
         self.records_at: list[int] = []
+        self.acct = None  # with one: the tokens it had counted as delivered at each message
+        self.counted_at: list[int] = []
 
     async def __call__(self, message) -> None:
         self.append(message)
         self.records_at.append(len(self.ledger.entries) if self.ledger is not None else 0)
+        self.counted_at.append(self.acct.output_tokens if self.acct is not None else 0)
 
     def starts(self) -> list[dict]:
         return [m for m in self if m["type"] == "http.response.start"]
@@ -447,5 +451,145 @@ def test_an_unexpected_failure_is_a_bare_500_before_the_start_and_in_band_after(
         await out.fail(err)
         assert len(sent.starts()) == 1 and json.loads(sent[-1]["body"].removeprefix(b"data:")) == {
             "error": "The gateway failed.", "error_type": "internal_error"}
+
+    asyncio.run(run())
+
+
+# ---- the relays: one per protocol and mode, the guard and tool calls as steps ---------------------------
+
+
+def _relay_world(endpoint, *, guard=None, stream=True, **req_fields):
+    """A relay as the gateway builds one: a real Accounting (fake admission and ledger) and a Response on a list."""
+    from serving.gateway.accounting import Accounting
+    from serving.gateway.parsing import ClientRequest
+    from serving.gateway.relays import relay_for
+    from serving.gateway.response import Response
+
+    admission = FakeAdmission()
+    ledger = FakeLedger(admission)
+    acct = Accounting(request_id="rid~1", endpoint=endpoint, tenant=SimpleNamespace(id=7, slug="t", guard=guard), key_id=5,
+                      model="m", adapter="", pool=SimpleNamespace(id=3), started_at=time.perf_counter(), prompt_estimate=40,
+                      reservation=None, admission=admission, ledger=ledger, background=set())
+    sent = Sent(ledger)
+    sent.acct = acct
+    out = Response(sent, endpoint)
+    out.settle_before_end(acct.settle_once)
+    req = ClientRequest(endpoint, "m", stream=stream, prompt=req_fields.pop("prompt", "hi"), **req_fields)
+    return relay_for(acct, req, out), acct, ledger, sent
+
+
+async def _events(*events):
+    for event in events:
+        yield event
+
+
+def _sse(sent) -> list[dict]:
+    return [json.loads(line.split(b":", 1)[1]) for m in sent if m["type"] == "http.response.body"
+            for line in m["body"].split(b"\n\n") if line.startswith(b"data:") and line != b"data: [DONE]"]
+
+
+def test_relay_for_picks_one_relay_per_protocol_and_mode():
+    from serving.gateway import relays as R
+
+    guard = build_guard(emails=True)
+    for endpoint, stream, kind in [(E.CHAT, True, R.OpenAIStream), (E.CHAT, False, R.OpenAIJson), (E.COMPLETIONS, True, R.OpenAIStream),
+                                   (E.GENERATE_STREAM, True, R.TGIStream), (E.GENERATE, False, R.TGIJson)]:
+        relay = _relay_world(endpoint, stream=stream)[0]
+        assert type(relay) is kind and type(relay.text) is R.Text
+        assert type(_relay_world(endpoint, stream=stream, guard=guard)[0].text) is R.GuardedText
+
+
+def test_openai_stream_counts_each_chunk_before_it_goes_out_and_records_before_the_end():
+    async def run():
+        relay, acct, ledger, sent = _relay_world(E.CHAT, include_usage=True)
+        await relay.run(_events(TokenDelta("Hel"), TokenDelta("lo"), Finish("stop", prompt_tokens=12, completion_tokens=2)))
+        chunks = _sse(sent)
+        assert [c["choices"][0]["delta"].get("content") for c in chunks[:3]] == ["Hel", "lo", None]
+        assert chunks[-1]["usage"] == {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}
+        assert sent[-1]["body"].endswith(b"data: [DONE]\n\n") and sent[-1]["more_body"] is False
+        assert sent.records_at[-1] == 1 and sent.records_at[1] == 0  # durable before the last byte, not before the first
+        assert (ledger.entries[0].status, ledger.entries[0].output_tokens, acct.ttft_ms is not None) == ("ok", 2, True)
+
+    asyncio.run(run())
+
+
+def test_openai_stream_with_a_guard_holds_a_split_address_and_counts_its_tokens_with_the_next_chunk():
+    async def run():
+        relay, acct, ledger, sent = _relay_world(E.CHAT, guard=build_guard(emails=True))
+        events = [TokenDelta("mail bob"), TokenDelta("@example"), TokenDelta(".com now"), TokenDelta(" ok")]
+        await relay.run(_events(*events, Finish("stop", 9, 4)))
+        texts = [c["choices"][0]["delta"].get("content") for c in _sse(sent)[:-1]]
+        assert texts == ["mail ", "[REDACTED] ", "now ", "ok"] and "bob" not in sent.body().decode()
+        # "@example" is held: its token counts with the chunk that releases the address (3), not before
+        assert sent.counted_at == [1, 1, 3, 4, 4]
+
+    asyncio.run(run())
+
+
+def test_openai_json_collects_text_and_tool_calls_into_one_body():
+    async def run():
+        relay, acct, ledger, sent = _relay_world(E.CHAT, stream=False)
+        await relay.run(_events(TokenDelta("ok"), ToolCallDelta(0, "f", '{"a":'), ToolCallDelta(0, None, "1}"), Finish("tool_calls", 5, 3)))
+        (start,) = sent.starts()
+        body = json.loads(sent.body())
+        assert start["status"] == 200 and body["choices"][0]["message"]["content"] == "ok"
+        (call,) = body["choices"][0]["message"]["tool_calls"]
+        assert call["function"] == {"name": "f", "arguments": '{"a":1}'} and call["id"].startswith("call_")
+        assert body["usage"]["completion_tokens"] == 3 and sent.records_at[-1] == 1
+
+    asyncio.run(run())
+
+
+def test_openai_stream_with_a_guard_holds_tool_call_arguments_until_the_call_is_complete():
+    async def run():
+        relay, acct, ledger, sent = _relay_world(E.CHAT, guard=build_guard(emails=True))
+        await relay.run(_events(ToolCallDelta(0, "f", '{"to": "bob@exa'), ToolCallDelta(0, None, 'mple.com"}'), Finish("tool_calls", 5, 2)))
+        (call,) = [c["choices"][0]["delta"]["tool_calls"][0] for c in _sse(sent) if c["choices"] and c["choices"][0]["delta"].get("tool_calls")]
+        assert json.loads(call["function"]["arguments"]) == {"to": "[REDACTED]"}
+        assert acct.output_tokens == 2
+
+    asyncio.run(run())
+
+
+def test_tgi_stream_holds_the_last_token_for_the_final_event():
+    async def run():
+        relay, acct, ledger, sent = _relay_world(E.GENERATE_STREAM, prompt="Say")
+        await relay.run(_events(TokenDelta("a", token={"id": 1, "text": "a", "logprob": -0.5}), TokenDelta("b", last=True),
+                                Finish("length", 3, 2)))
+        events = _sse(sent)
+        assert [e["token"]["text"] for e in events] == ["a", "b"] and [e["generated_text"] for e in events] == [None, "ab"]
+        assert events[0]["token"]["id"] == 1 and acct.output_tokens == 2 and sent.records_at[-1] == 1
+
+    asyncio.run(run())
+
+
+def test_tgi_json_redacts_generated_text_and_the_details_tokens():
+    async def run():
+        relay, acct, ledger, sent = _relay_world(E.GENERATE, guard=build_guard(emails=True), stream=False, details=True)
+        await relay.run(_events(TokenDelta("to bob@", token={"id": 1, "text": "to bob@"}), TokenDelta("x.org", token={"id": 2, "text": "x.org"}),
+                                Finish("stop", 3, 2)))
+        body = json.loads(sent.body())
+        assert body["generated_text"] == "to [REDACTED]"
+        assert "".join(t["text"] for t in body["details"]["tokens"]) == "to [REDACTED]"
+
+    asyncio.run(run())
+
+
+def test_a_stream_that_ends_without_a_result_is_a_backend_error_and_sends_nothing():
+    async def run():
+        relay, acct, ledger, sent = _relay_world(E.CHAT, stream=False)
+        with pytest.raises(BackendError) as failed:
+            await relay.run(_events(TokenDelta("a")))
+        assert failed.value.error_type == "incomplete_generation" and list(sent) == [] and ledger.entries == []
+
+    asyncio.run(run())
+
+
+def test_a_tool_call_for_a_text_prompt_is_a_protocol_error():
+    async def run():
+        relay, *_ = _relay_world(E.GENERATE_STREAM)
+        with pytest.raises(BackendError) as failed:
+            await relay.run(_events(ToolCallDelta(0, "f", "{}")))
+        assert failed.value.error_type == "protocol"
 
     asyncio.run(run())
