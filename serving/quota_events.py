@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from django.core.mail import send_mail
-from django.db import transaction
+from django.db import close_old_connections, transaction
 
 from tenants.models import Membership, Role, Tenant
 from tenants.services import SYSTEM, audit_record
@@ -14,7 +14,19 @@ log = logging.getLogger(__name__)
 
 
 def quota_warning_record(*, tenant_id: int, used_tokens: int, quota_tokens: int, window: str, mode: str) -> None:
-    """Audit the warning and e-mail the tenant's owners and admins. The console shows a banner from the ledger."""
+    """Audit the warning and e-mail the tenant's owners and admins. The console shows a banner from the ledger.
+
+    Runs on a gateway thread, outside any web request, where Django never closes a broken connection: closed here
+    before and after (as serving.health does), so one the database dropped fails this warning, not every later one.
+    """
+    close_old_connections()
+    try:
+        _record(tenant_id=tenant_id, used_tokens=used_tokens, quota_tokens=quota_tokens, window=window, mode=mode)
+    finally:
+        close_old_connections()
+
+
+def _record(*, tenant_id: int, used_tokens: int, quota_tokens: int, window: str, mode: str) -> None:
     tenant = Tenant.objects.get(pk=tenant_id)
     percent = 100 * used_tokens // quota_tokens if quota_tokens else 0
     with transaction.atomic():
