@@ -1,10 +1,12 @@
 """The inference gateway: a raw ASGI application (no Django request cycle) for the inference paths.
 
-Request path (docs/gateway.md): read the body (capped) → authenticate the bearer key against the in-memory
-snapshot → validate → route `model` to (pool, adapter) → admission (limits, quota) → fair scheduler slot →
-pick the least-loaded healthy backend holding the adapter → stream through the driver, failing over before
-the first byte → answer in the client's shape → admission settlement, then the ledger record (both awaited
-before the last byte, so a client that waits for its answer never finds it still counted against its limits).
+One request is one pipeline, read top to bottom in `GatewayApp._inference` (docs/gateway.md, "The request path";
+the module and function of each stage: docs/architecture.md, "The gateway's pipeline"):
+authenticate (auth.py) → parse (endpoints.py, parsing.py) → route and rewrite for the backend (plan.py) → admit
+(serving.admission) → schedule (serving.scheduler) → call the backends, failing over before the first byte → relay
+in the client's protocol and mode (relays.py) → account (accounting.py: settled, then recorded in the ledger, each
+exactly once; both before the last byte of a completed answer, so a client that waits for its answer never finds it
+still counted against its limits). `Response` (response.py) is the one place the answer starts.
 
 Every admitted request is in the process's journal (serving/journal.py) from admission until it is recorded
 and settled, with the tokens delivered so far, so that a crash of the process loses no billed usage: another
@@ -14,32 +16,22 @@ gateway process on the host (or this one's successor) turns what it finds there 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
-import re
-import secrets
 import time
 
 import aiohttp
-from django.utils import timezone
 
-from serving.config import INFERENCE_SCOPE, ConfigStore, Snapshot
+from serving.config import ConfigStore, Snapshot
 from serving.drivers import BackendError, driver_for
 from serving.drivers.base import ADAPTER_NOT_LOADED, context_overflow, special_token_ids
 from serving.gateway import metrics
 from serving.gateway.accounting import Accounting
+from serving.gateway.auth import authenticate
 from serving.gateway.endpoints import METRICS, MODEL, MODEL_PREFIX, MODELS, ROUTES, Endpoint, endpoint_for
 from serving.gateway.errors import ApiError, context_length_exceeded
-from serving.gateway.parsing import (
-    build_backend_request,
-    count_prompt,
-    fit_context,
-    parse_json,
-    parse_request,
-    reservation_tokens,
-    resolve_max_tokens,
-)
+from serving.gateway.parsing import count_prompt, parse_json, parse_request
+from serving.gateway.plan import Plan, plan_request, request_ids
 from serving.gateway.relays import relay_for
 from serving.gateway.response import Response
 from serving.gateway.settings import GatewaySettings
@@ -47,15 +39,9 @@ from serving.health import HealthMonitor
 from serving.journal import SCAN_S as JOURNAL_SCAN_S
 from serving.journal import Journal, adopt_dead
 from serving.ledger import Ledger
-from tenants.api_refusals import EXPIRED_KEY, INVALID_KEY, MISSING_KEY, tenant_suspended
-from tenants.services import PLAYGROUND_PREFIX, playground_token_verify, split_key
 
 log = logging.getLogger(__name__)
 
-# "tgi": TGI's own placeholder; "dummy": what huggingface_hub's InferenceClient(model=<url>).chat_completion() sends.
-DEFAULT_MODEL_NAMES = {None, "", "default", "tgi", "dummy"}
-NOT_DEPLOYED_HINT = " A fine-tuned model answers only once it is deployed (console: Fine-tuning › Adapters)."
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,48}$")
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 ADAPTER_RETRY_AFTER_S = 3  # a forgotten adapter is reloaded within a health round and a LoRA load (about a second)
 
@@ -63,7 +49,7 @@ ADAPTER_RETRY_AFTER_S = 3  # a forgotten adapter is reloaded within a health rou
 def is_gateway_path(scope) -> bool:
     """True for the paths the gateway serves (portal.asgi dispatches them before Django)."""
     path = scope["path"]
-    return path in ROUTES or path.startswith("/v1/models/") or (path == "/" and scope.get("method") == "POST")
+    return path in ROUTES or path.startswith(MODEL_PREFIX) or (path == "/" and scope.get("method") == "POST")
 
 
 class GatewayApp:
@@ -253,58 +239,12 @@ class GatewayApp:
                 return b"".join(chunks)
 
     def _authenticate(self, scope, snap: Snapshot):
-        """(key entry, tenant entry) for the bearer key, or ApiError 401/403. No database access."""
-        auth = self._header(scope, b"authorization")
-        if not auth or not auth[:7].lower() == "bearer ":
-            raise ApiError.refusing(MISSING_KEY)
-        raw = auth[7:].strip()
-        if raw.startswith(PLAYGROUND_PREFIX):
-            return None, self._playground_tenant(raw, snap)
-        parts = split_key(raw)
-        entry = snap.keys.get(parts[0]) if parts else None
-        if entry is None or not hmac.compare_digest(entry.secret_hash, hashlib.sha256(parts[1].encode()).hexdigest()):
-            raise ApiError.refusing(INVALID_KEY)
-        if entry.expires_at is not None and entry.expires_at <= timezone.now():
-            raise ApiError.refusing(EXPIRED_KEY)
-        tenant = snap.tenants.get(entry.tenant_id)
-        if tenant is None:
-            raise ApiError(401, "Invalid API key.", type="invalid_request_error", code="invalid_api_key")
-        if INFERENCE_SCOPE not in entry.scopes:
-            raise ApiError(403, "This API key does not have the `inference` scope.", type="permission_error", code="insufficient_scope")
-        self._check_active(tenant)
-        self.store.note_key_used(entry.id)
-        return entry, tenant
-
-    @staticmethod
-    def _check_active(tenant) -> None:
-        if not tenant.active:
-            raise ApiError.refusing(tenant_suspended(tenant.slug, tenant.suspended_reason, disabled="inference"))
-
-    def _playground_tenant(self, raw: str, snap: Snapshot):
-        """The console playground's signed, hour-long token (tenants.services.playground_token_issue)."""
-        ids = playground_token_verify(raw)
-        tenant = snap.tenants.get(ids[0]) if ids else None
-        if tenant is None or ids[1] not in tenant.playground_users:  # removed, demoted or deactivated since
-            raise ApiError(401, "The playground session has expired: reload the page.", type="invalid_request_error", code="invalid_api_key")
-        self._check_active(tenant)
-        return tenant
-
-    @staticmethod
-    def _route(tenant, name: str | None):
-        if name in DEFAULT_MODEL_NAMES:
-            name = tenant.default_model
-            if not name:
-                bases = [r for r in tenant.models.values() if r.adapter is None]
-                if len(bases) != 1:
-                    raise ApiError(404, "No model given and no default model set: pass `model` (see GET /v1/models).",
-                                   param="model", code="model_not_found")
-                return bases[0]
-        route = tenant.models.get(name)
-        if route is None:
-            hint = NOT_DEPLOYED_HINT if isinstance(name, str) and name.startswith("ft:") else ""
-            raise ApiError(404, f"The model `{name}` does not exist or you do not have access to it.{hint}", param="model",
-                           code="model_not_found")
-        return route
+        """(key entry or None, tenant entry) for the request's credential (serving/gateway/auth.py); the key's use is
+        noted for its `last_used_at`."""
+        key, tenant = authenticate(self._header(scope, b"authorization"), snap)
+        if key is not None:
+            self.store.note_key_used(key.id)
+        return key, tenant
 
     # ---- /metrics and /v1/models --------------------------------------------------------------------
 
@@ -342,62 +282,61 @@ class GatewayApp:
         self._count(MODELS, 200, tenant)
         await out.json(200, json.dumps(body).encode())
 
-    # ---- inference ----------------------------------------------------------------------------------
+    # ---- inference: the pipeline -------------------------------------------------------------------
 
     async def _inference(self, scope, receive, out: Response) -> None:
+        """One inference request, top to bottom: authenticate → parse → route → admit → schedule → call → relay →
+        account. A refusal before admission costs nothing; from admission on, the request's Accounting settles and
+        records it exactly once, whatever ends it (docs/gateway.md, "The request path")."""
         started_at = time.perf_counter()
-        given_id = self._header(scope, b"x-request-id")
-        echo_id = given_id if given_id and REQUEST_ID_RE.match(given_id) else None
-        # The ledger id is unique per request even when a client reuses its x-request-id (else a reused id
-        # would make ignore_conflicts drop the later requests' usage).
-        request_id = f"{echo_id}~{secrets.token_hex(6)}" if echo_id else secrets.token_hex(12)
-        out.headers = {"x-request-id": echo_id or request_id}
+        request_id, out.headers["x-request-id"] = request_ids(self._header(scope, b"x-request-id"))
         endpoint, tenant = out.endpoint, None
         try:
             body = await self._read_body(scope, receive)
             snap = self.store.snapshot
-            key, tenant = self._authenticate(scope, snap)
-            data = parse_json(body)
+            key, tenant = self._authenticate(scope, snap)  # authenticate
+            data = parse_json(body)  # parse
             endpoint = endpoint.resolve(data)  # TGI's POST /: `stream` picks the route
             req = parse_request(endpoint, data)
-            route = self._route(tenant, req.model)
-            pool = snap.pools[route.pool_id]
-            if route.adapter is not None and not any(route.adapter in b.loaded_adapters for b in pool.backends):
-                raise ApiError(503, f"The model `{route.name}` is deployed but not loaded on any backend yet (loading, or "
-                                    "awaiting a backend restart). Try again later.", code="adapter_not_loaded", headers={"retry-after": "30"})
-            max_tokens = resolve_max_tokens(req, tenant, pool.context_length)
-            backend_request = build_backend_request(req, tenant, route, pool, max_tokens)
+            plan = plan_request(req, tenant, snap.pools)  # route, and the backend request
             # The prompt as the backend counts it: exact with the model's tokenizer, else a bound (docs/limits.md).
-            prompt = await count_prompt(backend_request, pool)
-            max_tokens = fit_context(req, backend_request, prompt, pool.context_length)
+            plan.fit(await count_prompt(plan.backend_request, plan.pool))
         except asyncio.CancelledError:
             return  # the client left while sending its body
         except ApiError as err:
             return await self._refuse(out, err, tenant, endpoint)
+        admitted = await self._admit(request_id, started_at, key, tenant, plan, out)  # admit
+        if admitted is None:
+            return
+        acct, throttled = admitted
+        try:  # schedule → call → relay, cancelled if the client hangs up first
+            await self._until_disconnect(self._serve(acct, plan, throttled, out), receive, acct)
+        finally:
+            await acct.close()  # account: settled now if nothing settled it (the client left, or nothing was sent)
 
+    async def _admit(self, request_id: str, started_at: float, key, tenant, plan: Plan, out: Response):
+        """Reserve the prompt + max tokens against the tenant's limits: (its Accounting, throttled), or None when
+        refused (answered here)."""
         from serving.admission import get_admission
 
         admission = get_admission()
-        decision = await admission.admit(tenant.limits, request_id=request_id,
-                                         reserve_tokens=reservation_tokens(prompt, max_tokens, pool.context_length))
-        out.headers = {**out.headers, **decision.headers}
+        decision = await admission.admit(tenant.limits, request_id=request_id, reserve_tokens=plan.reserve_tokens)
+        out.headers.update(decision.headers)
         if decision.warn:
             self._warn_quota(tenant, decision)
         if not decision.allowed:
             err = ApiError(decision.status, decision.message, type=decision.error_type or None, code=decision.code or None,
                            headers={"retry-after": str(decision.retry_after)} if decision.retry_after else None)
-            return await self._refuse(out, err, tenant, endpoint)
-
-        acct = Accounting(request_id=request_id, endpoint=endpoint, tenant=tenant, key_id=key.id if key else None, model=route.name,
-                          adapter=route.adapter or "", pool=pool, started_at=started_at, prompt_estimate=prompt.tokens,
-                          reservation=decision.reservation, admission=admission, ledger=self.ledger, background=self._background)
+            return await self._refuse(out, err, tenant, plan.req.endpoint)
+        route = plan.route
+        acct = Accounting(request_id=request_id, endpoint=plan.req.endpoint, tenant=tenant, key_id=key.id if key else None,
+                          model=route.name, adapter=route.adapter or "", pool=plan.pool, started_at=started_at,
+                          prompt_estimate=plan.prompt.tokens, reservation=decision.reservation, admission=admission,
+                          ledger=self.ledger, background=self._background)
         if self.journal is not None:
             acct.open_journal(self.journal)
         out.settle_before_end(acct.settle_once)  # whatever ends the answer (result, error, in-band failure)
-        try:
-            await self._until_disconnect(self._serve(acct, req, route, backend_request, decision, max_tokens, out), receive, acct)
-        finally:
-            await acct.close()  # the client left, or nothing was sent: settled now
+        return acct, decision.throttled
 
     @staticmethod
     async def _until_disconnect(work, receive, acct: Accounting) -> None:
@@ -431,22 +370,16 @@ class GatewayApp:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _serve(self, acct: Accounting, req, route, backend_request, decision, max_tokens: int, out: Response) -> None:
-        from serving.scheduler import SchedulerTimeout, get_scheduler
+    async def _serve(self, acct: Accounting, plan: Plan, throttled: bool, out: Response) -> None:
+        """schedule → call → relay: whatever ends it, the slot is released and the ledger record written."""
+        from serving.scheduler import get_scheduler
 
-        pool = acct.pool
         scheduler = get_scheduler()
+        slot = await self._schedule(scheduler, acct, plan, throttled, out)
+        if slot is None:
+            return
         try:
-            slot = await scheduler.acquire(pool_id=pool.id, capacity=pool.capacity, tenant_id=acct.tenant.id, weight=acct.tenant.weight,
-                                           input_tokens=acct.prompt_estimate, max_output_tokens=max_tokens,
-                                           throttled=decision.throttled, timeout_s=self.settings.queue_timeout_s)
-        except SchedulerTimeout:
-            err = ApiError(429, f"The model `{acct.model}` is busy: no capacity freed up within {self.settings.queue_timeout_s:.0f} s. "
-                                "Try again in a few seconds.", type="rate_limit_error", code="queue_timeout", headers={"retry-after": "5"})
-            return await self._refuse(out, err, acct.tenant, acct.endpoint)
-        acct.hold_slot(slot)
-        try:
-            await self._run_backends(acct, req, route, backend_request, max_tokens, out)
+            await self._call(acct, plan, out)
         except asyncio.CancelledError:
             acct.cancel()
             raise
@@ -455,6 +388,23 @@ class GatewayApp:
                                     refund=not acct.backend_accepted)
             acct.record_once()
             self._observe(acct, out)
+
+    async def _schedule(self, scheduler, acct: Accounting, plan: Plan, throttled: bool, out: Response):
+        """A fair scheduler slot on the pool, or None after a queue timeout (answered 429 here)."""
+        from serving.scheduler import SchedulerTimeout
+
+        pool = plan.pool
+        try:
+            slot = await scheduler.acquire(pool_id=pool.id, capacity=pool.capacity, tenant_id=acct.tenant.id, weight=acct.tenant.weight,
+                                           input_tokens=acct.prompt_estimate, max_output_tokens=plan.max_tokens,
+                                           throttled=throttled, timeout_s=self.settings.queue_timeout_s)
+        except SchedulerTimeout:
+            err = ApiError(429, f"The model `{acct.model}` is busy: no capacity freed up within {self.settings.queue_timeout_s:.0f} s. "
+                                "Try again in a few seconds.", type="rate_limit_error", code="queue_timeout", headers={"retry-after": "5"})
+            await self._refuse(out, err, acct.tenant, acct.endpoint)
+            return None
+        acct.hold_slot(slot)
+        return slot
 
     def _observe(self, acct: Accounting, out: Response) -> None:
         label = self.tenant_label(acct.tenant.slug)
@@ -466,54 +416,56 @@ class GatewayApp:
         if acct.ttft_ms is not None:
             metrics.TTFT.labels(name).observe(acct.ttft_ms / 1000)
 
-    async def _run_backends(self, acct: Accounting, req, route, backend_request, max_tokens: int, out: Response) -> None:
-        pool = acct.pool
+    async def _call(self, acct: Accounting, plan: Plan, out: Response) -> None:
+        """The pool's backends, least loaded first among the healthy ones holding the adapter, failing over until the
+        first byte reached the client; then a failure is in-band."""
+        pool, adapter = plan.pool, plan.route.adapter
         driver = driver_for(pool.kind)
-        if backend_request.want_tokens:  # TGI token objects say which tokens are special: the model's tokenizer knows
-            backend_request.special_ids = special_token_ids(pool.counter)
+        if plan.backend_request.want_tokens:  # TGI token objects say which tokens are special: the model's tokenizer knows
+            plan.backend_request.special_ids = special_token_ids(pool.counter)
         tried: set[int] = set()
         last_error: BackendError | None = None
-        while True:
-            backend = self.health.pick(pool, route.adapter, tried)
-            if backend is None:
-                break
+        while (backend := self.health.pick(pool, adapter, tried)) is not None:
             tried.add(backend.id)
             acct.backend_id = backend.id
-            state = self.health.state(backend.id)
-            state.in_flight += 1
-            stream = driver.stream(self.session, backend.url, backend_request)
             try:
-                await relay_for(acct, req, out).run(stream)
-                return
+                return await self._attempt(driver, backend, acct, plan, out)
             except BackendError as exc:
                 if exc.connect:
                     self.health.mark_down(backend.id, exc.message)
-                elif exc.error_type == ADAPTER_NOT_LOADED and route.adapter is not None:
-                    self.health.adapter_missing(backend, route.adapter)  # marked here at once, reloaded off this path
+                elif exc.error_type == ADAPTER_NOT_LOADED and adapter is not None:
+                    self.health.adapter_missing(backend, adapter)  # marked here at once, reloaded off this path
                 if out.started:
                     return await self._interrupted(acct, exc, out)
-                if exc.retryable:
-                    last_error = exc
-                    log.info("request %s: backend %s failed before the first byte (%s); failing over", acct.request_id, backend.url, exc.message)
-                    continue
-                return await self._backend_refused(acct, exc, max_tokens, out)
-            finally:
-                state.in_flight -= 1
-                await stream.aclose()
-        await self._no_backend(acct, route, last_error, out)
+                if not exc.retryable:
+                    return await self._backend_refused(acct, exc, plan.max_tokens, out)
+                last_error = exc
+                log.info("request %s: backend %s failed before the first byte (%s); failing over", acct.request_id, backend.url, exc.message)
+        await self._no_backend(acct, adapter, last_error, out)
 
-    async def _no_backend(self, acct: Accounting, route, last_error: BackendError | None, out: Response) -> None:
+    async def _attempt(self, driver, backend, acct: Accounting, plan: Plan, out: Response) -> None:
+        """One backend's answer, relayed in the client's protocol and mode; raises BackendError."""
+        state = self.health.state(backend.id)
+        state.in_flight += 1
+        stream = driver.stream(self.session, backend.url, plan.backend_request)
+        try:
+            await relay_for(acct, plan.req, out).run(stream)
+        finally:
+            state.in_flight -= 1
+            await stream.aclose()
+
+    async def _no_backend(self, acct: Accounting, adapter: str | None, last_error: BackendError | None, out: Response) -> None:
         """Nothing could serve it (nothing reached the client, nothing is charged: no backend accepted it)."""
         healthy = [b for b in acct.pool.backends if self.health.state(b.id).healthy]
         if last_error is not None and not last_error.connect and last_error.status == 429:
             message = f"All backends for `{acct.model}` are overloaded; try again in a few seconds."
-        elif route.adapter is not None and any(route.adapter in b.loaded_adapters for b in healthy) \
-                and not any(self.health.holds(b, route.adapter) for b in healthy):
+        elif adapter is not None and any(adapter in b.loaded_adapters for b in healthy) \
+                and not any(self.health.holds(b, adapter) for b in healthy):
             # Its backends forgot it (restarted): being reloaded now (serving.health), never the backend's own words.
             return await out.error(ApiError(503, f"The model `{acct.model}` is being loaded again on its backends (one restarted); "
                                                  f"try again in a few seconds.", type="service_unavailable", code="adapter_not_loaded",
                                             headers={"retry-after": str(ADAPTER_RETRY_AFTER_S)}))
-        elif route.adapter is not None and not any(route.adapter in b.loaded_adapters for b in healthy):
+        elif adapter is not None and not any(adapter in b.loaded_adapters for b in healthy):
             message = f"No healthy backend holds `{acct.model}` right now; try again in a few seconds."
         else:
             message = f"No healthy backend for model `{acct.model}` right now; try again in a few seconds."

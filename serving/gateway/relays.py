@@ -103,12 +103,13 @@ def _redacted_delta(event: TokenDelta, redactor) -> TokenDelta:
 
 
 class Relay:
-    """The event loop every relay shares. `acct`: the request's Accounting; `out`: its Response."""
+    """The event loop every relay shares. `acct`: the request's Accounting; `out`: its Response; `calls`: the tool
+    calls step (OpenAI's relays)."""
 
-    __slots__ = ("acct", "out", "fmt", "text", "delivered")
+    __slots__ = ("acct", "out", "fmt", "text", "calls", "delivered")
 
-    def __init__(self, acct, out, fmt, text: Text):
-        self.acct, self.out, self.fmt, self.text = acct, out, fmt, text
+    def __init__(self, acct, out, fmt, text: Text, calls: ToolCalls | None = None):
+        self.acct, self.out, self.fmt, self.text, self.calls = acct, out, fmt, text, calls
         self.delivered = 0  # tokens delivered (or, not streamed, received) so far
 
     async def run(self, stream) -> None:
@@ -143,8 +144,8 @@ class StreamRelay(Relay):
 
     __slots__ = ("held",)
 
-    def __init__(self, acct, out, fmt, text: Text):
-        super().__init__(acct, out, fmt, text)
+    def __init__(self, *args):
+        super().__init__(*args)
         self.held = 0  # tokens whose text a step still holds: counted as delivered with the next chunk
 
     async def token(self, event: TokenDelta) -> None:
@@ -167,11 +168,7 @@ class StreamRelay(Relay):
 
 
 class OpenAIStream(StreamRelay):
-    __slots__ = ("calls",)
-
-    def __init__(self, acct, out, fmt, text: Text, calls: ToolCalls):
-        super().__init__(acct, out, fmt, text)
-        self.calls = calls
+    __slots__ = ()
 
     async def tool_call(self, event: ToolCallDelta) -> None:
         items = self.calls.feed(event)
@@ -201,11 +198,7 @@ class TGIStream(StreamRelay):
 class OpenAIJson(Relay):
     """Not streamed: everything is collected, then one body."""
 
-    __slots__ = ("calls",)
-
-    def __init__(self, acct, out, fmt, text: Text, calls: ToolCalls):
-        super().__init__(acct, out, fmt, text)
-        self.calls = calls
+    __slots__ = ()
 
     async def token(self, event: TokenDelta) -> None:
         self.text.collect(event)

@@ -4,6 +4,7 @@ accounting object (settle and record exactly once, on every exit path), the resp
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from types import SimpleNamespace
@@ -593,3 +594,184 @@ def test_a_tool_call_for_a_text_prompt_is_a_protocol_error():
         assert failed.value.error_type == "protocol"
 
     asyncio.run(run())
+
+
+# ---- the pure stages: request ids, authentication, route and plan ---------------------------------------
+
+
+def _tenant(**fields):
+    from serving.admission import TenantLimits
+    from serving.config import TenantEntry
+    from serving.routing import Route
+
+    models = fields.pop("models", None) or {
+        "base": Route("base", 1, None, "base", "platform", 0), "ft:mine": Route("ft:mine", 1, "ad-1", "base", "t", 0),
+        "vbase": Route("vbase", 2, None, "vbase", "platform", 0),
+    }
+    values = dict(id=7, slug="t", active=True, suspended_reason="", weight=1, limits=TenantLimits(7), system_prompt="",
+                  system_message_rule="keep", default_model="", default_max_tokens=256, max_max_tokens=1000,
+                  default_temperature=0.7, max_temperature=1.0, cache_salt="salt-7", models=models)
+    values.update(fields)
+    return TenantEntry(**values)
+
+
+def _pools(adapters=("ad-1",)):
+    from serving.config import BackendEntry, PoolEntry
+
+    def pool(pid, kind):
+        return PoolEntry(pid, f"p{pid}", kind, "base", "org/base", 4096, 8, None,
+                         (BackendEntry(pid * 10, pid, f"http://b{pid}", 8, frozenset(adapters)),))
+
+    return {1: pool(1, "tgi"), 2: pool(2, "vllm")}
+
+
+def _plan(endpoint, data, **tenant_fields):
+    from serving.gateway.plan import plan_request
+
+    return plan_request(parse_request(endpoint, data), _tenant(**tenant_fields), _pools())
+
+
+def test_request_ids_echo_a_valid_client_id_and_keep_the_ledgers_unique():
+    from serving.gateway.plan import request_ids
+
+    first, echoed = request_ids("job-42:a.b")
+    second, _ = request_ids("job-42:a.b")
+    assert echoed == "job-42:a.b" and first.startswith("job-42:a.b~") and len(first) == len("job-42:a.b") + 13 and first != second
+    for given in (None, "", "x" * 49, "has space", "ünïcode"):
+        rid, echoed = request_ids(given)
+        assert rid == echoed and len(rid) == 24 and int(rid, 16) >= 0
+
+
+def test_route_for_resolves_names_defaults_and_refuses_the_unknown():
+    from serving.gateway.plan import route_for
+    from serving.routing import Route
+
+    tenant = _tenant()
+    assert route_for(tenant, "ft:mine").adapter == "ad-1"
+    with pytest.raises(ApiError) as refused:
+        route_for(tenant, None)  # two base models, no default
+    assert (refused.value.status, refused.value.code, refused.value.param) == (404, "model_not_found", "model")
+    assert route_for(_tenant(default_model="vbase"), "tgi").name == "vbase"
+    assert route_for(_tenant(models={"only": Route("only", 1, None, "b", "p", 0)}), "dummy").name == "only"
+    with pytest.raises(ApiError) as refused:
+        route_for(tenant, "ft:other")
+    assert "deployed" in refused.value.message  # the hint for fine-tuned names
+
+
+def test_the_system_prompt_is_injected_by_the_tenants_rule():
+    messages = [{"role": "system", "content": "theirs"}, {"role": "user", "content": "hi"}]
+    keep = _plan(E.CHAT, {"model": "base", "messages": messages}, system_prompt="ours")
+    assert keep.backend_request.messages == [{"role": "system", "content": "ours\n\ntheirs"}, {"role": "user", "content": "hi"}]
+    replace = _plan(E.CHAT, {"model": "base", "messages": messages}, system_prompt="ours", system_message_rule="replace")
+    assert replace.backend_request.messages == [{"role": "system", "content": "ours"}, {"role": "user", "content": "hi"}]
+    text = _plan(E.COMPLETIONS, {"model": "base", "prompt": "Say", "echo": True}, system_prompt="ours")
+    assert text.backend_request.prompt == "ours\n\nSay" and text.req.prompt == "Say"  # echo returns the client's own
+
+
+def test_sampling_is_explicit_and_clamped_to_the_tenants_maximum():
+    hot = _plan(E.CHAT, {"model": "base", "messages": [{"role": "user", "content": "hi"}], "temperature": 2}).backend_request.sampling
+    assert (hot.do_sample, hot.temperature) == (True, 1.0)
+    greedy = _plan(E.CHAT, {"model": "base", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}).backend_request.sampling
+    assert greedy.do_sample is False
+    tgi = _plan(E.GENERATE, {"inputs": "hi", "parameters": {"adapter_id": "base"}}).backend_request.sampling
+    assert tgi.do_sample is False  # TGI samples only when asked (do_sample, or a temperature)
+    assert _plan(E.GENERATE, {"inputs": "hi", "parameters": {"temperature": 0.5}}, default_model="base").backend_request.sampling.do_sample
+
+
+def test_the_backend_request_is_built_field_by_field():
+    chat = _plan(E.CHAT, {"model": "ft:mine", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+                         "cache_salt": "client's", "adapter_source": "x"})
+    assert (chat.backend_request.adapter, chat.backend_request.max_tokens, chat.max_tokens) == ("ad-1", 20, 20)
+    assert chat.backend_request.cache_salt is None and chat.backend_request.model_id == "org/base"  # a TGI pool: no salt
+    vllm = _plan(E.CHAT, {"model": "vbase", "messages": [{"role": "user", "content": "hi"}]})
+    assert vllm.backend_request.cache_salt == "salt-7" and vllm.max_tokens == 256  # the tenant's salt; its default max
+    assert _plan(E.GENERATE_STREAM, {"inputs": "hi"}, default_model="base").backend_request.want_tokens
+    with pytest.raises(ApiError) as refused:
+        _plan(E.COMPLETIONS, {"model": "base", "prompt": "hi", "presence_penalty": 1})
+    assert refused.value.code == "unsupported_parameter"
+
+
+def test_max_tokens_above_the_tenants_cap_name_the_endpoints_parameter():
+    with pytest.raises(ApiError) as refused:
+        _plan(E.GENERATE, {"inputs": "hi", "parameters": {"max_new_tokens": 2000}}, default_model="base")
+    assert refused.value.param == "parameters.max_new_tokens"
+    with pytest.raises(ApiError) as refused:
+        _plan(E.CHAT, {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2000})
+    assert refused.value.param == "max_tokens"
+
+
+def test_an_adapter_on_no_backend_yet_is_a_503_before_admission():
+    from serving.gateway.plan import plan_request
+
+    with pytest.raises(ApiError) as refused:
+        plan_request(parse_request(E.CHAT, {"model": "ft:mine", "messages": [{"role": "user", "content": "hi"}]}), _tenant(),
+                     _pools(adapters=()))
+    assert (refused.value.status, refused.value.code, refused.value.headers) == (503, "adapter_not_loaded", {"retry-after": "30"})
+
+
+def test_fit_refuses_an_exact_prompt_beyond_the_context_and_shortens_a_default_max():
+    from serving.tokencount import PromptCount
+
+    asked = _plan(E.CHAT, {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100})
+    with pytest.raises(ApiError) as refused:
+        asked.fit(PromptCount(4000, exact=True))
+    assert refused.value.code == "context_length_exceeded" and "4100 tokens" in refused.value.message
+    default = _plan(E.CHAT, {"model": "base", "messages": [{"role": "user", "content": "hi"}]})
+    default.fit(PromptCount(4000, exact=True))
+    assert default.max_tokens == default.backend_request.max_tokens == 96 and default.reserve_tokens == 4096
+    bound = _plan(E.CHAT, {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100})
+    bound.fit(PromptCount(4090, exact=False))  # a bound: the backend decides; the reservation is capped at the context
+    assert bound.max_tokens == 100 and bound.reserve_tokens == 4096
+
+
+def _snapshot(key_fields=None, **tenant_fields):
+    from serving.config import KeyEntry, Snapshot
+
+    raw = "mtl_0123456789ab_" + "s" * 43
+    key = KeyEntry(**{"id": 5, "prefix": raw[:16], "secret_hash": hashlib.sha256(raw.encode()).hexdigest(), "tenant_id": 7,
+                      "scopes": frozenset({"inference"}), "expires_at": None, **(key_fields or {})})
+    tenant = _tenant(**tenant_fields)
+    return Snapshot(None, 0.0, keys={key.prefix: key}, tenants={7: tenant}), raw
+
+
+def test_authenticate_takes_a_valid_key_from_the_snapshot():
+    from serving.gateway.auth import authenticate
+
+    snap, raw = _snapshot()
+    key, tenant = authenticate(f"Bearer {raw}", snap)
+    assert (key.id, tenant.id) == (5, 7)
+    assert authenticate(f"bearer   {raw}  ", snap)[0].id == 5
+
+
+@pytest.mark.parametrize("case, status, code", [
+    ("missing", 401, "invalid_api_key"), ("basic", 401, "invalid_api_key"), ("wrong secret", 401, "invalid_api_key"),
+    ("not a key", 401, "invalid_api_key"), ("expired", 401, "expired_api_key"), ("no scope", 403, "insufficient_scope"),
+    ("suspended", 403, "tenant_suspended"), ("unknown tenant", 401, "invalid_api_key"),
+])
+def test_authenticate_refuses_with_the_shared_wording(case, status, code):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from serving.gateway.auth import authenticate
+
+    key_fields = {"expired": {"expires_at": timezone.now() - timedelta(seconds=1)}, "no scope": {"scopes": frozenset({"files"})},
+                  "unknown tenant": {"tenant_id": 8}}.get(case)
+    snap, raw = _snapshot(key_fields, **({"active": False, "suspended_reason": "unpaid"} if case == "suspended" else {}))
+    header = {"missing": None, "basic": f"Basic {raw}", "wrong secret": f"Bearer {raw[:-1]}x", "not a key": "Bearer sk-123"}.get(case, f"Bearer {raw}")
+    with pytest.raises(ApiError) as refused:
+        authenticate(header, snap)
+    assert (refused.value.status, refused.value.code) == (status, code)
+
+
+def test_a_playground_token_counts_while_its_user_is_listed(settings):
+    from serving.gateway.auth import authenticate
+    from tenants.services import playground_token_issue
+
+    token = playground_token_issue(tenant=SimpleNamespace(pk=7), user=SimpleNamespace(pk=3))
+    snap, _ = _snapshot(playground_users=frozenset({3}))
+    assert authenticate(f"Bearer {token}", snap) == (None, snap.tenants[7])
+    gone, _ = _snapshot()
+    with pytest.raises(ApiError) as refused:
+        authenticate(f"Bearer {token}", gone)
+    assert refused.value.message.startswith("The playground session has expired")

@@ -1,0 +1,56 @@
+"""The pipeline's first stage: the bearer credential → (key, tenant), from the configuration snapshot alone.
+
+An API key (`mtl_<prefix>_<secret>`): its prefix is looked up, its secret's SHA-256 compared in constant time; it must
+be unexpired, of a known tenant, with the `inference` scope. The console playground's signed, hour-long token (`pgt_…`)
+is accepted for its tenant while its user is still listed there. A suspended tenant is refused either way. No database
+access (the key's `last_used_at` is the caller's: `ConfigStore.note_key_used`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from django.utils import timezone
+
+from serving.config import INFERENCE_SCOPE
+from serving.gateway.errors import ApiError
+from tenants.api_refusals import EXPIRED_KEY, INVALID_KEY, MISSING_KEY, tenant_suspended
+from tenants.services import PLAYGROUND_PREFIX, playground_token_verify, split_key
+
+
+def authenticate(authorization: str | None, snap):
+    """(key entry, or None for a playground token; tenant entry) for the `Authorization` header, or ApiError 401/403."""
+    if not authorization or not authorization[:7].lower() == "bearer ":
+        raise ApiError.refusing(MISSING_KEY)
+    raw = authorization[7:].strip()
+    if raw.startswith(PLAYGROUND_PREFIX):
+        return None, _playground_tenant(raw, snap)
+    parts = split_key(raw)
+    entry = snap.keys.get(parts[0]) if parts else None
+    if entry is None or not hmac.compare_digest(entry.secret_hash, hashlib.sha256(parts[1].encode()).hexdigest()):
+        raise ApiError.refusing(INVALID_KEY)
+    if entry.expires_at is not None and entry.expires_at <= timezone.now():
+        raise ApiError.refusing(EXPIRED_KEY)
+    tenant = snap.tenants.get(entry.tenant_id)
+    if tenant is None:
+        raise ApiError(401, "Invalid API key.", type="invalid_request_error", code="invalid_api_key")
+    if INFERENCE_SCOPE not in entry.scopes:
+        raise ApiError(403, "This API key does not have the `inference` scope.", type="permission_error", code="insufficient_scope")
+    _check_active(tenant)
+    return entry, tenant
+
+
+def _check_active(tenant) -> None:
+    if not tenant.active:
+        raise ApiError.refusing(tenant_suspended(tenant.slug, tenant.suspended_reason, disabled="inference"))
+
+
+def _playground_tenant(raw: str, snap):
+    """The console playground's signed, hour-long token (tenants.services.playground_token_issue)."""
+    ids = playground_token_verify(raw)
+    tenant = snap.tenants.get(ids[0]) if ids else None
+    if tenant is None or ids[1] not in tenant.playground_users:  # removed, demoted or deactivated since
+        raise ApiError(401, "The playground session has expired: reload the page.", type="invalid_request_error", code="invalid_api_key")
+    _check_active(tenant)
+    return tenant
