@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.db.models import Q
-from django.http import Http404, HttpResponse, JsonResponse
+from django.http import FileResponse, Http404, JsonResponse
 from django.urls import Resolver404, resolve
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import exceptions, serializers, status
 from rest_framework.negotiation import DefaultContentNegotiation
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -30,6 +30,7 @@ from tenants.api import SealedMethods, TenantAPIView
 from tenants.api_auth import ApiKeyAuthentication
 from tenants.api_refusals import MISSING_KEY, tenant_suspended
 from tenants.models import ApiKey, Role
+from tenants.parsers import JSONParser  # bounded depth, no lone surrogates (as every JSON entry point)
 from tenants.services import Actor
 
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
@@ -313,9 +314,9 @@ class FileContentApi(OpenAIView):
         that is not the key's tenant's.
         """
         file = self.file_or_404(file_id)
-        response = HttpResponse(selectors.training_file_read(file), content_type="application/octet-stream")
-        response["Content-Disposition"] = f'attachment; filename="{file.filename}"'
-        return response
+        # Streamed from storage in blocks (a file may be hundreds of MB): never read whole into the web process.
+        return FileResponse(selectors.training_file_open(file), as_attachment=True, filename=file.filename,
+                            content_type="application/octet-stream")
 
 
 class FileValidationApi(OpenAIView):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from django.conf import settings
-from django.db.models import Max, Q
+from django.db.models import Max
 
 from finetune import lora_math
 from finetune.models import FineTuneJob, TrainingFile
@@ -59,12 +59,8 @@ def job_output_dir(job: FineTuneJob) -> Path:
     return tenant_storage_dir(job.tenant_id) / "jobs" / job.id
 
 
-def training_file_read(file: TrainingFile) -> bytes:
-    return (storage_root() / file.path).read_bytes()
-
-
 def training_file_open(file: TrainingFile) -> BinaryIO:
-    """The stored bytes as a binary stream, to read line by line (validation, the trainer)."""
+    """The stored bytes as a binary stream (validation and the trainer read it line by line, the download in blocks)."""
     return open(storage_root() / file.path, "rb")
 
 
@@ -230,7 +226,7 @@ def loss_series(job: FineTuneJob) -> list[dict]:
 
 def pools_for_tenant(tenant):
     """Pools the tenant's traffic may use: shared ones and those dedicated to it."""
-    return BackendPool.objects.filter(Q(dedicated_tenant__isnull=True) | Q(dedicated_tenant=tenant)).select_related("base_model")
+    return BackendPool.objects.reachable_by(tenant).select_related("base_model")
 
 
 def pool_for_adapter(tenant, base_model: BaseModel) -> BackendPool | None:

@@ -26,6 +26,7 @@ from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from common.queue import enqueue_on_commit
 from finetune import lora_math, selectors
 from finetune.hub import hub_enabled
 from finetune.models import (
@@ -109,23 +110,13 @@ def training_file_upload(*, tenant: Tenant, actor: Actor, filename: str, content
             audit_record(tenant=tenant, actor=actor, action="finetune.file_uploaded", target=file,
                          data={"id": file.id, "filename": name, "bytes": file.bytes,
                                "model": base_model.name if base_model else None})
-            from finetune.tasks import validate_training_file
-
-            _send_on_commit(validate_training_file, file.id, tenant.pk)
+            # A broker that is down is logged, not raised: the upload has succeeded, and the periodic sweep
+            # (finetune.tasks.requeue_stale_validations) sends a lost validation again.
+            enqueue_on_commit("finetune.tasks.validate_training_file", file.id, tenant.pk, robust=True)
     except BaseException:
         target.unlink(missing_ok=True)  # no row: no bytes either
         raise
     return file
-
-
-def _send_on_commit(task, *args) -> None:
-    """Send a task once the transaction commits. A broker that is down is logged, not raised: the request that stored
-    the file has succeeded (the periodic sweep sends a lost validation again; a token count is asked again)."""
-    def send() -> None:
-        task.delay(*args)
-
-    send.__qualname__ = f"{task.name}.delay"  # named so in the log of a failed send
-    transaction.on_commit(send, robust=True)
 
 
 def _too_large(size: int) -> FinetuneError:
@@ -255,9 +246,8 @@ def training_file_request_token_count(*, file: TrainingFile, base_model: BaseMod
     if not file.is_valid or selectors.file_token_counts(file, base_model) is not None:
         return
     if cache.add(f"finetune:token-count:{file.pk}:{base_model.pk}", 1, TOKEN_COUNT_PENDING_SECONDS):
-        from finetune.tasks import count_file_tokens
-
-        _send_on_commit(count_file_tokens, file.pk, file.tenant_id, base_model.pk)
+        # A lost message is asked for again once TOKEN_COUNT_PENDING_SECONDS have passed.
+        enqueue_on_commit("finetune.tasks.count_file_tokens", file.pk, file.tenant_id, base_model.pk, robust=True)
 
 
 def training_file_count_tokens(*, file_id: str, tenant_id: int, base_model_id: int) -> str:
@@ -467,10 +457,7 @@ def finetune_job_create(*, tenant: Tenant, actor: Actor, model: str, training_fi
                 f"${plan.estimate['estimated_cost_cents'] / 100:.2f}")
     audit_record(tenant=tenant, actor=actor, action="finetune.job_created", target=job,
                  data={"id": job.id, "model": plan.base_model.name, "training_file": plan.training_file.id})
-    from finetune.tasks import run_finetune_job
-
-    job_id, tenant_id = job.id, tenant.pk
-    transaction.on_commit(lambda: run_finetune_job.delay(job_id, tenant_id))
+    enqueue_on_commit("finetune.tasks.run_finetune_job", job.id, tenant.pk)
     return job
 
 
@@ -722,9 +709,7 @@ class JobRunner:
         name = adapter.name
         _usage(job, result.trained_tokens)
         if hub_enabled():
-            from finetune.tasks import push_adapter_to_hub
-
-            push_adapter_to_hub.delay_on_commit(adapter.pk, job.tenant_id)
+            enqueue_on_commit("finetune.tasks.push_adapter_to_hub", adapter.pk, job.tenant_id)
         _event(job, f"The job has successfully completed; {result.trained_tokens:,} tokens trained")
         audit_record(tenant=job.tenant, actor=SYSTEM, action="finetune.job_succeeded", target=job,
                      data={"id": job.id, "fine_tuned_model": name, "trained_tokens": result.trained_tokens})

@@ -22,6 +22,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, BinaryIO, Callable, Sequence
 
+from common.chat import template_message
+
 ROLES = ("system", "user", "assistant", "tool")
 CHAT_KEYS = {"messages", "tools", "parallel_tool_calls"}
 PROMPT_COMPLETION_KEYS = {"prompt", "completion"}
@@ -129,22 +131,6 @@ def to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
     if "messages" in record:
         return record["messages"]
     return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-
-
-def template_message(message: dict[str, Any]) -> dict[str, Any]:
-    """A message as chat templates take it: no `weight`; tool-call arguments as a dict (transformers' documented
-    shape, which templates serialise themselves) instead of OpenAI's JSON string."""
-    out = {k: v for k, v in message.items() if k != "weight"}
-    if out.get("tool_calls"):
-        out["tool_calls"] = [_template_call(call) for call in out["tool_calls"]]
-    return out
-
-
-def _template_call(call: dict[str, Any]) -> dict[str, Any]:
-    arguments = call["function"].get("arguments")
-    if isinstance(arguments, str):
-        arguments = json.loads(arguments)
-    return {**call, "function": {**call["function"], "arguments": arguments}}
 
 
 def _render(tokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,

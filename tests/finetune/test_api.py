@@ -159,7 +159,7 @@ def test_upload_is_stored_then_validated_by_the_worker_with_the_base_models_toke
     assert report["ok"] is True and report["problems"] == []
     assert report["stats"]["examples"] == 20 and report["stats"]["total_tokens"] > 0
     assert report["token_counts"]["tiny-chat"]["total_tokens"] == report["stats"]["total_tokens"]
-    assert api.get(f"/v1/files/{body['id']}/content").content == zebra_dataset(20)
+    assert b"".join(api.get(f"/v1/files/{body['id']}/content").streaming_content) == zebra_dataset(20)
     listed = api.get("/v1/files").json()
     assert listed["object"] == "list" and [f["id"] for f in listed["data"]] == [body["id"]]
 
@@ -200,10 +200,23 @@ def test_files_of_another_tenant_are_404(api, outsider_api):
 def test_file_content_answers_the_bytes_whatever_accept_says(api, outsider_api, accept):
     file_id = upload(api, zebra_dataset()).json()["id"]
     response = api.get(f"/v1/files/{file_id}/content", HTTP_ACCEPT=accept)
-    assert response.status_code == 200, response.content
-    assert response.content == zebra_dataset() and response["Content-Type"] == "application/octet-stream"
+    assert response.status_code == 200
+    # Streamed from storage in blocks, never read whole into the web process.
+    assert response.streaming and b"".join(response.streaming_content) == zebra_dataset()
+    assert response["Content-Type"] == "application/octet-stream" and response["Content-Length"] == str(len(zebra_dataset()))
+    assert response["Content-Disposition"] == 'attachment; filename="train.jsonl"'
     # Another tenant's id is a 404 in OpenAI's shape, whatever Accept says (never a 406 that confirms nothing).
     assert_openai_error(outsider_api.get(f"/v1/files/{file_id}/content", HTTP_ACCEPT=accept), 404, "file_not_found")
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "tiny-chat", "training_file": "file-x", "hyperparameters": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"model": "tiny-chat", "training_file": "file-x", "suffix": "a\\ud800"}',
+], ids=["nested-100000-deep", "lone-surrogate"])
+def test_a_body_nested_too_deep_or_with_a_lone_surrogate_is_a_400_in_openais_shape(api, world, body):
+    response = api.generic("POST", "/v1/fine_tuning/jobs", body, content_type="application/json")
+    assert_openai_error(response, 400)
+    assert not FineTuneJob.objects.for_tenant(world.tenant).exists()
 
 
 def test_sdk_downloads_file_content_and_gets_404_for_another_tenants_file(world, sdk_for):
