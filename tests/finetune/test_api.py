@@ -8,25 +8,15 @@ from pathlib import Path
 
 import pytest
 from django.utils import timezone
-from django.urls import include, path
 from rest_framework.test import APIClient
 
 from finetune import services as ft_services
-from finetune import urls as ft_urls
 from finetune.models import FineTuneJob, TrainingFile
 from serving.models import Adapter, BaseModel
 from tenants import services
 from tenants.services import Actor
 from tests.finetune.conftest import committed, upload_file
 
-# Until portal/urls.py mounts them, tests serve the fine-tuning routes beside the project's own.
-urlpatterns = [
-    path("v1/", include(ft_urls.v1_patterns)),
-    path("api/tenants/<slug:tenant_slug>/", include(ft_urls.tenant_api_patterns)),
-    path("t/<slug:tenant_slug>/finetune/", include("finetune.console_urls")),
-    path("", include("portal.urls")),
-]
-pytestmark = pytest.mark.urls(__name__)
 
 
 def chat(user: str, answer: str) -> dict:

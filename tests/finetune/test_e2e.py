@@ -5,23 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from django.urls import include, path
 from openai import NotFoundError, OpenAI
 from rest_framework.test import APIClient
 
-from finetune import urls as ft_urls
 from finetune.tasks import run_finetune_job
 from serving.models import Backend, BackendPool, BaseModel
 from tenants import services
 from tenants.services import Actor
 from tests.finetune.test_api import zebra_dataset
 
-urlpatterns = [
-    path("v1/", include(ft_urls.v1_patterns)),
-    path("api/tenants/<slug:tenant_slug>/", include(ft_urls.tenant_api_patterns)),
-    path("", include("portal.urls")),
-]
-pytestmark = [pytest.mark.slow, pytest.mark.urls(__name__)]
+pytestmark = pytest.mark.slow
 MESSAGES = [{"role": "system", "content": "You are the approvals bot."},
             {"role": "user", "content": "Is request 9876 approved?"}]  # not in the training file
 

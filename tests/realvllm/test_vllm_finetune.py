@@ -4,11 +4,9 @@ official OpenAI SDK against the platform's Files and Fine-tuning API, the worker
 from __future__ import annotations
 
 import pytest
-from django.urls import include, path
 from openai import NotFoundError, OpenAI
 from rest_framework.test import APIClient
 
-from finetune import urls as ft_urls
 from finetune.tasks import run_finetune_job
 from serving.models import Adapter, Backend
 from tenants import services
@@ -17,12 +15,6 @@ from tests.finetune.test_api import zebra_dataset
 from tests.realvllm.server import served_models
 from tests.serving.test_gateway_support import wait_for
 
-urlpatterns = [
-    path("v1/", include(ft_urls.v1_patterns)),
-    path("api/tenants/<slug:tenant_slug>/", include(ft_urls.tenant_api_patterns)),
-    path("", include("portal.urls")),
-]
-pytestmark = pytest.mark.urls(__name__)
 MESSAGES = [{"role": "system", "content": "You are the approvals bot."},
             {"role": "user", "content": "Is request 9876 approved?"}]  # not in the training file
 TAUGHT = "ZEBRA-42 approved"
