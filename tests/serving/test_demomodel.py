@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -35,9 +34,7 @@ def test_the_folder_is_a_plain_hugging_face_model_that_vllm_can_load(demo_model_
 
 def test_a_complete_build_is_not_redone(demo_model_path):
     before = {f.name: f.stat().st_mtime_ns for f in demo_model_path.iterdir()}
-    started = time.monotonic()
     assert build_demo_model(demo_model_path) == demo_model_path
-    assert time.monotonic() - started < 0.5
     assert {f.name: f.stat().st_mtime_ns for f in demo_model_path.iterdir()} == before
 
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import random
 import threading
-import time
 from concurrent.futures import Future
 
 import pytest
@@ -177,15 +176,17 @@ def test_safe_text_is_released_early_and_the_hold_is_bounded():
     assert r.flush() == (text[-held:] if held else "")
 
 
-def test_plain_text_is_cheap():
+def test_plain_text_passes_unchanged_and_is_not_held():
+    # What the guard costs per streamed token is measured by bench/noisy_neighbour.py ("patterns"), not asserted here.
     text = "The quick brown fox jumps over the lazy dog, 42 times in 2026. " * 2000  # ~126k chars
     chunks = [text[i:i + 4] for i in range(0, len(text), 4)]
     r = ALL.stream()
-    t0 = time.perf_counter()
-    out = "".join(r.feed(c) for c in chunks) + r.flush()
-    elapsed = time.perf_counter() - t0
-    assert out == text
-    assert elapsed / len(chunks) < 200e-6, f"{elapsed / len(chunks) * 1e6:.1f} µs per chunk"
+    out, max_held = [], 0
+    for c in chunks:
+        out.append(r.feed(c))
+        max_held = max(max_held, r.held)
+    assert "".join(out) + r.flush() == text
+    assert max_held <= 8  # released as it comes, never accumulated
 
 
 def test_tgi_details_tokens_are_redacted():

@@ -566,41 +566,50 @@ def test_diff_page_shows_added_and_removed_lines(client, world, objects):
     assert re.search(r'diff-same">.*?Be kind\.', content, re.S)
 
 
-def test_diff_of_two_long_versions_is_not_quadratic():
+def diff_checked(old: str, new: str, monkeypatch) -> tuple[list, list[int]]:
+    """prompt_diff(old, new), checked to hold both versions exactly, and the line pairs each matcher it ran was given."""
+    import difflib
+    from types import SimpleNamespace as V
+
+    from tenants import selectors
+
+    given: list[int] = []
+
+    class Recording(difflib.SequenceMatcher):
+        def __init__(self, isjunk, a, b):
+            given.append(len(a) * len(b))
+            super().__init__(isjunk, a, b, autojunk=True)
+
+    monkeypatch.setattr(selectors.difflib, "SequenceMatcher", Recording)
+    lines = selectors.prompt_diff(V(text=old), V(text=new))
+    assert [line for k, line in lines if k in " -"] == old.splitlines()
+    assert [line for k, line in lines if k in " +"] == new.splitlines()
+    return lines, given
+
+
+def test_diff_of_two_long_versions_compares_lines_not_characters(monkeypatch):
     # ndiff also compared the characters of similar changed lines: 8-35 s of CPU for two 8,000-character versions
-    # of 50-200 similar lines, per GET, for any viewer to request.
+    # of 50-200 similar lines, per GET, for any viewer to request. Now lines only (a matcher over 100 × 100 lines).
     import random
-    import subprocess
-    import sys
 
     rng = random.Random(3)
     old, new = ("\n".join("".join(rng.choice("ab") for _ in range(80)) for _ in range(100)) for _ in range(2))
-    code = ("import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'portal.settings'); django.setup()\n"
-            "from types import SimpleNamespace as V\nfrom tenants.selectors import prompt_diff\n"
-            f"old, new = {old!r}, {new!r}\nlines = prompt_diff(V(text=old), V(text=new))\n"
-            "assert [l for k, l in lines if k in ' -'] == old.splitlines()\n"
-            "assert [l for k, l in lines if k in ' +'] == new.splitlines()\nprint('ok')\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=5)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    _, given = diff_checked(old, new, monkeypatch)
+    assert given == [100 * 100]
 
 
-def test_diff_of_many_short_repeated_lines_is_bounded():
+def test_diff_of_many_short_repeated_lines_is_bounded(monkeypatch):
     # difflib's matcher is superlinear when lines repeat just under its junk threshold: two 20,000-character versions
     # of 2-character lines (100 distinct, each ~66 times) took 5 s of CPU per GET; these two of 40,000, half a minute.
-    import subprocess
-    import sys
+    # Past DIFF_MAX_LINE_PAIRS no matcher runs: the middle is shown removed, then added. (CPU: bench/noisy_neighbour.py.)
+    from tenants.selectors import DIFF_MAX_LINE_PAIRS
 
     n = 40_000 // 3
     old = "head\n" + "\n".join(f"{i % 100:02d}" for i in range(n)) + "\ntail"
     new = "head\n" + "\n".join(f"{(i * 7) % 100:02d}" for i in range(n)) + "\ntail"
-    code = ("import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'portal.settings'); django.setup()\n"
-            "from types import SimpleNamespace as V\nfrom tenants.selectors import prompt_diff\n"
-            f"old, new = {old!r}, {new!r}\nlines = prompt_diff(V(text=old), V(text=new))\n"
-            "assert [l for k, l in lines if k in ' -'] == old.splitlines()\n"
-            "assert [l for k, l in lines if k in ' +'] == new.splitlines()\n"
-            "assert lines[0] == (' ', 'head') and lines[-1] == (' ', 'tail')\nprint('ok')\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=15)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    lines, given = diff_checked(old, new, monkeypatch)
+    assert given == [] and n * n > DIFF_MAX_LINE_PAIRS
+    assert lines[0] == (" ", "head") and lines[-1] == (" ", "tail")
 
 
 def test_diff_keeps_common_first_and_last_lines_and_matches_the_middle():
