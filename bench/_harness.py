@@ -315,6 +315,25 @@ class Platform:
         self._wait_http(proc, "/metrics")
         return proc
 
+    def start_worker(self, *, core=None, queues: str = "default,finetune", name: str = "worker", timeout: float = 60.0) -> Proc:
+        """The Celery worker as scripts/up.sh starts it (`--pool solo`; the filesystem broker under the var dir in
+        the embedded default, Redis when the platform has one), waited for until it says it is ready."""
+        for folder in ("queue", "processed", "control"):
+            (self.var / "celery" / folder).mkdir(parents=True, exist_ok=True)
+        celery = str(Path(PY).with_name("celery"))
+        argv = [celery, "-A", "portal", "worker", "-Q", queues, "--pool", "solo", "--loglevel", "INFO", "--hostname", f"{name}@bench"]
+        popen, log = self._spawn(name, argv, core=core)
+        proc = Proc(name, popen, "", log)
+        self.procs.append(proc)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"{name} exited:\n{proc.tail()}")
+            if " ready." in log.read_text(errors="replace"):
+                return proc
+            time.sleep(0.2)
+        raise RuntimeError(f"{name} was not ready within {timeout:.0f} s:\n{proc.tail()}")
+
     @staticmethod
     def _wait_http(proc: Proc, path: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
