@@ -92,6 +92,9 @@ class Decision:
     throttled: bool = False
     warn: bool = False  # crossed 80 % of the quota just now: warn once (audit, e-mail, banner)
     quota_used: int = 0
+    # A requests-per-minute refusal: the milliseconds (rounded up) until the tenant's bucket holds a request again,
+    # counted from when admission looked; no other request can make it sooner (serving.gateway.refusals).
+    rpm_retry_ms: int = 0
 
 
 # ---- windows and headers ---------------------------------------------------------------------------
@@ -113,7 +116,7 @@ def window_bounds(kind: str, now: datetime | None = None) -> tuple[datetime, dat
     return start, end
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """OpenAI's reset format: '1s', '6m0s', '250ms'."""
     if seconds < 1:
         return f"{max(0, int(seconds * 1000))}ms"
@@ -133,11 +136,11 @@ def _headers(limits: TenantLimits, *, r_tokens: float, t_tokens: float, tpm: int
         rpm = limits.requests_per_minute
         h["x-ratelimit-limit-requests"] = str(rpm)
         h["x-ratelimit-remaining-requests"] = str(max(0, int(r_tokens)))
-        h["x-ratelimit-reset-requests"] = _duration((rpm - r_tokens) * 60 / rpm)
+        h["x-ratelimit-reset-requests"] = duration((rpm - r_tokens) * 60 / rpm)
     if tpm:
         h["x-ratelimit-limit-tokens"] = str(tpm)
         h["x-ratelimit-remaining-tokens"] = str(max(0, int(t_tokens)))
-        h["x-ratelimit-reset-tokens"] = _duration(max(0.0, (tpm - t_tokens) * 60 / tpm))
+        h["x-ratelimit-reset-tokens"] = duration(max(0.0, (tpm - t_tokens) * 60 / tpm))
     if limits.quota_tokens:
         q = limits.quota_tokens
         h["x-quota-limit-tokens"] = str(q)
@@ -194,7 +197,8 @@ def _decision(limits: TenantLimits, request_id: str, tokens: int, res: list, bac
         return Decision(True, headers, reservation, throttled=bool(throttled), warn=bool(warn), quota_used=int(quota_used))
     error_type, code, message, retry_after = _refusal(status, limits, retry_ms, tokens, int(eff_tpm))
     headers["retry-after"] = str(retry_after)
-    return Decision(False, headers, None, 429, error_type, code, message, retry_after, bool(throttled), quota_used=int(quota_used))
+    return Decision(False, headers, None, 429, error_type, code, message, retry_after, bool(throttled), quota_used=int(quota_used),
+                    rpm_retry_ms=int(retry_ms) if status == RPM else 0)
 
 
 def throttle_tpm() -> int:

@@ -32,6 +32,7 @@ from serving.gateway.endpoints import METRICS, MODEL, MODEL_PREFIX, MODELS, ROUT
 from serving.gateway.errors import ApiError, context_length_exceeded
 from serving.gateway.parsing import count_prompt, parse_json, parse_request
 from serving.gateway.plan import Plan, plan_request, request_ids
+from serving.gateway.refusals import RefusalMemo, refusal_error
 from serving.gateway.relays import relay_for
 from serving.gateway.response import Response
 from serving.gateway.settings import GatewaySettings
@@ -68,6 +69,7 @@ class GatewayApp:
         self._journal_scan: asyncio.Task | None = None
         self._start_lock: asyncio.Lock | None = None
         self._start_lock_loop = None
+        self._refusals = RefusalMemo()  # tenants whose requests/min bucket is known empty: refused after authentication
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -295,6 +297,10 @@ class GatewayApp:
             body = await self._read_body(scope, receive)
             snap = self.store.snapshot
             key, tenant = self._authenticate(scope, snap)  # authenticate
+            if (held := self._refusals.replay(tenant)) is not None:  # its requests/min bucket is known to be empty
+                err, headers = held
+                out.headers.update(headers)
+                return await self._refuse(out, err, tenant, endpoint)
             data = parse_json(body)  # parse
             endpoint = endpoint.resolve(data)  # TGI's POST /: `stream` picks the route
             req = parse_request(endpoint, data)
@@ -320,14 +326,14 @@ class GatewayApp:
         from serving.admission import get_admission
 
         admission = get_admission()
+        asked_at = time.monotonic()
         decision = await admission.admit(tenant.limits, request_id=request_id, reserve_tokens=plan.reserve_tokens)
         out.headers.update(decision.headers)
         if decision.warn:
             self._warn_quota(tenant, decision)
         if not decision.allowed:
-            err = ApiError(decision.status, decision.message, type=decision.error_type or None, code=decision.code or None,
-                           headers={"retry-after": str(decision.retry_after)} if decision.retry_after else None)
-            return await self._refuse(out, err, tenant, plan.req.endpoint)
+            self._refusals.note(tenant, decision, asked_at=asked_at)
+            return await self._refuse(out, refusal_error(decision), tenant, plan.req.endpoint)
         route = plan.route
         acct = Accounting(request_id=request_id, endpoint=plan.req.endpoint, tenant=tenant, key_id=key.id if key else None,
                           model=route.name, adapter=route.adapter or "", pool=plan.pool, started_at=started_at,

@@ -52,6 +52,24 @@ def test_requests_per_minute_limit_answers_429_with_headers(world, gateway_facto
     assert len(usage_records(world.tenant)) == 2  # the refused request reached no backend and costs nothing
 
 
+def test_a_tenant_past_its_requests_per_minute_is_refused_before_its_body_is_parsed(world, gateway_factory, sim_url):
+    make_pool("shared", make_base_model(), [sim_url])
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, requests_per_minute=2)
+    _, key = make_key(world.tenant)
+    gw = gateway_factory()
+    assert [chat(gw, key).status_code for _ in range(3)] == [200, 200, 429]
+    # While its bucket is known to be empty, not even the body is read as JSON: a body that would be a 400 is a 429.
+    broken = post(f"{gw.url}/v1/chat/completions", b"{not json", {"authorization": f"Bearer {key}"})
+    assert broken.status_code == 429 and broken.json()["error"]["code"] == "requests_per_minute_exceeded"
+    assert broken.headers["x-ratelimit-remaining-requests"] == "0" and 1 <= int(broken.headers["retry-after"]) <= 30
+    # Another tenant is not affected; staff raising the limit takes effect with the next snapshot.
+    _, other_key = make_key(world.other_tenant)
+    assert wait_for(lambda: post(f"{gw.url}/v1/chat/completions", b"{not json", {"authorization": f"Bearer {other_key}"}).status_code == 400)
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, requests_per_minute=100)
+    assert wait_for(lambda: chat(gw, key).status_code == 200)
+    assert len(usage_records(world.tenant)) == 3
+
+
 def test_soft_quota_warns_once_in_audit_and_headers_then_throttles(world, gateway_factory, sim_url, mailoutbox):
     make_pool("shared", make_base_model(), [sim_url])
     services.policy_update(tenant=world.tenant, actor=services.SYSTEM, quota_tokens=120, quota_mode="soft")
