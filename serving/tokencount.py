@@ -45,6 +45,9 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 class PromptCount:
     tokens: int
     exact: bool  # False: an upper bound (no tokenizer here, or a rendering the gateway cannot reproduce)
+    # True: `tokens` is a lower bound, taken without tokenizing because it already exceeds the limit asked about
+    # (PromptCounter.chat / text, `beyond`); then `exact` is False and the prompt is refused as too long.
+    at_least: bool = False
 
 
 # ---- the bound -------------------------------------------------------------------------------------
@@ -76,10 +79,10 @@ class BoundCounter:
     exact = False
     source = "bound (no tokenizer files on this machine)"
 
-    def chat(self, messages: list[dict], tools: list[dict] | None, *, kind: str) -> PromptCount:
+    def chat(self, messages: list[dict], tools: list[dict] | None, *, kind: str, beyond: int | None = None) -> PromptCount:
         return PromptCount(chat_bound(messages, tools), False)
 
-    def text(self, prompt: str, *, kind: str) -> PromptCount:
+    def text(self, prompt: str, *, kind: str, beyond: int | None = None) -> PromptCount:
         return PromptCount(text_bound(prompt), False)
 
 
@@ -222,6 +225,7 @@ class PromptCounter:
         self.tokenizer = tokenizer
         self.special_tokens = special_tokens
         self.source = source
+        self.max_token_bytes = _max_token_bytes(tokenizer)
         env = _template_environment() if templates else None
         if isinstance(templates, dict):
             self.templates = {name: env.from_string(t) for name, t in templates.items()}
@@ -249,12 +253,24 @@ class PromptCounter:
         return template.render(messages=template_messages(messages, kind=kind), tools=tools, documents=None,
                                add_generation_prompt=True, **self.special_tokens)
 
-    def chat(self, messages: list[dict], tools: list[dict] | None, *, kind: str) -> PromptCount:
+    def at_least(self, text: str, beyond: int | None) -> PromptCount | None:
+        """A lower bound of `text`'s tokens when it already exceeds `beyond`, found without tokenizing: no token
+        stands for more than `max_token_bytes` bytes of text (the tokenizer has no normalizer that could shrink it).
+        A prompt far past the context (a 1 MB body) is refused for the price of its length, not of its tokenization."""
+        if beyond is None or not self.max_token_bytes:
+            return None
+        lower = -(-len(text.encode("utf-8", "surrogatepass")) // self.max_token_bytes)
+        return PromptCount(lower, False, at_least=True) if lower > beyond else None
+
+    def chat(self, messages: list[dict], tools: list[dict] | None, *, kind: str, beyond: int | None = None) -> PromptCount:
+        """The chat's prompt tokens; with `beyond` (the context), possibly only a lower bound above it (`at_least`)."""
         try:
             rendered = self.render(messages, tools, kind=kind)
         except Exception as exc:  # noqa: BLE001 - a template's raise_exception, no template: the backend answers in its words
             log.debug("chat template not rendered for counting (%s): a bound is reserved", exc)
             return PromptCount(chat_bound(messages, tools), False)
+        if (lower := self.at_least(rendered, beyond)) is not None:
+            return lower
         count = self.tokens(rendered)
         if kind == "tgi" and (tools or any(m.get("tool_calls") for m in messages)):
             # TGI writes tools and calls its own way (its tool prompt, its JSON): our rendering plus that text.
@@ -262,10 +278,22 @@ class PromptCounter:
             return PromptCount(count + self.tokens(extra) + MESSAGE_ALLOWANCE * (1 + len(messages)), False)
         return PromptCount(count, True)
 
-    def text(self, prompt: str, *, kind: str) -> PromptCount:
+    def text(self, prompt: str, *, kind: str, beyond: int | None = None) -> PromptCount:
         """A text prompt: TGI and vLLM tokenize it with the special tokens of the tokenizer's post-processor (BOS),
-        the dev backend without."""
+        the dev backend without. With `beyond`, possibly only a lower bound above it (`at_least`)."""
+        if (lower := self.at_least(prompt, beyond)) is not None:
+            return lower
         return PromptCount(self.tokens(prompt, add_special_tokens=kind != "dev"), True)
+
+
+def _max_token_bytes(tokenizer) -> int | None:
+    """The most UTF-8 bytes of text any one token stands for (a decoded partial character counts as U+FFFD's 3,
+    more than the bytes it stands for), or None when a normalizer may shrink text before it is tokenized."""
+    if tokenizer.normalizer is not None:
+        return None
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    texts = tokenizer.decode_batch([[i] for i in range(size)], skip_special_tokens=False)
+    return max((len(t.encode("utf-8", "surrogatepass")) for t in texts), default=0) or None
 
 
 def load_counter(path: Path) -> PromptCounter:

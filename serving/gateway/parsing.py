@@ -524,9 +524,10 @@ COUNT_INLINE_CHARS = 4096  # longer prompts are counted in a worker thread (abou
 
 def _count(backend_request: BackendRequest, pool) -> PromptCount:
     counter = pool.counter
+    beyond = pool.context_length  # far past it, an exact counter gives a lower bound without tokenizing
     if backend_request.kind == "chat":
-        return counter.chat(backend_request.messages, backend_request.tools, kind=pool.kind)
-    return counter.text(backend_request.prompt, kind=pool.kind)
+        return counter.chat(backend_request.messages, backend_request.tools, kind=pool.kind, beyond=beyond)
+    return counter.text(backend_request.prompt, kind=pool.kind, beyond=beyond)
 
 
 async def count_prompt(backend_request: BackendRequest, pool) -> PromptCount:
@@ -547,6 +548,9 @@ def fit_context(req: ClientRequest, backend_request: BackendRequest, prompt: Pro
     OpenAI refuses it (400 `context_length_exceeded`, its figures exact), before any backend is called; a default
     max tokens (the client asked for none) is shortened to what fits. With a bound, the backend decides."""
     max_tokens = backend_request.max_tokens
+    if prompt.at_least:  # a lower bound already past the context (serving.tokencount.PromptCounter.at_least)
+        raise context_length_exceeded(req.endpoint, ContextOverflow(context_length, prompt.tokens, input_at_least=True),
+                                      max_tokens)
     if not prompt.exact or prompt.tokens + max_tokens <= context_length:
         return max_tokens
     room = context_length - prompt.tokens

@@ -725,3 +725,22 @@ def test_a_backend_that_turns_unreadable_mid_stream_interrupts_it_and_bills_what
     assert events[-1]["error"]["code"] == "backend_interrupted"
     record = wait_for(lambda: usage_records(world.tenant))[0]
     assert (record.status, record.output_tokens) == ("interrupted", 2)
+
+
+def test_a_prompt_whose_length_alone_exceeds_the_context_is_refused_with_at_least(tiny_model_path):
+    """Refused for the price of its length (serving.tokencount.PromptCounter.at_least), in OpenAI's words."""
+    from types import SimpleNamespace
+
+    from serving.gateway.errors import ApiError
+    from serving.gateway.parsing import _count, fit_context, parse_chat
+    from serving.tokencount import load_counter
+
+    pool = SimpleNamespace(counter=load_counter(tiny_model_path), kind="vllm", context_length=4096)
+    req = parse_chat({"model": "tiny-chat", "messages": [{"role": "user", "content": "word " * 200_000}]})
+    backend_request = SimpleNamespace(kind="chat", messages=req.messages, tools=None, max_tokens=16)
+    prompt = _count(backend_request, pool)
+    assert prompt.at_least
+    with pytest.raises(ApiError) as refused:
+        fit_context(req, backend_request, prompt, pool.context_length)
+    assert refused.value.code == "context_length_exceeded" and refused.value.param == "messages"
+    assert f"resulted in at least {prompt.tokens} tokens" in refused.value.message

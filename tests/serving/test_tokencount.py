@@ -196,7 +196,7 @@ def test_a_long_prompt_is_counted_off_the_event_loop(counter):
     from serving.drivers import BackendRequest, Sampling
     from serving.gateway.parsing import COUNT_INLINE_CHARS, count_prompt
 
-    pool = SimpleNamespace(counter=counter, kind="dev")
+    pool = SimpleNamespace(counter=counter, kind="dev", context_length=1_000_000)
     long_text = (CJK + CODE + EMOJI) * (4 * COUNT_INLINE_CHARS // len(CJK + CODE + EMOJI))
     short, long = ([{"role": "user", "content": text}] for text in (EMOJI, long_text))
 
@@ -234,3 +234,35 @@ def test_the_demo_models_counts_equal_transformers(demo_model_path):
     tokenizer = hf_tokenizer(demo_model_path)
     for text in (EMOJI, CJK, CODE, "3.14159 and 1,000,000", "  two leading spaces", ""):
         assert counter.text(text, kind="vllm").tokens == len(tokenizer(text)["input_ids"])
+
+
+# ---- a lower bound, without tokenizing, for a prompt far past the context -----------------------------------------
+
+
+@pytest.mark.parametrize("text", [EMOJI * 50, CJK * 30, CODE * 40, LONG_SYSTEM, " " * 5000, "a" * 7000, "\n\n" * 900])
+def test_no_token_stands_for_more_text_than_the_bound_assumes(counter, text):
+    assert counter.max_token_bytes and counter.tokens(text) >= -(-len(text.encode()) // counter.max_token_bytes)
+
+
+def test_a_prompt_far_past_the_context_is_bounded_from_below_without_tokenizing(counter, monkeypatch):
+    monkeypatch.setattr(counter, "tokens", lambda *a, **k: pytest.fail("tokenized"))
+    huge = [{"role": "user", "content": "word " * 200_000}]  # 1 MB
+    count = counter.chat(huge, None, kind="vllm", beyond=4096)
+    assert count.at_least and not count.exact and count.tokens > 4096
+    assert counter.text("word " * 200_000, kind="vllm", beyond=4096).at_least
+
+
+def test_a_prompt_the_bound_cannot_place_past_the_context_is_counted_exactly(counter):
+    messages = [{"role": "user", "content": "word " * 300}]
+    count = counter.chat(messages, None, kind="vllm", beyond=4096)
+    assert count.exact and not count.at_least and count == counter.chat(messages, None, kind="vllm")
+
+
+def test_a_tokenizer_with_a_normalizer_gets_no_bound(tiny_model_path):
+    from tokenizers import normalizers
+
+    normalized = load_counter(tiny_model_path)
+    normalized.tokenizer.normalizer = normalizers.Lowercase()
+    from serving.tokencount import _max_token_bytes
+
+    assert _max_token_bytes(normalized.tokenizer) is None
