@@ -109,7 +109,7 @@ class Journal:
         return len(self._open)
 
     def admit(self, record: dict) -> JournalEntry:
-        """Journal an admitted request (one write). `record`: see GatewayApp._journal_record."""
+        """Journal an admitted request (one write). `record`: see serving.gateway.accounting.Accounting.journal_line."""
         if not self._free:
             self._grow()
         index = self._free.pop()
