@@ -257,8 +257,8 @@ class PromptCounter:
         """A lower bound of `text`'s tokens when it already exceeds `beyond`, found without tokenizing: no token
         stands for more than `max_token_bytes` bytes of text (the tokenizer has no normalizer that could shrink it).
         A prompt far past the context (a 1 MB body) is refused for the price of its length, not of its tokenization."""
-        if beyond is None or not self.max_token_bytes:
-            return None
+        if beyond is None or not self.max_token_bytes or len(text) * 4 <= beyond * self.max_token_bytes:
+            return None  # cannot be past it (a character is at most 4 bytes): no encoding on the common path
         lower = -(-len(text.encode("utf-8", "surrogatepass")) // self.max_token_bytes)
         return PromptCount(lower, False, at_least=True) if lower > beyond else None
 
