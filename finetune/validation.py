@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, BinaryIO, Callable, Sequence
 
 from common.chat import template_message
+from tenants.parsers import MAX_JSON_DEPTH, json_depth_exceeds
 
 ROLES = ("system", "user", "assistant", "tool")
 CHAT_KEYS = {"messages", "tools", "parallel_tool_calls"}
@@ -37,9 +38,8 @@ FUNCTION_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for fun
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024  # 512 MiB upload cap
 DEFAULT_MIN_EXAMPLES = 10
 DEFAULT_MAX_PROBLEMS = 1000
-# Lists and objects nested deeper than this in one line (or in a tool call's arguments) are refused: no chat example
-# needs more, and json.loads raises RecursionError on a few thousand levels.
-MAX_JSON_DEPTH = 64
+# Lists and objects nested deeper than MAX_JSON_DEPTH (tenants.parsers, 64) in one line, or in a tool call's
+# arguments, are refused: no chat example needs more, and json.loads raises RecursionError on a few thousand levels.
 # A longer line is a problem, not parsed (memory stays bounded): 1 MiB is far more text than the longest context the
 # trainer uses (finetune.selectors.MAX_SEQ_LEN_CAP tokens).
 MAX_LINE_BYTES = 1024 * 1024
@@ -510,22 +510,9 @@ def _kind(value: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------- nesting
 
-# A JSON string, escapes included (unrolled, so matching stays linear on long strings).
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-
-
-def too_deep(text: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether a JSON text (UTF-8) nests lists and objects more than `limit` levels deep, brackets inside strings not
-    counted. Linear in the text and recursion-free, so it is safe on input `json.loads` would raise RecursionError on."""
-    if text.count(b"[") + text.count(b"{") <= limit:  # nearly every line: too few brackets to nest that deep
-        return False
-    depth = 0
-    for b in _JSON_STRING.sub(b"", text).translate(None, _NOT_BRACKETS):
-        depth += 1 if b in (0x5B, 0x7B) else -1  # [ {  vs  ] }
-        if depth > limit:
-            return True
-    return False
+# The platform's one depth scan (tenants.parsers, as every JSON entry point): linear and recursion-free, so it is
+# safe on lines `json.loads` would raise RecursionError on.
+too_deep = json_depth_exceeds
 
 
 # ---------------------------------------------------------------------------------------------- the file
