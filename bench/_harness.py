@@ -297,7 +297,7 @@ class Platform:
     def start_backend(self, *, core=None, tokens_per_s: float = 0, ttft_ms: float = 0, output_tokens: int = 16,
                       max_concurrent: int = 1024, extra: list[str] = (), name: str = "backend") -> Proc:
         port = free_port()
-        argv = [PY, "-m", "serving.devbackend", "--simulate", "--model-id", MODEL_ID, "--port", str(port),
+        argv = [PY, "-m", "devbackend", "--simulate", "--model-id", MODEL_ID, "--port", str(port),
                 "--sim-tokens-per-second", str(tokens_per_s), "--sim-ttft-ms", str(ttft_ms), "--sim-output-tokens", str(output_tokens),
                 "--max-concurrent-requests", str(max_concurrent), "--max-total-tokens", "4096", *extra]
         popen, log = self._spawn(name, argv, core=core)

@@ -442,7 +442,7 @@ def main() -> int:
         # Exact prompt counting: the base model's tokenizer files are here (the tiny model's); the second base model
         # (same backend) has none, so its prompts are counted by the bound.
         from serving.models import Backend, BackendPool, BaseModel
-        from serving.tinymodel import build_tiny_model
+        from devbackend.tinymodel import build_tiny_model
 
         model_path = build_tiny_model(plat.var / "tiny-chat", model_id=H.MODEL_ID)
         BaseModel.objects.filter(name=H.MODEL).update(local_path=str(model_path))

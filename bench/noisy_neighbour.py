@@ -704,7 +704,7 @@ def main() -> int:
         backend = plat.start_backend(core=load_core, tokens_per_s=args.tokens_per_s, ttft_ms=args.ttft_ms, output_tokens=0, max_concurrent=4096)
         plat.create_model_and_pool([backend.url], capacity=0, max_concurrency=256)
         from serving.models import BaseModel
-        from serving.tinymodel import build_tiny_model
+        from devbackend.tinymodel import build_tiny_model
 
         model_path = build_tiny_model(plat.var / "tiny-chat", model_id=H.MODEL_ID)  # exact prompt counting, as deployed
         BaseModel.objects.filter(name=H.MODEL).update(local_path=str(model_path))

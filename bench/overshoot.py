@@ -218,13 +218,13 @@ def main() -> int:
         with H.Platform(redis_url=redis_url, keep=args.keep) as plat:
             plat.setup_django()
             from serving.models import Backend, BackendPool, BaseModel
-            from serving.tinymodel import build_tiny_model
+            from devbackend.tinymodel import build_tiny_model
             from serving.tokencount import load_counter
 
             model = build_tiny_model(plat.var / "tiny-chat", model_id=H.MODEL_ID)
             counter = load_counter(model)
             port = H.free_port()
-            popen, log = plat._spawn("backend", [H.PY, "-m", "serving.devbackend", "--model", str(model), "--model-id", H.MODEL_ID,
+            popen, log = plat._spawn("backend", [H.PY, "-m", "devbackend", "--model", str(model), "--model-id", H.MODEL_ID,
                                                  "--port", str(port), "--max-total-tokens", "1024", "--max-concurrent-requests", "128"])
             backend = H.Proc("backend", popen, f"http://127.0.0.1:{port}", log)
             plat.procs.append(backend)

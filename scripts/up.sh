@@ -19,7 +19,7 @@ CONTEXT_LENGTH=2048  # prompt + answer tokens: the dev backend's limit and the b
 if [ ! -f "$MODEL_DIR/platform_model.json" ]; then
   echo "Converting the demo model (SmolLM2-135M-Instruct) from its GGUF file, once (about 30 s)…"
 fi
-if ! $PY -m serving.demomodel "$MODEL_DIR" >"$PLATFORM_VAR_DIR/log/demomodel.log" 2>&1; then
+if ! $PY -m devbackend.demomodel "$MODEL_DIR" >"$PLATFORM_VAR_DIR/log/demomodel.log" 2>&1; then
   cat "$PLATFORM_VAR_DIR/log/demomodel.log" >&2
   exit 1
 fi
@@ -28,7 +28,7 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
-$PY -m serving.devbackend --model "$MODEL_DIR" --max-total-tokens "$CONTEXT_LENGTH" \
+$PY -m devbackend --model "$MODEL_DIR" --max-total-tokens "$CONTEXT_LENGTH" \
   --host 127.0.0.1 --port "$BACKEND_PORT" >"$PLATFORM_VAR_DIR/log/devbackend.log" 2>&1 &
 pids+=($!)
 .venv/bin/celery -A portal worker -Q default,finetune --pool solo --loglevel INFO >"$PLATFORM_VAR_DIR/log/worker.log" 2>&1 &

@@ -99,7 +99,7 @@ def world(db) -> World:
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """The offline tiny chat model, built once per test session (deterministic, about 4 s)."""
-    from serving.tinymodel import build_tiny_model
+    from devbackend.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-chat", model_id="platform/tiny-chat")
 
@@ -110,7 +110,7 @@ def demo_model_path():
     under PLATFORM_VAR_DIR/models (the folder scripts/up.sh uses), so later sessions find it built."""
     from django.conf import settings
 
-    from serving.demomodel import build_demo_model
+    from devbackend.demomodel import build_demo_model
 
     return build_demo_model(Path(settings.VAR_DIR) / "models" / "smollm2-135m-instruct")
 

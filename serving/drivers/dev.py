@@ -1,4 +1,4 @@
-"""The dev backend (serving.devbackend): TGI's /generate_stream for text prompts, vLLM's API for chat."""
+"""The dev backend (devbackend): TGI's /generate_stream for text prompts, vLLM's API for chat."""
 
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ MESSAGES = [{"role": "system", "content": "You are the approvals bot."},
 
 @pytest.fixture
 def dev_backend(tiny_model_path):
-    from serving.devbackend.config import BackendConfig
-    from serving.devbackend.runner import run_in_thread
+    from devbackend.config import BackendConfig
+    from devbackend.runner import run_in_thread
 
     url, stop = run_in_thread(BackendConfig(model=str(tiny_model_path), port=0, flavor="dev"))
     yield url
@@ -128,8 +128,8 @@ def pirate_dataset(n: int = 40) -> bytes:
 
 @pytest.fixture
 def demo_backend(demo_model_path):
-    from serving.devbackend.config import BackendConfig
-    from serving.devbackend.runner import run_in_thread
+    from devbackend.config import BackendConfig
+    from devbackend.runner import run_in_thread
 
     url, stop = run_in_thread(BackendConfig(model=str(demo_model_path), port=0, flavor="dev", max_total_tokens=2048))
     yield url

@@ -48,7 +48,7 @@ def vllm(request, tmp_path_factory) -> VLLMTarget:
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
     on = os.environ.get("PLATFORM_TEST_VLLM_ON", "tiny")
     if on == "demo":  # the demo's SmolLM2-135M-Instruct (scripts/up.sh serves it on the dev backend)
-        from serving.demomodel import DEFAULT_MODEL_ID
+        from devbackend.demomodel import DEFAULT_MODEL_ID
 
         model_path, model_id = request.getfixturevalue("demo_model_path"), DEFAULT_MODEL_ID
     elif on == "tiny":

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from serving.demomodel import DEFAULT_MODEL_ID, build_demo_model, gguf_path
-from serving.tinymodel import read_model_id
+from devbackend.demomodel import DEFAULT_MODEL_ID, build_demo_model, gguf_path
+from devbackend.tinymodel import read_model_id
 
 pytestmark = pytest.mark.slow  # the first build takes about 30 s; loading the folder about 2 s
 

@@ -17,7 +17,7 @@ import openai
 import pytest
 from huggingface_hub import InferenceClient
 
-from serving.devbackend import BackendConfig, run_in_subprocess, run_in_thread
+from devbackend import BackendConfig, run_in_subprocess, run_in_thread
 
 BASE_ID = "platform/tiny-chat"
 
@@ -175,8 +175,8 @@ def test_sampling_is_seeded_and_stop_sequences_stop(dev):
 def test_penalties_are_openais_additive_ones_over_the_generated_tokens(dev):
     import torch
 
-    from serving.devbackend.model_engine import ModelEngine
-    from serving.devbackend.protocol import GenerationParams
+    from devbackend.model_engine import ModelEngine
+    from devbackend.protocol import GenerationParams
 
     params = GenerationParams(max_new_tokens=1, presence_penalty=0.5, frequency_penalty=2.0)
     penalized = ModelEngine._penalize(torch.zeros(8), params, [3, 3, 5])
@@ -353,7 +353,7 @@ def test_client_disconnect_stops_the_generation_and_is_counted(dev):
 
 _SIMULATED = """
 import json, sys, urllib.request
-from serving.devbackend import BackendConfig, run_in_thread
+from devbackend import BackendConfig, run_in_thread
 url, stop = run_in_thread(BackendConfig(simulate=True, sim_output_tokens=7, sim_tokens_per_second=2000))
 request = urllib.request.Request(url + "/generate_stream", data=json.dumps({"inputs": "one two three four"}).encode())
 events = [json.loads(line[5:]) for line in urllib.request.urlopen(request) if line.startswith(b"data:")]
@@ -385,8 +385,8 @@ def test_cli_in_a_subprocess_simulated_vllm_flavor():
 
 def test_control_tokens_that_do_not_end_a_turn_are_never_generated(tiny_model_path):
     """The random-weight demo model prefers role markers; the engine never emits them, so answers show text."""
-    from serving.devbackend.model_engine import ModelEngine
-    from serving.devbackend.protocol import Cancellation, GenerationParams
+    from devbackend.model_engine import ModelEngine
+    from devbackend.protocol import Cancellation, GenerationParams
 
     engine = ModelEngine(BackendConfig(model=str(tiny_model_path)))
     never = set(engine._never.tolist())
@@ -411,7 +411,7 @@ CALLED = 'Checking.<|tool_call|>{"name": "get_weather", "arguments": {"city": "P
 
 
 def test_tool_call_parser_like_vllms():
-    from serving.devbackend.tools import ToolCallStream, parse_tool_calls
+    from devbackend.tools import ToolCallStream, parse_tool_calls
 
     content, calls = parse_tool_calls(CALLED)
     assert content == "Checking." and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
@@ -457,8 +457,8 @@ def test_tools_and_tool_messages_go_through_the_chat_template(vllm_url, tiny_mod
 @pytest.fixture
 def calling_sim(monkeypatch):
     """A simulated vllm-flavor backend whose "model" answers CALLED (the random tiny model never calls by itself)."""
-    from serving.devbackend import sim_engine
-    from serving.devbackend.protocol import Token
+    from devbackend import sim_engine
+    from devbackend.protocol import Token
 
     def tokens(self, params):
         pieces = [CALLED[i:i + 5] for i in range(0, len(CALLED), 5)]

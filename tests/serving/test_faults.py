@@ -137,7 +137,7 @@ class Faults:
 
     def start_backend(self, tokens_per_s: int) -> str:
         port = free_port()
-        proc = self.spawn("backend", [PY, "-m", "serving.devbackend", "--simulate", "--model-id", MODEL_ID, "--port", str(port),
+        proc = self.spawn("backend", [PY, "-m", "devbackend", "--simulate", "--model-id", MODEL_ID, "--port", str(port),
                                       "--sim-tokens-per-second", str(tokens_per_s), "--sim-ttft-ms", "5",
                                       "--max-concurrent-requests", "256", "--max-total-tokens", "4096"])
         url = f"http://127.0.0.1:{port}"

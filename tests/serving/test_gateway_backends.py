@@ -213,8 +213,8 @@ def test_vllms_at_least_count_is_never_told_as_an_exact_one(message):
 def test_tgi_details_on_a_vllm_pool_of_dev_backends_are_the_models_own_tokens(world, gateway_factory, tiny_model_path):
     # The dev backend's vllm flavor answers `logprobs` + `return_token_ids` as vLLM does; it answered neither, so TGI's
     # /generate with details on a vllm-kind pool of dev backends was a 502 ("no token ids").
-    from serving.devbackend.config import BackendConfig
-    from serving.devbackend.runner import run_in_thread
+    from devbackend.config import BackendConfig
+    from devbackend.runner import run_in_thread
     from tests.serving.test_devbackend import greedy_ids
 
     vllm_url, stop_vllm = run_in_thread(BackendConfig(model=str(tiny_model_path), flavor="vllm", port=0))

@@ -52,9 +52,9 @@ def tiny_backend() -> dict:
     """A dev backend on the real tiny model with two adapters (built once per process)."""
     import tempfile
 
-    from serving.devbackend.config import BackendConfig
-    from serving.devbackend.runner import run_in_thread
-    from serving.tinymodel import build_tiny_model
+    from devbackend.config import BackendConfig
+    from devbackend.runner import run_in_thread
+    from devbackend.tinymodel import build_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="gw-tiny-"))
     base = build_tiny_model(root / "tiny-chat", model_id=MODEL_ID)
@@ -65,8 +65,8 @@ def tiny_backend() -> dict:
 
 
 def sim_backend(**overrides) -> tuple[str, callable]:
-    from serving.devbackend.config import BackendConfig
-    from serving.devbackend.runner import run_in_thread
+    from devbackend.config import BackendConfig
+    from devbackend.runner import run_in_thread
 
     config = dict(simulate=True, port=0, flavor="dev", sim_tokens_per_second=0, sim_ttft_ms=1, model_id=MODEL_ID)
     config.update(overrides)

@@ -1,6 +1,6 @@
 import hashlib
 
-from serving.tinymodel import build_tiny_model, read_model_id
+from devbackend.tinymodel import build_tiny_model, read_model_id
 
 
 def _digests(path):

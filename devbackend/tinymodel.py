@@ -4,7 +4,7 @@ Tests, the demo and the dev backend need a real causal LM with a chat template a
 network and no downloaded weights. `build_tiny_model` trains a ~500-token byte-level BPE tokenizer on
 procedurally generated English and saves a 2-layer Llama (about 0.5 MB, 2 attention heads of 32) with a fixed seed.
 
-CLI: ``python -m serving.tinymodel PATH [--model-id ID]``.
+CLI: ``python -m devbackend.tinymodel PATH [--model-id ID]``.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def build_tiny_model(path: Path, *, model_id: str = "platform/tiny-chat") -> Pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serving.tinymodel", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m devbackend.tinymodel", description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path)
     parser.add_argument("--model-id", default="platform/tiny-chat")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""`python -m serving.devbackend --model PATH | --simulate [...]`; see docs/devbackend.md."""
+"""`python -m devbackend --model PATH | --simulate [...]`; see docs/devbackend.md."""
 
 import asyncio
 import logging

@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from serving.tinymodel import read_model_id
+from devbackend.tinymodel import read_model_id
 
 from .config import BackendConfig
 from .protocol import BackendError, Cancellation, GenerationParams, Token
