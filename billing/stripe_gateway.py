@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import stripe
 from django.conf import settings
 
-from tenants.parsers import json_loads
+from common.parsers import json_loads
 
 log = logging.getLogger(__name__)
 

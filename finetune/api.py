@@ -30,7 +30,7 @@ from tenants.api import SealedMethods, TenantAPIView
 from tenants.api_auth import ApiKeyAuthentication
 from tenants.api_refusals import MISSING_KEY, tenant_suspended
 from tenants.models import ApiKey, Role
-from tenants.parsers import JSONParser  # bounded depth, no lone surrogates (as every JSON entry point)
+from common.parsers import JSONParser  # bounded depth, no lone surrogates (as every JSON entry point)
 from tenants.services import Actor
 
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, BinaryIO, Callable, Sequence
 
 from common.chat import template_message
-from tenants.parsers import MAX_JSON_DEPTH, json_depth_exceeds
+from common.parsers import MAX_JSON_DEPTH, json_depth_exceeds
 
 ROLES = ("system", "user", "assistant", "tool")
 CHAT_KEYS = {"messages", "tools", "parallel_tool_calls"}
@@ -38,7 +38,7 @@ FUNCTION_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for fun
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024  # 512 MiB upload cap
 DEFAULT_MIN_EXAMPLES = 10
 DEFAULT_MAX_PROBLEMS = 1000
-# Lists and objects nested deeper than MAX_JSON_DEPTH (tenants.parsers, 64) in one line, or in a tool call's
+# Lists and objects nested deeper than MAX_JSON_DEPTH (common.parsers, 64) in one line, or in a tool call's
 # arguments, are refused: no chat example needs more, and json.loads raises RecursionError on a few thousand levels.
 # A longer line is a problem, not parsed (memory stays bounded): 1 MiB is far more text than the longest context the
 # trainer uses (finetune.selectors.MAX_SEQ_LEN_CAP tokens).
@@ -510,7 +510,7 @@ def _kind(value: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------- nesting
 
-# The platform's one depth scan (tenants.parsers, as every JSON entry point): linear and recursion-free, so it is
+# The platform's one depth scan (common.parsers, as every JSON entry point): linear and recursion-free, so it is
 # safe on lines `json.loads` would raise RecursionError on.
 too_deep = json_depth_exceeds
 

@@ -249,9 +249,9 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    # JSON nested deeper than 64 levels or holding a lone UTF-16 surrogate is a 400 (tenants/parsers.py), not a 500.
+    # JSON nested deeper than 64 levels or holding a lone UTF-16 surrogate is a 400 (common/parsers.py), not a 500.
     "DEFAULT_PARSER_CLASSES": [
-        "tenants.parsers.JSONParser",
+        "common.parsers.JSONParser",
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],

@@ -29,7 +29,7 @@ from typing import Callable
 
 import re2
 
-from tenants.parsers import json_loads
+from common.parsers import json_loads
 
 log = logging.getLogger(__name__)
 

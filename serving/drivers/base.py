@@ -9,7 +9,7 @@ from typing import AsyncIterator
 import aiohttp
 from aiohttp.http_exceptions import LineTooLong
 
-from tenants.parsers import JsonRefused, json_loads
+from common.parsers import JsonRefused, json_loads
 
 
 @dataclass(slots=True)

@@ -17,7 +17,7 @@ from serving.drivers.base import ContextOverflow
 from serving.gateway.endpoints import CHAT, COMPLETIONS, GENERATE, GENERATE_STREAM, Endpoint
 from serving.gateway.errors import bad_request, context_length_exceeded
 from serving.tokencount import PromptCount
-from tenants.parsers import JsonRefused, json_depth_exceeds, json_loads, too_deep
+from common.parsers import JsonRefused, json_depth_exceeds, json_loads, too_deep
 
 CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
 FUNCTION_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names

@@ -504,7 +504,7 @@ def nested(depth: int) -> bytes:
 
 
 def test_the_depth_scan_counts_brackets_outside_strings_only():
-    from tenants.parsers import MAX_JSON_DEPTH, json_depth_exceeds
+    from common.parsers import MAX_JSON_DEPTH, json_depth_exceeds
 
     assert not json_depth_exceeds(nested(MAX_JSON_DEPTH)) and json_depth_exceeds(nested(MAX_JSON_DEPTH + 1))
     brackets_in_strings = json.dumps({"content": "[{" * 1000, "stop": ['\\"[[[[', "\\\\" + "[" * 100]}).encode()

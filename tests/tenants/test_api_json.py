@@ -1,4 +1,4 @@
-"""Hostile JSON on the management API (tenants/parsers.py, REST_FRAMEWORK's DEFAULT_PARSER_CLASSES): nesting beyond
+"""Hostile JSON on the management API (common/parsers.py, REST_FRAMEWORK's DEFAULT_PARSER_CLASSES): nesting beyond
 64 levels and lone UTF-16 surrogates are 400s that say what to change, and nothing is stored."""
 
 from __future__ import annotations
