@@ -30,6 +30,7 @@ from tenants.api import SealedMethods, TenantAPIView
 from tenants.api_auth import ApiKeyAuthentication
 from tenants.api_refusals import MISSING_KEY, tenant_suspended
 from tenants.models import ApiKey, Role
+from common.openai_errors import error_body
 from common.parsers import JSONParser  # bounded depth, no lone surrogates (as every JSON entry point)
 from tenants.services import Actor
 
@@ -39,17 +40,8 @@ FILES_MAX_LIMIT = 10_000  # OpenAI's range for listing files (1–10,000, and th
 
 # ---- errors --------------------------------------------------------------------------------------
 
-# 401 as OpenAI (and the gateway) answer a bad key: invalid_request_error, code invalid_api_key or expired_api_key.
-_TYPES = {401: "invalid_request_error", 403: "permission_error", 404: "invalid_request_error", 429: "rate_limit_error"}
-
-
-def openai_error_body(message: str, status_code: int, code: str | None = None, param: str | None = None) -> dict:
-    kind = _TYPES.get(status_code, "invalid_request_error" if status_code < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
 def openai_error(message: str, status_code: int, code: str | None = None, param: str | None = None) -> Response:
-    return Response(openai_error_body(message, status_code, code, param), status=status_code)
+    return Response(error_body(message, status_code, code, param), status=status_code)
 
 
 @csrf_exempt
@@ -65,7 +57,7 @@ def unknown_url(request, *args, **kwargs) -> JsonResponse:
 
         if is_gateway_path({"path": path, "method": method}):
             message += " The inference gateway serves it, only under ASGI: run `uvicorn portal.asgi:application`."
-    return JsonResponse(openai_error_body(message, 404, "unknown_url"), status=404)
+    return JsonResponse(error_body(message, 404, "unknown_url"), status=404)
 
 
 def _is_v1_route(path: str) -> bool:

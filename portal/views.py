@@ -172,7 +172,7 @@ def server_error(request):
     unavailable = isinstance(sys.exc_info()[1], (OperationalError, InterfaceError))
     path = request.path
     if path.startswith(("/v1/", "/api/")):
-        from finetune.api import openai_error_body
+        from common.openai_errors import error_body as openai_error_body
 
         if unavailable:
             message, code, status = DATABASE_UNAVAILABLE, "database_unavailable", 503

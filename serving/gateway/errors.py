@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 
+from common.openai_errors import error_body, error_type
 from serving.gateway.endpoints import Endpoint, named
-
-OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
 
 class ApiError(Exception):
@@ -16,7 +14,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.type = type or OPENAI_TYPES.get(status, "api_error")
+        self.type = type or error_type(status)
         self.param = param
         self.code = code
         self.headers = headers or {}
@@ -28,7 +26,7 @@ class ApiError(Exception):
         return cls(refusal.status, refusal.message, type=refusal.type, code=refusal.code)
 
     def openai_body(self) -> bytes:
-        return json.dumps({"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}).encode()
+        return json.dumps(error_body(self.message, self.status, self.code, self.param, self.type)).encode()
 
     def tgi_body(self) -> bytes:
         return json.dumps({"error": self.message, "error_type": self.tgi_type or self.code or self.type}).encode()
