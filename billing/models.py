@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import date, timedelta, timezone as dt_timezone
+from decimal import Decimal
 
 from django.core.exceptions import ValidationError
 from django.db import models
@@ -290,6 +291,14 @@ def format_cents(cents: int) -> str:
     sign = "-" if cents < 0 else ""
     cents = abs(cents)
     return f"{sign}{cents // 100:,}.{cents % 100:02d}"
+
+
+def format_price_per_million(cents_per_million) -> str:
+    """A price in cents per million tokens as currency units per million, every significant digit kept and at least
+    two decimals: 50 → "0.50", 7.5 → "0.075", 1234 → "12.34", 150000 → "1,500.00"."""
+    units = (Decimal(cents_per_million) / 100).normalize()
+    exponent = -units.as_tuple().exponent
+    return f"{units:,.{max(2, exponent)}f}"
 
 
 class InvoiceLine(TenantOwnedModel):

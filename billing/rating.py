@@ -28,6 +28,7 @@ MILLION = Decimal(1_000_000)
 UNBILLED_STATUSES = (UsageRecord.Status.ERROR,)
 KEY = ("kind", "model", "adapter", "pool_id")
 SUMS = ("requests", "input_tokens", "output_tokens", "trained_tokens", "duration_ms")
+RATE_TRAILING_DAYS = 3  # billing.rate_recent rerates this many UTC days (today included) every 15 minutes
 
 
 # ---- periods (calendar months, UTC) --------------------------------------------------------------
@@ -71,15 +72,16 @@ def training_usage_model():
         return None
 
 
-def _training_groups(start: datetime, end: datetime):
+def _training_groups(start: datetime, end: datetime, tenant=None):
     model = training_usage_model()
     if model is None:
         return []
     base = model._meta.get_field("base_model")
     base_name = "base_model__name" if base.is_relation else "base_model"
-    # Batch code over every tenant: the unscoped manager is intended here.
+    # Batch code over every tenant (or one tenant's rows, for its live cost): the unscoped manager is intended here.
+    records = model.objects.for_tenant(tenant) if tenant is not None else model.all_tenants
     rows = (
-        model.all_tenants.filter(created_at__gte=start, created_at__lt=end)
+        records.filter(created_at__gte=start, created_at__lt=end)
         .order_by()
         .values("tenant_id", base_name)
         .annotate(trained_tokens=Sum("trained_tokens"), requests=Count("id"))
@@ -91,11 +93,12 @@ def _training_groups(start: datetime, end: datetime):
     ]
 
 
-def _ledger_groups(start: datetime, end: datetime):
-    # Batch code over every tenant: the unscoped manager is intended here. order_by() drops the default
-    # ordering, which would otherwise be added to the GROUP BY.
+def _ledger_groups(start: datetime, end: datetime, tenant=None):
+    # Batch code over every tenant (or one tenant's rows, for its live cost): the unscoped manager is intended
+    # here. order_by() drops the default ordering, which would otherwise be added to the GROUP BY.
+    records = UsageRecord.objects.for_tenant(tenant) if tenant is not None else UsageRecord.all_tenants
     rows = (
-        UsageRecord.all_tenants.filter(created_at__gte=start, created_at__lt=end)
+        records.filter(created_at__gte=start, created_at__lt=end)
         .exclude(status__in=UNBILLED_STATUSES)
         .order_by()
         .values("tenant_id", "model", "adapter", "pool_id")
@@ -282,11 +285,46 @@ def period_cost(*, tenant, period: date, book: PriceBook | None = None) -> Perio
     C = T_in·p_in + T_out·p_out per line (plus T_train·p_train for training), each line rounded half up
     to a cent. Reads the DailyUsage rollup only (days × models rows).
     """
-    book = book or PriceBook()
     rows = (
         DailyUsage.objects.for_tenant(tenant).filter(period=period).order_by()
         .values("day", *KEY).annotate(**{s: Sum(s) for s in SUMS})
     )
+    return _priced(period, rows, book or PriceBook())
+
+
+def live_days(period: date, today: date) -> list[date]:
+    """The days of `period` whose rated rows may lag the ledger: the ones `billing.rate_recent` still rerates
+    (the last RATE_TRAILING_DAYS UTC days, today included) that lie in `period` and are not in the future."""
+    first = max(period, today - timedelta(days=RATE_TRAILING_DAYS - 1))
+    last = min(today, next_period(period) - timedelta(days=1))
+    return [first + timedelta(days=i) for i in range((last - first).days + 1)]
+
+
+def period_cost_live(*, tenant, period: date, now: datetime | None = None, book: PriceBook | None = None) -> PeriodCost:
+    """`period_cost` without waiting for the next rating run: the rated rows of the period's settled days plus the
+    tenant's ledger of its live days (`live_days`), grouped exactly as `rate_day` would rate them now.
+
+    For an open period this is what the period's invoice would say if it were closed now (same lines, same
+    per-line half-up rounding: `_priced`). A period already invoiced for the tenant is frozen: its rated rows only.
+    """
+    if Invoice.objects.for_tenant(tenant).filter(period_start=period).exists():
+        return period_cost(tenant=tenant, period=period, book=book)
+    days = live_days(period, utc_today(now))
+    rated = DailyUsage.objects.for_tenant(tenant).filter(period=period)
+    if days:
+        rated = rated.exclude(day__gte=days[0], day__lte=days[-1])
+    rows = list(rated.order_by().values("day", *KEY).annotate(**{s: Sum(s) for s in SUMS}))
+    for day in days:
+        start, end = day_bounds(day)
+        for g in [*_ledger_groups(start, end, tenant), *_training_groups(start, end, tenant)]:
+            values = {s: g[s] or 0 for s in SUMS}
+            if any(values[s] for s in ("input_tokens", "output_tokens", "trained_tokens", "requests")):
+                rows.append({"day": day, **{k: g[k] for k in KEY}, "adapter": g["adapter"] or "", **values})
+    return _priced(period, rows, book or PriceBook())
+
+
+def _priced(period: date, rows, book: PriceBook) -> PeriodCost:
+    """Rollup rows ({day, kind, model, adapter, pool_id, sums}) priced into invoice lines and cents per day."""
     lines: dict[tuple, RatedLine] = {}
     daily: dict[date, Decimal] = defaultdict(Decimal)
     for r in sorted(rows, key=lambda r: (r["day"], r["kind"], r["model"], r["adapter"], r["pool_id"] or 0)):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 
 from django.db.models import Count, Q
 from django.utils import timezone
 
 from billing import invoicing, rating
-from billing.models import DailyUsage, Invoice
+from billing.models import BillingSettings, DailyUsage, Invoice, format_cents
 from serving.models import BackendPool
 from tenants.models import Tenant
 
@@ -31,8 +31,61 @@ def first_usage_period() -> date | None:
 
 
 def period_cost_so_far(*, tenant: Tenant, now: datetime | None = None) -> rating.PeriodCost:
-    """What the tenant's usage billed in the current period costs so far (rated rows; cents)."""
-    return rating.period_cost(tenant=tenant, period=current_period(now))
+    """What the tenant's usage billed in the current period costs so far, up to the last ledger row (rated rows plus
+    the ledger of the days still being rated: `rating.period_cost_live`; cents, rounded as the invoice will be)."""
+    return rating.period_cost_live(tenant=tenant, period=current_period(now), now=now)
+
+
+@dataclass(frozen=True)
+class Spend:
+    """The current period's spend so far and its month-end forecast, in integer cents of `currency`."""
+
+    cost: rating.PeriodCost
+    currency: str
+    period_last_day: date
+    spent_cents: int
+    forecast_cents: int
+    elapsed_days: Decimal  # since 00:00 UTC of the period's first day, at least 1
+    period_days: int
+
+    @property
+    def period(self) -> date:
+        return self.cost.period
+
+    @property
+    def spent(self) -> str:
+        return format_cents(self.spent_cents)
+
+    @property
+    def forecast(self) -> str:
+        return format_cents(self.forecast_cents)
+
+
+def spend_so_far(*, tenant: Tenant, now: datetime | None = None) -> Spend:
+    """The one reading of "spend so far / forecast" (dashboard, Billing page): the period's cost so far
+    (`period_cost_so_far`) and the forecast for the period's end.
+
+    Forecast: a straight line from what the period cost so far — the exact (unrounded) cost per elapsed day times the
+    period's days, rounded once, half up, like an invoice line (`rating.round_cents`). Elapsed time counts from 00:00
+    UTC of the 1st and at least one day, so the first hours of a month do not multiply a few requests by 700.
+    """
+    now = now or timezone.now()
+    cost = period_cost_so_far(tenant=tenant, now=now)
+    start, _ = rating.day_bounds(cost.period)
+    period_end = rating.next_period(cost.period)
+    period_days = (period_end - cost.period).days
+    elapsed = max(Decimal(1), Decimal((now - start).total_seconds()) / Decimal(86400))
+    elapsed = min(elapsed, Decimal(period_days))
+    exact = sum((line.exact_cents for line in cost.lines), Decimal(0))
+    forecast = max(cost.total_cents, rating.round_cents(exact * period_days / elapsed))
+    return Spend(cost=cost, currency=BillingSettings.load().currency.upper(), period_last_day=period_end - timedelta(days=1),
+                 spent_cents=cost.total_cents, forecast_cents=forecast, elapsed_days=elapsed, period_days=period_days)
+
+
+def unpaid_invoices(*, tenant: Tenant):
+    """Invoices the tenant still owes: open or uncollectible, not being voided; oldest first."""
+    return (Invoice.objects.for_tenant(tenant).filter(status__in=[Invoice.Status.OPEN, Invoice.Status.UNCOLLECTIBLE])
+            .exclude(pending_status=Invoice.Status.VOID).order_by("period_start"))
 
 
 def invoices_for(*, tenant: Tenant):

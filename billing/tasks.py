@@ -13,7 +13,7 @@ from django.utils import timezone
 from billing import invoicing, rating, services, stripe_gateway
 from billing.models import Invoice
 
-RATE_TRAILING_DAYS = 3  # late ledger rows older than this are picked up by `manage.py billing_rate --from`
+RATE_TRAILING_DAYS = rating.RATE_TRAILING_DAYS  # late ledger rows older than this are picked up by `manage.py billing_rate --from`
 
 
 @shared_task(name="billing.rate_recent")

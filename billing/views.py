@@ -21,7 +21,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 
 from billing import rating, selectors, services, stripe_gateway
-from billing.models import BillingSettings, Invoice, InvoiceLine, format_cents, utc_today
+from billing.models import BillingSettings, Invoice, InvoiceLine, format_cents, format_price_per_million, utc_today
 from common.charts import bar_chart
 from tenants.access import TenantContext, tenant_view
 from tenants.api import TENANT_SLUG, TenantAPIView
@@ -41,20 +41,25 @@ def _cents(value) -> str:
 
 @tenant_view()
 def usage(request, ctx: TenantContext):
-    cost = selectors.period_cost_so_far(tenant=ctx.tenant)
-    currency = BillingSettings.load().currency.upper()
-    last_day = rating.next_period(cost.period) - timedelta(days=1)
+    """The period's spend so far (rated rows plus today's ledger) and forecast, per day and per line, unpaid invoices
+    with Pay, and (admins, Stripe configured) payment methods through Stripe's Customer Portal."""
+    spend = selectors.spend_so_far(tenant=ctx.tenant)
+    cost, currency = spend.cost, spend.currency
     # Every day of the period so far, days without usage included (the chart's x axis is time).
-    days = [cost.period + timedelta(days=i) for i in range((min(utc_today(), last_day) - cost.period).days + 1)]
+    days = [cost.period + timedelta(days=i) for i in range((min(utc_today(), spend.period_last_day) - cost.period).days + 1)]
     chart = bar_chart([(f"{day:%d %b}", cost.daily_cents.get(day, Decimal(0))) for day in days], height=160,
                       fmt=lambda cents: f"{_cents(cents)} {currency}")
-    open_invoices = selectors.invoices_for(tenant=ctx.tenant).filter(status__in=[Invoice.Status.OPEN, Invoice.Status.UNCOLLECTIBLE]).exclude(
-        pending_status=Invoice.Status.VOID
-    )
+    lines = [{"line": line, "input_price": _price(line, "input_price"), "output_price": _price(line, "output_price"),
+              "training_price": _price(line, "training_price")} for line in cost.lines]
     return _render(request, ctx, "billing/usage.html", {
-        "cost": cost, "chart": chart, "currency": currency, "period_last_day": last_day, "open_invoices": open_invoices,
-        "stripe_configured": stripe_gateway.is_configured(),
+        "spend": spend, "cost": cost, "lines": lines, "chart": chart, "currency": currency, "period_last_day": spend.period_last_day,
+        "open_invoices": selectors.unpaid_invoices(tenant=ctx.tenant), "stripe_configured": stripe_gateway.is_configured(),
     })
+
+
+def _price(line: rating.RatedLine, field: str) -> str | None:
+    """A line's price per million tokens in the currency's units ("0.075"), or None without a price."""
+    return format_price_per_million(getattr(line.price, field)) if line.price is not None else None
 
 
 @tenant_view()
@@ -93,7 +98,8 @@ def payment_methods(request, ctx: TenantContext):
     except stripe_gateway.GatewayError:
         url = None
     if not url:
-        messages.warning(request, "Payment methods cannot be managed online right now. Pay an open invoice from its page, or contact support.")
+        messages.warning(request, "Online payment is not available yet, so payment methods cannot be managed here. "
+                                  "Contact support to pay an invoice or to change how you pay.")
         return redirect("billing-usage", ctx.tenant.slug)
     return redirect(url)
 

@@ -34,7 +34,7 @@ def test_usage_page_shows_cost_so_far_with_chart(client, world, billed):
     assert "Manage payment methods" not in html  # viewer; and Stripe is not configured
     first = timezone.now().date().replace(day=1)
     last = rating.next_period(first) - timedelta(days=1)
-    assert f"({first:%-d %b} – {last:%-d %b %Y}, UTC)" in html  # the period's last day, not the next month's first
+    assert f"{first:%-d %b} – {last:%-d %b %Y} (UTC)" in html  # the period's last day, not the next month's first
     # One bar per day of the period so far, days without usage included; money in the tooltips and the peak.
     chart = page.context["chart"]
     today = rating.utc_today(timezone.now())
@@ -48,14 +48,22 @@ def test_usage_page_speaks_the_configured_currency(client, world, billed):
     BillingSettings.objects.update_or_create(pk=1, defaults={"currency": "eur"})
     client.force_login(world.viewer)
     html = client.get(f"/t/{world.tenant.slug}/billing/").content.decode()
-    assert "3.00 EUR</span>" in html and "Cost (EUR)" in html and "peak 3.00 EUR" in html  # (an issued invoice keeps its own)
+    assert "3.00 EUR</span>" in html and "3.00 EUR</strong>" in html and "peak 3.00 EUR" in html  # (an issued invoice keeps its own)
+    assert "1.00 EUR input" in html and "2.00 EUR output" in html  # per million tokens, in the currency
 
 
-def test_usage_page_before_the_first_rating_points_to_live_usage(client, world, catalog):
-    usage(world.tenant, at=timezone.now(), pool=catalog.shared, inp=1_000)  # in the ledger, not rated yet
+def test_usage_page_without_usage_points_to_the_usage_page(client, world, catalog):
     client.force_login(world.viewer)
     html = client.get(f"/t/{world.tenant.slug}/billing/").content.decode()
-    assert "No rated usage this period yet." in html and f'href="/t/{world.tenant.slug}/usage/"' in html
+    assert "No usage this period yet." in html and f'href="/t/{world.tenant.slug}/usage/"' in html
+
+
+def test_usage_page_counts_todays_ledger_before_the_rating_run(client, world, catalog):
+    price(catalog.base, effective_from=date(2020, 1, 1), inp="100", out="200")
+    usage(world.tenant, at=timezone.now(), pool=catalog.shared, inp=1_000_000)  # in the ledger, not rated yet: 100 ¢
+    client.force_login(world.viewer)
+    html = client.get(f"/t/{world.tenant.slug}/billing/").content.decode()
+    assert 'data-total-cents="100"' in html and 'data-spend-cents="100"' in html and "No usage this period yet." not in html
 
 
 def test_invoice_pages(client, world, billed):
@@ -116,7 +124,8 @@ def test_payment_methods_without_stripe_explains(client, world, billed):
     client.force_login(world.admin)
     response = client.post(f"/t/{world.tenant.slug}/billing/payment-methods/", follow=True)
     assert response.status_code == 200
-    assert "cannot be managed online" in response.content.decode()
+    assert "Online payment is not available yet" in response.content.decode()
+    assert "Stripe" not in response.content.decode()  # the tenant's words, not the operator's
 
 
 def test_api_reads_for_members(client, world, billed):
@@ -155,10 +164,11 @@ def test_unpaid_banner_offers_payment_only_where_the_invoice_page_does(client, w
     slug = world.tenant.slug
     link = f'href="/t/{slug}/billing/invoices/{billed.pk}/">'
     html = client.get(f"/t/{slug}/billing/").content.decode()
-    assert f"{link}View and pay</a>" in html  # the invoice page has a Pay button (Stripe's hosted page)
+    assert 'data-pay href="https://pay.example.test/i/1"' in html and "Pay 1.00 USD" in html  # Pay on the page (Stripe's hosted page)
+    assert f"{link}View invoice</a>" in html
     Invoice.all_tenants.filter(pk=billed.pk).update(hosted_invoice_url="")  # Stripe not configured: "contact support to pay"
     html = client.get(f"/t/{slug}/billing/").content.decode()
-    assert f"{link}View invoice</a>" in html and "View and pay" not in html
+    assert f"{link}View invoice</a>" in html and "data-pay" not in html and "Online payment is not available yet" in html
     assert "data-pay" not in client.get(f"/t/{slug}/billing/invoices/{billed.pk}/").content.decode()
 
 
