@@ -14,7 +14,7 @@ from django.db.models import Max
 
 from finetune import lora_math
 from finetune.models import FineTuneJob, TrainingFile
-from finetune.validation import auto_n_epochs, estimate_cost_cents
+from finetune.estimates import auto_n_epochs, estimate_cost_cents
 from serving import selectors as serving_selectors
 from serving.models import BackendPool, BaseModel
 from serving.selectors import base_models_for_tenant

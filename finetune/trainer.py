@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils.checkpoint
 
-from finetune.validation import tokenize_chat_example
+from finetune.templating import tokenize_chat_example
 
 IGNORE = -100
 LOSS_CHUNK_ELEMENTS = 1 << 28  # logits above ~1 GiB in fp32 are computed in chunks, recomputed in backward

@@ -11,8 +11,6 @@ Pure library code: no Django, callable from views, Celery tasks and the trainer.
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING, Decimal
-
 import hashlib
 import io
 import json
@@ -22,8 +20,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, BinaryIO, Callable, Sequence
 
-from common.chat import template_message
 from common.parsers import MAX_JSON_DEPTH, json_depth_exceeds
+from finetune.templating import to_messages, tokenize_chat_example
 
 ROLES = ("system", "user", "assistant", "tool")
 CHAT_KEYS = {"messages", "tools", "parallel_tool_calls"}
@@ -122,72 +120,6 @@ class _Collector:
             self.problems.append(Problem(line, path, code, message))
         else:
             self.omitted += 1
-
-
-# ---------------------------------------------------------------------------------------------- tokens
-
-def to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """Chat messages of a record in either accepted format (prompt/completion → one user/assistant turn)."""
-    if "messages" in record:
-        return record["messages"]
-    return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-
-
-def _render(tokenizer, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-            tools: list[dict[str, Any]] | None = None) -> str:
-    if not messages and not add_generation_prompt:
-        return ""
-    return tokenizer.apply_chat_template([template_message(m) for m in messages], tools=tools or None,
-                                         tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def tokenize_chat_example(tokenizer, messages: Sequence[dict[str, Any]],
-                          tools: list[dict[str, Any]] | None = None) -> tuple[list[int], list[bool]]:
-    """Render with the chat template and mark trainable tokens; the one tokenization trainer and validator share.
-
-    A token is trainable when it overlaps the text an assistant message (weight ≠ 0) adds after its
-    generation prompt: its content, its tool calls and its end-of-turn marker, so the model also learns to
-    call and to stop. `tools` (OpenAI's function definitions) go to the template as transformers' `tools=`.
-    The whole conversation is tokenized once (as at inference); spans come from re-rendering prefixes, which
-    needs a template whose renderings of prefixes are prefixes of the whole (true for Llama/ChatML/Mistral
-    styles). A template that silently drops tool definitions, calls or results is refused: the model would
-    learn calls it never saw, or empty turns.
-    """
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("a fast tokenizer (with offset mappings) is required to find assistant tokens")
-    full = _render(tokenizer, messages, tools=tools)
-    for tool in tools or []:
-        if tool["function"]["name"] not in full:
-            raise ValueError(f"the chat template does not render the tool definitions (no trace of "
-                             f"{tool['function']['name']!r}); choose a base model whose template supports tools")
-    spans = []
-    for i, message in enumerate(messages):
-        role, calls = message.get("role"), message.get("tool_calls") or []
-        if role == "tool" and message.get("content", "") not in full:
-            raise ValueError(f"the chat template drops the tool result of messages[{i}]; "
-                             "choose a base model whose template supports tool messages")
-        trainable = role == "assistant" and message.get("weight", 1) != 0
-        if not trainable and not calls:
-            continue
-        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools))
-        through = _render(tokenizer, messages[: i + 1], tools=tools)
-        if not full.startswith(through) or not through.startswith(full[:start]):
-            raise ValueError("the chat template does not render conversation prefixes as prefixes; "
-                             "assistant tokens cannot be located")
-        for call in calls:
-            if call["function"]["name"] not in through[start:]:
-                raise ValueError(f"the chat template drops the call to {call['function']['name']!r} in messages[{i}]; "
-                                 "choose a base model whose template supports tool calls")
-        if trainable:
-            spans.append((start, len(through)))
-    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [_overlaps(a, b, spans) for a, b in encoding["offset_mapping"]]
-    return list(encoding["input_ids"]), mask
-
-
-def _overlaps(a: int, b: int, spans: list[tuple[int, int]]) -> bool:
-    """Character range [a, b) touches a trainable span; a zero-width token counts when inside one."""
-    return any((a < hi and b > lo) if a < b else lo < a <= hi for lo, hi in spans)
 
 
 # ---------------------------------------------------------------------------------------------- structure
@@ -731,29 +663,3 @@ def find_overlap(train: ValidationResult, valid: ValidationResult) -> list[tuple
     for ex in train.examples:
         seen[key(ex)].append(ex.line)
     return [(t, ex.line) for ex in valid.examples for t in seen.get(key(ex), [])]
-
-
-# ---------------------------------------------------------------------------------------------- preview
-
-def auto_n_epochs(n_examples: int) -> int:
-    """OpenAI's "auto" rule: 3 epochs, raised so tiny files see ≥ 100 example passes (at most 25 epochs),
-    lowered so huge files see ≤ 25,000 (at least 1)."""
-    if n_examples <= 0:
-        raise ValueError("n_examples must be positive")
-    if n_examples * 3 < 100:
-        return min(25, -(-100 // n_examples))
-    if n_examples * 3 > 25_000:
-        return max(1, 25_000 // n_examples)
-    return 3
-
-
-def estimate_cost_cents(tokens_per_epoch: int, n_epochs: int, price_cents_per_million: int | Decimal) -> int:
-    """Billed cost in integer cents: tokens in the training file × epochs × price, rounded up to a cent.
-
-    Exact decimal arithmetic (no float drift in money; prices may carry sub-cent decimals); validation
-    tokens are free, as at OpenAI.
-    """
-    if min(tokens_per_epoch, n_epochs, price_cents_per_million) < 0:
-        raise ValueError("tokens, epochs and price must be >= 0")
-    cents = Decimal(tokens_per_epoch * n_epochs) * Decimal(price_cents_per_million) / 1_000_000
-    return int(cents.to_integral_value(rounding=ROUND_CEILING))

@@ -6,16 +6,9 @@ import tracemalloc
 import pytest
 
 from finetune import validation
-from finetune.validation import (
-    MAX_DUPLICATE_GROUPS,
-    MAX_JSON_DEPTH,
-    auto_n_epochs,
-    estimate_cost_cents,
-    find_overlap,
-    tokenize_chat_example,
-    validate_jsonl,
-    validate_stream,
-)
+from finetune.estimates import auto_n_epochs, estimate_cost_cents
+from finetune.templating import tokenize_chat_example
+from finetune.validation import MAX_DUPLICATE_GROUPS, MAX_JSON_DEPTH, find_overlap, validate_jsonl, validate_stream
 
 
 def chat(user="Hello there", answer="The answer is 42.", **extra):
@@ -240,7 +233,7 @@ def test_weight_zero_on_a_tool_call_leaves_only_the_answer_trainable(tiny_tokeni
 
 def test_prefixes_of_a_tool_conversation_render_as_prefixes_of_the_whole(tiny_tokenizer):
     """tokenize_chat_example finds trainable spans by re-rendering prefixes; tool messages must not break that."""
-    from finetune.validation import _render
+    from finetune.templating import _render
 
     messages = [{"role": "system", "content": "Be brief."}, ASK,
                 calling(call("a"), call("b", arguments='{"city": "Rome"}'), content="Checking."),
