@@ -9,6 +9,7 @@ suspension or a new system prompt takes effect in every gateway process within a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -45,6 +46,15 @@ class KeyEntry:
     tenant_id: int
     scopes: frozenset
     expires_at: datetime | None
+    # Rotation: the replaced secret's hash, accepted until `previous_valid_until` (tenants.services.api_key_rotate).
+    previous_secret_hash: str = ""
+    previous_valid_until: datetime | None = None
+    # The key's own limits (0 = none; the tenant's apply either way) and allowed models (empty = all the tenant's).
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    monthly_token_budget: int = 0
+    monthly_budget_cents: int = 0
+    allowed_models: frozenset = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +115,14 @@ class Snapshot:
     keys: Mapping[str, KeyEntry] = field(default_factory=lambda: MappingProxyType({}))
     tenants: Mapping[int, TenantEntry] = field(default_factory=lambda: MappingProxyType({}))
     pools: Mapping[int, PoolEntry] = field(default_factory=lambda: MappingProxyType({}))
+    # Keys limited to some models: key id -> its tenant's entry with only those models routed (built once per load).
+    key_tenants: Mapping[int, TenantEntry] = field(default_factory=lambda: MappingProxyType({}))
+
+    def tenant_for(self, key: KeyEntry | None, tenant_id: int) -> TenantEntry | None:
+        """The tenant entry a request authenticated by `key` sees: restricted to the key's allowed models, if any."""
+        if key is not None and key.allowed_models:
+            return self.key_tenants.get(key.id)
+        return self.tenants.get(tenant_id)
 
     def backends(self):
         for pool in self.pools.values():
@@ -128,8 +146,12 @@ def load_snapshot(version: object = None) -> Snapshot:
     # `all_tenants` throughout: the snapshot is the gateway's copy of every tenant's configuration; the
     # request path scopes every lookup by the tenant of the authenticated key.
     keys = {}
-    for k in ApiKey.all_tenants.filter(revoked_at__isnull=True).only("id", "prefix", "secret_hash", "tenant_id", "scopes", "expires_at"):
-        keys[k.prefix] = KeyEntry(k.id, k.prefix, k.secret_hash, k.tenant_id, frozenset(k.scopes or ()), k.expires_at)
+    for k in ApiKey.all_tenants.filter(revoked_at__isnull=True):
+        previous = k.previous_secret_hash if k.previous_valid_until is not None else ""
+        keys[k.prefix] = KeyEntry(k.id, k.prefix, k.secret_hash, k.tenant_id, frozenset(k.scopes or ()), k.expires_at,
+                                  previous, k.previous_valid_until if previous else None, k.requests_per_minute,
+                                  k.tokens_per_minute, k.monthly_token_budget, k.monthly_budget_cents,
+                                  frozenset(k.allowed_models or ()))
 
     base_models = {b.id: b for b in BaseModel.objects.all()}
     backends_by_pool: dict[int, list] = {}
@@ -195,7 +217,15 @@ def load_snapshot(version: object = None) -> Snapshot:
             guard=guard_from_config(cfg, label=t.slug),
             playground_users=frozenset(playground_users.get(t.id, ())),
         )
-    return Snapshot(version, time.monotonic(), MappingProxyType(keys), MappingProxyType(tenants), MappingProxyType(pools))
+    key_tenants = {}
+    for k in keys.values():
+        tenant = tenants.get(k.tenant_id)
+        if k.allowed_models and tenant is not None:
+            routes = {name: route for name, route in tenant.models.items() if name in k.allowed_models}
+            default = tenant.default_model if tenant.default_model in routes else ""
+            key_tenants[k.id] = dataclasses.replace(tenant, models=MappingProxyType(routes), default_model=default)
+    return Snapshot(version, time.monotonic(), MappingProxyType(keys), MappingProxyType(tenants), MappingProxyType(pools),
+                    MappingProxyType(key_tenants))
 
 
 # ---- the version counter -------------------------------------------------------------------------

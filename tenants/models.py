@@ -134,12 +134,26 @@ class ApiKey(TenantOwnedModel):
     expires_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    # Per-key controls, within the tenant's (0 = no limit of the key's own; the tenant's limits still apply).
+    requests_per_minute = models.PositiveIntegerField(default=0, help_text="0 = only the tenant's limit.")
+    tokens_per_minute = models.PositiveIntegerField(default=0, help_text="0 = only the tenant's limit.")
+    monthly_token_budget = models.PositiveBigIntegerField(default=0, help_text="Tokens per calendar month (UTC); 0 = none.")
+    monthly_budget_cents = models.PositiveBigIntegerField(default=0, help_text="Spend per calendar month (UTC), in cents; 0 = none.")
+    allowed_models = models.JSONField(default=list, blank=True, help_text="Model names this key may call (within the tenant's); empty = all of the tenant's.")
+    # Rotation: the secret before the last rotation stays valid until `previous_valid_until`, then is refused.
+    previous_secret_hash = models.CharField(max_length=64, blank=True)
+    previous_valid_until = models.DateTimeField(null=True, blank=True)
+    rotated_at = models.DateTimeField(null=True, blank=True)
 
     class Meta(TenantOwnedModel.Meta):
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+    def previous_secret_valid(self, now=None) -> bool:
+        """Whether the secret replaced by the last rotation is still accepted (its grace period has not ended)."""
+        return bool(self.previous_secret_hash and self.previous_valid_until and self.previous_valid_until > (now or timezone.now()))
 
     @property
     def state(self) -> str:
@@ -199,6 +213,9 @@ class Policy(TenantOwnedModel):
     requests_per_minute = models.PositiveIntegerField(default=0, help_text="0 = unlimited.")
     tokens_per_minute = models.PositiveIntegerField(default=0, help_text="0 = unlimited.")
     max_concurrent_requests = models.PositiveIntegerField(default=0, help_text="0 = unlimited.")
+    budget_ceiling_cents = models.PositiveBigIntegerField(
+        default=0, help_text="Staff's ceiling on the tenant's monthly spend, in cents: a hard limit, and the most its admins may set "
+                             "as their budget; 0 = no ceiling.")
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta(TenantOwnedModel.Meta):
@@ -289,3 +306,90 @@ def describe_value(value) -> str:
             return f"{describe_value(value['from'])} → {describe_value(value['to'])}"
         return "; ".join(f"{k.replace('_', ' ')}: {describe_value(v)}" for k, v in value.items())
     return str(value)
+
+
+class BudgetMode(models.TextChoices):
+    SOFT = "soft", "Soft (alerts only)"
+    HARD = "hard", "Hard (refuse requests past it)"
+
+
+class SpendBudget(TenantOwnedModel):
+    """A tenant's own monthly money budget, set by its admins within the staff ceiling (Policy.budget_ceiling_cents)."""
+
+    tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="spend_budget")
+    monthly_cents = models.PositiveBigIntegerField(default=0, help_text="Spend per calendar month (UTC), in cents; 0 = none.")
+    mode = models.CharField(max_length=8, choices=BudgetMode.choices, default=BudgetMode.SOFT)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta(TenantOwnedModel.Meta):
+        pass
+
+    def __str__(self) -> str:
+        return f"budget of {self.tenant_id}"
+
+
+def default_thresholds() -> list[int]:
+    return [50, 80, 100]
+
+
+class AlertSettings(TenantOwnedModel):
+    """Where a tenant's alerts go: e-mail to chosen members, and optionally a signed webhook to its HTTPS endpoint."""
+
+    tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="alert_settings")
+    thresholds = models.JSONField(default=default_thresholds, help_text="Percentages of a budget or quota, e.g. [50, 80, 100].")
+    recipients = models.ManyToManyField(Membership, blank=True, related_name="+", help_text="Members e-mailed when a threshold is crossed.")
+    webhook_url = models.URLField(max_length=500, blank=True, help_text="HTTPS endpoint; public addresses only.")
+    webhook_secret = models.CharField(max_length=64, blank=True, help_text="Signs each delivery (HMAC-SHA256).")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta(TenantOwnedModel.Meta):
+        pass
+
+
+class AlertEvent(TenantOwnedModel):
+    """One threshold crossed, once per subject, period and threshold (the unique constraint makes it fire once)."""
+
+    class Subject(models.TextChoices):
+        BUDGET = "budget", "Monthly budget"
+        QUOTA = "quota", "Token quota"
+        KEY_BUDGET = "key_budget", "Key's monthly budget"
+        KEY_TOKENS = "key_tokens", "Key's monthly tokens"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    subject = models.CharField(max_length=16, choices=Subject.choices)
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    scope = models.CharField(max_length=40, help_text="What is measured: 'tenant' or 'key:<id>'.")
+    period = models.CharField(max_length=8, help_text="YYYYMM, or YYYYMMDD for a daily quota.")
+    threshold = models.PositiveSmallIntegerField(help_text="Percent.")
+    used = models.PositiveBigIntegerField(help_text="Tokens, or cents for a budget, when it fired.")
+    limit = models.PositiveBigIntegerField(help_text="Tokens, or cents for a budget.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta(TenantOwnedModel.Meta):
+        ordering = ["-created_at", "-id"]
+        constraints = [models.UniqueConstraint(fields=["tenant", "subject", "scope", "period", "threshold"], name="alert_once_per_threshold_and_period")]
+
+
+class WebhookDelivery(TenantOwnedModel):
+    """One webhook delivery (an alert, or a re-send of one) and how it went."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        DELIVERED = "delivered", "Delivered"
+        FAILED = "failed", "Failed"
+        REFUSED = "refused", "Refused (address not allowed)"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    event = models.ForeignKey(AlertEvent, null=True, blank=True, on_delete=models.SET_NULL, related_name="deliveries")
+    url = models.URLField(max_length=500)
+    body = models.TextField(help_text="The JSON sent, byte for byte (what the signature covers with the timestamp).")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    response_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    resend_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+
+    class Meta(TenantOwnedModel.Meta):
+        ordering = ["-created_at", "-id"]

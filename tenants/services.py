@@ -18,13 +18,16 @@ from django.utils import timezone
 
 from common.text import sentence
 from tenants.models import (
+    AlertSettings,
     ApiKey,
     AuditEvent,
+    BudgetMode,
     Invitation,
     Membership,
     PlatformSettings,
     Policy,
     Role,
+    SpendBudget,
     SystemPromptVersion,
     Tenant,
 )
@@ -289,6 +292,68 @@ def api_key_revoke(*, key: ApiKey, actor: Actor) -> ApiKey:
     return key
 
 
+MAX_ROTATION_GRACE = timedelta(days=30)
+KEY_CONTROL_FIELDS = ("requests_per_minute", "tokens_per_minute", "monthly_token_budget", "monthly_budget_cents", "allowed_models")
+
+
+@transaction.atomic
+def api_key_rotate(*, key: ApiKey, grace: timedelta, actor: Actor) -> tuple[ApiKey, str]:
+    """Give the key a new secret (same prefix, id, limits and usage). The old secret stays valid for `grace` (0 to 30
+    days), then is refused; a second rotation ends the first one's grace at once (only one old secret is kept).
+    Returns (key, new full secret); the secret is shown once and never stored."""
+    if grace < timedelta(0) or grace > MAX_ROTATION_GRACE:
+        raise ValidationError({"grace": "Choose a grace period from 0 to 30 days."})
+    key = ApiKey.objects.for_tenant(key.tenant_id).select_for_update().get(pk=key.pk)
+    if not key.is_usable:
+        raise ValidationError({"key": f"This key is {key.state}; create a new key instead."})
+    now = timezone.now()
+    full = f"{key.prefix}_{secrets.token_urlsafe(32)}"
+    key.previous_secret_hash = key.secret_hash if grace > timedelta(0) else ""
+    key.previous_valid_until = now + grace if grace > timedelta(0) else None
+    key.secret_hash = _hash_secret(full)
+    key.rotated_at = now
+    key.save(update_fields=["secret_hash", "previous_secret_hash", "previous_valid_until", "rotated_at"])
+    audit_record(tenant=key.tenant, actor=actor, action="api_key.rotated", target=key,
+                 data={"name": key.name, "prefix": key.prefix, "old_secret_valid_until": key.previous_valid_until.isoformat() if key.previous_valid_until else "now"})
+    return key, full
+
+
+@transaction.atomic
+def api_key_controls_update(*, key: ApiKey, actor: Actor, tenant_models, **changes) -> ApiKey:
+    """Set a key's own limits: requests/min, tokens/min, monthly tokens, monthly spend (cents) and allowed models.
+
+    0 (or an empty model list) means the key has no limit of its own; the tenant's limits apply either way.
+    `tenant_models`: the model names the tenant may call (serving.routing.tenant_routes); allowed models must be
+    among them. Validates every field before saving any; records one audit event with what changed."""
+    unknown = sorted(set(changes) - set(KEY_CONTROL_FIELDS))
+    if unknown:
+        raise ValidationError({name: "Unknown key control." for name in unknown})
+    errors = {}
+    for name in KEY_CONTROL_FIELDS[:4]:
+        if name in changes and (not isinstance(changes[name], int) or isinstance(changes[name], bool) or changes[name] < 0):
+            errors[name] = "Use a whole number, 0 or more (0 = no limit of the key's own)."
+    if "allowed_models" in changes:
+        models_ = changes["allowed_models"]
+        if not isinstance(models_, (list, tuple)) or not all(isinstance(m, str) for m in models_):
+            errors["allowed_models"] = "Give a list of model names."
+        else:
+            missing = sorted(set(models_) - set(tenant_models))
+            if missing:
+                errors["allowed_models"] = f"Not among this tenant's models: {', '.join(missing)}."
+            changes["allowed_models"] = sorted(set(models_))
+    if errors:
+        raise ValidationError(errors)
+    key = ApiKey.objects.for_tenant(key.tenant_id).select_for_update().get(pk=key.pk)
+    before = {name: getattr(key, name) for name in changes}
+    for name, value in changes.items():
+        setattr(key, name, value)
+    key.save(update_fields=list(changes) or None)
+    diff = {name: {"from": before[name], "to": getattr(key, name)} for name in changes if before[name] != getattr(key, name)}
+    if diff:
+        audit_record(tenant=key.tenant, actor=actor, action="api_key.limits_changed", target=key, data={"key": key.prefix, **diff})
+    return key
+
+
 def split_key(raw: str) -> tuple[str, str] | None:
     """`mtl_<12 hex>_<secret>` -> (prefix, raw). None if it is not shaped like one of our keys."""
     n = len(KEY_PREFIX) + ApiKey.PREFIX_LEN
@@ -299,15 +364,21 @@ def split_key(raw: str) -> tuple[str, str] | None:
 
 def api_key_find(raw: str) -> ApiKey | None:
     """The key a presented secret belongs to, whatever its state (revoked, expired), or None. Lookup by prefix,
-    constant-time hash comparison. Callers check `key.is_usable` (or `key.state`, to say why not)."""
+    constant-time hash comparison; the secret a rotation replaced counts until its grace period ends. Callers check
+    `key.is_usable` (or `key.state`, to say why not)."""
     parts = split_key(raw.strip())
     if parts is None:
         return None
     prefix, full = parts
     key = ApiKey.all_tenants.select_related("tenant").filter(prefix=prefix).first()
-    if key is None or not hmac.compare_digest(key.secret_hash, _hash_secret(full)):
+    if key is None:
         return None
-    return key
+    digest = _hash_secret(full)
+    if hmac.compare_digest(key.secret_hash, digest):
+        return key
+    if key.previous_secret_valid() and hmac.compare_digest(key.previous_secret_hash, digest):
+        return key
+    return None
 
 
 def api_key_authenticate(raw: str) -> ApiKey | None:
@@ -371,6 +442,7 @@ POLICY_FIELDS = (
     "requests_per_minute",
     "tokens_per_minute",
     "max_concurrent_requests",
+    "budget_ceiling_cents",
 )
 
 
@@ -390,6 +462,98 @@ def policy_update(*, tenant: Tenant, actor: Actor, **changes) -> Policy:
     if diff:
         audit_record(tenant=tenant, actor=actor, action="policy.updated", target=policy, data=diff)
     return policy
+
+
+# ---- money budget and alerts -------------------------------------------------------------------
+
+
+@transaction.atomic
+def spend_budget_set(*, tenant: Tenant, monthly_cents: int, mode: str, actor: Actor) -> SpendBudget:
+    """Set the tenant's monthly money budget (cents; 0 = none) and its mode: soft (alerts only) or hard (requests
+    past it are refused). Must not exceed the staff ceiling (Policy.budget_ceiling_cents) when one is set."""
+    errors = {}
+    if not isinstance(monthly_cents, int) or isinstance(monthly_cents, bool) or monthly_cents < 0:
+        errors["monthly_cents"] = "Use a whole number of cents, 0 or more (0 = no budget)."
+    if mode not in BudgetMode.values:
+        errors["mode"] = f"Use one of: {', '.join(BudgetMode.values)}."
+    ceiling = Policy.objects.for_tenant(tenant).values_list("budget_ceiling_cents", flat=True).first() or 0
+    if not errors and ceiling and monthly_cents > ceiling:
+        errors["monthly_cents"] = (f"The most you can set is {ceiling / 100:,.2f}, the ceiling the platform team set for this "
+                                   "tenant; ask them to raise it.")
+    if errors:
+        raise ValidationError(errors)
+    budget, _ = SpendBudget.objects.for_tenant(tenant).select_for_update().get_or_create(tenant=tenant)
+    before = {"monthly_cents": budget.monthly_cents, "mode": budget.mode}
+    budget.monthly_cents, budget.mode = monthly_cents, mode
+    budget.save()
+    diff = {k: {"from": v, "to": getattr(budget, k)} for k, v in before.items() if v != getattr(budget, k)}
+    if diff:
+        audit_record(tenant=tenant, actor=actor, action="budget.updated", target=budget, data=diff)
+    return budget
+
+
+def alert_settings_get(*, tenant: Tenant) -> AlertSettings:
+    """The tenant's alert settings, created with the defaults (50/80/100 %, no recipient, no webhook) on first use."""
+    settings_, _ = AlertSettings.objects.for_tenant(tenant).get_or_create(tenant=tenant)
+    return settings_
+
+
+@transaction.atomic
+def alert_settings_update(*, tenant: Tenant, actor: Actor, thresholds: list[int] | None = None,
+                          recipient_ids: list[int] | None = None, webhook_url: str | None = None) -> AlertSettings:
+    """Change where alerts go. `thresholds`: 1 to 10 percentages, 1–1000; `recipient_ids`: membership ids of this
+    tenant; `webhook_url`: an https:// URL or "" (checked again, against private addresses, at every delivery).
+    A webhook secret is made when a URL is first set (alert_webhook_secret_rotate makes a new one)."""
+    from urllib.parse import urlsplit
+
+    current = alert_settings_get(tenant=tenant)
+    errors = {}
+    if thresholds is not None:
+        if (not isinstance(thresholds, (list, tuple)) or not 1 <= len(thresholds) <= 10
+                or not all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 1000 for t in thresholds)):
+            errors["thresholds"] = "Give 1 to 10 whole percentages from 1 to 1000, e.g. 50, 80, 100."
+    members = []
+    if recipient_ids is not None:
+        members = list(Membership.objects.for_tenant(tenant).filter(pk__in=list(recipient_ids)))
+        if len(members) != len(set(recipient_ids)):
+            errors["recipient_ids"] = "Choose members of this tenant."
+    if webhook_url:
+        parts = urlsplit(webhook_url)
+        if parts.scheme != "https" and not settings.PLATFORM_WEBHOOKS_ALLOW_LOOPBACK:
+            errors["webhook_url"] = "Use an https:// URL."
+        elif not parts.hostname or parts.username or parts.password or len(webhook_url) > 500:
+            errors["webhook_url"] = "Use a URL like https://example.com/hooks/llm (no user name or password in it)."
+    if errors:
+        raise ValidationError(errors)
+    changed = {}
+    if thresholds is not None and sorted(set(thresholds)) != current.thresholds:
+        changed["thresholds"] = {"from": current.thresholds, "to": sorted(set(thresholds))}
+        current.thresholds = sorted(set(thresholds))
+    if webhook_url is not None and webhook_url != current.webhook_url:
+        changed["webhook_url"] = {"from": current.webhook_url, "to": webhook_url}
+        current.webhook_url = webhook_url
+        if webhook_url and not current.webhook_secret:
+            current.webhook_secret = "whsec_" + secrets.token_hex(24)
+    current.save()
+    if recipient_ids is not None:
+        before = sorted(m.user.email for m in current.recipients.select_related("user"))
+        current.recipients.set(members)
+        after = sorted(m.user.email for m in members)
+        if before != after:
+            changed["recipients"] = {"from": before, "to": after}
+    if changed:
+        audit_record(tenant=tenant, actor=actor, action="alerts.updated", target=current, data=changed)
+    return current
+
+
+@transaction.atomic
+def alert_webhook_secret_rotate(*, tenant: Tenant, actor: Actor) -> AlertSettings:
+    """A new webhook signing secret (the old one stops signing at once)."""
+    current = alert_settings_get(tenant=tenant)
+    current.webhook_secret = "whsec_" + secrets.token_hex(24)
+    current.save(update_fields=["webhook_secret", "updated_at"])
+    audit_record(tenant=tenant, actor=actor, action="alerts.webhook_secret_rotated", target=current)
+    return current
 
 
 # ---- console playground --------------------------------------------------------------------------

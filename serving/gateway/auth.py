@@ -1,7 +1,9 @@
 """The pipeline's first stage: the bearer credential → (key, tenant), from the configuration snapshot alone.
 
 An API key (`mtl_<prefix>_<secret>`): its prefix is looked up, its secret's SHA-256 compared in constant time; it must
-be unexpired, of a known tenant, with the `inference` scope. The console playground's signed, hour-long token (`pgt_…`)
+be unexpired, of a known tenant, with the `inference` scope; after a rotation the replaced secret is accepted until its
+grace period ends. A key limited to some models sees its tenant with only those routed (`Snapshot.tenant_for`), so
+any other model is a 404 `model_not_found` and /v1/models lists only its own. The console playground's signed, hour-long token (`pgt_…`)
 is accepted for its tenant while its user is still listed there. A suspended tenant is refused either way. No database
 access (the key's `last_used_at` is the caller's: `ConfigStore.note_key_used`).
 """
@@ -28,17 +30,25 @@ def authenticate(authorization: str | None, snap):
         return None, _playground_tenant(raw, snap)
     parts = split_key(raw)
     entry = snap.keys.get(parts[0]) if parts else None
-    if entry is None or not hmac.compare_digest(entry.secret_hash, hashlib.sha256(parts[1].encode()).hexdigest()):
+    if entry is None or not _secret_matches(entry, hashlib.sha256(parts[1].encode()).hexdigest()):
         raise ApiError.refusing(INVALID_KEY)
     if entry.expires_at is not None and entry.expires_at <= timezone.now():
         raise ApiError.refusing(EXPIRED_KEY)
-    tenant = snap.tenants.get(entry.tenant_id)
+    tenant = snap.tenant_for(entry, entry.tenant_id)
     if tenant is None:
         raise ApiError(401, "Invalid API key.", type="invalid_request_error", code="invalid_api_key")
     if INFERENCE_SCOPE not in entry.scopes:
         raise ApiError(403, "This API key does not have the `inference` scope.", type="permission_error", code="insufficient_scope")
     _check_active(tenant)
     return entry, tenant
+
+
+def _secret_matches(entry, digest: str) -> bool:
+    """The key's secret, or the one its last rotation replaced while that one's grace period lasts."""
+    if hmac.compare_digest(entry.secret_hash, digest):
+        return True
+    return bool(entry.previous_secret_hash and entry.previous_valid_until is not None
+                and entry.previous_valid_until > timezone.now() and hmac.compare_digest(entry.previous_secret_hash, digest))
 
 
 def _check_active(tenant) -> None:
