@@ -7,7 +7,7 @@ outside a tenant are listed below so the isolation suite can tell them from a fo
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from portal import views as shell
+from portal import dashboard, views as shell
 from tenants import views as console
 
 # Open to anyone (the invitation page names its tenant only to holders of the secret token).
@@ -27,7 +27,7 @@ PUBLIC_URL_NAMES = frozenset(
 USER_URL_NAMES = frozenset({"console-home", "tenant-create"})
 
 tenant_patterns = [
-    path("", console.dashboard, name="console-dashboard"),
+    path("", dashboard.dashboard, name="console-dashboard"),
     path("settings/", console.tenant_settings, name="console-settings"),
     path("members/", console.members, name="console-members"),
     path("members/invite/", console.member_invite, name="console-member-invite"),

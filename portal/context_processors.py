@@ -25,7 +25,8 @@ def console(request):
         "tenant_switch": [(m, _switch_url(request, ctx, m)) for m in memberships],
         "tenant_ctx": ctx,
         "current_tenant": ctx.tenant if ctx else None,
-        "embedded_mode": not settings.REDIS_URL,
+        # An operator's concern (limits counted per process without Redis): shown to platform staff only.
+        "embedded_mode": not settings.REDIS_URL and getattr(getattr(request, "user", None), "is_staff", False),
     }
 
 

@@ -197,6 +197,12 @@ PLATFORM_INVITATIONS_PER_HOUR = env_int("PLATFORM_INVITATIONS_PER_HOUR", 20, min
 PLATFORM_MAX_TENANTS_PER_USER = env_int("PLATFORM_MAX_TENANTS_PER_USER", 5, minimum=1)
 PLATFORM_SIGNUPS_PER_IP = env_int("PLATFORM_SIGNUPS_PER_IP", 10, minimum=1)
 PLATFORM_MAX_PROMPT_CHARS = env_int("PLATFORM_MAX_PROMPT_CHARS", 20_000, minimum=100)
+# Per-tenant request rate of the management API and /v1 Files and Fine-tuning (tenants/ratelimit.py): a token bucket
+# of PLATFORM_API_BURST units refilled at PLATFORM_API_REQUESTS_PER_MINUTE (0 = unlimited); a prompt diff costs
+# PLATFORM_API_EXPENSIVE_COST units, an upload that or one unit per MiB, whichever is more.
+PLATFORM_API_REQUESTS_PER_MINUTE = env_int("PLATFORM_API_REQUESTS_PER_MINUTE", 600, minimum=0)
+PLATFORM_API_BURST = env_int("PLATFORM_API_BURST", 40, minimum=1)
+PLATFORM_API_EXPENSIVE_COST = env_int("PLATFORM_API_EXPENSIVE_COST", 10, minimum=1)
 
 # Sign-in and password-reset throttling (tenants/throttle.py). Failures per account (e-mail) and per client
 # address within a fixed window; reaching either locks it out. Reset e-mails: per e-mail and address, per window.

@@ -1,7 +1,7 @@
 """Tenant console pages. Every view is a `tenant_view`: the tenant comes from the URL, the role is enforced there.
 
-Role matrix (docs/console.md): every member reads; admins and owners write (settings: the rename form is
-theirs alone); the audit log is admin+; anyone may leave. Objects are looked up inside the URL's tenant, so another tenant's id is a 404.
+The dashboard is portal/dashboard.py (it reads every app). Role matrix (docs/console.md): every member reads;
+admins and owners write (settings: the rename form is theirs alone); the audit log is admin+; anyone may leave. Objects are looked up inside the URL's tenant, so another tenant's id is a 404.
 """
 
 from __future__ import annotations
@@ -11,14 +11,12 @@ from django.contrib import messages
 from django.core.cache import cache
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
-from django.db.models import Q
 from django.shortcuts import get_object_or_404, redirect, render
-from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
 from common.text import sentence
-from tenants import selectors, services
+from tenants import ratelimit, selectors, services
 from tenants.access import TenantContext, tenant_view
 from tenants.forms import ApiKeyForm, AuditFilterForm, InviteForm, PromptForm, RoleForm, TenantNameForm, apply_service_errors
 from tenants.models import (
@@ -42,35 +40,10 @@ def _render(request, ctx: TenantContext, template: str, section: str, context: d
     return render(request, template, {"tenant": ctx.tenant, "section": section, "can_write": ctx.can(Role.ADMIN), **(context or {})}, status=status)
 
 
-def _active_keys(tenant):
-    now = timezone.now()
-    return ApiKey.objects.for_tenant(tenant).filter(revoked_at__isnull=True).filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
-
-
 def _guard_owner_target(ctx: TenantContext, membership: Membership) -> None:
     """Only an owner may change or remove an owner (admins cannot grant owner either: role_choices_for)."""
     if membership.role == Role.OWNER and ctx.role != Role.OWNER:
         raise PermissionDenied("Only an owner can change or remove another owner.")
-
-
-# ---- dashboard -----------------------------------------------------------------------------------
-
-
-@tenant_view()
-def dashboard(request, ctx: TenantContext):
-    tenant = ctx.tenant
-    return _render(
-        request,
-        ctx,
-        "console/dashboard.html",
-        "dashboard",
-        {
-            "member_count": Membership.objects.for_tenant(tenant).count(),
-            "active_key_count": _active_keys(tenant).count(),
-            "active_prompt": tenant.active_prompt,
-            "pending_invitations": sum(1 for i in Invitation.objects.for_tenant(tenant) if i.state == "pending") if ctx.can(Role.ADMIN) else None,
-        },
-    )
 
 
 # ---- tenant settings -----------------------------------------------------------------------------
@@ -321,21 +294,16 @@ def prompt_activate(request, ctx: TenantContext, version: int):
 @tenant_view()
 def prompt_diff(request, ctx: TenantContext, version: int, other_version: int):
     old, new = _prompt_version(ctx, version), _prompt_version(ctx, other_version)
-    lines = selectors.prompt_diff(old, new)
-    return _render(
-        request,
-        ctx,
-        "console/prompt_diff.html",
-        "prompt",
-        {
-            "old": old,
-            "new": new,
-            "lines": lines,
-            "added": sum(1 for kind, _ in lines if kind == "+"),
-            "removed": sum(1 for kind, _ in lines if kind == "-"),
-            "versions": SystemPromptVersion.objects.for_tenant(ctx.tenant).values_list("version", flat=True),
-        },
-    )
+    page = {"old": old, "new": new, "versions": SystemPromptVersion.objects.for_tenant(ctx.tenant).values_list("version", flat=True)}
+    try:  # the API's price for a diff, from the same bucket: the page is the same work in the same process
+        ratelimit.charge(tenant=ctx.tenant, cost=settings.PLATFORM_API_EXPENSIVE_COST)
+    except ratelimit.RateLimited as refused:
+        response = _render(request, ctx, "console/prompt_diff.html", "prompt", {**page, "refused": refused.detail}, status=429)
+        response["Retry-After"] = str(refused.wait)
+        return response
+    diff = selectors.prompt_diff_shown(old, new)
+    return _render(request, ctx, "console/prompt_diff.html", "prompt",
+                   {**page, "lines": diff.lines, "omitted": diff.omitted, "added": diff.added, "removed": diff.removed})
 
 
 # ---- limits and audit ----------------------------------------------------------------------------

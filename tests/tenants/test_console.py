@@ -659,7 +659,12 @@ def test_dashboard_shows_role_counts_and_suspension(client, world, objects, sett
     assert response.context["active_key_count"] == 1
     assert "Developer" in content and "v2" in content
     assert "is suspended" in content and "unpaid invoice" in content
-    assert "Embedded mode" in content
+    assert "Embedded mode" not in content  # an operator's concern: staff only
+    world.developer.is_staff = True
+    world.developer.save()
+    assert "Embedded mode" in client_for(client, world.developer).get(url("console-dashboard")).content.decode()
+    world.developer.is_staff = False
+    world.developer.save()
     assert "Try a model in the Playground" in content and "Fine-tune a model" in content  # a new user's next steps
     viewer = client_for(client, world.viewer).get(url("console-dashboard")).content.decode()
     assert "Playground" not in viewer  # developer+ pages, as in the side nav
