@@ -26,6 +26,7 @@ from finetune.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingFile
 from finetune.services import FinetuneError
 from serving import selectors as serving_selectors
 from serving.models import Adapter, AdapterDeployment
+from tenants import ratelimit
 from tenants.api import SealedMethods, TenantAPIView
 from tenants.api_auth import ApiKeyAuthentication
 from tenants.api_refusals import MISSING_KEY, tenant_suspended
@@ -96,6 +97,11 @@ def openai_exception_handler(exc, context):
     if isinstance(exc, exceptions.ValidationError):
         param, message = _first_error(exc.detail)
         return openai_error(f"{param}: {message}" if param else message, 400, "invalid_request", param)
+    if isinstance(exc, exceptions.Throttled):  # tenants/ratelimit.py: OpenAI's rate-limit error, with Retry-After
+        response = openai_error(str(exc.detail), 429, "rate_limit_exceeded")
+        if exc.wait is not None:
+            response["Retry-After"] = str(exc.wait)
+        return response
     if isinstance(exc, exceptions.APIException):
         return openai_error(str(exc.detail), exc.status_code, exc.default_code)
     return None
@@ -148,6 +154,8 @@ class OpenAIView(SealedMethods, APIView):
             raise exceptions.PermissionDenied(refusal.message, code=refusal.code)
         self.tenant = key.tenant
         self.actor = Actor(key=key)
+        # The tenant's API bucket (shared with /api/), before the handler parses a body: 429 `rate_limit_exceeded`.
+        ratelimit.charge(tenant=self.tenant, cost=ratelimit.cost_of(self, request))
 
     def file_or_404(self, file_id: str) -> TrainingFile:
         file = TrainingFile.objects.for_tenant(self.tenant).filter(pk=file_id).first()
@@ -227,6 +235,8 @@ def _problem_summary(file: TrainingFile) -> str:
 
 
 class FileListApi(OpenAIView):
+    expensive_methods = frozenset({"POST"})  # an upload: at least PLATFORM_API_EXPENSIVE_COST, one unit per MiB
+
     @extend_schema(operation_id="files_list", tags=["Files"], responses=OpenApiTypes.OBJECT,
                    parameters=[OpenApiParameter("order", str, enum=["asc", "desc"], description="By creation time; default desc."),
                                OpenApiParameter("limit", int, description="1–10,000 (default 10,000)."),

@@ -18,7 +18,7 @@ from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
-from tenants import services
+from tenants import ratelimit, services
 from tenants.access import SAFE_METHODS, TenantContext, context_for_key, context_for_user, role_required_message
 from tenants.api_auth import KeyPrincipal
 from tenants.models import (
@@ -32,7 +32,7 @@ from tenants.models import (
     SystemPromptVersion,
     Tenant,
 )
-from tenants.selectors import effective_quota_tokens, memberships_for_user, prompt_diff
+from tenants.selectors import effective_quota_tokens, memberships_for_user, prompt_diff_shown
 from tenants.services import Actor
 
 # `write_role` sentinel: the write needs a platform staff user (who may then act on any tenant).
@@ -102,6 +102,8 @@ class TenantAPIView(SealedMethods, APIView):
 
     read_role: str = Role.VIEWER
     write_role: str = Role.ADMIN
+    # Methods that cost more than one unit of the tenant's API rate (tenants/ratelimit.py: cost_of).
+    expensive_methods: frozenset[str] = frozenset()
     # Only the policy sets this: staff may then read and change any tenant through this one view.
     staff_may_act_on_any_tenant: bool = False
     pagination_class = api_settings.DEFAULT_PAGINATION_CLASS
@@ -112,6 +114,9 @@ class TenantAPIView(SealedMethods, APIView):
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)  # authentication, IsAuthenticated, throttles
         self.ctx = self.resolve_context(request, kwargs["tenant_slug"])
+        # The tenant's API bucket, once it is known to be the caller's (an outsider cannot spend another's), and
+        # before the handler does any work: 429 with Retry-After (tenants/ratelimit.py).
+        ratelimit.charge(tenant=self.ctx.tenant, cost=ratelimit.cost_of(self, request))
 
     def resolve_context(self, request, tenant_slug: str) -> TenantContext:
         write = request.method not in SAFE_METHODS
@@ -546,6 +551,8 @@ class PromptActivateApi(TenantAPIView):
 
 
 class PromptDiffApi(TenantAPIView):
+    expensive_methods = frozenset({"GET"})  # counts PLATFORM_API_EXPENSIVE_COST against the tenant's API rate
+
     @extend_schema_serializer(component_name="PromptDiffOutput")
     class OutputSerializer(serializers.Serializer):
         version = serializers.IntegerField()
@@ -555,6 +562,9 @@ class PromptDiffApi(TenantAPIView):
             {"kind": serializers.ChoiceField(choices=[" ", "-", "+"], help_text="' ' same, '-' only in `against`, '+' only in `version`."), "line": serializers.CharField()},
             many=True,
         )
+        omitted_lines = serializers.IntegerField(help_text="Lines of the diff past the first 2,000, not sent.")
+        added = serializers.IntegerField(help_text="Lines only in `version`, in the whole diff.")
+        removed = serializers.IntegerField(help_text="Lines only in `against`, in the whole diff.")
 
     @extend_schema(
         operation_id="prompts_diff",
@@ -563,8 +573,10 @@ class PromptDiffApi(TenantAPIView):
     )
     def get(self, request, tenant_slug, version):
         """Line diff of a version against another one (`against`, by default the previous version). Any member, or an
-        API key with management:read or management:write. 400 when `against` is not a number or names no version;
-        404 for a version number this tenant does not have.
+        API key with management:read or management:write. At most the first 2,000 lines (`omitted_lines` counts the
+        rest; `added` and `removed` are the whole diff's); cached by the version pair. Counts as
+        PLATFORM_API_EXPENSIVE_COST requests of the tenant's API rate (429 with Retry-After past it). 400 when
+        `against` is not a number or names no version; 404 for a version number this tenant does not have.
         """
         new = self.get_scoped_or_404(SystemPromptVersion, version=version)
         raw = request.query_params.get("against", str(version - 1))
@@ -575,8 +587,10 @@ class PromptDiffApi(TenantAPIView):
         old = self.scoped(SystemPromptVersion).filter(version=against).first()
         if old is None:
             raise ValidationError({"against": f"There is no version {against} to compare with."})
-        lines = [{"kind": kind, "line": line} for kind, line in prompt_diff(old, new)]
-        return Response({"version": new.version, "against": old.version, "lines": lines})
+        diff = prompt_diff_shown(old, new)
+        lines = [{"kind": kind, "line": line} for kind, line in diff.lines]
+        return Response({"version": new.version, "against": old.version, "lines": lines, "omitted_lines": diff.omitted,
+                         "added": diff.added, "removed": diff.removed})
 
 
 # ---- policy ----------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 
+from django.core.cache import cache
 from django.db.models import Sum
 from django.http import Http404
 
@@ -86,6 +88,37 @@ def prompt_diff(old: SystemPromptVersion, new: SystemPromptVersion) -> list[tupl
         out += [("+", line) for line in mid_b[j1:j2]]
     out += [(" ", line) for line in a[len(a) - tail:]]
     return out
+
+
+# A diff shows at most this many lines (the rest are counted, not sent): a 20,000-character version can have 20,000
+# lines, and rendering 13,000 of them took longer than the diff itself (bench/noisy_neighbour.py, `diff`).
+DIFF_MAX_LINES = 2_000
+DIFF_CACHE_SECONDS = 24 * 3600
+
+
+@dataclass(frozen=True)
+class PromptDiff:
+    """The line diff of two versions, for display: the first DIFF_MAX_LINES (kind, line) pairs, how many further ones
+    were left out, and the added / removed counts of the whole diff."""
+
+    lines: list[tuple[str, str]]
+    omitted: int
+    added: int
+    removed: int
+
+
+def prompt_diff_shown(old: SystemPromptVersion, new: SystemPromptVersion) -> PromptDiff:
+    """prompt_diff(old, new), bounded to DIFF_MAX_LINES lines and cached by the version pair (versions are immutable:
+    a pair's diff never changes), so asking again costs a cache read. Both versions are the caller's tenant's."""
+    key = f"prompt-diff:v1:{old.tenant_id}:{old.pk}:{new.pk}"
+    shown = cache.get(key)
+    if shown is None:
+        lines = prompt_diff(old, new)
+        shown = PromptDiff(lines=lines[:DIFF_MAX_LINES], omitted=max(0, len(lines) - DIFF_MAX_LINES),
+                           added=sum(1 for kind, _ in lines if kind == "+"),
+                           removed=sum(1 for kind, _ in lines if kind == "-"))
+        cache.set(key, shown, timeout=DIFF_CACHE_SECONDS)
+    return shown
 
 
 def role_choices_for(membership: Membership) -> list[str]:

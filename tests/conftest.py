@@ -59,6 +59,17 @@ def _clean_cache():
 
 
 @pytest.fixture(autouse=True)
+def _api_rate_unlimited(settings):
+    """The per-tenant API rate (tenants/ratelimit.py) off, and this process's buckets empty: tests upload and call
+    far faster than any client may. Tests of the limit set PLATFORM_API_REQUESTS_PER_MINUTE themselves."""
+    from tenants import ratelimit
+
+    settings.PLATFORM_API_REQUESTS_PER_MINUTE = 0
+    ratelimit.reset_local()
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _fast_password_hashing(settings):
     # PBKDF2's deliberate slowness is for attackers, not for the test suite.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
