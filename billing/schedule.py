@@ -8,3 +8,8 @@ BEAT_SCHEDULE = {
     "billing-stripe-reconcile": {"task": "billing.stripe_reconcile", "schedule": crontab(minute=7)},
     "billing-dunning": {"task": "billing.dunning_run", "schedule": crontab(hour=6, minute=0)},
 }
+
+# Budget and quota alerts (billing/alerts.py): thresholds checked against the ledger every minute.
+ALERTS_BEAT_SCHEDULE = {
+    "billing-alerts-check": {"task": "billing.alerts_check_all", "schedule": crontab(minute="*")},
+}

@@ -306,8 +306,9 @@ LOGGING = {
 }
 
 # Periodic work (Celery beat): each app declares its own schedule.
-from billing.schedule import BEAT_SCHEDULE as _BILLING_BEAT  # noqa: E402
+from billing.schedule import ALERTS_BEAT_SCHEDULE as _ALERTS_BEAT, BEAT_SCHEDULE as _BILLING_BEAT  # noqa: E402
 from finetune.schedule import BEAT_SCHEDULE as _FINETUNE_BEAT  # noqa: E402
 
 CELERY_BEAT_SCHEDULE.update(_BILLING_BEAT)
+CELERY_BEAT_SCHEDULE.update(_ALERTS_BEAT)
 CELERY_BEAT_SCHEDULE.update(_FINETUNE_BEAT)
