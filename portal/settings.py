@@ -226,6 +226,12 @@ FINETUNE_LEASE_SECONDS = env_int("PLATFORM_FINETUNE_LEASE_SECONDS", 300, minimum
 PLATFORM_HF_HUB_TOKEN = env_str("PLATFORM_HF_HUB_TOKEN")
 PLATFORM_HF_HUB_NAMESPACE = env_str("PLATFORM_HF_HUB_NAMESPACE")  # user or organisation owning the repositories
 
+# Alert webhooks (billing/alert_webhooks.py): each attempt's connect + read timeout, and the attempts before a delivery fails.
+PLATFORM_WEBHOOK_TIMEOUT_S = env_int("PLATFORM_WEBHOOK_TIMEOUT_S", 10, minimum=1)
+PLATFORM_WEBHOOK_ATTEMPTS = env_int("PLATFORM_WEBHOOK_ATTEMPTS", 6, minimum=1)
+# Tests only (never from the environment): lets a webhook reach a loopback receiver over plain http.
+PLATFORM_WEBHOOKS_ALLOW_LOOPBACK = False
+
 # Gateway limits and scheduling (docs/limits.md).
 PLATFORM_SOFT_THROTTLE_TPM = env_int("PLATFORM_SOFT_THROTTLE_TPM", 1000, minimum=1)
 PLATFORM_QUEUE_TIMEOUT_S = env_int("PLATFORM_QUEUE_TIMEOUT_S", 30, minimum=1)
