@@ -25,6 +25,7 @@ from django.db import IntegrityError, close_old_connections, connection, transac
 from django.db.models import F
 from django.utils import timezone
 
+from common import redis_clients
 from serving.routing import Route, routes_for
 from serving.tokencount import BOUND, counter_for
 
@@ -230,23 +231,13 @@ def load_snapshot(version: object = None) -> Snapshot:
 
 # ---- the version counter -------------------------------------------------------------------------
 
-_redis = None
-
-
 def _redis_client():
-    global _redis
-    if _redis is None:
-        import redis
-
-        _redis = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
-    return _redis
+    return redis_clients.sync_client(settings.REDIS_URL, timeout_s=1)
 
 
 def _redis_where() -> str:
     """Redis's host, port and database, for logs (REDIS_URL may hold a password)."""
-    kwargs = _redis_client().connection_pool.connection_kwargs
-    where = f"unix:{kwargs['path']}" if "path" in kwargs else f"{kwargs.get('host')}:{kwargs.get('port')}"
-    return f"{where}/{kwargs.get('db', 0)}"
+    return redis_clients.where(_redis_client())
 
 
 def config_version_bump() -> None:

@@ -11,6 +11,7 @@ from django.db.models import Count, F, Sum
 from django.shortcuts import render
 from django.utils import timezone
 
+from common import redis_clients
 from common.charts import bar_chart
 from serving.ledger_spool import spool_summary
 from serving.models import BackendPool, UsageRecord
@@ -25,7 +26,7 @@ def _redis_pool_state(pool_ids: list[int]) -> dict[int, dict]:
         return {}
     import redis
 
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=0.5, decode_responses=True)
+    client = redis_clients.sync_client(settings.REDIS_URL, decode_responses=True)
     now_ms = int(timezone.now().timestamp() * 1000)
     state = {}
     try:

@@ -116,7 +116,6 @@ def test_a_redis_outage_is_logged_once_then_quietly_then_once_when_it_ends(db, s
     server = RedisServer().start()
     try:
         settings.REDIS_URL = server.url
-        monkeypatch.setattr(config, "_redis", None)  # a client for this Redis (the previous one comes back after)
         store = config.ConfigStore()
         store.refresh(force=True)
         caplog.set_level(logging.DEBUG, logger="serving.config")
