@@ -8,7 +8,10 @@ Algorithm (one atomic step per request, in Redis by a Lua script, or under a loc
   tokens/min bucket, and frees the concurrency slot;
 - soft quota: at 80 % the caller is told to warn (once per window); at 100 % the tenant is throttled:
   its tokens/min drops to PLATFORM_SOFT_THROTTLE_TPM and the scheduler divides its weight by 10;
-- hard quota: at 100 % requests are refused with 429 `insufficient_quota`.
+- hard quota: at 100 % requests are refused with 429 `insufficient_quota`;
+- every request counts one against requests/min, admitted or refused (tokens/min, concurrency, quota, or before
+  admission: unreadable, invalid, past the context — `count_refused`), except one refused because requests/min
+  is exhausted, which takes nothing (no lock-out spiral). OpenAI does the same.
 Keys are hash-tagged per tenant (`mtl:{t42}:…`) so a Redis Cluster keeps each tenant's keys on one slot.
 If Redis is unreachable, tenants with a hard quota are refused (fail closed, 503) and the others fall
 back to per-process limits with a warning in the log; Redis is probed in the background (serving/leases.py).
@@ -92,8 +95,9 @@ class Decision:
     throttled: bool = False
     warn: bool = False  # crossed 80 % of the quota just now: warn once (audit, e-mail, banner)
     quota_used: int = 0
-    # A requests-per-minute refusal: the milliseconds (rounded up) until the tenant's bucket holds a request again,
-    # counted from when admission looked; no other request can make it sooner (serving.gateway.refusals).
+    # The tenant's requests-per-minute bucket is empty after this request (refused for it, or it took the last one):
+    # the milliseconds (rounded up) until it holds a request again, counted from when admission looked; no other
+    # request can make it sooner (serving.gateway.refusals). 0: the bucket holds a request (or no such limit).
     rpm_retry_ms: int = 0
 
 
@@ -130,7 +134,8 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes}m{secs}s"
 
 
-def _headers(limits: TenantLimits, *, r_tokens: float, t_tokens: float, tpm: int, quota_used: int, throttled: bool) -> dict[str, str]:
+def _headers(limits: TenantLimits, *, r_tokens: float, t_tokens: float, tpm: int, quota_used: int, throttled: bool,
+             quota: bool = True) -> dict[str, str]:
     h: dict[str, str] = {}
     if limits.requests_per_minute:
         rpm = limits.requests_per_minute
@@ -141,7 +146,7 @@ def _headers(limits: TenantLimits, *, r_tokens: float, t_tokens: float, tpm: int
         h["x-ratelimit-limit-tokens"] = str(tpm)
         h["x-ratelimit-remaining-tokens"] = str(max(0, int(t_tokens)))
         h["x-ratelimit-reset-tokens"] = duration(max(0.0, (tpm - t_tokens) * 60 / tpm))
-    if limits.quota_tokens:
+    if quota and limits.quota_tokens:
         q = limits.quota_tokens
         h["x-quota-limit-tokens"] = str(q)
         h["x-quota-used-tokens"] = str(quota_used)
@@ -189,16 +194,31 @@ def _refusal(status: int, limits: TenantLimits, retry_ms: int, tokens: int, tpm:
 
 
 def _decision(limits: TenantLimits, request_id: str, tokens: int, res: list, backend: str, window: str) -> Decision:
-    status, retry_ms, r_tokens, t_tokens, quota_used, throttled, warn, eff_tpm = res[:8]
+    status, retry_ms, r_tokens, t_tokens, quota_used, throttled, warn, eff_tpm, life, rpm_wait = res[:10]
     headers = _headers(limits, r_tokens=r_tokens, t_tokens=t_tokens, tpm=int(eff_tpm), quota_used=int(quota_used), throttled=bool(throttled))
     if status == OK:
-        life = res[8] if len(res) > 8 else ""
         reservation = Reservation(limits.tenant_id, request_id, tokens, window, int(eff_tpm), backend, life)
-        return Decision(True, headers, reservation, throttled=bool(throttled), warn=bool(warn), quota_used=int(quota_used))
+        return Decision(True, headers, reservation, throttled=bool(throttled), warn=bool(warn), quota_used=int(quota_used),
+                        rpm_retry_ms=int(rpm_wait))
     error_type, code, message, retry_after = _refusal(status, limits, retry_ms, tokens, int(eff_tpm))
     headers["retry-after"] = str(retry_after)
     return Decision(False, headers, None, 429, error_type, code, message, retry_after, bool(throttled), quota_used=int(quota_used),
-                    rpm_retry_ms=int(retry_ms) if status == RPM else 0)
+                    rpm_retry_ms=int(rpm_wait))
+
+
+def rpm_refusal(limits: TenantLimits, retry_ms: int) -> tuple[str, str, str, int]:
+    """(error_type, code, message, retry_after s) of a requests-per-minute refusal (serving.gateway.refusals)."""
+    return _refusal(RPM, limits, retry_ms, 0, 0)
+
+
+def _rpm_counted(limits: TenantLimits, r_tokens: float, wait_ms: int) -> Decision:
+    """What `count_refused` returns: the requests/min headers after the count, and the bucket's wait when empty."""
+    return Decision(False, _headers(limits, r_tokens=r_tokens, t_tokens=0, tpm=0, quota_used=0, throttled=False, quota=False),
+                    rpm_retry_ms=int(wait_ms))
+
+
+def _rpm_wait_ms(rpm: int, r_tokens: float) -> int:
+    return math.ceil((1 - r_tokens) * 60000 / rpm) if rpm and r_tokens < 1 else 0
 
 
 def throttle_tpm() -> int:
@@ -320,10 +340,10 @@ class LocalAdmission:
             # Only in-flight reservations in the way? They settle within seconds: retry soon, not next window.
             status, retry = (QUOTA_RESERVED, 1000) if quota["used"] + n <= limits.quota_tokens else (QUOTA, 0)
         warn = 0
+        if rpm and status != RPM and r_tokens >= 1:  # every request counts, but one refused for requests/min
+            r_tokens -= 1
+            self._buckets[(t, "rpm")] = (r_tokens, now)
         if status == OK:
-            if rpm:
-                r_tokens -= 1
-                self._buckets[(t, "rpm")] = (r_tokens, now)
             if eff_tpm:
                 t_tokens -= n
                 self._buckets[(t, "tpm")] = (t_tokens, now)
@@ -332,7 +352,23 @@ class LocalAdmission:
             self._reservations[rid] = Reservation(t, rid, n, window, eff_tpm, self.backend_name)
             if limits.quota_tokens and quota["used"] + quota["reserved"] >= WARN_FRACTION * limits.quota_tokens and not quota["warned"]:
                 quota["warned"] = warn = 1
-        return [status, retry, math.floor(r_tokens), math.floor(t_tokens), quota["used"] + quota["reserved"], int(throttled), warn, eff_tpm]
+        return [status, retry, math.floor(r_tokens), math.floor(t_tokens), quota["used"] + quota["reserved"], int(throttled), warn, eff_tpm,
+                "", _rpm_wait_ms(rpm, r_tokens)]
+
+    async def count_refused(self, limits: TenantLimits) -> Decision:
+        """A request refused before admission (unreadable, invalid, past the context): one request off the tenant's
+        requests/min, unless its bucket is already empty (mirrors lua/rpm_count.lua)."""
+        rpm = limits.requests_per_minute
+        if not rpm:
+            return _rpm_counted(limits, 0, 0)
+        with self._lock:
+            now = time.monotonic()
+            key = (limits.tenant_id, "rpm")
+            r_tokens = self._bucket(key, rpm, now)
+            if r_tokens >= 1:
+                r_tokens -= 1
+                self._buckets[key] = (r_tokens, now)
+        return _rpm_counted(limits, math.floor(r_tokens), _rpm_wait_ms(rpm, r_tokens))
 
     async def settle(self, reservation: Reservation | None, *, used_tokens: int) -> None:
         if reservation is None:
@@ -391,7 +427,8 @@ class RedisAdmission:
         self._usage_loader = usage_loader
         self.fallback = fallback or LocalAdmission(usage_loader)
         self._clients: dict[int, object] = {}
-        self._sources = {name: (LUA_DIR / f"{name}.lua").read_text() for name in ("admit", "settle", "seed_begin", "seed_end", "sweep")}
+        self._sources = {name: (LUA_DIR / f"{name}.lua").read_text()
+                         for name in ("admit", "settle", "seed_begin", "seed_end", "sweep", "rpm_count")}
 
     def _client(self):
         loop_id = id(asyncio.get_running_loop())
@@ -470,6 +507,18 @@ class RedisAdmission:
             if decision.reservation is not None:
                 self.keeper().track_reservation(decision.reservation)  # registered in Redis once it answers
             return decision
+
+    async def count_refused(self, limits: TenantLimits) -> Decision:
+        """A request refused before admission: one request off the tenant's requests/min in Redis (one round trip, on
+        the refusal path only), unless its bucket is already empty; in this process's bucket while Redis is away."""
+        rpm = limits.requests_per_minute
+        if not rpm:
+            return _rpm_counted(limits, 0, 0)
+        try:
+            left, wait_ms = await self._script("rpm_count", [f"mtl:{{t{limits.tenant_id}}}:rpm"], [rpm])
+        except RedisUnavailable:
+            return await self.fallback.count_refused(limits)
+        return _rpm_counted(limits, int(left), int(wait_ms))
 
     async def _seed(self, limits: TenantLimits, window: str, keys: list[str]) -> None:
         """Seed the window's counter from the ledger, leaving out the requests Redis counts itself."""

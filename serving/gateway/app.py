@@ -288,19 +288,20 @@ class GatewayApp:
 
     async def _inference(self, scope, receive, out: Response) -> None:
         """One inference request, top to bottom: authenticate → parse → route → admit → schedule → call → relay →
-        account. A refusal before admission costs nothing; from admission on, the request's Accounting settles and
-        records it exactly once, whatever ends it (docs/gateway.md, "The request path")."""
+        account. A refusal before admission counts one request against the tenant's requests/min (docs/limits.md);
+        from admission on, the request's Accounting settles and records it exactly once, whatever ends it
+        (docs/gateway.md, "The request path")."""
         started_at = time.perf_counter()
         request_id, out.headers["x-request-id"] = request_ids(self._header(scope, b"x-request-id"))
         endpoint, tenant = out.endpoint, None
         try:
-            body = await self._read_body(scope, receive)
             snap = self.store.snapshot
             key, tenant = self._authenticate(scope, snap)  # authenticate
             if (held := self._refusals.replay(tenant)) is not None:  # its requests/min bucket is known to be empty
                 err, headers = held
                 out.headers.update(headers)
-                return await self._refuse(out, err, tenant, endpoint)
+                return await self._refuse(out, err, tenant, endpoint)  # its body not even read
+            body = await self._read_body(scope, receive)
             data = parse_json(body)  # parse
             endpoint = endpoint.resolve(data)  # TGI's POST /: `stream` picks the route
             req = parse_request(endpoint, data)
@@ -310,6 +311,8 @@ class GatewayApp:
         except asyncio.CancelledError:
             return  # the client left while sending its body
         except ApiError as err:
+            if tenant is not None:
+                await self._count_refused(tenant, out)
             return await self._refuse(out, err, tenant, endpoint)
         admitted = await self._admit(request_id, started_at, key, tenant, plan, out)  # admit
         if admitted is None:
@@ -319,6 +322,18 @@ class GatewayApp:
             await self._until_disconnect(self._serve(acct, plan, throttled, out), receive, acct)
         finally:
             await acct.close()  # account: settled now if nothing settled it (the client left, or nothing was sent)
+
+    async def _count_refused(self, tenant, out: Response) -> None:
+        """A request refused before admission counts one against the tenant's requests/min, as an admitted one does
+        (one call, on this refusal path only); once that empties the bucket, the next are refused after authentication."""
+        if not tenant.limits.requests_per_minute:
+            return
+        from serving.admission import get_admission
+
+        asked_at = time.monotonic()
+        counted = await get_admission().count_refused(tenant.limits)
+        out.headers.update(counted.headers)
+        self._refusals.note(tenant, counted, asked_at=asked_at)
 
     async def _admit(self, request_id: str, started_at: float, key, tenant, plan: Plan, out: Response):
         """Reserve the prompt + max tokens against the tenant's limits: (its Accounting, throttled), or None when
@@ -331,8 +346,8 @@ class GatewayApp:
         out.headers.update(decision.headers)
         if decision.warn:
             self._warn_quota(tenant, decision)
+        self._refusals.note(tenant, decision, asked_at=asked_at)  # its bucket empty now: the next refused after authentication
         if not decision.allowed:
-            self._refusals.note(tenant, decision, asked_at=asked_at)
             return await self._refuse(out, refusal_error(decision), tenant, plan.req.endpoint)
         route = plan.route
         acct = Accounting(request_id=request_id, endpoint=plan.req.endpoint, tenant=tenant, key_id=key.id if key else None,

@@ -4,7 +4,10 @@
 --       5 reservations hash (rid -> "tokens|window|had_tpm|state", state l = live, x = lease expired; `_life`),
 --       6 the quota's settled-while-unseeded hash (rid -> tokens)
 -- ARGV: 1 rid, 2 tokens, 3 rpm, 4 tpm, 5 quota, 6 hard(0/1), 7 max_conc, 8 throttle_tpm, 9 window_ttl_s, 10 lease_ms, 11 window_id
--- Returns {status, retry_ms, rpm left, tpm left, used + reserved, throttled, warn, tpm in force, life}; {9} = seed the quota first.
+-- Returns {status, retry_ms, rpm left, tpm left, used + reserved, throttled, warn, tpm in force, life, rpm wait ms}; {9} = seed
+-- the quota first. Every request counts one against requests/min, admitted or refused, except one refused because
+-- requests/min is exhausted (docs/limits.md). rpm wait ms: when the bucket is empty after this request, the ms until
+-- it holds one again (serving/gateway/refusals.py), else 0.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rid, n = ARGV[1], tonumber(ARGV[2])
@@ -92,12 +95,12 @@ elseif hard and quota > 0 and used + reserved + n > quota then
 end
 
 local warn = 0
+if rpm > 0 and status ~= 2 and r_tokens >= 1 then
+  r_tokens = r_tokens - 1
+  redis.call('HSET', KEYS[1], 'tokens', tostring(r_tokens), 'ts', now)
+  redis.call('PEXPIRE', KEYS[1], 120000)
+end
 if status == 0 then
-  if rpm > 0 then
-    r_tokens = r_tokens - 1
-    redis.call('HSET', KEYS[1], 'tokens', tostring(r_tokens), 'ts', now)
-    redis.call('PEXPIRE', KEYS[1], 120000)
-  end
   if eff_tpm > 0 then
     t_tokens = t_tokens - n
     redis.call('HSET', KEYS[2], 'tokens', tostring(t_tokens), 'ts', now)
@@ -115,4 +118,9 @@ if status == 0 then
   end
   inflight = inflight + 1
 end
-return {status, retry, math.floor(r_tokens), math.floor(t_tokens), used + reserved, throttled and 1 or 0, warn, eff_tpm, life}
+local rpm_wait = 0
+if rpm > 0 and r_tokens < 1 then
+  rpm_wait = math.ceil((1 - r_tokens) * 60000 / rpm)
+end
+return {status, retry, math.floor(r_tokens), math.floor(t_tokens), used + reserved, throttled and 1 or 0, warn, eff_tpm, life,
+        rpm_wait}

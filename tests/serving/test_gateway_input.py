@@ -622,7 +622,7 @@ def test_a_refused_lone_surrogate_counts_nothing(world, gateway_factory):
     place in the tenant's requests per minute and its ledger. Now: a 400 before admission."""
     backend = tiny_backend()
     make_pool("shared", make_base_model(), [backend["url"]])
-    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, requests_per_minute=2, quota_tokens=10_000,
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, requests_per_minute=5, quota_tokens=10_000,
                            quota_window="day", quota_mode="hard")
     _, key = make_key(world.tenant)
     gw = gateway_factory()
@@ -637,7 +637,9 @@ def test_a_refused_lone_surrogate_counts_nothing(world, gateway_factory):
     assert settled_day_counters(world.tenant) == {"used": 0, "reserved": 0}
     assert usage_records(world.tenant) == []
     answers = [post(gw.url + "/v1/chat/completions", {**CHAT, "max_tokens": 2}, headers) for _ in range(2)]
-    assert [r.status_code for r in answers] == [200, 200]  # the refused ones took no place in the 2 requests a minute
+    assert [r.status_code for r in answers] == [200, 200]
+    # Each refused one counted one of the 5 requests a minute, as every request does (docs/limits.md); no tokens.
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in answers] == ["1", "0"]
     records = wait_for(lambda: len(usage_records(world.tenant)) == 2 and usage_records(world.tenant))
     assert [r.status for r in records] == ["ok", "ok"]
     assert settled_day_counters(world.tenant)["used"] == sum(r.json()["usage"]["total_tokens"] for r in answers)
