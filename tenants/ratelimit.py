@@ -21,6 +21,8 @@ import time
 from django.conf import settings
 from rest_framework import exceptions
 
+from common import redis_clients
+
 log = logging.getLogger(__name__)
 
 # KEYS[1] the bucket; ARGV rate (units/s), burst, cost. Returns the seconds to wait, as text ("0": taken).
@@ -84,18 +86,11 @@ class _LocalBuckets:
 
 
 _local = _LocalBuckets()
-_redis = None
-_redis_url = None
 
 
 def _redis_take(key: str, rate: float, burst: int, cost: int) -> float:
-    global _redis, _redis_url
-    if _redis is None or _redis_url != settings.REDIS_URL:
-        import redis
-
-        _redis = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=0.5, socket_connect_timeout=0.5)
-        _redis_url = settings.REDIS_URL
-    return float(_redis.eval(_TAKE_LUA, 1, key, repr(rate), burst, cost))
+    client = redis_clients.sync_client(settings.REDIS_URL)
+    return float(client.eval(_TAKE_LUA, 1, key, repr(rate), burst, cost))
 
 
 def take(*, tenant_id: int, cost: int = 1) -> float:
