@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import timedelta, timezone as dt_timezone
 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
@@ -166,6 +167,14 @@ class ApiKey(TenantOwnedModel):
     @property
     def is_usable(self) -> bool:
         return self.state == "active"
+
+    @property
+    def expires_on(self):
+        """The last UTC day the key works, as its expiry was picked: an expiry at 00:00 UTC (the console's "Expires on
+        30 Jun 2027" is stored as 1 Jul 2027 00:00, the end of 30 Jun) belongs to the day before. None: never expires."""
+        if self.expires_at is None:
+            return None
+        return (self.expires_at.astimezone(dt_timezone.utc) - timedelta(microseconds=1)).date()
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes

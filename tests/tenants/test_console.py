@@ -493,6 +493,17 @@ def test_key_create_with_expiry(client, world):
     assert key.expires_at.date() == day + timedelta(days=1)
 
 
+def test_key_expiry_is_listed_as_picked(client, world):
+    """Picked as 30 Jun 2027, stored as the end of that day (1 Jul 00:00 UTC): listed as 30 Jun 2027, not 1 Jul."""
+    c = client_for(client, world.admin)
+    created = c.post(url("console-key-create"), {"name": "summer", "scopes": ["inference"], "expires_on": "2027-06-30"}).content.decode()
+    assert "30 Jun 2027 (works until the end of that day, UTC)" in created and "1 Jul 2027" not in created
+    key = ApiKey.objects.for_tenant(world.tenant).get(name="summer")
+    assert key.expires_on.isoformat() == "2027-06-30"
+    key.expires_at = key.expires_at.replace(month=6, day=30, hour=15)  # set through the API at 15:00: that day
+    assert key.expires_on.isoformat() == "2027-06-30"
+
+
 @pytest.mark.parametrize(
     "data, field",
     [
