@@ -31,8 +31,8 @@ from finetune.models import FineTuneJob, TrainingFile
 from portal.celery import app
 from serving.models import BaseModel
 from tenants.services import Actor
-from tests.billing.conftest import price, usage
-from tests.finetune.test_api import zebra_dataset
+from tests.support.billing import price, usage
+from tests.support.finetune import zebra_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ from billing import invoicing
 from billing.models import Invoice
 from finetune.models import FineTuneJob, TrainingFile
 from serving.models import AdapterDeployment
-from tests.billing.conftest import catalog, price, usage, utc  # noqa: F401  (catalog is a fixture)
+from tests.support.billing import catalog, price, usage, utc  # noqa: F401  (catalog is a fixture)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from finetune import deploy
 from serving.models import Adapter, AdapterDeployment, Backend, BackendPool, BaseModel, ModelConfig
 from tenants.models import Tenant
 from tenants.services import SYSTEM
-from tests.serving.test_gateway_support import http_json, sim_backend
+from tests.support.gateway import http_json, sim_backend
 
 
 def _served_adapters(url: str) -> list[str]:

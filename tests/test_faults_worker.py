@@ -28,8 +28,8 @@ from finetune.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingFile, 
 from finetune.tasks import requeue_stale_jobs
 from serving.models import BaseModel
 from tenants.services import Actor
-from tests.billing.conftest import price
-from tests.finetune.test_api import zebra_dataset
+from tests.support.billing import price
+from tests.support.finetune import zebra_dataset
 from tests.test_celery_worker import QUEUES, ROOT, broker_env, wait_for, worker_database_url  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ from datetime import date
 
 from billing import invoicing, services
 from billing.models import Invoice
-from tests.billing.conftest import usage, utc
+from tests.support.billing import usage, utc
 
 REASON = "Duplicate of the corrected invoice agreed with the customer"
 

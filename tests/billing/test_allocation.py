@@ -10,8 +10,7 @@ import pytest
 from billing import invoicing, rating, selectors
 from billing.models import DailyUsage, Price
 from serving.models import Backend, BackendPool
-from tests.billing.conftest import price, usage, utc
-from tests.billing.test_rating import _random_ledger, prices  # noqa: F401 (a fixture)
+from tests.support.billing import price, random_ledger, usage, utc
 
 JAN, FEB = date(2026, 1, 1), date(2026, 2, 1)
 
@@ -67,7 +66,7 @@ def test_late_usage_counts_in_its_days_month_at_what_the_later_invoice_charged(w
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_rows_add_up_to_each_invoice_exactly_and_stay(world, catalog, prices, seed):  # noqa: F811 (the fixture)
-    _random_ledger(world, catalog, seed)
+    random_ledger(world, catalog, seed)
     invoices = invoicing.period_close(period=JAN, now=utc(2026, 2, 5))
     charged = invoicing.charged_cents(invoices)
     for invoice in invoices:

@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from billing import invoicing, rating, selectors, services
 from billing.models import Invoice
-from tests.billing.conftest import price, usage, utc
+from tests.support.billing import price, usage, utc
 
 
 @pytest.fixture

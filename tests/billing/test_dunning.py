@@ -9,7 +9,7 @@ from billing import services
 from billing.models import BillingAccount, BillingSettings, Invoice
 from tenants.models import AuditEvent
 from tenants.services import SYSTEM, tenant_set_status
-from tests.billing.conftest import invoice_event, post_webhook, utc
+from tests.support.billing import invoice_event, post_webhook, utc
 
 
 def test_payment_failed_then_grace_then_suspended_then_paid_restores(client, world, invoice, django_capture_on_commit_callbacks, mailoutbox):

@@ -8,7 +8,7 @@ import pytest
 
 from billing import invoicing
 from tenants.services import tenant_rename
-from tests.billing.conftest import price, usage, utc
+from tests.support.billing import price, usage, utc
 
 JAN, FEB = date(2026, 1, 1), date(2026, 2, 1)
 

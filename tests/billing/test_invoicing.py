@@ -11,7 +11,7 @@ from django.db import IntegrityError, transaction
 
 from billing import invoicing, rating
 from billing.models import DailyUsage, InvalidTransition, Invoice, InvoiceLine
-from tests.billing.conftest import price, usage, utc
+from tests.support.billing import price, usage, utc
 
 JAN, FEB = date(2026, 1, 1), date(2026, 2, 1)
 

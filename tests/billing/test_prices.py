@@ -10,7 +10,7 @@ from django.core.exceptions import ValidationError
 
 from billing import rating, selectors
 from billing.models import Price, price_start_error
-from tests.billing.conftest import price, usage, utc
+from tests.support.billing import price, usage, utc
 
 TODAY = date(2026, 11, 28)
 

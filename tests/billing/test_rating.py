@@ -11,7 +11,7 @@ import pytest
 
 from billing import rating
 from billing.models import DailyUsage
-from tests.billing.conftest import price, usage, utc
+from tests.support.billing import price, random_ledger, usage, utc
 
 JAN = date(2026, 1, 1)
 
@@ -30,40 +30,9 @@ def _expected_price(prices, *, model, adapter, pool_id, day):
     )
 
 
-def _random_ledger(world, catalog, seed: int, n: int = 400):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        tenant = rng.choice([world.tenant, world.other_tenant])
-        model, pool, adapter = rng.choice([
-            ("tiny-chat", catalog.shared, ""), ("big-chat", catalog.big, ""), ("tiny-chat", None, ""),
-            *([("tiny-chat", catalog.dedicated, ""), ("tiny-chat", catalog.shared, catalog.adapter.name)] if tenant == world.tenant else []),
-        ])
-        at = utc(2026, 1, 1) + timedelta(seconds=rng.randrange(31 * 86400))
-        status = rng.choice(["ok"] * 6 + ["error", "cancelled", "interrupted"])
-        rows.append(usage(tenant, at=at, model=model, adapter=adapter, pool=pool, inp=rng.randrange(0, 5000), out=rng.randrange(0, 3000), status=status))
-    # Edges of the period: the first and the last microsecond belong to January, the next instant does not.
-    rows.append(usage(world.tenant, at=utc(2026, 1, 1), pool=catalog.shared, inp=7, out=3))
-    rows.append(usage(world.tenant, at=utc(2026, 1, 31, 23, 59, 59, 999999), pool=catalog.shared, inp=11, out=13))
-    usage(world.tenant, at=utc(2026, 2, 1), pool=catalog.shared, inp=1_000_000, out=1_000_000)
-    return rows
-
-
-@pytest.fixture
-def prices(catalog):
-    return [
-        price(catalog.base, effective_from=date(2025, 12, 1), inp="15", out="60"),
-        price(catalog.base, effective_from=date(2026, 1, 15), inp="12.5", out="47.333333"),  # mid-period change
-        price(catalog.base, effective_from=date(2026, 1, 1), inp="30", out="90", adapter=catalog.adapter),
-        price(catalog.base, effective_from=date(2026, 1, 10), inp="7.25", out="21", pool=catalog.dedicated),
-        price(catalog.other_base, effective_from=date(2025, 12, 1), inp="101.000001", out="333.3"),
-        price(catalog.base, effective_from=date(2026, 2, 1), inp="999", out="999"),  # not yet in force in January
-    ]
-
-
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_rollup_and_cost_match_an_independent_computation(world, catalog, prices, seed):
-    rows = _random_ledger(world, catalog, seed)
+    rows = random_ledger(world, catalog, seed)
     rating.rate_range(JAN, date(2026, 1, 31), now=utc(2026, 2, 5))
 
     billed = [r for r in rows if r.status != "error"]
@@ -100,7 +69,7 @@ def test_rollup_and_cost_match_an_independent_computation(world, catalog, prices
 
 
 def test_rerating_changes_nothing(world, catalog, prices):
-    _random_ledger(world, catalog, seed=7, n=150)
+    random_ledger(world, catalog, seed=7, n=150)
     rating.rate_range(JAN, date(2026, 1, 31), now=utc(2026, 2, 5))
     fields = ("tenant_id", "period", "day", "kind", "model", "adapter", "pool_id", "requests", "input_tokens", "output_tokens", "duration_ms")
     before = Counter(DailyUsage.all_tenants.values_list(*fields))

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from billing import invoicing, rating, selectors
 from billing.models import format_price_per_million
-from tests.billing.conftest import price, usage, utc
+from tests.support.billing import price, usage, utc
 
 JAN = date(2026, 1, 1)
 

@@ -24,7 +24,7 @@ import pytest
 from billing import invoicing, services, stripe_gateway
 from billing.models import BillingAccount, Invoice, InvoiceLine, StripeEvent
 from tenants.services import tenant_rename
-from tests.billing.conftest import WEBHOOK_SECRET, FakeInvoices, invoice_event, post_webhook, price, usage, utc
+from tests.support.billing import WEBHOOK_SECRET, FakeInvoices, invoice_event, post_webhook, price, usage, utc
 
 # localstripe binds every interface and pickles to /tmp: bind it to 127.0.0.1 and keep its store in memory.
 BOOT = (

@@ -11,7 +11,7 @@ from django.core.exceptions import ValidationError
 from billing import invoicing, rating, services, stripe_gateway, tasks
 from billing.models import BillingAccount, Invoice, InvoiceLine, StripeEvent
 from tenants.models import AuditEvent
-from tests.billing.conftest import invoice_event, post_webhook, usage, utc
+from tests.support.billing import invoice_event, post_webhook, usage, utc
 
 JAN, FEB = date(2026, 1, 1), date(2026, 2, 1)
 REASON = "Duplicate of the corrected invoice agreed with the customer"

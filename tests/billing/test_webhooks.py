@@ -10,7 +10,7 @@ import pytest
 from billing import invoicing
 from billing.models import Invoice, StripeEvent
 from tenants.models import AuditEvent
-from tests.billing.conftest import invoice_event, post_webhook, price, sign, usage, utc
+from tests.support.billing import invoice_event, post_webhook, price, sign, usage, utc
 
 
 @pytest.fixture

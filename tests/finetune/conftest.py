@@ -1,9 +1,9 @@
-"""Shared fixtures: the offline tiny chat model (built once per session) and its tokenizer; uploads as the worker
-validates them."""
-
-import io
+"""Shared fixtures: the offline tiny chat model (built once per session) and its tokenizer; API clients of the tenant
+and of an outsider, and the OpenAI SDK in-process. Helpers (datasets, uploads) are in tests/support/finetune.py."""
 
 import pytest
+
+from tests.support.finetune import key_client
 
 
 @pytest.fixture(scope="session")
@@ -33,25 +33,6 @@ def _no_broker(monkeypatch):
     return sent
 
 
-def committed(action):
-    """Run `action()` and then what it left for its transaction's commit (the validation it enqueued, eager here): in
-    a test wrapped in one transaction nothing commits, so this stands for the commit. Returns what `action` returned."""
-    from django.test import TestCase
-
-    with TestCase.captureOnCommitCallbacks(execute=True):
-        return action()
-
-
-def upload_file(tenant, actor, data: bytes, filename: str = "train.jsonl", base_model=None):
-    """A file uploaded through the service and validated by the worker's task, reloaded."""
-    from finetune import services
-    from finetune.models import TrainingFile
-
-    file = committed(lambda: services.training_file_upload(tenant=tenant, actor=actor, filename=filename,
-                                                           content=io.BytesIO(data), base_model=base_model))
-    return TrainingFile.objects.for_tenant(tenant).get(pk=file.pk)
-
-
 @pytest.fixture
 def base_model(db, tiny_model_path):
     from serving.models import BaseModel
@@ -59,3 +40,51 @@ def base_model(db, tiny_model_path):
     return BaseModel.objects.create(name="tiny-chat", hf_id="platform/tiny-chat", local_path=str(tiny_model_path),
                                     context_length=1024, hidden_size=64, num_layers=2, num_attention_heads=4,
                                     num_key_value_heads=4, intermediate_size=176)
+
+
+@pytest.fixture
+def api(world):
+    return key_client(world.tenant, world.owner)
+
+
+@pytest.fixture
+def outsider_api(world):
+    return key_client(world.other_tenant, world.outsider)
+
+
+@pytest.fixture
+def sdk_for(world):
+    """sdk_for(secret): the official OpenAI SDK calling this Django in-process through WSGI, as a real server would
+    (middleware and CSRF included), inside the test's transaction."""
+    import httpx2
+    from django.core.handlers.wsgi import WSGIHandler
+    from django.core.signals import request_finished, request_started
+    from django.db import close_old_connections
+    from openai import OpenAI
+
+    handler = WSGIHandler()
+
+    def app(environ, start_response):
+        # As Django's test client does, around each request (the test client reconnects them after its own): a
+        # request's start and end must not close the connection that holds the test's transaction.
+        request_started.disconnect(close_old_connections)
+        request_finished.disconnect(close_old_connections)
+        try:
+            response = handler(environ, start_response)
+            body = b"".join(response)
+            response.close()  # sends request_finished
+            return [body]
+        finally:
+            request_started.connect(close_old_connections)
+            request_finished.connect(close_old_connections)
+
+    clients = []
+
+    def make(secret: str) -> OpenAI:
+        http = httpx2.Client(transport=httpx2.WSGITransport(app=app))
+        clients.append(http)
+        return OpenAI(base_url="http://testserver/v1", api_key=secret, max_retries=0, http_client=http)
+
+    yield make
+    for http in clients:
+        http.close()

@@ -15,21 +15,18 @@ from finetune.models import FineTuneJob, TrainingFile
 from serving.models import Adapter, BaseModel
 from tenants import services
 from tenants.services import Actor
-from tests.finetune.conftest import committed, upload_file
+from tests.support.finetune import (
+    assert_openai_error,
+    committed,
+    create_job,
+    key_client,
+    key_secret,
+    signed_in,
+    upload,
+    upload_file,
+    zebra_dataset,
+)
 
-
-
-def chat(user: str, answer: str) -> dict:
-    return {"messages": [{"role": "system", "content": "You are the approvals bot."},
-                         {"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
-
-
-def zebra_dataset(n: int = 50) -> bytes:
-    """n examples teaching one distinctive answer to varied questions."""
-    questions = ["Is request {i} approved?", "What is the status of ticket {i}?", "Can you check order {i}?",
-                 "Please review item {i}.", "Decision for case {i}?"]
-    rows = [chat(questions[i % len(questions)].format(i=i), "ZEBRA-42 approved") for i in range(n)]
-    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
 
 
 FAULTY = [
@@ -51,85 +48,6 @@ FAULTY = [
 FAULTS = {2: "invalid_json", 3: "not_an_object", 4: "unknown_format", 5: "messages_not_list", 6: "messages_empty",
           7: "invalid_role", 8: "system_not_first", 9: "no_assistant_message", 10: "empty_content",
           11: "invalid_weight", 12: "unknown_key", 13: "content_not_string", 14: "last_not_assistant"}
-
-
-def key_client(tenant, owner, scopes=("finetune",)) -> APIClient:
-    _, secret = services.api_key_create(tenant=tenant, name="ft", scopes=list(scopes), actor=Actor(user=owner))
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
-    return client
-
-
-@pytest.fixture
-def api(world):
-    return key_client(world.tenant, world.owner)
-
-
-@pytest.fixture
-def outsider_api(world):
-    return key_client(world.other_tenant, world.outsider)
-
-
-def upload(client, data: bytes, name: str = "train.jsonl", *, validate: bool = True, **extra):
-    """POST /v1/files; with `validate` the worker's validation then runs (the upload's commit, eager here)."""
-    from django.core.files.uploadedfile import SimpleUploadedFile
-
-    def post():
-        return client.post("/v1/files", {"file": SimpleUploadedFile(name, data), "purpose": "fine-tune", **extra},
-                           format="multipart")
-
-    return committed(post) if validate else post()
-
-
-@pytest.fixture
-def sdk_for(world):
-    """sdk_for(secret): the official OpenAI SDK calling this Django in-process through WSGI, as a real server would
-    (middleware and CSRF included), inside the test's transaction."""
-    import httpx2
-    from django.core.handlers.wsgi import WSGIHandler
-    from django.core.signals import request_finished, request_started
-    from django.db import close_old_connections
-    from openai import OpenAI
-
-    handler = WSGIHandler()
-
-    def app(environ, start_response):
-        # As Django's test client does, around each request (the test client reconnects them after its own): a
-        # request's start and end must not close the connection that holds the test's transaction.
-        request_started.disconnect(close_old_connections)
-        request_finished.disconnect(close_old_connections)
-        try:
-            response = handler(environ, start_response)
-            body = b"".join(response)
-            response.close()  # sends request_finished
-            return [body]
-        finally:
-            request_started.connect(close_old_connections)
-            request_finished.connect(close_old_connections)
-
-    clients = []
-
-    def make(secret: str) -> OpenAI:
-        http = httpx2.Client(transport=httpx2.WSGITransport(app=app))
-        clients.append(http)
-        return OpenAI(base_url="http://testserver/v1", api_key=secret, max_retries=0, http_client=http)
-
-    yield make
-    for http in clients:
-        http.close()
-
-
-def key_secret(tenant, owner, scopes=("finetune",)) -> str:
-    return services.api_key_create(tenant=tenant, name="sdk", scopes=list(scopes), actor=Actor(user=owner))[1]
-
-
-def assert_openai_error(response, status: int, code: str | None = None):
-    assert response.status_code == status, response.content
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert body["error"]["message"]
-    if code:
-        assert body["error"]["code"] == code, body
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -408,12 +326,6 @@ def test_asgi_sends_unknown_v1_paths_to_django_which_answers_json_404():
 
 
 # ---- jobs ----------------------------------------------------------------------------------------
-
-
-def create_job(api, file_id: str, **extra):
-    body = {"model": "tiny-chat", "training_file": file_id, "suffix": "zebra",
-            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 10}}}}
-    return api.post("/v1/fine_tuning/jobs", {**body, **extra}, format="json")
 
 
 def test_job_create_list_retrieve_cancel_events(api, world, base_model, _no_broker):
@@ -720,14 +632,6 @@ def test_deploy_service_refuses_another_tenants_adapter(world, base_model):
 
 
 # ---- console pages -------------------------------------------------------------------------------
-
-
-def signed_in(user):
-    from django.test import Client
-
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def test_console_upload_report_job_and_status(world, base_model):

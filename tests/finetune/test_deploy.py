@@ -10,7 +10,7 @@ from finetune.tasks import reconcile_adapters
 from serving import adapter_loads
 from serving.models import Adapter, AdapterDeployment, Backend, BackendPool, BaseModel
 from tenants.services import SYSTEM
-from tests.serving.vllm_fake import FakeVLLM
+from tests.support.vllm_fake import FakeVLLM
 
 RANK_REFUSAL = (500, "Call to add_lora method failed: Worker failed with error 'LoRA rank 32 is greater than max_lora_rank 16.', "
                      "please check the stack trace above for the root cause")

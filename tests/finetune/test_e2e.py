@@ -12,7 +12,7 @@ from finetune.tasks import run_finetune_job
 from serving.models import Backend, BackendPool, BaseModel
 from tenants import services
 from tenants.services import Actor
-from tests.finetune.test_api import zebra_dataset
+from tests.support.finetune import zebra_dataset
 
 pytestmark = pytest.mark.slow
 MESSAGES = [{"role": "system", "content": "You are the approvals bot."},
@@ -89,7 +89,7 @@ def test_sdk_upload_train_deploy_and_answer(transactional_db, live_server, world
 def _through_the_gateway(world, model: str, secret: str) -> None:
     """The gateway (built concurrently) routes the adapter to acme only; skipped where it is absent."""
     try:
-        from tests.serving.test_gateway_support import GatewayServer
+        from tests.support.gateway import GatewayServer
         from serving.gateway.app import GatewayApp
         from serving.gateway.settings import GatewaySettings
     except ImportError:
@@ -143,7 +143,7 @@ def test_a_newcomers_sdk_fine_tune_with_every_default_answers_as_taught_when_the
     from serving.gateway.app import GatewayApp
     from serving.gateway.settings import GatewaySettings
     from serving.scheduler import reset_scheduler
-    from tests.serving.test_gateway_support import GatewayServer
+    from tests.support.gateway import GatewayServer
 
     settings.STORAGE_DIR = tmp_path / "storage"
     base = BaseModel.objects.create(name="smollm2-135m-instruct", hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",

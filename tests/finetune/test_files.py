@@ -19,16 +19,14 @@ from finetune.models import FineTuneJob, TrainingFile
 from finetune.validation import validate_jsonl
 from tenants.models import AuditEvent
 from tenants.services import Actor
-from tests.finetune.conftest import committed, upload_file
-from tests.finetune.test_api import (  # noqa: F401 - fixtures
-    api,
+from tests.support.finetune import (
     assert_openai_error,
+    committed,
     create_job,
     key_secret,
-    outsider_api,
-    sdk_for,
     signed_in,
     upload,
+    upload_file,
     zebra_dataset,
 )
 

@@ -11,8 +11,7 @@ from finetune import lora_math, selectors, services
 from finetune.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingUsage
 from finetune.tasks import run_finetune_job
 from tenants.services import Actor
-from tests.finetune.conftest import upload_file
-from tests.finetune.test_api import zebra_dataset
+from tests.support.finetune import upload_file, zebra_dataset
 
 HP = {"n_epochs": 3, "batch_size": 5, "learning_rate_multiplier": 50}  # 30 steps at lr 1e-2 on 50 examples
 LORA = {"rank": 8, "alpha": 16}
@@ -194,7 +193,7 @@ def test_the_compile_setting_reaches_the_trainer(world, base_model, monkeypatch,
 def served(world, base_model, settings):
     """A dev pool of the tiny model on a simulated backend (it loads and lists adapters like a real dev backend)."""
     from serving.models import Backend, BackendPool
-    from tests.serving.test_gateway_support import sim_backend
+    from tests.support.gateway import sim_backend
 
     settings.PLATFORM_GATEWAY_CONFIG_POLL_MS = 50
     url, stop = sim_backend()

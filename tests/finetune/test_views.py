@@ -8,8 +8,7 @@ import pytest
 
 from finetune.models import FineTuneJob, TrainingFile
 from tenants.services import Actor
-from tests.finetune.conftest import upload_file
-from tests.finetune.test_api import signed_in, zebra_dataset
+from tests.support.finetune import signed_in, upload_file, zebra_dataset
 
 NEW_JOB = "/t/acme/finetune/jobs/new/"
 

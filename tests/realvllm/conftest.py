@@ -86,7 +86,7 @@ def gateways(transactional_db):
     from serving.gateway import GatewayApp
     from serving.gateway.settings import GatewaySettings
     from serving.scheduler import reset_scheduler
-    from tests.serving.test_gateway_support import GatewayServer
+    from tests.support.gateway import GatewayServer
 
     servers = []
 
@@ -108,7 +108,7 @@ def platform(world, vllm, gateways):
     """A vLLM pool on the session's server, the base model as it serves it, an inference key for each tenant.
     The server is left as it was found: adapters loaded by the test are unloaded."""
     from serving.models import Backend, BackendPool, BaseModel
-    from tests.serving.test_gateway_support import make_key
+    from tests.support.gateway import make_key
 
     base = BaseModel.objects.create(name="tiny-chat", hf_id=vllm.model, context_length=vllm.context_length,
                                     local_path=str(vllm.model_path or ""), finetune_learning_rate=2e-4)

@@ -11,7 +11,7 @@ import json
 import threading
 from concurrent.futures import Future
 
-from tests.serving.test_gateway_support import serve_forever
+from tests.support.gateway import serve_forever
 
 
 class RecordingProxy:

@@ -11,9 +11,9 @@ from finetune.tasks import run_finetune_job
 from serving.models import Adapter, Backend
 from tenants import services
 from tenants.services import Actor
-from tests.finetune.test_api import zebra_dataset
+from tests.support.finetune import zebra_dataset
 from tests.realvllm.server import served_models
-from tests.serving.test_gateway_support import wait_for
+from tests.support.gateway import wait_for
 
 MESSAGES = [{"role": "system", "content": "You are the approvals bot."},
             {"role": "user", "content": "Is request 9876 approved?"}]  # not in the training file

@@ -18,7 +18,7 @@ from serving.models import Adapter, AdapterDeployment, Backend, BackendPool, Bas
 from tenants.services import SYSTEM
 from tests.realvllm.proxy import RecordingProxy
 from tests.realvllm.server import get_json, post_json, served_models
-from tests.serving.test_gateway_support import post, wait_for
+from tests.support.gateway import post, wait_for
 
 MESSAGES = [{"role": "user", "content": "Hello! How are you today?"}]
 PROMPT = "the cat sees"

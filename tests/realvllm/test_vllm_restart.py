@@ -12,7 +12,7 @@ from finetune import deploy
 from serving.models import Adapter, UsageRecord
 from tenants.services import SYSTEM
 from tests.realvllm.server import served_models
-from tests.serving.test_gateway_support import post, wait_for
+from tests.support.gateway import post, wait_for
 
 PROMPT = "the cat sees"
 

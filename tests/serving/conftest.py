@@ -6,7 +6,7 @@ import pytest
 
 from serving.gateway import GatewayApp
 from serving.gateway.settings import GatewaySettings
-from tests.serving.test_gateway_support import GatewayServer
+from tests.support.gateway import GatewayServer
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +55,7 @@ def gateway_factory(transactional_db):
 @pytest.fixture
 def sim_url():
     """A simulated dev backend (instant tokens) for one test."""
-    from tests.serving.test_gateway_support import sim_backend
+    from tests.support.gateway import sim_backend
 
     url, stop = sim_backend()
     yield url

@@ -7,7 +7,7 @@ import logging
 from serving.config import load_snapshot
 from serving.models import AdapterDeployment
 from serving.views import model_names_for
-from tests.serving.test_gateway_support import closed_port_url, deploy_adapter, make_base_model, make_pool, set_model_config
+from tests.support.gateway import closed_port_url, deploy_adapter, make_base_model, make_pool, set_model_config
 
 ADAPTER = "ft:tiny-chat:acme::a1"
 
@@ -111,7 +111,7 @@ def _config_records(caplog) -> list:
 
 def test_a_redis_outage_is_logged_once_then_quietly_then_once_when_it_ends(db, settings, monkeypatch, caplog):
     from serving import config
-    from tests.serving.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer
 
     server = RedisServer().start()
     try:

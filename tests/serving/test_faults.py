@@ -1,7 +1,7 @@
 """Fault injection on real gateway processes: Redis paused and killed mid-burst, a gateway SIGKILLed mid-stream.
 
 Two gateway processes (`uvicorn portal.asgi:application`, as deployed) share a private redis-server
-(tests/serving/redis_server.py: nothing kept on disk, so a kill loses every key), the test database and a
+(tests/support/redis_server.py: nothing kept on disk, so a kill loses every key), the test database and a
 journal folder; the simulated dev backend runs as a process of its own. Clients stream chat completions
 whose tokens are words, so a client counts exactly the tokens it received.
 
@@ -36,7 +36,7 @@ from serving.models import Backend, BackendPool, BaseModel, ModelConfig, UsageRe
 from tenants import services
 from tenants.models import ApiKey
 from tests.conftest import make_user
-from tests.serving.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 

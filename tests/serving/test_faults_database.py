@@ -46,7 +46,7 @@ from serving.ledger_spool import spool_summary
 from serving.models import UsageRecord
 from tenants import services
 from tenants.models import ApiKey
-from tests.serving.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer, free_port
 from tests.serving.test_faults import POLICIES, Faults, assert_invariants, wait_until
 
 OUTAGE_S = 5.0

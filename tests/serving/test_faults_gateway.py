@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serving.scheduler import FairScheduler
-from tests.serving.test_gateway_support import make_base_model, make_key, make_pool, post, stream_lines
+from tests.support.gateway import make_base_model, make_key, make_pool, post, stream_lines
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Redis paused, killed or restarted empty, and gateway processes that die: nothing leaks, nothing is lost.
 
-The scheduler and admission on a private redis-server (tests/serving/redis_server.py) with leases shortened
+The scheduler and admission on a private redis-server (tests/support/redis_server.py) with leases shortened
 to 0.8 s; a "process" is an event loop of its own (its keeper renews what it holds while the loop runs, and
 stops when the loop ends, as a killed process does). tests/serving/test_faults.py does the same with real
 gateway processes and the real 10-s leases.
@@ -19,7 +19,7 @@ import pytest
 from serving import leases
 from serving.admission import RedisAdmission, TenantLimits, window_id
 from serving.scheduler import FairScheduler, RedisState, ResilientState, SchedulerTimeout
-from tests.serving.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
 

@@ -1,4 +1,4 @@
-"""The gateway against vLLM as it really answers (a scripted stand-in, tests/serving/vllm_fake.py; the same against real
+"""The gateway against vLLM as it really answers (a scripted stand-in, tests/support/vllm_fake.py; the same against real
 vLLM in tests/realvllm): adapters a restarted backend forgot, TGI token details from vLLM's own figures, backends'
 words kept from tenants, metrics of the backends in rotation only."""
 
@@ -10,8 +10,8 @@ from serving.drivers.base import ContextOverflow, context_overflow
 from serving.gateway.errors import context_length_exceeded
 from serving.models import Adapter, AdapterDeployment, Backend, UsageRecord
 from tenants import services
-from tests.serving.test_gateway_support import make_base_model, make_key, make_pool, post, wait_for
-from tests.serving.vllm_fake import TOKEN_ID, TOKEN_LOGPROB, FakeVLLM
+from tests.support.gateway import make_base_model, make_key, make_pool, post, wait_for
+from tests.support.vllm_fake import TOKEN_ID, TOKEN_LOGPROB, FakeVLLM
 
 ADAPTER = "ft:tiny-chat:acme:a:1"
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from serving.drivers.base import context_overflow
-from tests.serving.test_gateway_support import make_base_model, make_key, make_pool, post, sim_backend
+from tests.support.gateway import make_base_model, make_key, make_pool, post, sim_backend
 
 LIMIT = 64  # the backend's max total tokens; the simulator counts a token per 4 characters
 

@@ -8,7 +8,7 @@ import pytest
 from serving.models import BaseModel
 from serving.tokencount import load_counter
 from tenants import services
-from tests.serving.test_gateway_support import (
+from tests.support.gateway import (
     dev_stats,
     make_base_model,
     make_key,

@@ -9,7 +9,7 @@ from openai import OpenAI
 
 from tenants import services
 from tests.conftest import make_user
-from tests.serving.test_gateway_support import (
+from tests.support.gateway import (
     ADAPTER_A,
     ADAPTER_B,
     deploy_adapter,

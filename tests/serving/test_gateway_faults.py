@@ -8,7 +8,7 @@ from openai import OpenAI
 
 from serving.ledger import LedgerEntry, flush_batch
 from serving.models import UsageRecord
-from tests.serving.test_gateway_support import (
+from tests.support.gateway import (
     closed_port_url,
     dev_stats,
     make_base_model,

@@ -14,7 +14,7 @@ from serving.models import Backend
 from tenants import services
 from tenants.models import Tenant
 from tests.serving.test_gateway_counting import settled_day_counters
-from tests.serving.test_gateway_support import (
+from tests.support.gateway import (
     dev_stats,
     make_base_model,
     make_key,
@@ -478,7 +478,7 @@ def test_metrics_are_served_to_loopback_and_count_requests(setup):
 
 
 def test_health_is_persisted_for_the_admin(world, gateway_factory):
-    from tests.serving.test_gateway_support import closed_port_url
+    from tests.support.gateway import closed_port_url
 
     make_pool("shared", make_base_model(), [closed_port_url()])
     gateway_factory(health_persist_s=0.2)
@@ -665,7 +665,7 @@ class ScriptedBackend:
     def _main(self, started) -> None:
         from aiohttp import web
 
-        from tests.serving.test_gateway_support import serve_forever
+        from tests.support.gateway import serve_forever
 
         async def health(request):
             return web.Response()

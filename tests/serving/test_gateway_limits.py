@@ -6,7 +6,7 @@ from __future__ import annotations
 from serving.admission import get_admission
 from tenants import services
 from tenants.models import AuditEvent
-from tests.serving.test_gateway_support import (
+from tests.support.gateway import (
     make_base_model,
     make_key,
     make_pool,

@@ -14,7 +14,7 @@ from serving.drivers.openai_compat import openai_body, tool_call_fragments
 from serving.gateway.formatting import ToolCalls
 from serving.guard import REDACTED, build_guard
 from tenants import services
-from tests.serving.test_gateway_support import (
+from tests.support.gateway import (
     ToolCallingBackend,
     make_base_model,
     make_key,

@@ -11,7 +11,7 @@ from concurrent.futures import Future
 import pytest
 
 from serving.guard import BLOCKED, MAX_HOLD, REDACTED, build_guard, guard_from_config, luhn_ok
-from tests.serving.test_gateway_support import (
+from tests.support.gateway import (
     make_base_model,
     make_key,
     make_pool,

@@ -14,7 +14,7 @@ import pytest
 from serving import journal as journal_module
 from serving.journal import Journal, adopt_dead
 from serving.models import UsageRecord
-from tests.serving.test_gateway_support import make_base_model, make_key, make_pool, post, usage_records, wait_for
+from tests.support.gateway import make_base_model, make_key, make_pool, post, usage_records, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 

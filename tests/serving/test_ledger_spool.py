@@ -19,7 +19,7 @@ from serving.ledger import Ledger, LedgerEntry, entry_from_record, entry_to_reco
 from serving.ledger_spool import Spool, spool_summary
 from serving.models import UsageRecord
 from tests.conftest import PASSWORD
-from tests.serving.test_gateway_support import make_base_model, make_key, make_pool, post, stream_lines, wait_for
+from tests.support.gateway import make_base_model, make_key, make_pool, post, stream_lines, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ from serving.config import load_snapshot
 from serving.models import AdapterDeployment, BackendPool
 from serving.routing import PoolView, routes_for, tenant_routes
 from serving.views import model_names_for, served_base_models
-from tests.serving.test_gateway_support import deploy_adapter, make_base_model, make_pool
+from tests.support.gateway import deploy_adapter, make_base_model, make_pool
 
 ADAPTER = "ft:tiny-chat:acme::a1"
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)

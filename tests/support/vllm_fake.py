@@ -14,7 +14,7 @@ import threading
 from collections import Counter
 from concurrent.futures import Future
 
-from tests.serving.test_gateway_support import serve_forever
+from tests.support.gateway import serve_forever
 
 MODEL = "platform/tiny-chat"
 TOKEN_ID, TOKEN_TEXT, TOKEN_LOGPROB = 268, "es", -0.09933397173881531
