@@ -138,7 +138,7 @@ def _notify(tenant: Tenant, config: AlertSettings, event: AlertEvent) -> None:
     sentence = describe(event)
     emails = sorted({m.user.email for m in config.recipients.select_related("user") if m.user.email and m.user.is_active})
     if emails:
-        link = f"{settings.PUBLIC_URL}/t/{tenant.slug}/billing/alerts/"
+        link = f"{settings.PUBLIC_URL}/t/{tenant.slug}/alerts/"
         transaction.on_commit(lambda: send_mail(
             subject=f"Usage alert: {event.get_subject_display()} at {event.threshold} %",
             message=f"{sentence}.\n\nTeam: “{tenant.name[:80]}” (console id: {tenant.slug}).\nAlerts and budgets: {link}\n",

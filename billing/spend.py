@@ -19,6 +19,7 @@ from decimal import ROUND_CEILING, Decimal
 from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate
 
+from billing.models import format_cents
 from billing.rating import UNBILLED_STATUSES, PriceBook
 from serving.admission import window_bounds, window_id
 from serving.models import UsageRecord
@@ -54,6 +55,11 @@ class Usage:
     @property
     def cents(self) -> int:
         return cents_from_microcents(self.microcents)
+
+    @property
+    def spent(self) -> str:
+        """Spend as money for people (whole cents, rounded up): "1,234.56"."""
+        return format_cents(self.cents)
 
 
 def month_bounds(now: datetime | None = None) -> tuple[datetime, datetime]:

@@ -7,7 +7,7 @@ Tenant-scoped routes live under `tenants/<slug:tenant_slug>/` and use `TenantAPI
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 
-from billing import urls as billing_urls
+from billing import control_api, urls as billing_urls
 from finetune import urls as finetune_urls
 from serving.api import UsageApi
 from tenants import api
@@ -24,6 +24,12 @@ tenant_patterns = [
     path("keys/", api.ApiKeyListApi.as_view(), name="api-key-list"),
     path("keys/<int:key_id>/", api.ApiKeyDetailApi.as_view(), name="api-key-detail"),
     path("keys/<int:key_id>/revoke/", api.ApiKeyRevokeApi.as_view(), name="api-key-revoke"),
+    path("keys/<int:key_id>/limits/", control_api.ApiKeyControlsApi.as_view(), name="api-key-limits"),
+    path("keys/<int:key_id>/rotate/", control_api.ApiKeyRotateApi.as_view(), name="api-key-rotate"),
+    path("budget/", control_api.SpendBudgetApi.as_view(), name="api-budget"),
+    path("alerts/", control_api.AlertSettingsApi.as_view(), name="api-alerts"),
+    path("alerts/deliveries/", control_api.WebhookDeliveryListApi.as_view(), name="api-alert-delivery-list"),
+    path("alerts/deliveries/<int:delivery_id>/resend/", control_api.WebhookResendApi.as_view(), name="api-alert-delivery-resend"),
     path("prompts/", api.PromptListApi.as_view(), name="api-prompt-list"),
     path("prompts/<int:version>/", api.PromptDetailApi.as_view(), name="api-prompt-detail"),
     path("prompts/<int:version>/activate/", api.PromptActivateApi.as_view(), name="api-prompt-activate"),

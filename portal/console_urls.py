@@ -7,6 +7,7 @@ outside a tenant are listed below so the isolation suite can tell them from a fo
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+from billing import control_views as controls
 from portal import dashboard, views as shell
 from tenants import views as console
 
@@ -35,9 +36,15 @@ tenant_patterns = [
     path("members/<int:membership_id>/role/", console.member_role, name="console-member-role"),
     path("members/<int:membership_id>/remove/", console.member_remove, name="console-member-remove"),
     path("invitations/<int:invitation_id>/revoke/", console.invitation_revoke, name="console-invitation-revoke"),
-    path("keys/", console.keys, name="console-keys"),
+    path("keys/", controls.keys, name="console-keys"),
     path("keys/new/", console.key_create, name="console-key-create"),
     path("keys/<int:key_id>/revoke/", console.key_revoke, name="console-key-revoke"),
+    path("keys/<int:key_id>/limits/", controls.key_controls, name="console-key-limits"),
+    path("keys/<int:key_id>/rotate/", controls.key_rotate, name="console-key-rotate"),
+    path("budget/", controls.budget, name="console-budget"),
+    path("alerts/", controls.alerts_page, name="console-alerts"),
+    path("alerts/secret/", controls.webhook_secret_rotate, name="console-alerts-secret-rotate"),
+    path("alerts/deliveries/<int:delivery_id>/resend/", controls.webhook_resend, name="console-webhook-resend"),
     path("prompt/", console.prompt, name="console-prompt"),
     path("prompt/<int:version>/", console.prompt_version, name="console-prompt-version"),
     path("prompt/<int:version>/activate/", console.prompt_activate, name="console-prompt-activate"),

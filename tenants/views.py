@@ -185,10 +185,7 @@ def invitation_revoke(request, ctx: TenantContext, invitation_id: int):
 # ---- API keys ------------------------------------------------------------------------------------
 
 
-@tenant_view()
-def keys(request, ctx: TenantContext):
-    key_list = ApiKey.objects.for_tenant(ctx.tenant).select_related("created_by")
-    return _render(request, ctx, "console/keys.html", "keys", {"keys": key_list})
+# The keys list (with each key's usage and spend), its limits and rotation are billing.control_views: they read the ledger.
 
 
 @tenant_view(read=Role.ADMIN)

@@ -53,7 +53,15 @@ OBJECT_KWARGS: dict[str, Callable[["IsolationWorld"], object]] = {
     "file_id": lambda w: _finetune_objects(w)["file"].id,
     "job_id": lambda w: _finetune_objects(w)["job"].id,
     "adapter_id": lambda w: _finetune_objects(w)["adapter"].pk,
+    "delivery_id": lambda w: _acme_webhook_delivery(w).pk,
 }
+
+
+def _acme_webhook_delivery(w):
+    from tenants.models import WebhookDelivery
+
+    delivery = WebhookDelivery.objects.for_tenant(w.tenant).first()
+    return delivery or WebhookDelivery.objects.for_tenant(w.tenant).create(tenant=w.tenant, url="https://hooks.example.com/x", body="{}")
 
 
 def _finetune_objects(w):

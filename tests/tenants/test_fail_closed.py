@@ -64,6 +64,7 @@ ALL_TENANTS_ALLOWED: dict[tuple[str, str], str] = {
     ("billing/services.py", "_invoice_for"): "a Stripe event names our invoice by uuid or Stripe id, any tenant's",
     ("billing/services.py", "_overdue"): "the dunning run looks at every tenant's overdue invoices",
     ("billing/tasks.py", "stripe_reconcile"): "the periodic task re-enqueues every tenant's stuck invoices",
+    ("billing/alerts.py", "alerts_check_all"): "the periodic alerts check finds every tenant with alert settings",
     ("portal/management/commands/demo_setup.py", "Command._reload_adapters"): "demo setup, staff-side",
 }
 UNSCOPED_BY_DEFAULT_ALLOWED = {("tenants/scoping.py", "*"), ("tenants/admin.py", "AllTenantsInlineFormSet.add_fields")}
