@@ -24,12 +24,14 @@ def manage(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env={**base, **(env or {})}, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_production_settings_pass_check_deploy_without_warnings():
     result = manage("check", "--deploy", "--fail-level", "WARNING", env=PRODUCTION_ENV)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
 
 
+@pytest.mark.slow
 def test_check_deploy_warns_when_metrics_have_no_token():
     env = {**PRODUCTION_ENV, "PLATFORM_METRICS_TOKEN": ""}
     result = manage("check", "--deploy", "--fail-level", "WARNING", env=env)
@@ -59,11 +61,13 @@ def test_bad_environment_values_stop_startup_with_a_clear_message(env, message):
     assert message in result.stderr
 
 
+@pytest.mark.slow
 def test_migrations_are_complete():
     result = manage("makemigrations", "--check", "--dry-run")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_openapi_schema_is_valid_without_warnings():
     result = manage("spectacular", "--validate", "--fail-on-warn", "--file", "/dev/null")
     assert result.returncode == 0, result.stderr
@@ -91,12 +95,14 @@ def broker_transport_options(env: dict) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_a_redis_broker_prefixes_its_keys_only_when_asked():
     redis = {"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0", "CELERY_BROKER_KEY_PREFIX": ""}
     assert broker_transport_options(redis) == {}
     assert broker_transport_options({**redis, "CELERY_BROKER_KEY_PREFIX": "staging:"}) == {"global_keyprefix": "staging:"}
 
 
+@pytest.mark.slow
 def test_a_filesystem_broker_gets_its_folders_even_when_redis_is_configured(tmp_path):
     env = {"REDIS_URL": "redis://127.0.0.1:6379/0", "CELERY_BROKER_URL": "filesystem://", "PLATFORM_VAR_DIR": str(tmp_path)}
     options = broker_transport_options(env)
@@ -111,6 +117,7 @@ def test_favicon_ico_points_at_the_console_icon(client):
 # ---- a development setup is never served to the world ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_development_key_with_a_database_on_another_host_refuses_to_start():
     result = manage("check", env={"DATABASE_URL": "postgres://app@db.internal.example:5432/platform"})
     assert result.returncode != 0

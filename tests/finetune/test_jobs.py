@@ -36,6 +36,7 @@ def file_tokens(job: FineTuneJob) -> int:
     return job.training_file.token_counts["tiny-chat"]["total_tokens"]
 
 
+@pytest.mark.slow
 def test_job_trains_an_adapter_and_meters_trained_tokens(world, base_model):
     job = make_job(world, base_model)
     assert run_finetune_job(job.id, world.tenant.pk) == "succeeded"
@@ -66,6 +67,7 @@ def test_job_trains_an_adapter_and_meters_trained_tokens(world, base_model):
     assert [c.step for c in JobCheckpoint.objects.for_tenant(world.tenant).filter(job=job).order_by("step")] == [10, 20, 30]
 
 
+@pytest.mark.slow
 def test_a_validation_file_gets_its_loss_reported_at_each_epoch_end(world, base_model):
     actor = Actor(user=world.owner)
     valid = upload_file(world.tenant, actor, zebra_dataset(10), "valid.jsonl", base_model)
@@ -80,6 +82,7 @@ def test_a_validation_file_gets_its_loss_reported_at_each_epoch_end(world, base_
     assert reload(job).trained_tokens == file_tokens(job) * 2  # validation tokens are free
 
 
+@pytest.mark.slow
 def test_cancel_takes_effect_within_a_step_and_bills_completed_steps(world, base_model, monkeypatch):
     job = make_job(world, base_model)
     monkeypatch.setattr(services, "CANCEL_POLL_SECONDS", 0)
@@ -101,6 +104,7 @@ def test_cancel_takes_effect_within_a_step_and_bills_completed_steps(world, base
     assert "Stopped at step 4/30" in JobEvent.objects.for_tenant(world.tenant).filter(job=job).first().message
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_reclaimed_and_resumes_from_its_checkpoint(world, base_model, monkeypatch):
     job = make_job(world, base_model)
     original = services.JobRunner.on_event

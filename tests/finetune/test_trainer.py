@@ -209,6 +209,7 @@ def test_learning_rate_schedule():
     assert cosine(2) == 1.0 and cosine(6) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
 
 
+@pytest.mark.slow
 def test_throughput_bench_smoke(tmp_path, monkeypatch):
     import importlib.util
     from pathlib import Path
@@ -249,6 +250,7 @@ def test_chunked_loss_matches_the_whole_loss(tiny_model_path, tiny_tokenizer, mo
     assert torch.allclose(chunked[3], whole[3], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(tiny_model_path, tiny_tokenizer):
     """Regional compilation (an option for GPU workers) changes speed, not numbers. aot_eager traces and
     partitions exactly as inductor does, without its minute of C++ code generation on a CPU."""

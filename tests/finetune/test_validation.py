@@ -381,6 +381,7 @@ def test_a_line_nested_too_deep_is_a_problem_of_its_line_not_a_recursion_error()
     assert [ex.line for ex in result.examples][-1] == 15
 
 
+@pytest.mark.slow
 def test_a_large_file_is_validated_line_by_line_without_keeping_its_examples(tmp_path):
     path, filler = tmp_path / "big.jsonl", "lorem ipsum dolor sit amet " * 35
     with open(path, "w") as out:

@@ -122,6 +122,7 @@ def test_slots_of_a_process_that_died_free_themselves_within_a_lease(srv):
     assert asyncio.run(other_process()) < LEASE_S * 1.5
 
 
+@pytest.mark.slow
 def test_a_running_request_keeps_its_slot_for_as_long_as_it_runs(srv):
     pool = next(_ids)
 
