@@ -235,8 +235,8 @@ class ApiKeyAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ["prefix", "name", "tenant", "scopes", "state", "created_at", "last_used_at", "expires_at"]
     list_filter = ["revoked_at", "tenant"]
     search_fields = ["prefix", "name", "tenant__slug"]
-    exclude = ["secret_hash"]
-    readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at", "created_by"]
+    exclude = ["secret_hash", "previous_secret_hash"]
+    readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at", "created_by", "previous_valid_until", "rotated_at"]
     actions = ["revoke"]
 
     def has_add_permission(self, request):
@@ -261,7 +261,7 @@ class SystemPromptVersionAdmin(AllTenantsAdmin, admin.ModelAdmin):
 
 @admin.register(Policy)
 class PolicyAdmin(AllTenantsAdmin, admin.ModelAdmin):
-    list_display = ["tenant", "weight", "fair_share", "quota_tokens", "quota_window", "quota_mode", "requests_per_minute", "tokens_per_minute", "max_concurrent_requests"]
+    list_display = ["tenant", "weight", "fair_share", "quota_tokens", "quota_window", "quota_mode", "requests_per_minute", "tokens_per_minute", "max_concurrent_requests", "budget_ceiling_cents"]
     list_filter = ["quota_mode", "quota_window", "fair_share"]
     search_fields = ["tenant__slug"]
 
