@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from django.contrib import messages
 from django.db import transaction
-from django.http import HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 
 from common.charts import bar_chart
@@ -16,7 +16,7 @@ from serving.forms import ModelConfigForm
 from serving.models import Adapter, AdapterDeployment, BackendPool, BaseModel, ModelConfig
 from serving.routing import tenant_routes
 from tenants.access import TenantContext, tenant_view
-from tenants.models import Role
+from tenants.models import Role, SystemPromptVersion
 from tenants.services import PLAYGROUND_ROLE, audit_record, playground_token_issue
 
 
@@ -134,11 +134,29 @@ def models_page(request, ctx: TenantContext):
     )
 
 
+# A tried prompt travels in the page's token, in the Authorization header: proxies commonly refuse header lines past
+# 8 KiB. Natural text compresses about threefold, so prompts of some 15,000 characters fit.
+PLAYGROUND_TRY_TOKEN_MAX_CHARS = 8000
+
+
 @tenant_view(read=PLAYGROUND_ROLE, write=PLAYGROUND_ROLE)
 def playground(request, ctx: TenantContext):
-    """Try the tenant's models with its system prompt, streamed, through the real gateway."""
+    """Try the tenant's models with its system prompt, streamed, through the real gateway. `?prompt=<version>` tries
+    that version of the system prompt (a draft) instead of the live one: the page's token carries its text."""
     tenant = ctx.tenant
     config = ModelConfig.objects.for_tenant(tenant).first()
+    trying = None
+    if request.GET.get("prompt", "").isdigit():
+        trying = SystemPromptVersion.objects.for_tenant(tenant).filter(version=int(request.GET["prompt"])).first()
+        if trying is None:
+            raise Http404("No such version of the system prompt.")
+        if trying.pk == tenant.active_prompt_id:
+            trying = None  # the live one: nothing to override
+    token = playground_token_issue(tenant=tenant, user=request.user, system_prompt=trying.text if trying else None)
+    trying_refused = None
+    if trying is not None and len(token) > PLAYGROUND_TRY_TOKEN_MAX_CHARS:
+        trying_refused, trying = trying, None
+        token = playground_token_issue(tenant=tenant, user=request.user)
     return _render(
         request,
         ctx,
@@ -147,8 +165,10 @@ def playground(request, ctx: TenantContext):
         {
             "model_names": model_names_for(tenant),
             "default_model": config.default_model if config else "",
-            "token": playground_token_issue(tenant=tenant, user=request.user),
-            "system_prompt": tenant.active_prompt.text if tenant.active_prompt_id else "",
+            "token": token,
+            "trying": trying,
+            "trying_refused": trying_refused,
+            "system_prompt": trying.text if trying else (tenant.active_prompt.text if tenant.active_prompt_id else ""),
             "max_tokens": config.default_max_tokens if config else 256,
         },
     )
