@@ -270,8 +270,11 @@ class FileListApi(OpenAIView):
         `uploaded`: a worker validates it, then GET /v1/files/{id} says `processed`, or `error` with `status_details`
         (the SDK's `files.wait_for_processing(id)` waits for that; `progress` says how far it is). API key with the
         finetune scope. 400 for a missing file or purpose, or a purpose other than fine-tune; 404 for an unknown
-        `model`; 413 over the upload limit; 503 when storage fails.
+        `model`; 413 over the upload limit; 429 `too_many_pending_files` while PLATFORM_FINETUNE_MAX_PENDING_FILES
+        of the tenant's uploads wait to be validated (they are validated one at a time, in upload order), or
+        `rate_limit_exceeded` past its API rate; 503 when storage fails.
         """
+        services.training_file_upload_check(tenant=self.tenant)  # 429 before the body is parsed
         upload = request.FILES.get("file")
         if upload is None:
             raise FinetuneError("file is required: send the JSONL file as multipart form field 'file'", param="file",

@@ -39,7 +39,8 @@ class TrainingFile(TenantOwnedModel):
     """An uploaded JSONL file (`purpose=fine-tune`) and its full validation report.
 
     `uploaded` (OpenAI's status) until a worker has validated it (finetune.services.training_file_validate), with its
-    progress in `lines_validated` / `bytes_validated`; then `processed` or `error`, the report written once.
+    progress in `lines_validated` / `bytes_validated`; then `processed` or `error`, the report written once. A
+    tenant's uploads are validated one at a time, in upload order (`validation_queued_at`).
     """
 
     class Status(models.TextChoices):
@@ -59,6 +60,10 @@ class TrainingFile(TenantOwnedModel):
     lines_validated = models.PositiveBigIntegerField(default=0)
     bytes_validated = models.PositiveBigIntegerField(default=0)
     progress_at = models.DateTimeField(null=True, blank=True, help_text="The validating worker's last progress write.")
+    # A tenant's files are validated one at a time, oldest first (finetune.services.training_file_validation_next):
+    # set when this one's validation is sent to a worker; null while it waits for the tenant's file before it.
+    validation_queued_at = models.DateTimeField(null=True, blank=True,
+                                                help_text="When its validation was sent to a worker (null: waiting its turn).")
     validated_at = models.DateTimeField(null=True, blank=True)
     # validate_stream(...).to_dict(): {ok, problems[{line,path,code,message}], problems_omitted, stats}
     validation = models.JSONField(default=dict, blank=True)
@@ -96,6 +101,8 @@ class TrainingFile(TenantOwnedModel):
         """The validation's progress in words, for messages and the console."""
         if not self.is_validating:
             return "validated"
+        if self.validation_queued_at is None:
+            return "waiting for this account's earlier uploads to be validated first"
         if not self.bytes_validated:
             return "waiting for a worker to validate it"
         return (f"{self.progress_percent} % validated: {self.lines_validated:,} lines, {self.bytes_validated:,} of "

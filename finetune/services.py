@@ -83,7 +83,9 @@ STALE_VALIDATION_SECONDS = 600
 
 def training_file_upload(*, tenant: Tenant, actor: Actor, filename: str, content: BinaryIO, purpose: str = "fine-tune",
                          base_model: BaseModel | None = None) -> TrainingFile:
-    """Store an uploaded JSONL file under the tenant's storage and queue its validation on a worker (`default` queue).
+    """Store an uploaded JSONL file under the tenant's storage and queue its validation on a worker (`validation`
+    queue), after the tenant's earlier uploads (one validation per tenant at a time: training_file_validation_next).
+    429 while FINETUNE_MAX_PENDING_FILES of its uploads wait (training_file_upload_check).
 
     `content` is a binary stream (Django's UploadedFile: spooled to a temporary file when large). It is copied in
     UPLOAD_CHUNK_BYTES chunks, counted against MAX_UPLOAD_BYTES while copying (413), and flushed to disk under the
@@ -94,6 +96,7 @@ def training_file_upload(*, tenant: Tenant, actor: Actor, filename: str, content
     """
     if purpose != "fine-tune":
         raise FinetuneError(f"purpose must be 'fine-tune', got {purpose!r}", param="purpose", code="invalid_purpose")
+    training_file_upload_check(tenant=tenant)  # before copying a byte (checked again, exactly, under the lock)
     declared = getattr(content, "size", None)
     if declared is not None and declared > MAX_UPLOAD_BYTES:
         raise _too_large(declared)
@@ -106,17 +109,57 @@ def training_file_upload(*, tenant: Tenant, actor: Actor, filename: str, content
     file.path = str(relative)
     try:
         with transaction.atomic():
+            _lock_tenant(tenant.pk)  # the pending count and the turn below, one upload of the tenant at a time
+            training_file_upload_check(tenant=tenant)
             file.save(force_insert=True)
             audit_record(tenant=tenant, actor=actor, action="finetune.file_uploaded", target=file,
                          data={"id": file.id, "filename": name, "bytes": file.bytes,
                                "model": base_model.name if base_model else None})
-            # A broker that is down is logged, not raised: the upload has succeeded, and the periodic sweep
-            # (finetune.tasks.requeue_stale_validations) sends a lost validation again.
-            enqueue_on_commit("finetune.tasks.validate_training_file", file.id, tenant.pk, robust=True)
+            # Sent to a worker now unless another of the tenant's files is being validated (then when it ends).
+            training_file_validation_next(tenant_id=tenant.pk)
     except BaseException:
         target.unlink(missing_ok=True)  # no row: no bytes either
         raise
     return file
+
+
+def training_file_upload_check(*, tenant: Tenant) -> None:
+    """Raise 429 `too_many_pending_files` while the tenant has FINETUNE_MAX_PENDING_FILES uploads not yet validated:
+    its files are validated one at a time, so more would only wait (and fill storage) — the client should wait for
+    one to be processed. Cheap (one count): the /v1 upload calls it before parsing the request's body."""
+    limit = settings.FINETUNE_MAX_PENDING_FILES
+    pending = TrainingFile.objects.for_tenant(tenant).filter(status=TrainingFile.Status.UPLOADED).count()
+    if pending >= limit:
+        raise FinetuneError(f"{pending:,} of this account's uploads are still waiting to be validated, the most it may "
+                            f"have at once ({limit:,}): wait until one is processed (GET /v1/files/{{file_id}} says "
+                            "'processed' or 'error'), then upload again.", status=429, param="file",
+                            code="too_many_pending_files")
+
+
+def _lock_tenant(tenant_id: int) -> None:
+    """Lock the tenant's row until the transaction ends: its uploads' turns are decided one at a time. (SQLite has no
+    row locks; its transactions take the database's write lock at their start here, which serialises them.)"""
+    list(Tenant.objects.select_for_update().filter(pk=tenant_id).values_list("pk", flat=True))
+
+
+def training_file_validation_next(*, tenant_id: int) -> str | None:
+    """Send the validation of the tenant's oldest waiting upload to a worker (the `validation` queue), unless one of
+    its files is being validated already (sent and not finished). So a tenant has at most one validation queued or
+    running, and one tenant's backlog of large files never stands in front of another tenant's file: the queue
+    takes the tenants in turn. Called when an upload is stored, when a validation ends, when a file is deleted and
+    by the periodic sweep. The message goes when the transaction commits; a broker that is down is logged, not
+    raised (the sweep sends it again). Returns the id of the file sent, or None."""
+    with transaction.atomic():
+        _lock_tenant(tenant_id)
+        waiting = TrainingFile.objects.for_tenant(tenant_id).filter(status=TrainingFile.Status.UPLOADED)
+        if waiting.filter(validation_queued_at__isnull=False).exists():
+            return None
+        file_id = waiting.order_by("created_at", "pk").values_list("pk", flat=True).first()
+        if file_id is None:
+            return None
+        waiting.filter(pk=file_id).update(validation_queued_at=timezone.now())
+        enqueue_on_commit("finetune.tasks.validate_training_file", file_id, tenant_id, robust=True)
+    return file_id
 
 
 def _too_large(size: int) -> FinetuneError:
@@ -160,13 +203,20 @@ def _store_upload(content: BinaryIO, target: Path) -> int:
 
 def training_file_validate(*, file_id: str, tenant_id: int) -> str:
     """Validate an uploaded file on a worker (the `validate_training_file` task) and store the outcome once: status
-    `processed` or `error`, the full report and, for the base model named at upload, its token counts.
+    `processed` or `error`, the full report and, for the base model named at upload, its token counts; then send the
+    tenant's next waiting upload (training_file_validation_next).
 
     The file is read line by line (memory bounded by the longest line: no example is kept) and its progress written
     about once every VALIDATION_PROGRESS_SECONDS. Idempotent: a redelivered message finds the file validated, and of
     two workers validating it at once only the first stores its result. Returns 'processed' | 'error' | 'done'
     (validated before) | 'gone' (deleted meanwhile).
     """
+    outcome = _training_file_validate_once(file_id=file_id, tenant_id=tenant_id)
+    training_file_validation_next(tenant_id=tenant_id)
+    return outcome
+
+
+def _training_file_validate_once(*, file_id: str, tenant_id: int) -> str:
     files = TrainingFile.objects.for_tenant(tenant_id)
     file = files.select_related("tenant", "base_model").filter(pk=file_id).first()
     if file is None:
@@ -207,13 +257,34 @@ def _validation_progress(pending, lines: int, nbytes: int) -> None:
 
 
 def training_file_stale_validations() -> list[tuple[str, int]]:
-    """(file id, tenant id) of uploads still `uploaded` with no progress for STALE_VALIDATION_SECONDS, for a periodic
-    re-enqueue."""
+    """(file id, tenant id) of uploads whose validation was sent to a worker and shows no progress for
+    STALE_VALIDATION_SECONDS since (its message was lost: broker down at the upload, or wiped). Files still waiting
+    their turn are not stale: they were never sent."""
     stale = timezone.now() - timedelta(seconds=STALE_VALIDATION_SECONDS)
     # all_tenants: a sweep over every tenant's uploads, returning ids only.
-    return list(TrainingFile.all_tenants.filter(status=TrainingFile.Status.UPLOADED)
-                .filter(Q(progress_at__lt=stale) | Q(progress_at__isnull=True, created_at__lt=stale))
+    return list(TrainingFile.all_tenants.filter(status=TrainingFile.Status.UPLOADED, validation_queued_at__lt=stale)
+                .filter(Q(progress_at__lt=stale) | Q(progress_at__isnull=True))
                 .values_list("id", "tenant_id"))
+
+
+def training_file_validations_resume() -> int:
+    """The periodic sweep (finetune.tasks.requeue_stale_validations): send again each stale validation
+    (training_file_stale_validations; its file keeps its turn), and give a turn to every tenant whose uploads wait
+    with none being validated (a turn lost between a validation's end and the next one's send). Each tenant still
+    has at most one validation sent. Returns how many were sent."""
+    sent = 0
+    for file_id, tenant_id in training_file_stale_validations():
+        with transaction.atomic():
+            if TrainingFile.objects.for_tenant(tenant_id).filter(pk=file_id, status=TrainingFile.Status.UPLOADED) \
+                    .update(validation_queued_at=timezone.now()):
+                enqueue_on_commit("finetune.tasks.validate_training_file", file_id, tenant_id, robust=True)
+                sent += 1
+    # all_tenants: the tenants with uploads waiting for their turn, ids only.
+    waiting = set(TrainingFile.all_tenants.filter(status=TrainingFile.Status.UPLOADED, validation_queued_at__isnull=True)
+                  .order_by().values_list("tenant_id", flat=True))
+    for tenant_id in sorted(waiting):
+        sent += training_file_validation_next(tenant_id=tenant_id) is not None
+    return sent
 
 
 def _validate_stored(file: TrainingFile, **options) -> ValidationResult:
@@ -285,6 +356,8 @@ def training_file_delete(*, tenant: Tenant, actor: Actor, file: TrainingFile) ->
                             param="file_id", code="file_in_use")
     audit_record(tenant=tenant, actor=actor, action="finetune.file_deleted", target=file, data={"id": file.id})
     TrainingFile.objects.for_tenant(tenant).filter(pk=file.pk).delete()
+    if file.is_validating:
+        training_file_validation_next(tenant_id=tenant.pk)  # its turn (if it had it) passes to the next upload
     stored = selectors.storage_root() / file.path
     transaction.on_commit(lambda: stored.unlink(missing_ok=True))
 

@@ -1,6 +1,6 @@
 """Fine-tuning's Celery tasks. Thin: ids in, a service called. Training and the Hub copy run on the `finetune` queue;
-validating uploads, counting their tokens and the stale-job requeue on `default` (CELERY_TASK_ROUTES in
-portal/settings.py)."""
+validating uploads on `validation` (a worker of its own, which training cannot block; one file per tenant at a time);
+counting tokens and the stale-job requeue on `default` (CELERY_TASK_ROUTES in portal/settings.py)."""
 
 from __future__ import annotations
 
@@ -45,11 +45,9 @@ def requeue_stale_jobs() -> int:
 
 @shared_task(name="finetune.tasks.requeue_stale_validations")
 def requeue_stale_validations() -> int:
-    """Periodic (celery beat, every few minutes): enqueue again the validation of uploads that lost their message."""
-    stale = services.training_file_stale_validations()
-    for file_id, tenant_id in stale:
-        validate_training_file.delay(file_id, tenant_id)
-    return len(stale)
+    """Periodic (celery beat, every few minutes): enqueue again the validation of uploads that lost their message, and
+    give its turn to a tenant whose uploads wait with none being validated (one per tenant at a time)."""
+    return services.training_file_validations_resume()
 
 
 @shared_task(name="finetune.tasks.reconcile_adapters")

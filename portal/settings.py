@@ -132,11 +132,15 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_IGNORE_RESULT = True
-# GPU hosts consume `finetune`: training, and the Hub copy that reads its files. Everything else (the stale-job
-# requeue included, which must not wait behind training) goes to `default`.
+# GPU hosts consume `finetune`: training, and the Hub copy that reads its files. Uploads are validated from
+# `validation`, by a worker of its own (scripts/up.sh), so that no training job or other work delays a tenant's file;
+# a tenant has at most one message there at a time (finetune.services.training_file_validation_next), so the queue
+# takes the tenants in turn. Everything else (the stale-job requeue included, which must not wait behind training)
+# goes to `default`.
 CELERY_TASK_ROUTES = {
     "finetune.tasks.run_finetune_job": {"queue": "finetune"},
     "finetune.tasks.push_adapter_to_hub": {"queue": "finetune"},
+    "finetune.tasks.validate_training_file": {"queue": "validation"},
 }
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_BEAT_SCHEDULE: dict = {}  # filled by each app's BEAT_SCHEDULE at the end of this file
@@ -218,7 +222,11 @@ PLATFORM_TRUSTED_PROXY_COUNT = env_int("PLATFORM_TRUSTED_PROXY_COUNT", 0, minimu
 
 # Fine-tuning.
 FINETUNE_MAX_UPLOAD_BYTES = env_int("PLATFORM_FINETUNE_MAX_UPLOAD_BYTES", 50 * 1024 * 1024, minimum=1024)
+# A tenant's own LoRA upload (finetune/byo.py), archive or files, and what an archive holds once unpacked.
+FINETUNE_MAX_ADAPTER_BYTES = env_int("PLATFORM_FINETUNE_MAX_ADAPTER_BYTES", 256 * 1024 * 1024, minimum=1024)
 FINETUNE_MAX_CONCURRENT_JOBS = env_int("PLATFORM_FINETUNE_MAX_CONCURRENT_JOBS", 2, minimum=1)  # per tenant
+# Uploads of one tenant not yet validated (validated one at a time): more are refused 429 until one is processed.
+FINETUNE_MAX_PENDING_FILES = env_int("PLATFORM_FINETUNE_MAX_PENDING_FILES", 10, minimum=1)
 FINETUNE_COMPILE = env_bool("PLATFORM_FINETUNE_COMPILE", False)  # torch.compile decoder layers on CUDA workers
 FINETUNE_LEASE_SECONDS = env_int("PLATFORM_FINETUNE_LEASE_SECONDS", 300, minimum=2)  # a job's silent worker is presumed dead
 

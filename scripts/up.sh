@@ -31,13 +31,19 @@ trap cleanup EXIT INT TERM
 $PY -m devbackend --model "$MODEL_DIR" --max-total-tokens "$CONTEXT_LENGTH" \
   --host 127.0.0.1 --port "$BACKEND_PORT" >"$PLATFORM_VAR_DIR/log/devbackend.log" 2>&1 &
 pids+=($!)
-.venv/bin/celery -A portal worker -Q default,finetune --pool solo --loglevel INFO >"$PLATFORM_VAR_DIR/log/worker.log" 2>&1 &
+.venv/bin/celery -A portal worker -Q default,finetune --pool solo -n worker@%h --loglevel INFO >"$PLATFORM_VAR_DIR/log/worker.log" 2>&1 &
+pids+=($!)
+# Uploads are validated by a worker of their own, one file per tenant at a time: a fine-tuning job (or a tenant's
+# backlog of large files) never holds up another tenant's file. Two processes, so a small file never waits for a
+# large one of another tenant being validated; at nice 10, so that background validation yields the CPU to the web
+# process (the gateway and the console) on a machine they share.
+nice -n 10 .venv/bin/celery -A portal worker -Q validation --concurrency 2 -n validation@%h --loglevel INFO >"$PLATFORM_VAR_DIR/log/validation.log" 2>&1 &
 pids+=($!)
 .venv/bin/celery -A portal beat --schedule "$PLATFORM_VAR_DIR/celery/beat-schedule" --loglevel INFO >"$PLATFORM_VAR_DIR/log/beat.log" 2>&1 &
 pids+=($!)
 
 $PY manage.py demo_setup --model-path "$MODEL_DIR" --context-length "$CONTEXT_LENGTH" --backend-url "http://127.0.0.1:$BACKEND_PORT" --console-url "http://127.0.0.1:$PORT"
-echo "  Logs: $PLATFORM_VAR_DIR/log/ (dev backend, worker, beat). Ctrl-C stops everything."
+echo "  Logs: $PLATFORM_VAR_DIR/log/ (dev backend, worker, validation worker, beat). Ctrl-C stops everything."
 echo
 .venv/bin/uvicorn portal.asgi:application --host 127.0.0.1 --port "$PORT" --no-proxy-headers --log-level warning &
 pids+=($!)

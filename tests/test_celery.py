@@ -10,8 +10,10 @@ from django.conf import settings
 
 from portal.celery import app
 
-# docs/finetuning.md: training and the Hub copy run on the `finetune` queue (GPU hosts, where the files are).
+# docs/finetuning.md: training and the Hub copy run on the `finetune` queue (GPU hosts, where the files are); uploads
+# are validated from `validation`, by a worker of its own that no training job can block.
 FINETUNE_QUEUE_TASKS = {"finetune.tasks.run_finetune_job", "finetune.tasks.push_adapter_to_hub"}
+VALIDATION_QUEUE_TASKS = {"finetune.tasks.validate_training_file"}
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +34,11 @@ def test_every_beat_entry_names_a_registered_task(tasks):
     assert unknown == {}, "beat would send tasks no worker knows"
 
 
-def test_training_and_the_hub_copy_go_to_the_finetune_queue_and_everything_else_to_default(tasks):
+def test_training_goes_to_finetune_validation_to_its_own_queue_and_everything_else_to_default(tasks):
     # The stale-job requeue included: a periodic database scan queued behind training would wait for a GPU.
-    assert FINETUNE_QUEUE_TASKS <= set(tasks)
-    expected = {name: "finetune" if name in FINETUNE_QUEUE_TASKS else "default" for name in tasks}
+    assert FINETUNE_QUEUE_TASKS | VALIDATION_QUEUE_TASKS <= set(tasks)
+    expected = {name: "finetune" if name in FINETUNE_QUEUE_TASKS else "validation" if name in VALIDATION_QUEUE_TASKS
+                else "default" for name in tasks}
     assert {name: queue_of(name) for name in tasks} == expected
 
 

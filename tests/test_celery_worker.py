@@ -37,7 +37,9 @@ from tests.support.finetune import zebra_dataset
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-QUEUES = ("default", "finetune")
+# As scripts/up.sh runs them: one worker for `default` and `finetune`, one of its own for `validation` (uploads).
+WORKER_QUEUES, VALIDATION_QUEUES = ("default", "finetune"), ("validation",)
+QUEUES = WORKER_QUEUES + VALIDATION_QUEUES
 WAIT_S = 60  # about 15 s here: the worker's start-up, then a two-step job on the tiny model
 
 
@@ -110,10 +112,11 @@ def waiting_messages() -> dict[str, int]:
 
 
 @contextmanager
-def celery_worker(env: dict, log: Path):
-    """`celery -A portal worker -Q default,finetune --pool solo`, as scripts/up.sh runs it; stopped on the way out."""
-    command = [sys.executable, "-m", "celery", "-A", "portal", "worker", "-Q", ",".join(QUEUES), "--pool", "solo",
-               "--loglevel", "INFO"]
+def celery_worker(env: dict, log: Path, queues: tuple[str, ...] = WORKER_QUEUES, name: str = "worker"):
+    """`celery -A portal worker -Q <queues> --pool solo -n <name>@%h`, as scripts/up.sh runs it; stopped on the way
+    out."""
+    command = [sys.executable, "-m", "celery", "-A", "portal", "worker", "-Q", ",".join(queues), "--pool", "solo",
+               "-n", f"{name}@%h", "--loglevel", "INFO"]
     with open(log, "wb") as out:
         worker = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -138,7 +141,7 @@ def wait_for(what: str, done, worker: subprocess.Popen, log: Path, timeout: floa
         time.sleep(0.25)
 
 
-def test_a_worker_validates_uploads_and_rates_from_default_and_trains_from_finetune(
+def test_the_validation_worker_validates_uploads_and_the_worker_rates_from_default_and_trains_from_finetune(
         worker_database_url, broker_env, world, tiny_model_path, settings, tmp_path):
     settings.STORAGE_DIR = tmp_path / "storage"
     base = BaseModel.objects.create(name="tiny-chat", hf_id="platform/tiny-chat", local_path=str(tiny_model_path),
@@ -150,23 +153,27 @@ def test_a_worker_validates_uploads_and_rates_from_default_and_trains_from_finet
     file = services.training_file_upload(tenant=world.tenant, actor=actor, filename="zebra.jsonl",
                                          content=io.BytesIO(zebra_dataset(10)), base_model=base)  # validated on commit
     rate_recent.delay()
-    assert file.status == "uploaded" and waiting_messages() == {"default": 2, "finetune": 0}  # before any worker
+    assert file.status == "uploaded"
+    assert waiting_messages() == {"default": 1, "finetune": 0, "validation": 1}  # before any worker
 
     env = {**os.environ, **broker_env, "DATABASE_URL": worker_database_url, "PLATFORM_STORAGE_DIR": str(settings.STORAGE_DIR)}
-    log = tmp_path / "worker.log"
+    log, validation_log = tmp_path / "worker.log", tmp_path / "validation.log"
     files = TrainingFile.objects.for_tenant(world.tenant)
     jobs = FineTuneJob.objects.for_tenant(world.tenant)
     rated = DailyUsage.objects.for_tenant(world.tenant).filter(kind=DailyUsage.Kind.INFERENCE)
-    with celery_worker(env, log) as worker:
-        wait_for("validated file", lambda: files.get(pk=file.pk).status != "uploaded", worker, log)
+    with celery_worker(env, validation_log, VALIDATION_QUEUES, "validation") as validator:
+        # Validated with no other worker running: nothing of `default` or `finetune` stands in front of it.
+        wait_for("validated file", lambda: files.get(pk=file.pk).status != "uploaded", validator, validation_log)
         file = files.get(pk=file.pk)
         assert (file.status, file.lines_validated) == ("processed", 10) and file.token_counts["tiny-chat"]["total_tokens"] > 0
+        assert waiting_messages() == {"default": 1, "finetune": 0, "validation": 0}
+    with celery_worker(env, log) as worker:
         job = services.finetune_job_create(tenant=world.tenant, actor=actor, model="tiny-chat", training_file=file.id,
                                            suffix="zebra", hyperparameters={"n_epochs": 1, "batch_size": 5},
                                            lora={"rank": 4})  # enqueued with .delay() once committed
         wait_for("finished fine-tuning job", lambda: jobs.get(pk=job.pk).finished_at is not None, worker, log)
         wait_for("rated usage", rated.exists, worker, log)
-        assert waiting_messages() == {"default": 0, "finetune": 0}  # all acknowledged
+        assert waiting_messages() == {"default": 0, "finetune": 0, "validation": 0}  # all acknowledged
 
     job = jobs.get(pk=job.pk)
     assert (job.status, job.error_message) == ("succeeded", "") and job.step == job.total_steps == 2

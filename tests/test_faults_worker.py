@@ -1,8 +1,8 @@
 """Fault injection on a real Celery worker: the worker is SIGKILLed mid-job, and the job resumes on the next one.
 
-The worker runs as tests/test_celery_worker.py starts it (`celery -A portal worker -Q default,finetune --pool
-solo`, with Redis as the broker in CI, a filesystem broker otherwise) and the fixtures of that module give it the
-test database and a broker of this test's own. It trains a job on the tiny model, is killed with its whole
+The worker runs as tests/test_celery_worker.py starts it, on all its queues (`celery -A portal worker -Q
+default,finetune,validation --pool solo`, with Redis as the broker in CI, a filesystem broker otherwise) and the
+fixtures of that module give it the test database and a broker of this test's own. It trains a job on the tiny model, is killed with its whole
 process group after the job's first checkpoint, and a new worker takes the job over. Not in tests/finetune/:
 that folder's conftest runs tasks in-process.
 """

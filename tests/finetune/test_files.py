@@ -172,13 +172,14 @@ def test_an_upload_is_kept_when_the_broker_is_down_and_the_sweep_validates_it_la
     assert "finetune.tasks.validate_training_file.delay" in caplog.text and "Connection refused" in caplog.text
     file_id = response.json()["id"]
     assert services.training_file_stale_validations() == []  # not yet: its message may still come
-    files_of(world).filter(pk=file_id).update(created_at=timezone.now() - timedelta(seconds=services.STALE_VALIDATION_SECONDS + 1))
+    sent_long_ago = timezone.now() - timedelta(seconds=services.STALE_VALIDATION_SECONDS + 1)
+    files_of(world).filter(pk=file_id).update(validation_queued_at=sent_long_ago)
     assert services.training_file_stale_validations() == [(file_id, world.tenant.pk)]
     files_of(world).filter(pk=file_id).update(progress_at=timezone.now())  # a worker on it now: not stale
     assert services.training_file_stale_validations() == []
     files_of(world).filter(pk=file_id).update(progress_at=timezone.now() - timedelta(hours=1))
 
-    assert tasks.requeue_stale_validations() == 1  # beat's sweep (eager here)
+    assert committed(tasks.requeue_stale_validations) == 1  # beat's sweep (eager here)
     assert files_of(world).get(pk=file_id).status == "processed"
     assert services.training_file_stale_validations() == []
 
