@@ -315,13 +315,17 @@ class Platform:
         self._wait_http(proc, "/metrics")
         return proc
 
-    def start_worker(self, *, core=None, queues: str = "default,finetune", name: str = "worker", timeout: float = 60.0) -> Proc:
-        """The Celery worker as scripts/up.sh starts it (`--pool solo`; the filesystem broker under the var dir in
-        the embedded default, Redis when the platform has one), waited for until it says it is ready."""
+    def start_worker(self, *, core=None, queues: str = "default,finetune", name: str = "worker", timeout: float = 60.0,
+                     concurrency: int = 1, nice: int = 0) -> Proc:
+        """A Celery worker as scripts/up.sh starts it (`--pool solo`, or prefork with `concurrency` > 1, at `nice`; the
+        filesystem broker under the var dir in the embedded default, Redis when the platform has one), waited for until
+        it says it is ready. The validation worker: queues="validation", concurrency=2, nice=10."""
         for folder in ("queue", "processed", "control"):
             (self.var / "celery" / folder).mkdir(parents=True, exist_ok=True)
         celery = str(Path(PY).with_name("celery"))
-        argv = [celery, "-A", "portal", "worker", "-Q", queues, "--pool", "solo", "--loglevel", "INFO", "--hostname", f"{name}@bench"]
+        pool = ["--pool", "solo"] if concurrency == 1 else ["--concurrency", str(concurrency)]
+        argv = [*(["nice", "-n", str(nice)] if nice else []), celery, "-A", "portal", "worker", "-Q", queues, *pool,
+                "--loglevel", "INFO", "--hostname", f"{name}@bench"]
         popen, log = self._spawn(name, argv, core=core)
         proc = Proc(name, popen, "", log)
         self.procs.append(proc)

@@ -3,7 +3,7 @@ within 1.5× of its solo figure.
 
 The platform as the embedded default deploys it (scripts/up.sh): one uvicorn process serving console + API +
 gateway (`portal.asgi:application`), the Celery worker (`--pool solo`, filesystem broker; Redis with
---redis-url), SQLite (or --database-url), the simulated dev backend. Two tenants set up through services:
+--redis-url) and the validation worker (`-Q validation --concurrency 2`, nice 10), SQLite (or --database-url), the simulated dev backend. Two tenants set up through services:
 
 - Q (quiet): a steady open-loop load, in this process: short chat completions (non-streamed: latency; streamed:
   time to first token), GET /v1/models (the gateway) and GET of its console dashboard (Django, signed in).
@@ -480,21 +480,47 @@ def prepare_huge(base: str, key: str, max_body: int = 1_000_000) -> list[dict]:
 
 
 def purge_queue(plat) -> int:
-    """Drop the tasks waiting in the Celery queues (N's validation backlog); how many there were."""
+    """Drop N's validation backlog: the tasks waiting in the Celery queues and, since a tenant's uploads wait their turn
+    in the database (one validation per tenant at a time), its files still waiting; how many files and messages."""
     import re
 
     celery = str(Path(H.PY).with_name("celery"))
-    done = subprocess.run([celery, "-A", "portal", "purge", "-f", "-Q", "default,finetune"], cwd=H.ROOT, env=plat.env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([celery, "-A", "portal", "purge", "-f", "-Q", "default,finetune,validation"], cwd=H.ROOT,
+                          env=plat.env, capture_output=True, text=True, timeout=120)
     m = re.search(r"Purged (\d+) message", done.stdout + done.stderr)
-    return int(m.group(1)) if m else 0
+    purged = int(m.group(1)) if m else 0
+    try:
+        from finetune.models import TrainingFile
+    except ImportError:
+        return purged
+    waiting = TrainingFile.all_tenants.filter(tenant__slug="noisy", status=TrainingFile.Status.UPLOADED)
+    if hasattr(TrainingFile, "validation_queued_at"):  # files in their turn of validation are counted by the purge
+        waiting = waiting.filter(validation_queued_at__isnull=True)
+    purged += waiting.delete()[0]
+    plat._close_db()
+    return purged
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its children (a prefork worker's pool processes)."""
+    total = H.cpu_seconds(pid)
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            total += _tree_cpu(int(child))
+        except OSError:
+            pass
+    return total
 
 
 def cpu_of(procs: dict) -> dict:
     out = {}
     for k, p in procs.items():
         try:
-            out[k] = p.cpu()
+            out[k] = _tree_cpu(p.pid)
         except OSError:
             out[k] = float("nan")
     return out
@@ -622,15 +648,15 @@ def report(phases: list[dict], args, meta: dict) -> tuple[str, list[str]]:
         verdicts.append(f"{p['name']}: {verdict}")
         n = p["q"]["chat"]["n"]
         cpu = p["cpu"]
-        rows.append([p["name"], *cells, f"{1000 * cpu['platform'] / p['phase_s']:.0f} / {1000 * cpu.get('worker', 0) / p['phase_s']:.0f}",
-                     noisy_summary(p.get("noisy", {})) + (f"; **{p['purged']} validations still queued** at the end (purged)" if p.get("purged") else ""),
+        rows.append([p["name"], *cells, f"{1000 * cpu['platform'] / p['phase_s']:.0f} / {1000 * cpu.get('worker', 0) / p['phase_s']:.0f} / {1000 * cpu.get('validator', 0) / p['phase_s']:.0f}",
+                     noisy_summary(p.get("noisy", {})) + (f"; **{p['purged']} validations still waiting** at the end (purged)" if p.get("purged") else ""),
                      verdict])
     pooled = " · ".join(f"{label.split(' p50')[0]} {fmt_ms(base[k]['p50'])} / {fmt_ms(base[k]['p99'])} (n={len(base[k]['values'])})"
                         for k, label in MEASURES)
-    header = ["phase", *[label for _, label in MEASURES], "platform / worker CPU ms/s", "what N did", "verdict (p99 ≤ 1.5× solo)"]
+    header = ["phase", *[label for _, label in MEASURES], "platform / worker / validation CPU ms/s", "what N did", "verdict (p99 ≤ 1.5× solo)"]
     lines = [meta["setting"], "", f"Solo baseline (both solo phases pooled), p50 / p99 ms: {pooled}.", "",
-             "Q's measures per phase: p50 / p99 ms (p99 ÷ solo p99). CPU: of the uvicorn process and of the Celery worker "
-             "during the phase, ms per second (1000 = one core).", "",
+             "Q's measures per phase: p50 / p99 ms (p99 ÷ solo p99). CPU: of the uvicorn process, the Celery worker "
+             "and the validation worker (its processes together) during the phase, ms per second (1000 = one core).", "",
              H.md_table(header, rows)]
     return "\n".join(lines), verdicts
 
@@ -712,7 +738,9 @@ def main() -> int:
         ten = setup_tenants(plat, args)
         platform = plat.start_gateway(core=plat_core, name="platform")
         worker = None if args.no_worker else plat.start_worker()
-        procs = {"platform": platform, **({"worker": worker} if worker else {}), "backend": backend}
+        # The validation worker as scripts/up.sh starts it (its own queue, 2 processes, nice 10).
+        validator = None if args.no_worker else plat.start_worker(queues="validation", name="validator", concurrency=2, nice=10)
+        procs = {"platform": platform, **({"worker": worker, "validator": validator} if worker else {}), "backend": backend}
         plat.wait_key_ready(platform.url, ten["q"]["key"])
         plat.wait_key_ready(platform.url, ten["n_key"])
         plat.wait_key_ready(platform.url, ten["plain"]["key"])
@@ -746,7 +774,8 @@ def main() -> int:
             q = p["q"]
             print("  Q " + "; ".join(f"{k} n={q[k]['n']} p50 {fmt_ms(q[k]['p50'])} p99 {fmt_ms(q[k]['p99'])} ms" + (f" errors {q[k]['errors']}" if q[k]["errors"] else "")
                                      for k, _ in MEASURES), flush=True)
-            print(f"  platform CPU {p['cpu']['platform']:.1f} s, worker {p['cpu'].get('worker', 0):.1f} s over {p['phase_s']:.0f} s; "
+            print(f"  platform CPU {p['cpu']['platform']:.1f} s, worker {p['cpu'].get('worker', 0):.1f} s, validation worker "
+                  f"{p['cpu'].get('validator', 0):.1f} s over {p['phase_s']:.0f} s; "
                   f"settled in {p['settle_s']:.1f} s; N: {noisy_summary(p.get('noisy', {}))}"
                   + (f"; N's validation tasks still queued at the end (purged): {p['purged']}" if "purged" in p else ""), flush=True)
             if p.get("profile"):
@@ -770,7 +799,7 @@ def main() -> int:
     meta = {"setting": (
         f"Date {started}; machine {H.machine()}; commit {args.commit_label or H.git_commit() + ' (' + finetune_state() + ')'}; database {database}; "
         f"{'Redis ' + redis_url if redis_url else 'no Redis (in-process admission, filesystem Celery broker)'}; one uvicorn process "
-        f"(portal.asgi:application){' + the Celery worker (--pool solo)' if not args.no_worker else ''}; simulated dev backend "
+        f"(portal.asgi:application){' + the Celery worker (--pool solo) + the validation worker (-Q validation --concurrency 2, nice 10)' if not args.no_worker else ''}; simulated dev backend "
         f"({args.tokens_per_s:.0f} tokens/s per request, TTFT {args.ttft_ms:.0f} ms); prompts counted exactly (the tiny model's tokenizer); "
         f"pinning: {pin};{' platform environment ' + ', '.join(args.platform_env) + ';' if args.platform_env else ''} load average before / after {load_before[0]:.1f} / {load_after[0]:.1f} (other sessions' tests were running on "
         f"the same 2 cores); run time {time.monotonic() - t_run:.0f} s.\n"
