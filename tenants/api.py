@@ -507,6 +507,8 @@ class PromptListApi(TenantAPIView):
     class InputSerializer(serializers.Serializer):
         text = StrictCharField(allow_blank=True, trim_whitespace=False)
         note = StrictCharField(allow_blank=True, required=False, default="")
+        draft = serializers.BooleanField(required=False, default=False,
+                                         help_text="Save without making it active (activate it later with /activate/). Default false.")
 
     @extend_schema(operation_id="prompts_list", parameters=[TENANT_SLUG], responses=PromptSummaryOutput(many=True))
     def get(self, request, tenant_slug):
@@ -520,13 +522,16 @@ class PromptListApi(TenantAPIView):
 
     @extend_schema(operation_id="prompts_create", parameters=[TENANT_SLUG], request=InputSerializer, responses={201: PromptOutput})
     def post(self, request, tenant_slug):
-        """Save a new version of the system prompt and make it active. Admins and owners, or an API key with
-        management:write. 400 when the text is over the platform's character limit or the note over 200 characters;
-        403 when under-privileged.
+        """Save a new version of the system prompt and make it active — or, with `"draft": true`, only save it (the
+        live prompt stays; `active` is false in the answer). Admins and owners, or an API key with management:write.
+        400 when the text is over the platform's character limit or the note over 200 characters; 403 when
+        under-privileged.
         """
         data = _valid(self.InputSerializer, request)
-        version = services.system_prompt_save(tenant=self.ctx.tenant, text=data["text"], note=data["note"], actor=self.ctx.actor)
-        return Response(PromptOutput(version, context={"active_prompt_id": version.pk}).data, status=status.HTTP_201_CREATED)
+        version = services.system_prompt_save(tenant=self.ctx.tenant, text=data["text"], note=data["note"], actor=self.ctx.actor,
+                                              activate=not data["draft"])
+        return Response(PromptOutput(version, context={"active_prompt_id": self.ctx.tenant.active_prompt_id}).data,
+                        status=status.HTTP_201_CREATED)
 
 
 class PromptDetailApi(TenantAPIView):

@@ -399,8 +399,9 @@ def api_key_touch(key: ApiKey, *, min_interval_s: int = 60) -> None:
 
 
 @transaction.atomic
-def system_prompt_save(*, tenant: Tenant, text: str, note: str, actor: Actor) -> SystemPromptVersion:
-    """Save a new version of the system prompt and make it active."""
+def system_prompt_save(*, tenant: Tenant, text: str, note: str, actor: Actor, activate: bool = True) -> SystemPromptVersion:
+    """Save a new version of the system prompt; make it active unless `activate` is False (a draft: the console saves
+    drafts, to be tried in the playground and then activated with `system_prompt_activate`)."""
     errors = {}
     if len(text) > settings.PLATFORM_MAX_PROMPT_CHARS:
         errors["text"] = f"The prompt has {len(text)} characters; the limit is {settings.PLATFORM_MAX_PROMPT_CHARS}."
@@ -413,9 +414,11 @@ def system_prompt_save(*, tenant: Tenant, text: str, note: str, actor: Actor) ->
     version = SystemPromptVersion.objects.for_tenant(tenant).create(
         tenant=tenant, version=last + 1, text=text, note=note.strip(), author=actor.user if actor.user is not None and actor.user.is_authenticated else None
     )
-    Tenant.objects.filter(pk=tenant.pk).update(active_prompt=version)
-    tenant.active_prompt = version
-    audit_record(tenant=tenant, actor=actor, action="prompt.saved", target=version, data={"version": version.version, "note": version.note})
+    if activate:
+        Tenant.objects.filter(pk=tenant.pk).update(active_prompt=version)
+        tenant.active_prompt = version
+    audit_record(tenant=tenant, actor=actor, action="prompt.saved", target=version,
+                 data={"version": version.version, "note": version.note, "activated": activate})
     return version
 
 
@@ -563,19 +566,32 @@ PLAYGROUND_TTL_S = 3600
 PLAYGROUND_ROLE = Role.DEVELOPER  # the least role that may use the playground (console page and gateway alike)
 
 
-def playground_token_issue(*, tenant: Tenant, user) -> str:
+def playground_token_issue(*, tenant: Tenant, user, system_prompt: str | None = None) -> str:
     """A short-lived inference credential for the console's playground, signed, never stored.
 
     The gateway accepts it like an API key with the inference scope, for this tenant only, for an hour, and
-    only while the user is still an active member of the tenant with at least PLAYGROUND_ROLE.
+    only while the user is still an active member of the tenant with at least PLAYGROUND_ROLE. With
+    `system_prompt` (the text of one of the tenant's prompt versions, e.g. a draft to try), the gateway applies that
+    text instead of the live system prompt to the token's requests; it is signed with the rest, so only the console
+    can choose it.
     """
     from django.core import signing
 
-    return PLAYGROUND_PREFIX + signing.dumps({"t": tenant.pk, "u": user.pk}, salt="playground", compress=True)
+    data = {"t": tenant.pk, "u": user.pk}
+    if system_prompt is not None:
+        data["p"] = system_prompt
+    return PLAYGROUND_PREFIX + signing.dumps(data, salt="playground", compress=True)
 
 
-def playground_token_verify(raw: str) -> tuple[int, int] | None:
-    """(tenant id, user id) of a valid, unexpired playground token, else None."""
+@dataclass(frozen=True)
+class PlaygroundToken:
+    tenant_id: int
+    user_id: int
+    system_prompt: str | None  # None: the tenant's live system prompt
+
+
+def playground_token_read(raw: str) -> PlaygroundToken | None:
+    """What a valid, unexpired playground token says, else None."""
     from django.core import signing
 
     if not raw.startswith(PLAYGROUND_PREFIX):
@@ -584,4 +600,10 @@ def playground_token_verify(raw: str) -> tuple[int, int] | None:
         data = signing.loads(raw[len(PLAYGROUND_PREFIX) :], salt="playground", max_age=PLAYGROUND_TTL_S)
     except signing.BadSignature:
         return None
-    return int(data["t"]), int(data["u"])
+    return PlaygroundToken(int(data["t"]), int(data["u"]), data.get("p"))
+
+
+def playground_token_verify(raw: str) -> tuple[int, int] | None:
+    """(tenant id, user id) of a valid, unexpired playground token, else None."""
+    token = playground_token_read(raw)
+    return (token.tenant_id, token.user_id) if token else None

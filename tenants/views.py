@@ -18,6 +18,7 @@ from django.views.decorators.http import require_POST
 from common.text import sentence
 from tenants import ratelimit, selectors, services
 from tenants.access import TenantContext, tenant_view
+from tenants.services import PLAYGROUND_ROLE
 from tenants.forms import ApiKeyForm, AuditFilterForm, InviteForm, PromptForm, RoleForm, TenantNameForm, apply_service_errors
 from tenants.models import (
     ApiKey,
@@ -247,45 +248,59 @@ def _prompt_version(ctx: TenantContext, number: int) -> SystemPromptVersion:
 
 @tenant_view()
 def prompt(request, ctx: TenantContext):
+    """The live system prompt, its history, and (admins) the editor. Saving makes a draft: a new version that is not
+    live until it is activated (after trying it in the playground), with a confirmation."""
     tenant = ctx.tenant
     active = tenant.active_prompt
+    versions = SystemPromptVersion.objects.for_tenant(tenant).select_related("author")
+    latest = versions.first()  # newest first
     if request.method == "POST":
         form = PromptForm(request.POST)
-        if form.is_valid() and active is not None and form.cleaned_data["text"] == active.text:
-            messages.info(request, f"Nothing to save: the active version {active.version} already has this text.")
+        if form.is_valid() and latest is not None and form.cleaned_data["text"] == latest.text:
+            state = "live" if latest.pk == tenant.active_prompt_id else "a draft"
+            messages.info(request, f"Nothing to save: version {latest.version} ({state}) already has this text.")
             return redirect("console-prompt", tenant_slug=tenant.slug)
         if form.is_valid():
             try:
-                version = services.system_prompt_save(tenant=tenant, text=form.cleaned_data["text"], note=form.cleaned_data["note"], actor=ctx.actor)
+                version = services.system_prompt_save(tenant=tenant, text=form.cleaned_data["text"], note=form.cleaned_data["note"],
+                                                      actor=ctx.actor, activate=False)
             except ValidationError as exc:
                 apply_service_errors(form, exc)
             else:
-                messages.success(request, f"Saved as version {version.version}; it is now active.")
-                return redirect("console-prompt", tenant_slug=tenant.slug)
+                messages.success(request, f"Saved as draft version {version.version}. It is not live yet: try it in the Playground, "
+                                          "then make it live.")
+                return redirect("console-prompt-version", tenant_slug=tenant.slug, version=version.version)
         status = 400
     else:
-        form = PromptForm(initial={"text": active.text if active else ""})
+        form = PromptForm(initial={"text": latest.text if latest else ""})
         status = 200
-    versions = SystemPromptVersion.objects.for_tenant(tenant).select_related("author")
-    return _render(request, ctx, "console/prompt.html", "prompt", {"form": form, "versions": versions, "active": active, "max_chars": settings.PLATFORM_MAX_PROMPT_CHARS}, status=status)
+    return _render(request, ctx, "console/prompt.html", "prompt", {
+        "form": form, "versions": versions, "active": active, "latest": latest, "max_chars": settings.PLATFORM_MAX_PROMPT_CHARS,
+        "can_try": ctx.can(PLAYGROUND_ROLE),
+    }, status=status)
 
 
 @tenant_view()
 def prompt_version(request, ctx: TenantContext, version: int):
     v = _prompt_version(ctx, version)
-    return _render(request, ctx, "console/prompt_version.html", "prompt", {"v": v, "is_active": ctx.tenant.active_prompt_id == v.pk})
+    return _render(request, ctx, "console/prompt_version.html", "prompt", {
+        "v": v, "is_active": ctx.tenant.active_prompt_id == v.pk, "active": ctx.tenant.active_prompt, "can_try": ctx.can(PLAYGROUND_ROLE),
+    })
 
 
-@tenant_view()
-@require_POST
+@tenant_view(read=Role.ADMIN)
 def prompt_activate(request, ctx: TenantContext, version: int):
+    """GET: the confirmation (which version goes live in place of which, a link to their diff). POST: make it live."""
     v = _prompt_version(ctx, version)
+    active = ctx.tenant.active_prompt
     if ctx.tenant.active_prompt_id == v.pk:
-        messages.info(request, f"Version {v.version} is already active.")
-    else:
+        messages.info(request, f"Version {v.version} is already live.")
+        return redirect("console-prompt", tenant_slug=ctx.tenant.slug)
+    if request.method == "POST":
         services.system_prompt_activate(tenant=ctx.tenant, version=v, actor=ctx.actor)
-        messages.success(request, f"Version {v.version} is now active.")
-    return redirect("console-prompt", tenant_slug=ctx.tenant.slug)
+        messages.success(request, f"Version {v.version} is now live: every request gets it within seconds.")
+        return redirect("console-prompt", tenant_slug=ctx.tenant.slug)
+    return _render(request, ctx, "console/prompt_activate.html", "prompt", {"v": v, "active": active})
 
 
 @tenant_view()

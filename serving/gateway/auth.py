@@ -4,12 +4,14 @@ An API key (`mtl_<prefix>_<secret>`): its prefix is looked up, its secret's SHA-
 be unexpired, of a known tenant, with the `inference` scope; after a rotation the replaced secret is accepted until its
 grace period ends. A key limited to some models sees its tenant with only those routed (`Snapshot.tenant_for`), so
 any other model is a 404 `model_not_found` and /v1/models lists only its own. The console playground's signed, hour-long token (`pgt_…`)
-is accepted for its tenant while its user is still listed there. A suspended tenant is refused either way. No database
+is accepted for its tenant while its user is still listed there; one issued to try a prompt version (a draft) carries
+that text, which replaces the live system prompt for its requests. A suspended tenant is refused either way. No database
 access (the key's `last_used_at` is the caller's: `ConfigStore.note_key_used`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 
@@ -18,7 +20,7 @@ from django.utils import timezone
 from serving.config import INFERENCE_SCOPE
 from serving.gateway.errors import ApiError
 from tenants.api_refusals import EXPIRED_KEY, INVALID_KEY, MISSING_KEY, tenant_suspended
-from tenants.services import PLAYGROUND_PREFIX, playground_token_verify, split_key
+from tenants.services import PLAYGROUND_PREFIX, playground_token_read, split_key
 
 
 def authenticate(authorization: str | None, snap):
@@ -57,10 +59,13 @@ def _check_active(tenant) -> None:
 
 
 def _playground_tenant(raw: str, snap):
-    """The console playground's signed, hour-long token (tenants.services.playground_token_issue)."""
-    ids = playground_token_verify(raw)
-    tenant = snap.tenants.get(ids[0]) if ids else None
-    if tenant is None or ids[1] not in tenant.playground_users:  # removed, demoted or deactivated since
+    """The console playground's signed, hour-long token (tenants.services.playground_token_issue). A token that names a
+    system prompt (a draft being tried) gets the tenant with that prompt in place of the live one."""
+    token = playground_token_read(raw)
+    tenant = snap.tenants.get(token.tenant_id) if token else None
+    if tenant is None or token.user_id not in tenant.playground_users:  # removed, demoted or deactivated since
         raise ApiError(401, "The playground session has expired: reload the page.", type="invalid_request_error", code="invalid_api_key")
     _check_active(tenant)
+    if token.system_prompt is not None:
+        tenant = dataclasses.replace(tenant, system_prompt=token.system_prompt)
     return tenant

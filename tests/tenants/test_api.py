@@ -415,6 +415,18 @@ def test_prompt_versions_activate_and_diff(world):
     assert client.get(url(world, "prompts/9/")).status_code == 404
 
 
+def test_prompt_saved_as_a_draft_is_not_active(world):
+    client = as_user(world.admin)
+    live = client.post(url(world, "prompts/"), {"text": "Be brief."}, format="json")
+    assert live.json()["is_active"]  # without `draft`: active at once, as before
+    draft = client.post(url(world, "prompts/"), {"text": "Be kind.", "draft": True}, format="json")
+    assert draft.status_code == 201 and draft.json()["version"] == 2 and draft.json()["is_active"] is False
+    world.tenant.refresh_from_db()
+    assert world.tenant.active_prompt.version == 1
+    assert client.post(url(world, "prompts/2/activate/")).json()["is_active"]
+    assert client.post(url(world, "prompts/"), {"text": "x", "draft": "maybe"}, format="json").status_code == 400
+
+
 def test_prompt_over_the_limit_is_400(world, settings):
     settings.PLATFORM_MAX_PROMPT_CHARS = 100
     response = as_user(world.admin).post(url(world, "prompts/"), {"text": "x" * 101}, format="json")

@@ -535,25 +535,50 @@ def test_revoked_key_shows_revoked(client, world, objects):
 # ---- system prompt -------------------------------------------------------------------------------
 
 
-def test_prompt_save_creates_active_version(client, world):
+def test_prompt_save_makes_a_draft_that_is_not_live(client, world):
     c = client_for(client, world.admin)
     response = c.post(url("console-prompt"), {"text": "Line one\r\nLine two", "note": "start"})
-    assert response.status_code == 302
+    assert response.status_code == 302 and response.url == url("console-prompt-version", version=1)
     world.tenant.refresh_from_db()
-    assert world.tenant.active_prompt.version == 1
-    assert world.tenant.active_prompt.text == "Line one\nLine two"
+    assert world.tenant.active_prompt is None  # saved, not live
+    [v1] = SystemPromptVersion.objects.for_tenant(world.tenant)
+    assert v1.text == "Line one\nLine two"
+    page = c.get(url("console-prompt-version", version=1)).content.decode()
+    assert "data-draft" in page and f'href="{url("console-playground")}?prompt=1"' in page
+    assert f'href="{url("console-prompt-activate", version=1)}"' in page
+    services.system_prompt_activate(tenant=world.tenant, version=v1, actor=services.Actor(user=world.owner))
     c.post(url("console-prompt"), {"text": "Line one", "note": ""})
     world.tenant.refresh_from_db()
-    assert world.tenant.active_prompt.version == 2
+    assert world.tenant.active_prompt.version == 1  # v2 is a draft: v1 stays live
     page = c.get(url("console-prompt")).content.decode()
-    assert re.search(r'data-version="2">\s*<td>.*?data-active', page, re.S)
+    assert re.search(r'data-version="2">\s*<td>.*?data-draft', page, re.S) and re.search(r'data-version="1">\s*<td>.*?data-active', page, re.S)
+    assert re.search(r'<textarea[^>]*>\s*Line one</textarea>', page)  # the editor goes on from the newest version (the draft)
 
 
-def test_saving_the_active_text_again_makes_no_new_version(client, world):
+def test_activating_a_prompt_asks_for_confirmation(client, world):
+    c = client_for(client, world.admin)
+    owner = services.Actor(user=world.owner)
+    services.system_prompt_save(tenant=world.tenant, text="Be brief.", note="", actor=owner)
+    services.system_prompt_save(tenant=world.tenant, text="Be kind.", note="", actor=owner, activate=False)
+    confirm = c.get(url("console-prompt-activate", version=2))
+    html = confirm.content.decode()
+    assert confirm.status_code == 200 and "Make system prompt v2 live?" in html and "in place of v1" in html
+    assert f'href="{url("console-prompt-diff", version=1, other_version=2)}"' in html and "data-confirm-activate" in html
+    world.tenant.refresh_from_db()
+    assert world.tenant.active_prompt.version == 1  # asking changes nothing
+    response = c.post(url("console-prompt-activate", version=2), follow=True)
+    assert "Version 2 is now live" in response.content.decode()
+    world.tenant.refresh_from_db()
+    assert world.tenant.active_prompt.version == 2
+    assert client_for(client, world.developer).get(url("console-prompt-activate", version=1)).status_code == 403
+    assert client_for(client, world.outsider).get(url("console-prompt-activate", version=1)).status_code == 404
+
+
+def test_saving_the_newest_text_again_makes_no_new_version(client, world):
     c = client_for(client, world.admin)
     c.post(url("console-prompt"), {"text": "Line one\r\nLine two", "note": "start"})
     response = c.post(url("console-prompt"), {"text": "Line one\r\nLine two", "note": ""}, follow=True)  # the form, untouched
-    assert "Nothing to save: the active version 1 already has this text." in response.content.decode()
+    assert "Nothing to save: version 1 (a draft) already has this text." in response.content.decode()
     assert SystemPromptVersion.objects.for_tenant(world.tenant).count() == 1
 
 
