@@ -498,6 +498,8 @@ def test_key_expiry_is_listed_as_picked(client, world):
     c = client_for(client, world.admin)
     created = c.post(url("console-key-create"), {"name": "summer", "scopes": ["inference"], "expires_on": "2027-06-30"}).content.decode()
     assert "30 Jun 2027 (works until the end of that day, UTC)" in created and "1 Jul 2027" not in created
+    listing = c.get(url("console-keys")).content.decode()
+    assert ">30 Jun 2027</time>" in listing and ">1 Jul 2027<" not in listing
     key = ApiKey.objects.for_tenant(world.tenant).get(name="summer")
     assert key.expires_on.isoformat() == "2027-06-30"
     key.expires_at = key.expires_at.replace(month=6, day=30, hour=15)  # set through the API at 15:00: that day
