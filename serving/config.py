@@ -312,13 +312,17 @@ class ConfigStore:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=5)  # the thread writes the last touches itself (below)
             self._thread = None
-        self._flush_touches()
+        else:
+            self._flush_touches()
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
             self.poll()
+        # The last keys' use, in this thread's own connection, closed next: written by the caller of stop() (the
+        # gateway's shutdown runs it in an executor thread) it left that thread a connection no one closes.
+        self._flush_touches()
         close_old_connections()
         connection.close()
 
