@@ -23,7 +23,7 @@ from billing.models import format_cents
 from billing.rating import UNBILLED_STATUSES, PriceBook
 from serving.admission import window_bounds, window_id
 from serving.models import UsageRecord
-from tenants.models import ApiKey, BudgetMode, Policy, SpendBudget, Tenant
+from tenants.models import ApiKey, BudgetMode, Policy, SpendBudget, Tenant, budget_hard_limit_cents
 
 MICROCENTS_PER_CENT = 1_000_000
 
@@ -135,8 +135,7 @@ class BudgetInForce:
 
     @property
     def hard_cents(self) -> int:
-        limits = [c for c in (self.ceiling_cents, self.budget_cents if self.mode == BudgetMode.HARD else 0) if c]
-        return min(limits) if limits else 0
+        return budget_hard_limit_cents(budget_cents=self.budget_cents, mode=self.mode, ceiling_cents=self.ceiling_cents)
 
     @property
     def alert_cents(self) -> int:
@@ -175,3 +174,24 @@ def keys_with_usage(*, tenant: Tenant, keys, now: datetime | None = None) -> lis
 
 def current_month(now: datetime | None = None) -> str:
     return window_id("month", now)
+
+
+# ---- for the gateway (serving.budgets and serving.config name these by their dotted paths) ----------------------
+
+
+def budget_seed_usage(tenant_id: int, month: str, key_ids) -> tuple[int, dict[int, tuple[int, int]]]:
+    """A month's (YYYYMM) spend in µ¢ of the tenant, and (µ¢, tokens) of each of `key_ids`, from the ledger: the seed of
+    the gateway's budget counters (serving.budgets)."""
+    tenant = Tenant.objects.get(pk=tenant_id)
+    start = datetime(int(month[:4]), int(month[4:6]), 1, tzinfo=dt_timezone.utc)
+    _, end = month_bounds(start)
+    by_key = ledger_usage_by_key(tenant=tenant, start=start, end=end)
+    wanted = set(key_ids)
+    return (sum(u.microcents for u in by_key.values()),
+            {k: (u.microcents, u.tokens) for k, u in by_key.items() if k in wanted})
+
+
+def gateway_price_book() -> PriceBook:
+    """Every price entry, for the gateway's snapshot: `resolve(model=, adapter=, pool_id=, day=)` as rating does."""
+    return PriceBook()
+

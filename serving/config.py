@@ -24,6 +24,7 @@ from django.conf import settings
 from django.db import IntegrityError, close_old_connections, connection, transaction
 from django.db.models import F
 from django.utils import timezone
+from django.utils.module_loading import import_string
 
 from common import redis_clients
 from serving.routing import Route, routes_for
@@ -118,6 +119,14 @@ class Snapshot:
     pools: Mapping[int, PoolEntry] = field(default_factory=lambda: MappingProxyType({}))
     # Keys limited to some models: key id -> its tenant's entry with only those models routed (built once per load).
     key_tenants: Mapping[int, TenantEntry] = field(default_factory=lambda: MappingProxyType({}))
+    # Money budgets and per-key limits (serving.budgets): (tenant id, key id or None) -> BudgetLimits, only where one is
+    # set; and the price list (billing's, by its dotted path), for the cost a request reserves and settles.
+    budget_limits: Mapping[tuple, object] = field(default_factory=lambda: MappingProxyType({}))
+    prices: object = None
+
+    def budget_limits_for(self, tenant_id: int, key: KeyEntry | None):
+        """The request's BudgetLimits, or None when neither its tenant nor its key has one."""
+        return self.budget_limits.get((tenant_id, key.id if key is not None else None))
 
     def tenant_for(self, key: KeyEntry | None, tenant_id: int) -> TenantEntry | None:
         """The tenant entry a request authenticated by `key` sees: restricted to the key's allowed models, if any."""
@@ -218,6 +227,7 @@ def load_snapshot(version: object = None) -> Snapshot:
             guard=guard_from_config(cfg, label=t.slug),
             playground_users=frozenset(playground_users.get(t.id, ())),
         )
+    budget_limits = _budget_limits(keys.values(), tenants)
     key_tenants = {}
     for k in keys.values():
         tenant = tenants.get(k.tenant_id)
@@ -225,8 +235,47 @@ def load_snapshot(version: object = None) -> Snapshot:
             routes = {name: route for name, route in tenant.models.items() if name in k.allowed_models}
             default = tenant.default_model if tenant.default_model in routes else ""
             key_tenants[k.id] = dataclasses.replace(tenant, models=MappingProxyType(routes), default_model=default)
+    prices = import_string(PRICE_BOOK)() if budget_limits else None
     return Snapshot(version, time.monotonic(), MappingProxyType(keys), MappingProxyType(tenants), MappingProxyType(pools),
-                    MappingProxyType(key_tenants))
+                    MappingProxyType(key_tenants), MappingProxyType(budget_limits), prices)
+
+
+PRICE_BOOK = "billing.spend.gateway_price_book"  # by path: apps are layers, and billing is above serving
+
+
+def _budget_limits(keys, tenants) -> dict[tuple, object]:
+    """BudgetLimits per (tenant, key) — (tenant, None) for the playground — where the tenant has a hard money limit
+    (its hard budget or the staff ceiling) or a key has limits of its own."""
+    from serving.budgets import BudgetLimits, generation_of
+    from tenants.models import Policy, SpendBudget, budget_hard_limit_cents
+
+    ceilings = dict(Policy.all_tenants.values_list("tenant_id", "budget_ceiling_cents"))
+    hard = dict(ceilings)
+    for b in SpendBudget.all_tenants.all():
+        hard[b.tenant_id] = budget_hard_limit_cents(budget_cents=b.monthly_cents, mode=b.mode, ceiling_cents=ceilings.get(b.tenant_id, 0))
+    by_tenant: dict[int, list] = {}
+    for k in keys:
+        by_tenant.setdefault(k.tenant_id, []).append(k)
+    out = {}
+    for tenant_id in tenants:
+        tenant_hard = (hard.get(tenant_id) or 0) * MICROCENTS_PER_CENT
+        own = by_tenant.get(tenant_id, [])
+        budgeted = tuple(sorted(k.id for k in own if k.monthly_token_budget or k.monthly_budget_cents))
+        common = dict(tenant_id=tenant_id, tenant_hard_microcents=tenant_hard, budgeted_keys=budgeted,
+                      generation=generation_of(tenant_hard=bool(tenant_hard), budgeted_keys=budgeted))
+        if tenant_hard:
+            out[(tenant_id, None)] = BudgetLimits(**common)
+        for k in own:
+            limits = BudgetLimits(key_id=k.id, key_requests_per_minute=k.requests_per_minute, key_tokens_per_minute=k.tokens_per_minute,
+                                  key_month_tokens=k.monthly_token_budget, key_month_microcents=k.monthly_budget_cents * MICROCENTS_PER_CENT,
+                                  **common)
+            if limits.active:
+                out[(tenant_id, k.id)] = limits
+    return out
+
+
+MICROCENTS_PER_CENT = 1_000_000  # the budgets' unit (billing.spend)
+
 
 
 # ---- the version counter -------------------------------------------------------------------------

@@ -322,6 +322,13 @@ class BudgetMode(models.TextChoices):
     HARD = "hard", "Hard (refuse requests past it)"
 
 
+def budget_hard_limit_cents(*, budget_cents: int, mode: str, ceiling_cents: int) -> int:
+    """Spend per month past which requests are refused, in cents (0 = never): the staff ceiling, or the tenant's own
+    hard budget when lower. A soft budget only alerts."""
+    limits = [c for c in (ceiling_cents, budget_cents if mode == BudgetMode.HARD else 0) if c]
+    return min(limits) if limits else 0
+
+
 class SpendBudget(TenantOwnedModel):
     """A tenant's own monthly money budget, set by its admins within the staff ceiling (Policy.budget_ceiling_cents)."""
 

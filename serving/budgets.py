@@ -1,0 +1,523 @@
+"""Money budgets and per-key limits at admission, exact across gateway processes (docs/limits.md, "Money budgets and
+per-key limits").
+
+One atomic step per request, beside the tenant's admission (serving.admission), in Redis by one script or, in the
+embedded default, the same algorithm under a lock in the process:
+- the key's requests/min and tokens/min are token buckets, as the tenant's are;
+- a month's counters (calendar month, UTC) hold, in micro-cents (µ¢, billing.spend), the tenant's spend and each
+  budgeted key's spend, and each budgeted key's tokens, each as used + reserved;
+- admission reserves the request's upper bound: its tokens (prompt + max tokens) and their cost at the model's price
+  of the day (prompt at the input price, max tokens at the output price, each capped by the reservation); a request
+  that would take a counter past its limit is refused (429 `insufficient_quota`), so a limit is never overshot;
+- the settle (once per admitted request) counts the exact cost and tokens and frees the rest.
+
+The month's counters are seeded from the ledger (billing.spend, named by its dotted path: apps are layers and the
+gateway does not import billing) the first time they are needed, and again when the set of counters kept changes
+(a hard budget or a key's budget switched on or off: its "generation"). A request whose reservation is no longer
+found (Redis lost it, or the generation changed while it ran) is counted where the counters were seeded after it
+was admitted, since its ledger record (written after its settle) cannot be in that seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import ROUND_CEILING, Decimal
+
+from django.db import DatabaseError
+from django.utils.module_loading import import_string
+
+from serving.admission import window_bounds, window_id
+from serving.leases import redis_client, redis_errors
+
+log = logging.getLogger(__name__)
+
+SEED_LOADER = "billing.spend.budget_seed_usage"  # (tenant_id, month, key_ids) -> (tenant µ¢, {key: (µ¢, tokens)})
+RESERVATION_TTL_MS = 15 * 60 * 1000  # a reservation not settled by then (its process died) is released
+MONTH_TTL_S = 35 * 86400
+OK, RPM, TPM, TPM_TOO_LARGE, KEY_TOKENS, KEY_MONEY, TENANT_MONEY, NEED_SEED = 0, 2, 3, 4, 10, 11, 12, 9
+
+
+def request_cost_microcents(input_tokens: int, output_tokens: int, price) -> int:
+    """⌈T_in·p_in + T_out·p_out⌉ µ¢ (prices in cents per million tokens = µ¢ per token); 0 for an unpriced model.
+    The same rule as billing.spend.request_cost_microcents, so the counters equal the ledger's spend."""
+    if price is None:
+        return 0
+    exact = Decimal(input_tokens) * Decimal(price.input_price) + Decimal(output_tokens) * Decimal(price.output_price)
+    return int(exact.to_integral_value(rounding=ROUND_CEILING))
+
+
+@dataclass(frozen=True)
+class BudgetLimits:
+    """What a request must fit besides the tenant's limits (0 = none): the tenant's hard money limit and its key's own
+    limits. `generation` names which counters are kept (it changes when one is switched on or off)."""
+
+    tenant_id: int
+    key_id: int | None = None
+    tenant_hard_microcents: int = 0
+    key_requests_per_minute: int = 0
+    key_tokens_per_minute: int = 0
+    key_month_tokens: int = 0
+    key_month_microcents: int = 0
+    generation: str = "0"
+    budgeted_keys: tuple = ()  # ids of the tenant's keys with a monthly budget (seeded together)
+
+    @property
+    def counted(self) -> bool:
+        """Whether this request's cost and tokens go into the month's counters."""
+        return bool(self.tenant_hard_microcents or self.key_month_tokens or self.key_month_microcents)
+
+    @property
+    def active(self) -> bool:
+        return self.counted or bool(self.key_requests_per_minute or self.key_tokens_per_minute)
+
+
+def generation_of(*, tenant_hard: bool, budgeted_keys) -> str:
+    return hashlib.sha1(repr((tenant_hard, tuple(sorted(budgeted_keys)))).encode()).hexdigest()[:10]
+
+
+@dataclass
+class BudgetReservation:
+    tenant_id: int
+    key_id: int | None
+    request_id: str
+    month: str
+    generation: str
+    tokens: int
+    microcents: int
+    counted: bool
+    key_tpm: int
+    admitted_ms: int
+    backend: str  # "redis" or "local"
+
+
+@dataclass
+class BudgetDecision:
+    allowed: bool
+    reservation: BudgetReservation | None = None
+    status: int = 200
+    error_type: str = ""
+    code: str = ""
+    message: str = ""
+    retry_after: int = 0
+    headers: dict | None = None
+
+
+def _refusal(code: int, limits: BudgetLimits, retry_ms: int, tokens: int) -> BudgetDecision:
+    retry = max(1, math.ceil(retry_ms / 1000)) if retry_ms else 1
+    _, end = window_bounds("month")
+    to_month_end = max(1, math.ceil((end - datetime.now(timezone.utc)).total_seconds()))
+    if code == RPM:
+        e = ("rate_limit_exceeded", "requests_per_minute_exceeded",
+             f"Rate limit of this API key reached: {limits.key_requests_per_minute} requests per minute. Retry after {retry} s.")
+    elif code == TPM:
+        e = ("rate_limit_exceeded", "tokens_per_minute_exceeded",
+             f"Rate limit of this API key reached: {limits.key_tokens_per_minute} tokens per minute (this request reserves "
+             f"{tokens}: prompt + max_tokens). Retry after {retry} s.")
+    elif code == TPM_TOO_LARGE:
+        e, retry = ("rate_limit_exceeded", "request_exceeds_tokens_per_minute",
+                    f"This request reserves {tokens} tokens (prompt + max_tokens), more than this API key's limit of "
+                    f"{limits.key_tokens_per_minute} tokens per minute. Lower max_tokens or shorten the prompt."), 60
+    elif code == KEY_TOKENS:
+        e, retry = ("insufficient_quota", "insufficient_quota",
+                    f"This API key has used its budget of {limits.key_month_tokens:,} tokens for this month (this request "
+                    "reserves prompt + max_tokens). It resets at the start of next month; an admin can raise it."), to_month_end
+    elif code == KEY_MONEY:
+        e, retry = ("insufficient_quota", "insufficient_quota",
+                    "This API key has reached its monthly spend budget (a request reserves the cost of prompt + max_tokens). "
+                    "It resets at the start of next month; an admin can raise it."), to_month_end
+    else:
+        e, retry = ("insufficient_quota", "insufficient_quota",
+                    "Your organisation has reached its monthly budget (a request reserves the cost of prompt + max_tokens). "
+                    "It resets at the start of next month; an admin can raise the budget, within the ceiling the platform "
+                    "set."), to_month_end
+    return BudgetDecision(False, None, 429, e[0], e[1], e[2], retry, {"retry-after": str(retry)})
+
+
+def _unavailable(message: str, code: str) -> BudgetDecision:
+    return BudgetDecision(False, None, 503, "service_unavailable", code, message, 5, {"retry-after": "5"})
+
+
+async def _seed_usage(limits: BudgetLimits, month: str):
+    """(tenant µ¢, {key id: (µ¢, tokens)}) of the month in the ledger; raises DatabaseError when it cannot be read."""
+    from asgiref.sync import sync_to_async
+    from django.db import connection
+
+    loader = import_string(SEED_LOADER)
+
+    def load():
+        try:
+            return loader(limits.tenant_id, month, limits.budgeted_keys)
+        except DatabaseError:
+            connection.close()  # a dropped connection on this worker thread: once more on a new one
+        try:
+            return loader(limits.tenant_id, month, limits.budgeted_keys)
+        except DatabaseError:
+            connection.close()
+            raise
+
+    return await sync_to_async(load, thread_sensitive=False)()
+
+
+# ---- in-process -----------------------------------------------------------------------------------
+
+
+class LocalBudgets:
+    """The same algorithm in one process, under a lock (the embedded default, and the fallback when Redis is away for
+    limits that need no shared counter)."""
+
+    backend_name = "local"
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._buckets: dict[tuple, tuple[float, int]] = {}
+        self._months: dict[tuple, dict] = {}  # (tenant, month, generation) -> counters, reservations, seeded_ms
+        self._current: dict[tuple, str] = {}  # (tenant, month) -> generation last seeded
+
+    @staticmethod
+    def _now_ms() -> int:
+        return int(time.time() * 1000)
+
+    def _bucket(self, key, cap: int, now: int) -> float:
+        tokens, ts = self._buckets.get(key, (float(cap), now))
+        return min(float(cap), tokens + max(0, now - ts) * cap / 60000)
+
+    async def admit(self, limits: BudgetLimits, *, request_id: str, tokens: int, microcents: int) -> BudgetDecision:
+        month = window_id("month")
+        mkey = (limits.tenant_id, month, limits.generation)
+        if limits.counted and mkey not in self._months:
+            try:
+                tenant_used, by_key = await _seed_usage(limits, month)
+            except DatabaseError:
+                return _unavailable("The usage ledger cannot be read right now, so budgets cannot be checked. Retry in a few "
+                                    "seconds.", "usage_unavailable")
+            with self._lock:
+                if mkey not in self._months:
+                    counters = {"mu": tenant_used, "mr": 0}
+                    for key_id, (money, toks) in by_key.items():
+                        counters[f"k{key_id}:mu"], counters[f"k{key_id}:nu"] = money, toks
+                    self._months[mkey] = {"c": counters, "r": {}, "seeded_ms": self._now_ms()}
+                    self._current[(limits.tenant_id, month)] = limits.generation
+        with self._lock:
+            return self._admit_locked(limits, request_id, tokens, microcents, month, mkey)
+
+    def _admit_locked(self, limits, rid, n, cost, month, mkey) -> BudgetDecision:
+        now = self._now_ms()
+        k = limits.key_id
+        rpm, tpm = limits.key_requests_per_minute, limits.key_tokens_per_minute
+        r = self._bucket((k, "rpm"), rpm, now) if rpm else 0.0
+        t = self._bucket((k, "tpm"), tpm, now) if tpm else 0.0
+        if rpm and r < 1:
+            return _refusal(RPM, limits, math.ceil((1 - r) * 60000 / rpm), n)
+        if tpm and n > tpm:
+            return _refusal(TPM_TOO_LARGE, limits, 60000, n)
+        if tpm and t < n:
+            return _refusal(TPM, limits, math.ceil((n - t) * 60000 / tpm), n)
+        month_state = self._months.get(mkey) if limits.counted else None
+        if month_state is not None:
+            self._expire(month_state, now)
+            c = month_state["c"]
+            if limits.key_month_microcents and c.get(f"k{k}:mu", 0) + c.get(f"k{k}:mr", 0) + cost > limits.key_month_microcents:
+                return _refusal(KEY_MONEY, limits, 0, n)
+            if limits.key_month_tokens and c.get(f"k{k}:nu", 0) + c.get(f"k{k}:nr", 0) + n > limits.key_month_tokens:
+                return _refusal(KEY_TOKENS, limits, 0, n)
+            if limits.tenant_hard_microcents and c["mu"] + c["mr"] + cost > limits.tenant_hard_microcents:
+                return _refusal(TENANT_MONEY, limits, 0, n)
+            c["mr"] += cost
+            if k is not None:
+                c[f"k{k}:mr"] = c.get(f"k{k}:mr", 0) + cost
+                c[f"k{k}:nr"] = c.get(f"k{k}:nr", 0) + n
+            month_state["r"][rid] = (k, n, cost, now)
+        if rpm:
+            self._buckets[(k, "rpm")] = (r - 1, now)
+        if tpm:
+            self._buckets[(k, "tpm")] = (t - n, now)
+        return BudgetDecision(True, BudgetReservation(limits.tenant_id, k, rid, month, limits.generation, n, cost,
+                                                      month_state is not None, tpm, now, self.backend_name))
+
+    @staticmethod
+    def _expire(month_state: dict, now: int) -> None:
+        for rid, (k, n, cost, at) in list(month_state["r"].items()):
+            if at < now - RESERVATION_TTL_MS:
+                LocalBudgets._release(month_state, rid)
+
+    @staticmethod
+    def _release(month_state: dict, rid: str):
+        entry = month_state["r"].pop(rid, None)
+        if entry is None:
+            return None
+        k, n, cost, _ = entry
+        c = month_state["c"]
+        c["mr"] -= cost
+        if k is not None:
+            c[f"k{k}:mr"] -= cost
+            c[f"k{k}:nr"] -= n
+        return entry
+
+    async def settle(self, reservation: BudgetReservation | None, *, tokens: int, microcents: int) -> None:
+        """Count the request's exact tokens and cost, free the rest of its reservation; once."""
+        if reservation is None:
+            return
+        with self._lock:
+            self._settle_locked(reservation, tokens, microcents)
+
+    def _settle_locked(self, res: BudgetReservation, tokens: int, cost: int) -> None:
+        if res.key_tpm and (res.key_id, "tpm") in self._buckets:
+            level, ts = self._buckets[(res.key_id, "tpm")]
+            self._buckets[(res.key_id, "tpm")] = (min(float(res.key_tpm), level + res.tokens - tokens), ts)
+        if not res.counted:
+            return
+        own = self._months.get((res.tenant_id, res.month, res.generation))
+        found = own is not None and self._release(own, res.request_id) is not None
+        current = self._months.get((res.tenant_id, res.month, self._current.get((res.tenant_id, res.month))))
+        targets = []
+        if found:
+            targets.append(own)
+        if current is not None and current is not own and current["seeded_ms"] > res.admitted_ms:
+            targets.append(current)  # seeded while it ran: its record is not in that seed
+        elif not found and current is own and own is not None and own["seeded_ms"] > res.admitted_ms:
+            targets.append(own)
+        for month_state in targets:
+            c = month_state["c"]
+            c["mu"] += cost
+            if res.key_id is not None:
+                c[f"k{res.key_id}:mu"] = c.get(f"k{res.key_id}:mu", 0) + cost
+                c[f"k{res.key_id}:nu"] = c.get(f"k{res.key_id}:nu", 0) + tokens
+
+    async def release(self, reservation: BudgetReservation | None) -> None:
+        """Give a reservation back whole (the tenant's admission refused the request after this one admitted it)."""
+        if reservation is None:
+            return
+        with self._lock:
+            if (reservation.key_id, "rpm") in self._buckets:
+                level, ts = self._buckets[(reservation.key_id, "rpm")]
+                self._buckets[(reservation.key_id, "rpm")] = (level + 1, ts)
+            self._settle_locked(reservation, 0, 0)
+
+    async def snapshot(self, limits: BudgetLimits) -> dict[str, int]:
+        """The month's counters of the current generation (console and tests): µ¢ and tokens, used and reserved."""
+        state = self._months.get((limits.tenant_id, window_id("month"), limits.generation))
+        return dict(state["c"]) if state else {}
+
+
+# ---- Redis, shared by every gateway process ------------------------------------------------------
+
+ADMIT_LUA = """
+local hash, cur, rpmk, tpmk, exp = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local rid, gen, kid = ARGV[1], ARGV[2], ARGV[3]
+local n, cost, hard = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local krpm, ktpm, ktok, kmoney = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local counted, ttl, res_ttl = ARGV[11] == '1', tonumber(ARGV[12]), tonumber(ARGV[13])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function bucket(k, cap)
+  if cap <= 0 then return 0 end
+  local v = redis.call('HMGET', k, 'v', 'ts')
+  local level, ts = tonumber(v[1]) or cap, tonumber(v[2]) or now
+  return math.min(cap, level + math.max(0, now - ts) * cap / 60000)
+end
+local r, tk = bucket(rpmk, krpm), bucket(tpmk, ktpm)
+if krpm > 0 and r < 1 then return {2, math.ceil((1 - r) * 60000 / krpm)} end
+if ktpm > 0 and n > ktpm then return {4, 60000} end
+if ktpm > 0 and tk < n then return {3, math.ceil((n - tk) * 60000 / ktpm)} end
+if counted then
+  if not redis.call('HGET', hash, 'seeded') then return {9, 0} end
+  for _, old in ipairs(redis.call('ZRANGEBYSCORE', exp, 0, now - res_ttl)) do
+    local e = redis.call('HGET', hash, 'r:' .. old)
+    if e then
+      local k, rn, rc = string.match(e, '^([^,]*),(%d+),(%d+),')
+      redis.call('HINCRBY', hash, 'mr', -tonumber(rc))
+      if k ~= '' then redis.call('HINCRBY', hash, 'k' .. k .. ':mr', -tonumber(rc)); redis.call('HINCRBY', hash, 'k' .. k .. ':nr', -tonumber(rn)) end
+      redis.call('HDEL', hash, 'r:' .. old)
+    end
+    redis.call('ZREM', exp, old)
+  end
+  local function num(f) return tonumber(redis.call('HGET', hash, f) or '0') end
+  if kmoney > 0 and num('k' .. kid .. ':mu') + num('k' .. kid .. ':mr') + cost > kmoney then return {11, 0} end
+  if ktok > 0 and num('k' .. kid .. ':nu') + num('k' .. kid .. ':nr') + n > ktok then return {10, 0} end
+  if hard > 0 and num('mu') + num('mr') + cost > hard then return {12, 0} end
+  redis.call('HINCRBY', hash, 'mr', cost)
+  if kid ~= '' then redis.call('HINCRBY', hash, 'k' .. kid .. ':mr', cost); redis.call('HINCRBY', hash, 'k' .. kid .. ':nr', n) end
+  redis.call('HSET', hash, 'r:' .. rid, kid .. ',' .. n .. ',' .. cost .. ',' .. now)
+  redis.call('ZADD', exp, now, rid)
+  redis.call('EXPIRE', hash, ttl)
+  redis.call('EXPIRE', exp, ttl)
+end
+if krpm > 0 then redis.call('HSET', rpmk, 'v', r - 1, 'ts', now); redis.call('PEXPIRE', rpmk, 120000) end
+if ktpm > 0 then redis.call('HSET', tpmk, 'v', tk - n, 'ts', now); redis.call('PEXPIRE', tpmk, 120000) end
+return {0, now}
+"""
+
+SEED_LUA = """
+local hash, cur = KEYS[1], KEYS[2]
+if redis.call('HGET', hash, 'seeded') then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', hash, 'mu', ARGV[3], 'mr', 0, 'seeded', now)
+for i = 4, #ARGV, 3 do
+  redis.call('HSET', hash, 'k' .. ARGV[i] .. ':mu', ARGV[i + 1], 'k' .. ARGV[i] .. ':nu', ARGV[i + 2])
+end
+redis.call('EXPIRE', hash, tonumber(ARGV[2]))
+redis.call('SET', cur, ARGV[1], 'EX', tonumber(ARGV[2]))
+return 1
+"""
+
+SETTLE_LUA = """
+local hash, cur, tpmk, prefix = KEYS[1], KEYS[2], KEYS[3], ARGV[9]
+local rid, kid, used_n, used_c = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local res_n, ktpm, admitted, counted = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8] == '1'
+if ktpm > 0 and redis.call('EXISTS', tpmk) == 1 then
+  local level = tonumber(redis.call('HGET', tpmk, 'v')) or ktpm
+  redis.call('HSET', tpmk, 'v', math.min(ktpm, level + res_n - used_n))
+end
+if not counted then return 0 end
+local function add(h)
+  redis.call('HINCRBY', h, 'mu', used_c)
+  if kid ~= '' then redis.call('HINCRBY', h, 'k' .. kid .. ':mu', used_c); redis.call('HINCRBY', h, 'k' .. kid .. ':nu', used_n) end
+end
+local e = redis.call('HGET', hash, 'r:' .. rid)
+local found = false
+if e then
+  local k, rn, rc = string.match(e, '^([^,]*),(%d+),(%d+),')
+  redis.call('HINCRBY', hash, 'mr', -tonumber(rc))
+  if k ~= '' then redis.call('HINCRBY', hash, 'k' .. k .. ':mr', -tonumber(rc)); redis.call('HINCRBY', hash, 'k' .. k .. ':nr', -tonumber(rn)) end
+  redis.call('HDEL', hash, 'r:' .. rid)
+  redis.call('ZREM', hash .. ':exp', rid)
+  add(hash)
+  found = true
+end
+local g = redis.call('GET', cur)
+if g then
+  local current = prefix .. g
+  local seeded = tonumber(redis.call('HGET', current, 'seeded') or '0')
+  if seeded > admitted and (current ~= hash or not found) then add(current) end
+end
+return found and 1 or 2
+"""
+
+
+class RedisBudgets:
+    """The budgets of every gateway process, in Redis (one script per admission and per settle). Redis unreachable:
+    requests that need a month's counter are refused (503 `limits_unavailable`, fail closed as hard quotas are); a
+    key's requests/min and tokens/min alone fall back to this process's buckets."""
+
+    backend_name = "redis"
+
+    def __init__(self, url: str):
+        self.url = url
+        self.fallback = LocalBudgets()
+        self._clients: dict[int, object] = {}
+
+    def _client(self):
+        loop_id = id(asyncio.get_running_loop())
+        client = self._clients.get(loop_id)
+        if client is None:
+            client = redis_client(self.url, max_connections=64)
+            client._budget_scripts = {name: client.register_script(src) for name, src in
+                                      (("admit", ADMIT_LUA), ("seed", SEED_LUA), ("settle", SETTLE_LUA))}
+            self._clients[loop_id] = client
+        return client
+
+    @staticmethod
+    def _keys(tenant_id: int, month: str, generation: str, key_id) -> tuple[str, str, str, str, str]:
+        p = f"mtl:{{t{tenant_id}}}:bud:"
+        hash_ = f"{p}{month}:{generation}"
+        return hash_, f"{p}{month}:cur", f"{p}k{key_id}:rpm", f"{p}k{key_id}:tpm", hash_ + ":exp"
+
+    async def admit(self, limits: BudgetLimits, *, request_id: str, tokens: int, microcents: int) -> BudgetDecision:
+        month = window_id("month")
+        keys = self._keys(limits.tenant_id, month, limits.generation, limits.key_id)
+        args = [request_id, limits.generation, "" if limits.key_id is None else limits.key_id, tokens, microcents,
+                limits.tenant_hard_microcents, limits.key_requests_per_minute, limits.key_tokens_per_minute,
+                limits.key_month_tokens, limits.key_month_microcents, 1 if limits.counted else 0, MONTH_TTL_S, RESERVATION_TTL_MS]
+        try:
+            client = self._client()
+            for _ in range(3):
+                res = await client._budget_scripts["admit"](keys=list(keys), args=args)
+                if res[0] != NEED_SEED:
+                    break
+                try:
+                    tenant_used, by_key = await _seed_usage(limits, month)
+                except DatabaseError:
+                    return _unavailable("The usage ledger cannot be read right now, so budgets cannot be checked. Retry in "
+                                        "a few seconds.", "usage_unavailable")
+                seed_args = [limits.generation, MONTH_TTL_S, tenant_used]
+                for key_id, (money, toks) in by_key.items():
+                    seed_args += [key_id, money, toks]
+                await client._budget_scripts["seed"](keys=[keys[0], keys[1]], args=seed_args)
+            else:
+                return _unavailable("Budgets could not be checked. Retry in a few seconds.", "limits_unavailable")
+        except redis_errors():
+            if limits.counted:
+                return _unavailable("The rate-limit service is unavailable, so requests under a budget are refused. Retry "
+                                    "in a few seconds.", "limits_unavailable")
+            return await self.fallback.admit(limits, request_id=request_id, tokens=tokens, microcents=microcents)
+        if res[0] != OK:
+            return _refusal(int(res[0]), limits, int(res[1]), tokens)
+        return BudgetDecision(True, BudgetReservation(limits.tenant_id, limits.key_id, request_id, month, limits.generation,
+                                                      tokens, microcents, limits.counted, limits.key_tokens_per_minute,
+                                                      int(res[1]), self.backend_name))
+
+    async def settle(self, reservation: BudgetReservation | None, *, tokens: int, microcents: int) -> None:
+        if reservation is None:
+            return
+        if reservation.backend == "local":
+            return await self.fallback.settle(reservation, tokens=tokens, microcents=microcents)
+        keys = self._keys(reservation.tenant_id, reservation.month, reservation.generation, reservation.key_id)
+        prefix = keys[0].rsplit(":", 1)[0] + ":"
+        args = [reservation.request_id, "" if reservation.key_id is None else reservation.key_id, tokens, microcents,
+                reservation.tokens, reservation.key_tpm, reservation.admitted_ms, 1 if reservation.counted else 0, prefix]
+        for attempt in range(5):  # a short outage: the settle waits for it (a lost one is released by its TTL)
+            try:
+                await self._client()._budget_scripts["settle"](keys=[keys[0], keys[1], keys[3]], args=args)
+                return
+            except redis_errors():
+                await asyncio.sleep(0.2 * 2 ** attempt)
+        log.warning("request %s: its budget settle could not reach Redis; the reservation is released in %d min",
+                    reservation.request_id, RESERVATION_TTL_MS // 60000)
+
+    async def release(self, reservation: BudgetReservation | None) -> None:
+        """Give back a reservation whole (the tenant's admission refused the request): nothing was used."""
+        if reservation is None:
+            return
+        if reservation.backend == "local":
+            return await self.fallback.release(reservation)
+        await self.settle(reservation, tokens=0, microcents=0)
+        if reservation.key_id is not None:
+            _, _, rpmk, _, _ = self._keys(reservation.tenant_id, reservation.month, reservation.generation, reservation.key_id)
+            try:
+                await self._client().hincrbyfloat(rpmk, "v", 1)
+            except redis_errors():
+                pass
+
+    async def snapshot(self, limits: BudgetLimits) -> dict[str, int]:
+        keys = self._keys(limits.tenant_id, window_id("month"), limits.generation, limits.key_id)
+        data = await self._client().hgetall(keys[0])
+        return {k: int(v) for k, v in data.items() if not k.startswith("r:") and k != "seeded"}
+
+
+_budgets = None
+_budgets_lock = threading.Lock()
+
+
+def get_budgets():
+    """The process's budgets service: Redis when REDIS_URL is set, else in-process."""
+    global _budgets
+    if _budgets is None:
+        from django.conf import settings
+
+        with _budgets_lock:
+            if _budgets is None:
+                _budgets = RedisBudgets(settings.REDIS_URL) if settings.REDIS_URL else LocalBudgets()
+    return _budgets
+
+
+def reset_budgets() -> None:
+    global _budgets
+    _budgets = None

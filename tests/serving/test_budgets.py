@@ -1,0 +1,144 @@
+"""Money budgets and per-key limits at admission (serving.budgets), in-process and in Redis: the upper bound is
+reserved, the exact cost settled, nothing is overshot, the counters equal what was settled and what the ledger says."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import date
+
+import pytest
+from django.utils import timezone
+
+from serving import budgets
+from serving.budgets import BudgetLimits, LocalBudgets, RedisBudgets, generation_of
+from tests.support.billing import price, usage
+from tests.support.gateway import make_base_model
+
+
+@pytest.fixture(params=["local", "redis"])
+def service(request):
+    if request.param == "local":
+        return lambda: LocalBudgets()
+    url = request.getfixturevalue("redis_url")
+    return lambda: RedisBudgets(url)
+
+
+def _limits(tenant_id, **kw) -> BudgetLimits:
+    kw.setdefault("generation", generation_of(tenant_hard=bool(kw.get("tenant_hard_microcents")), budgeted_keys=kw.get("budgeted_keys", ())))
+    return BudgetLimits(tenant_id=tenant_id, **kw)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_hard_money_limit_reserves_the_bound_and_counts_the_exact_cost(world, service):
+    price(make_base_model("tiny-chat"), effective_from=date(2025, 12, 1), inp="100", out="200")
+    usage(world.tenant, at=timezone.now(), model="tiny-chat", inp=2_000)  # 200,000 µ¢ already in the ledger: the seed
+    b = service()
+    limits = _limits(world.tenant.pk, tenant_hard_microcents=1_000_000)
+
+    async def go():
+        first = await b.admit(limits, request_id="r1", tokens=600, microcents=500_000)
+        assert first.allowed
+        second = await b.admit(limits, request_id="r2", tokens=600, microcents=400_000)  # 200k + 500k reserved + 400k > 1M
+        assert (second.allowed, second.status, second.code) == (False, 429, "insufficient_quota")
+        await b.settle(first.reservation, tokens=300, microcents=30_000)  # it used far less than its bound
+        third = await b.admit(limits, request_id="r3", tokens=600, microcents=400_000)
+        assert third.allowed
+        await b.settle(third.reservation, tokens=10, microcents=1)
+        await b.settle(third.reservation, tokens=10, microcents=1)  # a second settle of the same request: nothing
+        return await b.snapshot(limits)
+
+    counters = run(go())
+    assert (counters["mu"], counters["mr"]) == (200_000 + 30_000 + 1, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_keys_budgets_and_rates_apply_to_it_alone(world, service):
+    b = service()
+    key = _limits(world.tenant.pk, key_id=7, key_month_tokens=1000, key_month_microcents=5000, key_requests_per_minute=3,
+                  budgeted_keys=(7,))
+    other = _limits(world.tenant.pk, key_id=8, budgeted_keys=(7,), key_requests_per_minute=100)
+
+    async def go():
+        a = await b.admit(key, request_id="a", tokens=900, microcents=100)
+        assert a.allowed
+        over_tokens = await b.admit(key, request_id="b", tokens=200, microcents=100)
+        assert (over_tokens.allowed, over_tokens.code) == (False, "insufficient_quota") and "1,000 tokens" in over_tokens.message
+        assert (await b.admit(other, request_id="c", tokens=200, microcents=100)).allowed  # another key: not its budget
+        await b.settle(a.reservation, tokens=100, microcents=4_950)
+        over_money = await b.admit(key, request_id="d", tokens=10, microcents=100)  # 4,950 + 100 > 5,000 µ¢
+        assert (over_money.allowed, over_money.code) == (False, "insufficient_quota") and "spend budget" in over_money.message
+        assert (await b.admit(key, request_id="e", tokens=10, microcents=10)).allowed
+        assert (await b.admit(key, request_id="e2", tokens=10, microcents=0)).allowed
+        rate = await b.admit(key, request_id="f", tokens=1, microcents=0)  # its 4th admitted this minute, limit 3 (refusals take none)
+        assert (rate.allowed, rate.code) == (False, "requests_per_minute_exceeded")
+        return await b.snapshot(key)
+
+    counters = run(go())
+    assert (counters["k7:mu"], counters["k7:nu"], counters["k7:mr"], counters["k7:nr"]) == (4_950, 100, 10, 20)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_keys_tokens_per_minute_reserves_and_refunds(world, service):
+    b = service()
+    key = _limits(world.tenant.pk, key_id=7, key_tokens_per_minute=1000)
+
+    async def go():
+        too_large = await b.admit(key, request_id="x", tokens=1001, microcents=0)
+        assert too_large.code == "request_exceeds_tokens_per_minute"
+        a = await b.admit(key, request_id="a", tokens=800, microcents=0)
+        assert not (await b.admit(key, request_id="b", tokens=800, microcents=0)).allowed
+        await b.settle(a.reservation, tokens=100, microcents=0)  # 700 refunded to the bucket
+        assert (await b.admit(key, request_id="c", tokens=800, microcents=0)).allowed
+
+    run(go())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_reservation_given_back_whole_when_the_tenant_refuses(world, service):
+    b = service()
+    limits = _limits(world.tenant.pk, key_id=7, tenant_hard_microcents=1000, key_requests_per_minute=1, budgeted_keys=())
+
+    async def go():
+        a = await b.admit(limits, request_id="a", tokens=10, microcents=900)
+        await b.release(a.reservation)
+        again = await b.admit(limits, request_id="b", tokens=10, microcents=900)  # the rpm token and the money are back
+        assert again.allowed, again.message
+        return await b.snapshot(limits)
+
+    assert run(go())["mr"] == 900
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_200_concurrent_requests_through_two_services_never_overshoot(world, redis_url):
+    """Two independent RedisBudgets (two gateway processes' clients), 200 requests at once on one tenant and key: the
+    settled spend never passes the hard limit nor the key's budget, and the counters equal what was settled."""
+    rng = random.Random(14)
+    limits = _limits(world.tenant.pk, key_id=7, tenant_hard_microcents=50_000, key_month_microcents=40_000,
+                     key_month_tokens=30_000, budgeted_keys=(7,))
+    plan = [(rng.randint(100, 400), rng.randint(500, 2_000)) for _ in range(200)]  # (tokens reserved, µ¢ reserved)
+
+    async def one(service, i, tokens, bound):
+        decision = await service.admit(limits, request_id=f"r{i}", tokens=tokens, microcents=bound)
+        if not decision.allowed:
+            return 0, 0
+        await asyncio.sleep(rng.random() / 100)
+        used_tokens, used_cost = rng.randint(0, tokens), rng.randint(0, bound)  # never more than reserved
+        await service.settle(decision.reservation, tokens=used_tokens, microcents=used_cost)
+        return used_tokens, used_cost
+
+    async def go():
+        a, b = RedisBudgets(redis_url), RedisBudgets(redis_url)
+        results = await asyncio.gather(*(one(a if i % 2 else b, i, t, c) for i, (t, c) in enumerate(plan)))
+        return results, await a.snapshot(limits)
+
+    results, counters = run(go())
+    spent, tokens = sum(c for _, c in results), sum(t for t, _ in results)
+    assert spent <= 40_000 and tokens <= 30_000  # overshoot 0
+    assert (counters["mu"], counters["k7:mu"], counters["k7:nu"], counters["mr"], counters["k7:nr"]) == (spent, spent, tokens, 0, 0)
+    assert sum(1 for t, c in results if t or c) > 10  # the limit was reached by many requests, not refused at once
