@@ -2,20 +2,22 @@
 
 Every figure is read by the same function as on its own page, so they agree: spend and forecast by
 `billing.selectors.spend_so_far` (the Billing page), quota by `serving.selectors.quota_status` and today's requests
-by `serving.selectors.usage_by_day_and_model` (the Usage page).
+by `serving.selectors.usage_by_day_and_model` (the Usage page), the money budget by `billing.spend` (the Budget page:
+micro-cents per request, so it may differ from the invoice-rounded spend by under a cent per line).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.db.models import Q
 from django.shortcuts import render
 from django.utils import timezone
 
-from billing import rating, selectors as billing_selectors
+from billing import rating, selectors as billing_selectors, spend
+from billing.models import format_cents
 from finetune.models import FineTuneJob
 from serving import selectors as serving_selectors
 from serving.models import AdapterDeployment, UsageRecord
@@ -51,6 +53,35 @@ def requests_today(tenant: Tenant, now: datetime | None = None) -> Today:
     return Today(requests=sum(r["requests"] for r in rows), failed=failed)
 
 
+@dataclass(frozen=True)
+class BudgetGauge:
+    """This month's spend against the money budget in force, as the Budget page reads it (billing.spend)."""
+
+    spent_cents: int
+    limit_cents: int
+    percent: int  # whole percent, at most 100 (the Budget page's figure)
+    hard: bool  # requests are refused past `limit_cents`
+
+    @property
+    def spent(self) -> str:
+        return format_cents(self.spent_cents)
+
+    @property
+    def limit(self) -> str:
+        return format_cents(self.limit_cents)
+
+
+def budget_gauge(tenant: Tenant, now: datetime | None = None) -> BudgetGauge | None:
+    """None when the tenant has no budget and no ceiling."""
+    state = spend.budget_in_force(tenant=tenant)
+    limit = state.alert_cents
+    if not limit:
+        return None
+    used = spend.tenant_month_usage(tenant=tenant, now=now)
+    return BudgetGauge(spent_cents=used.cents, limit_cents=limit, percent=min(100, used.microcents * 100 // (limit * spend.MICROCENTS_PER_CENT)),
+                       hard=state.hard_cents == limit)
+
+
 def _percent_width(percent) -> str:
     """A gauge's fill width (CSS percent, 0–100, dot decimal whatever the locale)."""
     return f"{min(max(float(percent or 0), 0.0), 100.0):.1f}"
@@ -70,6 +101,9 @@ def dashboard(request, ctx: TenantContext):
         "spend": spend,
         "quota": quota,
         "quota_width": _percent_width(quota["percent"]),
+        # The window's end is exclusive (00:00 UTC of the next day or month): people read its last day.
+        "quota_last_day": (quota["window_end"] - timedelta(microseconds=1)).date(),
+        "budget": budget_gauge(tenant, now),
         "today": requests_today(tenant, now),
         "unpaid_invoices": list(billing_selectors.unpaid_invoices(tenant=tenant)),
         "running_jobs": list(FineTuneJob.objects.for_tenant(tenant).filter(status__in=FineTuneJob.ACTIVE_STATUSES)

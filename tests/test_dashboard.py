@@ -101,3 +101,30 @@ def test_dashboard_is_the_tenants_own(client, busy):
     assert client.get(f"/t/{world.tenant.slug}/").status_code == 404
     html = client.get(f"/t/{world.other_tenant.slug}/").content.decode()
     assert attr(html, "data-spend-cents") == "900" and attr(html, "data-requests-today") == "1"  # globex's figures, not acme's
+
+
+def test_dashboard_budget_gauge_reads_as_the_budget_page(client, busy):
+    world = busy
+    from tenants.models import Policy
+
+    client.force_login(world.viewer)
+    html = client.get(f"/t/{world.tenant.slug}/").content.decode()
+    assert "No money budget is set." in html and "data-budget-percent" not in html
+    Policy.objects.for_tenant(world.tenant).update(budget_ceiling_cents=1_000)  # 10.00 USD, hard
+    html = client.get(f"/t/{world.tenant.slug}/").content.decode()
+    budget_page = client.get(f"/t/{world.tenant.slug}/budget/")
+    assert attr(html, "data-budget-percent") == str(budget_page.context["percent"]) == "13"  # 135 ¢ of 1,000 ¢
+    assert "1.35 of 10.00 USD — requests are refused past it" in html
+
+
+def test_dashboard_quota_window_names_its_last_day(client, world):
+    from tenants import services
+
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, quota_tokens=1_000, quota_window="month")
+    client.force_login(world.viewer)
+    response = client.get(f"/t/{world.tenant.slug}/")
+    quota = response.context["quota"]
+    last = response.context["quota_last_day"]
+    assert quota["window_end"].day == 1 and last.month == quota["window_start"].month  # the window ends at the next 1st, exclusive
+    assert (quota["window_end"].date() - last).days == 1
+    assert f'– {last.day} {last:%b %Y}, UTC' in response.content.decode()  # the month's last day, not the next 1st
