@@ -155,7 +155,7 @@ class OpenAIView(SealedMethods, APIView):
         self.tenant = key.tenant
         self.actor = Actor(key=key)
         # The tenant's API bucket (shared with /api/), before the handler parses a body: 429 `rate_limit_exceeded`.
-        ratelimit.charge(tenant=self.tenant, cost=ratelimit.cost_of(self, request))
+        ratelimit.charge(tenant=self.tenant, cost=ratelimit.cost_of(self, request), request=request)
 
     def file_or_404(self, file_id: str) -> TrainingFile:
         file = TrainingFile.objects.for_tenant(self.tenant).filter(pk=file_id).first()

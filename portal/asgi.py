@@ -13,9 +13,12 @@ django_application = get_asgi_application()
 
 from portal.security import development_only_reason, is_loopback, limit_body  # noqa: E402
 from serving.gateway import GatewayApp, is_gateway_path  # noqa: E402 - needs Django set up first
+from tenants.ratelimit import refuse_early  # noqa: E402
 
 gateway = GatewayApp()
 django_application = limit_body(django_application)  # the gateway caps its own bodies
+# A tenant past its API rate is refused from the headers, before Django reads its body (tenants/ratelimit.py).
+django_application = refuse_early(django_application)
 _LOOPBACK_ONLY = development_only_reason()
 _REFUSAL = (f"This platform runs with {_LOOPBACK_ONLY} and answers on loopback only. To serve other addresses set "
             "PLATFORM_ENV=production and DJANGO_SECRET_KEY (docs/configuration.md).\n").encode()

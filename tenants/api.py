@@ -116,7 +116,7 @@ class TenantAPIView(SealedMethods, APIView):
         self.ctx = self.resolve_context(request, kwargs["tenant_slug"])
         # The tenant's API bucket, once it is known to be the caller's (an outsider cannot spend another's), and
         # before the handler does any work: 429 with Retry-After (tenants/ratelimit.py).
-        ratelimit.charge(tenant=self.ctx.tenant, cost=ratelimit.cost_of(self, request))
+        ratelimit.charge(tenant=self.ctx.tenant, cost=ratelimit.cost_of(self, request), request=request)
 
     def resolve_context(self, request, tenant_slug: str) -> TenantContext:
         write = request.method not in SAFE_METHODS

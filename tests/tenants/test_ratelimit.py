@@ -4,6 +4,7 @@ Fine-tuning, 429 with Retry-After in each face's error shape; the prompt diff ca
 from __future__ import annotations
 
 import io
+import json
 import logging
 
 import pytest
@@ -203,3 +204,75 @@ def test_the_console_diff_spends_the_same_bucket_and_says_so(world, limit, clock
     refused = viewer.get("/t/acme/prompt/diff/1/2/")
     assert refused.status_code == 429 and refused["Retry-After"] == "1"
     assert "Too many API requests for the account" in refused.content.decode()
+
+
+# ---- refused before the body is read -----------------------------------------------------------------------------
+
+
+class Inner:
+    """Django behind refuse_early: records whether it was called; reads the body as Django would."""
+
+    def __init__(self):
+        self.called = 0
+
+    async def __call__(self, scope, receive, send):
+        self.called += 1
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+def asgi(app, method: str, path: str, headers: dict) -> tuple[int, dict, bytes, int]:
+    """(status, headers, body, body messages read) of one request through `app`."""
+    import asyncio
+
+    read = []
+    sent = []
+
+    async def receive():
+        read.append(1)
+        return {"type": "http.request", "body": b"x" * 1024, "more_body": len(read) < 3}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path,
+             "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+    asyncio.run(app(scope, receive, send))
+    start, body = sent[0], b"".join(m.get("body", b"") for m in sent[1:])
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body, len(read)
+
+
+def test_after_a_refusal_an_upload_that_cannot_fit_is_refused_from_its_headers(world, limit, clock, settings, tmp_path):
+    settings.STORAGE_DIR = tmp_path
+    _, secret = services.api_key_create(tenant=world.tenant, name="k", scopes=SCOPES, actor=services.SYSTEM)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    inner = Inner()
+    app = ratelimit.refuse_early(inner)
+    auth = {"authorization": f"Bearer {secret}", "content-length": str(30 * 1_048_576)}
+    assert asgi(app, "POST", "/v1/files", auth)[0] == 200 and inner.called == 1  # nothing refused yet: on to Django
+    assert [members(client).status_code for _ in range(3)] == [200, 200, 200]
+    assert client.get("/v1/files").status_code == 429  # the view's refusal, remembered (0 units left)
+
+    status, headers, body, read = asgi(app, "POST", "/v1/files", auth)
+    assert (status, read, inner.called) == (429, 0, 1)  # not one byte of the body read; Django not called
+    assert headers["retry-after"] == "3" and json.loads(body)["error"]["code"] == "rate_limit_exceeded"
+    clock[0] += 1.0  # one unit: a cheap request may pass now, the upload (3, the burst) may not
+    assert asgi(app, "GET", "/v1/files", {"authorization": f"Bearer {secret}"})[0] == 200
+    assert asgi(app, "POST", "/v1/files", auth)[0] == 429
+    clock[0] += 2.0
+    assert asgi(app, "POST", "/v1/files", auth)[0] == 200  # the bucket may hold it: the view decides
+    assert asgi(app, "POST", "/v1/files", {"authorization": "Bearer another"})[0] == 200  # another credential
+
+
+def test_a_session_refused_for_one_tenant_is_not_refused_early_for_another(world, limit, clock):
+    services.Membership.all_tenants.create(tenant=world.other_tenant, user=world.viewer, role="viewer")
+    viewer = session_client(world.viewer)
+    assert [members(viewer).status_code for _ in range(4)] == [200, 200, 200, 429]
+    cookie = {"cookie": f"sessionid={viewer.cookies['sessionid'].value}"}
+    app = ratelimit.refuse_early(Inner())
+    status, _, body, _ = asgi(app, "GET", "/api/tenants/acme/members/", cookie)
+    assert status == 429 and json.loads(body)["detail"].startswith("Too many API requests for the account 'acme'")
+    assert asgi(app, "GET", "/api/tenants/globex/members/", cookie)[0] == 200
