@@ -190,3 +190,17 @@ def test_allocation_page_links_only_to_months_that_have_started_and_have_usage(c
     assert f"?period={following:%Y-%m}" not in html
 
     assert client.get("/staff/billing/allocation/?period=0001-01").status_code == 200  # no month before it to link to
+
+
+def test_payment_methods_open_stripes_customer_portal_for_admins(client, world, billed, monkeypatch):
+    from billing import stripe_gateway
+
+    monkeypatch.setattr(stripe_gateway, "is_configured", lambda: True)
+    monkeypatch.setattr(services, "portal_url", lambda *, tenant, return_url: f"https://billing.stripe.test/p/{tenant.slug}?back={return_url}")
+    client.force_login(world.viewer)
+    assert "Manage payment methods" not in client.get(f"/t/{world.tenant.slug}/billing/").content.decode()  # admins only
+    client.force_login(world.admin)
+    html = client.get(f"/t/{world.tenant.slug}/billing/").content.decode()
+    assert "Manage payment methods" in html and "Online payment is not available yet: invoices" not in html
+    response = client.post(f"/t/{world.tenant.slug}/billing/payment-methods/")
+    assert response.status_code == 302 and response.url == "https://billing.stripe.test/p/acme?back=http://testserver/t/acme/billing/"

@@ -168,7 +168,7 @@ def test_customer_portal_absent_on_localstripe_is_handled(stripe_env, world, cli
     assert services.portal_url(tenant=world.tenant, return_url="http://testserver/", client=stripe_env.real) is None
     client.force_login(world.admin)
     response = client.post("/t/acme/billing/payment-methods/", follow=True)
-    assert "cannot be managed online" in response.content.decode()
+    assert "Online payment is not available yet" in response.content.decode()
 
 
 @pytest.mark.django_db(transaction=True)
