@@ -32,7 +32,7 @@ def test_staff_set_the_ceiling_in_the_admin_and_a_rotated_keys_old_hash_is_not_s
     from datetime import timedelta
 
     from tenants.models import Policy
-    from tests.tenants.test_admin import change_form
+    from tests.support.admin import change_form
 
     staff = django_user_model.objects.create_superuser("staff@platform.test", "staff@platform.test", "pw-staff-123456")
     client.force_login(staff)
