@@ -9,7 +9,7 @@ micro-cents per request, so it may differ from the invoice-rounded spend by unde
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 
 from django.db.models import Q
@@ -101,8 +101,6 @@ def dashboard(request, ctx: TenantContext):
         "spend": spend,
         "quota": quota,
         "quota_width": _percent_width(quota["percent"]),
-        # The window's end is exclusive (00:00 UTC of the next day or month): people read its last day.
-        "quota_last_day": (quota["window_end"] - timedelta(microseconds=1)).date(),
         "budget": budget_gauge(tenant, now),
         "today": requests_today(tenant, now),
         "unpaid_invoices": list(billing_selectors.unpaid_invoices(tenant=tenant)),

@@ -97,13 +97,16 @@ def quota_status(tenant: Tenant, now: datetime | None = None) -> dict:
     """U = used / quota for the window in force, and what the gateway does about it.
 
     state: 'unlimited', 'ok', 'warning' (≥ 80 %), 'throttled' (soft, ≥ 100 %) or 'exhausted' (hard, ≥ 100 %).
+    window_end is exclusive (00:00 UTC of the next day or month); window_last_day is the window's last UTC day, as
+    people read a period ("1 – 31 Dec", not "– 1 Jan").
     """
     policy = Policy.objects.for_tenant(tenant).get()
     quota = effective_quota_tokens(policy)
     used = tokens_used_in_window(tenant, policy.quota_window, now)
     start, end = window_bounds(policy.quota_window, now)
+    window = {"window_start": start, "window_end": end, "window_last_day": (end - timedelta(microseconds=1)).date()}
     if not quota:
-        return {"state": "unlimited", "used": used, "quota": 0, "percent": None, "window_start": start, "window_end": end, "policy": policy}
+        return {"state": "unlimited", "used": used, "quota": 0, "percent": None, **window, "policy": policy}
     percent = 100 * used / quota
     if used >= quota:
         state = "throttled" if policy.quota_mode == "soft" else "exhausted"
@@ -111,7 +114,7 @@ def quota_status(tenant: Tenant, now: datetime | None = None) -> dict:
         state = "warning"
     else:
         state = "ok"
-    return {"state": state, "used": used, "quota": quota, "percent": percent, "window_start": start, "window_end": end, "policy": policy}
+    return {"state": state, "used": used, "quota": quota, "percent": percent, **window, "policy": policy}
 
 
 def utilization_history(tenant: Tenant, status: dict, daily: list[tuple[date, int]]) -> list[tuple[str, float]]:

@@ -124,7 +124,8 @@ def test_dashboard_quota_window_names_its_last_day(client, world):
     client.force_login(world.viewer)
     response = client.get(f"/t/{world.tenant.slug}/")
     quota = response.context["quota"]
-    last = response.context["quota_last_day"]
+    last = quota["window_last_day"]
     assert quota["window_end"].day == 1 and last.month == quota["window_start"].month  # the window ends at the next 1st, exclusive
     assert (quota["window_end"].date() - last).days == 1
     assert f'– {last.day} {last:%b %Y}, UTC' in response.content.decode()  # the month's last day, not the next 1st
+    assert f'– {last.day} {last:%b %Y}, UTC' in client.get(f"/t/{world.tenant.slug}/usage/").content.decode()  # as Usage says
