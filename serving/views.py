@@ -10,7 +10,7 @@ from django.db import transaction
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 
-from common.charts import bar_chart
+from common.charts import bar_chart, stacked_chart
 from serving import selectors
 from serving.forms import ModelConfigForm
 from serving.models import Adapter, AdapterDeployment, BackendPool, BaseModel, ModelConfig
@@ -64,10 +64,29 @@ def usage(request, ctx: TenantContext):
             "rows": list(reversed(rows)),
             "totals": totals,
             "quota": quota,
-            "usage_chart": bar_chart([(d.strftime("%m-%d"), v) for d, v in daily], unit=" tokens"),
-            "history_chart": bar_chart(history, unit=" %") if history else None,
+            "usage_chart": stacked_chart([d.strftime("%m-%d") for d, _ in daily], _daily_series(rows, by, [d for d, _ in daily]), unit=" tokens"),
+            "history_chart": bar_chart(history, unit=" %", thresholds=QUOTA_THRESHOLDS) if history else None,
         },
     )
+
+
+# The quota history's colours: the gateway's warning at 80 % (selectors.quota_status) and the quota itself.
+QUOTA_THRESHOLDS = ((80, "warn", "80 % or more: warning"), (100, "over", "100 %: quota used up"))
+
+
+def _daily_series(rows: list[dict], by: str, days: list) -> list[tuple[str, list[int]]]:
+    """Tokens per day split by model or by API key (the table's grouping), every day present."""
+    index = {day: i for i, day in enumerate(days)}
+    series: dict[str, list[int]] = {}
+    for r in rows:
+        if r["day"] not in index:
+            continue
+        if by == "key":
+            name = f"{r['key_name']} ({r['key_prefix']}…)" if r["key_id"] else "Playground (console)"
+        else:
+            name = r["model"]
+        series.setdefault(name, [0] * len(days))[index[r["day"]]] += r["total_tokens"]
+    return list(series.items()) or [("", [0] * len(days))]
 
 
 CSV_COLUMNS = ("day", "model", "api_key_name", "api_key_prefix", "requests", "input_tokens", "output_tokens", "total_tokens")

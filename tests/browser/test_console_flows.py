@@ -172,8 +172,8 @@ def test_usage_period_grouping_and_csv_download(page):
     expect(page.locator("dl.facts")).to_contain_text("Input tokens3,000")
     page.get_by_role("link", name="By API key").click()
     expect(page.get_by_role("heading", name="Per day and API key")).to_be_visible()
-    expect(page.locator("tbody tr")).to_have_count(3)
-    expect(page.locator("tbody tr").first).to_contain_text("batch-jobs")
+    expect(page.locator("section[aria-labelledby=table-h] tbody tr")).to_have_count(3)
+    expect(page.locator("section[aria-labelledby=table-h] tbody tr").first).to_contain_text("batch-jobs")
     page.screenshot(path="/tmp/console-usage.png", full_page=True)
     with page.expect_download() as info:
         page.get_by_role("link", name="Download CSV").click()
