@@ -5,7 +5,7 @@ Object kwargs: `file_id` (str, a TrainingFile), `job_id` (str, a FineTuneJob), `
 
 from django.urls import path
 
-from finetune import views
+from finetune import byo_views, views
 
 urlpatterns = [
     path("files/", views.files, name="finetune-files"),
@@ -19,6 +19,7 @@ urlpatterns = [
     path("jobs/<str:job_id>/status/", views.job_status, name="finetune-job-status"),
     path("jobs/<str:job_id>/cancel/", views.job_cancel, name="finetune-job-cancel"),
     path("adapters/", views.adapters, name="finetune-adapters"),
+    path("adapters/upload/", byo_views.adapter_upload, name="finetune-adapter-upload"),
     path("adapters/<int:adapter_id>/deploy/", views.adapter_deploy, name="finetune-adapter-deploy"),
     path("adapters/<int:adapter_id>/undeploy/", views.adapter_undeploy, name="finetune-adapter-undeploy"),
     path("planner/", views.planner, name="finetune-planner"),

@@ -7,7 +7,7 @@
 
 from django.urls import path, re_path
 
-from finetune import api
+from finetune import api, byo_api
 
 v1_patterns = [
     path("files", api.FileListApi.as_view(), name="v1-file-list"),
@@ -20,6 +20,7 @@ v1_patterns = [
     path("fine_tuning/jobs/<str:job_id>/cancel", api.JobCancelApi.as_view(), name="v1-ftjob-cancel"),
     path("fine_tuning/jobs/<str:job_id>/events", api.JobEventsApi.as_view(), name="v1-ftjob-events"),
     path("fine_tuning/jobs/<str:job_id>/checkpoints", api.JobCheckpointsApi.as_view(), name="v1-ftjob-checkpoints"),
+    path("adapters", byo_api.AdapterListV1Api.as_view(), name="v1-adapter-list"),
 ]
 # Names of the /v1 routes, for the isolation suite's allowlist of tenant-less patterns (the key names the tenant).
 V1_URL_NAMES = frozenset(p.name for p in v1_patterns)
@@ -28,6 +29,7 @@ v1_unknown_url = re_path(r"", api.unknown_url, name="v1-unknown-url")
 
 tenant_api_patterns = [
     path("adapters/", api.AdapterListApi.as_view(), name="api-adapter-list"),
+    path("adapters/upload/", byo_api.AdapterUploadApi.as_view(), name="api-adapter-upload"),
     path("adapters/<int:adapter_id>/deploy/", api.AdapterDeployApi.as_view(), name="api-adapter-deploy"),
     path("adapters/<int:adapter_id>/undeploy/", api.AdapterUndeployApi.as_view(), name="api-adapter-undeploy"),
 ]

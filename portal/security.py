@@ -63,6 +63,8 @@ def development_only_reason() -> str:
 # /v1/files with no key was 925 MB written before the 401. These limits apply first, by Content-Length and while
 # the body streams in (chunked uploads).
 UPLOAD_PATHS = re.compile(r"^/v1/files$|^/t/[^/]+/finetune/files/upload/$")
+# A tenant's own LoRA (finetune/byo.py): the API's and the console's upload.
+ADAPTER_UPLOAD_PATHS = re.compile(r"^/v1/adapters$|^/api/tenants/[^/]+/adapters/upload/$|^/t/[^/]+/finetune/adapters/upload/$")
 MULTIPART_SLACK = 64 * 1024  # form fields and part headers around the file
 WEBHOOK_MAX_BYTES = 1024 * 1024  # Stripe's events are a few kB
 
@@ -71,6 +73,8 @@ def body_limit(path: str) -> int:
     """Bytes a request body to `path` may have (Django paths; the gateway caps its own)."""
     if UPLOAD_PATHS.match(path):
         return settings.FINETUNE_MAX_UPLOAD_BYTES + MULTIPART_SLACK
+    if ADAPTER_UPLOAD_PATHS.match(path):
+        return settings.FINETUNE_MAX_ADAPTER_BYTES + MULTIPART_SLACK
     if path.startswith("/webhooks/"):
         return WEBHOOK_MAX_BYTES
     return settings.DATA_UPLOAD_MAX_MEMORY_SIZE + MULTIPART_SLACK
@@ -95,10 +99,12 @@ async def _next_body_message(receive):
 
 
 def _too_large_body(path: str, limit: int) -> bytes:
-    what = "file upload" if UPLOAD_PATHS.match(path) else "request body"
+    what = "file upload" if UPLOAD_PATHS.match(path) or ADAPTER_UPLOAD_PATHS.match(path) else "request body"
     message = f"The {what} is larger than this path accepts ({limit:,} bytes)."
     if UPLOAD_PATHS.match(path):
         message += f" Training files may be up to {settings.FINETUNE_MAX_UPLOAD_BYTES:,} bytes (PLATFORM_FINETUNE_MAX_UPLOAD_BYTES)."
+    elif ADAPTER_UPLOAD_PATHS.match(path):
+        message += f" Adapters may be up to {settings.FINETUNE_MAX_ADAPTER_BYTES:,} bytes (PLATFORM_FINETUNE_MAX_ADAPTER_BYTES)."
     return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
                                  "code": "request_too_large"}}).encode()
 

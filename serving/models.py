@@ -97,6 +97,10 @@ class Backend(models.Model):
 class Adapter(TenantOwnedModel):
     """A tenant's LoRA adapter. `name` is what the tenant sends as `model` (ft:{base}:{tenant}:{suffix}:{id})."""
 
+    class Source(models.TextChoices):
+        TRAINED = "trained", "Trained here"
+        UPLOADED = "uploaded", "Uploaded"  # the tenant's own PEFT LoRA, checked by finetune.byo
+
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
     name = models.CharField(max_length=200, unique=True)
     base_model = models.ForeignKey(BaseModel, on_delete=models.PROTECT, related_name="+")
@@ -107,6 +111,7 @@ class Adapter(TenantOwnedModel):
     parameters = models.PositiveBigIntegerField(default=0)
     size_bytes = models.PositiveBigIntegerField(default=0)
     hub_repo = models.CharField(max_length=200, blank=True, help_text="Private Hugging Face Hub copy: repo id and folder, once pushed.")
+    source = models.CharField(max_length=8, choices=Source.choices, default=Source.TRAINED)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta(TenantOwnedModel.Meta):
