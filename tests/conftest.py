@@ -7,12 +7,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from django.contrib.auth import get_user_model
 
 from tenants import services
 from tenants.models import Role
+from tests.support.users import PASSWORD, make_user  # noqa: F401 (PASSWORD: for tests not yet importing it from there)
 
-PASSWORD = "correct-horse-battery-9"
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets a Redis database of its own (pytest-django gives each its own test database)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    url = os.environ.get("REDIS_URL")
+    if worker and url:
+        from django.conf import settings
+
+        from tests.support.workers import redis_url_for_worker
+
+        mine = redis_url_for_worker(url, int(worker.removeprefix("gw")))
+        os.environ["REDIS_URL"] = mine  # the tests that read it, and the processes they start
+        settings.REDIS_URL = mine
+        settings.CACHES = {**settings.CACHES, "default": {**settings.CACHES["default"], "LOCATION": mine}}
+        if settings.CELERY_BROKER_URL == url:
+            settings.CELERY_BROKER_URL = mine
 
 
 def pytest_collection_modifyitems(config, items):
@@ -75,10 +89,6 @@ def _fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
-def make_user(email: str):
-    return get_user_model().objects.create_user(username=email, email=email, password=PASSWORD)
-
-
 @dataclass
 class World:
     tenant: object
@@ -108,11 +118,21 @@ def world(db) -> World:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_path(tmp_path_factory):
-    """The offline tiny chat model, built once per test session (deterministic, about 4 s)."""
+def tiny_model_path():
+    """The offline tiny chat model (deterministic, about 4 s to build), kept under PLATFORM_VAR_DIR/models like the demo
+    model: built once, then found by later sessions and by every pytest-xdist worker (the build is idempotent and safe
+    against a concurrent builder; a lock makes the other workers wait for the first build rather than redo it)."""
+    import fcntl
+
+    from django.conf import settings
+
     from devbackend.tinymodel import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-chat", model_id="platform/tiny-chat")
+    folder = Path(settings.VAR_DIR) / "models" / "tiny-chat"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / ".tiny-chat.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return build_tiny_model(folder, model_id="platform/tiny-chat")
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 The worker runs as tests/test_celery_worker.py starts it, on all its queues (`celery -A portal worker -Q
 default,finetune,validation --pool solo`, with Redis as the broker in CI, a filesystem broker otherwise) and the
-fixtures of that module give it the test database and a broker of this test's own. It trains a job on the tiny model, is killed with its whole
+fixtures of tests/support/worker.py give it the test database and a broker of this test's own. It trains a job on the tiny model, is killed with its whole
 process group after the job's first checkpoint, and a new worker takes the job over. Not in tests/finetune/:
 that folder's conftest runs tasks in-process.
 """
@@ -30,7 +30,7 @@ from serving.models import BaseModel
 from tenants.services import Actor
 from tests.support.billing import price
 from tests.support.finetune import zebra_dataset
-from tests.test_celery_worker import QUEUES, ROOT, broker_env, wait_for, worker_database_url  # noqa: F401 (fixtures)
+from tests.support.worker import QUEUES, ROOT, broker_env, wait_for, worker_database_url  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from billing import alert_webhooks, alerts, spend
 from tenants import services
 from tenants.models import AlertEvent, Membership, WebhookDelivery
 from tenants.services import Actor
-from tests.billing.conftest import price, usage, utc
+from tests.support.billing import price, usage, utc
 
 NOW = utc(2026, 1, 20, 12)
 

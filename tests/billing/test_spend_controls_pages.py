@@ -12,7 +12,7 @@ from billing import alerts
 from tenants import services
 from tenants.models import AlertEvent, ApiKey, AuditEvent, SpendBudget, WebhookDelivery
 from tenants.services import Actor
-from tests.billing.conftest import price, usage
+from tests.support.billing import price, usage
 from django.utils import timezone
 
 

@@ -48,11 +48,5 @@ def page(browser, console):
     context.close()
 
 
-def sign_in(page, email: str) -> None:
-    """Sign in on the login page as a person would (every test user has tests.conftest.PASSWORD)."""
-    from tests.conftest import PASSWORD
 
-    page.goto("/login/")
-    page.get_by_label("Email").fill(email)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
+from tests.support.browser import sign_in  # noqa: E402,F401 (for tests not yet importing it from there)

@@ -17,7 +17,7 @@ from finetune.models import TrainingFile
 from serving.models import BackendPool, BaseModel, UsageRecord
 from tenants import services
 from tenants.models import ApiKey, SystemPromptVersion
-from tests.browser.conftest import sign_in
+from tests.support.browser import sign_in
 
 pytestmark = [
     pytest.mark.browser,

@@ -9,7 +9,7 @@ import pytest
 from django.core import mail
 
 from tenants.models import ApiKey, Membership, Tenant
-from tests.conftest import PASSWORD
+from tests.support.users import PASSWORD
 
 pytestmark = [
     pytest.mark.browser,

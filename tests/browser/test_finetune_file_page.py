@@ -9,7 +9,7 @@ import pytest
 
 from finetune import services
 from finetune.models import TrainingFile
-from tests.browser.conftest import sign_in
+from tests.support.browser import sign_in
 
 pytestmark = [
     pytest.mark.browser,

@@ -8,7 +8,7 @@ import pytest
 
 from finetune.models import FineTuneJob, TrainingFile
 from serving.models import BaseModel
-from tests.browser.conftest import sign_in
+from tests.support.browser import sign_in
 
 pytestmark = [
     pytest.mark.browser,

@@ -8,7 +8,7 @@ from django.urls import reverse
 from serving.models import BackendPool, BaseModel, ModelConfig, UsageRecord
 from tenants import services
 from tenants.models import AuditEvent
-from tests.conftest import PASSWORD
+from tests.support.users import PASSWORD
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ from serving.models import UsageRecord
 from tenants import services
 from tenants.models import ApiKey
 from tests.support.redis_server import RedisServer, free_port
-from tests.serving.test_faults import POLICIES, Faults, assert_invariants, wait_until
+from tests.support.faults import POLICIES, Faults, assert_invariants, wait_until
 
 OUTAGE_S = 5.0
 

@@ -215,7 +215,7 @@ def test_tgi_details_on_a_vllm_pool_of_dev_backends_are_the_models_own_tokens(wo
     # /generate with details on a vllm-kind pool of dev backends was a 502 ("no token ids").
     from devbackend.config import BackendConfig
     from devbackend.runner import run_in_thread
-    from tests.serving.test_devbackend import greedy_ids
+    from tests.support.devbackend import greedy_ids
 
     vllm_url, stop_vllm = run_in_thread(BackendConfig(model=str(tiny_model_path), flavor="vllm", port=0))
     tgi_url, stop_tgi = run_in_thread(BackendConfig(model=str(tiny_model_path), flavor="tgi", port=0))

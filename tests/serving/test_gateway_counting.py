@@ -15,12 +15,13 @@ from tests.support.gateway import (
     make_pool,
     post,
     set_model_config,
+    settled_day_counters,
     sim_backend,
     tiny_backend,
     usage_records,
     wait_for,
 )
-from tests.serving.test_tokencount import CJK, CODE, EMOJI, LONG_SYSTEM, TOOLS
+from tests.support.texts import CJK, CODE, EMOJI, LONG_SYSTEM, TOOLS
 
 TENANT_PROMPT = "Tenant rules: 🛑 answer in 日本語 only when asked. Never reveal <|system|>."
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Zürich 🇨🇭"}'}}
@@ -168,14 +169,3 @@ def test_a_hard_quota_is_never_overshot_by_adversarial_prompts(world, gateway_fa
     assert settled_day_counters(world.tenant) == {"used": used, "reserved": 0}  # the counter equals the ledger
 
 
-def settled_day_counters(tenant) -> dict[str, int]:
-    """The tenant's day-window counters {used, reserved} once nothing is reserved any more."""
-    import asyncio
-
-    from serving.admission import get_admission
-
-    def now():
-        snap = get_admission().snapshot(tenant.pk, "day")
-        return asyncio.run(snap) if asyncio.iscoroutine(snap) else snap
-
-    return wait_for(lambda: now()["reserved"] == 0 and now()) or now()

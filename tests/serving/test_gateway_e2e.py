@@ -8,7 +8,7 @@ import pytest
 from openai import OpenAI
 
 from tenants import services
-from tests.conftest import make_user
+from tests.support.users import make_user
 from tests.support.gateway import (
     ADAPTER_A,
     ADAPTER_B,

@@ -13,7 +13,6 @@ from openai import OpenAI
 from serving.models import Backend
 from tenants import services
 from tenants.models import Tenant
-from tests.serving.test_gateway_counting import settled_day_counters
 from tests.support.gateway import (
     dev_stats,
     make_base_model,
@@ -21,6 +20,7 @@ from tests.support.gateway import (
     make_pool,
     post,
     set_model_config,
+    settled_day_counters,
     sim_backend,
     stream_lines,
     tiny_backend,

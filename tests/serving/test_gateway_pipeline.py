@@ -4,7 +4,6 @@ accounting object (settle and record exactly once, on every exit path), the resp
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 from types import SimpleNamespace
@@ -17,6 +16,7 @@ from serving.gateway import endpoints as E
 from serving.gateway.errors import ApiError, context_length_exceeded
 from serving.gateway.parsing import parse_request
 from serving.guard import build_guard
+from tests.support.snapshots import snapshot_with_key as _snapshot, tenant_entry as _tenant
 
 CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -599,22 +599,6 @@ def test_a_tool_call_for_a_text_prompt_is_a_protocol_error():
 # ---- the pure stages: request ids, authentication, route and plan ---------------------------------------
 
 
-def _tenant(**fields):
-    from serving.admission import TenantLimits
-    from serving.config import TenantEntry
-    from serving.routing import Route
-
-    models = fields.pop("models", None) or {
-        "base": Route("base", 1, None, "base", "platform", 0), "ft:mine": Route("ft:mine", 1, "ad-1", "base", "t", 0),
-        "vbase": Route("vbase", 2, None, "vbase", "platform", 0),
-    }
-    values = dict(id=7, slug="t", active=True, suspended_reason="", weight=1, limits=TenantLimits(7), system_prompt="",
-                  system_message_rule="keep", default_model="", default_max_tokens=256, max_max_tokens=1000,
-                  default_temperature=0.7, max_temperature=1.0, cache_salt="salt-7", models=models)
-    values.update(fields)
-    return TenantEntry(**values)
-
-
 def _pools(adapters=("ad-1",)):
     from serving.config import BackendEntry, PoolEntry
 
@@ -722,16 +706,6 @@ def test_fit_refuses_an_exact_prompt_beyond_the_context_and_shortens_a_default_m
     bound = _plan(E.CHAT, {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100})
     bound.fit(PromptCount(4090, exact=False))  # a bound: the backend decides; the reservation is capped at the context
     assert bound.max_tokens == 100 and bound.reserve_tokens == 4096
-
-
-def _snapshot(key_fields=None, **tenant_fields):
-    from serving.config import KeyEntry, Snapshot
-
-    raw = "mtl_0123456789ab_" + "s" * 43
-    key = KeyEntry(**{"id": 5, "prefix": raw[:16], "secret_hash": hashlib.sha256(raw.encode()).hexdigest(), "tenant_id": 7,
-                      "scopes": frozenset({"inference"}), "expires_at": None, **(key_fields or {})})
-    tenant = _tenant(**tenant_fields)
-    return Snapshot(None, 0.0, keys={key.prefix: key}, tenants={7: tenant}), raw
 
 
 def test_authenticate_takes_a_valid_key_from_the_snapshot():

@@ -18,7 +18,7 @@ from serving import ledger, ledger_spool
 from serving.ledger import Ledger, LedgerEntry, entry_from_record, entry_to_record, ledger_spool_replay
 from serving.ledger_spool import Spool, spool_summary
 from serving.models import UsageRecord
-from tests.conftest import PASSWORD
+from tests.support.users import PASSWORD
 from tests.support.gateway import make_base_model, make_key, make_pool, post, stream_lines, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from django.urls import reverse
 
 from serving.gateway.parsing import inject_system_prompt
 from tenants import services
-from tests.serving.test_gateway_pipeline import _snapshot
+from tests.support.snapshots import snapshot_with_key as _snapshot
 
 
 @pytest.fixture

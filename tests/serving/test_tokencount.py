@@ -12,17 +12,8 @@ import pytest
 
 from serving.gateway.parsing import inject_system_prompt
 from serving.tokencount import BOUND, PromptCounter, _vllm_tools, counter_for, load_counter, template_messages
+from tests.support.texts import CJK, CODE, EMOJI, LONG_SYSTEM, TOOLS
 
-EMOJI = "😀😃😄😁😆😅 42"
-CJK = "你好，世界。今天天气很好，我们去公园散步吧！東京タワーは高い。한국어도 있어요."
-CODE = 'def f(xs):\n    """Sum."""\n    return {k: v**2 for k, v in xs.items() if v != 0}  # <|end|> {{ x }} {% raw %}\n\t\r\n'
-LONG_SYSTEM = ("You are the assistant of Ünïcødé GmbH. " * 40) + "Réponds en français. 日本語でも。"
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city 🌦",
-                                      "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "城市"}},
-                                                     "required": ["city"]}}},
-    {"type": "function", "function": {"name": "noop"}},
-]
 CALLS = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": "Zürich 🇨🇭"})}},
          {"id": "call_2", "type": "function", "function": {"name": "noop", "arguments": "{}"}}]
 

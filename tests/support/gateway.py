@@ -292,3 +292,17 @@ class ToolCallingBackend:
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def settled_day_counters(tenant) -> dict[str, int]:
+    """The tenant's day-window counters {used, reserved} once nothing is reserved any more."""
+    import asyncio
+
+    from serving.admission import get_admission
+
+    def now():
+        snap = get_admission().snapshot(tenant.pk, "day")
+        return asyncio.run(snap) if asyncio.iscoroutine(snap) else snap
+
+    return wait_for(lambda: now()["reserved"] == 0 and now()) or now()
+

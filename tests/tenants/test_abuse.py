@@ -8,7 +8,7 @@ from django.urls import reverse
 
 from tenants import services
 from tenants.models import Invitation, Membership, PlatformSettings, Policy, Tenant
-from tests.conftest import PASSWORD, make_user
+from tests.support.users import PASSWORD, make_user
 
 
 def _signup(client, n: int, **extra):

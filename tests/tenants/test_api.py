@@ -17,6 +17,8 @@ from tenants import services
 from tenants.api import TenantAPIView
 from tenants.models import ApiKey, AuditEvent, Invitation, Membership, PlatformSettings, Policy, SystemPromptVersion
 from tenants.services import Actor
+from tests.support.management_api import as_key, as_user, make_key, url
+from tests.support.users import make_user
 
 ALL_SCOPES = [s.value for s in ApiKey.Scope]
 
@@ -24,26 +26,6 @@ ALL_SCOPES = [s.value for s in ApiKey.Scope]
 @pytest.fixture(autouse=True)
 def _fast_password_hasher(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-def as_user(user) -> APIClient:
-    client = APIClient()
-    client.force_login(user)
-    return client
-
-
-def as_key(secret: str) -> APIClient:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
-    return client
-
-
-def make_key(tenant, scopes=("management:read", "management:write"), **kwargs) -> tuple[ApiKey, str]:
-    return services.api_key_create(tenant=tenant, name="test", scopes=list(scopes), actor=services.SYSTEM, **kwargs)
-
-
-def url(world, suffix: str = "") -> str:
-    return f"/api/tenants/{world.tenant.slug}/{suffix}"
 
 
 def membership_of(world, user) -> Membership:
@@ -244,8 +226,6 @@ def test_invite_accept_flow(world, django_capture_on_commit_callbacks):
     assert body["accept_url"] in mail.outbox[0].body
     token = body["accept_url"].rstrip("/").rsplit("/", 1)[-1]
 
-    from tests.conftest import make_user
-
     newcomer = make_user("new@example.test")
     accepted = as_user(newcomer).post("/api/invitations/accept/", {"token": token}, format="json")
     assert accepted.status_code == 201
@@ -287,8 +267,6 @@ def test_only_owners_invite_owners(world):
 
 
 def test_expired_invitation_is_refused(world):
-    from tests.conftest import make_user
-
     invitation, token = services.invitation_create(tenant=world.tenant, email="late@example.test", role="viewer", actor=Actor(user=world.admin))
     Invitation.objects.for_tenant(world.tenant).filter(pk=invitation.pk).update(expires_at=timezone.now() - timedelta(minutes=1))
     response = as_user(make_user("late@example.test")).post("/api/invitations/accept/", {"token": token}, format="json")
@@ -445,8 +423,6 @@ def test_viewer_cannot_save_a_prompt(world):
 
 @pytest.fixture
 def staff(db):
-    from tests.conftest import make_user
-
     user = make_user("ops@platform.test")
     user.is_staff = True
     user.save(update_fields=["is_staff"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tenants.models import ApiKey, AuditEvent, SystemPromptVersion
-from tests.tenants.test_api import as_key, as_user, make_key, url
+from tests.support.management_api import as_key, as_user, make_key, url
 
 DEEP = [b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"[" * 1_000_000, b'{"text": "x", "note": ' + b"[" * 64 + b"]" * 64 + b"}"]
 

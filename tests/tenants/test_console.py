@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from tenants import services
 from tenants.models import ApiKey, AuditEvent, Invitation, Membership, Role, SystemPromptVersion, Tenant
-from tests.conftest import PASSWORD
+from tests.support.users import PASSWORD
 
 User = get_user_model()
 

@@ -28,8 +28,8 @@ from rest_framework.views import APIView
 from finetune.api import OpenAIView
 from tenants.api import TenantAPIView
 from tenants.scoping import TenantOwnedModel
-from tests.tenants.rows import bare_tenant, make_row
-from tests.tenants.test_admin import change_form
+from tests.support.rows import bare_tenant, make_row
+from tests.support.admin import change_form
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_PACKAGES = ("tenants", "serving", "finetune", "billing", "portal", "common")

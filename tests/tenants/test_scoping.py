@@ -11,7 +11,7 @@ from rest_framework import serializers
 
 from tenants.models import AuditEvent, Membership
 from tenants.scoping import TenantOwnedModel, UnscopedQueryError
-from tests.tenants.rows import bare_tenant, make_row
+from tests.support.rows import bare_tenant, make_row
 
 TENANT_OWNED = sorted((m for m in apps.get_models() if issubclass(m, TenantOwnedModel)), key=lambda m: m._meta.label)
 by_label = pytest.mark.parametrize("model", TENANT_OWNED, ids=lambda m: m._meta.label)

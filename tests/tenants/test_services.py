@@ -12,7 +12,7 @@ from django.utils import timezone
 from tenants import services
 from tenants.models import ApiKey, AuditEvent, Invitation, Membership, PlatformSettings, Policy, Role, SystemPromptVersion
 from tenants.selectors import effective_quota_tokens
-from tests.conftest import make_user
+from tests.support.users import make_user
 
 
 def actions(tenant) -> list[str]:

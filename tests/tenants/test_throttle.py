@@ -15,7 +15,7 @@ from django.urls import reverse
 
 from tenants import throttle
 from tenants.models import AuditEvent, Membership
-from tests.conftest import PASSWORD
+from tests.support.users import PASSWORD
 
 WRONG = "not-the-password-1"
 NEW_PASSWORD = "a-new-long-pass-77"

@@ -1,0 +1,13 @@
+"""Browser helpers (Playwright pages; the fixtures are in tests/browser/conftest.py)."""
+
+from __future__ import annotations
+
+from tests.support.users import PASSWORD
+
+
+def sign_in(page, email: str) -> None:
+    """Sign in on the login page as a person would (every test user has tests.support.users.PASSWORD)."""
+    page.goto("/login/")
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
