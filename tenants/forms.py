@@ -246,7 +246,7 @@ class PromptForm(forms.Form):
         super().__init__(*args, **kwargs)
         limit = settings.PLATFORM_MAX_PROMPT_CHARS
         self.fields["text"].widget.attrs["data-max-chars"] = limit
-        self.fields["text"].help_text = f"Up to {limit:,} characters. Saving creates a new version and makes it active."
+        self.fields["text"].help_text = f"Up to {limit:,} characters. Saving creates a draft version; it goes live only when you make it live."
 
     def clean_text(self):
         # Browsers send CRLF; store LF so character counts and diffs match what the user sees.
