@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from tests.browser.conftest import sign_in
+from tests.support.browser import sign_in
 
 pytestmark = [
     pytest.mark.browser,
