@@ -19,6 +19,14 @@ Pinning (2+ cores): load generator + backend on the first core, the gateway on t
     .venv/bin/python bench/gateway.py --duration-s 3 --seq-requests 200 --repeat 1   # smoke
     .venv/bin/python bench/gateway.py --only-counting --ab-rounds 3                   # the counting A/B alone
     add --profile to sample the gateway with py-spy during an extra concurrency-32 phase
+
+Side by side against another tree (e.g. the previous main: `git archive 6c201e9 | tar -x -C /tmp/base`), in one run:
+a second gateway from that tree on the same backend, database and Redis, pinned to the same core; concurrency 1
+interleaves direct / baseline / this tree request by request, the closed-loop phases alternate the two gateways
+(order swapped each round); each is reported with the ratio this tree ÷ baseline (its own section per admission):
+
+    .venv/bin/python bench/gateway.py --against /tmp/base                     # with Redis ($REDIS_URL or db 13)
+    .venv/bin/python bench/gateway.py --against /tmp/base --redis-url none    # the embedded default
 """
 
 from __future__ import annotations
@@ -312,6 +320,93 @@ def counting_report(ab: list[dict], micro: list[list]) -> str:
     return "\n".join(parts)
 
 
+# ---- side by side against another tree --------------------------------------------------------------------
+
+AGAINST_TITLE = "Inference gateway side by side: {admission}"
+
+
+def start_tree_gateway(plat, tree: Path, core) -> "H.Proc":
+    """A gateway process running another tree's code (its cwd and first on the path), on this platform's database,
+    Redis and var dir, with this checkout's virtual environment."""
+    port = H.free_port()
+    argv = H.pin_args(core) + [H.UVICORN, "portal.asgi:application", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                               "--log-level", "warning"]
+    log = plat.var / "gateway-baseline.log"
+    popen = subprocess.Popen(argv, cwd=tree, env={**plat.env, "PYTHONPATH": str(tree)}, stdout=open(log, "wb"),
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    proc = H.Proc("gateway-baseline", popen, f"http://127.0.0.1:{port}", log)
+    plat.procs.append(proc)
+    plat._wait_http(proc, "/metrics")
+    return proc
+
+
+def side_by_side(args, gateways: dict, backend, tenant, use_wrk, load_core, tmp) -> dict:
+    """c=1 interleaved (direct, baseline, this tree), then `against_rounds` rounds of the closed-loop phases, the two
+    gateways alternated (order swapped each round)."""
+    headers = {"authorization": f"Bearer {tenant['key']}"}
+    targets = {"direct": (backend.url + "/v1/chat/completions", body(H.MODEL_ID, False), {})}
+    for name, gw in gateways.items():
+        targets[name] = (gw.url + "/v1/chat/completions", body(H.MODEL, False), headers)
+    out = {"seq": asyncio.run(sequential(targets, args.seq_requests, args.seq_max_s, args.seq_warmup)), "loops": []}
+    phases = [(c, "plain") for c in args.concurrency] + [(c, "stream") for c in args.stream_at]
+    names = list(gateways)
+    for i in range(args.against_rounds):
+        for conns, kind in phases:
+            for name in (names if i % 2 == 0 else names[::-1]):
+                gw = gateways[name]
+                payload = {**body(H.MODEL, False), **({"stream": True} if kind == "stream" else {})}
+                url = gw.url + "/v1/chat/completions"
+                closed_loop(use_wrk, url, payload, headers, conns, args.warmup_s, load_core, tmp)
+                r, cpu = measured({"gw": gw}, lambda: closed_loop(use_wrk, url, payload, headers, conns, args.duration_s, load_core, tmp))
+                r["cpu_ms"] = 1000 * cpu["gw"] / max(1, r["requests"])
+                r.update(round=i + 1, conns=conns, kind=kind, tree=name)
+                r.pop("raw", None)
+                out["loops"].append(r)
+                print(f"  round {i + 1} c={conns:<3} {kind:<6} {name:<8} {r['rps']:7.0f} req/s errors {r['errors']} p50 {r['p50']:.2f} "
+                      f"p99 {r['p99']:.2f} ms gateway CPU {r['cpu_ms']:.3f} ms/req", flush=True)
+    return out
+
+
+def side_by_side_report(res: dict, meta: dict, args) -> str:
+    import statistics
+
+    seq = res["seq"]
+    d = seq["direct"]
+    parts = [f"Date {meta['date']}; machine {meta['machine']}; this tree {meta['commit']} against {meta['against']}; "
+             f"admission: {meta['admission']}; database: {meta['database']}; load generator: {meta['loadgen']}; "
+             f"pinning: {meta['pinning']} (both gateways on the same core, one loaded at a time).",
+             f"Concurrency 1: {args.seq_requests} samples per kind and target after {args.seq_warmup} of warm-up, the three "
+             f"targets interleaved request by request. Closed loop: {args.against_rounds} rounds of {args.duration_s:.0f}-s phases "
+             f"after {args.warmup_s:.0f} s of warm-up, the two gateways alternated, order swapped each round; medians over the rounds.",
+             "", "Concurrency 1, added = gateway − direct (ms):", ""]
+    rows = []
+    for key, label in (("plain", "non-streamed"), ("ttft", "streamed TTFT"), ("stream_total", "streamed total")):
+        for p in (50, 99):
+            dp = H.percentile(d[key], p)
+            b = H.percentile(seq["baseline"][key], p) - dp
+            n = H.percentile(seq["this tree"][key], p) - dp
+            rows.append([f"c=1 {label} added p{p}", f"{b:+.2f}", f"**{n:+.2f}**", f"{n - b:+.2f} ms"])
+    parts += [H.md_table(["measure", "baseline", "this tree", "difference"], rows), ""]
+    rows = []
+    for conns, kind in sorted({(r["conns"], r["kind"]) for r in res["loops"]}):
+        by = {t: [r for r in res["loops"] if (r["conns"], r["kind"], r["tree"]) == (conns, kind, t)] for t in ("baseline", "this tree")}
+        med = {t: {m: statistics.median(r[m] for r in rs) for m in ("cpu_ms", "rps", "p50", "p99")} for t, rs in by.items()}
+        errs = {t: sum(r["errors"] for r in rs) for t, rs in by.items()}
+        label = f"c={conns} {'non-streamed' if kind == 'plain' else 'streamed (16 tokens)'}"
+        per_round = ", ".join(f"{b['cpu_ms']:.2f}/{n['cpu_ms']:.2f}" for b, n in zip(by["baseline"], by["this tree"]))
+        rows.append([f"{label}: gateway CPU ms/req", f"{med['baseline']['cpu_ms']:.3f}", f"**{med['this tree']['cpu_ms']:.3f}**",
+                     f"**{med['this tree']['cpu_ms'] / med['baseline']['cpu_ms']:.2f}** (rounds: {per_round})"])
+        rows.append([f"{label}: req/s", f"{med['baseline']['rps']:.0f}", f"{med['this tree']['rps']:.0f}",
+                     f"{med['this tree']['rps'] / med['baseline']['rps']:.2f}"])
+        rows.append([f"{label}: p50 / p99 ms", f"{med['baseline']['p50']:.1f} / {med['baseline']['p99']:.1f}",
+                     f"{med['this tree']['p50']:.1f} / {med['this tree']['p99']:.1f}",
+                     f"{med['this tree']['p50'] / med['baseline']['p50']:.2f} / {med['this tree']['p99'] / med['baseline']['p99']:.2f}"])
+        rows.append([f"{label}: errors", str(errs["baseline"]), str(errs["this tree"]), ""])
+    parts += ["Closed loop (medians over the rounds; ratio = this tree ÷ baseline):", "",
+              H.md_table(["measure", "baseline", "this tree", "ratio"], rows)]
+    return "\n".join(parts)
+
+
 # ---- main -------------------------------------------------------------------------------------------
 
 
@@ -338,6 +433,15 @@ def run_once(args, plat, backend, gateway, tenant, use_wrk, load_core, tmp) -> d
                 if r.get("errors") and r.get("raw"):
                     print("    errors detail:", str(r["raw"])[-600:])
     return res
+
+
+def _tree_commit(tree: Path) -> str:
+    """The commit `git archive` wrote into the tree (a pax header), else the tree's HEAD if it is a checkout, else '?'."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return sha if sha and (tree / ".git").exists() else (tree / ".commit").read_text().strip() if (tree / ".commit").exists() else "?"
 
 
 def fmt(x: float, nd: int = 2) -> str:
@@ -419,6 +523,8 @@ def main() -> int:
     ap.add_argument("--only-counting", action="store_true", help="only the counting A/B and the counting timings")
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     ap.add_argument("--keep", action="store_true", help="keep the var dir (logs, database)")
+    ap.add_argument("--against", type=Path, metavar="TREE", help="side by side against a gateway from another tree (module docstring)")
+    ap.add_argument("--against-rounds", type=int, default=3, help="closed-loop rounds of the side-by-side run")
     args = ap.parse_args()
 
     redis_url = H.redis_url_from(args.redis_url)
@@ -456,6 +562,23 @@ def main() -> int:
                                     quota_tokens=10**12, quota_window="month", quota_mode="soft")
         gateway = plat.start_gateway(core=gw_core)
         plat.wait_key_ready(gateway.url, tenant["key"])
+        if args.against is not None:
+            baseline = start_tree_gateway(plat, args.against.resolve(), gw_core)
+            plat.wait_key_ready(baseline.url, tenant["key"])
+            meta["against"] = f"{args.against} ({_tree_commit(args.against)})"
+            print(f"side by side: baseline {baseline.url} (pid {baseline.pid}, {meta['against']}), this tree {gateway.url} "
+                  f"(pid {gateway.pid}); {meta['admission']}; {meta['loadgen']}", flush=True)
+            res = side_by_side(args, {"baseline": baseline, "this tree": gateway}, backend, tenant, use_wrk, load_core, tmp)
+            for gw in (baseline, gateway):
+                if not gw.alive():
+                    print(f"{gw.name} died:\n" + gw.tail())
+            text = side_by_side_report(res, meta, args)
+            print()
+            print(text)
+            if not args.no_docs:
+                H.write_section(AGAINST_TITLE.format(admission="Redis admission" if redis_url else "embedded default"), text)
+                print(f"\nwritten to {H.DOCS}")
+            return 0
         print(f"backend {backend.url} (pid {backend.pid}), gateway {gateway.url} (pid {gateway.pid}); {meta['admission']}; {meta['loadgen']}", flush=True)
         for i in range(0 if args.only_counting else args.repeat):
             print(f"run {i + 1}/{args.repeat}", flush=True)

@@ -12,7 +12,9 @@ Algorithm (one atomic step per request, in Redis by a Lua script, or under a loc
 - every request counts one against requests/min, admitted or refused (tokens/min, concurrency, quota, or before
   admission: unreadable, invalid, past the context — `count_refused`), except one refused because requests/min
   is exhausted, which takes nothing (no lock-out spiral). OpenAI does the same.
-Keys are hash-tagged per tenant (`mtl:{t42}:…`) so a Redis Cluster keeps each tenant's keys on one slot.
+Keys are hash-tagged per tenant (`mtl:{t42}:…`). With Redis a request's admission also takes its scheduler slot
+(serving.scheduler.FairScheduler.offer) and its settle frees it, each one script: two round trips a request
+(docs/limits.md, "Round trips"; those two scripts span a tenant's and a pool's keys, so one Redis node).
 If Redis is unreachable, tenants with a hard quota are refused (fail closed, 503) and the others fall
 back to per-process limits with a warning in the log; Redis is probed in the background (serving/leases.py).
 
@@ -99,6 +101,8 @@ class Decision:
     # the milliseconds (rounded up) until it holds a request again, counted from when admission looked; no other
     # request can make it sooner (serving.gateway.refusals). 0: the bucket holds a request (or no such limit).
     rpm_retry_ms: int = 0
+    # The scheduler's slot offered with the request (serving.scheduler.FairScheduler.offer) was taken in the same step.
+    slot_taken: bool = False
 
 
 # ---- windows and headers ---------------------------------------------------------------------------
@@ -284,6 +288,7 @@ class LocalAdmission:
     """The same algorithm in one process, under a lock. Exact for one process only (said in the console)."""
 
     backend_name = "local"
+    settles_slots = False  # a scheduler slot's Redis half is never settled here (serving.scheduler.FairScheduler.detach)
 
     def __init__(self, usage_loader: UsageLoader = ledger_usage):
         self._lock = threading.Lock()
@@ -299,7 +304,8 @@ class LocalAdmission:
         tokens, ts = self._buckets.get(key, (float(cap), now))
         return min(float(cap), tokens + (now - min(ts, now)) * cap / 60.0)
 
-    async def admit(self, limits: TenantLimits, *, request_id: str, reserve_tokens: int) -> Decision:
+    async def admit(self, limits: TenantLimits, *, request_id: str, reserve_tokens: int, slot_offer=None) -> Decision:
+        """Admit or refuse. `slot_offer` (the scheduler's, with Redis only) is never taken here."""
         window = window_id(limits.quota_window)
         qkey = (limits.tenant_id, window)
         if limits.quota_tokens and qkey not in self._quota:
@@ -419,8 +425,39 @@ def _window_kind(window: str) -> str:
     return "day" if len(window) == 8 else "month"
 
 
+def _admit_take_source(admit_src: str, take_src: str) -> str:
+    """admit.lua, then (if admitted) slot_take.lua, as one script: the admission and the scheduler's fast-path slot in
+    one round trip. KEYS: admit's 6, then slot_take's 3. ARGV: admit's 11, slot_take's 7, then the charge and the
+    charge if throttled (the tenant's weight ÷ 10). Returns admit's list, plus 1 (slot taken) or 0 when admitted.
+    Its keys span a tenant's hash tag and a pool's: one Redis node (docs/limits.md, "Round trips")."""
+    return (
+        "local function admit(KEYS, ARGV)\n" + admit_src + "\nend\n"
+        "local function take(KEYS, ARGV)\n" + take_src + "\nend\n"
+        "local a = admit({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, {unpack(ARGV, 1, 11)})\n"
+        "if a[1] ~= 0 then return a end\n"
+        "local targs = {unpack(ARGV, 12, 18)}\n"
+        "targs[8] = (a[6] == 1) and ARGV[20] or ARGV[19]\n"
+        "a[#a + 1] = take({KEYS[7], KEYS[8], KEYS[9]}, targs)\n"
+        "return a\n"
+    )
+
+
+def _settle_free_source(settle_src: str, free_src: str) -> str:
+    """settle.lua, then slot_free.lua, as one script: a request's settle and its scheduler slot's release (its Redis
+    half: serving.scheduler.FairScheduler.detach) in one round trip. KEYS: settle's 6, then slot_free's 2. ARGV:
+    settle's 7, then slot_free's 3. Returns settle's answer."""
+    return (
+        "local function settle(KEYS, ARGV)\n" + settle_src + "\nend\n"
+        "local function free(KEYS, ARGV)\n" + free_src + "\nend\n"
+        "local r = settle({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, {unpack(ARGV, 1, 7)})\n"
+        "free({KEYS[7], KEYS[8]}, {ARGV[8], ARGV[9], ARGV[10]})\n"
+        "return r\n"
+    )
+
+
 class RedisAdmission:
     backend_name = "redis"
+    settles_slots = True  # settle(slot_free=…): the scheduler slot's release in the settle's round trip
 
     def __init__(self, url: str, *, usage_loader: UsageLoader = ledger_usage, fallback: LocalAdmission | None = None):
         self.url = url
@@ -429,6 +466,8 @@ class RedisAdmission:
         self._clients: dict[int, object] = {}
         self._sources = {name: (LUA_DIR / f"{name}.lua").read_text()
                          for name in ("admit", "settle", "seed_begin", "seed_end", "sweep", "rpm_count")}
+        self._sources["admit_take"] = _admit_take_source(self._sources["admit"], (LUA_DIR / "slot_take.lua").read_text())
+        self._sources["settle_free"] = _settle_free_source(self._sources["settle"], (LUA_DIR / "slot_free.lua").read_text())
 
     def _client(self):
         loop_id = id(asyncio.get_running_loop())
@@ -463,7 +502,9 @@ class RedisAdmission:
     async def _script(self, name: str, keys: list, args: list):
         return await self._call(lambda c: c._platform_scripts[name](keys=keys, args=args))
 
-    async def admit(self, limits: TenantLimits, *, request_id: str, reserve_tokens: int) -> Decision:
+    async def admit(self, limits: TenantLimits, *, request_id: str, reserve_tokens: int, slot_offer=None) -> Decision:
+        """Admit or refuse, in one script. With `slot_offer` (serving.scheduler.FairScheduler.offer: the pool's fast
+        path), an admitted request also takes its scheduler slot in the same script: one round trip for both."""
         window = window_id(limits.quota_window)
         keys = self._keys(limits.tenant_id, window)
         args = [
@@ -479,13 +520,19 @@ class RedisAdmission:
             leases.LEASE_MS,  # renewed while the request runs: a dead process's entries free themselves after this
             window,
         ]
+        script, script_keys = "admit", keys[:6]
+        if slot_offer is not None:
+            _, slot_keys, slot_args, charge, throttled_charge = slot_offer
+            script, script_keys = "admit_take", keys[:6] + slot_keys
+            args = args + slot_args + [repr(float(charge)), repr(float(throttled_charge))]
         try:
             for _ in range(SEED_ATTEMPTS + 1):
-                res = await self._script("admit", keys[:6], args)
+                res = await self._script(script, script_keys, args)
                 if res[0] != NEED_SEED:
                     decision = _decision(limits, request_id, reserve_tokens, res, self.backend_name, window)
                     if decision.reservation is not None:
                         self.keeper().track_reservation(decision.reservation)  # renewed while it runs
+                        decision.slot_taken = len(res) > 10 and res[10] == 1
                     return decision
                 try:
                     await self._seed(limits, window, keys)
@@ -530,9 +577,10 @@ class RedisAdmission:
         used = await self._usage_loader(limits.tenant_id, limits.quota_window, window, exclude=frozenset(excluded))
         await self._script("seed_end", seed_keys, [window, version, used, window_ttl_s(limits.quota_window)])
 
-    async def settle(self, reservation: Reservation | None, *, used_tokens: int) -> None:
+    async def settle(self, reservation: Reservation | None, *, used_tokens: int, slot_free=None) -> None:
         """Count the request's tokens and free its reservation, exactly once; queued for retry when Redis
-        cannot take it now (reservation.on_settled is called when it has happened)."""
+        cannot take it now (reservation.on_settled is called when it has happened). `slot_free`: the Redis half of
+        the request's scheduler slot's release (serving.scheduler.FairScheduler.detach), in the same script."""
         if reservation is None:
             return
         if reservation.backend == "local":
@@ -542,7 +590,7 @@ class RedisAdmission:
             mode = "r"
         keeper = self.keeper()
         keeper.untrack_reservation(reservation)
-        await keeper.run_or_defer(lambda: self._settle_in_redis(reservation, used_tokens, mode), reservation.on_settled,
+        await keeper.run_or_defer(lambda: self._settle_in_redis(reservation, used_tokens, mode, slot_free), reservation.on_settled,
                                   what=f"settle {reservation.request_id}")
 
     async def settle_recovered(self, reservation: Reservation, *, used_tokens: int, committed_ms: int = 0) -> None:
@@ -559,14 +607,17 @@ class RedisAdmission:
                                          what=f"settle recovered {reservation.request_id}")
         await done
 
-    async def _settle_in_redis(self, reservation: Reservation, used_tokens: int, mode: str) -> None:
+    async def _settle_in_redis(self, reservation: Reservation, used_tokens: int, mode: str, slot_free=None) -> None:
         p = f"mtl:{{t{reservation.tenant_id}}}:"
         w = reservation.window
         keys = [p + "tpm", p + "inflight", p + "res", p + "quota:" + w, p + "quota:" + w + ":pre", p + "done"]
         args = [reservation.request_id, used_tokens, reservation.tpm_cap, mode, reservation.life, reservation.committed_ms or 0,
                 window_ttl_s(_window_kind(w))]
         client = self._client()
-        await client._platform_scripts["settle"](keys=keys, args=args)
+        if slot_free is None:
+            await client._platform_scripts["settle"](keys=keys, args=args)
+        else:
+            await client._platform_scripts["settle_free"](keys=keys + slot_free[0], args=args + slot_free[1])
 
     async def snapshot(self, tenant_id: int, kind: str) -> dict[str, int]:
         """Used and reserved tokens of the current window, after releasing what dead processes held."""

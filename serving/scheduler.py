@@ -15,7 +15,9 @@ so weighted shares under overload are unchanged. Without it a light tenant's wai
 
 With Redis, slots (leases), counters and the backlog are shared by every gateway process: a slot is
 refused to a tenant while another process has a tenant waiting that goes first. Without Redis, all of it
-lives in the process. docs/limits.md has the details.
+lives in the process. docs/limits.md has the details. A slot is taken and charged in one step, and freed and
+its charge corrected in one step; on the fast path the gateway takes it in admission's own script (`offer`,
+`adopt`) and frees it in the settle's (`detach`): two Redis round trips per request (docs/limits.md, "Round trips").
 
 Faults: slots are 10-s leases that the process's keeper renews while the request runs (serving/leases.py),
 so a dead process's slots free themselves within seconds. A Redis call that fails never leaks or fails a
@@ -65,6 +67,7 @@ class Slot:
     input_tokens: int = 0  # the prompt tokens charged at dispatch (the estimate, scaled by what was learned)
     input_estimate: int = 0  # the caller's estimate, to learn how far off it is
     queued_s: float = 0.0
+    released: bool = False  # released once: a second release does nothing
 
 
 @dataclass
@@ -90,15 +93,27 @@ class LocalState:
         self._counters: dict[int, dict[int, float]] = {}
 
     async def take_slot(self, pool_id: int, capacity: int, slot_id: str, tenant_id: int, *, fair: bool = True,
-                        express: int = 0) -> bool:
+                        express: int = 0, charge: float = 0.0) -> bool:
+        """Take a slot; when taken, `charge` is added to the tenant's counter in the same step."""
         slots = self._slots.setdefault(pool_id, {})
         if len(slots) >= capacity and (len(slots) >= capacity + express or tenant_id in slots.values()):
             return False
         slots[slot_id] = tenant_id
+        if charge:
+            await self.add(pool_id, tenant_id, charge)
         return True
 
-    async def free_slot(self, pool_id: int, slot_id: str, tenant_id: int) -> None:
+    async def free_slot(self, pool_id: int, slot_id: str, tenant_id: int, *, correction: float = 0.0) -> None:
+        """Free a slot and add `correction` to the tenant's counter in the same step."""
+        self.detach_slot(pool_id, slot_id, tenant_id, correction)
+
+    def detach_slot(self, pool_id: int, slot_id: str, tenant_id: int, correction: float):
+        """free_slot, at once (nothing in Redis: None)."""
         self._slots.get(pool_id, {}).pop(slot_id, None)
+        if correction:
+            c = self._counters.setdefault(pool_id, {})
+            c[tenant_id] = c.get(tenant_id, 0.0) + correction
+        return None
 
     async def counters(self, pool_id: int, tenants: list[int]) -> dict[int, float]:
         c = self._counters.setdefault(pool_id, {})
@@ -141,6 +156,7 @@ class RedisState:
         self._clients: dict[int, object] = {}
         self._take_src = (LUA_DIR / "slot_take.lua").read_text()
         self._join_src = (LUA_DIR / "backlog_join.lua").read_text()
+        self._free_src = (LUA_DIR / "slot_free.lua").read_text()
 
     def _client(self):
         loop_id = id(asyncio.get_running_loop())
@@ -148,7 +164,7 @@ class RedisState:
         if client is None:
             client = redis_client(self.url, max_connections=32)
             keeper_for(self.url).add_pool(client)
-            client._platform_scripts = (client.register_script(self._take_src), client.register_script(self._join_src))
+            client._platform_scripts = tuple(client.register_script(src) for src in (self._take_src, self._join_src, self._free_src))
             self._clients[loop_id] = client
         return client
 
@@ -160,15 +176,25 @@ class RedisState:
     def slots_key(cls, pool_id: int) -> str:
         return cls._key(pool_id, "slots")
 
-    async def take_slot(self, pool_id: int, capacity: int, slot_id: str, tenant_id: int, *, fair: bool = True,
-                        express: int = 0) -> bool:
-        c = self._client()
+    def take_call(self, pool_id: int, capacity: int, slot_id: str, tenant_id: int, *, fair: bool = True, express: int = 0,
+                  charge: float = 0.0) -> tuple[list, list]:
+        """(keys, args) of slot_take.lua: the admission's fast path runs it in the same script (serving.admission)."""
         keys = [self._key(pool_id, "slots"), self._key(pool_id, "vtc"), self._key(pool_id, "waiting")]
-        args = [slot_id, capacity, leases.LEASE_MS, tenant_id, BACKLOG_STALE_MS, "1" if fair else "0", express]
-        return bool(await c._platform_scripts[0](keys=keys, args=args))
+        args = [slot_id, capacity, leases.LEASE_MS, tenant_id, BACKLOG_STALE_MS, "1" if fair else "0", express, repr(float(charge))]
+        return keys, args
 
-    async def free_slot(self, pool_id: int, slot_id: str, tenant_id: int) -> None:
-        await self._client().zrem(self._key(pool_id, "slots"), f"{tenant_id}:{slot_id}")
+    async def take_slot(self, pool_id: int, capacity: int, slot_id: str, tenant_id: int, *, fair: bool = True,
+                        express: int = 0, charge: float = 0.0) -> bool:
+        keys, args = self.take_call(pool_id, capacity, slot_id, tenant_id, fair=fair, express=express, charge=charge)
+        return bool(await self._client()._platform_scripts[0](keys=keys, args=args))
+
+    def free_call(self, pool_id: int, slot_id: str, tenant_id: int, correction: float) -> tuple[list, list]:
+        """(keys, args) of slot_free.lua: a request's settle runs it in the same script (serving.admission)."""
+        return [self._key(pool_id, "slots"), self._key(pool_id, "vtc")], [f"{tenant_id}:{slot_id}", tenant_id, repr(float(correction))]
+
+    async def free_slot(self, pool_id: int, slot_id: str, tenant_id: int, *, correction: float = 0.0) -> None:
+        keys, args = self.free_call(pool_id, slot_id, tenant_id, correction)
+        await self._client()._platform_scripts[2](keys=keys, args=args)
 
     async def counters(self, pool_id: int, tenants: list[int]) -> dict[int, float]:
         values = await self._client().hmget(self._key(pool_id, "vtc"), [str(t) for t in tenants])
@@ -225,28 +251,45 @@ class ResilientState:
         return await fallback()
 
     async def take_slot(self, pool_id: int, capacity: int, slot_id: str, tenant_id: int, *, fair: bool = True,
-                        express: int = 0) -> bool:
+                        express: int = 0, charge: float = 0.0) -> bool:
+        """A slot, charged in the same step (one round trip with Redis up)."""
         keeper = self._keeper()
         taken = None
         if keeper.up:
             try:
-                taken = await self.redis.take_slot(pool_id, capacity, slot_id, tenant_id, fair=fair, express=express)
+                taken = await self.redis.take_slot(pool_id, capacity, slot_id, tenant_id, fair=fair, express=express, charge=charge)
             except redis_errors() as exc:
                 keeper.mark_down(exc)
                 raise_if_cancelled()
-        if taken is None:  # Redis away: this process alone, within the pool's capacity
+        if taken is None:  # Redis away: this process alone, within the pool's capacity; the charge reaches Redis later
             taken = await self.local.take_slot(pool_id, capacity, slot_id, tenant_id, fair=fair, express=express)
+            if taken and charge:
+                await self.add(pool_id, tenant_id, charge)
         elif taken:
-            self.local._slots.setdefault(pool_id, {})[slot_id] = tenant_id
-        if taken:
-            keeper.track_slot(RedisState.slots_key(pool_id), f"{tenant_id}:{slot_id}")
+            self.adopt_slot(pool_id, slot_id, tenant_id, charge)
         return taken
 
-    async def free_slot(self, pool_id: int, slot_id: str, tenant_id: int) -> None:
-        await self.local.free_slot(pool_id, slot_id, tenant_id)
+    def adopt_slot(self, pool_id: int, slot_id: str, tenant_id: int, charge: float) -> None:
+        """A slot Redis gave this process (charged there): mirrored in the process and kept alive by its keeper."""
+        self.local._slots.setdefault(pool_id, {})[slot_id] = tenant_id
+        c = self.local._counters.setdefault(pool_id, {})
+        c[tenant_id] = c.get(tenant_id, 0.0) + charge
+        self._keeper().track_slot(RedisState.slots_key(pool_id), f"{tenant_id}:{slot_id}")
+
+    async def free_slot(self, pool_id: int, slot_id: str, tenant_id: int, *, correction: float = 0.0) -> None:
+        """Free the slot and correct the charge, in one round trip (retried until Redis takes it)."""
+        await self.local.free_slot(pool_id, slot_id, tenant_id, correction=correction)
         keeper = self._keeper()
         keeper.untrack_slot(RedisState.slots_key(pool_id), f"{tenant_id}:{slot_id}")
-        await keeper.run_or_defer(lambda: self.redis.free_slot(pool_id, slot_id, tenant_id), what=f"free slot {slot_id}")
+        await keeper.run_or_defer(lambda: self.redis.free_slot(pool_id, slot_id, tenant_id, correction=correction),
+                                  what=f"free slot {slot_id}")
+
+    def detach_slot(self, pool_id: int, slot_id: str, tenant_id: int, correction: float):
+        """free_slot's half in this process, now; its Redis half returned (slot_free.lua's keys and args) for the
+        caller's round trip, which must be retried until Redis takes it (serving.admission: with the settle)."""
+        self.local.detach_slot(pool_id, slot_id, tenant_id, correction)
+        self._keeper().untrack_slot(RedisState.slots_key(pool_id), f"{tenant_id}:{slot_id}")
+        return self.redis.free_call(pool_id, slot_id, tenant_id, correction)
 
     async def counters(self, pool_id: int, tenants: list[int]) -> dict[int, float]:
         return await self._try(lambda: self.redis.counters(pool_id, tenants), lambda: self.local.counters(pool_id, tenants))
@@ -303,6 +346,7 @@ class FairScheduler:
         # newcomer lifted to that inflated value then waits behind them.
         self._input_ratio: dict[int, float] = {}
         self._ids = itertools.count()
+        self._id_prefix = uuid.uuid4().hex[:8]  # this process; a counter tells its slots apart (no uuid per request)
 
     def _pool(self, pool_id: int) -> _PoolQueue:
         key = (id(asyncio.get_running_loop()), pool_id)
@@ -321,20 +365,63 @@ class FairScheduler:
         return max(0, round(estimate * self._input_ratio.get(tenant_id, 1.0)))
 
     def _new_slot_id(self) -> str:
-        return f"{uuid.uuid4().hex[:12]}{next(self._ids)}"
+        return f"{self._id_prefix}{next(self._ids)}"
 
-    async def _take(self, pool_id: int, pq: _PoolQueue, tenant_id: int, slot_id: str) -> bool:
+    @staticmethod
+    def _cost(slot: Slot) -> float:
+        """What a dispatched request adds to its tenant's counter (estimated prompt + 2 · predicted output, ÷ weight)."""
+        return (INPUT_WEIGHT * slot.input_tokens + OUTPUT_WEIGHT * slot.predicted_output) / slot.weight
+
+    def _express(self, pq: _PoolQueue, tenant_id: int) -> int:
         # Express (module docstring): only for a tenant with nothing running here and no other request waiting;
         # the state checks that it has nothing running in any process either.
         alone = pq.running.get(tenant_id, 0) == 0 and len(pq.queues.get(tenant_id) or ()) <= 1
-        ok = await self.state.take_slot(pool_id, pq.capacity, slot_id, tenant_id, fair=self.policy == "vtc",
-                                        express=self.express_slots if alone else 0)
+        return self.express_slots if alone else 0
+
+    async def _take(self, pool_id: int, pq: _PoolQueue, slot: Slot) -> bool:
+        """Take a slot for `slot` and charge its tenant, in one step."""
+        ok = await self.state.take_slot(pool_id, pq.capacity, slot.slot_id, slot.tenant_id, fair=self.policy == "vtc",
+                                        express=self._express(pq, slot.tenant_id), charge=self._cost(slot))
         if ok:
-            pq.running[tenant_id] = pq.running.get(tenant_id, 0) + 1
+            pq.running[slot.tenant_id] = pq.running.get(slot.tenant_id, 0) + 1
         return ok
 
-    async def _charge(self, pool_id: int, slot: Slot) -> Slot:
-        await self.state.add(pool_id, slot.tenant_id, (INPUT_WEIGHT * slot.input_tokens + OUTPUT_WEIGHT * slot.predicted_output) / slot.weight)
+    def _slot(self, pool_id: int, tenant_id: int, weight: float, input_tokens: int, predicted: int) -> Slot:
+        return Slot(pool_id, tenant_id, self._new_slot_id(), weight, predicted, self.charge_input(tenant_id, input_tokens), input_tokens)
+
+    @staticmethod
+    def effective_weight(weight: float, throttled: bool) -> float:
+        return max(float(weight), 1e-3) * (THROTTLED_WEIGHT_FACTOR if throttled else 1.0)
+
+    def offer(self, *, pool_id: int, capacity: int, tenant_id: int, weight: float, input_tokens: int, max_output_tokens: int):
+        """The fast path's slot, to take in the same Redis script as the request's admission (serving.admission), or None
+        when that cannot be (no shared Redis state, Redis away, or requests of this process waiting for the pool).
+
+        Returns (slot, keys, args, charge, throttled_charge): the slot as it is if taken, slot_take.lua's keys and its
+        args less the charge (the last one), which admission's script adds: `charge`, or `throttled_charge` (the weight
+        divided by 10) if it throttles the tenant."""
+        state = self.state
+        if not isinstance(state, ResilientState) or not state._keeper().up:
+            return None
+        pq = self._pool(pool_id)
+        pq.capacity = max(1, capacity)
+        if pq.backlogged():
+            return None
+        predicted = self.predict_output(tenant_id, max_output_tokens)
+        slot = self._slot(pool_id, tenant_id, self.effective_weight(weight, False), input_tokens, predicted)
+        keys, args = state.redis.take_call(pool_id, pq.capacity, slot.slot_id, tenant_id, fair=self.policy == "vtc",
+                                           express=self._express(pq, tenant_id))
+        cost = self._cost(slot)
+        return slot, keys, args[:7], cost, cost / THROTTLED_WEIGHT_FACTOR  # args less the charge: admission's to choose
+
+    def adopt(self, offer, *, throttled: bool) -> Slot:
+        """The offered slot, taken by admission's script in Redis (charged there): this process's from now on."""
+        slot = offer[0]
+        if throttled:
+            slot.weight *= THROTTLED_WEIGHT_FACTOR
+        pq = self._pool(slot.pool_id)
+        pq.running[slot.tenant_id] = pq.running.get(slot.tenant_id, 0) + 1
+        self.state.adopt_slot(slot.pool_id, slot.slot_id, slot.tenant_id, self._cost(slot))
         return slot
 
     async def acquire(
@@ -352,14 +439,14 @@ class FairScheduler:
         """Wait for a slot of the pool, in weighted-fair order. Raises SchedulerTimeout after `timeout_s`."""
         pq = self._pool(pool_id)
         pq.capacity = max(1, capacity)
-        eff_weight = max(float(weight), 1e-3) * (THROTTLED_WEIGHT_FACTOR if throttled else 1.0)
+        eff_weight = self.effective_weight(weight, throttled)
         predicted = self.predict_output(tenant_id, max_output_tokens)
         # Fast path: nobody waits in this process and a slot is free (and, with Redis, no other process has
         # a tenant waiting that goes first).
-        slot_id = self._new_slot_id()
-        if not pq.backlogged() and await self._take(pool_id, pq, tenant_id, slot_id):
-            slot = Slot(pool_id, tenant_id, slot_id, eff_weight, predicted, self.charge_input(tenant_id, input_tokens), input_tokens)
-            return await self._charge(pool_id, slot)
+        if not pq.backlogged():
+            slot = self._slot(pool_id, tenant_id, eff_weight, input_tokens, predicted)
+            if await self._take(pool_id, pq, slot):
+                return slot
         waiter = _Waiter(asyncio.get_running_loop().create_future(), tenant_id, eff_weight, input_tokens, predicted)
         queue = pq.queues.setdefault(tenant_id, deque())
         if not queue:
@@ -424,8 +511,8 @@ class FairScheduler:
                 continue
             tenant_id = self._next_tenant(pq, backlogged, counters)
             waiter = pq.queues[tenant_id][0]
-            slot_id = self._new_slot_id()
-            if not await self._take(pool_id, pq, tenant_id, slot_id):
+            slot = self._slot(pool_id, tenant_id, waiter.weight, waiter.input_tokens, waiter.predicted_output)
+            if not await self._take(pool_id, pq, slot):
                 pq.wake.clear()
                 try:
                     # Local releases wake us at once; slots freed by other processes are found by polling.
@@ -438,26 +525,48 @@ class FairScheduler:
                 queue.remove(waiter)
             if not queue:
                 await self.state.leave_backlog(pool_id, tenant_id)
-            slot = Slot(pool_id, tenant_id, slot_id, waiter.weight, waiter.predicted_output,
-                        self.charge_input(tenant_id, waiter.input_tokens), waiter.input_tokens)
-            if waiter.future.done():  # gave up meanwhile
-                await self._free(pq, slot)
+            if waiter.future.done():  # gave up meanwhile: its charge is taken back
+                await self._free(pq, slot, -self._cost(slot))
                 continue
-            waiter.future.set_result(await self._charge(pool_id, slot))
+            waiter.future.set_result(slot)
 
-    async def _free(self, pq: _PoolQueue | None, slot: Slot) -> None:
-        await self.state.free_slot(slot.pool_id, slot.slot_id, slot.tenant_id)
+    async def _free(self, pq: _PoolQueue | None, slot: Slot, correction: float = 0.0) -> None:
+        await self.state.free_slot(slot.pool_id, slot.slot_id, slot.tenant_id, correction=correction)
         if pq is not None:
             pq.running[slot.tenant_id] = max(0, pq.running.get(slot.tenant_id, 0) - 1)
             pq.wake.set()
 
     async def release(self, slot: Slot, *, input_tokens: int, output_tokens: int, refund: bool = False) -> None:
-        """Free the slot and correct the charge: the real prompt and output replace the estimate and prediction.
+        """Free the slot and correct the charge: the real prompt and output replace the estimate and prediction. Once:
+        a slot already released (by `detach`, with its request's settle) is left alone.
 
         refund=True: the request never ran (no backend took it), so its whole charge is taken back.
         """
+        if slot.released:
+            return
+        slot.released = True
+        await self._free(self._pools.get((id(asyncio.get_running_loop()), slot.pool_id)), slot,
+                         self._correction(slot, input_tokens, output_tokens, refund))  # one step
+
+    def detach(self, slot: Slot, *, input_tokens: int, output_tokens: int, refund: bool = False):
+        """`release`, done in this process now, with its Redis half returned for the caller to run in its own round trip
+        (slot_free.lua's (keys, args): the request's settle runs both in one script, serving.admission), or None when
+        there is none (the embedded default: all done here). Redis must take it, retried until it can, like a release."""
+        if slot.released:
+            return None
+        slot.released = True
+        correction = self._correction(slot, input_tokens, output_tokens, refund)
+        op = self.state.detach_slot(slot.pool_id, slot.slot_id, slot.tenant_id, correction)
+        pq = self._pools.get((id(asyncio.get_running_loop()), slot.pool_id))
+        if pq is not None:
+            pq.running[slot.tenant_id] = max(0, pq.running.get(slot.tenant_id, 0) - 1)
+            pq.wake.set()
+        return op
+
+    def _correction(self, slot: Slot, input_tokens: int, output_tokens: int, refund: bool) -> float:
+        """What replaces the dispatch charge (and what the estimates learn from the real counts)."""
         if refund:
-            correction = -(INPUT_WEIGHT * slot.input_tokens + OUTPUT_WEIGHT * slot.predicted_output) / slot.weight
+            correction = -self._cost(slot)
         else:
             # The dispatch charge used an estimate of the prompt and a prediction of the output: settle both.
             correction = (
@@ -469,9 +578,7 @@ class FairScheduler:
                 ratio = input_tokens / slot.input_estimate
                 prev_ratio = self._input_ratio.get(slot.tenant_id)
                 self._input_ratio[slot.tenant_id] = ratio if prev_ratio is None else 0.8 * prev_ratio + 0.2 * ratio
-        if correction:
-            await self.state.add(slot.pool_id, slot.tenant_id, correction)
-        await self._free(self._pools.get((id(asyncio.get_running_loop()), slot.pool_id)), slot)
+        return correction
 
     async def snapshot(self, pool_id: int) -> dict:
         """Load and queues of a pool as this process sees them (staff live view)."""

@@ -28,7 +28,8 @@ class Accounting:
 
     __slots__ = ("request_id", "endpoint", "tenant", "key_id", "model", "adapter", "pool", "started_at", "prompt_estimate",
                  "reservation", "journal", "backend_id", "input_tokens", "output_tokens", "ttft_ms", "backend_accepted",
-                 "status", "completed", "recorded", "_admission", "_ledger", "_background", "_settling")
+                 "status", "completed", "recorded", "pending_slot", "slot", "_scheduler", "_admission", "_ledger", "_background",
+                 "_settling")
 
     def __init__(self, *, request_id: str, endpoint, tenant, key_id: int | None, model: str, adapter: str, pool, started_at: float,
                  prompt_estimate: int, reservation, admission, ledger, background: set):
@@ -51,6 +52,9 @@ class Accounting:
         self.status = "error"  # the ledger's: ok | error | cancelled | interrupted
         self.completed = False  # the answer is complete and its last byte on its way: a disconnect is no cancellation
         self.recorded = False
+        self.pending_slot = None  # a scheduler slot taken with the admission, until the request's schedule stage takes it
+        self.slot = None  # the scheduler slot it holds (released with the settle when admission can: one round trip)
+        self._scheduler = None
         self._admission = admission
         self._ledger = ledger
         self._background = background  # the gateway's tasks kept alive until done (awaited at shutdown)
@@ -74,8 +78,10 @@ class Accounting:
             "r": [r.tokens, r.window, r.tpm_cap, r.backend, r.life] if r is not None else None,
         }
 
-    def hold_slot(self, slot) -> None:
-        """The scheduler slot it holds, in the journal, so that a recovery frees it at once."""
+    def hold_slot(self, slot, scheduler=None) -> None:
+        """The scheduler slot it holds, in the journal, so that a recovery frees it at once. With `scheduler`, the slot is
+        released with the settle (its Redis half in the settle's round trip) if it still runs then."""
+        self.slot, self._scheduler = slot, scheduler
         if self.journal is not None:
             self.journal.slot(f"{slot.tenant_id}:{slot.slot_id}")
 
@@ -151,8 +157,14 @@ class Accounting:
             self._part_done()
             return
         reservation.on_settled = self._part_done  # now, or once Redis takes it (retried off the request path)
+        slot_free = None
+        if self.slot is not None and self._scheduler is not None and getattr(self._admission, "settles_slots", False):
+            # The backend is done (a settle comes at the answer's end): its slot goes now, in the settle's round trip.
+            slot_free = self._scheduler.detach(self.slot, input_tokens=self.input_tokens or self.prompt_estimate,
+                                               output_tokens=self.output_tokens, refund=not self.backend_accepted)
         try:
-            await self._admission.settle(reservation, used_tokens=self.counted_input_tokens + self.output_tokens)
+            kwargs = {"slot_free": slot_free} if slot_free is not None else {}
+            await self._admission.settle(reservation, used_tokens=self.counted_input_tokens + self.output_tokens, **kwargs)
         except Exception:  # a bug, not an outage (those are retried): the ledger record must still be written
             log.exception("request %s: settling failed; its reservation is released when its lease runs out", self.request_id)
 

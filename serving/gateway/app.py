@@ -321,6 +321,11 @@ class GatewayApp:
         try:  # schedule → call → relay, cancelled if the client hangs up first
             await self._until_disconnect(self._serve(acct, plan, throttled, out), receive, acct)
         finally:
+            if acct.pending_slot is not None:  # taken with the admission, and the request never reached its schedule stage
+                from serving.scheduler import get_scheduler
+
+                slot, acct.pending_slot = acct.pending_slot, None
+                await get_scheduler().release(slot, input_tokens=0, output_tokens=0, refund=True)
             await acct.close()  # account: settled now if nothing settled it (the client left, or nothing was sent)
 
     async def _count_refused(self, tenant, out: Response) -> None:
@@ -339,10 +344,14 @@ class GatewayApp:
         """Reserve the prompt + max tokens against the tenant's limits: (its Accounting, throttled), or None when
         refused (answered here)."""
         from serving.admission import get_admission
+        from serving.scheduler import get_scheduler
 
-        admission = get_admission()
+        admission, scheduler, pool = get_admission(), get_scheduler(), plan.pool
+        # With Redis, the pool's fast-path slot is taken in admission's script: one round trip for both.
+        offer = scheduler.offer(pool_id=pool.id, capacity=pool.capacity, tenant_id=tenant.id, weight=tenant.weight,
+                                input_tokens=plan.prompt.tokens, max_output_tokens=plan.max_tokens)
         asked_at = time.monotonic()
-        decision = await admission.admit(tenant.limits, request_id=request_id, reserve_tokens=plan.reserve_tokens)
+        decision = await admission.admit(tenant.limits, request_id=request_id, reserve_tokens=plan.reserve_tokens, slot_offer=offer)
         out.headers.update(decision.headers)
         if decision.warn:
             self._warn_quota(tenant, decision)
@@ -356,6 +365,9 @@ class GatewayApp:
                           ledger=self.ledger, background=self._background)
         if self.journal is not None:
             acct.open_journal(self.journal)
+        if decision.slot_taken:
+            acct.pending_slot = scheduler.adopt(offer, throttled=decision.throttled)
+            acct.hold_slot(acct.pending_slot, scheduler)
         out.settle_before_end(acct.settle_once)  # whatever ends the answer (result, error, in-band failure)
         return acct, decision.throttled
 
@@ -414,6 +426,9 @@ class GatewayApp:
         """A fair scheduler slot on the pool, or None after a queue timeout (answered 429 here)."""
         from serving.scheduler import SchedulerTimeout
 
+        if acct.pending_slot is not None:  # taken with the admission
+            slot, acct.pending_slot = acct.pending_slot, None
+            return slot
         pool = plan.pool
         try:
             slot = await scheduler.acquire(pool_id=pool.id, capacity=pool.capacity, tenant_id=acct.tenant.id, weight=acct.tenant.weight,
@@ -424,7 +439,7 @@ class GatewayApp:
                                 "Try again in a few seconds.", type="rate_limit_error", code="queue_timeout", headers={"retry-after": "5"})
             await self._refuse(out, err, acct.tenant, acct.endpoint)
             return None
-        acct.hold_slot(slot)
+        acct.hold_slot(slot, scheduler)
         return slot
 
     def _observe(self, acct: Accounting, out: Response) -> None:

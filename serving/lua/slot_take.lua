@@ -3,7 +3,8 @@
 -- beats a busy tenant it ties with). Slots are leases, so a crashed process's slots expire.
 -- KEYS: 1 slots zset (member "<tenant>:<id>"), 2 counters hash, 3 waiting hash ("<proc>|<tenant>" -> beat ms)
 -- ARGV: 1 slot id, 2 capacity, 3 lease ms, 4 tenant, 5 stale ms, 6 '1' to respect other processes' backlog (VTC), '0' (FCFS),
---       7 express slots: beyond the capacity, for a tenant with no slot held (the caller checks it has no other waiter)
+--       7 express slots: beyond the capacity, for a tenant with no slot held (the caller checks it has no other waiter),
+--       8 the request's charge, added to the tenant's counter when the slot is taken (one step, one round trip)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -39,4 +40,7 @@ for i = 1, (ARGV[6] == '1' and #waiting or 0), 2 do
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), me .. ':' .. ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+if ARGV[8] and tonumber(ARGV[8]) ~= 0 then
+  redis.call('HINCRBYFLOAT', KEYS[2], me, ARGV[8])
+end
 return 1
