@@ -50,6 +50,20 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"Skipped in CI, where every service must be present: {report.longrepr}"
 
 
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix):
+    """PostgreSQL: the test database's commits do not wait for the WAL to reach the disk (synchronous_commit=off, for
+    this suite's connections only). Every transactional test ends by truncating every table and recreating content
+    types and permissions, and the gateway tests commit each ledger write: waiting for the disk was most of their
+    time (a 2-7 s teardown under load). A crash could lose the last commits of a test database, nothing else."""
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    if db["ENGINE"] == "django.db.backends.postgresql":
+        options = db.setdefault("OPTIONS", {})
+        options["options"] = f"{options.get('options', '')} -c synchronous_commit=off".strip()
+
+
 @pytest.fixture(autouse=True)
 def _clean_redis():
     """Each test starts with an empty Redis database: tenant ids repeat across tests (fresh DB rows)."""

@@ -16,6 +16,14 @@ import pytest
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 CHROMIUM = Path("/usr/bin/chromium")
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config, items):
+    # A browser, a live server and a page per test: seconds each, so none is in the fast lane (-m "not slow").
+    for item in items:
+        if HERE in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
