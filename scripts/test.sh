@@ -17,8 +17,21 @@ fi
 export PLATFORM_VAR_DIR=${PLATFORM_VAR_DIR:-$PWD/var/test}
 mkdir -p "$PLATFORM_VAR_DIR"
 set +e
-.venv/bin/python -m pytest "$@"
-rc=$?
+if [ $# -eq 0 ]; then
+  # The whole suite in two steps: the fast lane (-m "not slow") on every core through pytest-xdist (each worker has
+  # its own test database and Redis database), then the slow tests one at a time, as they were timed: subprocesses,
+  # gateways under fault injection, Celery workers, browsers and training share no core well.
+  # PLATFORM_TEST_WORKERS=1 runs the fast lane in one process.
+  workers=${PLATFORM_TEST_WORKERS:-auto}
+  .venv/bin/python -m pytest -m "not slow" -n "$workers"
+  rc=$?
+  .venv/bin/python -m pytest -m slow
+  slow_rc=$?
+  if [ $rc -eq 0 ]; then rc=$slow_rc; fi
+else
+  .venv/bin/python -m pytest "$@"
+  rc=$?
+fi
 # The whole suite (no arguments) also runs the real-vLLM module on the demo's SmolLM2-135M-Instruct, as the demo
 # serves it: a second vLLM start and a real fine-tune, about 10 minutes on 2 cores. PLATFORM_TEST_VLLM_DEMO=0 skips
 # it on a developer machine; CI always runs it.
