@@ -352,6 +352,8 @@ class JobInput(serializers.Serializer):
     lora = serializers.DictField(required=False, allow_null=True)
     metadata = serializers.DictField(required=False, allow_null=True, child=serializers.CharField(max_length=512))
     integrations = serializers.ListField(required=False, allow_null=True)
+    # Extension: start from one of the tenant's adapters or checkpoints (finetune/continuation.py).
+    from_checkpoint = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=300)
 
     def validate(self, attrs):
         method = attrs.get("method") or None
@@ -420,7 +422,9 @@ class JobListApi(OpenAIView):
 
     @extend_schema(operation_id="fine_tuning_jobs_create", tags=["Fine-tuning"], request=JobInput, responses=OpenApiTypes.OBJECT)
     def post(self, request):
-        """OpenAI-compatible: create a fine-tuning job and queue it (supervised method only; extension: `lora`). API
+        """OpenAI-compatible: create a fine-tuning job and queue it (supervised method only; extensions: `lora`, and
+        `from_checkpoint` to start from one of the tenant's adapters or checkpoints of the same base model: `ft:…`,
+        `ftckpt-…` or `ftjob-…`, keeping its rank and target modules; 404 `checkpoint_not_found`). API
         key with the finetune scope. 400 for invalid fields or hyperparameters, a training/validation file with
         problems (`invalid_file`) or one still being validated (`file_not_ready`, with its progress); 404 for an
         unknown model or file; 429 when the tenant already has its maximum of queued or running jobs.
@@ -429,7 +433,8 @@ class JobListApi(OpenAIView):
         job = services.finetune_job_create(
             tenant=self.tenant, actor=self.actor, model=data["model"], training_file=data["training_file"],
             validation_file=data.get("validation_file") or None, suffix=data.get("suffix") or "", seed=data.get("seed"),
-            hyperparameters=data.get("hyperparameters"), lora=data.get("lora"), metadata=data.get("metadata"))
+            hyperparameters=data.get("hyperparameters"), lora=data.get("lora"), metadata=data.get("metadata"),
+            from_checkpoint=data.get("from_checkpoint") or None)
         return Response(job_data(FineTuneJob.objects.for_tenant(self.tenant).select_related("base_model", "tenant").get(pk=job.pk)))
 
 
@@ -444,7 +449,8 @@ class JobEstimateApi(OpenAIView):
         data = _parse(JobInput, request)
         plan = services.finetune_job_plan(tenant=self.tenant, model=data["model"], training_file=data["training_file"],
                                           validation_file=data.get("validation_file") or None,
-                                          hyperparameters=data.get("hyperparameters"), lora=data.get("lora"))
+                                          hyperparameters=data.get("hyperparameters"), lora=data.get("lora"),
+                                          from_checkpoint=data.get("from_checkpoint") or None)
         return Response({"object": "fine_tuning.job.estimate", "model": plan.base_model.name,
                          "training_file": plan.training_file.id, "hyperparameters": plan.hyperparameters,
                          "lora": plan.lora, "examples": plan.tokens["examples"],

@@ -27,7 +27,8 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from common.queue import enqueue_on_commit
-from finetune import lora_math, selectors
+from finetune import continuation, lora_math, selectors
+from finetune.errors import FinetuneError  # noqa: F401 - defined in a leaf module; callers import it from here
 from finetune.hub import hub_enabled
 from finetune.models import (
     LEASE_SECONDS,
@@ -56,18 +57,6 @@ DEFAULT_RANK = 16
 # gateways reload their snapshot on a poll, and the model must be callable as soon as the job has succeeded.
 GATEWAY_POLLS_BEFORE_SUCCESS = 2
 
-
-@dataclass
-class FinetuneError(Exception):
-    """A problem the caller can fix. status: HTTP status; code: stable snake_case; param: the field at fault."""
-
-    message: str
-    status: int = 400
-    code: str = "invalid_request"
-    param: str | None = None
-
-    def __str__(self) -> str:
-        return self.message
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -465,8 +454,10 @@ class JobPlan:
 
 
 def finetune_job_plan(*, tenant: Tenant, model: str, training_file: str, validation_file: str | None = None,
-                      hyperparameters: dict | None = None, lora: dict | None = None) -> JobPlan:
-    """Check a job's inputs and compute its hyperparameters, tokens, cost (cents) and time (seconds)."""
+                      hyperparameters: dict | None = None, lora: dict | None = None,
+                      from_checkpoint: str | None = None) -> JobPlan:
+    """Check a job's inputs and compute its hyperparameters, tokens, cost (cents) and time (seconds). With
+    `from_checkpoint` the job starts from that adapter or checkpoint of the tenant (finetune.continuation)."""
     bm = _base_model_for(tenant, model)
     train = _file_for(tenant, training_file, "training_file")
     valid = _file_for(tenant, validation_file, "validation_file") if validation_file else None
@@ -480,7 +471,12 @@ def finetune_job_plan(*, tenant: Tenant, model: str, training_file: str, validat
         tokens = selectors.estimated_token_counts(train)
     hp = resolve_hyperparameters(hyperparameters, tokens["examples"] or train.examples)
     preview = selectors.estimate(base_model=bm, tokens_per_epoch=tokens["total_tokens"], n_epochs=hp["n_epochs"])
+    start = continuation.start_point_for(tenant, from_checkpoint) if from_checkpoint is not None else None
+    if start is not None:  # its rank and modules, checked as any job's
+        lora = continuation.lora_request(start, lora, base_model=bm)
     lora = resolve_lora(lora, base_model=bm, max_served_rank=selectors.max_lora_rank_served(tenant, bm))
+    if start is not None:
+        lora["init_from"] = start.ref
     return JobPlan(bm, train, valid, hp, lora, tokens, preview)
 
 
@@ -492,7 +488,7 @@ def _fine_tuned_model_name(bm: BaseModel, tenant: Tenant, suffix: str, job_id: s
 def finetune_job_create(*, tenant: Tenant, actor: Actor, model: str, training_file: str,
                         validation_file: str | None = None, suffix: str | None = None, seed: int | None = None,
                         hyperparameters: dict | None = None, lora: dict | None = None,
-                        metadata: dict | None = None) -> FineTuneJob:
+                        metadata: dict | None = None, from_checkpoint: str | None = None) -> FineTuneJob:
     """Create a queued job and enqueue it on the `finetune` queue once the transaction commits.
 
     Refuses (429) when the tenant already runs MAX_CONCURRENT_JOBS jobs.
@@ -506,7 +502,8 @@ def finetune_job_create(*, tenant: Tenant, actor: Actor, model: str, training_fi
                                  or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise FinetuneError("metadata must be at most 16 string keys with string values", param="metadata")
     plan = finetune_job_plan(tenant=tenant, model=model, training_file=training_file,
-                             validation_file=validation_file, hyperparameters=hyperparameters, lora=lora)
+                             validation_file=validation_file, hyperparameters=hyperparameters, lora=lora,
+                             from_checkpoint=from_checkpoint)
     Tenant.objects.select_for_update().filter(pk=tenant.pk).first()  # serialise this tenant's creations (the limit)
     active = selectors.active_job_count(tenant)
     if active >= MAX_CONCURRENT_JOBS:
@@ -524,6 +521,8 @@ def finetune_job_create(*, tenant: Tenant, actor: Actor, model: str, training_fi
         raise FinetuneError("the suffix is too long for this model's name; shorten it", param="suffix", code="invalid_suffix")
     job.save()
     _event(job, f"Created fine-tuning job: {job.id}")
+    if plan.lora.get("init_from"):
+        _event(job, f"Starts from {plan.lora['init_from']} (rank {plan.lora['rank']}) instead of a new LoRA")
     about = " (estimated from the file's size: not counted with this model yet)" if plan.tokens["estimated"] else ""
     _event(job, f"Validated training file {plan.training_file.id}: {plan.tokens['examples']} examples, "
                 f"{plan.tokens['total_tokens']:,} tokens per epoch{about}; estimated cost "
@@ -663,7 +662,7 @@ class JobRunner:
                     "max_seq_len": selectors.max_seq_len(bm), "log_every": max(1, steps // 100),
                 },
                 on_event=self.on_event, should_cancel=self.should_cancel, resume=True,
-                compile_layers=settings.FINETUNE_COMPILE)
+                compile_layers=settings.FINETUNE_COMPILE, init_adapter=continuation.start_path_for_job(job))
         except FinetuneError as exc:
             return self._fail(exc.code, exc.message, exc.param)
         except TrainingDataError as exc:

@@ -228,6 +228,20 @@ def _save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: dict[
     _atomic_dir(Path(output_dir) / "checkpoints" / f"step-{state['step']:06d}", write)
 
 
+def _load_adapter_weights(model, folder: Path) -> None:
+    """Load an adapter's LoRA weights into `model`; every LoRA parameter must be set by one of the same shape."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    lora = {name for name, _ in model.named_parameters() if "lora_" in name}
+    loaded = set_peft_model_state_dict(model, weights)  # raises on a shape mismatch
+    missing = sorted(name for name in loaded.missing_keys if name in lora)
+    if missing or loaded.unexpected_keys:
+        raise ValueError(f"the adapter to start from does not fit this LoRA: {len(missing)} LoRA weights missing "
+                         f"({', '.join(missing[:3])}), {len(loaded.unexpected_keys)} unexpected")
+
+
 def _load_checkpoint(folder: Path, model, optimizer, scheduler, hp: Hyperparameters) -> dict[str, Any]:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -330,8 +344,12 @@ def train_lora(
     device: str | None = None,
     compile_layers: bool = False,
     attn_implementation: str = "sdpa",
+    init_adapter: str | Path | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter; returns a cancelled result if `should_cancel()` turns true (checked every micro-batch).
+
+    `init_adapter`: a folder with adapter_model.safetensors of the same rank and target modules whose weights the LoRA
+    starts from (continuing an adapter, finetune/continuation.py); a checkpoint of this job, when resuming, wins.
 
     `compile_layers` compiles the decoder layers on CUDA (`compile_decoder_layers`; ignored on CPU, where the
     compilation would outlast a small job); `attn_implementation` is
@@ -373,6 +391,9 @@ def train_lora(
              "valid_loss": None, "hyperparameters": asdict(hp)}
     resumed_from = None
     checkpoint = latest_checkpoint(output_dir) if resume else None
+    if init_adapter is not None and checkpoint is None:
+        _load_adapter_weights(model, Path(init_adapter))
+        on_event({"type": "message", "level": "info", "message": "Started from the given adapter's weights"})
     if checkpoint is not None:
         state = _load_checkpoint(checkpoint, model, optimizer, scheduler, hp)
         state = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}

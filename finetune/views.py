@@ -14,7 +14,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from finetune import deploy, lora_math, selectors, services
+from finetune import continuation, deploy, lora_math, selectors, services
 from finetune.models import FineTuneJob, JobEvent, TrainingFile
 from finetune.services import FinetuneError
 from serving.models import Adapter, AdapterDeployment
@@ -163,6 +163,9 @@ class JobForm(forms.Form):
     suffix = forms.CharField(required=False, max_length=64, help_text="Part of the model name: ft:base:tenant:suffix:id")
     lora_rank = forms.IntegerField(required=False, min_value=1, max_value=services.MAX_RANK, label="LoRA rank",
                                    help_text="Blank: 16, or the highest rank the base model's pools serve if lower.")
+    from_checkpoint = forms.ChoiceField(required=False, label="Start from",
+                                        help_text="Continue one of your adapters or checkpoints (same base model; its "
+                                                  "rank and modules are kept), or train a new LoRA.")
 
     def __init__(self, tenant, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -173,6 +176,7 @@ class JobForm(forms.Form):
         self.fields["training_file"].choices = choices
         self.fields["validation_file"].choices = [("", "None"), *choices]
         self.fields["model"].choices = [(bm.name, bm.name) for bm in selectors.trainable_base_models(tenant)]
+        self.fields["from_checkpoint"].choices = [("", "A new LoRA"), *continuation.start_choices(tenant)]
 
     def clean_n_epochs(self):
         return _auto_or_number(int)(self.cleaned_data["n_epochs"])
@@ -199,7 +203,8 @@ def job_create(request, ctx: TenantContext):
         hp = {k: data[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
         lora = {"rank": data["lora_rank"]} if data["lora_rank"] else {}
         try:
-            files = {"training_file": data["training_file"], "validation_file": data["validation_file"] or None}
+            files = {"training_file": data["training_file"], "validation_file": data["validation_file"] or None,
+                     "from_checkpoint": data["from_checkpoint"] or None}
             if "estimate" in request.POST:
                 plan = services.finetune_job_plan(tenant=ctx.tenant, model=data["model"], **files,
                                                   hyperparameters=hp, lora=lora)
