@@ -95,16 +95,27 @@ class Chart:
         return getattr(self, key)
 
 
-def nice_step(peak: float, ticks: int = 4) -> float:
-    """A round step (1, 2, 2.5 or 5 × 10^k) so that about `ticks` steps cover `peak`."""
-    if peak <= 0:
-        return 1.0
-    raw = peak / ticks
-    mag = 10 ** math.floor(math.log10(raw))
-    for m in (1, 2, 2.5, 5, 10):
-        if raw <= m * mag:
-            return m * mag
-    return 10 * mag  # pragma: no cover (raw <= 10 * mag always)
+def nice_step(peak: float, ticks: int = 4, resolution: float | None = None) -> float:
+    """A round step (1, 2, 2.5 or 5 × 10^k) so that about `ticks` steps cover `peak`; with a `resolution` (the
+    smallest amount the labels can show, e.g. 1 cent), a whole multiple of it, so no label is rounded."""
+    raw = peak / ticks if peak > 0 else 0
+    for k in range(-9, 19):
+        for m in (1, 2, 2.5, 5):
+            step = m * 10.0 ** k
+            if resolution and (step < resolution * (1 - 1e-9) or abs(step / resolution - round(step / resolution)) > 1e-6):
+                continue
+            if step >= raw * (1 - 1e-9):
+                return step
+    return 10.0 ** 19  # pragma: no cover
+
+
+def resolution_of(fmt: Callable[[Number], str]) -> float | None:
+    """The smallest power of ten that `fmt` writes differently from 0 (0.01 for a format to two decimals)."""
+    zero = fmt(0)
+    for k in range(-6, 10):
+        if fmt(10 ** k if k >= 0 else Decimal(10) ** k) != zero:
+            return float(10 ** k) if k >= 0 else 10.0 ** k
+    return None
 
 
 def compact(value: Number) -> str:
@@ -134,26 +145,29 @@ def stacked_chart(labels: Sequence[str], series: Sequence[tuple[str, Sequence[Nu
                   tick_fmt: Callable[[Number], str] | None = None) -> Chart:
     """Stacked bars: for each label, one segment per series (name, values aligned with `labels`)."""
     unit_name = unit.strip()
+    tick_fmt = tick_fmt or (fmt if fmt and not unit else compact)  # the caller's format (money), else short numbers
     fmt = fmt or (lambda v: f"{v:,}{unit}")
     series = _fold_series(list(series))
     n = len(labels)
     totals = [sum((s[1][i] for s in series), 0) for i in range(n)]
     peak = max(totals, default=0)
-    top_value = max([float(peak)] + [float(t[0]) for t in thresholds])
-    step = nice_step(top_value)
-    if all(float(t) == int(t) for t in totals) and not thresholds:
-        step = max(1.0, step)  # whole tokens: no 0.25-token ticks
+    top_value = max([float(peak)] + [float(t[0]) for t in thresholds]) or 1.0  # no data: a scale of 1, the caption says 0
+    if tick_fmt is compact:
+        resolution = 1.0 if all(float(t) == int(t) for t in totals) and not thresholds else None  # whole tokens: no 0.25-token ticks
+    else:
+        resolution = resolution_of(tick_fmt)  # money to the cent: ticks in whole cents, never a rounded label
+    step = nice_step(top_value, resolution=resolution)
     top = step * max(1, math.ceil(top_value / step - 1e-9))
-    tick_fmt = tick_fmt or (fmt if fmt and not unit else compact)
+    steps = int(round(top / step))
 
     def y_of(value: Number) -> float:
         return height - height * float(value) / top
 
-    ticks = [Tick(_clean(step * i), tick_fmt(_clean(step * i)), round(y_of(step * i), 1)) for i in range(int(round(top / step)) + 1)]
+    ticks = [Tick(_clean(step * i), tick_fmt(_clean(step * i)), round(y_of(step * i), 1)) for i in range(steps + 1)]
     slots = max(n, min_slots)
     slot = 100 / slots
     bar_w = slot * 0.7
-    every = max(1, math.ceil(n / LABELS))
+    every = max(1, math.ceil(slots / LABELS))  # per slot, so a short series' labels do not run into each other
     bars = []
     for i, label in enumerate(labels):
         total = totals[i]

@@ -86,3 +86,16 @@ def test_money_values_use_the_callers_format_on_the_axis():
     chart = bar_chart([("01 Dec", Decimal("250")), ("02 Dec", Decimal("0"))], fmt=lambda c: f"{c / 100:.2f} USD")
     assert chart.peak_label == "2.50 USD" and [t.label for t in chart.ticks] == ["0.00 USD", "1.00 USD", "2.00 USD", "3.00 USD"]
     assert chart["bars"] is chart.bars  # views' tests read it as the dict it was
+
+
+def test_ticks_never_repeat_a_label_when_values_are_finer_than_the_format():
+    # A third of a cent a day, written to the cent: ticks of 0.1 cent would all read "0.00 USD".
+    chart = bar_chart([("01 Dec", Decimal("0.35")), ("02 Dec", Decimal("0"))], fmt=lambda c: f"{c / 100:.2f} USD")
+    labels = [t.label for t in chart.ticks]
+    assert labels == ["0.00 USD", "0.01 USD"] and len(set(labels)) == len(labels)
+    assert 0 < chart.bars[0].height < chart.height / 2  # 0.35 of the 1-cent scale
+
+
+def test_labels_of_a_short_series_are_spaced_by_slot():
+    chart = bar_chart([("01 Dec", 1), ("02 Dec", 2), ("03 Dec", 3)])  # 3 days laid out in 14 slots
+    assert [b.label for b in chart.bars if b.show_label] == ["01 Dec", "03 Dec"]
