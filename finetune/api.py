@@ -510,7 +510,8 @@ class JobCheckpointsApi(OpenAIView):
 
 def adapter_data(adapter: Adapter) -> dict:
     deployments = AdapterDeployment.objects.for_tenant(adapter.tenant_id).filter(adapter=adapter).select_related("pool")
-    return {"id": adapter.pk, "name": adapter.name, "base_model": adapter.base_model.name, "rank": adapter.rank,
+    return {"id": adapter.pk, "name": adapter.name, "base_model": adapter.base_model.name, "source": adapter.source,
+            "rank": adapter.rank,
             "alpha": adapter.alpha, "target_modules": adapter.target_modules, "parameters": adapter.parameters,
             "size_bytes": adapter.size_bytes, "created_at": adapter.created_at,
             "deployments": [{"pool": d.pool.name, "state": d.state, "error": d.error} for d in deployments]}

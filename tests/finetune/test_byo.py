@@ -352,6 +352,10 @@ def test_management_api_upload_is_for_admins_of_the_tenant(world, tiny):
     assert not Adapter.objects.for_tenant(world.tenant).exists()
     response = post(world.admin)
     assert response.status_code == 201 and response.json()["source"] == "uploaded"
+    client = APIClient()
+    client.force_login(world.viewer)
+    assert [(a["name"], a["source"]) for a in client.get("/api/tenants/acme/adapters/").json()] == [
+        (response.json()["id"], "uploaded")]  # the management API's list says which adapters were uploaded
 
 
 def test_management_api_refusal_lists_every_problem(world, tiny):
