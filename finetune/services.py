@@ -343,6 +343,10 @@ def training_file_delete(*, tenant: Tenant, actor: Actor, file: TrainingFile) ->
     if in_use:
         raise FinetuneError("This file is used by a fine-tuning job and cannot be deleted.", status=409,
                             param="file_id", code="file_in_use")
+    if file.is_validating:
+        # The tenant's row before the file's, as every turn takes them (else, on PostgreSQL, a validation ending now
+        # could hold the tenant and wait for this row while this waits for the tenant: a deadlock).
+        _lock_tenant(tenant.pk)
     audit_record(tenant=tenant, actor=actor, action="finetune.file_deleted", target=file, data={"id": file.id})
     TrainingFile.objects.for_tenant(tenant).filter(pk=file.pk).delete()
     if file.is_validating:
