@@ -132,6 +132,17 @@ def world(db) -> World:
 
 
 @pytest.fixture(scope="session")
+def dead_threads_connections_closed():
+    """Requested by the gateway fixtures after the test database, so torn down before it is dropped: the database
+    connections of a stopped gateway's executor threads (its health rounds) die with those threads but are closed only
+    when collected, and PostgreSQL refuses to drop a database others are connected to."""
+    yield
+    import gc
+
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
 def tiny_model_path():
     """The offline tiny chat model (deterministic, about 4 s to build), kept under PLATFORM_VAR_DIR/models like the demo
     model: built once, then found by later sessions and by every pytest-xdist worker (the build is idempotent and safe

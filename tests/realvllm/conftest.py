@@ -80,7 +80,7 @@ def model_path(vllm) -> Path:
 
 
 @pytest.fixture
-def gateways(transactional_db):
+def gateways(transactional_db, dead_threads_connections_closed):
     """Start gateways (after the test has created its data); all are stopped at the end."""
     from serving.admission import reset_admission
     from serving.gateway import GatewayApp

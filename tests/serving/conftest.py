@@ -31,9 +31,10 @@ def lora_adapter_path(tiny_model_path, tmp_path_factory):
 
 
 @pytest.fixture
-def gateway_factory(transactional_db):
+def gateway_factory(transactional_db, dead_threads_connections_closed):
     """Start gateways (after the test has created its data); all are stopped at the end."""
     from serving.admission import reset_admission
+    from serving.budgets import reset_budgets
     from serving.scheduler import reset_scheduler
 
     servers = []
@@ -41,6 +42,7 @@ def gateway_factory(transactional_db):
     def start(**settings) -> GatewayServer:
         reset_admission()  # both hold asyncio state bound to the previous test's event loop
         reset_scheduler()
+        reset_budgets()  # and the in-process budget counters of the previous test's tenants
         opts = dict(health_interval_s=0.2, health_timeout_s=1.0, config_poll_s=0.1, connect_timeout_s=1.0, read_timeout_s=30)
         opts.update(settings)
         server = GatewayServer(GatewayApp(settings=GatewaySettings(**opts))).start()
