@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from django.contrib import messages
 from django.db import transaction
-from django.http import Http404, HttpResponse
+from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 
 from common.charts import bar_chart, stacked_chart
@@ -156,12 +156,22 @@ def models_page(request, ctx: TenantContext):
 # A tried prompt travels in the page's token, in the Authorization header: proxies commonly refuse header lines past
 # 8 KiB. Natural text compresses about threefold, so prompts of some 15,000 characters fit.
 PLAYGROUND_TRY_TOKEN_MAX_CHARS = 8000
+# An ad-hoc system prompt typed into the page for one try (the same token mechanism), at most this long, and its token
+# within PLAYGROUND_TRY_TOKEN_MAX_CHARS as well.
+PLAYGROUND_OVERRIDE_MAX_CHARS = 10_000
 
 
 @tenant_view(read=PLAYGROUND_ROLE, write=PLAYGROUND_ROLE)
 def playground(request, ctx: TenantContext):
-    """Try the tenant's models with its system prompt, streamed, through the real gateway. `?prompt=<version>` tries
-    that version of the system prompt (a draft) instead of the live one: the page's token carries its text."""
+    """Try the tenant's models with its system prompt, streamed, through the real gateway: a conversation, sampling
+    parameters, two models side by side, and the code for what was sent (static/console/playground.js).
+
+    `?prompt=<version>` tries that version of the system prompt (a draft) instead of the live one: the page's token
+    carries its text. A POST (`system_prompt=<text>`, from the page's "System prompt for this try") answers JSON
+    `{"token": …}`: a token of the same kind carrying that ad-hoc text (empty: no system prompt), or a 400
+    `{"error": …}` when it is too long; `reset=1` gives the plain token back, with the live prompt's text."""
+    if request.method == "POST":
+        return _playground_override(request, ctx)
     tenant = ctx.tenant
     config = ModelConfig.objects.for_tenant(tenant).first()
     trying = None
@@ -176,18 +186,47 @@ def playground(request, ctx: TenantContext):
     if trying is not None and len(token) > PLAYGROUND_TRY_TOKEN_MAX_CHARS:
         trying_refused, trying = trying, None
         token = playground_token_issue(tenant=tenant, user=request.user)
+    model_names = model_names_for(tenant)
+    default_model = config.default_model if config and config.default_model in model_names else (model_names[0] if model_names else "")
+    adapters = [m for m in model_names if m.startswith("ft:")]
     return _render(
         request,
         ctx,
         "serving/playground.html",
         "playground",
         {
-            "model_names": model_names_for(tenant),
-            "default_model": config.default_model if config else "",
+            "model_names": model_names,
+            "default_model": default_model,
+            # Compare with: the first adapter beside a base model (base vs adapter), else another model.
+            "compare_model": next((m for m in adapters if m != default_model), None)
+                             or next((m for m in model_names if m != default_model), default_model),
             "token": token,
             "trying": trying,
             "trying_refused": trying_refused,
             "system_prompt": trying.text if trying else (tenant.active_prompt.text if tenant.active_prompt_id else ""),
             "max_tokens": config.default_max_tokens if config else 256,
+            "max_max_tokens": config.max_max_tokens if config else 4096,
+            "default_temperature": config.default_temperature if config else 1,
+            "max_temperature": config.max_temperature if config else 2,
+            "override_max_chars": PLAYGROUND_OVERRIDE_MAX_CHARS,
         },
     )
+
+
+def _playground_override(request, ctx: TenantContext) -> JsonResponse:
+    """The page's token for an ad-hoc system prompt (or the plain one with `reset`), as JSON."""
+    if request.POST.get("reset"):
+        live = ctx.tenant.active_prompt.text if ctx.tenant.active_prompt_id else ""
+        return JsonResponse({"token": playground_token_issue(tenant=ctx.tenant, user=request.user), "system_prompt": live})
+    text = request.POST.get("system_prompt")
+    if text is None:
+        return JsonResponse({"error": "Send system_prompt (the text to try) or reset=1."}, status=400)
+    text = text.replace("\r\n", "\n")
+    if len(text) > PLAYGROUND_OVERRIDE_MAX_CHARS:
+        return JsonResponse({"error": f"The system prompt to try is {len(text):,} characters; at most "
+                                      f"{PLAYGROUND_OVERRIDE_MAX_CHARS:,} can be tried here."}, status=400)
+    token = playground_token_issue(tenant=ctx.tenant, user=request.user, system_prompt=text)
+    if len(token) > PLAYGROUND_TRY_TOKEN_MAX_CHARS:
+        return JsonResponse({"error": "This system prompt is too long to try here (it does not fit in a request header); "
+                                      "shorten it."}, status=400)
+    return JsonResponse({"token": token, "system_prompt": text})
