@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 
+from serving.gateway import budget_gate
 from serving.ledger import LedgerEntry
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,10 @@ class Accounting:
     __slots__ = ("request_id", "endpoint", "tenant", "key_id", "model", "adapter", "pool", "started_at", "prompt_estimate",
                  "reservation", "journal", "backend_id", "input_tokens", "output_tokens", "ttft_ms", "backend_accepted",
                  "status", "completed", "recorded", "pending_slot", "slot", "_scheduler", "_admission", "_ledger", "_background",
-                 "_settling")
+                 "_settling", "budget")
 
     def __init__(self, *, request_id: str, endpoint, tenant, key_id: int | None, model: str, adapter: str, pool, started_at: float,
-                 prompt_estimate: int, reservation, admission, ledger, background: set):
+                 prompt_estimate: int, reservation, admission, ledger, background: set, budget=None):
         self.request_id = request_id
         self.endpoint = endpoint  # serving.gateway.endpoints.Endpoint
         self.tenant = tenant
@@ -59,6 +60,7 @@ class Accounting:
         self._ledger = ledger
         self._background = background  # the gateway's tasks kept alive until done (awaited at shutdown)
         self._settling: asyncio.Future | None = None
+        self.budget = budget  # its money budgets' and key limits' reservation (serving/gateway/budget_gate.py), or None
 
     # ---- the journal ------------------------------------------------------------------------------------
 
@@ -152,6 +154,12 @@ class Accounting:
     async def _settle(self) -> None:
         if self.journal is not None:
             self.journal.progress(self)  # the final figures, in case the process dies before its record is written
+        if self.budget is not None:  # the same figures as the ledger record: its tokens and their exact cost
+            try:
+                await budget_gate.settle(self.budget, input_tokens=self.counted_input_tokens, output_tokens=self.output_tokens,
+                                         status=self.status)
+            except Exception:
+                log.exception("request %s: settling its budgets failed; the reservation is released when it expires", self.request_id)
         reservation = self.reservation
         if reservation is None:
             self._part_done()

@@ -25,7 +25,7 @@ import aiohttp
 from serving.config import ConfigStore, Snapshot
 from serving.drivers import BackendError, driver_for
 from serving.drivers.base import ADAPTER_NOT_LOADED, context_overflow, special_token_ids
-from serving.gateway import metrics
+from serving.gateway import budget_gate, metrics
 from serving.gateway.accounting import Accounting
 from serving.gateway.auth import authenticate
 from serving.gateway.endpoints import METRICS, MODEL, MODEL_PREFIX, MODELS, ROUTES, Endpoint, endpoint_for
@@ -347,6 +347,10 @@ class GatewayApp:
         from serving.scheduler import get_scheduler
 
         admission, scheduler, pool = get_admission(), get_scheduler(), plan.pool
+        try:  # the key's own limits and the money budgets first (serving/gateway/budget_gate.py): given back if refused below
+            budget = await budget_gate.admit_budgets(self.store.snapshot, tenant, key, plan, request_id)
+        except ApiError as err:
+            return await self._refuse(out, err, tenant, plan.req.endpoint)
         # With Redis, the pool's fast-path slot is taken in admission's script: one round trip for both.
         offer = scheduler.offer(pool_id=pool.id, capacity=pool.capacity, tenant_id=tenant.id, weight=tenant.weight,
                                 input_tokens=plan.prompt.tokens, max_output_tokens=plan.max_tokens)
@@ -357,11 +361,12 @@ class GatewayApp:
             self._warn_quota(tenant, decision)
         self._refusals.note(tenant, decision, asked_at=asked_at)  # its bucket empty now: the next refused after authentication
         if not decision.allowed:
+            await budget_gate.release(budget)
             return await self._refuse(out, refusal_error(decision), tenant, plan.req.endpoint)
         route = plan.route
         acct = Accounting(request_id=request_id, endpoint=plan.req.endpoint, tenant=tenant, key_id=key.id if key else None,
                           model=route.name, adapter=route.adapter or "", pool=plan.pool, started_at=started_at,
-                          prompt_estimate=plan.prompt.tokens, reservation=decision.reservation, admission=admission,
+                          prompt_estimate=plan.prompt.tokens, reservation=decision.reservation, admission=admission, budget=budget,
                           ledger=self.ledger, background=self._background)
         if self.journal is not None:
             acct.open_journal(self.journal)
