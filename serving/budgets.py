@@ -34,7 +34,7 @@ from django.db import DatabaseError
 from django.utils.module_loading import import_string
 
 from serving.admission import window_bounds, window_id
-from serving.leases import redis_client, redis_errors
+from serving.leases import keeper_for, raise_if_cancelled, redis_client, redis_errors
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +422,7 @@ class RedisBudgets:
             client._budget_scripts = {name: client.register_script(src) for name, src in
                                       (("admit", ADMIT_LUA), ("seed", SEED_LUA), ("settle", SETTLE_LUA))}
             self._clients[loop_id] = client
+            keeper_for(self.url).add_pool(client)
         return client
 
     @staticmethod
@@ -436,7 +437,10 @@ class RedisBudgets:
         args = [request_id, limits.generation, "" if limits.key_id is None else limits.key_id, tokens, microcents,
                 limits.tenant_hard_microcents, limits.key_requests_per_minute, limits.key_tokens_per_minute,
                 limits.key_month_tokens, limits.key_month_microcents, 1 if limits.counted else 0, MONTH_TTL_S, RESERVATION_TTL_MS]
+        keeper = keeper_for(self.url)
         try:
+            if not keeper.up:  # marked down by any of the process's Redis users; its probe says when it is back
+                raise ConnectionError("Redis is unreachable (probed in the background)")
             client = self._client()
             for _ in range(3):
                 res = await client._budget_scripts["admit"](keys=list(keys), args=args)
@@ -453,7 +457,10 @@ class RedisBudgets:
                 await client._budget_scripts["seed"](keys=[keys[0], keys[1]], args=seed_args)
             else:
                 return _unavailable("Budgets could not be checked. Retry in a few seconds.", "limits_unavailable")
-        except redis_errors():
+        except redis_errors() as exc:
+            if keeper.up:
+                keeper.mark_down(exc)
+            raise_if_cancelled()
             if limits.counted:
                 return _unavailable("The rate-limit service is unavailable, so requests under a budget are refused. Retry "
                                     "in a few seconds.", "limits_unavailable")
@@ -473,14 +480,13 @@ class RedisBudgets:
         prefix = keys[0].rsplit(":", 1)[0] + ":"
         args = [reservation.request_id, "" if reservation.key_id is None else reservation.key_id, tokens, microcents,
                 reservation.tokens, reservation.key_tpm, reservation.admitted_ms, 1 if reservation.counted else 0, prefix]
-        for attempt in range(5):  # a short outage: the settle waits for it (a lost one is released by its TTL)
-            try:
-                await self._client()._budget_scripts["settle"](keys=[keys[0], keys[1], keys[3]], args=args)
-                return
-            except redis_errors():
-                await asyncio.sleep(0.2 * 2 ** attempt)
-        log.warning("request %s: its budget settle could not reach Redis; the reservation is released in %d min",
-                    reservation.request_id, RESERVATION_TTL_MS // 60000)
+
+        async def settle_in_redis():
+            await self._client()._budget_scripts["settle"](keys=[keys[0], keys[1], keys[3]], args=args)
+
+        # Now, or queued and retried by the process's Redis keeper until Redis answers (the settle is idempotent: a
+        # second run finds no reservation). Never waits for Redis on the request path.
+        await keeper_for(self.url).run_or_defer(settle_in_redis, None, what=f"budget settle {reservation.request_id}")
 
     async def release(self, reservation: BudgetReservation | None) -> None:
         """Give back a reservation whole (the tenant's admission refused the request): nothing was used."""
@@ -492,9 +498,9 @@ class RedisBudgets:
         if reservation.key_id is not None:
             _, _, rpmk, _, _ = self._keys(reservation.tenant_id, reservation.month, reservation.generation, reservation.key_id)
             try:
-                await self._client().hincrbyfloat(rpmk, "v", 1)
-            except redis_errors():
-                pass
+                await self._client().hincrbyfloat(rpmk, "v", 1)  # its requests/min token back (capped when read)
+            except redis_errors() as exc:
+                keeper_for(self.url).mark_down(exc)
 
     async def snapshot(self, limits: BudgetLimits) -> dict[str, int]:
         keys = self._keys(limits.tenant_id, window_id("month"), limits.generation, limits.key_id)

@@ -142,3 +142,21 @@ def test_200_concurrent_requests_through_two_services_never_overshoot(world, red
     assert spent <= 40_000 and tokens <= 30_000  # overshoot 0
     assert (counters["mu"], counters["k7:mu"], counters["k7:nu"], counters["mr"], counters["k7:nr"]) == (spent, spent, tokens, 0, 0)
     assert sum(1 for t, c in results if t or c) > 10  # the limit was reached by many requests, not refused at once
+
+
+@pytest.mark.django_db(transaction=True)
+def test_redis_unreachable_refuses_what_needs_a_months_counter_and_falls_back_for_a_keys_rates(world):
+    from tests.support.gateway import closed_port_url
+
+    b = RedisBudgets(closed_port_url().replace("http://", "redis://") + "/0")
+
+    async def go():
+        budgeted = await b.admit(_limits(world.tenant.pk, tenant_hard_microcents=1000), request_id="a", tokens=1, microcents=1)
+        rates = await b.admit(_limits(world.tenant.pk, key_id=7, key_requests_per_minute=1), request_id="b", tokens=1, microcents=0)
+        again = await b.admit(_limits(world.tenant.pk, key_id=7, key_requests_per_minute=1), request_id="c", tokens=1, microcents=0)
+        return budgeted, rates, again
+
+    budgeted, rates, again = run(go())
+    assert (budgeted.allowed, budgeted.status, budgeted.code) == (False, 503, "limits_unavailable")
+    assert rates.allowed and rates.reservation.backend == "local"  # this process's bucket
+    assert (again.allowed, again.code) == (False, "requests_per_minute_exceeded")
