@@ -16,7 +16,7 @@ from finetune.models import FineTuneJob, JobCheckpoint, TrainingFile
 from serving.models import Adapter, BackendPool, BaseModel
 from tenants import services as tenant_services
 from tenants.services import Actor
-from tests.finetune.test_byo import lora_config, safetensors_bytes, tensors_for
+from tests.support.adapters import lora_config, safetensors_bytes, tensors_for
 
 QUESTIONS = ["Is request {i} approved?", "What is the status of ticket {i}?", "Can you check order {i}?"]
 
