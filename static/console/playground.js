@@ -232,6 +232,10 @@
     }
     const entries = Object.entries(value);
     if (!entries.length) return "{}";
+    if (entries.every(([, v]) => v === null || typeof v !== "object")) {  // a message, stream_options: on one line
+      const inline = "{" + entries.map(([k, v]) => JSON.stringify(k) + ": " + python(v, 0)).join(", ") + "}";
+      if (inline.length <= 100) return inline;
+    }
     return "{\n" + entries.map(([k, v]) => pad + JSON.stringify(k) + ": " + python(v, indent + 1) + ",\n").join("") + end + "}";
   }
 

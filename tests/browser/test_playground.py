@@ -8,6 +8,7 @@ Django's `live_server` cannot serve this: it has no gateway, so /v1 answers 404 
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -138,8 +139,10 @@ def test_two_models_side_by_side_in_a_conversation_with_parameters_and_code(page
         assert json.loads(re.search(r"-d '(.*)'\s*$", curl, re.S).group(1)) == body
         python = page.locator(f'#pg-code-body [data-model="{model}"] pre[data-code="python"]').inner_text()
         assert f'OpenAI(base_url="{asgi_url(page)}/v1", api_key=os.environ["API_KEY"])' in python
-        assert f'model="{model}",' in python and "temperature=0.3," in python and '"content": "And then?",' in python
-        assert 'stream_options={\n        "include_usage": True,\n    },' in python
+        assert f'model="{model}",' in python and "temperature=0.3," in python and 'stop=[\n        "STOP-HERE",\n        "###",\n    ],' in python
+        assert '        {"role": "user", "content": "And then?"},\n    ],' in python and 'stream_options={"include_usage": True},' in python
+        call = next(n for n in ast.walk(ast.parse(python)) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "create")
+        assert {k.arg: ast.literal_eval(k.value) for k in call.keywords} == body  # valid Python, exactly what was sent
     assert "pgt_" not in page.locator("#pg-code-body").inner_text()
 
 
@@ -181,6 +184,7 @@ def test_a_system_prompt_typed_for_the_try_reaches_the_model_and_changes_nothing
 
 def test_the_playground_comparing_two_models_has_no_serious_accessibility_violations(page, world, served):
     axe_sync = pytest.importorskip("axe_playwright_python.sync_playwright", reason="needs the 'axe-playwright-python' package")
+    page.emulate_media(reduced_motion="reduce")  # no colour transitions: axe reads the colours the scheme settles on
     sign_in(page, world.developer.email)
     page.goto("/t/acme/playground/")
     page.get_by_label("Compare two models side by side").check()
@@ -190,6 +194,6 @@ def test_the_playground_comparing_two_models_has_no_serious_accessibility_violat
     page.get_by_text("System prompt for this try").click()
     page.get_by_role("button", name="View code").click()
     for scheme in ("light", "dark"):
-        page.emulate_media(color_scheme=scheme)
+        page.emulate_media(color_scheme=scheme, reduced_motion="reduce")
         violations = [v for v in axe_sync.Axe().run(page).response["violations"] if v["impact"] in {"serious", "critical"}]
         assert violations == [], (scheme, [(v["id"], [n["target"] for n in v["nodes"][:3]]) for v in violations])
