@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +13,17 @@ from tenants import services
 from tenants.models import Role
 from tests.support.users import PASSWORD, make_user  # noqa: F401 (PASSWORD: for tests not yet importing it from there)
 
+
 def pytest_configure(config):
     """Under pytest-xdist each worker gets a Redis database of its own (pytest-django gives each its own test database)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        # Torch's intra-op threads: the cores shared out among the workers, not every core per worker (training tests
+        # ran 20-60x slower oversubscribed). Before torch is imported its variables do it, after it the call.
+        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
     url = os.environ.get("REDIS_URL")
     if worker and url:
         from django.conf import settings
