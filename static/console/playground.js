@@ -12,8 +12,9 @@
   const csrf = form.querySelector("input[name=csrfmiddlewaretoken]").value;
   const endpoint = new URL(form.dataset.endpoint, window.location.origin).href;
 
-  let token = form.dataset.token;
+  // form.dataset.token: the page's signed playground token (an hour long; renewed from the console when refused).
   let appliedPrompt = systemText.value;  // the system prompt the current token gives the page's requests
+  let overridden = Boolean(form.dataset.trying);  // a draft or a typed prompt, not the live one
   let promptLabel = form.dataset.trying ? "system prompt " + form.dataset.trying + " (being tried)" : "the live system prompt";
   let controllers = [];
   let lastSent = null;  // [{model, body}] of the last send, one per column
@@ -92,9 +93,10 @@
       method: "POST", credentials: "same-origin", body: body,
       headers: {"X-CSRFToken": csrf, "Accept": "application/json"},
     });
+    if (response.redirected) throw new Error("your console session has ended: sign in again.");  // to the login page
     const data = await response.json().catch(() => ({}));
     if (!response.ok || !data.token) throw new Error(data.error || ("HTTP " + response.status));
-    token = data.token;
+    form.dataset.token = data.token;
     return data;
   }
 
@@ -102,10 +104,29 @@
     const text = systemText.value;
     await tokenFor({system_prompt: text});
     appliedPrompt = text;
+    overridden = true;
+    hideTryingBanner();
     promptLabel = text === "" ? "no system prompt (for this try)" : "the system prompt typed here (for this try)";
     $("pg-system-state").textContent = text === "" ? "none (for this try)" : "edited (for this try)";
     systemStatus.textContent = text === "" ? "Requests from this page now go without a system prompt." :
       "Requests from this page now use this system prompt.";
+  }
+
+  function hideTryingBanner() {  // "Trying system prompt vN" is no longer what the page sends
+    const banner = document.querySelector(".banner[data-trying]");
+    if (banner) banner.hidden = true;
+  }
+
+  // A token past its hour (or its user's session) is refused with 401: a new one, for the same prompt, and one retry.
+  async function renewToken() {
+    await tokenFor(overridden ? {system_prompt: appliedPrompt} : {reset: "1"});
+  }
+
+  let renewal = null;
+  function renewing(side) {
+    side.status.textContent = "Renewing the page's session…";
+    if (!renewal) renewal = renewToken().finally(() => { renewal = null; });
+    return renewal;
   }
 
   $("pg-system-apply").addEventListener("click", function () {
@@ -115,6 +136,8 @@
     tokenFor({reset: "1"}).then(function (data) {
       systemText.value = data.system_prompt || "";
       appliedPrompt = systemText.value;
+      overridden = false;
+      hideTryingBanner();
       promptLabel = "the live system prompt";
       $("pg-system-state").textContent = data.system_prompt ? "the live prompt" : "none";
       systemStatus.textContent = "Requests from this page use the live system prompt again.";
@@ -129,11 +152,16 @@
     const started = performance.now();
     let firstTokenMs = null, answer = "", usage = null;
     try {
-      const response = await fetch(endpoint, {
+      const request = () => fetch(endpoint, {
         method: "POST", signal: controller.signal,
-        headers: {"Content-Type": "application/json", "Authorization": "Bearer " + token},
+        headers: {"Content-Type": "application/json", "Authorization": "Bearer " + form.dataset.token},
         body: JSON.stringify(body),
       });
+      let response = await request();
+      if (response.status === 401) {
+        await renewing(side);
+        response = await request();
+      }
       if (!response.ok) {
         const data = await response.json().catch(() => ({}));
         throw new Error((data.error && data.error.message) || ("HTTP " + response.status));
@@ -164,15 +192,19 @@
       side.history.push({role: "assistant", content: answer});
       side.status.textContent = "Done" + (usage ? " · " + usage.prompt_tokens + " input tokens (system prompt included) · " +
         usage.completion_tokens + " output tokens" : "") + (firstTokenMs !== null ? " · first token after " + Math.round(firstTokenMs) + " ms" : "") + ".";
+      return true;
     } catch (err) {
       if (err.name === "AbortError" && answer) {
         side.history.push({role: "assistant", content: answer});  // what came before Stop stays in the conversation
         side.status.textContent = "Stopped.";
       } else {
         side.history.pop();  // the message got no answer: it is not part of this column's conversation
+        const asked = out.parentElement.previousElementSibling;
+        if (asked && asked.classList.contains("pg-user")) asked.querySelector(".pg-who").textContent = "You (not kept: no answer)";
         out.parentElement.remove();
         side.status.textContent = err.name === "AbortError" ? "Stopped before any answer; the message was not kept." : "Error: " + err.message;
       }
+      return false;
     }
   }
 
@@ -206,10 +238,12 @@
     });
     message.value = "";
     renderCode();
-    await Promise.all(runs);
+    const done = await Promise.all(runs);
     controllers = [];
     send.disabled = false; stop.disabled = true;
-    status.textContent = keys.length === 2 ? "Both answers are in." : "Answer is in.";
+    const failed = done.filter((ok) => !ok).length;
+    status.textContent = !failed ? (keys.length === 2 ? "Both answers are in." : "Answer is in.") :
+      (failed === keys.length ? "No answer" : "One answer is missing") + ": see the model's column.";
   });
 
   stop.addEventListener("click", function () { for (const controller of controllers) controller.abort(); });

@@ -197,3 +197,42 @@ def test_the_playground_comparing_two_models_has_no_serious_accessibility_violat
         page.emulate_media(color_scheme=scheme, reduced_motion="reduce")
         violations = [v for v in axe_sync.Axe().run(page).response["violations"] if v["impact"] in {"serious", "critical"}]
         assert violations == [], (scheme, [(v["id"], [n["target"] for n in v["nodes"][:3]]) for v in violations])
+
+
+def test_a_refused_token_is_renewed_and_a_refusal_shows_in_its_column_without_joining_the_conversation(page, world, served):
+    sign_in(page, world.developer.email)
+    page.goto("/t/acme/playground/")
+    sent = chat_requests(page)
+    page.locator("#playground").evaluate("form => { form.dataset.token = 'pgt_past-its-hour'; }")
+    page.get_by_label("Your message").fill("Hi")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#pg-status")).to_have_text("Answer is in.")
+    assert [r.headers["authorization"] for r in sent][0] == "Bearer pgt_past-its-hour"  # refused with 401 …
+    renewed = services.playground_token_read(sent[1].headers["authorization"].removeprefix("Bearer "))
+    assert (renewed.tenant_id, renewed.user_id, renewed.system_prompt) == (world.tenant.pk, world.developer.pk, None)  # … renewed
+    first = answers(page, "a")
+    assert len(first) == 1 and first[0].strip()
+
+    # Parameters are checked before anything is sent.
+    page.get_by_label("Your message").fill("Refused")
+    page.get_by_label("top_p").fill("1.5")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#pg-status")).to_have_text("top_p must be from 0 to 1.")
+    expect(page.get_by_label("top_p")).to_be_focused()
+    assert len(sent) == 2
+    page.get_by_label("top_p").fill("")
+
+    # The gateway's refusal is shown in the column; the message it refused is not kept in the conversation.
+    expect(page.get_by_label("Your message")).to_have_value("Refused")  # kept, to send once corrected
+    page.locator("#pg-model option").first.evaluate("option => { option.value = 'no-such-model'; }")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#pg-status-a")).to_contain_text("Error: The model `no-such-model` does not exist")
+    expect(page.locator("#pg-status")).to_have_text("No answer: see the model's column.")
+    expect(page.locator("#pg-transcript-a .pg-msg")).to_have_count(3)  # Hi, its answer, and the refused message
+    expect(page.locator("#pg-transcript-a .pg-user .pg-who").last).to_have_text("You (not kept: no answer)")
+    page.locator("#pg-model option").first.evaluate("option => { option.value = 'tiny-chat'; }")
+    page.get_by_label("Your message").fill("Again")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#pg-status")).to_have_text("Answer is in.")
+    assert sent[-1].post_data_json["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first[0]},
+                                                   {"role": "user", "content": "Again"}]
