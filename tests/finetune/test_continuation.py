@@ -75,6 +75,21 @@ def test_a_job_starts_from_an_uploaded_adapter_with_its_rank_and_modules(world, 
     assert continuation.start_path_for_job(job) == adapter.path  # where the worker loads the first weights from
 
 
+def test_the_official_sdk_sends_it_as_extra_body(world, setup, sdk_for):
+    from openai import NotFoundError
+
+    file, adapter = setup
+    _, secret = tenant_services.api_key_create(tenant=world.tenant, name="sdk", scopes=["finetune"],
+                                               actor=Actor(user=world.owner))
+    sdk = sdk_for(secret)
+    job = sdk.fine_tuning.jobs.create(model="tiny-chat", training_file=file.id,
+                                      extra_body={"from_checkpoint": adapter.name})
+    assert job.status == "queued" and job.lora["init_from"] == adapter.name and job.lora["rank"] == 4
+    with pytest.raises(NotFoundError) as missing:
+        sdk.fine_tuning.jobs.create(model="tiny-chat", training_file=file.id, extra_body={"from_checkpoint": "ft:nope"})
+    assert missing.value.body["code"] == "checkpoint_not_found" and missing.value.body["param"] == "from_checkpoint"
+
+
 def test_the_estimate_takes_the_same_field(world, setup):
     file, adapter = setup
     response = _api(world.tenant, world.owner).post("/v1/fine_tuning/jobs/estimate", {
