@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
 from finetune import services
 from finetune.models import TrainingFile
@@ -27,7 +28,7 @@ def test_a_validating_file_shows_its_progress_then_its_report(page, world, setti
     (settings.STORAGE_DIR / relative).parent.mkdir(parents=True)
     (settings.STORAGE_DIR / relative).write_bytes(data)
     file = TrainingFile.all_tenants.create(id="file-browser", tenant=world.tenant, filename="z.jsonl", bytes=len(data),
-                                           path=relative)  # uploaded: no worker has taken it yet
+                                           path=relative, validation_queued_at=timezone.now())  # sent to a worker, not taken yet
     sign_in(page, world.owner.email)
     page.goto(f"/t/acme/finetune/files/{file.id}/")
     expect(page.locator("#ft-file-progress")).to_have_text("Waiting for a worker to validate it")
