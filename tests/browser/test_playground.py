@@ -144,6 +144,7 @@ def test_two_models_side_by_side_in_a_conversation_with_parameters_and_code(page
         call = next(n for n in ast.walk(ast.parse(python)) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "create")
         assert {k.arg: ast.literal_eval(k.value) for k in call.keywords} == body  # valid Python, exactly what was sent
     assert "pgt_" not in page.locator("#pg-code-body").inner_text()
+    page.screenshot(path="/tmp/console-playground.png", full_page=True)  # described in docs/console.md
 
 
 def asgi_url(page) -> str:
