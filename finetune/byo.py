@@ -536,8 +536,8 @@ def adapter_upload(*, tenant: Tenant, actor: Actor, parts: list[UploadPart], mod
     base model's pool like a trained one: when `deploy` is None, as the tenant's model settings say for finished jobs.
 
     `parts`: the two files, or one .zip / .tar; at most FINETUNE_MAX_ADAPTER_BYTES in all (413). Refusals are
-    AdapterRefused (400; 413 too large; 409 no pool) with every problem found; an unknown `model` is a 404. Nothing
-    is kept of a refused upload. A deployment that fails leaves the adapter stored (deploy it again later)."""
+    AdapterRefused (400; 413 too large; 409 no pool) with every problem found; an unknown `model` is a 404; 503
+    `storage_error` when storage fails. Nothing is kept of a refused upload. A deployment that fails leaves the adapter stored (deploy it again later)."""
     suffix = suffix or ""
     if not isinstance(suffix, str) or not SUFFIX_RE.match(suffix):
         raise FinetuneError("suffix must be at most 64 letters, digits, '-', '_' or '.'", param="suffix",
@@ -545,8 +545,8 @@ def adapter_upload(*, tenant: Tenant, actor: Actor, parts: list[UploadPart], mod
     token = secrets.token_hex(12)
     root = adapters_dir(tenant.pk)
     staging, final = root / f".upload-{token}", root / token
-    staging.mkdir(parents=True, exist_ok=False)
     try:
+        staging.mkdir(parents=True, exist_ok=False)
         receive_upload(parts, staging)
         bm, spec, parameters = check_adapter_folder(staging, tenant=tenant, model=model)
         name = _uploaded_name(bm, tenant, suffix, token)
@@ -555,6 +555,11 @@ def adapter_upload(*, tenant: Tenant, actor: Actor, parts: list[UploadPart], mod
                                 code="invalid_suffix")
         size = sum(f.stat().st_size for f in staging.iterdir() if f.is_file())
         os.rename(staging, final)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        log.exception("storing an uploaded adapter under %s", staging)
+        raise FinetuneError(f"The adapter could not be stored ({exc.strerror or exc}); nothing was kept. Please try "
+                            "again later.", status=503, param="file", code="storage_error") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

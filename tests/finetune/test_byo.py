@@ -456,3 +456,13 @@ def test_a_peft_adapter_saved_by_peft_is_accepted_deployed_and_answers_through_t
     assert admin.post(f"/api/tenants/acme/adapters/{adapter.pk}/undeploy/").json()["undeployed_from"] == ["shared-tiny"]
     backend.refresh_from_db()
     assert backend.loaded_adapters == []
+
+
+def test_a_storage_failure_is_a_503_and_keeps_nothing(world, tiny, v1, settings, monkeypatch):
+    def full_disk(parts, folder):
+        (folder / "adapter_config.json").write_bytes(b"{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(byo, "receive_upload", full_disk)
+    assert_refused(post_v1(v1, two_files()), 503, "storage_error", "No space left on device")
+    _nothing_kept(settings, world.tenant)
