@@ -508,6 +508,36 @@ class RedisBudgets:
         return {k: int(v) for k, v in data.items() if not k.startswith("r:") and k != "seeded"}
 
 
+# ---- the journal: a request of a process that died is settled by the process that recovers it ----------------
+
+
+def journal_fields(reservation: BudgetReservation | None, price) -> list | None:
+    """What the request's journal line keeps of its budget reservation and price (serving/journal.py)."""
+    if reservation is None:
+        return None
+    r = reservation
+    prices = [str(price.input_price), str(price.output_price)] if price is not None else None
+    return [r.month, r.generation, r.key_id, r.tokens, r.microcents, int(r.counted), r.key_tpm, r.admitted_ms, r.backend, prices]
+
+
+async def settle_recovered(fields: list, *, tenant_id: int, request_id: str, input_tokens: int, output_tokens: int) -> None:
+    """Settle a dead process's request from its journal line, with the figures of its ledger record (an interrupted
+    request is billed). A reservation of the dead process's own buckets (the embedded default) died with it."""
+    from types import SimpleNamespace
+
+    month, generation, key_id, tokens, microcents, counted, key_tpm, admitted_ms, backend, prices = fields
+    if backend != "redis":
+        return
+    service = get_budgets()
+    if not isinstance(service, RedisBudgets):
+        return
+    price = SimpleNamespace(input_price=Decimal(prices[0]), output_price=Decimal(prices[1])) if prices else None
+    reservation = BudgetReservation(tenant_id, key_id, request_id, month, generation, tokens, microcents, bool(counted), key_tpm,
+                                    admitted_ms, backend)
+    await service.settle(reservation, tokens=input_tokens + output_tokens,
+                         microcents=request_cost_microcents(input_tokens, output_tokens, price))
+
+
 _budgets = None
 _budgets_lock = threading.Lock()
 

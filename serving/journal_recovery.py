@@ -3,8 +3,9 @@ records with status `interrupted` and the tokens it had delivered, their reserva
 same figures, and the scheduler slots they held are freed.
 
 Order, so that a recovery interrupted at any point and run again counts nothing twice: the dead process's
-ledger spool is replayed first (its finished records); then each request's settle (idempotent in Redis) with
-the figures of its ledger record if the dead process wrote one, else the journal's; then the missing records
+ledger spool is replayed first (its finished records); then each request's settles, its admission's and its
+budgets' (serving/budgets.py), both idempotent in Redis, with the figures of its ledger record if the dead
+process wrote one, else the journal's; then the missing records
 (request_id is unique, inserts ignore conflicts); only then is the journal removed. While the database
 refuses, the journal stays and is tried again.
 """
@@ -16,6 +17,7 @@ import logging
 from datetime import datetime, timezone
 
 from serving.admission import Reservation
+from serving.budgets import settle_recovered as budget_settle_recovered
 from serving.journal import DeadJournal, OpenRequest
 from serving.ledger import LedgerEntry
 
@@ -59,11 +61,15 @@ async def journal_recover(dead: DeadJournal, *, ledger, admission, scheduler) ->
     for req in requests:
         row = written.get(req.request_id)
         if row is not None:  # it finished its record before the process died
-            used, committed_ms = row[0] + row[1], int(row[2].timestamp() * 1000)
+            (used_in, used_out), committed_ms = row[:2], int(row[2].timestamp() * 1000)
         else:
             entry = recovered_entry(req)
             missing.append(entry)
-            used, committed_ms = entry.input_tokens + entry.output_tokens, 0
+            (used_in, used_out), committed_ms = (entry.input_tokens, entry.output_tokens), 0
+        used = used_in + used_out
+        if req.record.get("b"):  # its money budgets and key limits (serving/budgets.py), with the same figures
+            settles.append(budget_settle_recovered(req.record["b"], tenant_id=req.record["t"], request_id=req.request_id,
+                                                   input_tokens=used_in, output_tokens=used_out))
         reservation = recovered_reservation(req)
         if reservation is not None:
             settles.append(admission.settle_recovered(reservation, used_tokens=used, committed_ms=committed_ms))

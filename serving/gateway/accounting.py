@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 
+from serving.budgets import journal_fields
 from serving.gateway import budget_gate
 from serving.ledger import LedgerEntry
 
@@ -78,6 +79,7 @@ class Accounting:
             "id": self.request_id, "t": self.tenant.id, "k": self.key_id, "e": self.endpoint.name, "m": self.model, "a": self.adapter,
             "p": self.pool.id, "pe": self.prompt_estimate, "at": round(time.time(), 3),
             "r": [r.tokens, r.window, r.tpm_cap, r.backend, r.life] if r is not None else None,
+            "b": journal_fields(self.budget.reservation, self.budget.price) if self.budget is not None else None,
         }
 
     def hold_slot(self, slot, scheduler=None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from datetime import date
+from decimal import Decimal
 
 import pytest
 from django.utils import timezone
@@ -160,3 +161,27 @@ def test_redis_unreachable_refuses_what_needs_a_months_counter_and_falls_back_fo
     assert (budgeted.allowed, budgeted.status, budgeted.code) == (False, 503, "limits_unavailable")
     assert rates.allowed and rates.reservation.backend == "local"  # this process's bucket
     assert (again.allowed, again.code) == (False, "requests_per_minute_exceeded")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_dead_processs_request_is_settled_from_its_journal_line_once(world, redis_url, settings):
+    from types import SimpleNamespace
+
+    settings.REDIS_URL = redis_url
+    budgets.reset_budgets()
+    limits = _limits(world.tenant.pk, key_id=7, tenant_hard_microcents=10_000, key_month_tokens=500, budgeted_keys=(7,))
+    price_entry = SimpleNamespace(input_price=Decimal("10"), output_price=Decimal("20"))
+
+    async def go():
+        service = budgets.get_budgets()
+        decision = await service.admit(limits, request_id="dead-1", tokens=300, microcents=5_000)
+        fields = budgets.journal_fields(decision.reservation, price_entry)  # what its journal line kept
+        for _ in range(2):  # a recovery run twice counts once
+            await budgets.settle_recovered(fields, tenant_id=world.tenant.pk, request_id="dead-1", input_tokens=40, output_tokens=12)
+        return await service.snapshot(limits)
+
+    try:
+        counters = run(go())
+    finally:
+        budgets.reset_budgets()
+    assert (counters["mu"], counters["mr"], counters["k7:nu"], counters["k7:nr"]) == (40 * 10 + 12 * 20, 0, 52, 0)
