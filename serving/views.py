@@ -167,9 +167,10 @@ def playground(request, ctx: TenantContext):
     parameters, two models side by side, and the code for what was sent (static/console/playground.js).
 
     `?prompt=<version>` tries that version of the system prompt (a draft) instead of the live one: the page's token
-    carries its text. A POST (`system_prompt=<text>`, from the page's "System prompt for this try") answers JSON
-    `{"token": …}`: a token of the same kind carrying that ad-hoc text (empty: no system prompt), or a 400
-    `{"error": …}` when it is too long; `reset=1` gives the plain token back, with the live prompt's text."""
+    carries its text. A POST (`system_prompt=<text>`, from the page's "System prompt for this try"; admins and owners)
+    answers JSON `{"token": …}`: a token of the same kind carrying that ad-hoc text (empty: no system prompt), or a 400
+    `{"error": …}` when it is too long; `prompt=<version>` renews a saved version's token; `reset=1` gives the plain
+    token back, with the live prompt's text."""
     if request.method == "POST":
         return _playground_override(request, ctx)
     tenant = ctx.tenant
@@ -209,18 +210,33 @@ def playground(request, ctx: TenantContext):
             "default_temperature": config.default_temperature if config else 1,
             "max_temperature": config.max_temperature if config else 2,
             "override_max_chars": PLAYGROUND_OVERRIDE_MAX_CHARS,
+            "can_override": ctx.can(Role.ADMIN),  # may write the tenant's system prompt, so may type one to try
         },
     )
 
 
 def _playground_override(request, ctx: TenantContext) -> JsonResponse:
-    """The page's token for an ad-hoc system prompt (or the plain one with `reset`), as JSON."""
+    """The page's token, as JSON: for an ad-hoc system prompt (admins and owners, who may write the tenant's prompt:
+    a developer could otherwise drop the prompt an admin set), for a saved version (`prompt=<version>`: a renewal of
+    a `?prompt=` page's token), or the plain one (`reset`)."""
+    tenant = ctx.tenant
     if request.POST.get("reset"):
-        live = ctx.tenant.active_prompt.text if ctx.tenant.active_prompt_id else ""
-        return JsonResponse({"token": playground_token_issue(tenant=ctx.tenant, user=request.user), "system_prompt": live})
+        live = tenant.active_prompt.text if tenant.active_prompt_id else ""
+        return JsonResponse({"token": playground_token_issue(tenant=tenant, user=request.user), "system_prompt": live})
+    if request.POST.get("prompt", "").isdigit():
+        version = SystemPromptVersion.objects.for_tenant(tenant).filter(version=int(request.POST["prompt"])).first()
+        if version is None:
+            return JsonResponse({"error": "No such version of the system prompt."}, status=404)
+        token = playground_token_issue(tenant=tenant, user=request.user, system_prompt=version.text)
+        if len(token) > PLAYGROUND_TRY_TOKEN_MAX_CHARS:
+            return JsonResponse({"error": f"System prompt v{version.version} is too long to try here."}, status=400)
+        return JsonResponse({"token": token, "system_prompt": version.text})
     text = request.POST.get("system_prompt")
     if text is None:
-        return JsonResponse({"error": "Send system_prompt (the text to try) or reset=1."}, status=400)
+        return JsonResponse({"error": "Send system_prompt (the text to try), prompt=<version> or reset=1."}, status=400)
+    if not ctx.can(Role.ADMIN):
+        return JsonResponse({"error": "Only admins and owners can try a system prompt of their own; try a saved version "
+                                      "from the System prompt page."}, status=403)
     text = text.replace("\r\n", "\n")
     if len(text) > PLAYGROUND_OVERRIDE_MAX_CHARS:
         return JsonResponse({"error": f"The system prompt to try is {len(text):,} characters; at most "

@@ -14,8 +14,9 @@
 
   // form.dataset.token: the page's signed playground token (an hour long; renewed from the console when refused).
   let appliedPrompt = systemText.value;  // the system prompt the current token gives the page's requests
-  let overridden = Boolean(form.dataset.trying);  // a draft or a typed prompt, not the live one
-  let promptLabel = form.dataset.trying ? "system prompt " + form.dataset.trying + " (being tried)" : "the live system prompt";
+  // What the token carries: a saved version (?prompt=N), the text typed here, or nothing (the live prompt).
+  let carries = form.dataset.trying ? {prompt: form.dataset.trying} : null;
+  let promptLabel = form.dataset.trying ? "system prompt v" + form.dataset.trying + " (being tried)" : "the live system prompt";
   let controllers = [];
   let lastSent = null;  // [{model, body}] of the last send, one per column
 
@@ -104,7 +105,7 @@
     const text = systemText.value;
     await tokenFor({system_prompt: text});
     appliedPrompt = text;
-    overridden = true;
+    carries = {system_prompt: text};
     hideTryingBanner();
     promptLabel = text === "" ? "no system prompt (for this try)" : "the system prompt typed here (for this try)";
     $("pg-system-state").textContent = text === "" ? "none (for this try)" : "edited (for this try)";
@@ -119,7 +120,7 @@
 
   // A token past its hour (or its user's session) is refused with 401: a new one, for the same prompt, and one retry.
   async function renewToken() {
-    await tokenFor(overridden ? {system_prompt: appliedPrompt} : {reset: "1"});
+    await tokenFor(carries || {reset: "1"});
   }
 
   let renewal = null;
@@ -129,14 +130,14 @@
     return renewal;
   }
 
-  $("pg-system-apply").addEventListener("click", function () {
+  if ($("pg-system-apply")) $("pg-system-apply").addEventListener("click", function () {  // admins and owners
     applyPrompt().catch((err) => { systemStatus.textContent = "Error: " + err.message; });
   });
   $("pg-system-reset").addEventListener("click", function () {
     tokenFor({reset: "1"}).then(function (data) {
       systemText.value = data.system_prompt || "";
       appliedPrompt = systemText.value;
-      overridden = false;
+      carries = null;
       hideTryingBanner();
       promptLabel = "the live system prompt";
       $("pg-system-state").textContent = data.system_prompt ? "the live prompt" : "none";

@@ -151,8 +151,8 @@ def asgi_url(page) -> str:
     return re.match(r"https?://[^/]+", page.url).group(0)
 
 
-def test_a_system_prompt_typed_for_the_try_reaches_the_model_and_changes_nothing_live(page, world, served):
-    sign_in(page, world.developer.email)
+def test_a_system_prompt_typed_for_the_try_by_an_admin_reaches_the_model_and_changes_nothing_live(page, world, served):
+    sign_in(page, world.admin.email)
     page.goto("/t/acme/playground/")
     sent = chat_requests(page)
     page.get_by_text("System prompt for this try").click()
@@ -165,7 +165,7 @@ def test_a_system_prompt_typed_for_the_try_reaches_the_model_and_changes_nothing
     last = dev_stats(served)["last_request"]["body"]
     assert last["messages"][0] == {"role": "system", "content": "Answer like a pirate."}  # in place of the live one
     token = services.playground_token_read(sent[0].headers["authorization"].removeprefix("Bearer "))
-    assert (token.tenant_id, token.user_id, token.system_prompt) == (world.tenant.pk, world.developer.pk, "Answer like a pirate.")
+    assert (token.tenant_id, token.user_id, token.system_prompt) == (world.tenant.pk, world.admin.pk, "Answer like a pirate.")
     world.tenant.refresh_from_db()
     assert world.tenant.active_prompt.text == "Live: be brief."
     page.get_by_role("button", name="View code").click()
@@ -237,3 +237,25 @@ def test_a_refused_token_is_renewed_and_a_refusal_shows_in_its_column_without_jo
     expect(page.locator("#pg-status")).to_have_text("Answer is in.")
     assert sent[-1].post_data_json["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first[0]},
                                                    {"role": "user", "content": "Again"}]
+
+
+def test_a_developer_tries_a_saved_draft_whose_token_is_renewed_for_that_draft(page, world, served):
+    services.system_prompt_save(tenant=world.tenant, text="Draft: be kind.", note="", actor=services.Actor(user=world.owner), activate=False)
+    sign_in(page, world.developer.email)
+    page.goto("/t/acme/playground/?prompt=2")
+    sent = chat_requests(page)
+    expect(page.locator("#pg-system")).to_have_attribute("open", "")  # open when trying a version
+    box = page.get_by_label(re.compile("^System prompt \\(applies"))
+    expect(box).to_have_value("Draft: be kind.")
+    expect(box).to_have_attribute("readonly", "")  # a developer tries saved versions, types none
+    expect(page.get_by_role("button", name="Use this prompt for the try")).to_have_count(0)
+    page.locator("#playground").evaluate("form => { form.dataset.token = 'pgt_past-its-hour'; }")
+    page.get_by_label("Your message").fill("Hi")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#pg-status")).to_have_text("Answer is in.")
+    renewed = services.playground_token_read(sent[1].headers["authorization"].removeprefix("Bearer "))
+    assert renewed.system_prompt == "Draft: be kind."  # the draft still, not the live prompt
+    assert dev_stats(served)["last_request"]["body"]["messages"][0] == {"role": "system", "content": "Draft: be kind."}
+    page.get_by_role("button", name="Back to the live prompt").click()
+    expect(page.locator(".banner[data-trying]")).to_be_hidden()
+    expect(box).to_have_value("Live: be brief.")

@@ -48,23 +48,23 @@ def override(client, user, slug="acme", **fields):
 
 
 def test_a_typed_system_prompt_gets_a_token_that_carries_it(client, served):
-    answer = override(client, served.developer, system_prompt="Try: answer in French.\r\nAlways.")
+    answer = override(client, served.admin, system_prompt="Try: answer in French.\r\nAlways.")
     assert answer.status_code == 200
     token = services.playground_token_read(answer.json()["token"])
-    assert (token.tenant_id, token.user_id, token.system_prompt) == (served.tenant.pk, served.developer.pk, "Try: answer in French.\nAlways.")
+    assert (token.tenant_id, token.user_id, token.system_prompt) == (served.tenant.pk, served.admin.pk, "Try: answer in French.\nAlways.")
     assert "no-store" in answer["Cache-Control"]
     # The gateway applies it in place of the live prompt, for this token only.
     from serving.config import Snapshot
 
-    entry = tenant_entry(id=served.tenant.pk, playground_users=frozenset({served.developer.pk}), system_prompt="Live: be brief.")
+    entry = tenant_entry(id=served.tenant.pk, playground_users=frozenset({served.admin.pk}), system_prompt="Live: be brief.")
     snap = Snapshot(None, 0.0, keys={}, tenants={served.tenant.pk: entry})
     assert authenticate(f"Bearer {answer.json()['token']}", snap)[1].system_prompt == "Try: answer in French.\nAlways."
     # Empty: no system prompt at all for the try.
-    empty = services.playground_token_read(override(client, served.developer, system_prompt="").json()["token"])
+    empty = services.playground_token_read(override(client, served.admin, system_prompt="").json()["token"])
     assert empty.system_prompt == ""
-    assert authenticate(f"Bearer {override(client, served.developer, system_prompt='').json()['token']}", snap)[1].system_prompt == ""
+    assert authenticate(f"Bearer {override(client, served.admin, system_prompt='').json()['token']}", snap)[1].system_prompt == ""
     # Back to the live prompt: a plain token, and the live text to show.
-    reset = override(client, served.developer, reset="1").json()
+    reset = override(client, served.admin, reset="1").json()
     assert services.playground_token_read(reset["token"]).system_prompt is None and reset["system_prompt"] == "Live: be brief."
     served.tenant.refresh_from_db()
     assert served.tenant.active_prompt.text == "Live: be brief."  # trying changed nothing live
@@ -74,19 +74,39 @@ def test_a_typed_system_prompt_is_bounded(client, served):
     import random
     import string
 
-    too_long = override(client, served.developer, system_prompt="a" * (PLAYGROUND_OVERRIDE_MAX_CHARS + 1))
+    too_long = override(client, served.admin, system_prompt="a" * (PLAYGROUND_OVERRIDE_MAX_CHARS + 1))
     assert too_long.status_code == 400 and "at most 10,000" in too_long.json()["error"] and "token" not in too_long.json()
     rng = random.Random(2)
     noise = "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(PLAYGROUND_OVERRIDE_MAX_CHARS))  # does not compress
-    unfit = override(client, served.developer, system_prompt=noise)
+    unfit = override(client, served.admin, system_prompt=noise)
     assert unfit.status_code == 400 and "too long to try here" in unfit.json()["error"]
-    assert override(client, served.developer).status_code == 400  # neither a text nor reset
+    assert override(client, served.admin).status_code == 400  # neither a text nor reset
 
 
-def test_a_typed_system_prompt_is_for_playground_roles_of_the_tenant_only(client, served):
+def test_a_typed_system_prompt_is_for_those_who_may_write_the_prompt_of_the_tenant_only(client, served):
     assert override(client, served.viewer, system_prompt="x").status_code == 403
+    refused = override(client, served.developer, system_prompt="")  # a developer may not drop the admins' prompt
+    assert refused.status_code == 403 and "token" not in refused.json()
+    page = client.get(url()).content.decode()
+    assert 'id="pg-system-apply"' not in page and "readonly>Live: be brief.</textarea>" in page
+    client.force_login(served.admin)
+    assert 'id="pg-system-apply"' in client.get(url()).content.decode()
     assert override(client, served.outsider, system_prompt="x").status_code == 404  # acme's page
     own = override(client, served.outsider, slug="globex", system_prompt="x")  # its own tenant's token, not acme's
     assert services.playground_token_read(own.json()["token"]).tenant_id == served.other_tenant.pk
     client.logout()
     assert client.post(url(), {"system_prompt": "x"}).status_code == 302  # to the login page
+
+
+def test_a_saved_versions_token_is_renewed_for_playground_roles(client, served):
+    services.system_prompt_save(tenant=served.tenant, text="Draft: be kind.", note="", actor=services.Actor(user=served.owner), activate=False)
+    renewed = override(client, served.developer, prompt="2")
+    assert renewed.status_code == 200 and renewed.json()["system_prompt"] == "Draft: be kind."
+    token = services.playground_token_read(renewed.json()["token"])
+    assert (token.tenant_id, token.user_id, token.system_prompt) == (served.tenant.pk, served.developer.pk, "Draft: be kind.")
+    assert override(client, served.developer, prompt="99").status_code == 404
+    services.system_prompt_save(tenant=served.other_tenant, text="Globex secret", note="", actor=services.Actor(user=served.outsider))
+    assert override(client, served.outsider, prompt="1").status_code == 404  # acme's page
+    assert override(client, served.viewer, prompt="2").status_code == 403
+    client.force_login(served.developer)
+    assert 'data-trying="2" novalidate' in client.get(url() + "?prompt=2").content.decode()  # what the page renews
