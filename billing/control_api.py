@@ -13,14 +13,9 @@ from rest_framework.response import Response
 from billing import alerts, spend
 from serving.views import model_names_for
 from tenants import services
-from tenants.api import TENANT_SLUG, ApiKeyOutput, TenantAPIView
+from tenants.api import ApiKeyOutput
+from tenants.api_base import TENANT_SLUG, TenantAPIView, validated_input
 from tenants.models import ApiKey, BudgetMode, Role, WebhookDelivery
-
-
-def _valid(serializer_class, request, *, partial=False) -> dict:
-    serializer = serializer_class(data=request.data, partial=partial)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
 
 
 class KeyControlsOutput(serializers.Serializer):
@@ -60,7 +55,7 @@ class ApiKeyControlsApi(TenantAPIView):
         """Change some of a key's limits (0 or [] = none of its own). Allowed models must be the tenant's. Admins and
         owners, or a management:write key; 400 for a bad value, 403 when under-privileged."""
         key = self.get_scoped_or_404(ApiKey, pk=key_id)
-        data = _valid(self.InputSerializer, request, partial=True)
+        data = validated_input(self.InputSerializer, request, partial=True)
         key = services.api_key_controls_update(key=key, actor=self.ctx.actor, tenant_models=model_names_for(self.ctx.tenant), **data)
         return Response(KeyControlsOutput(_controls(key)).data)
 
@@ -80,7 +75,7 @@ class ApiKeyRotateApi(TenantAPIView):
         owners, or a management:write key. 400 for a revoked or expired key."""
         self.require_role(Role.ADMIN)
         key = self.get_scoped_or_404(ApiKey, pk=key_id)
-        data = _valid(self.InputSerializer, request)
+        data = validated_input(self.InputSerializer, request)
         key, secret = services.api_key_rotate(key=key, grace=timedelta(seconds=data["grace_seconds"]), actor=self.ctx.actor)
         key.secret = secret
         return Response(RotatedKeyOutput(key).data)
@@ -114,7 +109,7 @@ class SpendBudgetApi(TenantAPIView):
     def put(self, request, tenant_slug):
         """Set the monthly budget (cents, 0 = none) and its mode, within the staff ceiling (400 above it). Admins and
         owners, or a management:write key."""
-        data = _valid(self.InputSerializer, request)
+        data = validated_input(self.InputSerializer, request)
         services.spend_budget_set(tenant=self.ctx.tenant, monthly_cents=data["monthly_cents"], mode=data["mode"], actor=self.ctx.actor)
         return Response(self._out())
 
@@ -145,7 +140,7 @@ class AlertSettingsApi(TenantAPIView):
     @extend_schema(operation_id="alerts_update", parameters=[TENANT_SLUG], request=InputSerializer, responses=AlertSettingsOutput)
     def patch(self, request, tenant_slug):
         """Change some alert settings. Admins and owners, or a management:write key; 400 for a bad value."""
-        data = _valid(self.InputSerializer, request, partial=True)
+        data = validated_input(self.InputSerializer, request, partial=True)
         config = services.alert_settings_update(tenant=self.ctx.tenant, actor=self.ctx.actor, **data)
         return Response(AlertSettingsOutput(config).data)
 

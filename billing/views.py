@@ -24,7 +24,7 @@ from billing import rating, selectors, services, stripe_gateway
 from billing.models import BillingSettings, Invoice, InvoiceLine, format_cents, format_price_per_million, utc_today
 from common.charts import bar_chart
 from tenants.access import TenantContext, tenant_view
-from tenants.api import TENANT_SLUG, TenantAPIView
+from tenants.api_base import TENANT_SLUG, TenantAPIView
 from tenants.models import Role
 
 

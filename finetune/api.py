@@ -27,7 +27,7 @@ from finetune.services import FinetuneError
 from serving import selectors as serving_selectors
 from serving.models import Adapter, AdapterDeployment
 from tenants import ratelimit
-from tenants.api import SealedMethods, TenantAPIView
+from tenants.api_base import SealedMethods, TenantAPIView
 from tenants.api_auth import ApiKeyAuthentication
 from tenants.api_refusals import MISSING_KEY, tenant_suspended
 from tenants.models import ApiKey, Role

@@ -23,7 +23,7 @@ from finetune import byo
 from finetune.api import OpenAIView
 from finetune.services import FinetuneError
 from serving.models import Adapter, AdapterDeployment
-from tenants.api import TenantAPIView
+from tenants.api_base import TenantAPIView
 from tenants.models import Role
 
 UPLOAD_SCHEMA = {"multipart/form-data": {"type": "object", "properties": {

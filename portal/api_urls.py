@@ -10,7 +10,7 @@ from drf_spectacular.views import SpectacularAPIView
 from billing import control_api, urls as billing_urls
 from finetune import urls as finetune_urls
 from serving.api import UsageApi
-from tenants import api
+from tenants import api, api_docs
 
 tenant_patterns = [
     path("billing/", include(billing_urls.api_tenant_patterns)),
@@ -43,5 +43,5 @@ urlpatterns = [
     path("tenants/<slug:tenant_slug>/", include(tenant_patterns)),
     path("invitations/accept/", api.InvitationAcceptApi.as_view(), name="api-invitation-accept"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
-    path("docs/", api.api_docs, name="api-docs"),
+    path("docs/", api_docs.api_docs, name="api-docs"),
 ]

@@ -10,6 +10,6 @@ def lib_doc_excludes() -> list:
     from drf_spectacular.plumbing import get_lib_doc_excludes
 
     from finetune.api import OpenAIView
-    from tenants.api import TenantAPIView
+    from tenants.api_base import TenantAPIView
 
     return [*get_lib_doc_excludes(), TenantAPIView, OpenAIView]

@@ -7,7 +7,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 
 from serving import selectors
-from tenants.api import TENANT_SLUG, TenantAPIView
+from tenants.api_base import TENANT_SLUG, TenantAPIView
 
 class UsageRow(serializers.Serializer):
     day = serializers.DateField()

@@ -1,28 +1,25 @@
 """Management REST API under /api/: tenants, members, invitations, API keys, prompts, policy, audit log.
 
 One view per resource or operation, with nested Input/Output serializers; every write goes through
-`tenants.services`. Tenant-scoped views inherit `TenantAPIView`, which resolves `<tenant_slug>` through
-`tenants.access` before any handler runs and hands out objects only through `Model.objects.for_tenant`.
+`tenants.services`. Tenant-scoped views inherit `TenantAPIView` (tenants/api_base.py), which resolves
+`<tenant_slug>` through `tenants.access` before any handler runs and hands out objects only through
+`Model.objects.for_tenant`. The reference page is tenants/api_docs.py.
 """
 
 from __future__ import annotations
 
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.http import Http404
-from django.shortcuts import render
-from drf_spectacular.generators import SchemaGenerator
-from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_serializer, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
-from tenants import ratelimit, services
-from tenants.access import SAFE_METHODS, TenantContext, context_for_key, context_for_user, role_required_message
+from tenants import services
 from tenants.api_auth import KeyPrincipal
+from tenants.api_base import (MANAGEMENT_SCOPES, STAFF, TENANT_SLUG, StrictCharField, TenantAPIView, email_of,
+                              paginate, validated_input)
 from tenants.models import (
-    ROLE_RANK,
     ApiKey,
     AuditEvent,
     Invitation,
@@ -33,143 +30,6 @@ from tenants.models import (
     Tenant,
 )
 from tenants.selectors import effective_quota_tokens, memberships_for_user, prompt_diff_shown
-from tenants.services import Actor
-
-# `write_role` sentinel: the write needs a platform staff user (who may then act on any tenant).
-STAFF = "staff"
-_MANAGEMENT_SCOPES = (ApiKey.Scope.MANAGEMENT_READ, ApiKey.Scope.MANAGEMENT_WRITE)
-
-
-class StrictCharField(serializers.CharField):
-    """A CharField that refuses numbers and booleans instead of quietly turning them into text."""
-
-    default_error_messages = {"invalid": "Not a valid string."}
-
-    def to_internal_value(self, data):
-        if not isinstance(data, str):
-            self.fail("invalid")
-        return super().to_internal_value(data)
-
-
-def _email(user) -> str | None:
-    return (user.email or user.username) if user is not None else None
-
-
-def _valid(serializer_class, request, *, partial: bool = False) -> dict:
-    serializer = serializer_class(data=request.data, partial=partial)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
-
-
-def _paginate(view: APIView, items, serializer_class) -> Response:
-    paginator = view.pagination_class()
-    page = paginator.paginate_queryset(items, view.request, view=view)
-    return paginator.get_paginated_response(serializer_class(page, many=True).data)
-
-
-# ---- the tenant-scoped base ----------------------------------------------------------------------
-
-
-class SealedMethods:
-    """A base class whose methods named in `_FINAL` no subclass may replace (directly or through a mixin).
-
-    The base that resolves the tenant lists the methods doing it; a subclass that brings its own version of one of
-    them fails at class creation, so no view can skip the scoping its base promises.
-    """
-
-    _FINAL: tuple[str, ...] = ()
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        sealer = next((base for base in cls.__mro__[1:] if base.__dict__.get("_FINAL")), None)
-        if sealer is None:
-            return  # the sealing base itself
-        missing = set(sealer._FINAL) - set(cls._FINAL)
-        replaced = [name for name in sealer._FINAL if getattr(cls, name, None) is not getattr(sealer, name, None)]
-        if replaced or missing:
-            names = ", ".join(replaced) or f"_FINAL (without {', '.join(sorted(missing))})"
-            raise TypeError(f"{cls.__name__} may not override {names}: tenant resolution is {sealer.__name__}'s alone.")
-
-
-class TenantAPIView(SealedMethods, APIView):
-    """Base of every view under /api/tenants/<tenant_slug>/.
-
-    `initial()` resolves the tenant once, from the URL, through `tenants.access` (a signed-in user by
-    membership and role, an API key by its own tenant and scope) and stores it in `self.ctx`. Reads need
-    `read_role`, writes `write_role` (a key: management:read / management:write). Subclasses reach rows
-    only through `scoped()` / `get_scoped_or_404()`; they cannot override those or `initial()`.
-    """
-
-    read_role: str = Role.VIEWER
-    write_role: str = Role.ADMIN
-    # Methods that cost more than one unit of the tenant's API rate (tenants/ratelimit.py: cost_of).
-    expensive_methods: frozenset[str] = frozenset()
-    # Only the policy sets this: staff may then read and change any tenant through this one view.
-    staff_may_act_on_any_tenant: bool = False
-    pagination_class = api_settings.DEFAULT_PAGINATION_CLASS
-    ctx: TenantContext
-
-    _FINAL = ("dispatch", "initial", "resolve_context", "scoped", "get_scoped_or_404", "require_role")
-
-    def initial(self, request, *args, **kwargs):
-        super().initial(request, *args, **kwargs)  # authentication, IsAuthenticated, throttles
-        self.ctx = self.resolve_context(request, kwargs["tenant_slug"])
-        # The tenant's API bucket, once it is known to be the caller's (an outsider cannot spend another's), and
-        # before the handler does any work: 429 with Retry-After (tenants/ratelimit.py).
-        ratelimit.charge(tenant=self.ctx.tenant, cost=ratelimit.cost_of(self, request), request=request)
-
-    def resolve_context(self, request, tenant_slug: str) -> TenantContext:
-        write = request.method not in SAFE_METHODS
-        needed = self.write_role if write else self.read_role
-        user = request.user
-        if isinstance(user, KeyPrincipal):
-            # A key never counts as staff: resolve (404 for another tenant), then refuse staff-only writes.
-            ctx = context_for_key(request.auth, tenant_slug, write=write and needed != STAFF)
-            if needed == STAFF:
-                raise PermissionDenied("Only platform staff can change this.")
-            return ctx
-        if self.staff_may_act_on_any_tenant and user.is_staff:
-            tenant = Tenant.objects.filter(slug=tenant_slug).first()
-            if tenant is None:
-                raise Http404("No such tenant.")
-            membership = Membership.objects.for_tenant(tenant).filter(user=user).first()
-            return TenantContext(tenant=tenant, membership=membership, key=None, actor=Actor(user=user))
-        if needed == STAFF:
-            context_for_user(user, tenant_slug, minimum_role=self.read_role)  # an outsider gets 404 first
-            raise PermissionDenied("Only platform staff can change this.")
-        return context_for_user(user, tenant_slug, minimum_role=needed)
-
-    def scoped(self, model):
-        """`model`'s rows of this request's tenant: the only way views reach tenant-owned rows."""
-        return model.objects.for_tenant(self.ctx.tenant)
-
-    def get_scoped_or_404(self, model, **lookup):
-        obj = self.scoped(model).filter(**lookup).first()
-        if obj is None:
-            raise Http404(f"No such {model._meta.verbose_name}.")
-        return obj
-
-    def require_role(self, minimum: str) -> None:
-        """403 unless the caller holds `minimum`. A management:write key counts as admin, never owner."""
-        if self.ctx.key is not None:
-            allowed = ROLE_RANK[Role(minimum)] <= ROLE_RANK[Role.ADMIN] and self.ctx.key.has_scope(ApiKey.Scope.MANAGEMENT_WRITE)
-        else:
-            allowed = self.ctx.can(minimum)
-        if not allowed:
-            raise PermissionDenied(role_required_message(minimum))
-
-
-class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
-    """Documents `Authorization: Bearer mtl_…` in the OpenAPI schema."""
-
-    target_class = "tenants.api_auth.ApiKeyAuthentication"
-    name = "apiKey"
-
-    def get_security_definition(self, auto_schema):
-        return {"type": "http", "scheme": "bearer", "bearerFormat": "mtl_<prefix>_<secret>"}
-
-
-TENANT_SLUG = OpenApiParameter("tenant_slug", str, OpenApiParameter.PATH, description="The tenant's slug, e.g. `acme`.")
 
 
 # ---- tenants ---------------------------------------------------------------------------------------
@@ -200,12 +60,12 @@ class TenantListApi(APIView):
         """
         if isinstance(request.user, KeyPrincipal):
             key = request.auth
-            if not any(key.has_scope(s) for s in _MANAGEMENT_SCOPES):
+            if not any(key.has_scope(s) for s in MANAGEMENT_SCOPES):
                 raise PermissionDenied(f"This API key lacks the '{ApiKey.Scope.MANAGEMENT_READ}' scope.")
             rows = [_tenant_data(key.tenant, None)]
         else:
             rows = [_tenant_data(m.tenant, m.role) for m in memberships_for_user(request.user)]
-        return _paginate(self, rows, TenantOutput)
+        return paginate(self, rows, TenantOutput)
 
 
 class TenantDetailApi(TenantAPIView):
@@ -226,7 +86,7 @@ class TenantDetailApi(TenantAPIView):
         management:write. 400 for a missing or invalid name (max 120 characters); 403 below admin or without the
         scope; 404 when the tenant is not yours.
         """
-        data = _valid(self.InputSerializer, request)
+        data = validated_input(self.InputSerializer, request)
         tenant = services.tenant_rename(tenant=self.ctx.tenant, name=data["name"], actor=self.ctx.actor)
         return Response(_tenant_data(tenant, self.ctx.role))
 
@@ -248,7 +108,7 @@ class MemberListApi(TenantAPIView):
         """List the tenant's members with their roles (paginated). Any member, or an API key with management:read or
         management:write. 404 when the tenant is not yours.
         """
-        return _paginate(self, self.scoped(Membership).select_related("user"), MemberOutput)
+        return paginate(self, self.scoped(Membership).select_related("user"), MemberOutput)
 
 
 class MemberDetailApi(TenantAPIView):
@@ -279,7 +139,7 @@ class MemberDetailApi(TenantAPIView):
         """
         membership = self._membership(membership_id)
         self.require_role(Role.ADMIN)
-        role = _valid(self.InputSerializer, request)["role"]
+        role = validated_input(self.InputSerializer, request)["role"]
         if Role.OWNER in (role, membership.role) and role != membership.role:
             self.require_role(Role.OWNER)  # only owners grant or take away ownership
         membership = services.membership_change_role(membership=membership, role=role, actor=self.ctx.actor)
@@ -313,7 +173,7 @@ class InvitationOutput(serializers.Serializer):
     expires_at = serializers.DateTimeField()
 
     def get_invited_by(self, obj) -> str | None:
-        return _email(obj.invited_by)
+        return email_of(obj.invited_by)
 
 
 class InvitationCreatedOutput(InvitationOutput):
@@ -334,7 +194,7 @@ class InvitationListApi(TenantAPIView):
         and owners, or an API key with management:read or management:write; developers and viewers get 403. 404 when
         the tenant is not yours.
         """
-        return _paginate(self, self.scoped(Invitation).select_related("invited_by"), InvitationOutput)
+        return paginate(self, self.scoped(Invitation).select_related("invited_by"), InvitationOutput)
 
     @extend_schema(operation_id="invitations_create", parameters=[TENANT_SLUG], request=InputSerializer, responses={201: InvitationCreatedOutput})
     def post(self, request, tenant_slug):
@@ -343,7 +203,7 @@ class InvitationListApi(TenantAPIView):
         never can. 400 for an invalid e-mail, an unknown role or someone already a member; 403 when
         under-privileged.
         """
-        data = _valid(self.InputSerializer, request)
+        data = validated_input(self.InputSerializer, request)
         if data["role"] == Role.OWNER:
             self.require_role(Role.OWNER)
         invitation, token = services.invitation_create(tenant=self.ctx.tenant, email=data["email"], role=data["role"], actor=self.ctx.actor)
@@ -392,7 +252,7 @@ class InvitationAcceptApi(APIView):
         """
         if isinstance(request.user, KeyPrincipal):
             raise PermissionDenied("Accept invitations signed in as yourself, not with an API key.")
-        token = _valid(self.InputSerializer, request)["token"]
+        token = validated_input(self.InputSerializer, request)["token"]
         membership = services.invitation_accept(token=token, user=request.user)
         return Response(self.OutputSerializer(membership).data, status=status.HTTP_201_CREATED)
 
@@ -413,7 +273,7 @@ class ApiKeyOutput(serializers.Serializer):
     revoked_at = serializers.DateTimeField(allow_null=True)
 
     def get_created_by(self, obj) -> str | None:
-        return _email(obj.created_by)
+        return email_of(obj.created_by)
 
 
 class ApiKeyCreatedOutput(ApiKeyOutput):
@@ -432,7 +292,7 @@ class ApiKeyListApi(TenantAPIView):
         """List the tenant's API keys with prefix, scopes and state; never the secret (paginated). Any member, or an
         API key with management:read or management:write. 404 when the tenant is not yours.
         """
-        return _paginate(self, self.scoped(ApiKey).select_related("created_by"), ApiKeyOutput)
+        return paginate(self, self.scoped(ApiKey).select_related("created_by"), ApiKeyOutput)
 
     @extend_schema(operation_id="keys_create", parameters=[TENANT_SLUG], request=InputSerializer, responses={201: ApiKeyCreatedOutput})
     def post(self, request, tenant_slug):
@@ -441,7 +301,7 @@ class ApiKeyListApi(TenantAPIView):
         with management:write. 400 for an empty name, no or unknown scopes, or an expiry in the past; 403 when
         under-privileged.
         """
-        data = _valid(self.InputSerializer, request)
+        data = validated_input(self.InputSerializer, request)
         key, secret = services.api_key_create(
             tenant=self.ctx.tenant, name=data["name"], scopes=data["scopes"], expires_at=data.get("expires_at"), actor=self.ctx.actor
         )
@@ -489,7 +349,7 @@ class PromptSummaryOutput(serializers.Serializer):
     chars = serializers.SerializerMethodField(help_text="Length of the text in characters.")
 
     def get_author(self, obj) -> str | None:
-        return _email(obj.author)
+        return email_of(obj.author)
 
     def get_is_active(self, obj) -> bool:
         return obj.pk == self.context["active_prompt_id"]
@@ -527,7 +387,7 @@ class PromptListApi(TenantAPIView):
         400 when the text is over the platform's character limit or the note over 200 characters; 403 when
         under-privileged.
         """
-        data = _valid(self.InputSerializer, request)
+        data = validated_input(self.InputSerializer, request)
         version = services.system_prompt_save(tenant=self.ctx.tenant, text=data["text"], note=data["note"], actor=self.ctx.actor,
                                               activate=not data["draft"])
         return Response(PromptOutput(version, context={"active_prompt_id": self.ctx.tenant.active_prompt_id}).data,
@@ -662,7 +522,7 @@ class PolicyApi(TenantAPIView):
         return self._update(request, partial=True)
 
     def _update(self, request, *, partial: bool) -> Response:
-        data = _valid(self.InputSerializer, request, partial=partial)
+        data = validated_input(self.InputSerializer, request, partial=partial)
         policy = services.policy_update(tenant=self.ctx.tenant, actor=self.ctx.actor, **data)
         return Response(PolicyOutput(policy).data)
 
@@ -698,41 +558,4 @@ class AuditListApi(TenantAPIView):
         action = request.query_params.get("action", "").strip()
         if action:
             events = events.filter(action__startswith=action)
-        return _paginate(self, events, AuditEventOutput)
-
-
-# ---- docs ------------------------------------------------------------------------------------------
-
-
-def api_docs(request):
-    """A self-contained HTML page listing every operation of the schema (no CDN assets: works offline)."""
-    schema = SchemaGenerator().get_schema(request=None, public=True)
-    operations = []
-    for path, methods in schema.get("paths", {}).items():
-        for method, op in methods.items():
-            body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
-            operations.append(
-                {
-                    "method": method.upper(),
-                    "path": path,
-                    "id": op.get("operationId", ""),
-                    "description": op.get("description", ""),
-                    "parameters": [p for p in op.get("parameters", []) if p.get("in") != "path"],
-                    "body": body.get("$ref", "").rsplit("/", 1)[-1],
-                    "responses": [(code, _ref_name(r)) for code, r in op.get("responses", {}).items()],
-                }
-            )
-    components = {
-        name: [
-            {"name": field, "type": spec.get("type") or spec.get("$ref", "object").rsplit("/", 1)[-1], "required": field in comp.get("required", []), "description": spec.get("description", "")}
-            for field, spec in comp.get("properties", {}).items()
-        ]
-        for name, comp in sorted(schema.get("components", {}).get("schemas", {}).items())
-    }
-    return render(request, "api/docs.html", {"info": schema.get("info", {}), "operations": operations, "components": components})
-
-
-def _ref_name(response: dict) -> str:
-    schema = response.get("content", {}).get("application/json", {}).get("schema", {})
-    ref = schema.get("$ref") or schema.get("items", {}).get("$ref", "")
-    return ref.rsplit("/", 1)[-1]
+        return paginate(self, events, AuditEventOutput)

@@ -14,7 +14,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from tenants import services
-from tenants.api import TenantAPIView
+from tenants.api_base import TenantAPIView
 from tenants.models import ApiKey, AuditEvent, Invitation, Membership, PlatformSettings, Policy, SystemPromptVersion
 from tenants.services import Actor
 from tests.support.management_api import as_key, as_user, make_key, url

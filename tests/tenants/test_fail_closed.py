@@ -26,7 +26,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from rest_framework.views import APIView
 
 from finetune.api import OpenAIView
-from tenants.api import TenantAPIView
+from tenants.api_base import TenantAPIView
 from tenants.scoping import TenantOwnedModel
 from tests.support.rows import bare_tenant, make_row
 from tests.support.admin import change_form
