@@ -183,7 +183,7 @@ def test_a_system_prompt_typed_for_the_try_by_an_admin_reaches_the_model_and_cha
     assert sent[-1].post_data_json["messages"] == [{"role": "user", "content": "Again"}]  # a new conversation
 
 
-def test_the_playground_comparing_two_models_has_no_serious_accessibility_violations(page, world, served):
+def test_the_playground_comparing_two_models_has_no_serious_accessibility_violations_and_stacks_on_a_phone(page, world, served):
     axe_sync = pytest.importorskip("axe_playwright_python.sync_playwright", reason="needs the 'axe-playwright-python' package")
     page.emulate_media(reduced_motion="reduce")  # no colour transitions: axe reads the colours the scheme settles on
     sign_in(page, world.developer.email)
@@ -198,6 +198,12 @@ def test_the_playground_comparing_two_models_has_no_serious_accessibility_violat
         page.emulate_media(color_scheme=scheme, reduced_motion="reduce")
         violations = [v for v in axe_sync.Axe().run(page).response["violations"] if v["impact"] in {"serious", "critical"}]
         assert violations == [], (scheme, [(v["id"], [n["target"] for n in v["nodes"][:3]]) for v in violations])
+
+    # At phone width the two columns stack, and nothing scrolls sideways.
+    page.set_viewport_size({"width": 390, "height": 844})
+    a, b = page.locator("#pg-transcript-a").bounding_box(), page.locator("#pg-transcript-b").bounding_box()
+    assert b["y"] >= a["y"] + a["height"] and b["x"] == a["x"]
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
 
 
 def test_a_refused_token_is_renewed_and_a_refusal_shows_in_its_column_without_joining_the_conversation(page, world, served):
