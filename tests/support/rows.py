@@ -58,12 +58,14 @@ def _value(field: models.Field, n: int):
     raise NotImplementedError(f"tests/tenants/rows.py: no value for {field.model.__name__}.{field.name} ({type(field).__name__})")
 
 
-def make_row(model, tenant: Tenant):
-    """A saved row of `model` (tenant-owned: `tenant`'s) with every required field filled."""
+def make_row(model, tenant: Tenant, **given):
+    """A saved row of `model` (tenant-owned: `tenant`'s) with every required field filled; `given` fields as given."""
     n = next(_serial)
-    values = {}
+    values = dict(given)
     for field in model._meta.concrete_fields:
         owned = issubclass(model, TenantOwnedModel)
+        if field.name in given:
+            continue
         if field.name == "tenant" and owned:
             continue  # objects.for_tenant(tenant) gives it
         if field.is_relation:
