@@ -40,8 +40,9 @@ from pathlib import Path
 from django.conf import settings
 from django.db import DatabaseError
 
+from common import redis_clients
 from serving import leases
-from serving.leases import keeper_for, raise_if_cancelled, redis_client, redis_errors, window_ttl_s
+from serving.leases import keeper_for, raise_if_cancelled, redis_errors, window_ttl_s
 
 log = logging.getLogger(__name__)
 
@@ -474,7 +475,7 @@ class RedisAdmission:
         client = self._clients.get(loop_id)
         if client is None:
             # A blocking pool: under a burst, callers wait for a connection instead of failing.
-            client = redis_client(self.url, max_connections=64)
+            client = redis_clients.async_client(self.url, max_connections=64)
             client._platform_scripts = {name: client.register_script(src) for name, src in self._sources.items()}
             self._clients[loop_id] = client
             self.keeper().add_pool(client)

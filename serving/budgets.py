@@ -33,8 +33,9 @@ from decimal import ROUND_CEILING, Decimal
 from django.db import DatabaseError
 from django.utils.module_loading import import_string
 
+from common import redis_clients
 from serving.admission import window_bounds, window_id
-from serving.leases import keeper_for, raise_if_cancelled, redis_client, redis_errors
+from serving.leases import keeper_for, raise_if_cancelled, redis_errors
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +419,7 @@ class RedisBudgets:
         loop_id = id(asyncio.get_running_loop())
         client = self._clients.get(loop_id)
         if client is None:
-            client = redis_client(self.url, max_connections=64)
+            client = redis_clients.async_client(self.url, max_connections=64)
             client._budget_scripts = {name: client.register_script(src) for name, src in
                                       (("admit", ADMIT_LUA), ("seed", SEED_LUA), ("settle", SETTLE_LUA))}
             self._clients[loop_id] = client

@@ -24,6 +24,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from common import redis_clients
+
 log = logging.getLogger(__name__)
 
 LEASE_MS = 10_000  # slots and in-flight entries of a process that stopped renewing free themselves after this
@@ -51,19 +53,6 @@ def raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
-
-
-def redis_client(url: str, *, max_connections: int = 32):
-    """An asyncio client that fails fast (0.5 s a command) and never retries by itself: the caller falls back or defers.
-
-    Connecting gets 2 s: opening 60 connections at once to a Redis busy with a burst's scripts took more than 0.5 s in
-    CI, which put a healthy Redis down as an outage (hard quotas: every request a 503)."""
-    import redis.asyncio as aioredis
-
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=2, socket_timeout=0.5, socket_connect_timeout=2, decode_responses=True
-    )
-    return aioredis.Redis(connection_pool=pool)
 
 
 class RedisKeeper:
@@ -164,7 +153,7 @@ class RedisKeeper:
 
     def _redis(self):
         if self._client is None:
-            self._client = redis_client(self.url, max_connections=4)
+            self._client = redis_clients.async_client(self.url, max_connections=4)
             self._scripts = (
                 self._client.register_script((LUA_DIR / "renew_slots.lua").read_text()),
                 self._client.register_script((LUA_DIR / "renew_reservations.lua").read_text()),

@@ -40,8 +40,9 @@ from pathlib import Path
 
 from django.conf import settings
 
+from common import redis_clients
 from serving import leases
-from serving.leases import keeper_for, raise_if_cancelled, redis_client, redis_errors
+from serving.leases import keeper_for, raise_if_cancelled, redis_errors
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class RedisState:
         loop_id = id(asyncio.get_running_loop())
         client = self._clients.get(loop_id)
         if client is None:
-            client = redis_client(self.url, max_connections=32)
+            client = redis_clients.async_client(self.url, max_connections=32)
             keeper_for(self.url).add_pool(client)
             client._platform_scripts = tuple(client.register_script(src) for src in (self._take_src, self._join_src, self._free_src))
             self._clients[loop_id] = client
