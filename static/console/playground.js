@@ -54,7 +54,9 @@
     return body;
   }
 
+  let generation = 0;  // bumped by New conversation: answers still arriving then belong to no conversation
   clear.addEventListener("click", function () {
+    generation += 1;
     for (const controller of controllers) controller.abort();
     for (const side of Object.values(sides)) { side.history = []; side.log.textContent = ""; side.status.textContent = ""; }
     status.textContent = "New conversation.";
@@ -81,8 +83,8 @@
     if (temperature !== undefined) params.temperature = temperature;
     if (topP !== undefined) params.top_p = topP;
     if (maxTokens !== undefined) params.max_tokens = maxTokens;
-    const stops = $("pg-stop").value.split("\n").map((s) => s.replace(/\r$/, "")).filter((s) => s !== "");
-    if (stops.length > 4) { $("pg-stop").focus(); throw new Error("At most 4 stop sequences."); }
+    const stops = $("pg-stop-seq").value.split("\n").map((s) => s.replace(/\r$/, "")).filter((s) => s !== "");
+    if (stops.length > 4) { $("pg-stop-seq").focus(); throw new Error("At most 4 stop sequences."); }
     if (stops.length) params.stop = stops;
     return params;
   }
@@ -150,7 +152,7 @@
     const side = sides[key];
     const out = bubble(key, "assistant", "");
     side.status.textContent = "Waiting for the first token…";
-    const started = performance.now();
+    const started = performance.now(), mine = generation;
     let firstTokenMs = null, answer = "", usage = null;
     try {
       const request = () => fetch(endpoint, {
@@ -190,14 +192,17 @@
           if (chunk.usage) usage = chunk.usage;
         }
       }
+      if (mine !== generation) return "cleared";
       side.history.push({role: "assistant", content: answer});
       side.status.textContent = "Done" + (usage ? " · " + usage.prompt_tokens + " input tokens (system prompt included) · " +
         usage.completion_tokens + " output tokens" : "") + (firstTokenMs !== null ? " · first token after " + Math.round(firstTokenMs) + " ms" : "") + ".";
-      return true;
+      return "ok";
     } catch (err) {
+      if (mine !== generation) return "cleared";  // cleared meanwhile: nothing to keep, nothing to say
       if (err.name === "AbortError" && answer) {
         side.history.push({role: "assistant", content: answer});  // what came before Stop stays in the conversation
         side.status.textContent = "Stopped.";
+        return "stopped";
       } else {
         side.history.pop();  // the message got no answer: it is not part of this column's conversation
         const asked = out.parentElement.previousElementSibling;
@@ -205,7 +210,7 @@
         out.parentElement.remove();
         side.status.textContent = err.name === "AbortError" ? "Stopped before any answer; the message was not kept." : "Error: " + err.message;
       }
-      return false;
+      return err.name === "AbortError" ? "stopped" : "failed";
     }
   }
 
@@ -224,7 +229,7 @@
       send.disabled = false; stop.disabled = true;
       return;
     }
-    const keys = active();
+    const keys = active(), runsOf = generation;
     lastSent = [];
     const runs = keys.map(function (key) {
       const side = sides[key];
@@ -242,9 +247,11 @@
     const done = await Promise.all(runs);
     controllers = [];
     send.disabled = false; stop.disabled = true;
-    const failed = done.filter((ok) => !ok).length;
-    status.textContent = !failed ? (keys.length === 2 ? "Both answers are in." : "Answer is in.") :
-      (failed === keys.length ? "No answer" : "One answer is missing") + ": see the model's column.";
+    const failed = done.filter((how) => how === "failed").length;
+    if (runsOf !== generation) return;  // New conversation was pressed meanwhile
+    if (failed) status.textContent = (failed === keys.length ? "No answer" : "One answer is missing") + ": see the model's column.";
+    else if (done.includes("stopped")) status.textContent = "Stopped.";
+    else status.textContent = keys.length === 2 ? "Both answers are in." : "Answer is in.";
   });
 
   stop.addEventListener("click", function () { for (const controller of controllers) controller.abort(); });

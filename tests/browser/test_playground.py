@@ -30,9 +30,10 @@ expect = pytest.importorskip("playwright.sync_api", reason="browser tests need t
 
 
 @pytest.fixture
-def served(world):
-    """tiny-chat on a simulated backend that also serves acme's adapter; acme's live system prompt."""
-    url, stop = sim_backend(lora_adapters={ADAPTER_A: "/unused"}, sim_output_tokens=6)
+def served(request, world):
+    """tiny-chat on a simulated backend that also serves acme's adapter; acme's live system prompt. Instant tokens,
+    unless parametrized (indirect) with the backend's settings."""
+    url, stop = sim_backend(**{"lora_adapters": {ADAPTER_A: "/unused"}, "sim_output_tokens": 6, **getattr(request, "param", {})})
     base = make_base_model()
     pool = make_pool("shared", base, [url], adapters=[ADAPTER_A])
     deploy_adapter(world.tenant, ADAPTER_A, base, pool)
@@ -265,3 +266,34 @@ def test_a_developer_tries_a_saved_draft_whose_token_is_renewed_for_that_draft(p
     page.get_by_role("button", name="Back to the live prompt").click()
     expect(page.locator(".banner[data-trying]")).to_be_hidden()
     expect(box).to_have_value("Live: be brief.")
+
+
+@pytest.mark.parametrize("served", [{"sim_tokens_per_second": 4, "sim_output_tokens": 200}], indirect=True)
+def test_stop_keeps_what_came_and_new_conversation_mid_stream_keeps_nothing(page, world, served):
+    sign_in(page, world.developer.email)
+    page.goto("/t/acme/playground/")
+    sent = chat_requests(page)
+    page.get_by_label("max_tokens").fill("200")
+    page.get_by_label("Your message").fill("Tell me a long story")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#pg-status-a")).to_have_text("Streaming…")
+    page.get_by_role("button", name="Stop").click()
+    expect(page.locator("#pg-status-a")).to_have_text("Stopped.")
+    partial = answers(page, "a")[0]
+    assert partial.strip()
+
+    page.get_by_label("Your message").fill("Go on")
+    page.get_by_role("button", name="Send").click()
+    assert sent[-1].post_data_json["messages"] == [{"role": "user", "content": "Tell me a long story"},
+                                                   {"role": "assistant", "content": partial}, {"role": "user", "content": "Go on"}]
+    expect(page.locator("#pg-status-a")).to_have_text("Streaming…")
+    page.get_by_role("button", name="New conversation").click()  # while the answer streams
+    expect(page.locator("#pg-status")).to_have_text("New conversation.")
+    expect(page.locator("#pg-transcript-a .pg-msg")).to_have_count(0)
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
+    page.get_by_label("Your message").fill("Fresh start")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#pg-status-a")).to_have_text("Streaming…")
+    assert sent[-1].post_data_json["messages"] == [{"role": "user", "content": "Fresh start"}]  # nothing of the cleared one
+    page.get_by_role("button", name="Stop").click()
+    expect(page.locator("#pg-status")).to_have_text("Stopped.")

@@ -4,6 +4,8 @@ system prompt typed for a try, which the console signs into a new playground tok
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.urls import reverse
 
@@ -34,9 +36,11 @@ def test_the_page_has_the_conversation_parameters_comparison_and_code(client, se
     assert page.status_code == 200
     html = page.content.decode()
     for control in ('id="pg-model"', 'id="pg-model-b"', 'id="pg-compare"', 'id="pg-temperature"', 'id="pg-top-p"', 'id="pg-max"',
-                    'id="pg-stop"', 'id="pg-system-text"', 'id="pg-message"', 'id="pg-clear"', 'id="pg-code-toggle"',
+                    'id="pg-stop-seq"', 'id="pg-stop" disabled', 'id="pg-system-text"', 'id="pg-message"', 'id="pg-clear"', 'id="pg-code-toggle"',
                     'role="log" aria-live="polite"', "console/playground.js", "csrfmiddlewaretoken"):
         assert control in html, control
+    ids = re.findall(r'\sid="([^"]+)"', html)
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)  # each control its own label target
     # Compared by default: the base model beside the tenant's adapter.
     assert page.context["default_model"] == "tiny-chat" and page.context["compare_model"] == "ft:tiny-chat:acme:support:1"
     assert ">Live: be brief.</textarea>" in html  # the prompt in force, ready to edit for the try
