@@ -21,7 +21,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from finetune import deploy, public_ids, selectors, services
+from finetune import deploy, public_ids, services, storage
 from finetune.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingFile
 from finetune.services import FinetuneError
 from serving import selectors as serving_selectors
@@ -320,7 +320,7 @@ class FileContentApi(OpenAIView):
         """
         file = self.file_or_404(file_id)
         # Streamed from storage in blocks (a file may be hundreds of MB): never read whole into the web process.
-        return FileResponse(selectors.training_file_open(file), as_attachment=True, filename=file.filename,
+        return FileResponse(storage.training_file_open(file), as_attachment=True, filename=file.filename,
                             content_type="application/octet-stream")
 
 

@@ -34,7 +34,7 @@ from django.conf import settings
 from django.db import transaction
 
 from common.parsers import json_loads
-from finetune import lora_math, selectors
+from finetune import base_models, lora_math, pools, storage
 from finetune.services import SUFFIX_RE, FinetuneError
 from serving import selectors as serving_selectors
 from serving.models import Adapter, AdapterDeployment, BaseModel, ModelConfig
@@ -501,8 +501,8 @@ def check_adapter_folder(folder: Path, *, tenant: Tenant, model: str | None) -> 
     model and its pool. Returns (base model, spec, parameters) or raises AdapterRefused / FinetuneError."""
     spec = check_config(read_config((folder / CONFIG_NAME).read_bytes()))
     bm = base_model_for_upload(tenant, model, spec)
-    base_config = selectors.model_config(bm)
-    shape = check_against_base_model(spec, base_config, max_rank=selectors.max_lora_rank_served(tenant, bm),
+    base_config = base_models.model_config(bm)
+    shape = check_against_base_model(spec, base_config, max_rank=pools.max_lora_rank_served(tenant, bm),
                                      base_model=bm)
     expected = expected_tensors(shape, spec)
     tensors = read_safetensors_header(folder / WEIGHTS_NAME, max_header_bytes=64 * 1024 + 512 * len(expected))
@@ -515,7 +515,7 @@ def check_adapter_folder(folder: Path, *, tenant: Tenant, model: str | None) -> 
 
 def adapters_dir(tenant_id: int) -> Path:
     """Uploaded adapters live under the tenant's storage, as trained ones do (STORAGE_DIR: readable by the backends)."""
-    return selectors.tenant_storage_dir(tenant_id) / "adapters"
+    return storage.tenant_storage_dir(tenant_id) / "adapters"
 
 
 def _uploaded_name(bm: BaseModel, tenant: Tenant, suffix: str, token: str) -> str:

@@ -20,7 +20,7 @@ import urllib.request
 
 from django.db import transaction
 
-from finetune import selectors
+from finetune import pools
 from serving import adapter_loads
 from serving.adapter_loads import post_json as _post
 from serving.models import Adapter, AdapterDeployment, Backend, BackendPool
@@ -65,7 +65,7 @@ def adapter_deploy(*, tenant: Tenant, adapter: Adapter, actor: Actor) -> Adapter
         raise ValueError(f"adapter {adapter.pk} is not tenant {tenant.pk}'s")  # callers look adapters up in the tenant
     if adapter.base_model_id not in {bm.pk for bm in base_models_for_tenant(tenant)}:
         raise DeployError(f"{adapter.base_model.name} is not available to this tenant; ask the platform team.")
-    pool = selectors.pool_for_adapter(tenant, adapter.base_model)
+    pool = pools.pool_for_adapter(tenant, adapter.base_model)
     if pool is None:
         raise DeployError(f"No pool serves {adapter.base_model.name}; ask the platform team to add one.")
     with transaction.atomic():

@@ -27,7 +27,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from common.queue import enqueue_on_commit
-from finetune import continuation, lora_math, selectors
+from finetune import base_models, continuation, lora_math, planning, pools, selectors, storage
 from finetune.errors import FinetuneError  # noqa: F401 - defined in a leaf module; callers import it from here
 from finetune.hub import hub_enabled
 from finetune.models import (
@@ -93,7 +93,7 @@ def training_file_upload(*, tenant: Tenant, actor: Actor, filename: str, content
     file = TrainingFile(tenant=tenant, filename=name, purpose=purpose, status=TrainingFile.Status.UPLOADED,
                         base_model=base_model)
     relative = Path("tenants") / str(tenant.pk) / "files" / f"{file.id}.jsonl"
-    target = selectors.storage_root() / relative
+    target = storage.storage_root() / relative
     file.bytes = _store_upload(content, target)
     file.path = str(relative)
     try:
@@ -214,7 +214,7 @@ def _training_file_validate_once(*, file_id: str, tenant_id: int) -> str:
         return "done"
     pending = files.filter(pk=file_id, status=TrainingFile.Status.UPLOADED)
     bm = file.base_model
-    tokenizer = selectors.tokenizer_for(bm)
+    tokenizer = base_models.tokenizer_for(bm)
     last = time.monotonic()
 
     def progress(lines: int, nbytes: int) -> None:
@@ -223,7 +223,7 @@ def _training_file_validate_once(*, file_id: str, tenant_id: int) -> str:
             last = time.monotonic()
             _validation_progress(pending, lines, nbytes)
 
-    result = _validate_stored(file, tokenizer=tokenizer, context_length=selectors.max_seq_len(bm) if bm else None,
+    result = _validate_stored(file, tokenizer=tokenizer, context_length=base_models.max_seq_len(bm) if bm else None,
                               on_progress=progress)
     counted = bm is not None and tokenizer is not None and result.lines > 0  # (an unreadable file counted nothing)
     status = TrainingFile.Status.PROCESSED if result.ok else TrainingFile.Status.ERROR
@@ -280,7 +280,7 @@ def _validate_stored(file: TrainingFile, **options) -> ValidationResult:
     """validate_stream over the stored bytes. A file that cannot be read, or a validator that fails, is a problem of
     the file (the tenant is told what to do), never an exception that would leave it `uploaded` for good."""
     try:
-        with selectors.training_file_open(file) as stream:
+        with storage.training_file_open(file) as stream:
             return validate_stream(stream, size=file.bytes, filename=file.filename, max_bytes=MAX_UPLOAD_BYTES, **options)
     except OSError as exc:
         log.exception("reading %s for validation", file.id)
@@ -320,11 +320,11 @@ def training_file_count_tokens(*, file_id: str, tenant_id: int, base_model_id: i
         return "gone"
     if selectors.file_token_counts(file, bm) is not None:
         return "done"
-    tokenizer = selectors.tokenizer_for(bm)
+    tokenizer = base_models.tokenizer_for(bm)
     if tokenizer is None:
         counts = selectors.estimated_token_counts(file)
     else:
-        result = _validate_stored(file, tokenizer=tokenizer, context_length=selectors.max_seq_len(bm))
+        result = _validate_stored(file, tokenizer=tokenizer, context_length=base_models.max_seq_len(bm))
         counts = _token_counts(result, problems=result.problems)
     with transaction.atomic():  # read-modify-write of one JSON field: counts of other models may land meanwhile
         row = TrainingFile.objects.for_tenant(tenant_id).select_for_update().filter(pk=file_id).first()
@@ -351,7 +351,7 @@ def training_file_delete(*, tenant: Tenant, actor: Actor, file: TrainingFile) ->
     TrainingFile.objects.for_tenant(tenant).filter(pk=file.pk).delete()
     if file.is_validating:
         training_file_validation_next(tenant_id=tenant.pk)  # its turn (if it had it) passes to the next upload
-    stored = selectors.storage_root() / file.path
+    stored = storage.storage_root() / file.path
     transaction.on_commit(lambda: stored.unlink(missing_ok=True))
 
 
@@ -382,10 +382,10 @@ def resolve_hyperparameters(requested: dict | None, n_examples: int) -> dict:
     n_epochs = _number(requested.get("n_epochs"), "n_epochs", int, 1, 50)
     batch_size = _number(requested.get("batch_size"), "batch_size", int, 1, 256)
     lr = _number(requested.get("learning_rate_multiplier"), "learning_rate_multiplier", float, 1e-3, 100)
-    n_epochs = n_epochs or selectors.auto_n_epochs_for(n_examples)
-    batch_size = batch_size or selectors.auto_batch_size(n_examples)
+    n_epochs = n_epochs or planning.auto_n_epochs_for(n_examples)
+    batch_size = batch_size or planning.auto_batch_size(n_examples)
     if lr is None:
-        lr = selectors.auto_learning_rate_multiplier(math.ceil(max(1, n_examples) / batch_size) * n_epochs)
+        lr = planning.auto_learning_rate_multiplier(math.ceil(max(1, n_examples) / batch_size) * n_epochs)
     return {"n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": lr}
 
 
@@ -474,11 +474,11 @@ def finetune_job_plan(*, tenant: Tenant, model: str, training_file: str, validat
         training_file_request_token_count(file=train, base_model=bm)
         tokens = selectors.estimated_token_counts(train)
     hp = resolve_hyperparameters(hyperparameters, tokens["examples"] or train.examples)
-    preview = selectors.estimate(base_model=bm, tokens_per_epoch=tokens["total_tokens"], n_epochs=hp["n_epochs"])
+    preview = planning.estimate(base_model=bm, tokens_per_epoch=tokens["total_tokens"], n_epochs=hp["n_epochs"])
     start = continuation.start_point_for(tenant, from_checkpoint) if from_checkpoint is not None else None
     if start is not None:  # its rank and modules, checked as any job's
         lora = continuation.lora_request(start, lora, base_model=bm)
-    lora = resolve_lora(lora, base_model=bm, max_served_rank=selectors.max_lora_rank_served(tenant, bm))
+    lora = resolve_lora(lora, base_model=bm, max_served_rank=pools.max_lora_rank_served(tenant, bm))
     if start is not None:
         lora["init_from"] = start.ref
     return JobPlan(bm, train, valid, hp, lora, tokens, preview)
@@ -643,7 +643,7 @@ class JobRunner:
         from finetune.trainer import TrainingDataError, train_lora
 
         self.job = job = FineTuneJob.objects.for_tenant(self.tenant_id).select_related("base_model", "training_file", "validation_file").get(pk=self.job_id)
-        self.output_dir = selectors.job_output_dir(job)
+        self.output_dir = storage.job_output_dir(job)
         bm = job.base_model
         if job.attempts > 1:
             _event(job, f"Resuming on a new worker (attempt {job.attempts}) after the previous one stopped responding")
@@ -663,7 +663,7 @@ class JobRunner:
                     "learning_rate": bm.finetune_learning_rate * hp["learning_rate_multiplier"],
                     "lora_r": job.lora["rank"], "lora_alpha": job.lora["alpha"], "lora_dropout": job.lora["dropout"],
                     "target_modules": job.lora["target_modules"], "seed": job.seed,
-                    "max_seq_len": selectors.max_seq_len(bm), "log_every": max(1, steps // 100),
+                    "max_seq_len": base_models.max_seq_len(bm), "log_every": max(1, steps // 100),
                 },
                 on_event=self.on_event, should_cancel=self.should_cancel, resume=True,
                 compile_layers=settings.FINETUNE_COMPILE, init_adapter=continuation.start_path_for_job(job))
@@ -679,12 +679,12 @@ class JobRunner:
         return self._record_success(result)
 
     def _validated_examples(self, file: TrainingFile, bm: BaseModel, param: str):
-        tokenizer = selectors.tokenizer_for(bm)
+        tokenizer = base_models.tokenizer_for(bm)
         # Streamed as at upload (nesting depth and line length bounded), keeping the examples to train on; a storage
         # failure propagates (the job fails with storage_error).
-        with selectors.training_file_open(file) as stream:
+        with storage.training_file_open(file) as stream:
             result = validate_stream(stream, size=file.bytes, filename=file.filename, tokenizer=tokenizer,
-                                     context_length=selectors.max_seq_len(bm), keep_examples=True)
+                                     context_length=base_models.max_seq_len(bm), keep_examples=True)
         if not result.ok:
             shown = "; ".join(f"line {p.line}: {p.message}" if p.line else p.message for p in result.problems[:5])
             more = len(result.problems) + result.problems_omitted - 5
@@ -747,7 +747,7 @@ class JobRunner:
         adapter, _ = Adapter.objects.for_tenant(job.tenant_id).update_or_create(name=name, defaults=dict(
             base_model=bm, path=str(Path(result.adapter_dir).resolve()),
             rank=rank, alpha=int(adapter_config["lora_alpha"]), target_modules=targets,
-            parameters=lora_math.lora_param_count(selectors.model_config(bm), rank, targets),
+            parameters=lora_math.lora_param_count(base_models.model_config(bm), rank, targets),
             size_bytes=sum(f.stat().st_size for f in Path(result.adapter_dir).iterdir() if f.is_file())))
         return adapter
 

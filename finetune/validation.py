@@ -39,7 +39,7 @@ DEFAULT_MAX_PROBLEMS = 1000
 # Lists and objects nested deeper than MAX_JSON_DEPTH (common.parsers, 64) in one line, or in a tool call's
 # arguments, are refused: no chat example needs more, and json.loads raises RecursionError on a few thousand levels.
 # A longer line is a problem, not parsed (memory stays bounded): 1 MiB is far more text than the longest context the
-# trainer uses (finetune.selectors.MAX_SEQ_LEN_CAP tokens).
+# trainer uses (finetune.base_models.MAX_SEQ_LEN_CAP tokens).
 MAX_LINE_BYTES = 1024 * 1024
 # Duplicate groups listed in a report (each with at most this many lines); `duplicate_groups` counts them all.
 MAX_DUPLICATE_GROUPS = 100

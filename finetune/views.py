@@ -14,7 +14,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from finetune import continuation, deploy, lora_math, selectors, services
+from finetune import base_models, continuation, deploy, lora_math, planning, pools, selectors, services, storage
 from finetune.models import FineTuneJob, JobEvent, TrainingFile
 from finetune.services import FinetuneError
 from serving.models import Adapter, AdapterDeployment
@@ -58,7 +58,7 @@ def _adapter(ctx: TenantContext, adapter_id: int) -> Adapter:
 def files(request, ctx: TenantContext):
     return _render(request, ctx, "finetune/files.html", {
         "files": TrainingFile.objects.for_tenant(ctx.tenant)[:200],
-        "max_bytes": services.MAX_UPLOAD_BYTES, "base_models": selectors.trainable_base_models(ctx.tenant)})
+        "max_bytes": services.MAX_UPLOAD_BYTES, "base_models": base_models.trainable_base_models(ctx.tenant)})
 
 
 @require_POST
@@ -69,7 +69,7 @@ def file_upload(request, ctx: TenantContext):
     upload = request.FILES.get("file")
     if upload is None:
         return JsonResponse({"error": "Choose a .jsonl file to upload."}, status=400)
-    base_model = next((bm for bm in selectors.trainable_base_models(ctx.tenant) if bm.name == request.POST.get("model")), None)
+    base_model = next((bm for bm in base_models.trainable_base_models(ctx.tenant) if bm.name == request.POST.get("model")), None)
     try:
         file = services.training_file_upload(tenant=ctx.tenant, actor=ctx.actor, filename=upload.name,
                                              content=upload, base_model=base_model)
@@ -83,15 +83,15 @@ def _cost_previews(ctx: TenantContext, file: TrainingFile) -> list[dict]:
     """Per trainable base model: the tokens a worker counted and the job's cost and time, or `counting` (a worker has
     been asked: no request tokenizes a file)."""
     previews = []
-    for bm in selectors.trainable_base_models(ctx.tenant):
+    for bm in base_models.trainable_base_models(ctx.tenant):
         counts = selectors.file_token_counts(file, bm)
         if counts is None:
             services.training_file_request_token_count(file=file, base_model=bm)
             previews.append({"model": bm, "counting": True})
             continue
-        epochs = selectors.auto_n_epochs_for(counts["examples"] or file.examples)
+        epochs = planning.auto_n_epochs_for(counts["examples"] or file.examples)
         previews.append({"model": bm, "counts": counts, "epochs": epochs,
-                         **selectors.estimate(base_model=bm, tokens_per_epoch=counts["total_tokens"], n_epochs=epochs)})
+                         **planning.estimate(base_model=bm, tokens_per_epoch=counts["total_tokens"], n_epochs=epochs)})
     return previews
 
 
@@ -99,7 +99,7 @@ def _cost_previews(ctx: TenantContext, file: TrainingFile) -> list[dict]:
 def file_detail(request, ctx: TenantContext, file_id: str):
     file = _file(ctx, file_id)
     problems = file.validation.get("problems", [])[:MAX_SHOWN_PROBLEMS]
-    texts = selectors.training_file_lines(file, {p["line"] for p in problems if p.get("line")}) if problems else {}
+    texts = storage.training_file_lines(file, {p["line"] for p in problems if p.get("line")}) if problems else {}
     shown = [{**p, "text": texts.get(p.get("line"), "")} for p in problems]
     previews = _cost_previews(ctx, file) if file.is_valid else []
     return _render(request, ctx, "finetune/file.html", {
@@ -110,7 +110,7 @@ def file_detail(request, ctx: TenantContext, file_id: str):
 
 def file_status_data(ctx: TenantContext, file: TrainingFile) -> dict:
     """What the file page polls while the file is validated or its tokens counted."""
-    counting = [bm.name for bm in selectors.trainable_base_models(ctx.tenant)
+    counting = [bm.name for bm in base_models.trainable_base_models(ctx.tenant)
                 if file.is_valid and selectors.file_token_counts(file, bm) is None]
     return {"id": file.id, "status": file.status, "status_display": file.get_status_display(),
             "progress": file.progress_percent, "progress_text": file.progress_text,
@@ -175,7 +175,7 @@ class JobForm(forms.Form):
         choices = [(f.id, f"{f.filename} ({f.id})") for f in valid]
         self.fields["training_file"].choices = choices
         self.fields["validation_file"].choices = [("", "None"), *choices]
-        self.fields["model"].choices = [(bm.name, bm.name) for bm in selectors.trainable_base_models(tenant)]
+        self.fields["model"].choices = [(bm.name, bm.name) for bm in base_models.trainable_base_models(tenant)]
         self.fields["from_checkpoint"].choices = [("", "A new LoRA"), *continuation.start_choices(tenant)]
 
     def clean_n_epochs(self):
@@ -269,7 +269,7 @@ def adapters(request, ctx: TenantContext):
     for adapter in Adapter.objects.for_tenant(ctx.tenant).select_related("base_model"):
         deployments = AdapterDeployment.objects.for_tenant(ctx.tenant).filter(adapter=adapter).select_related("pool")
         rows.append({"adapter": adapter, "deployments": list(deployments),
-                     "pool": selectors.pool_for_adapter(ctx.tenant, adapter.base_model)})
+                     "pool": pools.pool_for_adapter(ctx.tenant, adapter.base_model)})
     return _render(request, ctx, "finetune/adapters.html", {"rows": rows})
 
 
@@ -291,8 +291,8 @@ def adapter_deploy(request, ctx: TenantContext, adapter_id: int):
 @tenant_view(write=Role.ADMIN)
 def adapter_undeploy(request, ctx: TenantContext, adapter_id: int):
     adapter = _adapter(ctx, adapter_id)
-    pools = deploy.adapter_undeploy(tenant=ctx.tenant, adapter=adapter, actor=ctx.actor)
-    messages.success(request, f"{adapter.name} removed from {', '.join(pools) or 'no pool'}.")
+    removed_from = deploy.adapter_undeploy(tenant=ctx.tenant, adapter=adapter, actor=ctx.actor)
+    messages.success(request, f"{adapter.name} removed from {', '.join(removed_from) or 'no pool'}.")
     return redirect("finetune-adapters", ctx.tenant.slug)
 
 
@@ -318,8 +318,8 @@ class PlannerForm(forms.Form):
 @require_GET
 @tenant_view(write=Role.ADMIN)
 def planner(request, ctx: TenantContext):
-    pools = list(selectors.pools_for_tenant(ctx.tenant))
-    form = PlannerForm(pools, request.GET or None)
+    reachable = list(pools.pools_for_tenant(ctx.tenant))
+    form = PlannerForm(reachable, request.GET or None)
     plan = error = None
     if request.GET and form.is_valid():
         pool = form.pools[form.cleaned_data["pool"]]
@@ -330,9 +330,9 @@ def planner(request, ctx: TenantContext):
                                    "an adapter of a higher rank cannot be served there.")
             return _render(request, ctx, "finetune/planner.html", {"form": form, "plan": None, "error": None})
         try:
-            plan = selectors.capacity_plan(pool=pool, rank=rank,
-                                           target_modules=form.cleaned_data["targets"] or "all-linear",
-                                           memory_budget_gb=budget)
+            plan = pools.capacity_plan(pool=pool, rank=rank,
+                                       target_modules=form.cleaned_data["targets"] or "all-linear",
+                                       memory_budget_gb=budget)
             plan.update(pool=pool, budget_gb=budget)
         except (ValueError, KeyError, ZeroDivisionError) as exc:
             error = f"{pool.base_model.name} lacks the architecture figures the planner needs ({exc}); ask staff to fill them in."

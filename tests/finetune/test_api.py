@@ -708,13 +708,13 @@ def test_tgi_deploy_waits_for_restart_then_activates(world, base_model):
 
 
 def test_capacity_planner_counts_exactly(world, base_model):
-    from finetune import lora_math, selectors
+    from finetune import base_models, lora_math
     from serving.models import BackendPool
 
     pool = BackendPool.objects.create(name="tiny", base_model=base_model, kind="dev", gpu_memory_gb=1, gpu_hourly_cost_cents=250)
     page = signed_in(world.viewer).get(f"/t/acme/finetune/planner/?pool={pool.pk}&rank=8&memory_gb=0.001")
     assert page.status_code == 200
-    config = selectors.model_config(base_model)
+    config = base_models.model_config(base_model)
     exact = lora_math.lora_param_count(config, 8)
     fits = lora_math.adapters_that_fit(int(0.001 * 1024 ** 3), config, 8)
     plan = page.context["plan"]
@@ -725,12 +725,12 @@ def test_capacity_planner_counts_exactly(world, base_model):
 
 
 def test_the_planner_uses_the_pools_maximum_lora_rank(world, base_model):
-    from finetune import lora_math, selectors
+    from finetune import base_models, lora_math, pools
     from serving.models import BackendPool
 
     pool = BackendPool.objects.create(name="vllm-tiny", base_model=base_model, kind="vllm", gpu_memory_gb=1,
                                       max_lora_rank=16)
-    config, budget = selectors.model_config(base_model), int(0.001 * 1024 ** 3)
+    config, budget = base_models.model_config(base_model), int(0.001 * 1024 ** 3)
     viewer = signed_in(world.viewer)
     plan = viewer.get(f"/t/acme/finetune/planner/?pool={pool.pk}&rank=8&memory_gb=0.001").context["plan"]
     # vLLM sizes every adapter slot for --max-lora-rank: a rank-8 adapter takes a rank-16 slot
@@ -743,4 +743,4 @@ def test_the_planner_uses_the_pools_maximum_lora_rank(world, base_model):
     assert refused.context["form"].errors["rank"] == [
         "The vllm-tiny pool serves LoRA ranks up to 16; an adapter of a higher rank cannot be served there."]
     with pytest.raises(ValueError, match="above the vllm-tiny pool's maximum LoRA rank"):
-        selectors.capacity_plan(pool=pool, rank=32, target_modules="all-linear", memory_budget_gb=1)
+        pools.capacity_plan(pool=pool, rank=32, target_modules="all-linear", memory_budget_gb=1)

@@ -77,10 +77,10 @@ def test_upload_answers_uploaded_and_the_worker_stores_the_same_report_as_valida
     commit(enqueued)  # the worker's turn (eager here)
     assert sent["validate"] == [(file.id, world.tenant.pk)]
     stored = files_of(world).get(pk=file.pk)
-    from finetune import selectors
+    from finetune import base_models
 
-    expected = validate_jsonl(data, filename="z.jsonl", tokenizer=selectors.tokenizer_for(base_model),
-                              context_length=selectors.max_seq_len(base_model), max_bytes=services.MAX_UPLOAD_BYTES)
+    expected = validate_jsonl(data, filename="z.jsonl", tokenizer=base_models.tokenizer_for(base_model),
+                              context_length=base_models.max_seq_len(base_model), max_bytes=services.MAX_UPLOAD_BYTES)
     assert stored.status == "error" and stored.validation == {**expected.to_dict(), "model": "tiny-chat"}
     assert [(p["line"], p["code"]) for p in stored.validation["problems"]] == [(21, "messages_empty")]
     assert stored.token_counts["tiny-chat"]["total_tokens"] == expected.total_tokens > 0

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from finetune import lora_math, selectors, services
+from finetune import base_models, lora_math, services
 from finetune.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingUsage
 from finetune.tasks import run_finetune_job
 from tenants.services import Actor
@@ -52,7 +52,7 @@ def test_job_trains_an_adapter_and_meters_trained_tokens(world, base_model):
 
     adapter = job.adapter
     assert adapter.name == job.fine_tuned_model and adapter.rank == 8 and adapter.alpha == 16
-    config = selectors.model_config(base_model)
+    config = base_models.model_config(base_model)
     assert adapter.target_modules == sorted(lora_math.LLAMA_LINEAR_MODULES)
     assert adapter.parameters == lora_math.lora_param_count(config, 8, "all-linear") == 8 * 2 * (4 * 128 + 3 * 240)
     assert adapter.size_bytes >= adapter.parameters * 4  # fp32 safetensors on CPU, plus the config
