@@ -20,7 +20,7 @@ from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 
 from finetune import byo
-from finetune.api import OpenAIView
+from finetune.v1_base import OpenAIView
 from finetune.services import FinetuneError
 from serving.models import Adapter, AdapterDeployment
 from tenants.api_base import TenantAPIView

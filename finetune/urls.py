@@ -7,31 +7,31 @@
 
 from django.urls import path, re_path
 
-from finetune import api, byo_api
+from finetune import adapters_api, byo_api, files_api, jobs_api, v1_base
 
 v1_patterns = [
-    path("files", api.FileListApi.as_view(), name="v1-file-list"),
-    path("files/<str:file_id>", api.FileDetailApi.as_view(), name="v1-file-detail"),
-    path("files/<str:file_id>/content", api.FileContentApi.as_view(), name="v1-file-content"),
-    path("files/<str:file_id>/validation", api.FileValidationApi.as_view(), name="v1-file-validation"),
-    path("fine_tuning/jobs", api.JobListApi.as_view(), name="v1-ftjob-list"),
-    path("fine_tuning/jobs/estimate", api.JobEstimateApi.as_view(), name="v1-ftjob-estimate"),
-    path("fine_tuning/jobs/<str:job_id>", api.JobDetailApi.as_view(), name="v1-ftjob-detail"),
-    path("fine_tuning/jobs/<str:job_id>/cancel", api.JobCancelApi.as_view(), name="v1-ftjob-cancel"),
-    path("fine_tuning/jobs/<str:job_id>/events", api.JobEventsApi.as_view(), name="v1-ftjob-events"),
-    path("fine_tuning/jobs/<str:job_id>/checkpoints", api.JobCheckpointsApi.as_view(), name="v1-ftjob-checkpoints"),
+    path("files", files_api.FileListApi.as_view(), name="v1-file-list"),
+    path("files/<str:file_id>", files_api.FileDetailApi.as_view(), name="v1-file-detail"),
+    path("files/<str:file_id>/content", files_api.FileContentApi.as_view(), name="v1-file-content"),
+    path("files/<str:file_id>/validation", files_api.FileValidationApi.as_view(), name="v1-file-validation"),
+    path("fine_tuning/jobs", jobs_api.JobListApi.as_view(), name="v1-ftjob-list"),
+    path("fine_tuning/jobs/estimate", jobs_api.JobEstimateApi.as_view(), name="v1-ftjob-estimate"),
+    path("fine_tuning/jobs/<str:job_id>", jobs_api.JobDetailApi.as_view(), name="v1-ftjob-detail"),
+    path("fine_tuning/jobs/<str:job_id>/cancel", jobs_api.JobCancelApi.as_view(), name="v1-ftjob-cancel"),
+    path("fine_tuning/jobs/<str:job_id>/events", jobs_api.JobEventsApi.as_view(), name="v1-ftjob-events"),
+    path("fine_tuning/jobs/<str:job_id>/checkpoints", jobs_api.JobCheckpointsApi.as_view(), name="v1-ftjob-checkpoints"),
     path("adapters", byo_api.AdapterListV1Api.as_view(), name="v1-adapter-list"),
 ]
 # Names of the /v1 routes, for the isolation suite's allowlist of tenant-less patterns (the key names the tenant).
 V1_URL_NAMES = frozenset(p.name for p in v1_patterns)
 # Matches every remaining path (a regex without `$`), so it must come last under /v1/.
-v1_unknown_url = re_path(r"", api.unknown_url, name="v1-unknown-url")
+v1_unknown_url = re_path(r"", v1_base.unknown_url, name="v1-unknown-url")
 
 tenant_api_patterns = [
-    path("adapters/", api.AdapterListApi.as_view(), name="api-adapter-list"),
+    path("adapters/", adapters_api.AdapterListApi.as_view(), name="api-adapter-list"),
     path("adapters/upload/", byo_api.AdapterUploadApi.as_view(), name="api-adapter-upload"),
-    path("adapters/<int:adapter_id>/deploy/", api.AdapterDeployApi.as_view(), name="api-adapter-deploy"),
-    path("adapters/<int:adapter_id>/undeploy/", api.AdapterUndeployApi.as_view(), name="api-adapter-undeploy"),
+    path("adapters/<int:adapter_id>/deploy/", adapters_api.AdapterDeployApi.as_view(), name="api-adapter-deploy"),
+    path("adapters/<int:adapter_id>/undeploy/", adapters_api.AdapterUndeployApi.as_view(), name="api-adapter-undeploy"),
 ]
 
 urlpatterns = v1_patterns

@@ -9,7 +9,7 @@ def lib_doc_excludes() -> list:
     """
     from drf_spectacular.plumbing import get_lib_doc_excludes
 
-    from finetune.api import OpenAIView
+    from finetune.v1_base import OpenAIView
     from tenants.api_base import TenantAPIView
 
     return [*get_lib_doc_excludes(), TenantAPIView, OpenAIView]

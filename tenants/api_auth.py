@@ -50,5 +50,5 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
 
 def refused(refusal: Refusal) -> exceptions.AuthenticationFailed:
-    """A 401 in DRF's terms that keeps the shared message and code (finetune/api.py renders it OpenAI's way)."""
+    """A 401 in DRF's terms that keeps the shared message and code (finetune/v1_base.py renders it OpenAI's way)."""
     return exceptions.AuthenticationFailed(refusal.message, code=refusal.code)

@@ -1,7 +1,7 @@
 """How the APIs refuse a key or a suspended tenant, worded once for all of them.
 
 Used by the inference gateway (serving/gateway/app.py), the OpenAI-compatible Files and Fine-tuning views
-(finetune/api.py) and the DRF key authentication (tenants/api_auth.py), so a client sees the same status, type,
+(finetune/v1_base.py) and the DRF key authentication (tenants/api_auth.py), so a client sees the same status, type,
 code and message whichever endpoint it calls. 401s are `invalid_request_error`, as OpenAI answers a bad key.
 """
 

@@ -8,7 +8,7 @@ calling a 50-ms endpoint back to back takes the core from every other tenant (be
 With REDIS_URL the bucket lives in Redis (one script: refill, take, store), shared by every process; otherwise in
 this process (the embedded default is one process). A Redis that fails falls back to this process's bucket, logged:
 an outage of the limiter must not take the API down with it. The refusal is `RateLimited` (DRF's 429 with
-`Retry-After`); each face renders it in its own error shape (tenants/api_errors.py, finetune/api.py).
+`Retry-After`); each face renders it in its own error shape (tenants/api_errors.py, finetune/v1_base.py).
 """
 
 from __future__ import annotations

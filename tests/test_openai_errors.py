@@ -1,5 +1,5 @@
 """One map of OpenAI's error types: the gateway (serving/gateway/errors.py) and the Django /v1 views
-(finetune/api.py, portal/views.py) shape the same status the same way, as OpenAI does."""
+(finetune/v1_base.py, portal/views.py) shape the same status the same way, as OpenAI does."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from common.openai_errors import error_body, error_type
-from finetune.api import openai_error
+from finetune.v1_base import openai_error
 from serving.gateway.errors import ApiError
 
 

@@ -25,7 +25,7 @@ from django.test import RequestFactory
 from django.urls import URLPattern, URLResolver, get_resolver
 from rest_framework.views import APIView
 
-from finetune.api import OpenAIView
+from finetune.v1_base import OpenAIView
 from tenants.api_base import TenantAPIView
 from tenants.scoping import TenantOwnedModel
 from tests.support.rows import bare_tenant, make_row
