@@ -1,11 +1,12 @@
 """Console pages of fine-tuning, included under t/<slug:tenant_slug>/finetune/.
 
-Object kwargs: `file_id` (str, a TrainingFile), `job_id` (str, a FineTuneJob), `adapter_id` (int, a serving Adapter).
+Object kwargs: `file_id` (str, a TrainingFile), `job_id` (str, a FineTuneJob), `adapter_id` (int, a serving Adapter),
+`rollout_id` (int, a serving AdapterRollout).
 """
 
 from django.urls import path
 
-from finetune import byo_views, views
+from finetune import byo_views, rollout_views, views
 
 urlpatterns = [
     path("files/", views.files, name="finetune-files"),
@@ -22,5 +23,8 @@ urlpatterns = [
     path("adapters/upload/", byo_views.adapter_upload, name="finetune-adapter-upload"),
     path("adapters/<int:adapter_id>/deploy/", views.adapter_deploy, name="finetune-adapter-deploy"),
     path("adapters/<int:adapter_id>/undeploy/", views.adapter_undeploy, name="finetune-adapter-undeploy"),
+    path("rollouts/", rollout_views.rollouts, name="finetune-rollouts"),
+    path("rollouts/<int:rollout_id>/promote/", rollout_views.rollout_promote, name="finetune-rollout-promote"),
+    path("rollouts/<int:rollout_id>/rollback/", rollout_views.rollout_rollback, name="finetune-rollout-rollback"),
     path("planner/", views.planner, name="finetune-planner"),
 ]

@@ -146,6 +146,30 @@ class AdapterDeployment(TenantOwnedModel):
         constraints = [models.UniqueConstraint(fields=["adapter", "pool"], name="one_deployment_per_adapter_and_pool")]
 
 
+class AdapterRollout(TenantOwnedModel):
+    """A model name a tenant calls (`name`: the first version's ft: name) and the adapter version that serves it
+    (`current`), with optionally a new version (`canary`) taking `canary_percent` % of the name's requests.
+
+    Routing: `serving.routing.routes_for`; the gateway's split: `serving.gateway.plan.pick_version`; start, promote and
+    roll back: `finetune.rollout`. Both versions are the tenant's own adapters on the same base model.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    name = models.CharField(max_length=200, help_text="The model name requests send; the ledger's `model`.")
+    current = models.ForeignKey(Adapter, on_delete=models.CASCADE, related_name="+")
+    canary = models.ForeignKey(Adapter, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    canary_percent = models.PositiveSmallIntegerField(default=0, validators=[MinValueValidator(0), MaxValueValidator(100)])
+    canary_started_at = models.DateTimeField(null=True, blank=True, help_text="Since when the canary has its share (the comparison's window).")
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta(TenantOwnedModel.Meta):
+        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="one_rollout_per_model_name")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class ModelConfig(TenantOwnedModel):
     """A tenant's model settings, edited in the console."""
 

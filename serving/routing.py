@@ -8,7 +8,7 @@ gateway routes — a failed deployment, a model staff took away or another tenan
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +21,10 @@ class Route:
     base_model: str
     owned_by: str
     created: int
+    # Canary rollout (serving.models.AdapterRollout): the new version's route (same `name`) and its share, in percent,
+    # of this name's requests; the gateway picks per request (serving.gateway.plan.pick_version).
+    canary: Route | None = None
+    canary_percent: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +62,15 @@ def pool_choice(pools, *, tenant_id: int):
     return None
 
 
-def routes_for(*, tenant_id: int, tenant_slug: str, allowed, base_models, pools, deployments) -> dict[str, Route]:
+def routes_for(*, tenant_id: int, tenant_slug: str, allowed, base_models, pools, deployments, rollouts=()) -> dict[str, Route]:
     """The tenant's routing table (docs/gateway.md, "Routing"): each base model it may use, on the pool
-    `pool_choice` names, then its own adapters with a deployment that has not failed.
+    `pool_choice` names, then its own adapters with a deployment that has not failed, then its rollouts: a rollout's
+    name routes to its current version's route, with its canary's (when that one routes too) and share.
 
     `base_models`: objects with name, available_to_all, created_at. `pools`: PoolView-like (any tenant's; another
     tenant's dedicated pool is never chosen). `deployments`: the tenant's AdapterDeployment rows (adapter loaded),
-    failed ones included or not: they are skipped here.
+    failed ones included or not: they are skipped here. `rollouts`: the tenant's AdapterRollout rows (current and
+    canary loaded); one whose current version does not route leaves its name as it was.
     """
     from serving.models import AdapterDeployment
 
@@ -94,6 +100,21 @@ def routes_for(*, tenant_id: int, tenant_slug: str, allowed, base_models, pools,
             continue
         routes[d.adapter.name] = Route(d.adapter.name, pool.id, d.adapter.name, pool.base_model, tenant_slug,
                                        int(d.adapter.created_at.timestamp()))
+    by_adapter = {r.adapter: r for r in routes.values() if r.adapter is not None}
+    for rollout in rollouts:
+        if rollout.tenant_id != tenant_id or rollout.name in usable:
+            continue  # never another tenant's, never in place of a base model
+        current = by_adapter.get(rollout.current.name) if rollout.current.tenant_id == tenant_id else None
+        if current is None:
+            continue
+        canary = None
+        if rollout.canary is not None and rollout.canary_percent > 0 and rollout.canary.tenant_id == tenant_id:
+            canary = by_adapter.get(rollout.canary.name)
+            if canary is not None and canary.base_model != current.base_model:
+                canary = None
+        routes[rollout.name] = replace(current, name=rollout.name,
+                                       canary=replace(canary, name=rollout.name) if canary else None,
+                                       canary_percent=rollout.canary_percent if canary else 0)
     return routes
 
 
@@ -108,7 +129,7 @@ def pool_views(queryset) -> list[PoolView]:
 
 def tenant_routes(tenant) -> dict[str, Route]:
     """`routes_for` over the database, for one tenant: what the gateway's snapshot routes for it."""
-    from serving.models import AdapterDeployment, BackendPool, BaseModel, ModelConfig
+    from serving.models import AdapterDeployment, AdapterRollout, BackendPool, BaseModel, ModelConfig
 
     cfg = ModelConfig.objects.for_tenant(tenant).first()
     return routes_for(
@@ -116,4 +137,5 @@ def tenant_routes(tenant) -> dict[str, Route]:
         base_models=list(BaseModel.objects.all()),
         pools=pool_views(BackendPool.objects.reachable_by(tenant)),
         deployments=AdapterDeployment.objects.for_tenant(tenant).select_related("adapter").order_by("id"),
+        rollouts=AdapterRollout.objects.for_tenant(tenant).select_related("current", "canary").order_by("id"),
     )

@@ -53,6 +53,7 @@ OBJECT_KWARGS: dict[str, Callable[["IsolationWorld"], object]] = {
     "file_id": lambda w: _finetune_objects(w)["file"].id,
     "job_id": lambda w: _finetune_objects(w)["job"].id,
     "adapter_id": lambda w: _finetune_objects(w)["adapter"].pk,
+    "rollout_id": lambda w: _acme_rollout(w).pk,
     "delivery_id": lambda w: _acme_webhook_delivery(w).pk,
 }
 
@@ -76,6 +77,14 @@ def _finetune_objects(w):
         adapter = Adapter.all_tenants.create(tenant=w.tenant, name="ft:iso-base:acme::iso", base_model=bm, path="/x")
         w._finetune = {"file": file, "job": job, "adapter": adapter}
     return w._finetune
+
+
+def _acme_rollout(w):
+    from serving.models import AdapterRollout
+
+    adapter = _finetune_objects(w)["adapter"]
+    rollout, _ = AdapterRollout.all_tenants.get_or_create(tenant=w.tenant, name=adapter.name, defaults={"current": adapter})
+    return rollout
 
 
 def _acme_invoice(w):

@@ -74,10 +74,33 @@ class Plan:
         return reservation_tokens(self.prompt, self.max_tokens, self.pool.context_length)
 
 
+_version_counts: dict[tuple, int] = {}
+
+
+def pick_version(route, tenant_id: int, pools):
+    """A canary rollout's split: which version serves this request. Its route (`route.canary`) for `canary_percent` %
+    of the name's requests, spread evenly (request n goes to the canary when floor((n+1)·p/100) passes floor(n·p/100):
+    at 20 %, every fifth), counted per gateway process, tenant, name and canary; else the current version. A canary
+    no backend of its pool holds yet does not take requests (they stay on the current version)."""
+    canary = route.canary
+    if canary is None or route.canary_percent <= 0:
+        return route
+    key = (tenant_id, route.name, canary.adapter, route.canary_percent)
+    n = _version_counts.get(key, 0)
+    _version_counts[key] = n + 1
+    if ((n + 1) * route.canary_percent) // 100 == (n * route.canary_percent) // 100:
+        return route
+    pool = pools.get(canary.pool_id)
+    if pool is None or not any(canary.adapter in b.loaded_adapters for b in pool.backends):
+        return route
+    return canary
+
+
 def plan_request(req: ClientRequest, tenant, pools) -> Plan:
     """Route the request and rewrite it for the backend (system prompt, max tokens, sampling, adapter, cache salt:
-    `parsing.build_backend_request`). `pools`: the snapshot's, by id."""
-    route = route_for(tenant, req.model)
+    `parsing.build_backend_request`). `pools`: the snapshot's, by id. A rollout's name picks its version here
+    (`pick_version`); the plan's route is the version served, so the ledger's `adapter` names it."""
+    route = pick_version(route_for(tenant, req.model), tenant.id, pools)
     pool = pools[route.pool_id]
     if route.adapter is not None and not any(route.adapter in b.loaded_adapters for b in pool.backends):
         raise ApiError(503, f"The model `{route.name}` is deployed but not loaded on any backend yet (loading, or "

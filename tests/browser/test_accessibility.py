@@ -85,7 +85,7 @@ def tenant_pages(world, data) -> list[str]:
         "invoice_id": Invoice.objects.for_tenant(world.tenant).get().pk,
         "file_id": data["file"].pk, "job_id": data["job"].pk, "adapter_id": data["adapter"].pk,
     }
-    post_only_ids = {"delivery_id"}  # a webhook delivery's only URL is its re-send (POST)
+    post_only_ids = {"delivery_id", "rollout_id"}  # a webhook delivery's only URL is its re-send, a rollout's promote and rollback (POST)
     urls, unknown = set(), set()
     resolver = get_resolver()
     for name in [k for k in resolver.reverse_dict if isinstance(k, str)]:
