@@ -16,7 +16,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from billing import rating, stripe_gateway
+from billing import periods, prices, rating, stripe_gateway
 from billing.models import BillingSettings, DailyUsage, Invoice, InvoiceLine
 from common.queue import enqueue_on_commit
 from serving.models import BackendPool
@@ -40,7 +40,7 @@ def _describe(line: rating.RatedLine, pools: dict[int, str]) -> str:
 
 @transaction.atomic
 def invoice_close(*, tenant: Tenant, period: date, now: datetime | None = None, actor: Actor = SYSTEM,
-                  book: rating.PriceBook | None = None) -> Invoice | None:
+                  book: prices.PriceBook | None = None) -> Invoice | None:
     """Close `period` for one tenant: write its invoice (lines per model/adapter/price and training), open it.
 
     Idempotent: an existing invoice is returned unchanged. No usage → no invoice (None). Amounts in cents.
@@ -55,7 +55,7 @@ def invoice_close(*, tenant: Tenant, period: date, now: datetime | None = None, 
     now = now or timezone.now()
     settings_row = BillingSettings.load()
     invoice = Invoice.objects.for_tenant(tenant).create(
-        tenant=tenant, number=invoice_number(tenant, period), period_start=period, period_end=rating.next_period(period),
+        tenant=tenant, number=invoice_number(tenant, period), period_start=period, period_end=periods.next_period(period),
         billed_to_name=Tenant.objects.filter(pk=tenant.pk).values_list("name", flat=True).get(),  # as it is now, not a stale copy
         currency=settings_row.currency, closed_at=now, total_cents=cost.total_cents,
     )
@@ -94,8 +94,8 @@ def period_close(*, period: date, now: datetime | None = None, tenant: Tenant | 
     Safe to rerun (tenants already invoiced are skipped). `tenant` limits it to one tenant (staff, on demand).
     """
     now = now or timezone.now()
-    end = rating.next_period(period)
-    if end > rating.utc_today(now):
+    end = periods.next_period(period)
+    if end > periods.utc_today(now):
         raise ValidationError(f"The period {period:%B %Y} has not ended yet; it can be closed from {end:%d %B %Y}.")
     if rerate:
         rating.rate_range(period, end - timedelta(days=1), now=now)
@@ -104,7 +104,7 @@ def period_close(*, period: date, now: datetime | None = None, tenant: Tenant | 
     tenant_ids -= set(Invoice.all_tenants.filter(period_start=period).values_list("tenant_id", flat=True))
     if tenant is not None:
         tenant_ids &= {tenant.pk}
-    book = rating.PriceBook()
+    book = prices.PriceBook()
     invoices = []
     for t in Tenant.objects.filter(pk__in=tenant_ids).order_by("pk"):
         invoice = invoice_close(tenant=t, period=period, now=now, actor=actor, book=book)
@@ -147,7 +147,7 @@ def charged_cents(invoices) -> dict[int, int]:
         if line is None:
             log.warning("DailyUsage row %s is billed in a closed period but matches no line of its invoice.", r["pk"])
             continue
-        exact = rating.line_amount(input_tokens=r["input_tokens"], output_tokens=r["output_tokens"], trained_tokens=r["trained_tokens"], price=line)
+        exact = prices.line_amount(input_tokens=r["input_tokens"], output_tokens=r["output_tokens"], trained_tokens=r["trained_tokens"], price=line)
         shares[line].append((r["pk"], exact))
     charged: dict[int, int] = {}
     for line, parts in shares.items():
@@ -157,7 +157,7 @@ def charged_cents(invoices) -> dict[int, int]:
 
 def _billing_line(candidates: list[InvoiceLine], row: dict) -> InvoiceLine | None:
     """The line (of one invoice, kind, model and adapter; newest entry first) that billed `row`."""
-    entry = rating.pick_price([l.price for l in candidates if l.price_id], adapter=row["adapter"], pool_id=row["pool_id"], day=row["day"])
+    entry = prices.pick_price([l.price for l in candidates if l.price_id], adapter=row["adapter"], pool_id=row["pool_id"], day=row["day"])
     return next((l for l in candidates if l.price_id == (entry.pk if entry else None)), None)
 
 

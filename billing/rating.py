@@ -1,4 +1,5 @@
-"""Rating: the usage ledger rolled up per day by the database, and priced per line.
+"""Rating: the usage ledger rolled up per day by the database, and priced per line (prices: billing.prices; periods:
+billing.periods).
 
 `rate_day` recomputes one UTC day for every tenant in one transaction (delete + insert of the day's
 open rows), so it is exact and safe to rerun. The ledger is aggregated with GROUP BY; no ledger row is
@@ -11,19 +12,19 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, timezone as dt_timezone
-from decimal import ROUND_HALF_UP, Decimal, localcontext
+from datetime import date, datetime, timedelta
+from decimal import Decimal
 
 from django.db import transaction
 from django.db.models import Count, Q, Sum
-from django.utils import timezone
 
 from billing.models import BillingSettings, DailyUsage, Invoice, Price, format_cents
-from serving.models import Adapter, UsageRecord
+from billing.periods import day_bounds, next_period, period_of, utc_today
+from billing.prices import PriceBook, line_amount, round_cents
+from serving.models import UsageRecord
 
 log = logging.getLogger(__name__)
 
-MILLION = Decimal(1_000_000)
 # Backend errors are our failure: their tokens are not billed. Cancelled / interrupted requests are.
 UNBILLED_STATUSES = (UsageRecord.Status.ERROR,)
 KEY = ("kind", "model", "adapter", "pool_id")
@@ -31,63 +32,29 @@ SUMS = ("requests", "input_tokens", "output_tokens", "trained_tokens", "duration
 RATE_TRAILING_DAYS = 3  # billing.rate_recent rerates this many UTC days (today included) every 15 minutes
 
 
-# ---- periods (calendar months, UTC) --------------------------------------------------------------
-
-
-def period_of(day: date) -> date:
-    """The billing period (first day of the UTC month) that contains `day`."""
-    return day.replace(day=1)
-
-
-def next_period(period: date) -> date:
-    return (period.replace(day=28) + timedelta(days=4)).replace(day=1)
-
-
-def previous_period(period: date) -> date:
-    return period_of(period - timedelta(days=1))
-
-
-def day_bounds(day: date) -> tuple[datetime, datetime]:
-    start = datetime.combine(day, time.min, tzinfo=dt_timezone.utc)
-    return start, start + timedelta(days=1)
-
-
-def utc_today(now: datetime | None = None) -> date:
-    return (now or timezone.now()).astimezone(dt_timezone.utc).date()
-
-
 # ---- training usage (owned by finetune; read only here) ------------------------------------------
 
 
 def training_usage_model():
-    """`finetune.models.TrainingUsage`, or None while that model does not exist yet.
+    """`finetune.models.TrainingUsage`, through the app registry: billing sits below finetune in the layers and
+    never imports it (the one place billing reads fine-tuning)."""
+    from django.apps import apps
 
-    The one place billing reads fine-tuning: imported lazily so billing works before it lands.
-    """
-    try:
-        from django.apps import apps
-
-        return apps.get_model("finetune", "TrainingUsage")
-    except (LookupError, ImportError):
-        return None
+    return apps.get_model("finetune", "TrainingUsage")
 
 
 def _training_groups(start: datetime, end: datetime, tenant=None):
     model = training_usage_model()
-    if model is None:
-        return []
-    base = model._meta.get_field("base_model")
-    base_name = "base_model__name" if base.is_relation else "base_model"
     # Batch code over every tenant (or one tenant's rows, for its live cost): the unscoped manager is intended here.
     records = model.objects.for_tenant(tenant) if tenant is not None else model.all_tenants
     rows = (
         records.filter(created_at__gte=start, created_at__lt=end)
         .order_by()
-        .values("tenant_id", base_name)
+        .values("tenant_id", "base_model")
         .annotate(trained_tokens=Sum("trained_tokens"), requests=Count("id"))
     )
     return [
-        {"tenant_id": r["tenant_id"], "kind": DailyUsage.Kind.TRAINING, "model": r[base_name], "adapter": "", "pool_id": None,
+        {"tenant_id": r["tenant_id"], "kind": DailyUsage.Kind.TRAINING, "model": r["base_model"], "adapter": "", "pool_id": None,
          "requests": r["requests"], "input_tokens": 0, "output_tokens": 0, "trained_tokens": r["trained_tokens"] or 0, "duration_ms": 0}
         for r in rows
     ]
@@ -188,53 +155,7 @@ def rate_range(first_day: date, last_day: date, *, now: datetime | None = None) 
     return written
 
 
-# ---- prices ----------------------------------------------------------------------------------------
-
-
-class PriceBook:
-    """All price entries, loaded once (a small staff-maintained table), resolved per usage day."""
-
-    def __init__(self):
-        self._by_model: dict[str, list[Price]] = defaultdict(list)
-        for price in Price.objects.select_related("base_model", "adapter").order_by("-effective_from", "-id"):
-            self._by_model[price.base_model.name].append(price)
-        # The gateway records a fine-tuned model's requests under the name the tenant called (the adapter's, `ft:…`);
-        # its prices are entries of its base model. all_tenants: adapter names are unique across tenants.
-        self._base_of_adapter = dict(Adapter.all_tenants.values_list("name", "base_model__name"))
-
-    def resolve(self, *, model: str, adapter: str, pool_id: int | None, day: date) -> Price | None:
-        """The most specific entry in force on `day`: adapter, then pool, then the base model's."""
-        base = self._base_of_adapter.get(model, model)
-        return pick_price(self._by_model.get(base, ()), adapter=adapter, pool_id=pool_id, day=day)
-
-
-def pick_price(entries, *, adapter: str, pool_id: int | None, day: date) -> Price | None:
-    """Among one base model's `entries` (newest first: effective_from, then id, descending), the one pricing a usage
-    day: the latest in force, most specific scope first (adapter, then pool, then the base model's)."""
-    in_force = [p for p in entries if p.effective_from <= day]
-    for match in (
-        lambda p: adapter and p.adapter_id and p.adapter.name == adapter,
-        lambda p: pool_id and p.pool_id == pool_id and not p.adapter_id,
-        lambda p: not p.adapter_id and not p.pool_id,
-    ):
-        for p in in_force:
-            if match(p):
-                return p
-    return None
-
-
-def round_cents(amount: Decimal) -> int:
-    """Round a cent amount to whole cents, half up (the one rounding rule; applied once per line)."""
-    return int(amount.quantize(Decimal(1), rounding=ROUND_HALF_UP))
-
-
-def line_amount(*, input_tokens: int, output_tokens: int, trained_tokens: int, price: Price | None) -> Decimal:
-    """Unrounded cents: (T_in·p_in + T_out·p_out + T_train·p_train) / 10⁶, prices in cents per million tokens."""
-    if price is None:
-        return Decimal(0)
-    with localcontext() as ctx:
-        ctx.prec = 60
-        return (input_tokens * price.input_price + output_tokens * price.output_price + trained_tokens * price.training_price) / MILLION
+# ---- priced lines -------------------------------------------------------------------------------
 
 
 @dataclass

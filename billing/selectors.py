@@ -10,7 +10,7 @@ from decimal import Decimal
 from django.db.models import Count, Q
 from django.utils import timezone
 
-from billing import invoicing, rating
+from billing import invoicing, periods, prices, rating
 from billing.models import BillingSettings, DailyUsage, Invoice, format_cents
 from serving.models import BackendPool
 from tenants.models import Tenant
@@ -21,13 +21,13 @@ OUTPUT_TOKEN_WEIGHT = 2
 
 
 def current_period(now: datetime | None = None) -> date:
-    return rating.period_of(rating.utc_today(now))
+    return periods.period_of(periods.utc_today(now))
 
 
 def first_usage_period() -> date | None:
     """The first month with rated usage of any tenant (staff pages: where browsing back ends)."""
     first = DailyUsage.all_tenants.order_by("day").values_list("day", flat=True).first()  # staff read over every tenant
-    return rating.period_of(first) if first else None
+    return periods.period_of(first) if first else None
 
 
 def period_cost_so_far(*, tenant: Tenant, now: datetime | None = None) -> rating.PeriodCost:
@@ -66,18 +66,18 @@ def spend_so_far(*, tenant: Tenant, now: datetime | None = None) -> Spend:
     (`period_cost_so_far`) and the forecast for the period's end.
 
     Forecast: a straight line from what the period cost so far — the exact (unrounded) cost per elapsed day times the
-    period's days, rounded once, half up, like an invoice line (`rating.round_cents`). Elapsed time counts from 00:00
+    period's days, rounded once, half up, like an invoice line (`prices.round_cents`). Elapsed time counts from 00:00
     UTC of the 1st and at least one day, so the first hours of a month do not multiply a few requests by 700.
     """
     now = now or timezone.now()
     cost = period_cost_so_far(tenant=tenant, now=now)
-    start, _ = rating.day_bounds(cost.period)
-    period_end = rating.next_period(cost.period)
+    start, _ = periods.day_bounds(cost.period)
+    period_end = periods.next_period(cost.period)
     period_days = (period_end - cost.period).days
     elapsed = max(Decimal(1), Decimal((now - start).total_seconds()) / Decimal(86400))
     elapsed = min(elapsed, Decimal(period_days))
     exact = sum((line.exact_cents for line in cost.lines), Decimal(0))
-    forecast = max(cost.total_cents, rating.round_cents(exact * period_days / elapsed))
+    forecast = max(cost.total_cents, prices.round_cents(exact * period_days / elapsed))
     return Spend(cost=cost, currency=BillingSettings.load().currency.upper(), period_last_day=period_end - timedelta(days=1),
                  spent_cents=cost.total_cents, forecast_cents=forecast, elapsed_days=elapsed, period_days=period_days)
 
@@ -137,12 +137,12 @@ def cost_allocation(*, period: date, now: datetime | None = None) -> tuple[list[
     Staff-only: reads every tenant's rows through the unscoped managers.
     """
     now = now or timezone.now()
-    start, _ = rating.day_bounds(period)
-    end = min(rating.day_bounds(rating.next_period(period))[0], max(now, start))
+    start, _ = periods.day_bounds(period)
+    end = min(periods.day_bounds(periods.next_period(period))[0], max(now, start))
     hours = Decimal((end - start).total_seconds()) / Decimal(3600)
-    book = rating.PriceBook()
+    book = prices.PriceBook()
     rows = list(
-        DailyUsage.all_tenants.filter(day__gte=period, day__lt=rating.next_period(period), kind=DailyUsage.Kind.INFERENCE, pool__isnull=False)
+        DailyUsage.all_tenants.filter(day__gte=period, day__lt=periods.next_period(period), kind=DailyUsage.Kind.INFERENCE, pool__isnull=False)
         .order_by().values("pk", "tenant_id", "pool_id", "day", "period", "model", "adapter", "input_tokens", "output_tokens")
     )
     # Rows billed in a period already invoiced count what the invoice charged; the others as they will be priced.
@@ -159,11 +159,11 @@ def cost_allocation(*, period: date, now: datetime | None = None) -> tuple[list[
             revenue[key] += charged.get(r["pk"], 0)
             continue
         price = book.resolve(model=r["model"], adapter=r["adapter"], pool_id=r["pool_id"], day=r["day"])
-        revenue[key] += rating.line_amount(input_tokens=r["input_tokens"], output_tokens=r["output_tokens"], trained_tokens=0, price=price)
+        revenue[key] += prices.line_amount(input_tokens=r["input_tokens"], output_tokens=r["output_tokens"], trained_tokens=0, price=price)
     tenants = Tenant.objects.in_bulk({t for _, t in weighted})
     pools = []
     for pool in BackendPool.objects.annotate(n=Count("backends", filter=Q(backends__enabled=True))).order_by("name"):
-        cost = rating.round_cents(pool.n * hours * pool.gpu_hourly_cost_cents)
+        cost = prices.round_cents(pool.n * hours * pool.gpu_hourly_cost_cents)
         total_w = sum(w for (p, _), w in weighted.items() if p == pool.pk)
         alloc = PoolAllocation(pool=pool, backends=pool.n, hours=hours, cost_cents=cost)
         for (p, t), w in sorted(weighted.items(), key=lambda kv: -kv[1]):
@@ -172,7 +172,7 @@ def cost_allocation(*, period: date, now: datetime | None = None) -> tuple[list[
             share = Decimal(w) / Decimal(total_w) if total_w else Decimal(0)
             alloc.rows.append(
                 AllocationRow(tenant=tenants[t], pool=pool, weighted_tokens=w, share=share,
-                              cost_cents=rating.round_cents(cost * share), revenue_cents=rating.round_cents(revenue[(p, t)]))
+                              cost_cents=prices.round_cents(cost * share), revenue_cents=prices.round_cents(revenue[(p, t)]))
             )
         if alloc.cost_cents or alloc.rows:
             pools.append(alloc)

@@ -20,7 +20,8 @@ from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate
 
 from billing.models import format_cents
-from billing.rating import UNBILLED_STATUSES, PriceBook
+from billing.prices import PriceBook
+from billing.rating import UNBILLED_STATUSES
 from serving.admission import window_bounds, window_id
 from serving.models import UsageRecord
 from tenants.models import ApiKey, BudgetMode, Policy, SpendBudget, Tenant, budget_hard_limit_cents

@@ -10,7 +10,7 @@ from datetime import timedelta
 from celery import shared_task
 from django.utils import timezone
 
-from billing import invoicing, rating, services, stripe_gateway
+from billing import invoicing, periods, rating, services, stripe_gateway
 from billing.models import Invoice
 
 RATE_TRAILING_DAYS = rating.RATE_TRAILING_DAYS  # late ledger rows older than this are picked up by `manage.py billing_rate --from`
@@ -19,14 +19,14 @@ RATE_TRAILING_DAYS = rating.RATE_TRAILING_DAYS  # late ledger rows older than th
 @shared_task(name="billing.rate_recent")
 def rate_recent() -> int:
     """Rerate the last few UTC days (today included)."""
-    today = rating.utc_today()
+    today = periods.utc_today()
     return rating.rate_range(today - timedelta(days=RATE_TRAILING_DAYS - 1), today)
 
 
 @shared_task(name="billing.close_previous_period")
 def close_previous_period() -> int:
     """Close last month for every tenant not yet invoiced (daily; idempotent, so a missed run catches up)."""
-    period = rating.previous_period(rating.period_of(rating.utc_today()))
+    period = periods.previous_period(periods.period_of(periods.utc_today()))
     return len(invoicing.period_close(period=period))
 
 

@@ -20,7 +20,7 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
 
-from billing import rating, selectors, services, stripe_gateway
+from billing import periods, prices, rating, selectors, services, stripe_gateway
 from billing.models import BillingSettings, Invoice, InvoiceLine, format_cents, format_price_per_million, utc_today
 from common.charts import bar_chart
 from tenants.access import TenantContext, tenant_view
@@ -33,7 +33,7 @@ def _render(request, ctx: TenantContext, template: str, context: dict | None = N
 
 
 def _cents(value) -> str:
-    return format_cents(rating.round_cents(Decimal(value)))
+    return format_cents(prices.round_cents(Decimal(value)))
 
 
 # ---- console -------------------------------------------------------------------------------------
@@ -132,8 +132,8 @@ def staff_allocation(request):
         "period": period, "pools": pools, "tenants": tenants, "margins": margins,
         "chart_height": 16 + 26 * len(margins),
         # Links only to months that have started, and not to months before the first usage (nothing to allocate).
-        "previous": rating.previous_period(period) if period > first else None,
-        "next": rating.next_period(period) if period < current else None,
+        "previous": periods.previous_period(period) if period > first else None,
+        "next": periods.next_period(period) if period < current else None,
     })
 
 
@@ -183,7 +183,7 @@ class BillingUsageApi(TenantAPIView):
         """
         cost = selectors.period_cost_so_far(tenant=self.ctx.tenant)
         return Response(UsageOutput({
-            "period_start": cost.period, "period_end": rating.next_period(cost.period), "currency": BillingSettings.load().currency,
+            "period_start": cost.period, "period_end": periods.next_period(cost.period), "currency": BillingSettings.load().currency,
             "total_cents": cost.total_cents, "lines": [_line_data(l) for l in cost.lines],
             "daily_cents": {d.isoformat(): str(c) for d, c in cost.daily_cents.items()},
         }).data)

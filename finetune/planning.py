@@ -29,10 +29,8 @@ AUTO_LR_MAX_MULTIPLIER = 10.0
 
 def training_price_cents_per_million(base_model: BaseModel) -> Decimal:
     """Training price of a base model in force today, in cents per million trained tokens (billing's price list)."""
-    from billing.rating import (  # billing owns prices; imported here to keep app loading simple
-        PriceBook,
-        utc_today,
-    )
+    from billing.periods import utc_today  # billing owns prices; imported here to keep app loading simple
+    from billing.prices import PriceBook
 
     price = PriceBook().resolve(model=base_model.name, adapter="", pool_id=None, day=utc_today())
     return price.training_price if price is not None else Decimal(DEFAULT_TRAINING_PRICE_CENTS_PER_MILLION)

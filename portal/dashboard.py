@@ -16,7 +16,7 @@ from django.db.models import Q
 from django.shortcuts import render
 from django.utils import timezone
 
-from billing import rating, selectors as billing_selectors, spend
+from billing import periods, selectors as billing_selectors, spend
 from billing.models import format_cents
 from finetune.models import FineTuneJob
 from serving import selectors as serving_selectors
@@ -46,9 +46,9 @@ class Today:
 
 def requests_today(tenant: Tenant, now: datetime | None = None) -> Today:
     """Today's requests as the Usage page counts them (its rows for today), and the failed ones among them."""
-    today = rating.utc_today(now)
+    today = periods.utc_today(now)
     rows = serving_selectors.usage_by_day_and_model(tenant, days=1, today=today)
-    start, _ = rating.day_bounds(today)
+    start, _ = periods.day_bounds(today)
     failed = UsageRecord.objects.for_tenant(tenant).filter(created_at__gte=start, status__in=FAILED_STATUSES).count()
     return Today(requests=sum(r["requests"] for r in rows), failed=failed)
 

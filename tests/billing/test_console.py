@@ -7,7 +7,7 @@ from datetime import date, timedelta
 import pytest
 from django.utils import timezone
 
-from billing import invoicing, rating, selectors, services
+from billing import invoicing, periods, rating, selectors, services
 from billing.models import Invoice
 from tests.support.billing import price, usage, utc
 
@@ -18,7 +18,7 @@ def billed(world, catalog):
     now = timezone.now()
     usage(world.tenant, at=now, pool=catalog.shared, inp=1_000_000, out=1_000_000)  # 300 ¢
     usage(world.other_tenant, at=now, pool=catalog.shared, inp=3_000_000)  # 300 ¢
-    rating.rate_day(rating.utc_today(now))
+    rating.rate_day(periods.utc_today(now))
     usage(world.tenant, at=utc(2026, 1, 5), pool=catalog.shared, inp=1_000_000)
     [inv] = invoicing.period_close(period=date(2026, 1, 1), now=utc(2026, 2, 2), tenant=world.tenant)
     Invoice.all_tenants.filter(pk=inv.pk).update(hosted_invoice_url="https://pay.example.test/i/1")
@@ -33,11 +33,11 @@ def test_usage_page_shows_cost_so_far_with_chart(client, world, billed):
     assert 'data-total-cents="300"' in html and "<svg" in html and "tiny-chat" in html
     assert "Manage payment methods" not in html  # viewer; and Stripe is not configured
     first = timezone.now().date().replace(day=1)
-    last = rating.next_period(first) - timedelta(days=1)
+    last = periods.next_period(first) - timedelta(days=1)
     assert f"{first:%-d %b} – {last:%-d %b %Y} (UTC)" in html  # the period's last day, not the next month's first
     # One bar per day of the period so far, days without usage included; money in the tooltips and the peak.
     chart = page.context["chart"]
-    today = rating.utc_today(timezone.now())
+    today = periods.utc_today(timezone.now())
     assert len(chart["bars"]) == today.day and chart["bars"][-1].title == f"{today:%d %b}: 3.00 USD"
     assert chart["peak_label"] == "3.00 USD" and "peak 3.00 USD" in html
 
@@ -175,11 +175,11 @@ def test_unpaid_banner_offers_payment_only_where_the_invoice_page_does(client, w
 def test_allocation_page_links_only_to_months_that_have_started_and_have_usage(client, world, billed, staff):
     client.force_login(world.owner)  # staff
     current = selectors.current_period()
-    following = rating.next_period(current)
+    following = periods.next_period(current)
 
     html = client.get("/staff/billing/allocation/").content.decode()
     assert f"?period={following:%Y-%m}" not in html  # next month has not started
-    assert f'href="?period={rating.previous_period(current):%Y-%m}"' in html
+    assert f'href="?period={periods.previous_period(current):%Y-%m}"' in html
 
     html = client.get("/staff/billing/allocation/?period=2026-01").content.decode()  # the first month with usage
     assert 'href="?period=2026-02"' in html and "?period=2025-12" not in html

@@ -8,7 +8,7 @@ from datetime import date, timedelta
 import pytest
 from django.core.exceptions import ValidationError
 
-from billing import rating, selectors
+from billing import periods, rating, selectors
 from billing.models import Price, price_start_error
 from tests.support.billing import price, usage, utc
 
@@ -45,7 +45,7 @@ def _add(client, catalog, day, **extra):
 
 def test_admin_refuses_a_price_in_a_past_period_with_a_field_error(client, world, catalog, staff):
     client.force_login(world.owner)
-    last_month = rating.previous_period(rating.period_of(rating.utc_today()))
+    last_month = periods.previous_period(periods.period_of(periods.utc_today()))
     response = _add(client, catalog, last_month, reprice_confirmed="on")
     assert response.status_code == 200
     errors = response.context["adminform"].form.errors
@@ -55,12 +55,12 @@ def test_admin_refuses_a_price_in_a_past_period_with_a_field_error(client, world
 
 def test_admin_asks_before_repricing_usage_already_rated(client, world, catalog, staff):
     price(catalog.base, effective_from=date(2020, 1, 1), inp="100", out="100")
-    now = utc(*rating.utc_today().timetuple()[:3])
+    now = utc(*periods.utc_today().timetuple()[:3])
     usage(world.tenant, at=now, pool=catalog.shared, inp=1_000_000)
-    rating.rate_day(rating.utc_today())
+    rating.rate_day(periods.utc_today())
     assert selectors.period_cost_so_far(tenant=world.tenant).total_cents == 100
     client.force_login(world.owner)
-    today = rating.utc_today()
+    today = periods.utc_today()
 
     response = _add(client, catalog, today)
     assert response.status_code == 200 and "effective_from" in response.context["adminform"].form.errors
@@ -74,16 +74,16 @@ def test_admin_asks_before_repricing_usage_already_rated(client, world, catalog,
 
 
 def test_moving_a_future_entry_into_the_past_is_refused(client, world, catalog, staff):
-    future = price(catalog.base, effective_from=rating.utc_today() + timedelta(days=10), inp="1", out="1")
+    future = price(catalog.base, effective_from=periods.utc_today() + timedelta(days=10), inp="1", out="1")
     client.force_login(world.owner)
-    last_month = rating.previous_period(rating.period_of(rating.utc_today()))
+    last_month = periods.previous_period(periods.period_of(periods.utc_today()))
     response = client.post(f"/admin/billing/price/{future.pk}/change/", {
         "base_model": catalog.base.pk, "input_price": "1", "output_price": "1", "training_price": "0",
         "effective_from": last_month.isoformat(), "reprice_confirmed": "on",
     })
     assert response.status_code == 200 and "effective_from" in response.context["adminform"].form.errors
     future.refresh_from_db()
-    assert future.effective_from > rating.utc_today()
+    assert future.effective_from > periods.utc_today()
 
 
 def test_an_entry_in_force_is_history(world, catalog, client, staff):

@@ -57,6 +57,7 @@ ALL_TENANTS_ALLOWED: dict[tuple[str, str], str] = {
     ("finetune/services.py", "training_file_stale_validations"): "the periodic task finds stalled validations",
     ("finetune/services.py", "training_file_validations_resume"): "the periodic task finds tenants whose uploads wait",
     ("billing/rating.py", "*"): "rating runs once a day over every tenant's ledger",
+    ("billing/prices.py", "PriceBook.__init__"): "adapter names are unique across tenants: a fine-tuned model's base",
     ("billing/invoicing.py", "period_close"): "closing a month finds every tenant with usage",
     ("billing/invoicing.py", "charged_cents"): "staff reports over many tenants' invoices",
     ("billing/models.py", "price_start_error"): "a price's start is checked against every tenant's invoices",

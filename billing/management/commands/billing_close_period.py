@@ -3,7 +3,7 @@ from datetime import date
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from billing import invoicing, rating
+from billing import invoicing, periods
 
 
 class Command(BaseCommand):
@@ -20,7 +20,7 @@ class Command(BaseCommand):
             except ValueError:
                 raise CommandError("--period must look like 2026-01") from None
         else:
-            start = rating.previous_period(rating.period_of(rating.utc_today()))
+            start = periods.previous_period(periods.period_of(periods.utc_today()))
         try:
             invoices = invoicing.period_close(period=start, rerate=not no_rerate)
         except ValidationError as exc:

@@ -2,7 +2,7 @@ from datetime import date, timedelta
 
 from django.core.management.base import BaseCommand, CommandError
 
-from billing import rating
+from billing import periods, rating
 
 
 class Command(BaseCommand):
@@ -13,7 +13,7 @@ class Command(BaseCommand):
         parser.add_argument("--to", dest="last", help="YYYY-MM-DD (default: today)")
 
     def handle(self, *args, first=None, last=None, **options):
-        today = rating.utc_today()
+        today = periods.utc_today()
         try:
             first_day = date.fromisoformat(first) if first else today - timedelta(days=2)
             last_day = date.fromisoformat(last) if last else today
