@@ -105,11 +105,11 @@ def test_a_fine_tuned_models_requests_are_priced_as_the_gateway_records_them(wor
     assert rating.period_cost(tenant=world.tenant, period=JAN).lines[0].amount_cents == 3
 
 
-def test_training_usage_is_rated_when_finetune_provides_it(world, catalog):
+def test_training_usage_is_rated(world, catalog):
+    from finetune.models import FineTuneJob, TrainingFile, TrainingUsage
+
     model = rating.training_usage_model()
-    if model is None:
-        pytest.skip("finetune.models.TrainingUsage has not landed yet; billing tolerates its absence")
-    from finetune.models import FineTuneJob, TrainingFile
+    assert model is TrainingUsage
 
     price(catalog.base, effective_from=date(2025, 12, 1), inp="15", out="60", train="300")
     for i, tokens in enumerate((1_234_567, 765_433)):
