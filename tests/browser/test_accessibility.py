@@ -32,11 +32,12 @@ AXE_OPTIONS = {"resultTypes": ["violations"], "rules": {"label-content-name-mism
 
 def seed(world) -> dict:
     """What a tenant in use has: keys, a pending invitation, two prompt versions, a month of usage on two models and
-    two keys, rated cost, an invoice, a training file, a job with events, an adapter; a pool with a backend."""
+    two keys, rated cost, an invoice, a training file, a job with events, two versions of an adapter with a canary
+    rollout; a pool with a backend."""
     from billing import rating
     from billing.models import Invoice, Price
     from finetune.models import FineTuneJob, JobEvent, TrainingFile
-    from serving.models import Adapter, Backend, BackendPool, BaseModel, UsageRecord
+    from serving.models import Adapter, AdapterDeployment, AdapterRollout, Backend, BackendPool, BaseModel, UsageRecord
     from tenants import services
 
     base = BaseModel.objects.create(name="tiny-chat", hf_id="platform/tiny-chat", context_length=1024)
@@ -66,6 +67,11 @@ def seed(world) -> dict:
     for i in range(30):
         JobEvent.all_tenants.create(tenant=world.tenant, job=job, message=f"step {i}: loss {2 - i / 20:.2f}")
     adapter = Adapter.all_tenants.create(tenant=world.tenant, name="ft:tiny-chat:acme:support:1", base_model=base, path="/nonexistent")
+    v2 = Adapter.all_tenants.create(tenant=world.tenant, name="ft:tiny-chat:acme:support:2", base_model=base, path="/nonexistent")
+    for version in (adapter, v2):  # a canary at 20 %: the Versions page's comparison, Promote and Roll back
+        AdapterDeployment.all_tenants.create(tenant=world.tenant, adapter=version, pool=pool, state="active")
+    AdapterRollout.all_tenants.create(tenant=world.tenant, name=adapter.name, current=adapter, canary=v2, canary_percent=20,
+                                      canary_started_at=now - timedelta(days=30))
     return {"file": file, "job": job, "key": key, "adapter": adapter}
 
 

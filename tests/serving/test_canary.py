@@ -167,7 +167,12 @@ def test_a_canary_must_be_the_tenants_own_deployed_adapter_on_the_same_base_mode
 def test_a_rollout_row_naming_another_tenants_adapter_never_routes_it(world, versions):
     # A hand-made row: routing itself refuses another tenant's version, whatever the table holds.
     AdapterRollout.all_tenants.create(tenant=world.tenant, name=V1, current=versions["v1"], canary=versions["theirs"], canary_percent=100)
-    assert tenant_routes(world.tenant)[V1].canary is None
+    AdapterRollout.all_tenants.create(tenant=world.tenant, name="tiny-chat", current=versions["v1"])
+    AdapterRollout.all_tenants.create(tenant=world.other_tenant, name=V2, current=versions["theirs"])
+    routes = tenant_routes(world.tenant)
+    assert routes[V1].canary is None
+    assert routes["tiny-chat"].adapter is None  # never in place of a base model
+    assert routes[V2].adapter == V2  # another tenant's rollout row never renames acme's model
 
 
 def _api(user) -> APIClient:
