@@ -205,3 +205,16 @@ def _luminance(css: str) -> float:
     r, g, b = (int(x) / 255 for x in re.findall(r"\d+", css)[:3])
     lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b)]
     return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def test_phone_top_bar_fits_a_longer_tenant_name(phone, world):
+    # Found trying the console as a new tenant admin (docs/console.md): "Northwind phone" pushed the account menu
+    # 27 px past a 390 px screen, so every page scrolled sideways. The tenant's name is cut with an ellipsis instead.
+    world.tenant.name = "Northwind Traders Europe"
+    world.tenant.save(update_fields=["name"])
+    sign_in(phone, world.owner.email)
+    for path in ("/t/acme/", "/t/acme/keys/", "/t/acme/billing/"):
+        phone.goto(path)
+        assert phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"], path
+        expect(phone.locator(".menu-right > summary")).to_be_in_viewport(ratio=1)
+    expect(phone.locator(".topbar .menu:not(.menu-right) summary strong")).to_have_text("Northwind Traders Europe")
