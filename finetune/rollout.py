@@ -97,7 +97,7 @@ def canary_start(*, tenant: Tenant, actor: Actor, model: str, canary, percent) -
 def canary_promote(*, tenant: Tenant, actor: Actor, rollout: AdapterRollout) -> AdapterRollout:
     """The canary becomes the current version: 100 % of the name's requests, in one step."""
     with transaction.atomic():
-        rollout = AdapterRollout.objects.for_tenant(tenant).select_for_update().select_related("current", "canary").get(pk=rollout.pk)
+        rollout = AdapterRollout.objects.for_tenant(tenant).select_for_update(of=("self",)).select_related("current", "canary").get(pk=rollout.pk)
         if rollout.canary_id is None:
             raise RolloutError(f"{rollout.name} has no canary to promote.")
         previous = rollout.current.name
@@ -111,7 +111,7 @@ def canary_promote(*, tenant: Tenant, actor: Actor, rollout: AdapterRollout) -> 
 def canary_rollback(*, tenant: Tenant, actor: Actor, rollout: AdapterRollout) -> AdapterRollout:
     """Drop the canary: the current version serves 100 % of the name's requests again, in one step."""
     with transaction.atomic():
-        rollout = AdapterRollout.objects.for_tenant(tenant).select_for_update().select_related("current", "canary").get(pk=rollout.pk)
+        rollout = AdapterRollout.objects.for_tenant(tenant).select_for_update(of=("self",)).select_related("current", "canary").get(pk=rollout.pk)
         if rollout.canary_id is None:
             raise RolloutError(f"{rollout.name} has no canary to roll back.")
         dropped = rollout.canary.name
