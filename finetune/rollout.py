@@ -53,9 +53,14 @@ def _routable(tenant: Tenant, adapter: Adapter) -> bool:
         state=AdapterDeployment.State.FAILED).exists()
 
 
+def _share(rollout: AdapterRollout) -> int:
+    """The canary's share as routed: 0 once its adapter is gone (deleted: the row's canary is null, its percent kept)."""
+    return rollout.canary_percent if rollout.canary_id else 0
+
+
 def _data(rollout: AdapterRollout, **extra) -> dict:
     return {"model": rollout.name, "current": rollout.current.name,
-            "canary": rollout.canary.name if rollout.canary_id else None, "canary_percent": rollout.canary_percent, **extra}
+            "canary": rollout.canary.name if rollout.canary_id else None, "canary_percent": _share(rollout), **extra}
 
 
 def canary_start(*, tenant: Tenant, actor: Actor, model: str, canary, percent) -> AdapterRollout:
@@ -173,7 +178,7 @@ def comparison(rollout: AdapterRollout) -> list[VersionFigures]:
 
 def rollout_dict(rollout: AdapterRollout, *, with_figures: bool = True) -> dict:
     out = {"id": rollout.pk, "model": rollout.name, "current": rollout.current.name,
-           "canary": rollout.canary.name if rollout.canary_id else None, "canary_percent": rollout.canary_percent,
+           "canary": rollout.canary.name if rollout.canary_id else None, "canary_percent": _share(rollout),
            "canary_started_at": rollout.canary_started_at, "updated_at": rollout.updated_at}
     if with_figures:
         out["versions"] = [f.as_dict() for f in comparison(rollout)]

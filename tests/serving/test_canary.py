@@ -164,6 +164,14 @@ def test_a_canary_must_be_the_tenants_own_deployed_adapter_on_the_same_base_mode
     assert not AdapterRollout.all_tenants.exists()
 
 
+def test_a_deleted_canary_adapter_leaves_the_current_version_at_100_percent(world, versions):
+    rollout = ro.canary_start(tenant=world.tenant, actor=SYSTEM, model=V1, canary=V2, percent=20)
+    versions["v2"].delete()
+    rollout.refresh_from_db()
+    assert tenant_routes(world.tenant)[V1].canary is None
+    assert (ro.rollout_dict(rollout)["canary"], ro.rollout_dict(rollout)["canary_percent"]) == (None, 0)
+
+
 def test_a_rollout_row_naming_another_tenants_adapter_never_routes_it(world, versions):
     # A hand-made row: routing itself refuses another tenant's version, whatever the table holds.
     AdapterRollout.all_tenants.create(tenant=world.tenant, name=V1, current=versions["v1"], canary=versions["theirs"], canary_percent=100)
