@@ -24,9 +24,13 @@ from tenants.models import AlertEvent, ApiKey, BudgetMode, Membership, Role, Web
 DELIVERY_LOG_SIZE = 50
 
 
+def _currency() -> str:
+    return BillingSettings.load().currency.upper()
+
+
 def _render(request, ctx: TenantContext, template: str, section: str, context: dict | None = None, status: int = 200):
     return render(request, template, {"tenant": ctx.tenant, "section": section, "can_write": ctx.can(Role.ADMIN),
-                                      "currency": BillingSettings.load().currency.upper(), **(context or {})}, status=status)
+                                      "currency": _currency(), **(context or {})}, status=status)
 
 
 def _key(ctx: TenantContext, key_id: int) -> ApiKey:
@@ -56,6 +60,7 @@ def key_controls(request, ctx: TenantContext, key_id: int):
                "monthly_budget": key.monthly_budget_cents / 100 if key.monthly_budget_cents else None,
                "allowed_models": key.allowed_models}
     form = KeyControlsForm(request.POST or None, initial=initial, models=sorted(set(names) | set(key.allowed_models)))
+    form.fields["monthly_budget"].label += f" ({_currency()})"
     if request.method == "POST" and form.is_valid():
         try:
             services.api_key_controls_update(key=key, actor=ctx.actor, tenant_models=names, **form.changes())
@@ -91,6 +96,7 @@ def budget(request, ctx: TenantContext):
     tenant = ctx.tenant
     state = spend.budget_in_force(tenant=tenant)
     form = BudgetForm(request.POST or None, initial={"monthly": state.budget_cents / 100 if state.budget_cents else None, "mode": state.mode})
+    form.fields["monthly"].label += f" ({_currency()})"  # the amount's currency, where it is typed
     if request.method == "POST" and form.is_valid():
         try:
             services.spend_budget_set(tenant=tenant, monthly_cents=to_cents(form.cleaned_data["monthly"]), mode=form.cleaned_data["mode"], actor=ctx.actor)

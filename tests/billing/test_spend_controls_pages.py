@@ -33,9 +33,9 @@ def test_the_keys_page_shows_each_keys_usage_and_spend_this_month(client, world,
     client.force_login(world.viewer)
     page = client.get(url("console-keys")).content.decode()
     row = page.split(f'data-key-prefix="{used.prefix}"')[1].split("</tr>")[0]
-    assert '<span data-requests>1</span>' in row and '<span data-tokens>40,000</span>' in row and "USD 0.05" in row
+    assert '<span data-requests>1</span>' in row and '<span data-tokens>40,000</span>' in row and "0.05 USD" in row
     idle_row = page.split(f'data-key-prefix="{idle.prefix}"')[1].split("</tr>")[0]
-    assert '<span data-tokens>0</span>' in idle_row and "USD 0.00" in idle_row
+    assert '<span data-tokens>0</span>' in idle_row and "0.00 USD" in idle_row
     assert "Rotate" not in page  # a viewer sees no write actions
 
 
@@ -70,14 +70,14 @@ def test_the_budget_page_sets_a_budget_within_the_ceiling(client, world, catalog
     services.policy_update(tenant=world.tenant, actor=Actor(user=world.owner), budget_ceiling_cents=5000)
     client.force_login(world.viewer)
     page = client.get(url("console-budget")).content.decode()
-    assert "USD 50.00 (hard)" in page and "Save budget" not in page
+    assert "50.00 USD (hard)" in page and "Save budget" not in page
     assert client.post(url("console-budget"), {"monthly": "10", "mode": "hard"}).status_code == 403
     client.force_login(world.admin)
     too_much = client.post(url("console-budget"), {"monthly": "50.01", "mode": "hard"})
     assert too_much.status_code == 400 and "ceiling" in too_much.content.decode()
     assert client.post(url("console-budget"), {"monthly": "20", "mode": "hard"}).status_code == 302
     assert SpendBudget.objects.for_tenant(world.tenant).get().monthly_cents == 2000
-    assert "USD 20.00" in client.get(url("console-budget")).content.decode()
+    assert "20.00 USD" in client.get(url("console-budget")).content.decode()
 
 
 def test_alert_settings_and_resend_are_for_admins(client, world, catalog):
@@ -126,3 +126,16 @@ def test_the_api_sets_key_limits_rotates_and_sets_the_budget(world, catalog):
     other_key, _ = services.api_key_create(tenant=world.other_tenant, name="g", scopes=["inference"], actor=Actor(user=world.outsider))
     assert admin.patch(f"/api/tenants/acme/keys/{other_key.pk}/limits/", {"monthly_budget_cents": 1}, format="json").status_code == 404
     assert ApiKey.objects.for_tenant(world.other_tenant).get().monthly_budget_cents == 0
+
+
+def test_amounts_are_written_as_elsewhere_in_the_console_and_the_inputs_name_their_currency(client, world):
+    # Found trying the console as a new tenant admin: the dashboard and Billing write "0.00 USD", the Budget and
+    # API keys pages wrote "USD 0.00", and the budget's input did not say in which currency to type it.
+    client.force_login(world.admin)
+    key, _ = services.api_key_create(tenant=world.tenant, name="k", scopes=["inference"], actor=services.SYSTEM)
+    budget = client.get("/t/acme/budget/").content.decode()
+    assert "0.00 USD" in budget and "USD 0.00" not in budget
+    assert "Monthly budget (USD)" in budget
+    assert "Spend per month (USD)" in client.get(f"/t/acme/keys/{key.pk}/limits/").content.decode()
+    keys = client.get("/t/acme/keys/").content.decode()
+    assert "0.00 USD" in keys and "USD 0.00" not in keys
