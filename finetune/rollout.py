@@ -2,7 +2,8 @@
 chosen share of its requests until it is promoted or rolled back (docs/finetuning.md, "Versions and canary rollout").
 
 A rollout (serving.models.AdapterRollout) is created the first time a canary is started for one of the tenant's
-adapters: its name is that adapter's ft: name, its current version that adapter. Both versions are the tenant's own
+adapters (its name is that adapter's ft: name, its current version that adapter), or by naming a version with a
+tenant-chosen name (`rollout_create`: "support-bot" → an adapter). Both versions are the tenant's own
 adapters on the same base model, the canary deployed. The gateway splits the name's requests
 (serving.gateway.plan.pick_version) from its next configuration snapshot: every change here records an audit event,
 which bumps the config version (serving.signals), so a rollback is effective within the gateway's poll interval.
@@ -11,15 +12,21 @@ The ledger's `adapter` names the version that served each request: `comparison` 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from django.db import transaction
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
-from serving.models import Adapter, AdapterDeployment, AdapterRollout, UsageRecord
+from serving.models import Adapter, AdapterDeployment, AdapterRollout, BaseModel, UsageRecord
 from tenants.models import Tenant
 from tenants.services import Actor, audit_record
+
+
+# A tenant-chosen name: no colon, so never an adapter's `ft:` name; the gateway's placeholder names are refused.
+ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
+RESERVED_NAMES = {"default", "tgi", "dummy"}
 
 
 class RolloutError(Exception):
@@ -30,12 +37,12 @@ class RolloutError(Exception):
         self.message, self.status, self.param = message, status, param
 
 
-def _adapter(tenant: Tenant, ref) -> Adapter:
+def _adapter(tenant: Tenant, ref, param: str = "canary") -> Adapter:
     """One of the tenant's adapters, by id or model name; another tenant's (or none) is a 404."""
     qs = Adapter.objects.for_tenant(tenant).select_related("base_model")
     adapter = qs.filter(pk=int(ref)).first() if str(ref).isdigit() else qs.filter(name=str(ref)).first()
     if adapter is None:
-        raise RolloutError(f"No adapter {ref!r} in this tenant.", status=404, param="canary")
+        raise RolloutError(f"No adapter {ref!r} in this tenant.", status=404, param=param)
     return adapter
 
 
@@ -61,6 +68,24 @@ def _share(rollout: AdapterRollout) -> int:
 def _data(rollout: AdapterRollout, **extra) -> dict:
     return {"model": rollout.name, "current": rollout.current.name,
             "canary": rollout.canary.name if rollout.canary_id else None, "canary_percent": _share(rollout), **extra}
+
+
+def rollout_create(*, tenant: Tenant, actor: Actor, name: str, current) -> AdapterRollout:
+    """A tenant-chosen model name (`name`, e.g. "support-bot") served by `current` (one of its adapters, by id or
+    name); canaries then split it as any rollout. Refused: a name that is not 1-64 letters, digits, '.', '_' or '-'
+    (starting with a letter or digit), a base model's name, a placeholder, or one of the tenant's rollouts already."""
+    if not isinstance(name, str) or not ALIAS_RE.match(name) or name.lower() in RESERVED_NAMES:
+        raise RolloutError("The name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+                           "(and not 'default', 'tgi' or 'dummy').", status=400, param="model")
+    if BaseModel.objects.filter(name__iexact=name).exists():
+        raise RolloutError(f"{name} is a base model's name.", status=400, param="model")
+    adapter = _adapter(tenant, current, "current")
+    with transaction.atomic():
+        if AdapterRollout.objects.for_tenant(tenant).filter(name=name).exists():
+            raise RolloutError(f"{name} already names a version: start a canary on it, or promote one.", param="model")
+        rollout = AdapterRollout.objects.for_tenant(tenant).create(tenant=tenant, name=name, current=adapter)
+        audit_record(tenant=tenant, actor=actor, action="finetune.rollout_created", target=rollout, data=_data(rollout))
+    return rollout
 
 
 def canary_start(*, tenant: Tenant, actor: Actor, model: str, canary, percent) -> AdapterRollout:

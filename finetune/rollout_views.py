@@ -27,6 +27,17 @@ def _rollout(ctx: TenantContext, rollout_id: int) -> AdapterRollout:
 
 @tenant_view(write=Role.ADMIN)
 def rollouts(request, ctx: TenantContext):
+    if request.method == "POST" and request.POST.get("current"):
+        try:
+            rollout = ro.rollout_create(tenant=ctx.tenant, actor=ctx.actor, name=request.POST.get("model", ""),
+                                        current=request.POST["current"])
+        except ro.RolloutError as exc:
+            if exc.status == 404:
+                raise Http404(exc.message) from None
+            messages.error(request, exc.message)
+        else:
+            messages.success(request, f"{rollout.name} now answers with {rollout.current.name}.")
+        return redirect("finetune-rollouts", ctx.tenant.slug)
     if request.method == "POST":
         try:
             rollout = ro.canary_start(tenant=ctx.tenant, actor=ctx.actor, model=request.POST.get("model", ""),
@@ -46,7 +57,7 @@ def rollouts(request, ctx: TenantContext):
                    .values_list("adapter_id", flat=True))
     names = [r["rollout"].name for r in rows] + [a.name for a in adapters if a.name not in {r["rollout"].name for r in rows}]
     return _render(request, ctx, "finetune/rollouts.html", {
-        "rows": rows, "model_names": names, "canaries": [a for a in adapters if a.pk in deployed]})
+        "rows": rows, "model_names": names, "canaries": [a for a in adapters if a.pk in deployed], "adapters": adapters})
 
 
 @require_POST

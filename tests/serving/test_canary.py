@@ -233,3 +233,54 @@ def test_the_console_page_shows_the_comparison_and_only_admins_change_it(world, 
     assert admin.post(f"/t/acme/finetune/rollouts/{rollout.pk}/rollback/").status_code == 302
     assert AdapterRollout.objects.for_tenant(world.tenant).get().canary_id is None
     assert json.loads(json.dumps(ro.rollout_dict(rollout, with_figures=False), default=str))["model"] == V1
+
+
+def test_a_tenant_chosen_name_serves_its_version_and_canaries_move_it(world, versions):
+    rollout = ro.rollout_create(tenant=world.tenant, actor=Actor(user=world.admin), name="support-bot", current=V1)
+    route = tenant_routes(world.tenant)["support-bot"]
+    assert (route.name, route.adapter, route.canary) == ("support-bot", V1, None)
+    ro.canary_start(tenant=world.tenant, actor=SYSTEM, model="support-bot", canary=V2, percent=50)
+    ro.canary_promote(tenant=world.tenant, actor=SYSTEM, rollout=rollout)
+    assert tenant_routes(world.tenant)["support-bot"].adapter == V2
+    assert tenant_routes(world.tenant)[V1].adapter == V1  # the versions keep their own names
+    event = AuditEvent.objects.for_tenant(world.tenant).filter(action="finetune.rollout_created").get()
+    assert (event.data["model"], event.data["current"], event.actor_id) == ("support-bot", V1, world.admin.pk)
+
+
+@pytest.mark.parametrize("name", ["tiny-chat", "default", "ft:tiny-chat:acme:x:9", "", "-x", "a" * 65, "sp ace"])
+def test_a_chosen_name_is_never_a_base_model_a_placeholder_or_an_ft_name(world, versions, name):
+    with pytest.raises(ro.RolloutError) as refused:
+        ro.rollout_create(tenant=world.tenant, actor=SYSTEM, name=name, current=V1)
+    assert refused.value.status == 400 and refused.value.param == "model"
+
+
+def test_a_chosen_name_is_one_per_tenant_and_only_for_the_tenants_own_adapter(world, versions):
+    with pytest.raises(ro.RolloutError) as theirs:
+        ro.rollout_create(tenant=world.tenant, actor=SYSTEM, name="bot", current=versions["theirs"].pk)
+    assert (theirs.value.status, theirs.value.param) == (404, "current")
+    ro.rollout_create(tenant=world.tenant, actor=SYSTEM, name="bot", current=V1)
+    with pytest.raises(ro.RolloutError) as again:
+        ro.rollout_create(tenant=world.tenant, actor=SYSTEM, name="bot", current=V2)
+    assert again.value.status == 409
+    ro.rollout_create(tenant=world.other_tenant, actor=SYSTEM, name="bot", current=OTHERS)  # globex's own "bot"
+    assert tenant_routes(world.tenant)["bot"].adapter == V1
+
+
+def test_the_api_names_a_version_and_starts_its_canary_in_one_call_or_neither(world, versions):
+    admin = _api(world.admin)
+    r = admin.post("/api/tenants/acme/rollouts/", {"model": "bot", "current": V1, "canary": V2, "percent": 200}, format="json")
+    assert r.status_code == 400 and not AdapterRollout.all_tenants.exists()  # the bad share undid the name too
+    r = admin.post("/api/tenants/acme/rollouts/", {"model": "bot", "current": V1, "canary": V2, "percent": 20}, format="json")
+    assert r.status_code == 201 and (r.json()["model"], r.json()["current"], r.json()["canary"]) == ("bot", V1, V2)
+    assert _api(world.developer).post("/api/tenants/acme/rollouts/", {"model": "b2", "current": V1}, format="json").status_code == 403
+    r = admin.post("/api/tenants/acme/rollouts/", {"model": "b3", "current": versions["theirs"].pk}, format="json")
+    assert r.status_code == 404
+
+
+def test_the_console_names_a_version(world, versions):
+    admin = signed_in(world.admin)
+    assert admin.post("/t/acme/finetune/rollouts/", {"model": "support-bot", "current": versions["v1"].pk}).status_code == 302
+    assert AdapterRollout.objects.for_tenant(world.tenant).get().name == "support-bot"
+    assert admin.post("/t/acme/finetune/rollouts/", {"model": "x", "current": versions["theirs"].pk}).status_code == 404
+    assert signed_in(world.developer).post("/t/acme/finetune/rollouts/", {"model": "y", "current": versions["v1"].pk}).status_code == 403
+    assert "Name a version" in admin.get("/t/acme/finetune/rollouts/").content.decode()
