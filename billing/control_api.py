@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_serializer
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
@@ -37,6 +37,7 @@ def _controls(key: ApiKey) -> dict:
 
 
 class ApiKeyControlsApi(TenantAPIView):
+    @extend_schema_serializer(component_name="KeyLimitsInput")
     class InputSerializer(serializers.Serializer):
         requests_per_minute = serializers.IntegerField(min_value=0)
         tokens_per_minute = serializers.IntegerField(min_value=0)
@@ -66,6 +67,7 @@ class RotatedKeyOutput(ApiKeyOutput):
 
 
 class ApiKeyRotateApi(TenantAPIView):
+    @extend_schema_serializer(component_name="KeyRotateInput")
     class InputSerializer(serializers.Serializer):
         grace_seconds = serializers.IntegerField(min_value=0, max_value=30 * 86400, help_text="How long the old secret stays valid.")
 
@@ -90,6 +92,7 @@ class BudgetOutput(serializers.Serializer):
 
 
 class SpendBudgetApi(TenantAPIView):
+    @extend_schema_serializer(component_name="BudgetInput")
     class InputSerializer(serializers.Serializer):
         monthly_cents = serializers.IntegerField(min_value=0)
         mode = serializers.ChoiceField(choices=BudgetMode.choices)
@@ -127,6 +130,7 @@ class AlertSettingsOutput(serializers.Serializer):
 class AlertSettingsApi(TenantAPIView):
     read_role = Role.ADMIN
 
+    @extend_schema_serializer(component_name="AlertSettingsInput")
     class InputSerializer(serializers.Serializer):
         thresholds = serializers.ListField(child=serializers.IntegerField(), max_length=10)
         recipient_ids = serializers.ListField(child=serializers.IntegerField(), max_length=200)
