@@ -18,7 +18,7 @@ import re
 from array import array
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO, Callable
 
 from common.parsers import MAX_JSON_DEPTH, json_depth_exceeds
 from finetune.templating import to_messages, tokenize_chat_example
