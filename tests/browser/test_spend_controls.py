@@ -27,10 +27,11 @@ from django.utils import timezone
 from billing import spend
 from billing.models import format_cents
 from serving.models import UsageRecord
+from tenants import services
 from tenants.models import WebhookDelivery
 from tests.support.billing import price
 from tests.support.browser import sign_in
-from tests.support.gateway import GatewayServer, make_base_model, make_key, make_pool, set_model_config, sim_backend, wait_for
+from tests.support.gateway import GatewayServer, make_base_model, make_pool, set_model_config, sim_backend, wait_for
 
 pytestmark = [
     pytest.mark.browser,
@@ -109,11 +110,9 @@ def key_entry(snap, key):
 
 
 def new_key(server, tenant, name: str = "test"):
-    """A key of the tenant's (made as the console's Create key makes it), once the gateway knows it."""
-    key, secret = make_key(tenant)
-    if name != key.name:
-        key.name = name
-        key.save(update_fields=["name"])
+    """A key of the tenant's (made as the console's Create key makes it), once the gateway knows it. Made again if the
+    in-memory SQLite database was locked by the gateway's writes (wait_for: shared cache has no busy timeout)."""
+    key, secret = wait_for(lambda: services.api_key_create(tenant=tenant, name=name, scopes=["inference"], actor=services.SYSTEM))
     gateway_sees(server, lambda snap: key_entry(snap, key) is not None, "the new key")
     return key, secret
 
@@ -267,7 +266,7 @@ def test_crossing_a_threshold_sends_an_email_and_a_signed_webhook_shown_in_the_d
         chat(server, secret)
         served += 1
         assert served < 60
-    assert alerts_check_all() == 1
+    assert wait_for(alerts_check_all) == 1  # the minute's check (Celery beat)
 
     [email] = mail.outbox
     assert email.to == ["admin@acme.test"] and "50" in email.subject + email.body
@@ -280,13 +279,13 @@ def test_crossing_a_threshold_sends_an_email_and_a_signed_webhook_shown_in_the_d
 
     # The console shows the alert and the delivery; Re-send sends the same body again, newly signed, as a new delivery.
     page.reload()
-    [first] = WebhookDelivery.objects.for_tenant(tenant)
+    [first] = wait_for(lambda: list(WebhookDelivery.objects.for_tenant(tenant)))
     row = page.locator(f'tr[data-delivery="{first.pk}"]')
     expect(row).to_contain_text("Delivered")
     expect(row).to_contain_text("HTTP 204")
     expect(page.locator("section", has_text="Alerts sent")).to_contain_text("50")
     row.get_by_role("button", name=f"Re-send delivery {first.pk}").click()
-    again = WebhookDelivery.objects.for_tenant(tenant).exclude(pk=first.pk).get()
+    again = wait_for(lambda: WebhookDelivery.objects.for_tenant(tenant).exclude(pk=first.pk).first())
     expect(page.get_by_text(f"Delivery {first.pk} queued again as delivery {again.pk}.")).to_be_visible()
     assert wait_for(lambda: len(receiver.requests) == 2)
     headers2, body2 = receiver.requests[1]
