@@ -186,7 +186,10 @@ def test_a_hard_monthly_budget_and_a_keys_budget_set_in_the_console_refuse_reque
     by_key = ledger_month(tenant, before + key_served + 1)
     assert 0 < by_key[limited.pk].microcents <= 1 * spend.MICROCENTS_PER_CENT  # overshoot 0
     page.goto("/t/acme/keys/")
-    expect(page.locator("tr", has_text="limited")).to_contain_text(str(key_served))  # its requests this month
+    row = page.locator(f'tr[data-key-prefix="{limited.prefix}"]')  # its requests and spend this month, from the ledger
+    expect(row.locator("[data-requests]")).to_have_text(str(key_served))
+    expect(row.locator("[data-spend]")).to_have_text(f"{format_cents(spend.cents_from_microcents(by_key[limited.pk].microcents))} USD")
+    expect(row).to_contain_text("% of its budget")
 
 
 class Receiver:
