@@ -194,7 +194,7 @@
       }
       if (mine !== generation) return "cleared";
       side.history.push({role: "assistant", content: answer});
-      side.status.textContent = "Done" + (usage ? " · " + usage.prompt_tokens + " input tokens (system prompt included) · " +
+      side.status.textContent = "Done" + (usage ? " · " + usage.prompt_tokens + " input tokens" + (appliedPrompt ? " (system prompt included)" : "") + " · " +
         usage.completion_tokens + " output tokens" : "") + (firstTokenMs !== null ? " · first token after " + Math.round(firstTokenMs) + " ms" : "") + ".";
       return "ok";
     } catch (err) {

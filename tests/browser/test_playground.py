@@ -163,6 +163,7 @@ def test_a_system_prompt_typed_for_the_try_by_an_admin_reaches_the_model_and_cha
     page.get_by_role("button", name="Send").click()  # applies the typed prompt first, then sends
     expect(page.locator("#pg-status")).to_have_text("Answer is in.")
     expect(page.locator("#pg-system-state")).to_have_text("edited (for this try)")
+    expect(page.locator("#pg-status-a")).to_contain_text("input tokens (system prompt included) ·")
     last = dev_stats(served)["last_request"]["body"]
     assert last["messages"][0] == {"role": "system", "content": "Answer like a pirate."}  # in place of the live one
     token = services.playground_token_read(sent[0].headers["authorization"].removeprefix("Bearer "))
@@ -182,6 +183,17 @@ def test_a_system_prompt_typed_for_the_try_by_an_admin_reaches_the_model_and_cha
     expect(page.locator("#pg-status")).to_have_text("Answer is in.")
     assert dev_stats(served)["last_request"]["body"]["messages"][0] == {"role": "system", "content": "Live: be brief."}
     assert sent[-1].post_data_json["messages"] == [{"role": "user", "content": "Again"}]  # a new conversation
+
+    # No system prompt for the try: the token count does not claim one is included.
+    page.get_by_label(re.compile("^System prompt \\(applies")).fill("")
+    page.get_by_role("button", name="Use this prompt for the try").click()
+    expect(page.locator("#pg-system-state")).to_have_text("none (for this try)")
+    page.get_by_role("button", name="New conversation").click()
+    page.get_by_label("Your message").fill("Plain")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#pg-status")).to_have_text("Answer is in.")
+    expect(page.locator("#pg-status-a")).to_contain_text("input tokens ·")
+    expect(page.locator("#pg-status-a")).not_to_contain_text("system prompt included")
 
 
 def test_the_playground_comparing_two_models_has_no_serious_accessibility_violations_and_stacks_on_a_phone(page, world, served):
