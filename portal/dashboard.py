@@ -20,9 +20,10 @@ from billing import periods, selectors as billing_selectors, spend
 from billing.models import format_cents
 from finetune.models import FineTuneJob
 from serving import selectors as serving_selectors
+from serving.admission import WARN_FRACTION
 from serving.models import AdapterDeployment, UsageRecord
 from tenants.access import TenantContext, tenant_view
-from tenants.models import ApiKey, Invitation, Membership, Role, Tenant
+from tenants.models import AlertSettings, ApiKey, Invitation, Membership, Role, Tenant
 
 RECENT_ITEMS = 5  # running jobs and deployed adapters listed
 # Requests that failed on the platform's side. A client that hung up (cancelled) is not an error of ours.
@@ -82,6 +83,12 @@ def budget_gauge(tenant: Tenant, now: datetime | None = None) -> BudgetGauge | N
                        hard=state.hard_cents == limit)
 
 
+def alert_thresholds(tenant: Tenant) -> list[int]:
+    """The tenant's alert thresholds (percent of each budget and quota), ascending; [] when none are set."""
+    config = AlertSettings.objects.for_tenant(tenant).first()
+    return sorted(config.thresholds) if config and config.thresholds else []
+
+
 def _percent_width(percent) -> str:
     """A gauge's fill width (CSS percent, 0–100, dot decimal whatever the locale)."""
     return f"{min(max(float(percent or 0), 0.0), 100.0):.1f}"
@@ -102,6 +109,9 @@ def dashboard(request, ctx: TenantContext):
         "quota": quota,
         "quota_width": _percent_width(quota["percent"]),
         "budget": budget_gauge(tenant, now),
+        # The gauges' mark, said in words (a hover title means nothing on a phone or to a screen reader).
+        "warn_percent": round(WARN_FRACTION * 100),
+        "alert_thresholds": alert_thresholds(tenant),
         "today": requests_today(tenant, now),
         "unpaid_invoices": list(billing_selectors.unpaid_invoices(tenant=tenant)),
         "running_jobs": list(FineTuneJob.objects.for_tenant(tenant).filter(status__in=FineTuneJob.ACTIVE_STATUSES)

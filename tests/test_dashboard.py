@@ -129,3 +129,26 @@ def test_dashboard_quota_window_names_its_last_day(client, world):
     assert (quota["window_end"].date() - last).days == 1
     assert f'– {last.day} {last:%b %Y}, UTC' in response.content.decode()  # the month's last day, not the next 1st
     assert f'– {last.day} {last:%b %Y}, UTC' in client.get(f"/t/{world.tenant.slug}/usage/").content.decode()  # as Usage says
+
+
+def test_dashboard_says_in_words_what_the_gauges_mark_is_and_where_alerts_fire(client, world):
+    """The mark at 80 % had only a hover title: a phone or a screen reader got nothing. A legend line says it, with
+    the tenant's alert thresholds when it has alert settings."""
+    from tenants import services
+    from tenants.models import AlertSettings
+
+    services.policy_update(tenant=world.tenant, actor=services.SYSTEM, quota_tokens=1_000)
+    client.force_login(world.viewer)
+    url = f"/t/{world.tenant.slug}/"
+    html = client.get(url).content.decode()
+    legend = re.search(r"<p [^>]*data-gauge-legend>(.*?)</p>", html, re.S).group(1)
+    text = " ".join(re.sub(r"<[^>]+>", "", legend).split())
+    assert text == "The line across each gauge marks 80 %: past it the gauge turns amber. No alerts are set (Alerts)."
+    assert 'class="gauge-mark" title="80 %: warning" aria-hidden="true"' in html
+
+    AlertSettings.objects.for_tenant(world.tenant).create(tenant=world.tenant, thresholds=[100, 50, 90])
+    AlertSettings.objects.for_tenant(world.other_tenant).create(tenant=world.other_tenant, thresholds=[10])  # another tenant's: not shown
+    html = client.get(url).content.decode()
+    legend = re.search(r"<p [^>]*data-gauge-legend>(.*?)</p>", html, re.S).group(1)
+    assert " ".join(re.sub(r"<[^>]+>", "", legend).split()).endswith("Alerts at 50 %, 90 %, 100 % (Alerts).")
+
