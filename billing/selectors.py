@@ -11,7 +11,7 @@ from django.db.models import Count, Q
 from django.utils import timezone
 
 from billing import invoicing, periods, prices, rating
-from billing.models import BillingSettings, DailyUsage, Invoice, format_cents
+from billing.models import BillingSettings, DailyUsage, Invoice, format_cents, format_price_per_million
 from serving.models import BackendPool
 from tenants.models import Tenant
 
@@ -80,6 +80,35 @@ def spend_so_far(*, tenant: Tenant, now: datetime | None = None) -> Spend:
     forecast = max(cost.total_cents, prices.round_cents(exact * period_days / elapsed))
     return Spend(cost=cost, currency=BillingSettings.load().currency.upper(), period_last_day=period_end - timedelta(days=1),
                  spent_cents=cost.total_cents, forecast_cents=forecast, elapsed_days=elapsed, period_days=period_days)
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """What one model the tenant may call costs today, per million tokens, in the currency's units ("0.075"); the
+    prices are None when no price entry is in force for it."""
+
+    model: str
+    adapter: bool  # a fine-tuned model (the tenant's adapter)
+    input_price: str | None
+    output_price: str | None
+
+
+def price_list(*, tenant: Tenant, day: date | None = None) -> tuple[list[ModelPrice], str]:
+    """Every model the tenant may call (what the gateway routes for it: serving.routing.tenant_routes, base models
+    first, then adapters) with the price that would rate a request on `day` (today, UTC): the same lookup as rating
+    and the gateway's budget gate (PriceBook.resolve: adapter, then pool, then base model). Returns (rows, currency)."""
+    from serving.routing import tenant_routes
+
+    day = day or timezone.now().date()
+    book = prices.PriceBook()
+    routes = sorted(tenant_routes(tenant).values(), key=lambda r: (r.adapter is not None, r.name))
+    rows = []
+    for route in routes:
+        price = book.resolve(model=route.name, adapter=route.adapter or "", pool_id=route.pool_id, day=day)
+        rows.append(ModelPrice(model=route.name, adapter=route.adapter is not None,
+                               input_price=format_price_per_million(price.input_price) if price else None,
+                               output_price=format_price_per_million(price.output_price) if price else None))
+    return rows, BillingSettings.load().currency.upper()
 
 
 def unpaid_invoices(*, tenant: Tenant):

@@ -51,7 +51,9 @@ def usage(request, ctx: TenantContext):
                       fmt=lambda cents: f"{_cents(cents)} {currency}")
     lines = [{"line": line, "input_price": _price(line, "input_price"), "output_price": _price(line, "output_price"),
               "training_price": _price(line, "training_price")} for line in cost.lines]
+    price_rows, price_currency = selectors.price_list(tenant=ctx.tenant)
     return _render(request, ctx, "billing/usage.html", {
+        "price_rows": price_rows, "price_currency": price_currency,
         "spend": spend, "cost": cost, "lines": lines, "chart": chart, "currency": currency, "period_last_day": spend.period_last_day,
         "open_invoices": selectors.unpaid_invoices(tenant=ctx.tenant), "stripe_configured": stripe_gateway.is_configured(),
     })

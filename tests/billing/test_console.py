@@ -204,3 +204,37 @@ def test_payment_methods_open_stripes_customer_portal_for_admins(client, world, 
     assert "Manage payment methods" in html and "Online payment is not available yet: invoices" not in html
     response = client.post(f"/t/{world.tenant.slug}/billing/payment-methods/")
     assert response.status_code == 302 and response.url == "https://billing.stripe.test/p/acme?back=http://testserver/t/acme/billing/"
+
+
+def test_billing_lists_the_price_of_every_model_the_tenant_may_call_and_the_models_page_links_to_it(client, world, catalog):
+    """A new tenant sees what a request will cost before making one: Billing's Prices table, per model it may call
+    (what the gateway routes for it), input and output per million tokens in the currency, formatted as the
+    breakdown's; the Models page links to it."""
+    import re
+
+    from serving.models import ModelConfig
+
+    price(catalog.base, effective_from=date(2020, 1, 1), inp="100", out="200")
+    price(catalog.other_base, effective_from=date(2020, 1, 1), inp="7.5", out="1234")
+    price(catalog.other_base, effective_from=timezone.now().date() + timedelta(days=2), inp="1", out="1")  # not yet
+    client.force_login(world.viewer)
+
+    def prices(url):
+        html = client.get(url).content.decode()
+        assert html.count("<table data-price-list>") == 1
+        rows = re.findall(r'<tr data-price-model="([^"]+)">(.*?)</tr>', html, re.S)
+        return {m: " ".join(re.sub(r"<[^>]+>", " ", cells).split()) for m, cells in rows}
+
+    expected = {"big-chat": "big-chat 0.075 USD 12.34 USD", "tiny-chat": "tiny-chat 1.00 USD 2.00 USD"}
+    assert prices(f"/t/{world.tenant.slug}/billing/") == expected  # no usage yet: the breakdown is empty
+    # The Models page (serving, a layer below billing) links to the list rather than importing it.
+    assert f'href="/t/{world.tenant.slug}/billing/#prices-h"' in client.get(f"/t/{world.tenant.slug}/models/").content.decode()
+    rows, currency = selectors.price_list(tenant=world.tenant)
+    assert [r.model for r in rows] == ["big-chat", "tiny-chat"] and currency == "USD"
+
+    # Only the models this tenant may call: with its allowed models narrowed, the other one is not priced for it.
+    config, _ = ModelConfig.objects.for_tenant(world.tenant).get_or_create(tenant=world.tenant)
+    config.allowed_models = ["tiny-chat"]
+    config.save()
+    assert prices(f"/t/{world.tenant.slug}/billing/") == {"tiny-chat": "tiny-chat 1.00 USD 2.00 USD"}
+    assert [r.model for r in selectors.price_list(tenant=world.other_tenant)[0]] == ["big-chat", "tiny-chat"]  # not another's
