@@ -190,6 +190,8 @@ class PeriodCost:
     period: date
     lines: list[RatedLine]
     daily_cents: dict[date, Decimal] = field(default_factory=dict)  # unrounded, for the chart
+    # The same, split by model (its name; fine-tuning as "<base model> · fine-tuning"): {day: {model: cents}}.
+    daily_model_cents: dict[date, dict[str, Decimal]] = field(default_factory=dict)
 
     @property
     def total_cents(self) -> int:
@@ -248,6 +250,7 @@ def _priced(period: date, rows, book: PriceBook) -> PeriodCost:
     """Rollup rows ({day, kind, model, adapter, pool_id, sums}) priced into invoice lines and cents per day."""
     lines: dict[tuple, RatedLine] = {}
     daily: dict[date, Decimal] = defaultdict(Decimal)
+    by_model: dict[date, dict[str, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
     for r in sorted(rows, key=lambda r: (r["day"], r["kind"], r["model"], r["adapter"], r["pool_id"] or 0)):
         price = book.resolve(model=r["model"], adapter=r["adapter"], pool_id=r["pool_id"], day=r["day"])
         # Pool-specific prices keep their pool on the line; otherwise lines are per model/adapter.
@@ -261,6 +264,9 @@ def _priced(period: date, rows, book: PriceBook) -> PeriodCost:
         line.trained_tokens += r["trained_tokens"]
         line.requests += r["requests"]
         line.last_day = r["day"]
-        daily[r["day"]] += line_amount(input_tokens=r["input_tokens"], output_tokens=r["output_tokens"], trained_tokens=r["trained_tokens"], price=price)
+        amount = line_amount(input_tokens=r["input_tokens"], output_tokens=r["output_tokens"], trained_tokens=r["trained_tokens"], price=price)
+        daily[r["day"]] += amount
+        by_model[r["day"]][r["model"] + (" · fine-tuning" if r["kind"] == DailyUsage.Kind.TRAINING else "")] += amount
     ordered = sorted(lines.values(), key=lambda l: (l.kind, l.model, l.adapter, l.first_day))
-    return PeriodCost(period=period, lines=ordered, daily_cents=dict(sorted(daily.items())))
+    return PeriodCost(period=period, lines=ordered, daily_cents=dict(sorted(daily.items())),
+                      daily_model_cents={day: dict(models) for day, models in sorted(by_model.items())})

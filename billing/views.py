@@ -22,7 +22,7 @@ from rest_framework.response import Response
 
 from billing import periods, prices, rating, selectors, services, stripe_gateway
 from billing.models import BillingSettings, Invoice, InvoiceLine, format_cents, format_price_per_million, utc_today
-from common.charts import bar_chart
+from common.charts import stacked_chart
 from tenants.access import TenantContext, tenant_view
 from tenants.api_base import TENANT_SLUG, TenantAPIView
 from tenants.models import Role
@@ -47,8 +47,10 @@ def usage(request, ctx: TenantContext):
     cost, currency = spend.cost, spend.currency
     # Every day of the period so far, days without usage included (the chart's x axis is time).
     days = [cost.period + timedelta(days=i) for i in range((min(utc_today(), spend.period_last_day) - cost.period).days + 1)]
-    chart = bar_chart([(f"{day:%d %b}", cost.daily_cents.get(day, Decimal(0))) for day in days], height=160,
-                      fmt=lambda cents: f"{_cents(cents)} {currency}")
+    # Split by model, as the Usage page's tokens chart is (one series: plain bars).
+    models = sorted({m for per_model in cost.daily_model_cents.values() for m in per_model})
+    series = [(m, [cost.daily_model_cents.get(day, {}).get(m, Decimal(0)) for day in days]) for m in models]
+    chart = stacked_chart([f"{day:%d %b}" for day in days], series, height=160, fmt=lambda cents: f"{_cents(cents)} {currency}")
     lines = [{"line": line, "input_price": _price(line, "input_price"), "output_price": _price(line, "output_price"),
               "training_price": _price(line, "training_price")} for line in cost.lines]
     price_rows, price_currency = selectors.price_list(tenant=ctx.tenant)

@@ -238,3 +238,29 @@ def test_billing_lists_the_price_of_every_model_the_tenant_may_call_and_the_mode
     config.save()
     assert prices(f"/t/{world.tenant.slug}/billing/") == {"tiny-chat": "tiny-chat 1.00 USD 2.00 USD"}
     assert [r.model for r in selectors.price_list(tenant=world.other_tenant)[0]] == ["big-chat", "tiny-chat"]  # not another's
+
+
+def test_usage_page_cost_chart_is_split_by_model_like_the_usage_chart(client, world, catalog):
+    """The cost per day stacks one segment per model (as the Usage page's tokens chart does), each in money; the
+    bar's total is the day's cost. A single model keeps plain bars."""
+    price(catalog.base, effective_from=date(2020, 1, 1), inp="100", out="200")
+    price(catalog.other_base, effective_from=date(2020, 1, 1), inp="50", out="50")
+    now = timezone.now()
+    usage(world.tenant, at=now, pool=catalog.shared, inp=1_000_000, out=1_000_000)  # tiny-chat 300 ¢
+    usage(world.tenant, at=now, model="big-chat", pool=catalog.big, inp=2_000_000)  # big-chat 100 ¢
+    usage(world.other_tenant, at=now, model="big-chat", pool=catalog.big, inp=9_000_000)  # another tenant's: not here
+    cost = selectors.period_cost_so_far(tenant=world.tenant)
+    today = periods.utc_today(now)
+    assert cost.daily_model_cents[today] == {"tiny-chat": 300, "big-chat": 100}
+    assert sum(cost.daily_model_cents[today].values()) == cost.daily_cents[today]
+
+    client.force_login(world.viewer)
+    page = client.get(f"/t/{world.tenant.slug}/billing/")
+    chart = page.context["chart"]
+    assert chart.stacked and chart.series == ["tiny-chat", "big-chat"]  # the largest first
+    bar = chart.bars[-1]
+    assert bar.title == f"{today:%d %b}: 4.00 USD (total)"
+    assert [s.title for s in bar.segments] == [f"{today:%d %b}: tiny-chat 3.00 USD", f"{today:%d %b}: big-chat 1.00 USD"]
+    assert chart.rows[-1] == (f"{today:%d %b}", ["3.00 USD", "1.00 USD"], "4.00 USD")
+    html = page.content.decode()
+    assert "tiny-chat" in html and "big-chat" in html
