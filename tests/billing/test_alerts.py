@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import http.server
 import json
 import socket
-import threading
 from datetime import date
 
 import pytest
@@ -19,39 +17,9 @@ from tenants import services
 from tenants.models import AlertEvent, Membership, WebhookDelivery
 from tenants.services import Actor
 from tests.support.billing import price, usage, utc
+from tests.support.webhooks import Receiver
 
 NOW = utc(2026, 1, 20, 12)
-
-
-class Receiver:
-    """A local HTTP receiver (loopback, allowed only by the tests' setting) that records what it is sent."""
-
-    def __init__(self, status=200, redirect_to=None):
-        self.requests: list[tuple[dict, bytes]] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                outer.requests.append((dict(self.headers), body))
-                if redirect_to:
-                    self.send_response(307)
-                    self.send_header("Location", redirect_to)
-                else:
-                    self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

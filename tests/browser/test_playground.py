@@ -18,7 +18,8 @@ import pytest
 from serving.models import UsageRecord
 from tenants import services
 from tests.support.browser import sign_in
-from tests.support.gateway import (ADAPTER_A, GatewayServer, deploy_adapter, dev_stats, make_base_model, make_pool,
+from tests.support.live_console import console_with_gateway, desktop_page
+from tests.support.gateway import (ADAPTER_A, deploy_adapter, dev_stats, make_base_model, make_pool,
                                    set_model_config, sim_backend, wait_for)
 
 pytestmark = [
@@ -45,37 +46,15 @@ def served(request, world):
 
 @pytest.fixture
 def asgi_console(transactional_db, settings, monkeypatch, served):
-    """portal.asgi's application (its gateway with the test suite's short intervals) under uvicorn, static files
-    served by Django's ASGI static handler (DEBUG is off in tests, so nothing else serves them)."""
-    from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
-
-    from portal import asgi
-    from serving.admission import reset_admission
-    from serving.budgets import reset_budgets
-    from serving.gateway import GatewayApp
-    from serving.gateway.settings import GatewaySettings
-    from serving.scheduler import reset_scheduler
-
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-    reset_admission()  # asyncio state bound to an earlier test's loop
-    reset_scheduler()
-    reset_budgets()
-    gateway = GatewayApp(settings=GatewaySettings(health_interval_s=0.2, health_timeout_s=1.0, config_poll_s=0.1,
-                                                  connect_timeout_s=1.0, read_timeout_s=30))
-    monkeypatch.setattr(asgi, "gateway", gateway)
-    server = GatewayServer(ASGIStaticFilesHandler(asgi.application)).start()
-    settings.PUBLIC_URL = server.url
-    yield server
-    server.stop()
+    with console_with_gateway(settings, monkeypatch) as server:
+        yield server
 
 
 @pytest.fixture
 def page(browser, asgi_console):
-    context = browser.new_context(base_url=asgi_console.url, viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(15_000)
-    page = context.new_page()
-    yield page
-    context.close()
+    with desktop_page(browser, asgi_console.url) as page:
+        yield page
 
 
 def chat_requests(page) -> list:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import http.server
 import json
-import threading
 from datetime import date, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,9 +27,11 @@ from billing.models import format_cents
 from serving.models import UsageRecord
 from tenants import services
 from tenants.models import WebhookDelivery
+from tests.support.live_console import console_with_gateway, desktop_page
+from tests.support.webhooks import Receiver
 from tests.support.billing import price
 from tests.support.browser import sign_in
-from tests.support.gateway import GatewayServer, make_base_model, make_pool, set_model_config, sim_backend, wait_for
+from tests.support.gateway import make_base_model, make_pool, set_model_config, sim_backend, wait_for
 
 pytestmark = [
     pytest.mark.browser,
@@ -59,37 +59,16 @@ def served(world):
 
 @pytest.fixture
 def server(transactional_db, dead_threads_connections_closed, settings, monkeypatch, served):
-    """portal.asgi (console + gateway, the gateway with the suite's short intervals) under uvicorn; e-mail kept in memory."""
-    from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
-
-    from portal import asgi
-    from serving.admission import reset_admission
-    from serving.budgets import reset_budgets
-    from serving.gateway import GatewayApp
-    from serving.gateway.settings import GatewaySettings
-    from serving.scheduler import reset_scheduler
-
+    """portal.asgi (console + gateway) under uvicorn; e-mail kept in memory."""
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
-    reset_admission()  # asyncio state bound to an earlier test's loop
-    reset_scheduler()
-    reset_budgets()
-    gateway = GatewayApp(settings=GatewaySettings(health_interval_s=0.2, health_timeout_s=1.0, config_poll_s=0.1,
-                                                  connect_timeout_s=1.0, read_timeout_s=30))
-    monkeypatch.setattr(asgi, "gateway", gateway)
-    srv = GatewayServer(ASGIStaticFilesHandler(asgi.application)).start()
-    srv.gateway = gateway
-    settings.PUBLIC_URL = srv.url
-    yield srv
-    srv.stop()
+    with console_with_gateway(settings, monkeypatch) as srv:
+        yield srv
 
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(15_000)
-    page = context.new_page()
-    yield page
-    context.close()
+    with desktop_page(browser, server.url) as page:
+        yield page
 
 
 def client(server, secret: str):
@@ -192,35 +171,10 @@ def test_a_hard_monthly_budget_and_a_keys_budget_set_in_the_console_refuse_reque
     expect(row).to_contain_text("% of its budget")
 
 
-class Receiver:
-    """The tenant's webhook endpoint on 127.0.0.1 (allowed only by the tests' PLATFORM_WEBHOOKS_ALLOW_LOOPBACK)."""
-
-    def __init__(self):
-        self.requests: list[tuple[dict, bytes]] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                outer.requests.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/llm"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def receiver(settings):
     settings.PLATFORM_WEBHOOKS_ALLOW_LOOPBACK = True
-    r = Receiver()
+    r = Receiver(status=204, path="/hooks/llm")
     yield r
     r.close()
 

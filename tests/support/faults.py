@@ -14,16 +14,16 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import connections
 from django.db.models import Sum
 
 from serving.admission import window_id
 from serving.models import Backend, BackendPool, BaseModel, ModelConfig, UsageRecord
 from tenants import services
 from tenants.models import ApiKey
+from tests.support.databases import shared_database_url
 from tests.support.users import make_user
 from tests.support.redis_server import RedisServer, free_port
 
@@ -38,23 +38,7 @@ LEASE_S = 10  # serving.leases.LEASE_MS: the bound on how long a dead process's 
 @pytest.fixture
 def database_url(transactional_db, tmp_path):
     """DATABASE_URL of the test database for the gateway processes (as tests/test_celery_worker.py does it)."""
-    connection = connections[DEFAULT_DB_ALIAS]
-    if connection.vendor != "sqlite":
-        yield urlunsplit(urlsplit(os.environ["DATABASE_URL"])._replace(path=f"/{connection.settings_dict['NAME']}"))
-        return
-    if not connection.is_in_memory_db():
-        yield f"sqlite:///{connection.settings_dict['NAME']}"
-        return
-    path = tmp_path / "gateways.sqlite3"
-    with connection.cursor() as cursor:
-        cursor.execute("VACUUM INTO %s", [str(path)])
-    file_db = connection.__class__({**connection.settings_dict, "NAME": str(path)}, DEFAULT_DB_ALIAS)
-    connections[DEFAULT_DB_ALIAS] = file_db
-    try:
-        yield f"sqlite:///{path}"
-    finally:
-        file_db.close()
-        connections[DEFAULT_DB_ALIAS] = connection
+    yield from shared_database_url(tmp_path, "gateways.sqlite3")
 
 
 @dataclass

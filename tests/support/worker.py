@@ -4,20 +4,18 @@ worker's log when they fail."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connections
 
 from portal.celery import app
+from tests.support.databases import shared_database_url
 
 ROOT = Path(__file__).resolve().parents[2]
 # As scripts/up.sh runs them: one worker for `default` and `finetune`, one of its own for `validation` (uploads).
@@ -32,26 +30,7 @@ def worker_database_url(transactional_db, tmp_path):
 
     Data must be committed for the worker to see it, hence `transactional_db`.
     """
-    connection = connections[DEFAULT_DB_ALIAS]
-    if connection.vendor != "sqlite":  # PostgreSQL: the test database pytest-django created from DATABASE_URL
-        yield urlunsplit(urlsplit(os.environ["DATABASE_URL"])._replace(path=f"/{connection.settings_dict['NAME']}"))
-        return
-    if not connection.is_in_memory_db():
-        yield f"sqlite:///{connection.settings_dict['NAME']}"
-        return
-    # SQLite's test database lives in this process's memory, where no worker can open it. Copy it (migrated and
-    # empty) to a file, and point this process's default connection at the file for the test; the rest of the
-    # suite keeps the fast in-memory database.
-    path = tmp_path / "worker.sqlite3"
-    with connection.cursor() as cursor:
-        cursor.execute("VACUUM INTO %s", [str(path)])
-    file_db = connection.__class__({**connection.settings_dict, "NAME": str(path)}, DEFAULT_DB_ALIAS)
-    connections[DEFAULT_DB_ALIAS] = file_db
-    try:
-        yield f"sqlite:///{path}"
-    finally:
-        file_db.close()
-        connections[DEFAULT_DB_ALIAS] = connection
+    yield from shared_database_url(tmp_path, "worker.sqlite3")
 
 
 @pytest.fixture
