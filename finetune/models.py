@@ -132,6 +132,9 @@ class FineTuneJob(TenantOwnedModel):
     # Resolved numbers: {"n_epochs", "batch_size", "learning_rate_multiplier"}; as requested (maybe "auto"):
     hyperparameters = models.JSONField(default=dict)
     requested_hyperparameters = models.JSONField(default=dict, blank=True)
+    # OpenAI's `method.type`: "supervised" (chat data, next-token loss) or "dpo" (preference data, DPO loss).
+    method = models.CharField(max_length=16, default="supervised",
+                              help_text="Training method: supervised or dpo (OpenAI's method.type).")
     lora = models.JSONField(default=dict, help_text="{rank, alpha, dropout, target_modules}")
     metadata = models.JSONField(default=dict, blank=True)
     fine_tuned_model = models.CharField(max_length=200, blank=True)

@@ -26,6 +26,10 @@ from finetune.templating import to_messages, tokenize_chat_example
 ROLES = ("system", "user", "assistant", "tool")
 CHAT_KEYS = {"messages", "tools", "parallel_tool_calls"}
 PROMPT_COMPLETION_KEYS = {"prompt", "completion"}
+# OpenAI's preference (DPO) format: {"input": {"messages", "tools"?, "parallel_tool_calls"?}, "preferred_output":
+# [one assistant message], "non_preferred_output": [one assistant message]}.
+PREFERENCE_KEYS = {"input", "preferred_output", "non_preferred_output"}
+PREFERENCE_OUTPUTS = ("preferred_output", "non_preferred_output")
 MESSAGE_KEYS = {"role", "content", "weight", "name", "tool_calls", "tool_call_id"}
 # OpenAI's tool-calling shapes: a declared tool and a call an assistant message makes.
 TOOL_KEYS = {"type", "function"}
@@ -66,6 +70,10 @@ class Example:
     total_tokens: int | None = None
     trainable_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
+    # Preference examples only: `messages` is the input conversation and these the two answers to it (each one
+    # assistant message); token counts are then those of both conversations together.
+    preferred_output: list[dict[str, Any]] | None = None
+    non_preferred_output: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -78,7 +86,7 @@ class ValidationResult:
 
     problems: list[Problem] = field(default_factory=list)
     problems_omitted: int = 0
-    format: str | None = None  # "chat" | "prompt_completion"
+    format: str | None = None  # "chat" | "prompt_completion" | "preference"
     examples: list[Example] = field(default_factory=list)
     example_count: int = 0
     duplicates: list[list[int]] = field(default_factory=list)  # groups of line numbers with identical examples
@@ -440,6 +448,110 @@ def _kind(value: Any) -> str:
         type(value), "a number")
 
 
+# ---------------------------------------------------------------------------------------------- preference (DPO)
+
+_MESSAGE_INDEX_RE = re.compile(r"\bmessages\[(\d+)\]")
+
+
+class _PreferencePaths:
+    """The chat checks' collector for one conversation built from a preference example (its input's messages, then one
+    output), reporting each problem under the example's own paths: `messages[i]` becomes `input.messages[i]` or
+    `preferred_output[0]`, `tools` becomes `input.tools`. With `outputs_only` the input's problems are dropped (the
+    first conversation reported them); `output=None` checks the input alone, under a stand-in answer."""
+
+    def __init__(self, c: _Collector, n_input: int, output: str | None, outputs_only: bool = False):
+        self.c, self.n_input, self.output, self.outputs_only = c, n_input, output, outputs_only
+
+    def _map(self, text: str) -> str:
+        def sub(m: re.Match) -> str:
+            i = int(m.group(1))
+            return f"input.messages[{i}]" if i < self.n_input else f"{self.output}[{i - self.n_input}]"
+        return _MESSAGE_INDEX_RE.sub(sub, text)
+
+    def add(self, line: int | None, path: str, code: str, message: str) -> None:
+        mapped = self._map(path)
+        if not mapped.startswith(("input.", f"{self.output}[")):  # "messages", "tools[…]", "parallel_tool_calls"
+            mapped = f"input.{mapped}"
+        from_output = not mapped.startswith("input.")
+        if (self.outputs_only and not from_output) or (self.output is None and from_output):
+            return
+        self.c.add(line, mapped, code, self._map(message))
+
+
+def _check_output(c: _Collector, line: int, record: dict[str, Any], key: str) -> bool:
+    """`preferred_output` / `non_preferred_output`: a list of exactly one assistant message (OpenAI trains
+    one-turn answers), without `weight` (the preferred answer is the one trained towards)."""
+    out = record.get(key)
+    if key not in record:
+        c.add(line, key, f"missing_{key}", f'a preference example needs {key}: [{{"role": "assistant", "content": ...}}]')
+    elif not isinstance(out, list) or len(out) != 1:
+        got = f"a list of {len(out)} messages" if isinstance(out, list) else _kind(out)
+        c.add(line, key, f"invalid_{key}", f"{key} must be a list of exactly one assistant message, got {got}")
+    elif not isinstance(out[0], dict):
+        c.add(line, f"{key}[0]", "message_not_object", f"{key}[0] must be an object with role and content, got {_kind(out[0])}")
+    elif out[0].get("role") != "assistant":
+        c.add(line, f"{key}[0].role", "output_not_assistant",
+              f'{key}[0] is the answer to the input: its role must be "assistant", got {json.dumps(out[0].get("role"))}')
+    elif "weight" in out[0]:
+        c.add(line, f"{key}[0].weight", "unknown_message_key",
+              "weight is not used in preference data (the preferred output is trained towards, the other away from); "
+              "remove it")
+    else:
+        return True
+    return False
+
+
+def _check_preference(c: _Collector, line: int, record: dict[str, Any]) -> bool:
+    """OpenAI's preference format: the input conversation (chat rules, ending with the user's turn or a tool result)
+    and two one-message answers; each answer is checked as the end of the input's conversation (tool calls against
+    the input's tools, …)."""
+    ok = True
+    inp, messages = record.get("input"), None
+    if "input" not in record:
+        c.add(line, "input", "missing_input",
+              'a preference example needs "input": {"messages": [...]}, the conversation both outputs answer')
+    elif not isinstance(inp, dict):
+        c.add(line, "input", "input_not_object", f"input must be an object with messages (and optionally tools), got {_kind(inp)}")
+    else:
+        ok = _unknown_keys(c, line, "input", inp, CHAT_KEYS, "unknown_input_key")
+        messages = inp.get("messages")
+        if "messages" not in inp:
+            c.add(line, "input.messages", "missing_messages",
+                  "input needs messages: the conversation up to the answer, ending with the user's message")
+        elif not isinstance(messages, list):
+            c.add(line, "input.messages", "messages_not_list", f"messages must be a list of messages, got {_kind(messages)}")
+        elif not messages:
+            c.add(line, "input.messages", "messages_empty", "messages is empty; the input needs at least the user's message")
+        else:
+            last = messages[-1]
+            if isinstance(last, dict) and last.get("role") in ("assistant", "system"):
+                c.add(line, f"input.messages[{len(messages) - 1}].role", "input_last_not_user",
+                      "the input must end with the user's message (or a tool result) that both outputs answer; "
+                      "put the assistant's answers in preferred_output and non_preferred_output")
+                ok = False
+    outputs = {key: record[key] for key in PREFERENCE_OUTPUTS if _check_output(c, line, record, key)}
+    ok = ok and len(outputs) == 2 and isinstance(messages, list) and bool(messages)
+    if not isinstance(messages, list) or not messages:
+        return False
+    extra = {k: inp[k] for k in ("tools", "parallel_tool_calls") if k in inp}
+    answers = list(outputs.items()) or [(None, [{"role": "assistant", "content": "-"}])]
+    for k, (key, out) in enumerate(answers):
+        view = _PreferencePaths(c, len(messages), key, outputs_only=k > 0)
+        ok = _check_chat(view, line, {"messages": messages + out, **extra}) and ok
+    if len(outputs) == 2 and outputs["preferred_output"] == outputs["non_preferred_output"]:
+        c.add(line, "non_preferred_output", "identical_outputs",
+              "preferred_output and non_preferred_output are the same answer, so there is no preference to learn")
+        ok = False
+    return ok
+
+
+def preference_pair(example: Example) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(chosen, rejected) conversations of a preference example: the input, then each output. Assistant messages of
+    the input get weight 0, so only the output's tokens are marked (tokenize_chat_example's mask)."""
+    context = [{**m, "weight": 0} if m.get("role") == "assistant" else m for m in example.messages]
+    return context + example.preferred_output, context + example.non_preferred_output
+
+
 # ---------------------------------------------------------------------------------------------- nesting
 
 # The platform's one depth scan (common.parsers, as every JSON entry point): linear and recursion-free, so it is
@@ -530,30 +642,36 @@ class JsonlValidator:
 
     def _check(self, n: int, record: dict[str, Any]) -> None:
         c, r = self.c, self.result
-        fmt = "chat" if "messages" in record else (
-            "prompt_completion" if PROMPT_COMPLETION_KEYS & set(record) else None)
+        fmt = "chat" if "messages" in record else ("preference" if PREFERENCE_KEYS & set(record) else (
+            "prompt_completion" if PROMPT_COMPLETION_KEYS & set(record) else None))
         if fmt is None:
             c.add(n, "", "unknown_format",
-                  'an example needs "messages" (chat) or "prompt" and "completion"; found keys: '
-                  + (", ".join(sorted(record)) or "none"))
+                  'an example needs "messages" (chat), "prompt" and "completion", or "input", "preferred_output" and '
+                  '"non_preferred_output" (preference); found keys: ' + (", ".join(sorted(record)) or "none"))
             return
         if r.format is None:
             r.format = fmt
         elif fmt != r.format:
             c.add(n, "", "mixed_format", f"this line is {fmt} but the file started as {r.format}; use one format per file")
             return
-        allowed = CHAT_KEYS if fmt == "chat" else PROMPT_COMPLETION_KEYS
+        allowed = {"chat": CHAT_KEYS, "preference": PREFERENCE_KEYS}.get(fmt, PROMPT_COMPLETION_KEYS)
         unknown = sorted(set(record) - allowed)
         for key in unknown:
             c.add(n, key, "unknown_key", f"unknown top-level key {key!r}; allowed: {', '.join(sorted(allowed))}")
-        ok = (_check_chat if fmt == "chat" else _check_prompt_completion)(c, n, record)
+        check = {"chat": _check_chat, "preference": _check_preference}.get(fmt, _check_prompt_completion)
+        ok = check(c, n, record)
         if not ok or unknown:
             return
         digest = hashlib.blake2b(json.dumps(record, sort_keys=True).encode(), digest_size=8).digest()
         key = int.from_bytes(digest, "little")
         self._hashes[key % _DUPLICATE_BUCKETS].append(key)
         self._hash_lines[key % _DUPLICATE_BUCKETS].append(n)
-        example = Example(n, to_messages(record), tools=record.get("tools"))
+        if fmt == "preference":
+            example = Example(n, record["input"]["messages"], tools=record["input"].get("tools"),
+                              preferred_output=record["preferred_output"],
+                              non_preferred_output=record["non_preferred_output"])
+        else:
+            example = Example(n, to_messages(record), tools=record.get("tools"))
         if self.tokenizer is not None:
             example = self._count(example)
             if example is None:
@@ -565,24 +683,37 @@ class JsonlValidator:
     def _count(self, ex: Example) -> Example | None:
         """Tokenize one example with the chat template; None when the template cannot render it (a problem)."""
         c, context_length = self.c, self.context_length
+        conversations = preference_pair(ex) if ex.preferred_output is not None else (ex.messages,)
+        where = ("preferred_output", "non_preferred_output") if ex.preferred_output is not None else ("",)
         try:
-            ids, mask = tokenize_chat_example(self.tokenizer, ex.messages, ex.tools)
+            encoded = [tokenize_chat_example(self.tokenizer, messages, ex.tools) for messages in conversations]
         except Exception as e:  # the model's own template rejects it (e.g. a role it does not support)
-            c.add(ex.line, "messages", "template_error", f"the base model's chat template cannot render this example: {e}")
+            path = "input.messages" if ex.preferred_output is not None else "messages"
+            c.add(ex.line, path, "template_error", f"the base model's chat template cannot render this example: {e}")
             return None
-        size, trainable = len(ids), sum(mask)
+        if len(encoded) > 1:  # a preference pair: both conversations, each within the context
+            for (ids, mask), key in zip(encoded, where):
+                self._check_length(ex.line, key, len(ids), mask, f" (the input with {key})")
+            size, trainable = sum(len(ids) for ids, _ in encoded), sum(sum(mask) for _, mask in encoded)
+        else:
+            ids, mask = encoded[0]
+            size, trainable = len(ids), sum(mask)
+            self._check_length(ex.line, "messages", size, mask, "")
         r = self.result
         r.min_tokens = size if r.min_tokens is None else min(r.min_tokens, size)
         r.max_tokens = size if r.max_tokens is None else max(r.max_tokens, size)
         self._tokens[0] += size
         self._tokens[1] += trainable
-        if context_length is not None and size > context_length:
-            c.add(ex.line, "messages", "too_long",
-                  f"the example is {size} tokens, longer than the context of {context_length} tokens; shorten it")
-            if not any(mask[:context_length]):
-                c.add(ex.line, "messages", "assistant_truncated",
-                      f"no assistant token falls within the first {context_length} tokens, so nothing would be learned")
         return replace(ex, total_tokens=size, trainable_tokens=trainable)
+
+    def _check_length(self, line: int, path: str, size: int, mask: list[bool], what: str) -> None:
+        c, context_length = self.c, self.context_length
+        if context_length is not None and size > context_length:
+            c.add(line, path, "too_long",
+                  f"the example{what} is {size} tokens, longer than the context of {context_length} tokens; shorten it")
+            if not any(mask[:context_length]):
+                c.add(line, path, "assistant_truncated",
+                      f"no assistant token falls within the first {context_length} tokens, so nothing would be learned")
 
     def finish(self) -> ValidationResult:
         """The result, once every line has been fed."""
@@ -654,10 +785,11 @@ def validate_jsonl(
 
 
 def find_overlap(train: ValidationResult, valid: ValidationResult) -> list[tuple[int, int]]:
-    """(training line, validation line) pairs of identical conversations (same tools too): leaked validation examples.
+    """(training line, validation line) pairs of identical conversations (same tools, and for preference data the same
+    outputs, too): leaked validation examples.
     Both results must hold their examples (`validate_jsonl`, or `keep_examples`)."""
     def key(ex: Example) -> str:
-        return json.dumps([ex.tools, ex.messages], sort_keys=True)
+        return json.dumps([ex.tools, ex.messages, ex.preferred_output, ex.non_preferred_output], sort_keys=True)
 
     seen: dict[str, list[int]] = defaultdict(list)
     for ex in train.examples:
