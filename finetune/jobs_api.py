@@ -70,9 +70,14 @@ def event_data(event: JobEvent) -> dict:
             "level": event.level, "message": event.message, "type": event.type, "data": event.data or None}
 
 
+# OpenAI's checkpoint `metrics`; the valid_* and full_valid_* ones only for a job with a validation file (both over the
+# whole file at the epoch's end here), the others on the epoch's last step.
+CHECKPOINT_METRICS = ("step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+                      "full_valid_loss", "full_valid_mean_token_accuracy")
+
+
 def checkpoint_data(job: FineTuneJob, ckpt: JobCheckpoint) -> dict:
-    metrics = {k: ckpt.metrics.get(k) for k in ("step", "train_loss", "train_mean_token_accuracy", "valid_loss",
-                                                 "valid_mean_token_accuracy") if ckpt.metrics.get(k) is not None}
+    metrics = {k: ckpt.metrics.get(k) for k in CHECKPOINT_METRICS if ckpt.metrics.get(k) is not None}
     name = job.fine_tuned_model or f"ft:{job.base_model.name}:{job.tenant.slug}:{job.suffix}:{job.id[6:14]}"
     return {"id": ckpt.public_id, "object": "fine_tuning.job.checkpoint", "created_at": unix_time(ckpt.created_at),
             "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{ckpt.step}", "step_number": ckpt.step,

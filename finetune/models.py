@@ -248,3 +248,89 @@ class TrainingUsage(TenantOwnedModel):
     class Meta(TenantOwnedModel.Meta):
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["tenant", "created_at"], name="trainusage_tenant_time")]
+
+
+def new_evaluation_id() -> str:
+    return _new_id("eval")
+
+
+class Evaluation(TenantOwnedModel):
+    """An evaluation of one of the tenant's adapters or checkpoints against one of its chat files, base vs adapter
+    (finetune/evaluation.py). Run on a worker; `rows_done` of `rows_total` while it runs. `metrics`:
+    {"base": {...}, "adapter": {...}} with exact_match, contains (fractions of rows), loss (mean token NLL)."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+
+    FINISHED_STATUSES = (Status.SUCCEEDED, Status.FAILED)
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_evaluation_id, editable=False)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    base_model = models.ForeignKey("serving.BaseModel", on_delete=models.PROTECT, related_name="+")
+    model = models.CharField(max_length=300, help_text="What the tenant named: ft:…, ftckpt-… or ftjob-….")
+    adapter = models.ForeignKey("serving.Adapter", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    checkpoint = models.ForeignKey(JobCheckpoint, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    file = models.ForeignKey(TrainingFile, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    file_name = models.CharField(max_length=255, blank=True)
+    max_tokens = models.PositiveIntegerField(default=64)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    rows_total = models.PositiveIntegerField(default=0)
+    rows_done = models.PositiveIntegerField(default=0)
+    rows_skipped = models.PositiveIntegerField(default=0)
+    metrics = models.JSONField(default=dict, blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    error_message = models.TextField(blank=True)
+    worker_id = models.CharField(max_length=64, blank=True)
+    worker_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    created_by_key = models.ForeignKey("tenants.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta(TenantOwnedModel.Meta):
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return self.id
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.FINISHED_STATUSES
+
+    @property
+    def progress_percent(self) -> int:
+        if self.status == self.Status.SUCCEEDED:
+            return 100
+        return min(100, 100 * self.rows_done // self.rows_total) if self.rows_total else 0
+
+
+class EvaluationRow(TenantOwnedModel):
+    """One row of an evaluation: the prompt, the expected answer, and each side's answer and scores."""
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    evaluation = models.ForeignKey(Evaluation, on_delete=models.CASCADE, related_name="rows")
+    index = models.PositiveIntegerField(help_text="0-based position among the evaluated rows.")
+    line = models.PositiveIntegerField(help_text="Line in the file.")
+    prompt = models.JSONField(default=list, help_text="The messages before the expected answer.")
+    expected = models.TextField()
+    base_answer = models.TextField()
+    adapter_answer = models.TextField()
+    base_exact = models.BooleanField()
+    adapter_exact = models.BooleanField()
+    base_contains = models.BooleanField()
+    adapter_contains = models.BooleanField()
+    base_loss = models.FloatField()
+    adapter_loss = models.FloatField()
+    answer_tokens = models.PositiveIntegerField()
+
+    class Meta(TenantOwnedModel.Meta):
+        ordering = ["index"]
+        constraints = [models.UniqueConstraint(fields=["evaluation", "index"], name="one_evaluation_row_per_index")]
+
+    @property
+    def differs(self) -> bool:
+        return self.base_answer != self.adapter_answer

@@ -69,3 +69,15 @@ def push_adapter_to_hub(self, adapter_id: int, tenant_id: int) -> str:
         return adapter_push_to_hub(adapter=adapter)
     except OSError as exc:  # network or Hub trouble: try again later
         raise self.retry(exc=exc)
+
+
+@shared_task(bind=True, name="finetune.tasks.run_evaluation", acks_late=True, max_retries=None)
+def run_evaluation(self, evaluation_id: str, tenant_id: int) -> str:
+    """Claim and run an evaluation (finetune/evaluation.py) on the `finetune` queue, where the GPUs are: it loads the
+    base model and the adapter. One another live worker holds is retried after its lease would expire."""
+    from finetune.evaluation import evaluation_run
+
+    outcome = evaluation_run(evaluation_id=evaluation_id, tenant_id=tenant_id)
+    if outcome == "leased" and self.request.called_directly is False:
+        raise self.retry(countdown=LEASE_SECONDS + 5)
+    return outcome

@@ -441,7 +441,9 @@ def train_lora(
             epoch_end = state["step"] % steps_per_epoch == 0
             if epoch_end and valid_rows:
                 state["valid_loss"], valid_acc = evaluate(model, valid_rows, hp.batch_size, pad_id, dev, autocast)
-                metrics.update(valid_loss=state["valid_loss"], valid_mean_token_accuracy=valid_acc)
+                # Over the whole validation file: OpenAI's full_valid_* (its valid_* are on a batch; here the same).
+                metrics.update(valid_loss=state["valid_loss"], valid_mean_token_accuracy=valid_acc,
+                               full_valid_loss=state["valid_loss"], full_valid_mean_token_accuracy=valid_acc)
             if epoch_end or state["step"] % hp.log_every == 0:
                 on_event(metrics)
         state["epoch"] = epoch + 1

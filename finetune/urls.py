@@ -7,7 +7,7 @@
 
 from django.urls import path, re_path
 
-from finetune import adapters_api, byo_api, files_api, jobs_api, rollout_api, v1_base
+from finetune import adapters_api, byo_api, evaluation_api, files_api, jobs_api, rollout_api, v1_base
 
 v1_patterns = [
     path("files", files_api.FileListApi.as_view(), name="v1-file-list"),
@@ -21,6 +21,11 @@ v1_patterns = [
     path("fine_tuning/jobs/<str:job_id>/events", jobs_api.JobEventsApi.as_view(), name="v1-ftjob-events"),
     path("fine_tuning/jobs/<str:job_id>/checkpoints", jobs_api.JobCheckpointsApi.as_view(), name="v1-ftjob-checkpoints"),
     path("adapters", byo_api.AdapterListV1Api.as_view(), name="v1-adapter-list"),
+    path("fine_tuning/evaluations", evaluation_api.EvaluationListApi.as_view(), name="v1-evaluation-list"),
+    path("fine_tuning/evaluations/<str:evaluation_id>", evaluation_api.EvaluationDetailApi.as_view(),
+         name="v1-evaluation-detail"),
+    path("fine_tuning/evaluations/<str:evaluation_id>/rows", evaluation_api.EvaluationRowsApi.as_view(),
+         name="v1-evaluation-rows"),
 ]
 # Names of the /v1 routes, for the isolation suite's allowlist of tenant-less patterns (the key names the tenant).
 V1_URL_NAMES = frozenset(p.name for p in v1_patterns)

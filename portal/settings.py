@@ -140,6 +140,7 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ROUTES = {
     "finetune.tasks.run_finetune_job": {"queue": "finetune"},
     "finetune.tasks.push_adapter_to_hub": {"queue": "finetune"},
+    "finetune.tasks.run_evaluation": {"queue": "finetune"},  # loads the base model and an adapter: a GPU host
     "finetune.tasks.validate_training_file": {"queue": "validation"},
 }
 CELERY_TASK_DEFAULT_QUEUE = "default"
