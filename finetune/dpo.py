@@ -64,8 +64,6 @@ class DPOHyperparameters(Hyperparameters):
         hp = super().coerce(value)
         if not hp.beta > 0:
             raise ValueError("beta must be > 0")
-        if hp.lora_dropout:
-            raise ValueError("DPO trains without LoRA dropout: the policy must score as the reference does at step 0")
         return hp
 
 

@@ -3,12 +3,15 @@ retrieve and cancel jobs, list a job's events and checkpoints. Another tenant's 
 
 from __future__ import annotations
 
+import json
+
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
 
 from finetune import services
+from finetune.errors import FinetuneError
 from finetune.models import FineTuneJob, JobCheckpoint, JobEvent
 from finetune.v1_base import OpenAIView, page_by_created, page_by_public_id, page_limit, unix_time
 
@@ -28,17 +31,46 @@ class JobInput(serializers.Serializer):
     from_checkpoint = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=300)
 
     def validate(self, attrs):
-        method = attrs.get("method") or None
-        if method is not None:
-            if method.get("type", "supervised") != "supervised":
-                raise serializers.ValidationError({"method": "only the 'supervised' method is supported"})
-            settings = method.get("supervised") or {}
-            if not isinstance(settings, dict) or not isinstance(settings.get("hyperparameters", {}) or {}, dict):
-                raise serializers.ValidationError({"method": "method.supervised.hyperparameters must be an object"})
-            attrs["hyperparameters"] = settings.get("hyperparameters") or attrs.get("hyperparameters")
+        kind, hyperparameters = parse_method(attrs.get("method") or None, attrs.get("hyperparameters"))
+        attrs.update(method_type=kind, hyperparameters=hyperparameters)
         if attrs.get("integrations"):
             raise serializers.ValidationError({"integrations": "integrations are not supported"})
         return attrs
+
+
+METHODS = ("supervised", "dpo")
+
+
+def _method_error(message: str, param: str) -> FinetuneError:
+    return FinetuneError(message, param=param, code="invalid_method")
+
+
+def parse_method(method: dict | None, hyperparameters: dict | None) -> tuple[str, dict | None]:
+    """OpenAI's `method` → (its type, the hyperparameters as requested).
+
+    `{"type": "supervised", "supervised": {"hyperparameters": {...}}}` or `{"type": "dpo", "dpo": {"hyperparameters":
+    {"beta", ...}}}`; without `method` the job is supervised with the top-level `hyperparameters` (still accepted, as
+    by OpenAI), which also serve when the method gives none. 400 `invalid_method` with the field at fault; a
+    hyperparameter's own errors (services.resolve_hyperparameters) name it (`beta`, `n_epochs`, …) as for supervised
+    jobs."""
+    if method is None:
+        return "supervised", hyperparameters
+    kind = method.get("type", "supervised")
+    if kind not in METHODS:
+        also = " (reinforcement fine-tuning is not offered here)" if kind == "reinforcement" else ""
+        raise _method_error(f"method.type must be 'supervised' or 'dpo', got {json.dumps(kind)}{also}", "method.type")
+    for key in sorted(set(method) - {"type", kind}):
+        where = f"; with type {kind!r} the settings go under method.{kind}" if key in METHODS else ""
+        raise _method_error(f"method has an unexpected key {key!r}{where}", f"method.{key}")
+    settings = method.get(kind) or {}
+    if not isinstance(settings, dict):
+        raise _method_error(f"method.{kind} must be an object like {{\"hyperparameters\": {{...}}}}", f"method.{kind}")
+    for key in sorted(set(settings) - {"hyperparameters"}):
+        raise _method_error(f"method.{kind} has an unexpected key {key!r}; allowed: hyperparameters", f"method.{kind}.{key}")
+    requested = settings.get("hyperparameters") or {}
+    if not isinstance(requested, dict):
+        raise _method_error(f"method.{kind}.hyperparameters must be an object", f"method.{kind}.hyperparameters")
+    return kind, requested or hyperparameters
 
 
 def _parse(serializer_class, request) -> dict:
@@ -57,7 +89,7 @@ def job_data(job: FineTuneJob) -> dict:
         "organization_id": job.tenant.slug, "result_files": [], "seed": job.seed, "status": job.status,
         "trained_tokens": job.trained_tokens, "training_file": job.training_file_id,
         "validation_file": job.validation_file_id, "hyperparameters": hp,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        "method": {"type": job.method, job.method: {"hyperparameters": hp}},
         "metadata": job.metadata or None, "integrations": [], "user_provided_suffix": job.suffix or None,
         # extensions
         "lora": job.lora, "estimated_cost_cents": job.estimated_cost_cents,
@@ -76,8 +108,14 @@ CHECKPOINT_METRICS = ("step", "train_loss", "train_mean_token_accuracy", "valid_
                       "full_valid_loss", "full_valid_mean_token_accuracy")
 
 
+# A DPO job's checkpoints add its preference metrics (extension: OpenAI's list has none for them).
+DPO_METRICS = ("train_reward_margin", "train_reward_accuracy", "train_chosen_reward", "train_rejected_reward",
+               "valid_reward_margin", "valid_reward_accuracy")
+
+
 def checkpoint_data(job: FineTuneJob, ckpt: JobCheckpoint) -> dict:
     metrics = {k: ckpt.metrics.get(k) for k in CHECKPOINT_METRICS if ckpt.metrics.get(k) is not None}
+    metrics.update({k: ckpt.metrics[k] for k in DPO_METRICS if ckpt.metrics.get(k) is not None})
     name = job.fine_tuned_model or f"ft:{job.base_model.name}:{job.tenant.slug}:{job.suffix}:{job.id[6:14]}"
     return {"id": ckpt.public_id, "object": "fine_tuning.job.checkpoint", "created_at": unix_time(ckpt.created_at),
             "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{ckpt.step}", "step_number": ckpt.step,
@@ -111,7 +149,7 @@ class JobListApi(OpenAIView):
             tenant=self.tenant, actor=self.actor, model=data["model"], training_file=data["training_file"],
             validation_file=data.get("validation_file") or None, suffix=data.get("suffix") or "", seed=data.get("seed"),
             hyperparameters=data.get("hyperparameters"), lora=data.get("lora"), metadata=data.get("metadata"),
-            from_checkpoint=data.get("from_checkpoint") or None)
+            from_checkpoint=data.get("from_checkpoint") or None, method=data["method_type"])
         return Response(job_data(FineTuneJob.objects.for_tenant(self.tenant).select_related("base_model", "tenant").get(pk=job.pk)))
 
 
@@ -127,8 +165,9 @@ class JobEstimateApi(OpenAIView):
         plan = services.finetune_job_plan(tenant=self.tenant, model=data["model"], training_file=data["training_file"],
                                           validation_file=data.get("validation_file") or None,
                                           hyperparameters=data.get("hyperparameters"), lora=data.get("lora"),
-                                          from_checkpoint=data.get("from_checkpoint") or None)
-        return Response({"object": "fine_tuning.job.estimate", "model": plan.base_model.name,
+                                          from_checkpoint=data.get("from_checkpoint") or None,
+                                          method=data["method_type"])
+        return Response({"object": "fine_tuning.job.estimate", "model": plan.base_model.name, "method": data["method_type"],
                          "training_file": plan.training_file.id, "hyperparameters": plan.hyperparameters,
                          "lora": plan.lora, "examples": plan.tokens["examples"],
                          "tokens_per_epoch": plan.tokens["total_tokens"], "tokens_estimated": plan.tokens["estimated"],

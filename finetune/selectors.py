@@ -26,8 +26,16 @@ def active_job_count(tenant) -> int:
     return FineTuneJob.objects.for_tenant(tenant).filter(status__in=FineTuneJob.ACTIVE_STATUSES).count()
 
 
+# A DPO job's metrics events also carry these (finetune/dpo.py); the job page charts them.
+DPO_SERIES = ("train_reward_margin", "train_reward_accuracy", "train_chosen_reward", "train_rejected_reward",
+              "valid_reward_margin", "valid_reward_accuracy")
+
+
 def loss_series(job: FineTuneJob) -> list[dict]:
-    """Metrics events in step order, for the loss chart: [{step, train_loss, valid_loss}]."""
+    """Metrics events in step order, for the loss chart: [{step, train_loss, valid_loss}], and for a DPO job its
+    rewards (DPO_SERIES) too."""
     rows = job.events.filter(type="metrics").order_by("id").values_list("data", flat=True)
-    return [{"step": d.get("step"), "train_loss": d.get("train_loss"), "valid_loss": d.get("valid_loss")}
+    extra = DPO_SERIES if job.method == "dpo" else ()
+    return [{"step": d.get("step"), "train_loss": d.get("train_loss"), "valid_loss": d.get("valid_loss"),
+             **{k: d.get(k) for k in extra}}
             for d in rows if d.get("step") is not None]

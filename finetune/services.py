@@ -371,11 +371,12 @@ def _number(value: Any, name: str, kind: type, low: float, high: float):
     return kind(value)
 
 
-def resolve_hyperparameters(requested: dict | None, n_examples: int) -> dict:
+def resolve_hyperparameters(requested: dict | None, n_examples: int, method: str = "supervised") -> dict:
     """{"n_epochs", "batch_size", "learning_rate_multiplier"} with every "auto" (or missing) decided: epochs by OpenAI's
-    rule, the batch from the file's size, the multiplier from the number of optimizer steps these make."""
+    rule, the batch from the file's size, the multiplier from the number of optimizer steps these make; for the "dpo"
+    method also "beta" (auto: 0.1, as OpenAI)."""
     requested = requested or {}
-    unknown = set(requested) - {"n_epochs", "batch_size", "learning_rate_multiplier"}
+    unknown = set(requested) - {"n_epochs", "batch_size", "learning_rate_multiplier"} - ({"beta"} if method == "dpo" else set())
     if unknown:
         raise FinetuneError(f"unknown hyperparameters: {', '.join(sorted(unknown))}", param="hyperparameters",
                             code="invalid_hyperparameter")
@@ -386,7 +387,32 @@ def resolve_hyperparameters(requested: dict | None, n_examples: int) -> dict:
     batch_size = batch_size or planning.auto_batch_size(n_examples)
     if lr is None:
         lr = planning.auto_learning_rate_multiplier(math.ceil(max(1, n_examples) / batch_size) * n_epochs)
+    if method == "dpo":
+        beta = _number(requested.get("beta"), "beta", float, 1e-3, 10) or 0.1
+        return {"beta": beta, "n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": lr}
     return {"n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": lr}
+
+
+# The file format (validation.stats.format) each training method trains on.
+METHOD_FORMATS = {"supervised": ("chat", "prompt_completion"), "dpo": ("preference",)}
+
+
+def _check_method_format(file: TrainingFile, method: str, param: str) -> None:
+    """A preference file trains only with the "dpo" method, chat data only with "supervised" (400 `wrong_file_format`)."""
+    if method not in METHOD_FORMATS:
+        raise FinetuneError(f"method.type must be 'supervised' or 'dpo', got {method!r}", param="method.type",
+                            code="invalid_method")
+    fmt = (file.validation.get("stats") or {}).get("format")
+    if fmt is not None and fmt not in METHOD_FORMATS[method]:
+        if method == "dpo":
+            wanted = ('preference data ({"input": {"messages": [...]}, "preferred_output": [...], '
+                      '"non_preferred_output": [...]} a line)')
+        else:
+            wanted = 'chat data ({"messages": [...]} a line) or prompt/completion pairs'
+        other = "dpo" if fmt == "preference" else "supervised"
+        raise FinetuneError(f"File {file.id} holds {fmt.replace('_', '/')} data, but the {method} method trains on "
+                            f"{wanted}. Upload such a file, or create the job with method type '{other}'.",
+                            param=param, code="wrong_file_format")
 
 
 def resolve_lora(requested: dict | None, *, base_model: BaseModel | None = None, max_served_rank: int | None = None) -> dict:
@@ -459,12 +485,16 @@ class JobPlan:
 
 def finetune_job_plan(*, tenant: Tenant, model: str, training_file: str, validation_file: str | None = None,
                       hyperparameters: dict | None = None, lora: dict | None = None,
-                      from_checkpoint: str | None = None) -> JobPlan:
+                      from_checkpoint: str | None = None, method: str = "supervised") -> JobPlan:
     """Check a job's inputs and compute its hyperparameters, tokens, cost (cents) and time (seconds). With
-    `from_checkpoint` the job starts from that adapter or checkpoint of the tenant (finetune.continuation)."""
+    `from_checkpoint` the job starts from that adapter or checkpoint of the tenant (finetune.continuation). `method`
+    is OpenAI's method.type: "supervised" (chat data) or "dpo" (preference data, finetune.dpo)."""
     bm = _base_model_for(tenant, model)
     train = _file_for(tenant, training_file, "training_file")
     valid = _file_for(tenant, validation_file, "validation_file") if validation_file else None
+    _check_method_format(train, method, "training_file")
+    if valid is not None:
+        _check_method_format(valid, method, "validation_file")
     if valid is not None and valid.pk == train.pk:
         raise FinetuneError(f"File {train.id} cannot be both the training and the validation file: its loss would "
                             "not show how the model does on unseen examples. Upload held-out examples as a separate "
@@ -473,7 +503,7 @@ def finetune_job_plan(*, tenant: Tenant, model: str, training_file: str, validat
     if tokens is None:  # not counted with this model yet: a worker counts them; the size estimates them until then
         training_file_request_token_count(file=train, base_model=bm)
         tokens = selectors.estimated_token_counts(train)
-    hp = resolve_hyperparameters(hyperparameters, tokens["examples"] or train.examples)
+    hp = resolve_hyperparameters(hyperparameters, tokens["examples"] or train.examples, method)
     preview = planning.estimate(base_model=bm, tokens_per_epoch=tokens["total_tokens"], n_epochs=hp["n_epochs"])
     start = continuation.start_point_for(tenant, from_checkpoint) if from_checkpoint is not None else None
     if start is not None:  # its rank and modules, checked as any job's
@@ -492,7 +522,8 @@ def _fine_tuned_model_name(bm: BaseModel, tenant: Tenant, suffix: str, job_id: s
 def finetune_job_create(*, tenant: Tenant, actor: Actor, model: str, training_file: str,
                         validation_file: str | None = None, suffix: str | None = None, seed: int | None = None,
                         hyperparameters: dict | None = None, lora: dict | None = None,
-                        metadata: dict | None = None, from_checkpoint: str | None = None) -> FineTuneJob:
+                        metadata: dict | None = None, from_checkpoint: str | None = None,
+                        method: str = "supervised") -> FineTuneJob:
     """Create a queued job and enqueue it on the `finetune` queue once the transaction commits.
 
     Refuses (429) when the tenant already runs MAX_CONCURRENT_JOBS jobs.
@@ -507,7 +538,7 @@ def finetune_job_create(*, tenant: Tenant, actor: Actor, model: str, training_fi
         raise FinetuneError("metadata must be at most 16 string keys with string values", param="metadata")
     plan = finetune_job_plan(tenant=tenant, model=model, training_file=training_file,
                              validation_file=validation_file, hyperparameters=hyperparameters, lora=lora,
-                             from_checkpoint=from_checkpoint)
+                             from_checkpoint=from_checkpoint, method=method)
     Tenant.objects.select_for_update().filter(pk=tenant.pk).first()  # serialise this tenant's creations (the limit)
     active = selectors.active_job_count(tenant)
     if active >= MAX_CONCURRENT_JOBS:
@@ -517,7 +548,7 @@ def finetune_job_create(*, tenant: Tenant, actor: Actor, model: str, training_fi
     job = FineTuneJob(tenant=tenant, base_model=plan.base_model, training_file=plan.training_file,
                       validation_file=plan.validation_file, suffix=suffix, seed=seed if seed is not None else 0,
                       hyperparameters=plan.hyperparameters, requested_hyperparameters=hyperparameters or {},
-                      lora=plan.lora, metadata=metadata or {}, status=FineTuneJob.Status.QUEUED,
+                      lora=plan.lora, metadata=metadata or {}, status=FineTuneJob.Status.QUEUED, method=method,
                       estimated_cost_cents=plan.estimate["estimated_cost_cents"],
                       created_by_key=actor.key)
     name = _fine_tuned_model_name(plan.base_model, tenant, suffix, job.id)
@@ -620,6 +651,9 @@ class JobRunner:
             data = {k: v for k, v in event.items() if k != "type"}
             self._last_metrics = data
             parts = [f"Step {event['step']}/{event['total_steps']}: training loss={event['train_loss']:.4f}"]
+            if event.get("train_reward_accuracy") is not None:  # DPO: how often, and by how much, the preferred wins
+                parts.append(f"reward margin={event['train_reward_margin']:.4f}, "
+                             f"reward accuracy={event['train_reward_accuracy']:.2f}")
             if event.get("valid_loss") is not None:
                 parts.append(f"validation loss={event['valid_loss']:.4f}")
             _event(job, ", ".join(parts), type="metrics", data=data)
@@ -640,6 +674,7 @@ class JobRunner:
     # -- the run -----------------------------------------------------------------------------------
 
     def run(self) -> str:
+        from finetune.dpo import train_dpo  # the same arguments, events and result as train_lora, with the DPO loss
         from finetune.trainer import TrainingDataError, train_lora
 
         self.job = job = FineTuneJob.objects.for_tenant(self.tenant_id).select_related("base_model", "training_file", "validation_file").get(pk=self.job_id)
@@ -653,9 +688,10 @@ class JobRunner:
             train_examples = self._validated_examples(job.training_file, bm, "training_file")
             valid_examples = self._validated_examples(job.validation_file, bm, "validation_file") if job.validation_file else None
             hp = job.hyperparameters
+            dpo = {"beta": hp["beta"]} if job.method == "dpo" else {}
             n = len(train_examples)
             steps = -(-n // hp["batch_size"]) * hp["n_epochs"]
-            result = train_lora(
+            result = (train_dpo if job.method == "dpo" else train_lora)(
                 base_model_path=bm.local_path, base_model_id=bm.hf_id, train_examples=train_examples,
                 valid_examples=valid_examples, output_dir=self.output_dir,
                 hyperparameters={
@@ -663,7 +699,7 @@ class JobRunner:
                     "learning_rate": bm.finetune_learning_rate * hp["learning_rate_multiplier"],
                     "lora_r": job.lora["rank"], "lora_alpha": job.lora["alpha"], "lora_dropout": job.lora["dropout"],
                     "target_modules": job.lora["target_modules"], "seed": job.seed,
-                    "max_seq_len": base_models.max_seq_len(bm), "log_every": max(1, steps // 100),
+                    "max_seq_len": base_models.max_seq_len(bm), "log_every": max(1, steps // 100), **dpo,
                 },
                 on_event=self.on_event, should_cancel=self.should_cancel, resume=True,
                 compile_layers=settings.FINETUNE_COMPILE, init_adapter=continuation.start_path_for_job(job))

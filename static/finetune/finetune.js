@@ -84,11 +84,17 @@
     return node;
   }
 
-  function drawChart(svg, points) {
+  // series: [[key, css class], ...] of the points to draw (default: the training and validation loss).
+  var LOSS = [["train_loss", "train"], ["valid_loss", "valid"]];
+  // A DPO job's second chart: the preferred (chosen) and non-preferred (rejected) output's rewards and their margin.
+  var REWARDS = [["train_chosen_reward", "train"], ["train_rejected_reward", "valid"], ["train_reward_margin", "margin"]];
+
+  function drawChart(svg, points, series) {
+    series = series || LOSS;
     while (svg.firstChild) svg.removeChild(svg.firstChild);
     var W = 600, H = 220, L = 44, R = 10, T = 10, B = 26;
     var all = [];
-    points.forEach(function (p) { if (p.train_loss != null) all.push(p.train_loss); if (p.valid_loss != null) all.push(p.valid_loss); });
+    points.forEach(function (p) { series.forEach(function (s) { if (p[s[0]] != null) all.push(p[s[0]]); }); });
     if (!all.length) { svg.appendChild(el("text", {x: W / 2, y: H / 2, "text-anchor": "middle"}, "No metrics yet")); return; }
     var maxStep = Math.max.apply(null, points.map(function (p) { return p.step; })) || 1;
     var hi = Math.max.apply(null, all), lo = Math.min(0, Math.min.apply(null, all));
@@ -99,11 +105,26 @@
     svg.appendChild(el("line", {x1: L, y1: T, x2: L, y2: H - B, "class": "axis"}));
     [lo, (lo + hi) / 2, hi].forEach(function (v) { svg.appendChild(el("text", {x: L - 4, y: y(v) + 4, "text-anchor": "end"}, v.toFixed(2))); });
     svg.appendChild(el("text", {x: W - R, y: H - 6, "text-anchor": "end"}, "step " + maxStep));
-    ["train_loss", "valid_loss"].forEach(function (key) {
+    series.forEach(function (s) {
+      var key = s[0];
       var d = points.filter(function (p) { return p[key] != null; })
         .map(function (p, i) { return (i ? "L" : "M") + x(p.step).toFixed(1) + " " + y(p[key]).toFixed(1); }).join(" ");
-      if (d) svg.appendChild(el("path", {d: d, "class": key === "train_loss" ? "train" : "valid"}));
+      if (d) svg.appendChild(el("path", {d: d, "class": s[1]}));
     });
+  }
+
+  // The DPO job's rewards chart and, in words, the latest reward accuracy (share of pairs the preferred output wins).
+  function drawRewards(points) {
+    var svg = document.getElementById("ft-rewards");
+    if (!svg) return;
+    drawChart(svg, points, REWARDS);
+    var last = points.filter(function (p) { return p.train_reward_accuracy != null; }).pop();
+    var text = document.getElementById("ft-reward-accuracy");
+    if (text && last) {
+      var valid = points.filter(function (p) { return p.valid_reward_accuracy != null; }).pop();
+      text.textContent = "Reward accuracy at step " + last.step + ": " + (100 * last.train_reward_accuracy).toFixed(0) + " % of the step's pairs"
+        + (valid ? "; " + (100 * valid.valid_reward_accuracy).toFixed(0) + " % of the validation pairs at step " + valid.step : "") + ".";
+    }
   }
 
   // ---- job polling -------------------------------------------------------------------------------
@@ -112,6 +133,7 @@
     if (!box) return;
     var chart = document.getElementById("ft-chart"), initial = document.getElementById("ft-loss");
     drawChart(chart, initial ? JSON.parse(initial.textContent) : []);
+    drawRewards(initial ? JSON.parse(initial.textContent) : []);
     if (box.dataset.finished === "1") return;
 
     function render(s) {
@@ -141,6 +163,7 @@
         li.appendChild(t); li.appendChild(document.createTextNode(" " + e.message)); list.appendChild(li);
       });
       drawChart(chart, s.loss);
+      drawRewards(s.loss);
       var cancel = document.getElementById("ft-cancel");
       if (cancel && s.finished) cancel.hidden = true;
     }
