@@ -1,17 +1,17 @@
-"""Shared fixtures: a tenant with one member of each role, and an outsider (the admin of another tenant)."""
+"""Shared fixtures and hooks: a tenant with one member of each role, and an outsider (the admin of another tenant).
+Conftests hold fixtures and hooks only; what tests share besides is in tests/support/ (tests/test_suite_layout.py)."""
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tenants import services
 from tenants.models import Role
-from tests.support.users import PASSWORD, make_user  # noqa: F401 (PASSWORD: for tests not yet importing it from there)
+from tests.support.users import World, make_user
 
 
 def pytest_configure(config):
@@ -135,22 +135,9 @@ def _fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
-@dataclass
-class World:
-    tenant: object
-    owner: object
-    admin: object
-    developer: object
-    viewer: object
-    other_tenant: object
-    outsider: object  # owner of other_tenant; no membership in `tenant`
-
-    def user(self, role: str):
-        return getattr(self, role)
-
-
 @pytest.fixture
 def world(db) -> World:
+    """A tenant (acme) with one member of each role, and an outsider: the owner of another tenant (globex)."""
     owner = make_user("owner@acme.test")
     tenant = services.tenant_create(slug="acme", name="Acme", owner=owner)
     users = {}

@@ -10,7 +10,8 @@ import pytest
 
 from billing import invoicing
 from tenants.services import Actor
-from tests.support.billing import WEBHOOK_SECRET, FakeInvoiceItems, FakeInvoices, catalog, price, usage, utc  # noqa: F401 (catalog: a fixture)
+from tests.support.billing import WEBHOOK_SECRET, FakeInvoiceItems, FakeInvoices, price, usage, utc
+from tests.support.billing import catalog  # noqa: F401 (the fixture, for the tests here; tests/test_dashboard.py imports it too)
 
 
 @pytest.fixture(autouse=True)

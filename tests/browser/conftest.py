@@ -13,18 +13,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
-CHROMIUM = Path("/usr/bin/chromium")
-HERE = Path(__file__).parent
+_HERE = Path(__file__).parent
 
 
 def pytest_collection_modifyitems(config, items):
     # A browser, a live server and a page per test: seconds each, so none is in the fast lane (-m "not slow").
     for item in items:
-        if HERE in Path(item.fspath).parents:
+        if _HERE in Path(item.fspath).parents:
             item.add_marker(pytest.mark.slow)
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,3 @@ def page(browser, console):
     page = context.new_page()
     yield page
     context.close()
-
-
-
-from tests.support.browser import sign_in  # noqa: E402,F401 (for tests not yet importing it from there)

@@ -1,8 +1,14 @@
-"""Browser helpers (Playwright pages; the fixtures are in tests/browser/conftest.py)."""
+"""Browser helpers (Playwright pages; the fixtures are in tests/browser/conftest.py): the Chromium the tests launch,
+its flags, signing in."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tests.support.users import PASSWORD
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's (apt-get install chromium); Playwright drives it headless
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
 def sign_in(page, email: str) -> None:
