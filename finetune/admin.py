@@ -7,7 +7,7 @@
 from django.contrib import admin
 
 from finetune import deploy
-from finetune.models import FineTuneJob, JobCheckpoint, JobEvent, TrainingFile, TrainingUsage
+from finetune.models import Evaluation, FineTuneJob, JobCheckpoint, JobEvent, TrainingFile, TrainingUsage
 from tenants.admin import AllTenantsAdmin
 from tenants.services import Actor
 
@@ -63,6 +63,19 @@ class TrainingUsageAdmin(AllTenantsAdmin, admin.ModelAdmin):
     list_display = ("job", "tenant", "base_model", "trained_tokens", "created_at")
     list_filter = ("base_model",)
     readonly_fields = ("tenant", "job", "base_model", "trained_tokens", "created_at")
+
+
+@admin.register(Evaluation)
+class EvaluationAdmin(AllTenantsAdmin, admin.ModelAdmin):
+    """Read-only: an evaluation's numbers come from its worker (finetune/evaluation.py); its rows are in the API."""
+
+    list_display = ("id", "tenant", "model", "status", "rows_done", "rows_total", "created_at")
+    list_filter = ("status",)
+    search_fields = ("id", "model", "tenant__slug")
+    readonly_fields = tuple(f.name for f in Evaluation._meta.fields)
+
+    def has_add_permission(self, request):
+        return False
 
 
 @admin.action(description="Mark restarted: backends now serve the pool's LORA_ADAPTERS (TGI)")

@@ -1,12 +1,12 @@
 """Console pages of fine-tuning, included under t/<slug:tenant_slug>/finetune/.
 
 Object kwargs: `file_id` (str, a TrainingFile), `job_id` (str, a FineTuneJob), `adapter_id` (int, a serving Adapter),
-`rollout_id` (int, a serving AdapterRollout).
+`rollout_id` (int, a serving AdapterRollout), `evaluation_id` (str, an Evaluation).
 """
 
 from django.urls import path
 
-from finetune import byo_views, rollout_views, views
+from finetune import byo_views, evaluation_views, rollout_views, views
 
 urlpatterns = [
     path("files/", views.files, name="finetune-files"),
@@ -26,5 +26,8 @@ urlpatterns = [
     path("rollouts/", rollout_views.rollouts, name="finetune-rollouts"),
     path("rollouts/<int:rollout_id>/promote/", rollout_views.rollout_promote, name="finetune-rollout-promote"),
     path("rollouts/<int:rollout_id>/rollback/", rollout_views.rollout_rollback, name="finetune-rollout-rollback"),
+    path("evaluations/", evaluation_views.evaluations_page, name="finetune-evaluations"),
+    path("evaluations/<str:evaluation_id>/", evaluation_views.evaluation_detail, name="finetune-evaluation"),
+    path("evaluations/<str:evaluation_id>/status/", evaluation_views.evaluation_status, name="finetune-evaluation-status"),
     path("planner/", views.planner, name="finetune-planner"),
 ]

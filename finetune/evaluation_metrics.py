@@ -40,7 +40,7 @@ def contains(answer: str, expected: str) -> bool:
     return bool(want) and want in normalize(answer).casefold()
 
 
-def _text(content: Any) -> str:
+def message_text(content: Any) -> str:
     """A message's content as text (a list of parts: its text parts joined)."""
     if isinstance(content, str):
         return content
@@ -65,7 +65,7 @@ def rows_from_examples(examples: Sequence[Any]) -> tuple[list[EvalRow], int]:
         messages = getattr(ex, "messages", None) or (ex["messages"] if isinstance(ex, dict) else ex)
         tools = getattr(ex, "tools", None) or (ex.get("tools") if isinstance(ex, dict) else None)
         last = max((j for j, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
-        expected = _text(messages[last].get("content")) if last is not None else ""
+        expected = message_text(messages[last].get("content")) if last is not None else ""
         if last is None or not expected.strip() or last == 0:
             skipped += 1
             continue

@@ -55,7 +55,18 @@ OBJECT_KWARGS: dict[str, Callable[["IsolationWorld"], object]] = {
     "adapter_id": lambda w: _finetune_objects(w)["adapter"].pk,
     "rollout_id": lambda w: _acme_rollout(w).pk,
     "delivery_id": lambda w: _acme_webhook_delivery(w).pk,
+    "evaluation_id": lambda w: _acme_evaluation(w).id,
 }
+
+
+def _acme_evaluation(w):
+    from finetune.models import Evaluation
+
+    objects = _finetune_objects(w)
+    evaluation = Evaluation.objects.for_tenant(w.tenant).first()
+    return evaluation or Evaluation.all_tenants.create(tenant=w.tenant, base_model=objects["adapter"].base_model,
+                                                       model=objects["adapter"].name, adapter=objects["adapter"],
+                                                       file=objects["file"])
 
 
 def _acme_webhook_delivery(w):
