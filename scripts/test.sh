@@ -15,6 +15,8 @@ if [ ! -x /usr/bin/chromium ]; then
   fi
 fi
 export PLATFORM_VAR_DIR=${PLATFORM_VAR_DIR:-$PWD/var/test}
+# Never the Hugging Face Hub: models are local folders (peft would look adapters' base models up; docs/configuration.md).
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
 mkdir -p "$PLATFORM_VAR_DIR"
 set +e
 if [ $# -eq 0 ]; then

@@ -10,6 +10,12 @@ PORT=${PORT:-8000}
 BACKEND_PORT=${BACKEND_PORT:-8081}
 # Links in e-mails (invitations) must point at this console, whatever its port.
 export PLATFORM_PUBLIC_URL=${PLATFORM_PUBLIC_URL:-http://127.0.0.1:$PORT}
+# The demo model and the adapters trained here are local folders: the dev backend, the workers (the trainer, which
+# peft would otherwise have look the base model up on the Hugging Face Hub) and the console never reach the Hub,
+# unless trained adapters are pushed there (PLATFORM_HF_HUB_TOKEN; docs/configuration.md).
+if [ -z "${PLATFORM_HF_HUB_TOKEN:-}" ]; then
+  export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
+fi
 mkdir -p "$PLATFORM_VAR_DIR/log" "$PLATFORM_VAR_DIR/celery/queue" "$PLATFORM_VAR_DIR/celery/processed" "$PLATFORM_VAR_DIR/celery/control"
 PY=.venv/bin/python
 

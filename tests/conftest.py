@@ -13,6 +13,13 @@ from tenants import services
 from tenants.models import Role
 from tests.support.users import World, make_user
 
+# Nothing in the suite may reach the Hugging Face Hub: models and adapters are local folders. Without these, peft looks
+# an adapter's base model up on the Hub when saving it ("Unable to fetch remote file ... config.json") and transformers
+# may try to download. Set here, before any test imports huggingface_hub (which reads them once), and inherited by the
+# processes tests start (workers, backends). scripts/test.sh sets them too; docs/configuration.md.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 
 def pytest_configure(config):
     """Under pytest-xdist each worker gets a Redis database of its own (pytest-django gives each its own test database)."""
@@ -188,6 +195,16 @@ def demo_model_path():
     from devbackend.demomodel import build_demo_model
 
     return build_demo_model(Path(settings.VAR_DIR) / "models" / "smollm2-135m-instruct")
+
+
+@pytest.fixture
+def hub_client_for_local_servers(monkeypatch):
+    """huggingface_hub's InferenceClient pointed at one of our servers (the dev backend, a gateway): offline mode
+    refuses every request the library makes, to 127.0.0.1 too, so it is lifted for the test. peft reads HF_HUB_OFFLINE
+    from the environment, which stays set: the suite's adapters are still never looked up on the Hub."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
 @pytest.fixture

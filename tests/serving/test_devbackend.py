@@ -110,7 +110,7 @@ def sim(sim_tgi_url):
 # --- TGI protocol through huggingface_hub -----------------------------------------------------------------------
 
 
-def test_text_generation_with_details(dev):
+def test_text_generation_with_details(dev, hub_client_for_local_servers):
     output = InferenceClient(base_url=dev).text_generation("Hello there", max_new_tokens=6, details=True,
                                                           do_sample=False)
     assert output.details.generated_tokens == 6 and output.details.finish_reason == "length"
@@ -118,7 +118,7 @@ def test_text_generation_with_details(dev):
     assert output.generated_text == "".join(t.text for t in output.details.tokens if not t.special)
 
 
-def test_text_generation_stream(dev):
+def test_text_generation_stream(dev, hub_client_for_local_servers):
     client = InferenceClient(base_url=dev)  # keep a reference: the stream dies with the client
     events = list(client.text_generation("Hello there", max_new_tokens=5, details=True, stream=True, do_sample=False))
     assert [event.index for event in events] == [1, 2, 3, 4, 5]

@@ -74,7 +74,7 @@ def test_openai_sdk_chat_completions_and_models(platform):
     assert wait_for(lambda: len(usage_records(services.Tenant.objects.get(slug="acme"))) == 4)
 
 
-def test_huggingface_inference_client_text_generation(platform):
+def test_huggingface_inference_client_text_generation(platform, hub_client_for_local_servers):
     from huggingface_hub import InferenceClient
 
     gw = platform["start"]()
