@@ -77,7 +77,7 @@ def test_chat_and_completions_answer_as_vllm_does_streamed_or_not_with_its_usage
         ("ok", theirs.usage.prompt_tokens, 6)]
 
 
-def test_tgi_routes_are_translated_with_vllms_own_token_ids_and_logprobs(world, platform):
+def test_tgi_routes_are_translated_with_vllms_own_token_ids_and_logprobs(world, platform, hub_client_for_local_servers):
     from huggingface_hub import InferenceClient
 
     vllm, gw = platform["vllm"], platform["start"]()
