@@ -72,7 +72,21 @@ def seed(world) -> dict:
         AdapterDeployment.all_tenants.create(tenant=world.tenant, adapter=version, pool=pool, state="active")
     AdapterRollout.all_tenants.create(tenant=world.tenant, name=adapter.name, current=adapter, canary=v2, canary_percent=20,
                                       canary_started_at=now - timedelta(days=30))
-    return {"file": file, "job": job, "key": key, "adapter": adapter}
+    from finetune.models import Evaluation, EvaluationRow
+
+    evaluation = Evaluation.all_tenants.create(  # a finished evaluation: its table, chart and differing rows
+        tenant=world.tenant, base_model=base, model=adapter.name, adapter=adapter, file=file, file_name=file.filename,
+        status="succeeded", rows_total=2, rows_done=2,
+        metrics={"base": {"rows": 2, "exact_match": 0.0, "contains": 0.5, "loss": 3.2},
+                 "adapter": {"rows": 2, "exact_match": 1.0, "contains": 1.0, "loss": 0.4}, "differing_rows": 2})
+    for i in range(2):
+        EvaluationRow.all_tenants.create(tenant=world.tenant, evaluation=evaluation, index=i, line=i + 1,
+                                         prompt=[{"role": "user", "content": f"Where is order {i}?"}],
+                                         expected="Shipped today", base_answer="I do not know" if i else "It shipped today",
+                                         adapter_answer="Shipped today", base_exact=False, adapter_exact=True,
+                                         base_contains=bool(i == 0), adapter_contains=True, base_loss=3.2,
+                                         adapter_loss=0.4, answer_tokens=3)
+    return {"file": file, "job": job, "key": key, "adapter": adapter, "evaluation": evaluation}
 
 
 def tenant_pages(world, data) -> list[str]:
@@ -90,6 +104,7 @@ def tenant_pages(world, data) -> list[str]:
         "invitation_id": Invitation.objects.for_tenant(world.tenant).get().pk,
         "invoice_id": Invoice.objects.for_tenant(world.tenant).get().pk,
         "file_id": data["file"].pk, "job_id": data["job"].pk, "adapter_id": data["adapter"].pk,
+        "evaluation_id": data["evaluation"].pk,
     }
     post_only_ids = {"delivery_id", "rollout_id"}  # a webhook delivery's only URL is its re-send, a rollout's promote and rollback (POST)
     urls, unknown = set(), set()
