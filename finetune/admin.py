@@ -90,3 +90,65 @@ def mark_pools_restarted(modeladmin, request, queryset):
 from serving.admin import BackendPoolAdmin  # noqa: E402
 
 BackendPoolAdmin.actions = [*BackendPoolAdmin.actions, mark_pools_restarted]
+
+
+# ---- merged models (finetune/merge.py): serving's MergedModel, registered here because its actions are finetune's ----
+
+from finetune import merge as _merge  # noqa: E402
+from finetune import planning as _planning  # noqa: E402
+from serving.models import MergedModel  # noqa: E402
+
+
+@admin.action(description="Serve: the pool's backends run the merged folder now (each must list its name at /v1/models)")
+def serve_merged_models(modeladmin, request, queryset):
+    from django.contrib import messages
+
+    for merged in queryset.select_related("adapter", "pool", "tenant"):
+        try:
+            _merge.merged_model_serve(merged=merged, actor=Actor(user=request.user))
+        except _merge.MergeRefused as exc:
+            modeladmin.message_user(request, f"{merged.adapter.name}: {exc.message}", messages.ERROR)
+        else:
+            modeladmin.message_user(request, f"{merged.adapter.name} serves on {merged.pool.name}.", messages.SUCCESS)
+
+
+@admin.action(description="Stop serving (before restarting the pool's backends on the base model)")
+def stop_merged_models(modeladmin, request, queryset):
+    for merged in queryset.select_related("adapter", "pool", "tenant"):
+        _merge.merged_model_stop(merged=merged, actor=Actor(user=request.user))
+        modeladmin.message_user(request, f"{merged.adapter.name}: {merged.get_state_display()}.")
+
+
+@admin.register(MergedModel)
+class MergedModelAdmin(AllTenantsAdmin, admin.ModelAdmin):
+    """Staff's side of merged models: where the folder is and the command that serves it, its size and the GPU memory
+    the pool needs (finetune.planning.merged_model_plan), Serve / Stop serving."""
+
+    list_display = ("adapter", "tenant", "pool", "state", "size_bytes", "gpu_memory_needed", "serving_since", "error")
+    list_filter = ("state", "pool")
+    search_fields = ("adapter__name", "tenant__slug")
+    readonly_fields = ("tenant", "adapter", "pool", "state", "path", "serve_command", "parameters", "size_bytes",
+                       "weights_bytes", "dtype", "gpu_memory_needed", "error", "created_at", "finished_at", "serving_since")
+    fields = readonly_fields
+    actions = [serve_merged_models, stop_merged_models]
+
+    def has_add_permission(self, request) -> bool:
+        return False  # tenants ask for merges (console, API); staff serve them
+
+    @admin.display(description="GPU memory needed per backend")
+    def gpu_memory_needed(self, merged: MergedModel) -> str:
+        from django.template.defaultfilters import filesizeformat
+
+        plan = _planning.merged_model_plan(pool=merged.pool, merged=merged)
+        if not plan["known"]:
+            return f"unknown: fill in {merged.pool.base_model.name}'s architecture"
+        verdict = "" if plan["fits"] is None else (" (fits)" if plan["fits"] else " (does not fit)")
+        return (f"{filesizeformat(plan['need_bytes'])}: weights {filesizeformat(plan['weights_gpu_bytes'])} + KV cache "
+                f"{filesizeformat(plan['kv_cache_bytes'])}, of {filesizeformat(plan['available_bytes'])} usable{verdict}")
+
+    @admin.display(description="Serve it with")
+    def serve_command(self, merged: MergedModel) -> str:
+        if not merged.path:
+            return "(not merged yet)"
+        return (f"vllm serve {merged.path} --served-model-name {merged.served_name}   |   "
+                f"python -m devbackend --model {merged.path}")

@@ -6,7 +6,7 @@ Object kwargs: `file_id` (str, a TrainingFile), `job_id` (str, a FineTuneJob), `
 
 from django.urls import path
 
-from finetune import byo_views, evaluation_views, rollout_views, views
+from finetune import byo_views, evaluation_views, merge_views, rollout_views, views
 
 urlpatterns = [
     path("files/", views.files, name="finetune-files"),
@@ -23,6 +23,7 @@ urlpatterns = [
     path("adapters/upload/", byo_views.adapter_upload, name="finetune-adapter-upload"),
     path("adapters/<int:adapter_id>/deploy/", views.adapter_deploy, name="finetune-adapter-deploy"),
     path("adapters/<int:adapter_id>/undeploy/", views.adapter_undeploy, name="finetune-adapter-undeploy"),
+    path("adapters/<int:adapter_id>/merge/", merge_views.adapter_merge, name="finetune-adapter-merge"),
     path("rollouts/", rollout_views.rollouts, name="finetune-rollouts"),
     path("rollouts/<int:rollout_id>/promote/", rollout_views.rollout_promote, name="finetune-rollout-promote"),
     path("rollouts/<int:rollout_id>/rollback/", rollout_views.rollout_rollback, name="finetune-rollout-rollback"),

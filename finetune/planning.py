@@ -98,3 +98,59 @@ def auto_learning_rate_multiplier(total_steps: int) -> float:
 
 def auto_n_epochs_for(n_examples: int) -> int:
     return auto_n_epochs(max(1, n_examples))
+
+
+# ---- merged models (finetune/merge.py): what one takes on its dedicated pool --------------------------------------
+
+# vLLM's default share of each GPU's memory it takes for weights, activations and the KV cache (--gpu-memory-utilization).
+GPU_MEMORY_UTILIZATION = 0.9
+SERVING_BYTES_PER_PARAM = 2  # bf16 / fp16 on a GPU
+
+
+def merged_model_plan(*, pool, merged=None) -> dict:
+    """A merged model on its dedicated pool: its size, and the GPU memory one backend needs to serve it.
+
+    Size: the merged folder's weights as exported (`merged.weights_bytes`, the base model's dtype), else the base
+    model's own .safetensors (a merged model has exactly the base model's parameters). On the GPU the weights are
+    bf16 (2 bytes a parameter) and the KV cache holds 2 · layers · KV heads · head dim values of 2 bytes per token; the
+    need is the weights plus the KV cache of the pool's capacity (concurrent requests) at the full context, against
+    `GPU_MEMORY_UTILIZATION` of the pool's `gpu_memory_gb` (0: unknown, no verdict). Integers (bytes) throughout;
+    `known` False (and the figures None) when the base model's architecture is not known (no config.json, no fields).
+    """
+    from finetune import lora_math
+    from finetune.base_models import model_config
+
+    base = pool.base_model
+    config = model_config(base)
+    try:
+        shape = lora_math.LlamaShape.from_config(config)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # staff have not filled in the architecture
+        shape = None
+    if shape is None or not shape.num_hidden_layers:
+        unknown = dict.fromkeys(("weights_on_disk_bytes", "weights_gpu_bytes", "kv_bytes_per_token", "concurrency",
+                                 "kv_cache_bytes", "need_bytes", "gpu_memory_bytes", "available_bytes", "fits"))
+        return {**unknown, "parameters": merged.parameters if merged is not None else None,
+                "context_length": base.context_length, "known": False}
+    vocab = int(config.get("vocab_size") or 0)
+    tied = bool(config.get("tie_word_embeddings", False))
+    per_layer = sum(d_in * d_out for d_in, d_out in shape.module_shapes().values()) + 2 * shape.hidden_size
+    parameters = (merged.parameters if merged is not None and merged.parameters else
+                  shape.num_hidden_layers * per_layer + vocab * shape.hidden_size * (1 if tied else 2) + shape.hidden_size)
+    if merged is not None and merged.weights_bytes:
+        weights_on_disk = merged.weights_bytes
+    else:
+        weights_on_disk = 0
+        if base.local_path:
+            weights_on_disk = sum(f.stat().st_size for f in Path(base.local_path).glob("*.safetensors"))
+    kv_per_token = 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim * SERVING_BYTES_PER_PARAM
+    concurrency = pool.capacity or sum(b.max_concurrency for b in pool.backends.filter(enabled=True)) or 1
+    kv_bytes = kv_per_token * base.context_length * concurrency
+    weights_gpu = parameters * SERVING_BYTES_PER_PARAM
+    need = weights_gpu + kv_bytes
+    available = int(pool.gpu_memory_gb * 1024 ** 3 * GPU_MEMORY_UTILIZATION)
+    return {
+        "parameters": parameters, "weights_on_disk_bytes": weights_on_disk, "weights_gpu_bytes": weights_gpu,
+        "kv_bytes_per_token": kv_per_token, "concurrency": concurrency, "context_length": base.context_length,
+        "kv_cache_bytes": kv_bytes, "need_bytes": need, "gpu_memory_bytes": pool.gpu_memory_gb * 1024 ** 3,
+        "available_bytes": available, "fits": (need <= available) if pool.gpu_memory_gb else None, "known": True,
+    }

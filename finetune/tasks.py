@@ -81,3 +81,12 @@ def run_evaluation(self, evaluation_id: str, tenant_id: int) -> str:
     if outcome == "leased" and self.request.called_directly is False:
         raise self.retry(countdown=LEASE_SECONDS + 5)
     return outcome
+
+
+@shared_task(name="finetune.tasks.merge_adapter", acks_late=True)
+def merge_adapter(merged_id: int, tenant_id: int) -> str:
+    """Merge an isolated tenant's adapter into its base weights and export the model folder (finetune/merge.py), on the
+    `finetune` queue, where the base weights and torch are. A redelivered message finds the row no longer queued."""
+    from finetune.merge import merged_model_build
+
+    return merged_model_build(merged_id=merged_id, tenant_id=tenant_id)

@@ -7,7 +7,7 @@
 
 from django.urls import path, re_path
 
-from finetune import adapters_api, byo_api, evaluation_api, files_api, jobs_api, rollout_api, v1_base
+from finetune import adapters_api, byo_api, evaluation_api, files_api, jobs_api, merge_api, rollout_api, v1_base
 
 v1_patterns = [
     path("files", files_api.FileListApi.as_view(), name="v1-file-list"),
@@ -37,6 +37,8 @@ tenant_api_patterns = [
     path("adapters/upload/", byo_api.AdapterUploadApi.as_view(), name="api-adapter-upload"),
     path("adapters/<int:adapter_id>/deploy/", adapters_api.AdapterDeployApi.as_view(), name="api-adapter-deploy"),
     path("adapters/<int:adapter_id>/undeploy/", adapters_api.AdapterUndeployApi.as_view(), name="api-adapter-undeploy"),
+    path("adapters/<int:adapter_id>/merge/", merge_api.AdapterMergeApi.as_view(), name="api-adapter-merge"),
+    path("merged-models/", merge_api.MergedModelListApi.as_view(), name="api-merged-model-list"),
     path("rollouts/", rollout_api.RolloutListApi.as_view(), name="api-rollout-list"),
     path("rollouts/<int:rollout_id>/", rollout_api.RolloutDetailApi.as_view(), name="api-rollout-detail"),
     path("rollouts/<int:rollout_id>/promote/", rollout_api.RolloutPromoteApi.as_view(), name="api-rollout-promote"),

@@ -265,12 +265,14 @@ def job_cancel(request, ctx: TenantContext, job_id: str):
 
 @tenant_view(write=Role.ADMIN)
 def adapters(request, ctx: TenantContext):
+    from finetune import merge_views
+
     rows = []
     for adapter in Adapter.objects.for_tenant(ctx.tenant).select_related("base_model"):
         deployments = AdapterDeployment.objects.for_tenant(ctx.tenant).filter(adapter=adapter).select_related("pool")
         rows.append({"adapter": adapter, "deployments": list(deployments),
                      "pool": pools.pool_for_adapter(ctx.tenant, adapter.base_model)})
-    return _render(request, ctx, "finetune/adapters.html", {"rows": rows})
+    return _render(request, ctx, "finetune/adapters.html", {"rows": rows, **merge_views.adapters_context(ctx, rows)})
 
 
 @require_POST

@@ -141,6 +141,7 @@ CELERY_TASK_ROUTES = {
     "finetune.tasks.run_finetune_job": {"queue": "finetune"},
     "finetune.tasks.push_adapter_to_hub": {"queue": "finetune"},
     "finetune.tasks.run_evaluation": {"queue": "finetune"},  # loads the base model and an adapter: a GPU host
+    "finetune.tasks.merge_adapter": {"queue": "finetune"},  # merges into the base weights: where they and torch are
     "finetune.tasks.validate_training_file": {"queue": "validation"},
 }
 CELERY_TASK_DEFAULT_QUEUE = "default"

@@ -148,7 +148,7 @@ def load_snapshot(version: object = None) -> Snapshot:
     """Read the whole gateway configuration from the database (a few queries; never on the request path)."""
     from serving.admission import TenantLimits
     from serving.guard import guard_from_config
-    from serving.models import AdapterDeployment, AdapterRollout, Backend, BackendPool, BaseModel, ModelConfig
+    from serving.models import AdapterDeployment, AdapterRollout, Backend, BackendPool, BaseModel, MergedModel, ModelConfig
     from tenants.models import ROLE_RANK, ApiKey, Membership, Policy, Role, Tenant
     from tenants.selectors import effective_quota_tokens
     from tenants.services import PLAYGROUND_ROLE
@@ -187,6 +187,9 @@ def load_snapshot(version: object = None) -> Snapshot:
     rollouts: dict[int, list] = {}
     for r in AdapterRollout.all_tenants.select_related("current", "canary").order_by("id"):
         rollouts.setdefault(r.tenant_id, []).append(r)
+    merged: dict[int, list] = {}
+    for m in MergedModel.all_tenants.filter(state=MergedModel.State.SERVING).select_related("adapter__base_model").order_by("id"):
+        merged.setdefault(m.tenant_id, []).append(m)
     playground_roles = [r for r in Role if ROLE_RANK[r] >= ROLE_RANK[Role(PLAYGROUND_ROLE)]]
     playground_users: dict[int, set[int]] = {}
     for tenant_id, user_id in Membership.all_tenants.filter(role__in=playground_roles, user__is_active=True).values_list("tenant_id", "user_id"):
@@ -226,7 +229,8 @@ def load_snapshot(version: object = None) -> Snapshot:
             cache_salt=tenant_cache_salt(t.id),
             models=MappingProxyType(routes_for(tenant_id=t.id, tenant_slug=t.slug, allowed=cfg.allowed_models if cfg else (),
                                                base_models=base_list, pools=pool_list,
-                                               deployments=deployments.get(t.id, ()), rollouts=rollouts.get(t.id, ()))),
+                                               deployments=deployments.get(t.id, ()), rollouts=rollouts.get(t.id, ()),
+                                               merged=merged.get(t.id, ()))),
             guard=guard_from_config(cfg, label=t.slug),
             playground_users=frozenset(playground_users.get(t.id, ())),
         )

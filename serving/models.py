@@ -146,6 +146,49 @@ class AdapterDeployment(TenantOwnedModel):
         constraints = [models.UniqueConstraint(fields=["adapter", "pool"], name="one_deployment_per_adapter_and_pool")]
 
 
+class MergedModel(TenantOwnedModel):
+    """An isolated tenant's adapter merged into its base weights (finetune.merge): a model folder its dedicated pool
+    serves as the backends' model, at base-model speed. While `serving`, the adapter's name routes to `pool` with this
+    folder as the backend's model (serving.routing.routes_for), and that pool answers nothing else."""
+
+    class State(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        MERGING = "merging", "Merging"
+        READY = "ready", "Ready (restart the pool's backends on it, then serve it)"
+        SERVING = "serving", "Serving"
+        FAILED = "failed", "Failed"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    adapter = models.ForeignKey(Adapter, on_delete=models.CASCADE, related_name="merged_models")
+    pool = models.ForeignKey(BackendPool, on_delete=models.CASCADE, related_name="merged_models",
+                             help_text="The tenant's dedicated pool for the adapter's base model.")
+    state = models.CharField(max_length=8, choices=State.choices, default=State.QUEUED)
+    path = models.CharField(max_length=500, blank=True, help_text="The merged model folder (safetensors, config, tokenizer), once written.")
+    parameters = models.PositiveBigIntegerField(default=0)
+    size_bytes = models.PositiveBigIntegerField(default=0, help_text="The folder on disk.")
+    weights_bytes = models.PositiveBigIntegerField(default=0, help_text="Its .safetensors files.")
+    dtype = models.CharField(max_length=16, blank=True)
+    error = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    serving_since = models.DateTimeField(null=True, blank=True)
+
+    class Meta(TenantOwnedModel.Meta):
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["adapter", "pool"], name="one_merge_per_adapter_and_pool"),
+            models.UniqueConstraint(fields=["pool"], condition=models.Q(state="serving"), name="one_serving_merge_per_pool"),
+        ]
+
+    @property
+    def served_name(self) -> str:
+        """The backends' model id for it (vLLM's --served-model-name): the adapter's name, which tenants call."""
+        return self.adapter.name
+
+    def __str__(self) -> str:
+        return f"{self.adapter.name} merged"
+
+
 class AdapterRollout(TenantOwnedModel):
     """A model name a tenant calls (`name`: the first version's ft: name) and the adapter version that serves it
     (`current`), with optionally a new version (`canary`) taking `canary_percent` % of the name's requests.

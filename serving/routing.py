@@ -25,6 +25,9 @@ class Route:
     # of this name's requests; the gateway picks per request (serving.gateway.plan.pick_version).
     canary: Route | None = None
     canary_percent: int = 0
+    # Merged model (serving.models.MergedModel): the backends' model id when it is not the pool's base model. The
+    # request then carries no adapter (`adapter` still names the version for the ledger and prices).
+    model_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,28 +65,43 @@ def pool_choice(pools, *, tenant_id: int):
     return None
 
 
-def routes_for(*, tenant_id: int, tenant_slug: str, allowed, base_models, pools, deployments, rollouts=()) -> dict[str, Route]:
+def routes_for(*, tenant_id: int, tenant_slug: str, allowed, base_models, pools, deployments, rollouts=(),
+               merged=()) -> dict[str, Route]:
     """The tenant's routing table (docs/gateway.md, "Routing"): each base model it may use, on the pool
-    `pool_choice` names, then its own adapters with a deployment that has not failed, then its rollouts: a rollout's
-    name routes to its current version's route, with its canary's (when that one routes too) and share.
+    `pool_choice` names, then its own adapters with a deployment that has not failed, then its merged models that
+    serve (the adapter's name on its dedicated pool, the merged folder as the backends' model, in place of the
+    adapter's LoRA route), then its rollouts: a rollout's name routes to its current version's route, with its
+    canary's (when that one routes too) and share.
 
     `base_models`: objects with name, available_to_all, created_at. `pools`: PoolView-like (any tenant's; another
     tenant's dedicated pool is never chosen). `deployments`: the tenant's AdapterDeployment rows (adapter loaded),
     failed ones included or not: they are skipped here. `rollouts`: the tenant's AdapterRollout rows (current and
-    canary loaded); one whose current version does not route leaves its name as it was.
+    canary loaded); one whose current version does not route leaves its name as it was. `merged`: the tenant's
+    MergedModel rows (adapter and its base model loaded); only a `serving` one of the tenant's own adapter, on a pool
+    dedicated to the tenant that serves the adapter's base model, routes — and that pool then routes nothing else
+    (its backends run the merged weights: the base model goes to a shared pool, if the tenant may use one).
     """
-    from serving.models import AdapterDeployment
+    from serving.models import AdapterDeployment, MergedModel
 
     pools = list(pools)
     by_id = {p.id: p for p in pools}
     allowed = set(allowed or ())
     dedicated = {p.base_model for p in pools if p.dedicated_tenant_id == tenant_id}
     usable = {bm.name for bm in base_models if may_use(bm, allowed=allowed, dedicated=bm.name in dedicated)}
+    serving = {}  # pool id -> the merged model its backends run
+    for m in merged:
+        pool = by_id.get(m.pool_id)
+        if (m.state != MergedModel.State.SERVING or pool is None or pool.dedicated_tenant_id != tenant_id
+                or m.tenant_id != tenant_id or m.adapter.tenant_id != tenant_id
+                or m.adapter.base_model.name != pool.base_model or pool.base_model not in usable
+                or m.pool_id in serving):
+            continue  # never another tenant's adapter or pool, never on weights it was not merged into
+        serving[m.pool_id] = m
     routes: dict[str, Route] = {}
     for bm in base_models:
         if bm.name not in usable:
             continue
-        pool = pool_choice([p for p in pools if p.base_model == bm.name], tenant_id=tenant_id)
+        pool = pool_choice([p for p in pools if p.base_model == bm.name and p.id not in serving], tenant_id=tenant_id)
         if pool is not None:
             # Isolated tenancy: a pool dedicated to this tenant serves the base model for it, and only for it.
             owned_by = tenant_slug if pool.dedicated_tenant_id == tenant_id else "platform"
@@ -92,7 +110,7 @@ def routes_for(*, tenant_id: int, tenant_slug: str, allowed, base_models, pools,
         if d.state == AdapterDeployment.State.FAILED:
             continue  # no backend took it: the gateway would have nowhere to send it
         pool = by_id.get(d.pool_id)
-        if pool is None or pool.dedicated_tenant_id not in (None, tenant_id) or d.adapter.name in routes:
+        if pool is None or pool.dedicated_tenant_id not in (None, tenant_id) or d.adapter.name in routes or d.pool_id in serving:
             continue
         # Only the tenant's own adapter (a hand-made deployment row may name another's), and only on a base
         # model the tenant may still use: an adapter must not reopen a model staff took away.
@@ -100,6 +118,11 @@ def routes_for(*, tenant_id: int, tenant_slug: str, allowed, base_models, pools,
             continue
         routes[d.adapter.name] = Route(d.adapter.name, pool.id, d.adapter.name, pool.base_model, tenant_slug,
                                        int(d.adapter.created_at.timestamp()))
+    for pool_id, m in serving.items():
+        if m.adapter.name in usable:
+            continue
+        routes[m.adapter.name] = Route(m.adapter.name, pool_id, m.adapter.name, by_id[pool_id].base_model, tenant_slug,
+                                       int(m.adapter.created_at.timestamp()), model_id=m.served_name)
     by_adapter = {r.adapter: r for r in routes.values() if r.adapter is not None}
     for rollout in rollouts:
         if rollout.tenant_id != tenant_id or rollout.name in usable:
@@ -129,7 +152,7 @@ def pool_views(queryset) -> list[PoolView]:
 
 def tenant_routes(tenant) -> dict[str, Route]:
     """`routes_for` over the database, for one tenant: what the gateway's snapshot routes for it."""
-    from serving.models import AdapterDeployment, AdapterRollout, BackendPool, BaseModel, ModelConfig
+    from serving.models import AdapterDeployment, AdapterRollout, BackendPool, BaseModel, MergedModel, ModelConfig
 
     cfg = ModelConfig.objects.for_tenant(tenant).first()
     return routes_for(
@@ -138,4 +161,6 @@ def tenant_routes(tenant) -> dict[str, Route]:
         pools=pool_views(BackendPool.objects.reachable_by(tenant)),
         deployments=AdapterDeployment.objects.for_tenant(tenant).select_related("adapter").order_by("id"),
         rollouts=AdapterRollout.objects.for_tenant(tenant).select_related("current", "canary").order_by("id"),
+        merged=MergedModel.objects.for_tenant(tenant).filter(state=MergedModel.State.SERVING)
+               .select_related("adapter__base_model").order_by("id"),
     )

@@ -31,10 +31,10 @@ def config_changed(sender, **kwargs) -> None:
 
 
 def connect() -> None:
-    from serving.models import Adapter, AdapterDeployment, AdapterRollout, Backend, BackendPool, BaseModel, ModelConfig
+    from serving.models import Adapter, AdapterDeployment, AdapterRollout, Backend, BackendPool, BaseModel, MergedModel, ModelConfig
     from tenants.models import ApiKey, AuditEvent, Membership, PlatformSettings, Policy, SystemPromptVersion, Tenant
 
     for model in (Tenant, Membership, ApiKey, SystemPromptVersion, Policy, PlatformSettings, AuditEvent,
-                  ModelConfig, BaseModel, BackendPool, Backend, Adapter, AdapterDeployment, AdapterRollout):
+                  ModelConfig, BaseModel, BackendPool, Backend, Adapter, AdapterDeployment, AdapterRollout, MergedModel):
         post_save.connect(config_changed, sender=model, dispatch_uid=f"gateway-config-{model.__name__}-save")
         post_delete.connect(config_changed, sender=model, dispatch_uid=f"gateway-config-{model.__name__}-delete")

@@ -460,7 +460,7 @@ class GatewayApp:
     async def _call(self, acct: Accounting, plan: Plan, out: Response) -> None:
         """The pool's backends, least loaded first among the healthy ones holding the adapter, failing over until the
         first byte reached the client; then a failure is in-band."""
-        pool, adapter = plan.pool, plan.route.adapter
+        pool, adapter = plan.pool, plan.backend_request.adapter  # None for a merged model: any backend of its pool
         driver = driver_for(pool.kind)
         if plan.backend_request.want_tokens:  # TGI token objects say which tokens are special: the model's tokenizer knows
             plan.backend_request.special_ids = special_token_ids(pool.counter)

@@ -508,7 +508,9 @@ def build_backend_request(req: ClientRequest, tenant: TenantEntry, route: Route,
         # Text prompts go to TGI's /generate (TGI and dev pools): a frequency penalty, no presence penalty there.
         raise bad_request("`presence_penalty` is not supported for text completions on this model's backend (TGI's /generate); use "
                           "`frequency_penalty`, or /v1/chat/completions.", "presence_penalty", "unsupported_parameter")
-    common = dict(max_tokens=max_tokens, sampling=sampling, adapter=route.adapter, model_id=pool.hf_id,
+    # A merged model (route.model_id) is the backends' model itself: no adapter on top of it.
+    common = dict(max_tokens=max_tokens, sampling=sampling, adapter=None if route.model_id else route.adapter,
+                  model_id=route.model_id or pool.hf_id,
                   cache_salt=tenant.cache_salt if pool.kind == "vllm" else None, want_tokens=req.details or req.endpoint is GENERATE_STREAM)
     if req.endpoint is CHAT:
         tools = dict(tools=req.tools, tool_choice=req.tool_choice,

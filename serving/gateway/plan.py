@@ -91,7 +91,7 @@ def pick_version(route, tenant_id: int, pools):
     if ((n + 1) * route.canary_percent) // 100 == (n * route.canary_percent) // 100:
         return route
     pool = pools.get(canary.pool_id)
-    if pool is None or not any(canary.adapter in b.loaded_adapters for b in pool.backends):
+    if pool is None or (canary.model_id is None and not any(canary.adapter in b.loaded_adapters for b in pool.backends)):
         return route
     return canary
 
@@ -102,7 +102,7 @@ def plan_request(req: ClientRequest, tenant, pools) -> Plan:
     (`pick_version`); the plan's route is the version served, so the ledger's `adapter` names it."""
     route = pick_version(route_for(tenant, req.model), tenant.id, pools)
     pool = pools[route.pool_id]
-    if route.adapter is not None and not any(route.adapter in b.loaded_adapters for b in pool.backends):
+    if route.adapter is not None and route.model_id is None and not any(route.adapter in b.loaded_adapters for b in pool.backends):
         raise ApiError(503, f"The model `{route.name}` is deployed but not loaded on any backend yet (loading, or "
                             "awaiting a backend restart). Try again later.", code="adapter_not_loaded", headers={"retry-after": "30"})
     max_tokens = resolve_max_tokens(req, tenant, pool.context_length)
