@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta, timezone as dt_timezone
 from decimal import ROUND_CEILING, Decimal
 
+from django.db import connection, transaction
 from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate
 
@@ -180,16 +181,30 @@ def current_month(now: datetime | None = None) -> str:
 # ---- for the gateway (serving.budgets and serving.config name these by their dotted paths) ----------------------
 
 
-def budget_seed_usage(tenant_id: int, month: str, key_ids) -> tuple[int, dict[int, tuple[int, int]]]:
+def budget_seed_usage(tenant_id: int, month: str, key_ids, *, pending=None) -> tuple[int, dict[int, tuple[int, int]], set[str]]:
     """A month's (YYYYMM) spend in µ¢ of the tenant, and (µ¢, tokens) of each of `key_ids`, from the ledger: the seed of
-    the gateway's budget counters (serving.budgets)."""
+    the gateway's budget counters (serving.budgets, docs/limits.md "Seeding from the ledger").
+
+    One consistent read (a transaction; REPEATABLE READ on PostgreSQL, SQLite's reads are one snapshot): after the sums,
+    `pending()` lists the request ids the gateway counts as settled but perhaps not yet recorded, and the third figure is
+    those of them the same read holds — a record committed after the read began is in neither."""
     tenant = Tenant.objects.get(pk=tenant_id)
     start = datetime(int(month[:4]), int(month[4:6]), 1, tzinfo=dt_timezone.utc)
     _, end = month_bounds(start)
-    by_key = ledger_usage_by_key(tenant=tenant, start=start, end=end)
     wanted = set(key_ids)
+    outermost = not connection.in_atomic_block
+    with transaction.atomic():
+        if connection.vendor == "postgresql" and outermost:
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        by_key = ledger_usage_by_key(tenant=tenant, start=start, end=end)
+        listed = list(pending()) if pending is not None else []
+        held = set()
+        for i in range(0, len(listed), 1000):
+            held.update(UsageRecord.objects.for_tenant(tenant).filter(
+                created_at__gte=start, created_at__lt=end, request_id__in=listed[i:i + 1000]).values_list("request_id", flat=True))
     return (sum(u.microcents for u in by_key.values()),
-            {k: (u.microcents, u.tokens) for k, u in by_key.items() if k in wanted})
+            {k: (u.microcents, u.tokens) for k, u in by_key.items() if k in wanted}, held)
 
 
 def gateway_price_book() -> PriceBook:

@@ -17,6 +17,7 @@ import logging
 from datetime import datetime, timezone
 
 from serving.admission import Reservation
+from serving.budgets import recorded_recovered as budget_recorded_recovered
 from serving.budgets import settle_recovered as budget_settle_recovered
 from serving.journal import DeadJournal, OpenRequest
 from serving.ledger import LedgerEntry
@@ -69,7 +70,7 @@ async def journal_recover(dead: DeadJournal, *, ledger, admission, scheduler) ->
         used = used_in + used_out
         if req.record.get("b"):  # its money budgets and key limits (serving/budgets.py), with the same figures
             settles.append(budget_settle_recovered(req.record["b"], tenant_id=req.record["t"], request_id=req.request_id,
-                                                   input_tokens=used_in, output_tokens=used_out))
+                                                   input_tokens=used_in, output_tokens=used_out, recorded=row is not None))
         reservation = recovered_reservation(req)
         if reservation is not None:
             settles.append(admission.settle_recovered(reservation, used_tokens=used, committed_ms=committed_ms))
@@ -78,6 +79,9 @@ async def journal_recover(dead: DeadJournal, *, ledger, admission, scheduler) ->
             settles.append(scheduler.state.free_slot(req.record["p"], slot_id, int(tenant)))
     await asyncio.gather(*settles)
     await ledger.record_recovered(missing)
+    # Every record is in the database now: out of the budgets' pending set (serving/budgets.py).
+    await asyncio.gather(*(budget_recorded_recovered(req.record["b"], tenant_id=req.record["t"], request_id=req.request_id)
+                           for req in requests if req.record.get("b")))
     dead.remove()
     delivered = sum(e.output_tokens for e in missing)
     log.warning("journal %s: a gateway process stopped with %d requests in flight; %d recorded as interrupted "

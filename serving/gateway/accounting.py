@@ -203,6 +203,8 @@ class Accounting:
         if await self._ledger.record(entry):
             if self.reservation is not None:
                 self.reservation.committed_ms = int(time.time() * 1000)  # for a settle still waiting for Redis
+            if self.budget is not None and not getattr(self._ledger, "spooled", 0):  # in the database, not the spool
+                budget_gate.recorded(self.budget)  # out of the budgets' pending set (batched, not awaited)
             self._part_done()
 
     async def close(self) -> None:

@@ -5,6 +5,8 @@ cost at the model's price of the day — the prompt at the input price, the max 
 than the reservation — against the tenant's hard money limit and the key's own limits. When the tenant's admission
 then refuses, `release` gives that reservation back whole. `settle_figures` are what the request's Accounting settles:
 the tokens its ledger record holds and their exact cost (nothing for a backend error, which is not billed).
+`recorded` follows the ledger write: the settled request leaves the pending set a later seed reads (docs/limits.md,
+"Seeding from the ledger").
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ async def admit_budgets(snap, tenant, key, plan, request_id: str) -> BudgetHold 
     limits = snap.budget_limits_for(tenant.id, key)
     if limits is None:
         return None
-    price = price_for(snap, plan) if limits.counted else None
+    price = price_for(snap, plan)  # counted or not: its settle puts its cost in the pending set a later seed reads
     service = get_budgets()
     decision: BudgetDecision = await service.admit(limits, request_id=request_id, tokens=plan.reserve_tokens,
                                                    microcents=bound_microcents(plan, price))
@@ -72,3 +74,14 @@ async def settle(hold: BudgetHold | None, *, input_tokens: int, output_tokens: i
         return
     tokens, cost = settle_figures(hold, input_tokens=input_tokens, output_tokens=output_tokens, status=status)
     await hold.service.settle(hold.reservation, tokens=tokens, microcents=cost)
+
+
+def recorded(hold: BudgetHold | None):
+    """The request's ledger record is in the database (not only in the spool): its entry in the pending set goes.
+    Batched with the other requests recorded meanwhile, not awaited (returns the batch's future, or None)."""
+    if hold is None:
+        return None
+    try:
+        return hold.service.recorded(hold.reservation)
+    except Exception:  # the entry then stays for the month: it counts nothing twice
+        return None

@@ -73,3 +73,8 @@ def test_200_simultaneous_requests_through_two_gateways_never_overspend(faults):
     assert (int(counters["mu"]), int(counters[f"k{key.pk}:mu"]), int(counters["mr"]), int(counters[f"k{key.pk}:mr"])) == (
         tenant_spent, key_spent, 0, 0)  # the counters equal the ledger
     assert ApiKey.objects.for_tenant(tenant).count() == 2
+    # Every served request's record is in the database, so each pending entry is marked recorded (docs/limits.md,
+    # "Seeding from the ledger"): the gateways' Accounting called `recorded` after their ledger writes.
+    pend = f"mtl:{{t{tenant.pk}}}:bud:{month}:pend"
+    marked = wait_until(lambda: (lambda p, m: m if p and p == m else None)(set(r.hkeys(pend)) - {"_seq"}, set(r.zrange(pend + ":rec", 0, -1))), 10)
+    assert marked and len(marked) <= len(served)
