@@ -212,3 +212,13 @@ def evaluation_run(*, evaluation_id: str, tenant_id: int) -> str:
     claimed = runner.claim()
     return runner.run() if claimed == "claimed" else claimed
 
+
+
+def evaluation_stale() -> list[tuple[str, int]]:
+    """(evaluation id, tenant id) of running evaluations whose worker stopped writing progress for LEASE_SECONDS (the
+    periodic requeue sends them again; the next claim starts them over)."""
+    stale = timezone.now() - timedelta(seconds=LEASE_SECONDS)
+    # all_tenants: a sweep over every tenant's evaluations, returning ids only.
+    return list(Evaluation.all_tenants.filter(status=Evaluation.Status.RUNNING)
+                .filter(Q(worker_heartbeat_at__lt=stale) | Q(worker_heartbeat_at__isnull=True))
+                .values_list("id", "tenant_id"))

@@ -90,3 +90,14 @@ def merge_adapter(merged_id: int, tenant_id: int) -> str:
     from finetune.merge import merged_model_build
 
     return merged_model_build(merged_id=merged_id, tenant_id=tenant_id)
+
+
+@shared_task(name="finetune.tasks.requeue_stale_evaluations")
+def requeue_stale_evaluations() -> int:
+    """Periodic (celery beat, every few minutes): send again the evaluations whose worker stopped writing progress."""
+    from finetune.evaluation import evaluation_stale
+
+    stale = evaluation_stale()
+    for evaluation_id, tenant_id in stale:
+        run_evaluation.delay(evaluation_id, tenant_id)
+    return len(stale)

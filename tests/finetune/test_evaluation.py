@@ -195,3 +195,51 @@ def test_a_key_without_the_finetune_scope_or_no_key_is_refused(world, adapter, d
         assert_openai_error(response, 403, "insufficient_scope")
     assert_openai_error(APIClient().get("/v1/fine_tuning/evaluations"), 401)
     assert not Evaluation.all_tenants.exists()
+
+
+# ---- the worker's lease ----------------------------------------------------------------------------------------------
+
+def test_a_worker_claims_an_evaluation_once_and_a_stale_one_is_requeued_and_claimed_again(world, adapter, data_file,
+                                                                                           monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from finetune import tasks
+    from finetune.evaluation import EvaluationRunner, evaluation_stale
+    from finetune.models import LEASE_SECONDS
+
+    e = Evaluation.objects.for_tenant(world.tenant).create(tenant=world.tenant, base_model=adapter.base_model,
+                                                           model=adapter.name, file=data_file, rows_total=10)
+    first = EvaluationRunner(e.id, world.tenant.pk)
+    assert first.claim() == "claimed"
+    assert EvaluationRunner(e.id, world.tenant.pk).claim() == "leased"  # its worker is alive
+    assert evaluation_stale() == []
+    Evaluation.objects.for_tenant(world.tenant).filter(pk=e.pk).update(
+        rows_done=4, worker_heartbeat_at=timezone.now() - timedelta(seconds=LEASE_SECONDS + 1))
+    assert evaluation_stale() == [(e.id, world.tenant.pk)]
+    sent = []
+    monkeypatch.setattr(tasks.run_evaluation, "delay", lambda *args: sent.append(args))
+    assert tasks.requeue_stale_evaluations() == 1 and sent == [(e.id, world.tenant.pk)]
+    second = EvaluationRunner(e.id, world.tenant.pk)
+    assert second.claim() == "claimed"
+    e.refresh_from_db()
+    assert (e.attempts, e.rows_done, e.worker_id) == (2, 0, second.worker_id)  # it starts over
+    assert not first.mine().exists()  # the first worker's writes no longer land
+    Evaluation.objects.for_tenant(world.tenant).filter(pk=e.pk).update(status="succeeded")
+    assert EvaluationRunner(e.id, world.tenant.pk).claim() == "done"
+    assert EvaluationRunner("eval-missing", world.tenant.pk).claim() == "gone"
+    assert EvaluationRunner(e.id, world.other_tenant.pk).claim() == "gone"  # another tenant's id names nothing
+
+
+def test_an_evaluation_whose_file_was_deleted_fails_saying_so(world, adapter, data_file):
+    from finetune.tasks import run_evaluation
+
+    e = Evaluation.objects.for_tenant(world.tenant).create(tenant=world.tenant, base_model=adapter.base_model,
+                                                           model=adapter.name, file=None, file_name="gone.jsonl")
+    assert run_evaluation(e.id, world.tenant.pk) == "failed"
+    e.refresh_from_db()
+    assert (e.status, e.error_code, e.error_message) == ("failed", "file_not_found", "The file to evaluate on was deleted.")
+    assert e.finished_at is not None
+    body = key_client(world.tenant, world.owner).get(f"/v1/fine_tuning/evaluations/{e.id}").json()
+    assert body["error"] == {"code": "file_not_found", "message": "The file to evaluate on was deleted."}
