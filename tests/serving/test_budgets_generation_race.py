@@ -339,3 +339,39 @@ def test_two_processes_on_redis_one_settling_the_other_seeding(priced, redis_url
     counters, third = asyncio.run(go())
     assert counters["mu"] == 300_000
     assert (third.allowed, third.code) == (False, "insufficient_quota")  # 300,000 + 800,000 > 1,000,000
+
+
+@pytest.mark.parametrize("spooled", [False, True])
+def test_the_accounting_marks_a_request_recorded_only_once_its_record_is_in_the_database(spooled):
+    """serving/gateway/accounting.py: settle, record, then `recorded` — not when the record only reached the spool (the
+    database may be back for another process's seed before this one's spool is replayed)."""
+    import time
+    from types import SimpleNamespace
+
+    from serving.gateway import endpoints as E
+    from serving.gateway.accounting import Accounting
+    from serving.gateway.budget_gate import BudgetHold
+
+    class Ledger:
+        def __init__(self):
+            self.spooled = 0
+
+        async def record(self, entry):
+            self.spooled = 1 if spooled else 0
+            return True
+
+    service = LocalBudgets()
+    limits = BudgetLimits(tenant_id=7, key_id=5, key_requests_per_minute=100)
+
+    async def go():
+        decision = await service.admit(limits, request_id="r1", tokens=50, microcents=500)
+        acct = Accounting(request_id="r1", endpoint=E.CHAT, tenant=SimpleNamespace(id=7, slug="t"), key_id=5, model="m",
+                          adapter="", pool=SimpleNamespace(id=3), started_at=time.perf_counter(), prompt_estimate=40,
+                          reservation=None, admission=None, ledger=Ledger(), background=set(),
+                          budget=BudgetHold(decision.reservation, None, service))
+        await acct.complete(SimpleNamespace(prompt_tokens=40, completion_tokens=2), 2)
+        return decision.reservation
+
+    reservation = asyncio.run(go())
+    assert "r1" in service.pending(7)  # settled, in the pending set (marked, kept for its grace, or not marked)
+    assert reservation.recorded is (not spooled)
