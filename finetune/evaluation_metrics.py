@@ -1,7 +1,7 @@
 """Evaluating an adapter against the base model on chat rows: the rows, the metrics and the greedy run. No Django here.
 
 A row of the tenant's chat file is a conversation; its last assistant message is the expected answer and the messages
-before it are the prompt. Each row is answered twice by the same loaded model, the adapter disabled (base) and
+before it are the prompt (a row of a preference file: its input, and its preferred output as the expected answer). Each row is answered twice by the same loaded model, the adapter disabled (base) and
 enabled (adapter), greedily (argmax, no sampling), at most `max_tokens` new tokens. Per row and side:
 
 - exact match: the answer equals the expected answer once both are stripped of surrounding whitespace and runs of
@@ -59,11 +59,14 @@ class EvalRow:
 
 def rows_from_examples(examples: Sequence[Any]) -> tuple[list[EvalRow], int]:
     """(rows, skipped): one row per example whose last assistant message has text content; that message is the
-    expected answer and the messages before it the prompt. Examples with no such message are skipped (counted)."""
+    expected answer and the messages before it the prompt. Examples with no such message are skipped (counted).
+    A preference example (the validator's, with `preferred_output`) is its input then its preferred output: the
+    preferred answer is the expected one."""
     rows, skipped = [], 0
     for i, ex in enumerate(examples, start=1):
         messages = getattr(ex, "messages", None) or (ex["messages"] if isinstance(ex, dict) else ex)
         tools = getattr(ex, "tools", None) or (ex.get("tools") if isinstance(ex, dict) else None)
+        messages = [*messages, *(getattr(ex, "preferred_output", None) or [])]
         last = max((j for j, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
         expected = message_text(messages[last].get("content")) if last is not None else ""
         if last is None or not expected.strip() or last == 0:

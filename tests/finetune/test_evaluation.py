@@ -46,6 +46,19 @@ def test_rows_take_the_last_assistant_message_as_expected_and_skip_rows_without_
     assert [r.line for r in rows] == [1, 2]
 
 
+def test_a_preference_rows_preferred_output_is_its_expected_answer():
+    from finetune.validation import validate_jsonl
+
+    line = {"input": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Status?"}]},
+            "preferred_output": [{"role": "assistant", "content": "Approved."}],
+            "non_preferred_output": [{"role": "assistant", "content": "I cannot say."}]}
+    result = validate_jsonl(("\n".join([json.dumps(line)] * 10) + "\n").encode())
+    assert result.ok, result.problems
+    rows, skipped = em.rows_from_examples(result.examples)
+    assert skipped == 0 and len(rows) == 10
+    assert rows[0].expected == "Approved." and rows[0].prompt == line["input"]["messages"]
+
+
 def _result(expected, base, adapter, base_nll, adapter_nll, tokens):
     row = em.EvalRow(1, [{"role": "user", "content": "q"}], expected)
     return em.RowResult(row, tokens, em.score(base, expected, base_nll, tokens), em.score(adapter, expected, adapter_nll, tokens))
