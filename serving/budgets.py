@@ -21,9 +21,9 @@ gateway does not import billing) the first time they are needed, and again when 
 - a seed takes one consistent read of the ledger, then lists the pending set, then asks the same read which of the
   listed requests it holds: the others are added from the pending set, and so is every request settled after the
   listing (by the seed's script, which runs after them);
-- a settle adds the request to the current generation when that is not the one it was reserved in (the current one
-  was seeded before this settle, so neither its ledger read nor its pending list held the request), or when its own
-  generation was seeded again after the request was admitted (Redis lost it).
+- a settle counts the request in every seeded generation of the month — where it was reserved, and each other one
+  (seeded before this settle, so neither its ledger read nor its pending list held the request) — so a generation in
+  use again later (a budget switched off, then on) holds what was spent meanwhile.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ class LocalBudgets:
         self._lock = threading.Lock()
         self._buckets: dict[tuple, tuple[float, int]] = {}
         self._months: dict[tuple, dict] = {}  # (tenant, month, generation) -> counters, reservations, seeded_ms
-        self._current: dict[tuple, str] = {}  # (tenant, month) -> generation last seeded
+        self._gens: dict[tuple, set] = {}  # (tenant, month) -> its generations seeded
         # (tenant, month) -> {"seq": n, "e": {rid: [key, tokens, µ¢, seq, recorded ms or None]}}: settled, not yet recorded
         self._pending: dict[tuple, dict] = {}
         self._recorded: collections.deque = collections.deque()  # (recorded ms, (tenant, month), rid), oldest first
@@ -277,7 +277,7 @@ class LocalBudgets:
             for key_id, (money, toks) in by_key.items():
                 counters[f"k{key_id}:mu"], counters[f"k{key_id}:nu"] = money, toks
             self._months[mkey] = {"c": counters, "r": {}, "seeded_ms": self._now_ms()}
-            self._current[(limits.tenant_id, month)] = limits.generation
+            self._gens.setdefault((limits.tenant_id, month), set()).add(limits.generation)
 
     def _prune(self, now: int) -> None:
         """Forget pending entries recorded more than PENDING_GRACE_MS ago."""
@@ -360,18 +360,18 @@ class LocalBudgets:
         own = self._months.get((res.tenant_id, res.month, res.generation))
         found = res.counted and own is not None and self._release(own, res.request_id) is not None
         targets = [own] if found else []
-        if not res.recorded:  # its record is not in the ledger yet: no seed so far holds it, later ones find it pending
-            current = self._months.get((res.tenant_id, res.month, self._current.get(pkey)))
-            if current is not None and (current is not own or (not found and current["seeded_ms"] > res.admitted_ms)):
-                targets.append(current)  # seeded before this settle, not where it was reserved (or seeded again since)
-            if not released:
-                if pkey not in self._pending:  # a new month: the tenant's older months' entries can go
-                    keep = {res.month, window_id("month")}
-                    for old in [p for p in self._pending if p[0] == res.tenant_id and p[1] not in keep]:
-                        del self._pending[old]
-                pending = self._pending.setdefault(pkey, {"seq": 0, "e": {}})
-                pending["seq"] += 1
-                pending["e"][res.request_id] = [res.key_id, tokens, cost, pending["seq"], None]
+        if not res.recorded and not released:  # its record is not in the ledger yet: no seed so far holds it
+            for generation in self._gens.get(pkey, ()):
+                month_state = self._months.get((res.tenant_id, res.month, generation))
+                if month_state is not None and (month_state is not own or not found):
+                    targets.append(month_state)  # every other generation counts it too (own: its reservation is gone)
+            if pkey not in self._pending:  # a new month: the tenant's older months' entries can go
+                keep = {res.month, window_id("month")}
+                for old in [p for p in self._pending if p[0] == res.tenant_id and p[1] not in keep]:
+                    del self._pending[old]
+            pending = self._pending.setdefault(pkey, {"seq": 0, "e": {}})
+            pending["seq"] += 1
+            pending["e"][res.request_id] = [res.key_id, tokens, cost, pending["seq"], None]
         for month_state in targets:
             c = month_state["c"]
             c["mu"] += cost
@@ -467,7 +467,7 @@ return {0, now}
 # The seed's second half: the ledger's read with the listed pending requests it does not hold (ARGV 3, 5 and after),
 # plus the requests settled since the listing (pending entries with a sequence number past ARGV[4]).
 SEED_LUA = """
-local hash, cur, pend = KEYS[1], KEYS[2], KEYS[3]
+local hash, cur, pend, gens = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 if redis.call('HGET', hash, 'seeded') then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -489,6 +489,8 @@ for k, v in pairs(keyed) do
 end
 redis.call('EXPIRE', hash, tonumber(ARGV[2]))
 redis.call('SET', cur, ARGV[1], 'EX', tonumber(ARGV[2]))
+redis.call('SADD', gens, ARGV[1])
+redis.call('EXPIRE', gens, tonumber(ARGV[2]))
 return 1
 """
 
@@ -526,7 +528,7 @@ return #old
 """
 
 SETTLE_LUA = """
-local hash, cur, tpmk, pend, prefix = KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[9]
+local hash, tpmk, pend, gens, prefix = KEYS[1], KEYS[3], KEYS[4], KEYS[5], ARGV[9]
 local rid, kid, used_n, used_c = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local res_n, ktpm, admitted, counted = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8] == '1'
 local recorded, released, ttl = ARGV[10] == '1', ARGV[11] == '1', tonumber(ARGV[12])
@@ -550,18 +552,16 @@ if e then
   add(hash)
   found = true
 end
-if recorded then return found and 1 or 2 end
-local g = redis.call('GET', cur)
-if g then
-  local current = prefix .. g
-  local seeded = tonumber(redis.call('HGET', current, 'seeded') or '0')
-  if seeded > 0 and (current ~= hash or (not found and seeded > admitted)) then add(current) end
+if recorded or released then return found and 1 or 2 end
+-- Every other seeded generation of the month counts it too (each was seeded before this settle, so neither its read
+-- nor its pending list held the request); its own too if its reservation is gone (expired, or lost with Redis).
+for _, g in ipairs(redis.call('SMEMBERS', gens)) do
+  local h = prefix .. g
+  if (h ~= hash or not found) and redis.call('HEXISTS', h, 'seeded') == 1 then add(h) end
 end
-if not released then
-  local q = redis.call('HINCRBY', pend, '_seq', 1)
-  redis.call('HSET', pend, rid, kid .. ',' .. ARGV[3] .. ',' .. ARGV[4] .. ',' .. q)
-  redis.call('EXPIRE', pend, ttl)
-end
+local q = redis.call('HINCRBY', pend, '_seq', 1)
+redis.call('HSET', pend, rid, kid .. ',' .. ARGV[3] .. ',' .. ARGV[4] .. ',' .. q)
+redis.call('EXPIRE', pend, ttl)
 return found and 1 or 2
 """
 
@@ -630,7 +630,7 @@ class RedisBudgets:
         seed_args = [limits.generation, MONTH_TTL_S, tenant_used, listing["seq"]]
         for key_id, (money, toks) in by_key.items():
             seed_args += [key_id, money, toks]
-        await client._budget_scripts["seed"](keys=[keys[0], keys[1], pend[0]], args=seed_args)
+        await client._budget_scripts["seed"](keys=[keys[0], keys[1], pend[0], keys[1].rsplit(":", 1)[0] + ":gens"], args=seed_args)
 
     async def admit(self, limits: BudgetLimits, *, request_id: str, tokens: int, microcents: int) -> BudgetDecision:
         month = window_id("month")
@@ -677,11 +677,12 @@ class RedisBudgets:
         keys = self._keys(r.tenant_id, r.month, r.generation, r.key_id)
         pend = self._pending_keys(r.tenant_id, r.month)[0]
         prefix = keys[0].rsplit(":", 1)[0] + ":"
+        gens = prefix + "gens"
 
         async def settle_in_redis():  # its arguments when it runs: a retried settle may find its record written since
             args = [r.request_id, "" if r.key_id is None else r.key_id, tokens, microcents, r.tokens, r.key_tpm, r.admitted_ms,
                     1 if r.counted else 0, prefix, 1 if r.recorded else 0, 1 if released else 0, MONTH_TTL_S]
-            await self._client()._budget_scripts["settle"](keys=[keys[0], keys[1], keys[3], pend], args=args)
+            await self._client()._budget_scripts["settle"](keys=[keys[0], keys[1], keys[3], pend, gens], args=args)
 
         # Now, or queued and retried by the process's Redis keeper until Redis answers (the settle is idempotent: a
         # second run finds no reservation). Never waits for Redis on the request path.

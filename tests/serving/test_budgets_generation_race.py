@@ -375,3 +375,23 @@ def test_the_accounting_marks_a_request_recorded_only_once_its_record_is_in_the_
     reservation = asyncio.run(go())
     assert "r1" in service.pending(7)  # settled, in the pending set (marked, kept for its grace, or not marked)
     assert reservation.recorded is (not spooled)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_generation_switched_back_on_has_counted_what_was_spent_meanwhile(priced, service):
+    """A key's budget switched on, then off again: the tenant's first generation is in use again, and its counters hold
+    what was spent under the other one (every seeded generation of the month counts every settle after its seed)."""
+    tenant = priced.tenant
+
+    async def go():
+        for rid, limits, cost in (("r1", OLD, 100_000), ("r2", NEW, 200_000), ("r3", OLD, 50_000)):
+            d = await service.admit(BudgetLimits(tenant_id=tenant.pk, **limits), request_id=rid, tokens=cost // 100, microcents=cost)
+            assert d.allowed
+            await service.settle(d.reservation, tokens=cost // 100, microcents=cost)
+            await sync_to_async(_record)(tenant, rid, inp=cost // 100)
+            await _recorded(service, d.reservation)
+        return (await service.snapshot(BudgetLimits(tenant_id=tenant.pk, **OLD)),
+                await service.snapshot(BudgetLimits(tenant_id=tenant.pk, **NEW)))
+
+    old, new = asyncio.run(go())
+    assert (old["mu"], new["mu"], new["k7:mu"]) == (350_000, 350_000, 200_000)
