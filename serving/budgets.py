@@ -561,7 +561,7 @@ for _, g in ipairs(redis.call('SMEMBERS', gens)) do
 end
 local q = redis.call('HINCRBY', pend, '_seq', 1)
 redis.call('HSET', pend, rid, kid .. ',' .. ARGV[3] .. ',' .. ARGV[4] .. ',' .. q)
-redis.call('EXPIRE', pend, ttl)
+if q == 1 then redis.call('EXPIRE', pend, ttl) end  -- created now: it goes 35 days after the month's first settle
 return found and 1 or 2
 """
 
@@ -685,7 +685,7 @@ class RedisBudgets:
             await self._client()._budget_scripts["settle"](keys=[keys[0], keys[1], keys[3], pend, gens], args=args)
 
         # Now, or queued and retried by the process's Redis keeper until Redis answers (the settle is idempotent: a
-        # second run finds no reservation). Never waits for Redis on the request path.
+        # second run finds its request in the pending set). Never waits for Redis on the request path.
         await keeper_for(self.url).run_or_defer(settle_in_redis, None, what=f"budget settle {reservation.request_id}")
 
     async def release(self, reservation: BudgetReservation | None) -> None:
