@@ -9,15 +9,17 @@ from django.db.models import Count, Q, Sum
 from django.db.models.functions import TruncDate
 
 from serving.admission import WARN_FRACTION, window_bounds
-from serving.models import BackendPool, BaseModel, ModelConfig, UsageRecord
+from serving.models import BackendPool, BaseModel, MergedModel, ModelConfig, UsageRecord
 from serving.routing import may_use, pool_choice
 from tenants.models import ApiKey, Policy, Tenant
 from tenants.selectors import effective_quota_tokens
 
 
 def pool_for(tenant, base_model) -> BackendPool | None:
-    """The pool that serves `base_model` to `tenant`, by the routing rule (serving.routing.pool_choice)."""
-    pools = (BackendPool.objects.reachable_by(tenant).filter(base_model=base_model)
+    """The pool that serves `base_model` to `tenant`, by the routing rule (serving.routing.pool_choice). A dedicated
+    pool whose backends run one of the tenant's merged models (MergedModel `serving`) serves nothing else."""
+    running_merged = MergedModel.objects.for_tenant(tenant).filter(state=MergedModel.State.SERVING).values("pool_id")
+    pools = (BackendPool.objects.reachable_by(tenant).filter(base_model=base_model).exclude(pk__in=running_merged)
              .annotate(enabled_backends=Count("backends", filter=Q(backends__enabled=True))))
     return pool_choice(pools, tenant_id=tenant.pk)
 

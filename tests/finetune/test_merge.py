@@ -374,3 +374,17 @@ def test_staff_serve_from_the_admin(world, rows, fakes, admin_client):
     assert [str(m) for m in r.context["messages"]] == [f"{adapter.name} serves on acme-tiny."]
     merged.refresh_from_db()
     assert merged.state == "serving"
+
+
+def test_while_a_merged_model_serves_new_adapters_are_deployed_to_the_shared_pool_not_onto_the_merged_weights(world, rows, base_model):
+    from finetune import deploy
+
+    shared, dedicated, adapter = rows
+    second = Adapter.objects.for_tenant(world.tenant).create(name="ft:tiny-chat:acme:n:2", base_model=base_model, path="/n", rank=4)
+    assert deploy.pools.pool_for_adapter(world.tenant, base_model) == dedicated  # isolated tenancy: its own pool first
+    _merged(world, adapter, dedicated)
+    assert deploy.pools.pool_for_adapter(world.tenant, base_model) == shared  # as routing: the pool runs merged weights
+    BackendPool.objects.filter(pk=shared.pk).delete()
+    assert deploy.pools.pool_for_adapter(world.tenant, base_model) is None
+    with pytest.raises(deploy.DeployError, match="No pool serves tiny-chat"):
+        deploy.adapter_deploy(tenant=world.tenant, adapter=second, actor=SYSTEM)
