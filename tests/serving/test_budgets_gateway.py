@@ -42,6 +42,12 @@ def test_200_simultaneous_requests_through_two_gateways_never_overspend(faults):
             return await asyncio.gather(*(faults.request(session, gateways[i % 2], "budgeted" if i % 2 else "acme", 20) for i in range(n)))
 
     # faults.request sends with the key named ("budgeted": the key with its own budget); both keys are the tenant's.
+    async def wave_of_key():
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            return await faults.request(session, gateways[1], "budgeted", 20)
+
     first = asyncio.run(wave(200))  # 200 at once: each reserves its bound, so most are refused while the first run
     assert sum(r.status == 200 for r in first) > 10 and sum(r.status == 429 for r in first) > 100
     for _ in range(30):  # then waves of 20 at once until none gets through: the budgets are used up to their last request
@@ -63,8 +69,22 @@ def test_200_simultaneous_requests_through_two_gateways_never_overspend(faults):
     assert key_spent <= 8 * spend.MICROCENTS_PER_CENT  # overshoot 0
     bound = 2 * spend.MICROCENTS_PER_CENT  # more than one request's reservation (~1.3 cents)
     assert tenant_spent > 30 * spend.MICROCENTS_PER_CENT - bound  # used up to its last request
-    # the key met its own budget (before the tenant's ran out), not only the tenant's
-    assert any(r.tenant == "budgeted" and "This API key has reached its monthly spend budget" in r.error["error"]["message"] for r in refused)
+    # The key meets its own budget, not only the tenant's: which of the two runs out first in the waves depends on
+    # which gateway's requests reach admission first, so raise the tenant's budget (a new generation, seeded from the
+    # ledger) and spend the key alone until it is refused, one request at a time.
+    services.spend_budget_set(tenant=tenant, monthly_cents=1_000, mode="hard", actor=services.SYSTEM)
+    for _ in range(40):
+        last = asyncio.run(wave_of_key())
+        if last.status != 200:
+            break
+    assert last.status == 429 and "This API key has reached its monthly spend budget" in last.error["error"]["message"], last.error
+    served = [r for r in faults.results if r.status == 200]
+    by_key = wait_until(lambda: (lambda u: u if sum(x.requests for x in u.values()) == len(served) else None)(
+        spend.ledger_usage_by_key(tenant=tenant, start=start, end=end)), 20)
+    assert by_key, "ledger records missing"
+    tenant_spent = sum(u.microcents for u in by_key.values())
+    key_spent = by_key[key.pk].microcents
+    assert 8 * spend.MICROCENTS_PER_CENT - bound < key_spent <= 8 * spend.MICROCENTS_PER_CENT  # up to its last request, overshoot 0
 
     r = faults.redis.client()
     month = window_id("month")
