@@ -465,21 +465,33 @@ class RedisAdmission:
         self._usage_loader = usage_loader
         self.fallback = fallback or LocalAdmission(usage_loader)
         self._clients: dict[int, object] = {}
+        self._pipes: dict[int, tuple] = {}  # event loop id -> (loop, {name: script})
         self._sources = {name: (LUA_DIR / f"{name}.lua").read_text()
                          for name in ("admit", "settle", "seed_begin", "seed_end", "sweep", "rpm_count")}
         self._sources["admit_take"] = _admit_take_source(self._sources["admit"], (LUA_DIR / "slot_take.lua").read_text())
         self._sources["settle_free"] = _settle_free_source(self._sources["settle"], (LUA_DIR / "slot_free.lua").read_text())
 
     def _client(self):
+        """redis-py's client of the calling event loop, for what is not a per-request script (the console's snapshot)."""
         loop_id = id(asyncio.get_running_loop())
         client = self._clients.get(loop_id)
         if client is None:
             # A blocking pool: under a burst, callers wait for a connection instead of failing.
-            client = redis_clients.async_client(self.url, max_connections=64)
-            client._platform_scripts = {name: client.register_script(src) for name, src in self._sources.items()}
+            client = redis_clients.async_client(self.url, max_connections=16)
             self._clients[loop_id] = client
             self.keeper().add_pool(client)
         return client
+
+    def _pipe(self):
+        """The scripts of the calling event loop, on its pipelined connection (common/redis_clients.PipelinedClient): a
+        request's admission and settle each cost a write and a future, not a pooled redis-py call."""
+        loop = asyncio.get_running_loop()
+        held = self._pipes.get(id(loop))
+        if held is None or held[0] is not loop:
+            client = redis_clients.pipelined_client(self.url)
+            held = self._pipes[id(loop)] = (loop, {name: client.register_script(src) for name, src in self._sources.items()})
+            self.keeper().add_pool(client)
+        return held[1]
 
     def keeper(self):
         return keeper_for(self.url)
@@ -501,7 +513,15 @@ class RedisAdmission:
             raise RedisUnavailable(str(exc)) from exc
 
     async def _script(self, name: str, keys: list, args: list):
-        return await self._call(lambda c: c._platform_scripts[name](keys=keys, args=args))
+        keeper = self.keeper()
+        if not keeper.up:
+            raise RedisUnavailable("Redis is unreachable (probed in the background)")
+        try:
+            return await self._pipe()[name](keys=keys, args=args)
+        except redis_errors() as exc:
+            keeper.mark_down(exc)
+            raise_if_cancelled()
+            raise RedisUnavailable(str(exc)) from exc
 
     async def admit(self, limits: TenantLimits, *, request_id: str, reserve_tokens: int, slot_offer=None) -> Decision:
         """Admit or refuse, in one script. With `slot_offer` (serving.scheduler.FairScheduler.offer: the pool's fast
@@ -614,11 +634,11 @@ class RedisAdmission:
         keys = [p + "tpm", p + "inflight", p + "res", p + "quota:" + w, p + "quota:" + w + ":pre", p + "done"]
         args = [reservation.request_id, used_tokens, reservation.tpm_cap, mode, reservation.life, reservation.committed_ms or 0,
                 window_ttl_s(_window_kind(w))]
-        client = self._client()
+        scripts = self._pipe()
         if slot_free is None:
-            await client._platform_scripts["settle"](keys=keys, args=args)
+            await scripts["settle"](keys=keys, args=args)
         else:
-            await client._platform_scripts["settle_free"](keys=keys + slot_free[0], args=args + slot_free[1])
+            await scripts["settle_free"](keys=keys + slot_free[0], args=args + slot_free[1])
 
     async def snapshot(self, tenant_id: int, kind: str) -> dict[str, int]:
         """Used and reserved tokens of the current window, after releasing what dead processes held."""

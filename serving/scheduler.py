@@ -154,20 +154,22 @@ class RedisState:
     def __init__(self, url: str):
         self.url = url
         self.proc = uuid.uuid4().hex[:10]  # this process in the pool's backlog
-        self._clients: dict[int, object] = {}
+        self._clients: dict[int, tuple] = {}  # event loop id -> (loop, client, scripts)
         self._take_src = (LUA_DIR / "slot_take.lua").read_text()
         self._join_src = (LUA_DIR / "backlog_join.lua").read_text()
         self._free_src = (LUA_DIR / "slot_free.lua").read_text()
 
     def _client(self):
-        loop_id = id(asyncio.get_running_loop())
-        client = self._clients.get(loop_id)
-        if client is None:
-            client = redis_clients.async_client(self.url, max_connections=32)
+        """(client, (slot_take, backlog_join, slot_free)) of the calling event loop: its pipelined connection
+        (common/redis_clients.PipelinedClient), as admission's."""
+        loop = asyncio.get_running_loop()
+        held = self._clients.get(id(loop))
+        if held is None or held[0] is not loop:
+            client = redis_clients.pipelined_client(self.url)
             keeper_for(self.url).add_pool(client)
-            client._platform_scripts = tuple(client.register_script(src) for src in (self._take_src, self._join_src, self._free_src))
-            self._clients[loop_id] = client
-        return client
+            scripts = tuple(client.register_script(src) for src in (self._take_src, self._join_src, self._free_src))
+            held = self._clients[id(loop)] = (loop, client, scripts)
+        return held[1], held[2]
 
     @staticmethod
     def _key(pool_id: int, what: str) -> str:
@@ -187,7 +189,7 @@ class RedisState:
     async def take_slot(self, pool_id: int, capacity: int, slot_id: str, tenant_id: int, *, fair: bool = True,
                         express: int = 0, charge: float = 0.0) -> bool:
         keys, args = self.take_call(pool_id, capacity, slot_id, tenant_id, fair=fair, express=express, charge=charge)
-        return bool(await self._client()._platform_scripts[0](keys=keys, args=args))
+        return bool(await self._client()[1][0](keys=keys, args=args))
 
     def free_call(self, pool_id: int, slot_id: str, tenant_id: int, correction: float) -> tuple[list, list]:
         """(keys, args) of slot_free.lua: a request's settle runs it in the same script (serving.admission)."""
@@ -195,32 +197,32 @@ class RedisState:
 
     async def free_slot(self, pool_id: int, slot_id: str, tenant_id: int, *, correction: float = 0.0) -> None:
         keys, args = self.free_call(pool_id, slot_id, tenant_id, correction)
-        await self._client()._platform_scripts[2](keys=keys, args=args)
+        await self._client()[1][2](keys=keys, args=args)
 
     async def counters(self, pool_id: int, tenants: list[int]) -> dict[int, float]:
-        values = await self._client().hmget(self._key(pool_id, "vtc"), [str(t) for t in tenants])
+        values = await self._client()[0].execute_command("HMGET", self._key(pool_id, "vtc"), *[str(t) for t in tenants])
         return {t: float(v or 0.0) for t, v in zip(tenants, values)}
 
     async def add(self, pool_id: int, tenant_id: int, amount: float) -> None:
-        await self._client().hincrbyfloat(self._key(pool_id, "vtc"), str(tenant_id), amount)
+        await self._client()[0].execute_command("HINCRBYFLOAT", self._key(pool_id, "vtc"), str(tenant_id), float(amount))
 
     async def join_backlog(self, pool_id: int, tenant_id: int, local_backlogged: list[int], first_cost: float) -> None:
-        c = self._client()
         keys = [self._key(pool_id, "vtc"), self._key(pool_id, "waiting")]
-        await c._platform_scripts[1](keys=keys, args=[self.proc, tenant_id, BACKLOG_STALE_MS, repr(first_cost)])
+        await self._client()[1][1](keys=keys, args=[self.proc, tenant_id, BACKLOG_STALE_MS, repr(first_cost)])
 
     async def leave_backlog(self, pool_id: int, tenant_id: int) -> None:
-        await self._client().hdel(self._key(pool_id, "waiting"), f"{self.proc}|{tenant_id}")
+        await self._client()[0].execute_command("HDEL", self._key(pool_id, "waiting"), f"{self.proc}|{tenant_id}")
 
     async def heartbeat(self, pool_id: int, tenants: list[int]) -> None:
         if tenants:
             now_ms = int(time.time() * 1000)
-            await self._client().hset(self._key(pool_id, "waiting"), mapping={f"{self.proc}|{t}": now_ms for t in tenants})
+            fields = [x for t in tenants for x in (f"{self.proc}|{t}", now_ms)]
+            await self._client()[0].execute_command("HSET", self._key(pool_id, "waiting"), *fields)
 
     async def in_use(self, pool_id: int) -> int:
-        c = self._client()
-        await c.zremrangebyscore(self._key(pool_id, "slots"), "-inf", int(time.time() * 1000))
-        return await c.zcard(self._key(pool_id, "slots"))
+        c = self._client()[0]
+        await c.execute_command("ZREMRANGEBYSCORE", self._key(pool_id, "slots"), "-inf", int(time.time() * 1000))
+        return int(await c.execute_command("ZCARD", self._key(pool_id, "slots")))
 
 
 class ResilientState:

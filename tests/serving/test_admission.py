@@ -211,18 +211,18 @@ def test_redis_going_away_and_coming_back(monkeypatch):
     monkeypatch.setattr(leases, "PROBE_S", 0.02)
     adm = RedisAdmission(url, usage_loader=_no_usage)
     hard, soft = limits(quota_tokens=1000, quota_mode="hard"), limits(requests_per_minute=100)
-    real_client = adm._client
+    real_client, real_pipe = adm._client, adm._pipe
 
     def broken():
         raise redis.ConnectionError("simulated outage")
 
     async def scenario():
-        adm._client = broken
+        adm._client = adm._pipe = broken  # redis-py's client and the pipelined connection's scripts
         down_hard = await adm.admit(hard, request_id=uuid.uuid4().hex, reserve_tokens=1)
         down_soft = await adm.admit(soft, request_id=uuid.uuid4().hex, reserve_tokens=1)
         assert down_hard.status == 503 and down_soft.allowed and down_soft.reservation.backend == "local"
         await adm.settle(down_soft.reservation, used_tokens=1)  # settles where it was reserved
-        adm._client = real_client  # Redis is back: the keeper's probe finds it
+        adm._client, adm._pipe = real_client, real_pipe  # Redis is back: the keeper's probe finds it
         for _ in range(100):
             if adm.keeper().up:
                 break
