@@ -18,7 +18,7 @@ Pinning (2+ cores): load generator + backend on the first core, the gateway on t
     .venv/bin/python bench/gateway.py                                   # full: 15-s phases, repeated twice
     .venv/bin/python bench/gateway.py --duration-s 3 --seq-requests 200 --repeat 1   # smoke
     .venv/bin/python bench/gateway.py --only-counting --ab-rounds 3                   # the counting A/B alone
-    add --profile to sample the gateway with py-spy during an extra concurrency-32 phase
+    add --profile to sample the gateway with py-spy during an extra concurrency-32 phase (--profile-at N: another)
 
 Side by side against another tree (e.g. the previous main: `git archive 6c201e9 | tar -x -C /tmp/base`), in one run:
 a second gateway from that tree on the same backend, database and Redis, pinned to the same core; concurrency 1
@@ -204,12 +204,13 @@ def measured(procs: dict, fn) -> tuple[dict, dict]:
 # ---- profiling -------------------------------------------------------------------------------------------
 
 
-def profile_gateway(pid: int, seconds: float, load) -> str:
-    """py-spy (collapsed stacks) over a load phase; top functions by own and inclusive samples."""
+def profile_gateway(pid: int, seconds: float, load, keep: Path | None = None) -> str:
+    """py-spy (collapsed stacks) over a load phase; top functions by own and inclusive samples. `keep`: where to
+    leave the raw stacks (py-spy's collapsed format, for a flame graph or a closer look)."""
     pyspy = shutil.which("py-spy") or str(Path(H.PY).with_name("py-spy"))
     if not Path(pyspy).exists():
         return "py-spy not installed (.venv/bin/pip install py-spy)"
-    out = Path(tempfile.mkstemp(suffix=".txt")[1])
+    out = keep or Path(tempfile.mkstemp(suffix=".txt")[1])
     proc = subprocess.Popen([pyspy, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "250", "-f", "raw", "-o", str(out), "--nonblocking"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     load()
@@ -501,7 +502,7 @@ def report(runs: list[dict], args, meta: dict) -> str:
               ("no errors at 256", err256 == 0, "n/a" if err256 is None else str(err256))]
     parts.append("Targets (last run): " + "; ".join(f"{name}: {'PASS' if ok else 'MISS'} ({val})" for name, ok, val in checks) + ".")
     if meta.get("profile"):
-        parts += ["", "Profile of the gateway at concurrency 32 (py-spy):", "", "```", meta["profile"], "```"]
+        parts += ["", f"Profile of the gateway at concurrency {args.profile_at} (py-spy):", "", "```", meta["profile"], "```"]
     return "\n".join(parts)
 
 
@@ -518,7 +519,9 @@ def main() -> int:
     ap.add_argument("--redis-url", help=f"default $REDIS_URL or {H.DEFAULT_REDIS}; 'none' = in-process admission")
     ap.add_argument("--database-url", help="default: a fresh SQLite file in a temporary var dir")
     ap.add_argument("--no-wrk", action="store_true", help="use the aiohttp client even if wrk is installed")
-    ap.add_argument("--profile", action="store_true", help="py-spy the gateway during an extra concurrency-32 phase")
+    ap.add_argument("--profile", action="store_true", help="py-spy the gateway during an extra closed-loop phase")
+    ap.add_argument("--profile-at", type=int, default=32, help="the profiled phase's concurrency (default 32)")
+    ap.add_argument("--profile-out", type=Path, help="keep the profile's raw stacks (py-spy's collapsed format) in this file")
     ap.add_argument("--ab-rounds", type=int, default=4, help="rounds of the exact-vs-bound counting A/B at c=32 (0: none)")
     ap.add_argument("--only-counting", action="store_true", help="only the counting A/B and the counting timings")
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
@@ -595,8 +598,13 @@ def main() -> int:
         if args.profile:
             payload = body(H.MODEL, False)
             headers = {"authorization": f"Bearer {tenant['key']}"}
-            meta["profile"] = profile_gateway(gateway.pid, args.duration_s, lambda: closed_loop(
-                use_wrk, gateway.url + "/v1/chat/completions", payload, headers, 32, args.duration_s, load_core, tmp))
+            before = gateway.cpu()
+            loaded = {}
+            meta["profile"] = profile_gateway(gateway.pid, args.duration_s, lambda: loaded.update(closed_loop(
+                use_wrk, gateway.url + "/v1/chat/completions", payload, headers, args.profile_at, args.duration_s, load_core, tmp)),
+                keep=args.profile_out)
+            meta["profile"] += (f"\n\nprofiled phase: {loaded.get('rps', 0):.0f} req/s, errors {loaded.get('errors')}, gateway CPU "
+                                f"{1000 * (gateway.cpu() - before) / max(1, loaded.get('requests', 0)):.3f} ms/req (py-spy's sampling included)")
             print(meta["profile"])
         if not gateway.alive():
             print("gateway died:\n" + gateway.tail())
