@@ -13,7 +13,8 @@ from portal.celery import app
 # docs/finetuning.md: training and the Hub copy run on the `finetune` queue (GPU hosts, where the files are); uploads
 # are validated from `validation`, by a worker of its own that no training job can block.
 FINETUNE_QUEUE_TASKS = {"finetune.tasks.run_finetune_job", "finetune.tasks.push_adapter_to_hub",
-                        "finetune.tasks.merge_adapter"}  # merging loads the base weights: where they and torch are
+                        "finetune.tasks.merge_adapter",  # merging loads the base weights: where they and torch are
+                        "finetune.tasks.run_evaluation"}  # an evaluation loads the base model and the adapter
 VALIDATION_QUEUE_TASKS = {"finetune.tasks.validate_training_file"}
 
 
