@@ -7,6 +7,8 @@ Objects are fetched inside the URL's tenant only (another tenant's id is a 404).
 
 from __future__ import annotations
 
+import json
+
 from django import forms
 from django.contrib import messages
 from django.http import Http404, JsonResponse
@@ -15,6 +17,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from finetune import base_models, continuation, deploy, lora_math, planning, pools, selectors, services, storage
+from finetune.jobs_api import parse_method
 from finetune.models import FineTuneJob, JobEvent, TrainingFile
 from finetune.services import FinetuneError
 from serving.models import Adapter, AdapterDeployment
@@ -152,14 +155,39 @@ def _auto_or_number(kind):
     return clean
 
 
+# How the new-job form names a file's format (validation.stats.format).
+FORMAT_LABELS = {"chat": "chat", "prompt_completion": "prompt/completion", "preference": "preference (DPO)"}
+
+
+class FileSelect(forms.Select):
+    """A file menu whose options carry their file's format (data-format), so the page can offer only the files the
+    chosen method trains on."""
+
+    formats: dict[str, str] = {}
+
+    def create_option(self, name, value, *args, **kwargs):
+        option = super().create_option(name, value, *args, **kwargs)
+        if self.formats.get(str(value)):
+            option["attrs"]["data-format"] = self.formats[str(value)]
+        return option
+
+
 class JobForm(forms.Form):
-    training_file = forms.ChoiceField()
-    validation_file = forms.ChoiceField(required=False, help_text="Optional: its loss is reported at each epoch's end. "
+    method = forms.ChoiceField(choices=[("supervised", "Supervised"), ("dpo", "Preference (DPO)")], initial="supervised",
+                               required=False,  # left out: supervised, as the API without `method`
+                               help_text="Supervised trains on chat (or prompt/completion) files; preference (DPO) on "
+                                         "files of an input with a preferred and a non-preferred answer.")
+    training_file = forms.ChoiceField(widget=FileSelect)
+    validation_file = forms.ChoiceField(required=False, widget=FileSelect,
+                                        help_text="Optional: its loss is reported at each epoch's end. "
                                         "Use examples that are not in the training file.")
     model = forms.ChoiceField(label="Base model")
     n_epochs = forms.CharField(initial="auto", label="Epochs")
     batch_size = forms.CharField(initial="auto")
     learning_rate_multiplier = forms.CharField(initial="auto", label="Learning-rate multiplier")
+    beta = forms.CharField(initial="auto", required=False, label="Beta (DPO)",
+                           help_text="Preference jobs only: how far the model may move from where it starts; “auto” "
+                                     "is 0.1, as OpenAI's.")
     suffix = forms.CharField(required=False, max_length=64, help_text="Part of the model name: ft:base:tenant:suffix:id")
     lora_rank = forms.IntegerField(required=False, min_value=1, max_value=services.MAX_RANK, label="LoRA rank",
                                    help_text="Blank: 16, or the highest rank the base model's pools serve if lower.")
@@ -172,9 +200,18 @@ class JobForm(forms.Form):
         # Choices come from this tenant's rows only (never an unscoped queryset), so a hand-posted id of another
         # tenant's file is "not one of the available choices": a field error, like a file that does not exist.
         valid = TrainingFile.objects.for_tenant(tenant).filter(purpose="fine-tune", status=TrainingFile.Status.PROCESSED)
-        choices = [(f.id, f"{f.filename} ({f.id})") for f in valid]
+        formats = {f.id: (f.validation.get("stats") or {}).get("format") for f in valid}
+        choices = [(f.id, f"{f.filename} ({f.id})" + (f" · {FORMAT_LABELS[formats[f.id]]}" if formats[f.id] in FORMAT_LABELS
+                                                      else "")) for f in valid]
+        for name in ("training_file", "validation_file"):
+            self.fields[name].widget.formats = formats
         self.fields["training_file"].choices = choices
         self.fields["validation_file"].choices = [("", "None"), *choices]
+        # The page offers only the files of the chosen method's formats (static/finetune/finetune.js); the service
+        # refuses any other (wrong_file_format), shown on its field.
+        self.fields["method"].widget.attrs["data-formats"] = json.dumps(services.METHOD_FORMATS)
+        if not self.is_bound and formats.get(self.initial.get("training_file")) == "preference":
+            self.initial["method"] = "dpo"  # "Train with this file" from a preference file's page
         self.fields["model"].choices = [(bm.name, bm.name) for bm in base_models.trainable_base_models(tenant)]
         self.fields["from_checkpoint"].choices = [("", "A new LoRA"), *continuation.start_choices(tenant)]
 
@@ -186,6 +223,33 @@ class JobForm(forms.Form):
 
     def clean_learning_rate_multiplier(self):
         return _auto_or_number(float)(self.cleaned_data["learning_rate_multiplier"])
+
+    def clean_method(self):
+        return self.cleaned_data["method"] or "supervised"
+
+    def clean_beta(self):
+        """"auto", a number, or the text as typed: its limits and messages are the API's (services.
+        resolve_hyperparameters), whose refusal lands on this field."""
+        value = (self.cleaned_data["beta"] or "auto").strip()
+        try:
+            return "auto" if value == "auto" else float(value)
+        except ValueError:
+            return value
+
+    def clean(self):
+        data = super().clean()
+        if data.get("method") != "dpo" and data.get("beta") not in (None, "auto"):
+            self.add_error("beta", "Beta is a setting of preference (DPO) jobs: leave it at “auto” for a supervised "
+                                   "job, or choose the Preference (DPO) method.")
+        return data
+
+    def method_request(self) -> tuple[str, dict]:
+        """(method type, hyperparameters as requested), through the API's own `method` parser."""
+        data = self.cleaned_data
+        hp = {k: data[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+        if data["method"] == "dpo":
+            hp["beta"] = data["beta"]
+        return parse_method({"type": data["method"], data["method"]: {"hyperparameters": hp}}, None)
 
 
 @tenant_view(write=Role.DEVELOPER)
@@ -200,23 +264,24 @@ def job_create(request, ctx: TenantContext):
     estimate = None
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
-        hp = {k: data[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
         lora = {"rank": data["lora_rank"]} if data["lora_rank"] else {}
         try:
+            method, hp = form.method_request()
             files = {"training_file": data["training_file"], "validation_file": data["validation_file"] or None,
                      "from_checkpoint": data["from_checkpoint"] or None}
             if "estimate" in request.POST:
                 plan = services.finetune_job_plan(tenant=ctx.tenant, model=data["model"], **files,
-                                                  hyperparameters=hp, lora=lora)
-                estimate = {**plan.estimate, "hyperparameters": plan.hyperparameters, "tokens": plan.tokens}
+                                                  hyperparameters=hp, lora=lora, method=method)
+                estimate = {**plan.estimate, "hyperparameters": plan.hyperparameters, "tokens": plan.tokens,
+                            "method": method}
             else:
                 job = services.finetune_job_create(tenant=ctx.tenant, actor=ctx.actor, model=data["model"], **files,
-                                                   suffix=data["suffix"], hyperparameters=hp, lora=lora)
+                                                   suffix=data["suffix"], hyperparameters=hp, lora=lora, method=method)
                 messages.success(request, f"Job {job.id} queued.")
                 return redirect("finetune-job", ctx.tenant.slug, job.id)
-        except FinetuneError as exc:
-            field = "lora_rank" if exc.param == "lora.rank" else exc.param if exc.param in form.fields else None
-            form.add_error(field, exc.message)
+        except FinetuneError as exc:  # the API's refusals, on the field they name
+            field = {"lora.rank": "lora_rank", "method.type": "method"}.get(exc.param, exc.param)
+            form.add_error(field if field in form.fields else None, exc.message)
     return _render(request, ctx, "finetune/job_form.html", {"form": form, "estimate": estimate},
                    status=400 if request.method == "POST" and form.errors else 200)
 

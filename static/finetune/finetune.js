@@ -177,5 +177,36 @@
     setTimeout(poll, 2000);
   }
 
-  document.addEventListener("DOMContentLoaded", function () { setupUpload(); setupFile(); setupJob(); });
+  // ---- new-job form: the files and settings of the chosen method -----------------------------------
+  // Each file option carries its format (data-format); the method menu says which formats each method trains on.
+  // Options of other formats are hidden and disabled, and beta is disabled (so not sent) for supervised jobs.
+  function setupJobForm() {
+    var form = document.getElementById("ft-job-form");
+    var method = form && form.querySelector("select[name=method]");
+    if (!method) return;
+    var formats = JSON.parse(method.dataset.formats || "{}");
+    var beta = form.querySelector("input[name=beta]");
+
+    function apply() {
+      var wanted = formats[method.value] || [];
+      ["training_file", "validation_file"].forEach(function (name) {
+        var select = form.querySelector("select[name=" + name + "]");
+        if (!select) return;
+        Array.prototype.forEach.call(select.options, function (o) {
+          var off = !!o.dataset.format && wanted.indexOf(o.dataset.format) < 0;
+          o.hidden = off; o.disabled = off;
+        });
+        var chosen = select.options[select.selectedIndex];
+        if (chosen && chosen.disabled) {
+          var first = Array.prototype.filter.call(select.options, function (o) { return !o.disabled; })[0];
+          select.value = first ? first.value : "";
+        }
+      });
+      if (beta) beta.disabled = method.value !== "dpo";
+    }
+    method.addEventListener("change", apply);
+    apply();
+  }
+
+  document.addEventListener("DOMContentLoaded", function () { setupUpload(); setupFile(); setupJob(); setupJobForm(); });
 })();
