@@ -1,6 +1,6 @@
 """The console's new-job form for preference tuning (DPO): the method choice, beta validated by the API's own rules
 (field errors, the API's messages), files labelled and matched by their format, the price preview of a preference file
-(both conversations' tokens), roles and tenant isolation."""
+(both conversations' tokens), roles and tenant isolation; and DPO's own "auto" learning-rate multiplier."""
 
 from __future__ import annotations
 
@@ -150,3 +150,27 @@ def test_an_outsider_gets_404_a_viewer_is_refused_and_another_tenants_file_is_no
         errors = response.context["form"].errors
         assert list(errors) == [field] and "not one of the available choices" in errors[field][0]
     assert not FineTuneJob.all_tenants.exists()
+
+
+# ---- DPO's "auto" learning rate ------------------------------------------------------------------
+
+
+def test_dpo_auto_learning_rate_multiplier_is_a_third_of_the_supervised_one():
+    from finetune.services import resolve_hyperparameters
+
+    # the demo model's 40 pairs (docs/finetuning.md): 3 epochs of batches of 8 = 15 steps; supervised sqrt(1000/15)
+    assert resolve_hyperparameters({}, 40) == {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 8.16}
+    assert resolve_hyperparameters({}, 40, "dpo") == {"beta": 0.1, "n_epochs": 3, "batch_size": 8,
+                                                      "learning_rate_multiplier": 2.72}
+    # a long job: the supervised floor of 1 becomes 0.33
+    assert resolve_hyperparameters({"n_epochs": 1, "batch_size": 1}, 5000, "dpo")["learning_rate_multiplier"] == 0.33
+    # a number asked for is kept as it is, for either method
+    assert resolve_hyperparameters({"learning_rate_multiplier": 8.16}, 40, "dpo")["learning_rate_multiplier"] == 8.16
+
+
+def test_a_dpo_job_from_the_form_gets_the_dpo_auto_learning_rate(world, files):
+    signed_in(world.developer).post(NEW_JOB, dpo_form(files, n_epochs="3", batch_size="4"))
+    job = FineTuneJob.objects.for_tenant(world.tenant).get()
+    steps = 3 * 3  # 12 pairs in batches of 4, 3 epochs
+    assert job.hyperparameters["learning_rate_multiplier"] == round(planning.auto_learning_rate_multiplier(steps) / 3, 2)
+    assert job.hyperparameters["learning_rate_multiplier"] == 3.33  # sqrt(1000 / 9) = 10.5, capped at 10, ÷ 3
