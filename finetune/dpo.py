@@ -15,10 +15,7 @@ the optimizer, scheduler and RNG states), resume, cancel, warmup and decay are t
 
 from __future__ import annotations
 
-import math
-import random
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -41,11 +38,9 @@ from finetune.trainer import (
     _save_adapter,
     _save_checkpoint,
     collate,
-    compile_decoder_layers,
     latest_checkpoint,
-    load_lora_model,
-    lr_lambda,
     pack,
+    prepare_run,
 )
 from finetune.validation import Example, preference_pair
 
@@ -231,19 +226,9 @@ def train_dpo(
         raise TrainingDataError("the training file has no examples")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    random.seed(hp.seed)
-    model = load_lora_model(base_model_path, hp, dev, attn_implementation)
-    if compile_layers and dev.type == "cuda":
-        compile_decoder_layers(model)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, fused=dev.type == "cuda")
+    model, params, optimizer, scheduler, steps_per_epoch, total_steps, autocast = prepare_run(
+        base_model_path, hp, dev, attn_implementation, compile_layers, len(train))
     per_step = hp.batch_size * hp.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(train) / per_step)
-    total_steps = steps_per_epoch * hp.n_epochs
-    warmup = math.ceil(hp.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, hp.lr_scheduler))
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else nullcontext
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "trained_tokens": 0, "trainable_tokens": 0, "train_loss": None,
                              "valid_loss": None, "hyperparameters": asdict(hp)}

@@ -330,6 +330,28 @@ def evaluate(model, rows: list[list[Tokenized]], batch_rows: int, pad_id: int, d
     return loss_sum / max(n, 1), correct / max(n, 1)
 
 
+def prepare_run(base_model_path: str | Path, hp, dev: torch.device, attn_implementation: str, compile_layers: bool,
+                n_examples: int):
+    """What every training method starts with (train_lora here, finetune.dpo.train_dpo): the seeded LoRA model in
+    train mode, its trainable parameters, AdamW, the warmup + decay schedule over the run's steps, and the autocast.
+    `hp` needs the trainer's common fields (seed, rank…, learning_rate, weight_decay, batch_size,
+    gradient_accumulation_steps, n_epochs, warmup_ratio, lr_scheduler); `n_examples` counts what a batch counts
+    (examples, or pairs for DPO). Returns (model, params, optimizer, scheduler, steps_per_epoch, total_steps, autocast)."""
+    random.seed(hp.seed)
+    model = load_lora_model(base_model_path, hp, dev, attn_implementation)
+    if compile_layers and dev.type == "cuda":
+        compile_decoder_layers(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, fused=dev.type == "cuda")
+    steps_per_epoch = math.ceil(n_examples / (hp.batch_size * hp.gradient_accumulation_steps))
+    total_steps = steps_per_epoch * hp.n_epochs
+    warmup = math.ceil(hp.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, hp.lr_scheduler))
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else nullcontext
+    return model, params, optimizer, scheduler, steps_per_epoch, total_steps, autocast
+
+
 def train_lora(
     *,
     base_model_path: str | Path,
@@ -372,20 +394,8 @@ def train_lora(
         raise TrainingDataError("the training file has no examples")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    random.seed(hp.seed)
-    model = load_lora_model(base_model_path, hp, dev, attn_implementation)
-    if compile_layers and dev.type == "cuda":
-        compile_decoder_layers(model)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay,
-                                  fused=dev.type == "cuda")
-    per_step = hp.batch_size * hp.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(train) / per_step)
-    total_steps = steps_per_epoch * hp.n_epochs
-    warmup = math.ceil(hp.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, hp.lr_scheduler))
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else nullcontext
+    model, params, optimizer, scheduler, steps_per_epoch, total_steps, autocast = prepare_run(
+        base_model_path, hp, dev, attn_implementation, compile_layers, len(train))
 
     state = {"step": 0, "epoch": 0, "trained_tokens": 0, "trainable_tokens": 0, "train_loss": None,
              "valid_loss": None, "hyperparameters": asdict(hp)}
