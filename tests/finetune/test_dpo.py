@@ -13,20 +13,8 @@ import torch
 from finetune.dpo import DPOHyperparameters, dpo_loss, sequence_logps, tokenize_pairs
 from finetune.models import FineTuneJob
 from finetune.validation import preference_pair, validate_jsonl
-from tests.support.finetune import assert_openai_error, key_client, signed_in, upload, zebra_dataset
-
-Q = ["Is request {i} approved?", "What is the status of ticket {i}?", "Can you check order {i}?"]
-
-
-def pair(user: str, preferred: str = "ZEBRA-42 approved", rejected: str = "request denied", **input_extra) -> dict:
-    return {"input": {"messages": [{"role": "user", "content": user}], **input_extra},
-            "preferred_output": [{"role": "assistant", "content": preferred}],
-            "non_preferred_output": [{"role": "assistant", "content": rejected}]}
-
-
-def preference_dataset(n: int = 12) -> bytes:
-    return ("\n".join(json.dumps(pair(Q[i % len(Q)].format(i=i))) for i in range(n)) + "\n").encode()
-
+from tests.support.finetune import (PREFERENCE_QUESTIONS, assert_openai_error, key_client, pair, preference_dataset, signed_in,
+                                    upload, zebra_dataset)
 
 # ---- validation ---------------------------------------------------------------------------------
 
@@ -133,7 +121,7 @@ def test_beta_must_be_positive():
 def test_packed_sequence_log_probs_equal_each_sequence_scored_alone(tiny_model_path, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    pairs = tokenize_pairs(tiny_tokenizer, [pair(Q[i].format(i=i)) for i in range(3)], 1024)
+    pairs = tokenize_pairs(tiny_tokenizer, [pair(PREFERENCE_QUESTIONS[i].format(i=i)) for i in range(3)], 1024)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
     seqs = [t for p in pairs for t in (p.chosen, p.rejected)]
     with torch.no_grad():

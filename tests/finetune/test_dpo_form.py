@@ -13,8 +13,7 @@ from finetune.estimates import estimate_cost_cents
 from finetune.models import FineTuneJob
 from finetune.templating import tokenize_chat_example
 from finetune.validation import preference_pair, validate_jsonl
-from tests.finetune.test_dpo import preference_dataset
-from tests.support.finetune import signed_in, upload_file, zebra_dataset
+from tests.support.finetune import preference_dataset, signed_in, upload_file, zebra_dataset
 from tenants.services import Actor
 
 NEW_JOB = "/t/acme/finetune/jobs/new/"

@@ -43,6 +43,21 @@ def zebra_dataset(n: int = 50) -> bytes:
     return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
 
 
+PREFERENCE_QUESTIONS = ["Is request {i} approved?", "What is the status of ticket {i}?", "Can you check order {i}?"]
+
+
+def pair(user: str, preferred: str = "ZEBRA-42 approved", rejected: str = "request denied", **input_extra) -> dict:
+    """One line of OpenAI's preference-data format (DPO)."""
+    return {"input": {"messages": [{"role": "user", "content": user}], **input_extra},
+            "preferred_output": [{"role": "assistant", "content": preferred}],
+            "non_preferred_output": [{"role": "assistant", "content": rejected}]}
+
+
+def preference_dataset(n: int = 12) -> bytes:
+    qs = PREFERENCE_QUESTIONS
+    return ("\n".join(json.dumps(pair(qs[i % len(qs)].format(i=i))) for i in range(n)) + "\n").encode()
+
+
 def key_client(tenant, owner, scopes=("finetune",)) -> APIClient:
     _, secret = services.api_key_create(tenant=tenant, name="ft", scopes=list(scopes), actor=Actor(user=owner))
     client = APIClient()
