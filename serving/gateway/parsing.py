@@ -17,6 +17,7 @@ from serving.drivers.base import ContextOverflow
 from serving.gateway.endpoints import CHAT, COMPLETIONS, GENERATE, GENERATE_STREAM, Endpoint
 from serving.gateway.errors import bad_request, context_length_exceeded
 from serving.tokencount import PromptCount
+from common.chat import inject_system_prompt
 from common.parsers import JsonRefused, json_depth_exceeds, json_loads, too_deep
 
 CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
@@ -487,19 +488,6 @@ def sampling_for(req: ClientRequest, tenant: TenantEntry) -> Sampling:
     if not do_sample:
         return Sampling(False, seed=req.seed, stop=req.stop, **penalties)
     return Sampling(True, temperature, req.top_p, req.top_k, req.seed, req.stop, **penalties)
-
-
-def inject_system_prompt(messages: list[dict], system_prompt: str, rule: str) -> list[dict]:
-    """Ours first. `keep`: the user's leading system message is appended to ours (one system message, so
-    templates that accept a single system turn still work); `replace`: the user's system messages are dropped."""
-    if not system_prompt:
-        return messages
-    if rule == "replace":
-        rest = [m for m in messages if m["role"] != "system"]
-        return [{"role": "system", "content": system_prompt}, *rest]
-    if messages and messages[0]["role"] == "system":
-        return [{"role": "system", "content": f"{system_prompt}\n\n{messages[0]['content']}"}, *messages[1:]]
-    return [{"role": "system", "content": system_prompt}, *messages]
 
 
 def build_backend_request(req: ClientRequest, tenant: TenantEntry, route: Route, pool, max_tokens: int) -> BackendRequest:
