@@ -127,7 +127,7 @@ def dedicated_pool_for(tenant, base_model):
 
     from serving.models import BackendPool
 
-    dedicated = list(BackendPool.objects.filter(dedicated_tenant=tenant).select_related("base_model")
+    dedicated = list(BackendPool.objects.dedicated_to(tenant).select_related("base_model")
                      .annotate(n_enabled=Count("backends", filter=Q(backends__enabled=True))).order_by("name"))
     if not dedicated:
         raise MergeRefused(409, "no_dedicated_pool",

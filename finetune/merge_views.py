@@ -18,7 +18,7 @@ from tenants.models import Role
 def adapters_context(ctx: TenantContext, rows: list[dict]) -> dict:
     """Each row's `merge_pool` (the dedicated pool a merge of it would serve on, or None) and `merged` (its merged
     models), and the page's `merged_models` with their plans."""
-    has_dedicated = BackendPool.objects.filter(dedicated_tenant=ctx.tenant).exists()
+    has_dedicated = BackendPool.objects.dedicated_to(ctx.tenant).exists()
     pools: dict[int, BackendPool | None] = {}
     for row in rows:
         base = row["adapter"].base_model

@@ -7,7 +7,7 @@ from django.db import models
 from django.utils import timezone
 
 from tenants.models import ApiKey, Tenant
-from tenants.scoping import TenantOwnedModel
+from tenants.scoping import TenantOwnedModel, UnscopedQueryError
 
 
 class BaseModel(models.Model):
@@ -41,6 +41,14 @@ class PoolQuerySet(models.QuerySet):
         """The pools a tenant's traffic may use: the shared ones and those dedicated to it. THE scoped query for
         pools (another tenant's dedicated pool is never in it); routing picks among them (serving.routing)."""
         return self.filter(models.Q(dedicated_tenant__isnull=True) | models.Q(dedicated_tenant=tenant))
+
+    def dedicated_to(self, tenant):
+        """The pools dedicated to a tenant (isolated tenancy): its own, never another's and never a shared one. THE
+        scoped query for them; app code does not filter on dedicated_tenant by hand (tests/tenants/test_fail_closed).
+        No tenant is an error, not the shared pools (which `dedicated_tenant=None` would be)."""
+        if tenant is None or getattr(tenant, "pk", tenant) is None:
+            raise UnscopedQueryError("BackendPool.objects.dedicated_to() was given no tenant.")
+        return self.filter(dedicated_tenant=tenant)
 
 
 class BackendPool(models.Model):

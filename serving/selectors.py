@@ -29,7 +29,7 @@ def base_models_for_tenant(tenant) -> list[BaseModel]:
     served on a pool dedicated to it."""
     cfg = ModelConfig.objects.for_tenant(tenant).first()
     allowed = set(cfg.allowed_models or ()) if cfg else set()
-    dedicated = set(BackendPool.objects.filter(dedicated_tenant=tenant).values_list("base_model_id", flat=True))
+    dedicated = set(BackendPool.objects.dedicated_to(tenant).values_list("base_model_id", flat=True))
     return [bm for bm in BaseModel.objects.all() if may_use(bm, allowed=allowed, dedicated=bm.pk in dedicated)]
 
 

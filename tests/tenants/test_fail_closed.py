@@ -3,8 +3,10 @@
 1. An AST walk over the app code (tenants, serving, finetune, billing, portal, common; not tests or migrations)
    refuses the forms that would read tenant-owned rows without a tenant: `get_object_or_404(Model, …)` /
    `get_list_or_404(Model, …)` with a tenant-owned model class, `_default_manager` / `_base_manager`,
-   `all_tenants_by_default(…)` outside tenants/scoping.py and the admin mixin, and `.all_tenants` outside
-   ALL_TENANTS_ALLOWED: the places where reading every tenant is the job, each with its reason.
+   `all_tenants_by_default(…)` outside tenants/scoping.py and the admin mixin, `.all_tenants` outside
+   ALL_TENANTS_ALLOWED: the places where reading every tenant is the job, each with its reason, and pools scoped by
+   hand (`filter(dedicated_tenant=…)`, `Q(dedicated_tenant_id=…)`, …) outside BackendPool's queryset: a tenant's
+   pools are `BackendPool.objects.reachable_by(tenant)` or `.dedicated_to(tenant)`.
 2. Every /v1 view derives from OpenAIView and every tenant-scoped API view from TenantAPIView; neither base's
    tenant-resolving methods can be replaced by a subclass (directly or through a mixin).
 3. Every registered ModelAdmin's pages open for staff, over every tenant's rows (tenants.admin.AllTenantsAdmin).
@@ -71,6 +73,9 @@ ALL_TENANTS_ALLOWED: dict[tuple[str, str], str] = {
     ("portal/management/commands/demo_setup.py", "Command._reload_adapters"): "demo setup, staff-side",
 }
 UNSCOPED_BY_DEFAULT_ALLOWED = {("tenants/scoping.py", "*"), ("tenants/admin.py", "AllTenantsInlineFormSet.add_fields")}
+# Where a pool query may name dedicated_tenant: THE scoped queries for a tenant's pools.
+DEDICATED_TENANT_ALLOWED = {("serving/models.py", "PoolQuerySet.reachable_by"), ("serving/models.py", "PoolQuerySet.dedicated_to")}
+QUERY_CALLS = {"filter", "exclude", "get", "Q"}
 
 
 def _allowed(allowed, path: str, where: str) -> bool:
@@ -107,6 +112,11 @@ def fail_open_forms(source: str, path: str) -> tuple[list[str], set[tuple[str, s
                                     f"{model_name(child.args[0])}.objects.for_tenant(tenant) instead")
                 if func == "all_tenants_by_default" and not _allowed(UNSCOPED_BY_DEFAULT_ALLOWED, path, here):
                     problems.append(f"{at} ({here}): all_tenants_by_default() is for Django internals in tenants/")
+                hand_scoped = [k.arg for k in child.keywords if k.arg and k.arg.split("__")[0] in (
+                    "dedicated_tenant", "dedicated_tenant_id") and k.arg != "dedicated_tenant__isnull"]
+                if func in QUERY_CALLS and hand_scoped and not _allowed(DEDICATED_TENANT_ALLOWED, path, here):
+                    problems.append(f"{at} ({here}): {func}({hand_scoped[0]}=…) scopes pools by hand: use "
+                                    f"BackendPool.objects.dedicated_to(tenant) or .reachable_by(tenant)")
             visit(child, where)
 
     visit(ast.parse(source), [])
@@ -139,6 +149,10 @@ def test_app_code_has_no_fail_open_forms():
     ("Adapter._base_manager.all()", "_base_manager"),
     ("with all_tenants_by_default(Invoice):\n    pass", "all_tenants_by_default() is for Django internals"),
     ("class Sneaky:\n    def get_queryset(self):\n        return ApiKey.all_tenants.all()", "Sneaky.get_queryset"),
+    ("BackendPool.objects.filter(dedicated_tenant=tenant)", "filter(dedicated_tenant=…) scopes pools by hand"),
+    ("BackendPool.objects.exclude(dedicated_tenant_id=t.pk)", "exclude(dedicated_tenant_id=…)"),
+    ("pools.filter(Q(dedicated_tenant__slug=slug))", "Q(dedicated_tenant__slug=…)"),
+    ("BackendPool.objects.get(name=n, dedicated_tenant__pk=1)", "get(dedicated_tenant__pk=…)"),
 ])
 def test_the_walk_finds_each_fail_open_form(source, problem):
     problems, _ = fail_open_forms(source, "billing/views.py")
@@ -151,6 +165,12 @@ def test_the_walk_lets_scoped_forms_and_allowed_places_pass():
     assert fail_open_forms(scoped, "billing/views.py") == ([], set())
     allowed = "def _overdue(now):\n    return Invoice.all_tenants.filter()"
     assert fail_open_forms(allowed, "billing/services.py") == ([], {("billing/services.py", "_overdue")})
+    pools = ("BackendPool.objects.dedicated_to(t)\nBackendPool.objects.reachable_by(t).filter(base_model=b)\n"
+             "BackendPool.objects.filter(dedicated_tenant__isnull=True)\nBackendPool(dedicated_tenant=t)\n")
+    assert fail_open_forms(pools, "serving/views.py") == ([], set())
+    queryset = "class PoolQuerySet:\n    def dedicated_to(self, tenant):\n        return self.filter(dedicated_tenant=tenant)"
+    assert fail_open_forms(queryset, "serving/models.py") == ([], set())
+    assert fail_open_forms(queryset.replace("dedicated_to", "mine"), "serving/models.py")[0]  # only the named two
 
 
 # ---- the API bases -------------------------------------------------------------------------------
