@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from finetune.templating import tokenize_chat_example
+from finetune.templating import SystemPrompt, tokenize_chat_example, with_system_prompt
 from finetune.trainer import (
     IGNORE,
     LOSS_CHUNK_ELEMENTS,
@@ -92,15 +92,17 @@ def _conversations(ex: Any) -> tuple[list, list, list | None]:
     return chosen, rejected, example.tools
 
 
-def tokenize_pairs(tokenizer, examples: Sequence[Any], max_seq_len: int, what: str = "training") -> list[Pair]:
-    """Both conversations of each pair, targets only on the output's tokens; over-long ones refused in words."""
+def tokenize_pairs(tokenizer, examples: Sequence[Any], max_seq_len: int, what: str = "training",
+                   system_prompt: SystemPrompt | None = None) -> list[Pair]:
+    """Both conversations of each pair, targets only on the output's tokens; over-long ones refused in words. The
+    input is rendered with `system_prompt` as the gateway serves it (with_system_prompt)."""
     pairs = []
     for i, ex in enumerate(examples, start=1):
         number = getattr(ex, "line", i)
         chosen, rejected, tools = _conversations(ex)
         sides = []
         for messages, side in ((chosen, "preferred_output"), (rejected, "non_preferred_output")):
-            ids, mask = tokenize_chat_example(tokenizer, messages, tools)
+            ids, mask = tokenize_chat_example(tokenizer, with_system_prompt(messages, system_prompt), tools)
             if len(ids) > max_seq_len:
                 raise TrainingDataError(f"{what} example {number} with its {side} is longer than the context of "
                                         f"{max_seq_len} tokens ({len(ids)} tokens); shorten it or remove it")
@@ -208,9 +210,10 @@ def train_dpo(
     compile_layers: bool = False,
     attn_implementation: str = "sdpa",
     init_adapter: str | Path | None = None,
+    system_prompt: SystemPrompt | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter with the DPO loss; the same arguments, events, checkpoints and result as
-    `trainer.train_lora`. `train_examples`: validator `Example`s of preference data, or dicts in OpenAI's preference
+    `trainer.train_lora` (`system_prompt` renders each pair's input as the gateway serves it). `train_examples`: validator `Example`s of preference data, or dicts in OpenAI's preference
     format. `init_adapter` (continuing an adapter) is also the reference: its log-probabilities are the ones the
     rewards are measured against."""
     from transformers import AutoTokenizer
@@ -220,8 +223,8 @@ def train_dpo(
     output_dir = Path(output_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
-    train = tokenize_pairs(tokenizer, train_examples, hp.max_seq_len, "training")
-    valid = tokenize_pairs(tokenizer, valid_examples, hp.max_seq_len, "validation") if valid_examples else []
+    train = tokenize_pairs(tokenizer, train_examples, hp.max_seq_len, "training", system_prompt)
+    valid = tokenize_pairs(tokenizer, valid_examples, hp.max_seq_len, "validation", system_prompt) if valid_examples else []
     if not train:
         raise TrainingDataError("the training file has no examples")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -22,7 +22,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from common.queue import enqueue_on_commit
-from finetune import base_models, continuation, public_ids, services, storage
+from finetune import base_models, continuation, public_ids, services, storage, system_prompts
 from finetune.errors import FinetuneError
 from finetune.models import LEASE_SECONDS, Evaluation, EvaluationRow, FineTuneJob, JobCheckpoint
 from finetune.validation import validate_stream
@@ -67,15 +67,17 @@ def _target(tenant, model) -> tuple[continuation.StartPoint, Adapter | None, Job
 
 @transaction.atomic
 def evaluation_create(*, tenant: Tenant, actor: Actor, model: str, file: str,
-                      max_tokens: int | None = None) -> Evaluation:
+                      max_tokens: int | None = None, system_prompt: str | int | None = None) -> Evaluation:
     """Queue an evaluation of `model` (an adapter or checkpoint of the tenant) on `file` (a processed chat file of the
-    tenant). 404 for a model or file that is not the tenant's; 400 for a file not ready or with problems, a base model
+    tenant). Every row's prompt is rendered with `system_prompt` as the gateway would serve it: "tenant" (default:
+    the tenant's live one, recorded now), "none" or a saved version number (finetune.system_prompts.snapshot). 404 for a model or file that is not the tenant's; 400 for a file not ready or with problems, a base model
     without local weights or a bad max_tokens; 429 past MAX_ACTIVE queued or running evaluations."""
     if max_tokens is None:
         max_tokens = DEFAULT_MAX_TOKENS
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise FinetuneError(f"max_tokens must be an integer between 1 and {MAX_TOKENS_LIMIT}", param="max_tokens",
                             code="invalid_max_tokens")
+    prompt = system_prompts.snapshot(tenant, system_prompt)
     start, adapter, checkpoint = _target(tenant, model)
     bm = BaseModel.objects.get(pk=start.base_model_id)
     if not bm.local_path:
@@ -90,9 +92,10 @@ def evaluation_create(*, tenant: Tenant, actor: Actor, model: str, file: str,
     evaluation = Evaluation.objects.for_tenant(tenant).create(
         tenant=tenant, base_model=bm, model=model, adapter=adapter, checkpoint=checkpoint, file=data_file,
         file_name=data_file.filename, max_tokens=max_tokens, rows_total=min(data_file.examples, MAX_ROWS),
-        created_by_key=actor.key)
+        created_by_key=actor.key, **prompt)
     audit_record(tenant=tenant, actor=actor, action="finetune.evaluation_created", target=evaluation,
-                 data={"id": evaluation.id, "model": model, "file": data_file.id, "max_tokens": max_tokens})
+                 data={"id": evaluation.id, "model": model, "file": data_file.id, "max_tokens": max_tokens,
+                       "system_prompt": evaluation.system_prompt_data})
     enqueue_on_commit("finetune.tasks.run_evaluation", evaluation.id, tenant.pk)
     return evaluation
 
@@ -138,7 +141,7 @@ class EvaluationRunner:
         try:
             if evaluation.file is None:
                 raise FinetuneError("The file to evaluate on was deleted.", param="file", code="file_not_found")
-            rows, skipped = em.rows_from_examples(self._examples(evaluation, bm))
+            rows, skipped = em.rows_from_examples(self._examples(evaluation, bm), evaluation.system_prompt_used)
             skipped += max(0, len(rows) - MAX_ROWS)
             rows = rows[:MAX_ROWS]
             if not rows:

@@ -20,6 +20,8 @@ class EvaluationInput(serializers.Serializer):
     file = serializers.CharField(max_length=64, help_text="A processed chat file (file-…)")
     max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1,
                                           max_value=evaluations.MAX_TOKENS_LIMIT)
+    system_prompt = serializers.JSONField(required=False, allow_null=True,
+                                          help_text='"tenant" (default: the one the gateway serves), "none" or a version')
 
 
 def evaluation_data(e: Evaluation) -> dict:
@@ -29,7 +31,7 @@ def evaluation_data(e: Evaluation) -> dict:
         "finished_at": unix_time(e.finished_at), "status": e.status, "model": e.model,
         "base_model": e.base_model.name, "file": e.file_id, "max_tokens": e.max_tokens,
         "progress": {"rows_done": e.rows_done, "rows_total": e.rows_total},
-        "rows_skipped": e.rows_skipped,
+        "rows_skipped": e.rows_skipped, "system_prompt": e.system_prompt_data,
         "metrics": {side: metrics[side] for side in ("base", "adapter")} if metrics else None,
         "differing_rows": metrics.get("differing_rows"),
         "error": {"code": e.error_code, "message": e.error_message} if e.error_code else None,
@@ -73,7 +75,9 @@ class EvaluationListApi(_EvaluationView):
         """Extension: queue an evaluation of one of the tenant's adapters or checkpoints (`model`: `ft:…`,
         `ft:…:ckpt-step-N`, `ftckpt-…` or `ftjob-…`) on one of its processed chat files (`file`): each row's last
         assistant message is the expected answer; base model and adapter answer greedily (at most `max_tokens`,
-        default 64, up to 512) and are scored by exact match, contains and loss. API key with the finetune scope.
+        default 64, up to 512) and are scored by exact match, contains and loss; every prompt carries the system
+        prompt `system_prompt` names ("tenant", the default: the one the gateway serves; "none"; or a version number;
+        400 `invalid_system_prompt`), as the gateway would send it. API key with the finetune scope.
         400 for invalid fields or a file not ready (`file_not_ready`) or with problems (`invalid_file`); 404 for a
         model (`model_not_found`) or file (`file_not_found`) that is not the tenant's; 429 past the tenant's
         queued or running evaluations.
@@ -82,7 +86,8 @@ class EvaluationListApi(_EvaluationView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         created = evaluations.evaluation_create(tenant=self.tenant, actor=self.actor, model=data["model"],
-                                                file=data["file"], max_tokens=data.get("max_tokens"))
+                                                file=data["file"], max_tokens=data.get("max_tokens"),
+                                                system_prompt=data.get("system_prompt"))
         return Response(evaluation_data(self.evaluation_or_404(created.id)))
 
 

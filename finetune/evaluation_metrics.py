@@ -21,7 +21,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
-from finetune.templating import tokenize_chat_example
+from finetune.templating import SystemPrompt, tokenize_chat_example, with_system_prompt
 
 _SPACE = re.compile(r"\s+")
 SIDES = ("base", "adapter")
@@ -57,11 +57,12 @@ class EvalRow:
     tools: list[dict[str, Any]] | None = None
 
 
-def rows_from_examples(examples: Sequence[Any]) -> tuple[list[EvalRow], int]:
+def rows_from_examples(examples: Sequence[Any], system_prompt: SystemPrompt | None = None) -> tuple[list[EvalRow], int]:
     """(rows, skipped): one row per example whose last assistant message has text content; that message is the
     expected answer and the messages before it the prompt. Examples with no such message are skipped (counted).
     A preference example (the validator's, with `preferred_output`) is its input then its preferred output: the
-    preferred answer is the expected one."""
+    preferred answer is the expected one. The prompt carries `system_prompt` as the gateway would serve it
+    (with_system_prompt), so both sides answer what the gateway would send them."""
     rows, skipped = [], 0
     for i, ex in enumerate(examples, start=1):
         messages = getattr(ex, "messages", None) or (ex["messages"] if isinstance(ex, dict) else ex)
@@ -72,7 +73,8 @@ def rows_from_examples(examples: Sequence[Any]) -> tuple[list[EvalRow], int]:
         if last is None or not expected.strip() or last == 0:
             skipped += 1
             continue
-        prompt = [{k: v for k, v in m.items() if k != "weight"} for m in messages[:last]]
+        prompt = with_system_prompt([{k: v for k, v in m.items() if k != "weight"} for m in messages[:last]],
+                                    system_prompt)
         rows.append(EvalRow(getattr(ex, "line", i), prompt, expected, tools))
     return rows, skipped
 

@@ -12,7 +12,7 @@ from rest_framework.response import Response
 
 from finetune import services
 from finetune.errors import FinetuneError
-from finetune.models import FineTuneJob, JobCheckpoint, JobEvent
+from finetune.models import FineTuneJob, JobCheckpoint, JobEvent, SystemPromptSnapshot
 from finetune.v1_base import OpenAIView, page_by_created, page_by_public_id, page_limit, unix_time
 
 
@@ -29,6 +29,9 @@ class JobInput(serializers.Serializer):
     integrations = serializers.ListField(required=False, allow_null=True)
     # Extension: start from one of the tenant's adapters or checkpoints (finetune/continuation.py).
     from_checkpoint = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=300)
+    # Extension: the system prompt every example is rendered with: "tenant" (default: the one the gateway serves),
+    # "none", or a saved version number (finetune/system_prompts.py; checked there, 400 with param system_prompt).
+    system_prompt = serializers.JSONField(required=False, allow_null=True)
 
     def validate(self, attrs):
         kind, hyperparameters = parse_method(attrs.get("method") or None, attrs.get("hyperparameters"))
@@ -94,6 +97,7 @@ def job_data(job: FineTuneJob) -> dict:
         # extensions
         "lora": job.lora, "estimated_cost_cents": job.estimated_cost_cents,
         "progress": {"step": job.step, "total_steps": job.total_steps, "train_loss": job.train_loss},
+        "system_prompt": job.system_prompt_data,
     }
 
 
@@ -137,9 +141,11 @@ class JobListApi(OpenAIView):
 
     @extend_schema(operation_id="fine_tuning_jobs_create", tags=["Fine-tuning"], request=JobInput, responses=OpenApiTypes.OBJECT)
     def post(self, request):
-        """OpenAI-compatible: create a fine-tuning job and queue it (supervised method only; extensions: `lora`, and
+        """OpenAI-compatible: create a fine-tuning job and queue it (supervised method only; extensions: `lora`,
         `from_checkpoint` to start from one of the tenant's adapters or checkpoints of the same base model: `ft:…`,
-        `ftckpt-…` or `ftjob-…`, keeping its rank and target modules; 404 `checkpoint_not_found`). API
+        `ftckpt-…` or `ftjob-…`, keeping its rank and target modules; 404 `checkpoint_not_found`; and `system_prompt`:
+        "tenant" (default: train with the system prompt the gateway serves), "none" or a saved version number, 400
+        `invalid_system_prompt`; the job's `system_prompt` says {version, rule} or null). API
         key with the finetune scope. 400 for invalid fields or hyperparameters, a training/validation file with
         problems (`invalid_file`) or one still being validated (`file_not_ready`, with its progress); 404 for an
         unknown model or file; 429 when the tenant already has its maximum of queued or running jobs.
@@ -149,7 +155,8 @@ class JobListApi(OpenAIView):
             tenant=self.tenant, actor=self.actor, model=data["model"], training_file=data["training_file"],
             validation_file=data.get("validation_file") or None, suffix=data.get("suffix") or "", seed=data.get("seed"),
             hyperparameters=data.get("hyperparameters"), lora=data.get("lora"), metadata=data.get("metadata"),
-            from_checkpoint=data.get("from_checkpoint") or None, method=data["method_type"])
+            from_checkpoint=data.get("from_checkpoint") or None, method=data["method_type"],
+            system_prompt=data.get("system_prompt"))
         return Response(job_data(FineTuneJob.objects.for_tenant(self.tenant).select_related("base_model", "tenant").get(pk=job.pk)))
 
 
@@ -166,12 +173,13 @@ class JobEstimateApi(OpenAIView):
                                           validation_file=data.get("validation_file") or None,
                                           hyperparameters=data.get("hyperparameters"), lora=data.get("lora"),
                                           from_checkpoint=data.get("from_checkpoint") or None,
-                                          method=data["method_type"])
+                                          method=data["method_type"], system_prompt=data.get("system_prompt"))
         return Response({"object": "fine_tuning.job.estimate", "model": plan.base_model.name, "method": data["method_type"],
                          "training_file": plan.training_file.id, "hyperparameters": plan.hyperparameters,
                          "lora": plan.lora, "examples": plan.tokens["examples"],
                          "tokens_per_epoch": plan.tokens["total_tokens"], "tokens_estimated": plan.tokens["estimated"],
-                         **plan.estimate})
+                         "system_prompt": SystemPromptSnapshot.describe(**plan.system_prompt),
+                         "system_prompt_tokens": plan.tokens["system_prompt_tokens"], **plan.estimate})
 
 
 class JobDetailApi(OpenAIView):

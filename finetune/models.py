@@ -15,6 +15,7 @@ from django.db import models
 from django.utils import timezone
 
 from finetune import public_ids
+from finetune.templating import SystemPrompt
 from tenants.scoping import TenantOwnedModel
 
 # A worker refreshes its lease about once a second while training; one silent this long is presumed dead and
@@ -109,7 +110,36 @@ class TrainingFile(TenantOwnedModel):
                 f"{self.bytes:,} bytes")
 
 
-class FineTuneJob(TenantOwnedModel):
+class SystemPromptSnapshot(models.Model):
+    """Which system prompt a job trains with (an evaluation scores with), recorded at its creation
+    (finetune.services.system_prompt_snapshot): the tenant's active SystemPromptVersion's number and text as the gateway
+    serves it, and the tenant's system_message_rule then. Blank text: none (opted out, or the tenant had none)."""
+
+    system_prompt_version = models.PositiveIntegerField(null=True, blank=True,
+                                                        help_text="The tenant's prompt version trained with (null: none).")
+    system_prompt = models.TextField(blank=True, help_text="That version's text, as served (blank: no system prompt).")
+    system_message_rule = models.CharField(max_length=8, default="keep", help_text="keep | replace, as the gateway's.")
+
+    class Meta:
+        abstract = True
+
+    @property
+    def system_prompt_used(self) -> SystemPrompt | None:
+        """What the trainer and evaluations render every example with (finetune.templating.with_system_prompt)."""
+        return SystemPrompt(self.system_prompt, self.system_message_rule) if self.system_prompt else None
+
+    @property
+    def system_prompt_data(self) -> dict | None:
+        """The API's `system_prompt`: {"version", "rule"}, or None when no system prompt is used."""
+        return self.describe(self.system_prompt_version, self.system_prompt, self.system_message_rule)
+
+    @staticmethod
+    def describe(system_prompt_version: int | None, system_prompt: str, system_message_rule: str) -> dict | None:
+        """`system_prompt_data` of these field values (a row's, or a snapshot's before the row exists)."""
+        return {"version": system_prompt_version, "rule": system_message_rule} if system_prompt else None
+
+
+class FineTuneJob(TenantOwnedModel, SystemPromptSnapshot):
     class Status(models.TextChoices):
         VALIDATING_FILES = "validating_files", "Validating files"
         QUEUED = "queued", "Queued"
@@ -254,7 +284,7 @@ def new_evaluation_id() -> str:
     return _new_id("eval")
 
 
-class Evaluation(TenantOwnedModel):
+class Evaluation(TenantOwnedModel, SystemPromptSnapshot):
     """An evaluation of one of the tenant's adapters or checkpoints against one of its chat files, base vs adapter
     (finetune/evaluation.py). Run on a worker; `rows_done` of `rows_total` while it runs. `metrics`:
     {"base": {...}, "adapter": {...}} with exact_match, contains (fractions of rows), loss (mean token NLL)."""

@@ -27,7 +27,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from common.queue import enqueue_on_commit
-from finetune import base_models, continuation, lora_math, planning, pools, selectors, storage
+from finetune import base_models, continuation, lora_math, planning, pools, selectors, storage, system_prompts
 from finetune.errors import FinetuneError  # noqa: F401 - defined in a leaf module; callers import it from here
 from finetune.hub import hub_enabled
 from finetune.models import (
@@ -490,14 +490,27 @@ class JobPlan:
     lora: dict
     tokens: dict
     estimate: dict
+    system_prompt: dict  # the SystemPromptSnapshot fields the job trains with (finetune.system_prompts.snapshot)
+
+
+def _with_system_prompt_tokens(tokens: dict, text: str, method: str) -> dict:
+    """The file's token counts plus what the system prompt adds to every rendered conversation (a DPO example is two:
+    input + preferred, input + non-preferred), estimated from its size: what the job will train (and bill) per epoch."""
+    per_conversation = system_prompts.estimated_tokens(text)
+    added = per_conversation * (2 if method == "dpo" else 1) * (tokens["examples"] or 0)
+    return {**tokens, "total_tokens": tokens["total_tokens"] + added, "system_prompt_tokens": per_conversation}
 
 
 def finetune_job_plan(*, tenant: Tenant, model: str, training_file: str, validation_file: str | None = None,
                       hyperparameters: dict | None = None, lora: dict | None = None,
-                      from_checkpoint: str | None = None, method: str = "supervised") -> JobPlan:
+                      from_checkpoint: str | None = None, method: str = "supervised",
+                      system_prompt: str | int | None = None) -> JobPlan:
     """Check a job's inputs and compute its hyperparameters, tokens, cost (cents) and time (seconds). With
     `from_checkpoint` the job starts from that adapter or checkpoint of the tenant (finetune.continuation). `method`
-    is OpenAI's method.type: "supervised" (chat data) or "dpo" (preference data, finetune.dpo)."""
+    is OpenAI's method.type: "supervised" (chat data) or "dpo" (preference data, finetune.dpo). `system_prompt`
+    (extension): which system prompt every example is rendered with, "tenant" (default: the one the gateway serves),
+    "none" or a saved version number (finetune.system_prompts.snapshot); its tokens count in the estimate."""
+    prompt = system_prompts.snapshot(tenant, system_prompt)
     bm = _base_model_for(tenant, model)
     train = _file_for(tenant, training_file, "training_file")
     valid = _file_for(tenant, validation_file, "validation_file") if validation_file else None
@@ -512,6 +525,7 @@ def finetune_job_plan(*, tenant: Tenant, model: str, training_file: str, validat
     if tokens is None:  # not counted with this model yet: a worker counts them; the size estimates them until then
         training_file_request_token_count(file=train, base_model=bm)
         tokens = selectors.estimated_token_counts(train)
+    tokens = _with_system_prompt_tokens(tokens, prompt["system_prompt"], method)
     hp = resolve_hyperparameters(hyperparameters, tokens["examples"] or train.examples, method)
     preview = planning.estimate(base_model=bm, tokens_per_epoch=tokens["total_tokens"], n_epochs=hp["n_epochs"])
     start = continuation.start_point_for(tenant, from_checkpoint) if from_checkpoint is not None else None
@@ -520,7 +534,7 @@ def finetune_job_plan(*, tenant: Tenant, model: str, training_file: str, validat
     lora = resolve_lora(lora, base_model=bm, max_served_rank=pools.max_lora_rank_served(tenant, bm))
     if start is not None:
         lora["init_from"] = start.ref
-    return JobPlan(bm, train, valid, hp, lora, tokens, preview)
+    return JobPlan(bm, train, valid, hp, lora, tokens, preview, prompt)
 
 
 def _fine_tuned_model_name(bm: BaseModel, tenant: Tenant, suffix: str, job_id: str) -> str:
@@ -532,8 +546,9 @@ def finetune_job_create(*, tenant: Tenant, actor: Actor, model: str, training_fi
                         validation_file: str | None = None, suffix: str | None = None, seed: int | None = None,
                         hyperparameters: dict | None = None, lora: dict | None = None,
                         metadata: dict | None = None, from_checkpoint: str | None = None,
-                        method: str = "supervised") -> FineTuneJob:
-    """Create a queued job and enqueue it on the `finetune` queue once the transaction commits.
+                        method: str = "supervised", system_prompt: str | int | None = None) -> FineTuneJob:
+    """Create a queued job and enqueue it on the `finetune` queue once the transaction commits. It records the system
+    prompt it trains with (finetune_job_plan's `system_prompt`; default: the tenant's live one).
 
     Refuses (429) when the tenant already runs MAX_CONCURRENT_JOBS jobs.
     """
@@ -547,7 +562,7 @@ def finetune_job_create(*, tenant: Tenant, actor: Actor, model: str, training_fi
         raise FinetuneError("metadata must be at most 16 string keys with string values", param="metadata")
     plan = finetune_job_plan(tenant=tenant, model=model, training_file=training_file,
                              validation_file=validation_file, hyperparameters=hyperparameters, lora=lora,
-                             from_checkpoint=from_checkpoint, method=method)
+                             from_checkpoint=from_checkpoint, method=method, system_prompt=system_prompt)
     Tenant.objects.select_for_update().filter(pk=tenant.pk).first()  # serialise this tenant's creations (the limit)
     active = selectors.active_job_count(tenant)
     if active >= MAX_CONCURRENT_JOBS:
@@ -559,7 +574,7 @@ def finetune_job_create(*, tenant: Tenant, actor: Actor, model: str, training_fi
                       hyperparameters=plan.hyperparameters, requested_hyperparameters=hyperparameters or {},
                       lora=plan.lora, metadata=metadata or {}, status=FineTuneJob.Status.QUEUED, method=method,
                       estimated_cost_cents=plan.estimate["estimated_cost_cents"],
-                      created_by_key=actor.key)
+                      created_by_key=actor.key, **plan.system_prompt)
     name = _fine_tuned_model_name(plan.base_model, tenant, suffix, job.id)
     if len(name) > Adapter._meta.get_field("name").max_length:
         raise FinetuneError("the suffix is too long for this model's name; shorten it", param="suffix", code="invalid_suffix")
@@ -570,9 +585,10 @@ def finetune_job_create(*, tenant: Tenant, actor: Actor, model: str, training_fi
     about = " (estimated from the file's size: not counted with this model yet)" if plan.tokens["estimated"] else ""
     _event(job, f"Validated training file {plan.training_file.id}: {plan.tokens['examples']} examples, "
                 f"{plan.tokens['total_tokens']:,} tokens per epoch{about}; estimated cost "
-                f"${plan.estimate['estimated_cost_cents'] / 100:.2f}")
+                f"${plan.estimate['estimated_cost_cents'] / 100:.2f}. {_system_prompt_words(job)}")
     audit_record(tenant=tenant, actor=actor, action="finetune.job_created", target=job,
-                 data={"id": job.id, "model": plan.base_model.name, "training_file": plan.training_file.id})
+                 data={"id": job.id, "model": plan.base_model.name, "training_file": plan.training_file.id,
+                       "system_prompt": job.system_prompt_data})
     enqueue_on_commit("finetune.tasks.run_finetune_job", job.id, tenant.pk)
     return job
 
@@ -592,6 +608,13 @@ def finetune_job_cancel(*, tenant: Tenant, actor: Actor, job: FineTuneJob) -> Fi
     _event(job, "Job cancelled by request")
     audit_record(tenant=tenant, actor=actor, action="finetune.job_cancelled", target=job, data={"id": job.id})
     return job
+
+
+def _system_prompt_words(job: FineTuneJob) -> str:
+    if not job.system_prompt:
+        return "Trains without a system prompt: the examples are rendered as they are in the file"
+    return (f"Trains with system prompt version {job.system_prompt_version} (rule '{job.system_message_rule}'), as "
+            "the gateway serves this account's requests: every example is rendered with it")
 
 
 def _already_finished(job: FineTuneJob) -> FinetuneError:
@@ -711,7 +734,8 @@ class JobRunner:
                     "max_seq_len": base_models.max_seq_len(bm), "log_every": max(1, steps // 100), **dpo,
                 },
                 on_event=self.on_event, should_cancel=self.should_cancel, resume=True,
-                compile_layers=settings.FINETUNE_COMPILE, init_adapter=continuation.start_path_for_job(job))
+                compile_layers=settings.FINETUNE_COMPILE, init_adapter=continuation.start_path_for_job(job),
+                system_prompt=job.system_prompt_used)
         except FinetuneError as exc:
             return self._fail(exc.code, exc.message, exc.param)
         except TrainingDataError as exc:

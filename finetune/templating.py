@@ -5,9 +5,26 @@ The one tokenization the trainer and the validator share (`tokenize_chat_example
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
-from common.chat import template_message
+from common.chat import inject_system_prompt, template_message
+
+
+@dataclass(frozen=True)
+class SystemPrompt:
+    """The system prompt a job trains with (or an evaluation scores with): the tenant's prompt text as the gateway
+    serves it (stripped) and its `system_message_rule` ("keep" | "replace")."""
+
+    text: str
+    rule: str = "keep"
+
+
+def with_system_prompt(messages: Sequence[dict[str, Any]], prompt: SystemPrompt | None) -> list[dict[str, Any]]:
+    """The messages as the gateway sends them to the model: the same `inject_system_prompt`, or unchanged (None)."""
+    if prompt is None:
+        return list(messages)
+    return inject_system_prompt(list(messages), prompt.text, prompt.rule)
 
 
 def to_messages(record: dict[str, Any]) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils.checkpoint
 
-from finetune.templating import tokenize_chat_example
+from finetune.templating import SystemPrompt, tokenize_chat_example, with_system_prompt
 
 IGNORE = -100
 LOSS_CHUNK_ELEMENTS = 1 << 28  # logits above ~1 GiB in fp32 are computed in chunks, recomputed in backward
@@ -101,15 +101,16 @@ class Tokenized:
         return sum(t != IGNORE for t in self.targets)
 
 
-def tokenize_examples(tokenizer, examples: Sequence[Any], max_seq_len: int, what: str = "training") -> list[Tokenized]:
+def tokenize_examples(tokenizer, examples: Sequence[Any], max_seq_len: int, what: str = "training",
+                      system_prompt: SystemPrompt | None = None) -> list[Tokenized]:
     """Accept message lists, {"messages": [...], "tools"?: [...]} dicts or validation `Example`s; refuse
-    over-long ones in words."""
+    over-long ones in words. Each is rendered with `system_prompt` as the gateway serves it (with_system_prompt)."""
     out = []
     for i, ex in enumerate(examples, start=1):
         number = getattr(ex, "line", i)
         messages = getattr(ex, "messages", None) or (ex["messages"] if isinstance(ex, dict) else ex)
         tools = getattr(ex, "tools", None) or (ex.get("tools") if isinstance(ex, dict) else None)
-        ids, mask = tokenize_chat_example(tokenizer, messages, tools)
+        ids, mask = tokenize_chat_example(tokenizer, with_system_prompt(messages, system_prompt), tools)
         if len(ids) > max_seq_len:
             raise TrainingDataError(f"{what} example {number} is longer than the context of {max_seq_len} tokens "
                                     f"({len(ids)} tokens); shorten it or remove it")
@@ -367,8 +368,12 @@ def train_lora(
     compile_layers: bool = False,
     attn_implementation: str = "sdpa",
     init_adapter: str | Path | None = None,
+    system_prompt: SystemPrompt | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter; returns a cancelled result if `should_cancel()` turns true (checked every micro-batch).
+
+    `system_prompt`: every training and validation example is rendered with it exactly as the gateway serves chat
+    requests (finetune.templating.with_system_prompt); its tokens are part of trained_tokens (never trained on).
 
     `init_adapter`: a folder with adapter_model.safetensors of the same rank and target modules whose weights the LoRA
     starts from (continuing an adapter, finetune/continuation.py); a checkpoint of this job, when resuming, wins.
@@ -387,9 +392,9 @@ def train_lora(
     output_dir = Path(output_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
-    train = tokenize_examples(tokenizer, train_examples, hp.max_seq_len, "training")
-    valid_rows = pack(tokenize_examples(tokenizer, valid_examples, hp.max_seq_len, "validation"), hp.max_seq_len) \
-        if valid_examples else []
+    train = tokenize_examples(tokenizer, train_examples, hp.max_seq_len, "training", system_prompt)
+    valid_rows = pack(tokenize_examples(tokenizer, valid_examples, hp.max_seq_len, "validation", system_prompt),
+                      hp.max_seq_len) if valid_examples else []
     if not train:
         raise TrainingDataError("the training file has no examples")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

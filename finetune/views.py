@@ -16,7 +16,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from finetune import base_models, continuation, deploy, lora_math, planning, pools, selectors, services, storage
+from finetune import base_models, continuation, deploy, lora_math, planning, pools, selectors, services, storage, system_prompts
 from finetune.jobs_api import parse_method
 from finetune.models import FineTuneJob, JobEvent, TrainingFile
 from finetune.services import FinetuneError
@@ -304,7 +304,8 @@ def job_status_data(job: FineTuneJob) -> dict:
 @tenant_view(write=Role.DEVELOPER)
 def job_detail(request, ctx: TenantContext, job_id: str):
     job = _job(ctx, job_id)
-    return _render(request, ctx, "finetune/job.html", {"job": job, "status": job_status_data(job)})
+    skew = system_prompts.skew(ctx.tenant, job) if job.adapter_id else None
+    return _render(request, ctx, "finetune/job.html", {"job": job, "status": job_status_data(job), "skew": skew})
 
 
 @require_GET
@@ -333,10 +334,13 @@ def adapters(request, ctx: TenantContext):
     from finetune import merge_views
 
     rows = []
+    served = system_prompts.snapshot(ctx.tenant)
+    trained_by = {job.adapter_id: job for job in FineTuneJob.objects.for_tenant(ctx.tenant).filter(adapter__isnull=False)}
     for adapter in Adapter.objects.for_tenant(ctx.tenant).select_related("base_model"):
         deployments = AdapterDeployment.objects.for_tenant(ctx.tenant).filter(adapter=adapter).select_related("pool")
         rows.append({"adapter": adapter, "deployments": list(deployments),
-                     "pool": pools.pool_for_adapter(ctx.tenant, adapter.base_model)})
+                     "pool": pools.pool_for_adapter(ctx.tenant, adapter.base_model),
+                     "skew": system_prompts.skew(ctx.tenant, trained_by.get(adapter.pk), served)})
     return _render(request, ctx, "finetune/adapters.html", {"rows": rows, **merge_views.adapters_context(ctx, rows)})
 
 
@@ -351,6 +355,9 @@ def adapter_deploy(request, ctx: TenantContext, adapter_id: int):
         return redirect("finetune-adapters", ctx.tenant.slug)
     level = messages.success if deployment.state == "active" else messages.warning
     level(request, f"{adapter.name} on {deployment.pool.name}: {deployment.get_state_display()}. {deployment.error}".strip())
+    skew = system_prompts.skew(ctx.tenant, system_prompts.job_for_adapter(ctx.tenant, adapter))
+    if skew is not None:
+        messages.warning(request, f"{adapter.name}: {skew.message}")
     return redirect("finetune-adapters", ctx.tenant.slug)
 
 
