@@ -65,6 +65,33 @@ def pool_choice(pools, *, tenant_id: int):
     return None
 
 
+def merged_pools(merged, pools_by_id, *, tenant_id: int) -> dict:
+    """THE merged-model rule: pool id -> the merged model its backends run. Only a `serving` MergedModel of the
+    tenant's own adapter, on a pool dedicated to the tenant that serves the adapter's base model, counts (the first
+    of `merged`'s order on each pool); never another tenant's adapter or pool, never on weights it was not merged
+    into. Such a pool serves nothing else — no base model, no LoRA adapter: its backends run the merged weights.
+
+    `merged`: the tenant's MergedModel rows (adapter and its base model loaded), by id (`serving_merged`).
+    `pools_by_id`: PoolView-likes by id. Both `routes_for` and `serving.selectors.pool_for` ask this.
+    """
+    from serving.models import MergedModel
+
+    running = {}
+    for m in merged:
+        pool = pools_by_id.get(m.pool_id)
+        if (m.state == MergedModel.State.SERVING and pool is not None and pool.dedicated_tenant_id == tenant_id
+                and m.tenant_id == tenant_id and m.adapter.tenant_id == tenant_id
+                and m.adapter.base_model.name == pool.base_model and m.pool_id not in running):
+            running[m.pool_id] = m
+    return running
+
+
+def base_model_pool(base_model: str, pools, running, *, tenant_id: int):
+    """The pool that serves `base_model` (its name) to the tenant: `pool_choice` among its pools, less those running
+    a merged model (`running`: `merged_pools`' answer). None when none does."""
+    return pool_choice([p for p in pools if p.base_model == base_model and p.id not in running], tenant_id=tenant_id)
+
+
 def routes_for(*, tenant_id: int, tenant_slug: str, allowed, base_models, pools, deployments, rollouts=(),
                merged=()) -> dict[str, Route]:
     """The tenant's routing table (docs/gateway.md, "Routing"): each base model it may use, on the pool
@@ -77,31 +104,22 @@ def routes_for(*, tenant_id: int, tenant_slug: str, allowed, base_models, pools,
     tenant's dedicated pool is never chosen). `deployments`: the tenant's AdapterDeployment rows (adapter loaded),
     failed ones included or not: they are skipped here. `rollouts`: the tenant's AdapterRollout rows (current and
     canary loaded); one whose current version does not route leaves its name as it was. `merged`: the tenant's
-    MergedModel rows (adapter and its base model loaded); only a `serving` one of the tenant's own adapter, on a pool
-    dedicated to the tenant that serves the adapter's base model, routes — and that pool then routes nothing else
-    (its backends run the merged weights: the base model goes to a shared pool, if the tenant may use one).
+    MergedModel rows (adapter and its base model loaded); those `merged_pools` counts route, and their pools then
+    route nothing else (the base model goes to a shared pool, if the tenant may use one).
     """
-    from serving.models import AdapterDeployment, MergedModel
+    from serving.models import AdapterDeployment
 
     pools = list(pools)
     by_id = {p.id: p for p in pools}
     allowed = set(allowed or ())
     dedicated = {p.base_model for p in pools if p.dedicated_tenant_id == tenant_id}
     usable = {bm.name for bm in base_models if may_use(bm, allowed=allowed, dedicated=bm.name in dedicated)}
-    serving = {}  # pool id -> the merged model its backends run
-    for m in merged:
-        pool = by_id.get(m.pool_id)
-        if (m.state != MergedModel.State.SERVING or pool is None or pool.dedicated_tenant_id != tenant_id
-                or m.tenant_id != tenant_id or m.adapter.tenant_id != tenant_id
-                or m.adapter.base_model.name != pool.base_model or pool.base_model not in usable
-                or m.pool_id in serving):
-            continue  # never another tenant's adapter or pool, never on weights it was not merged into
-        serving[m.pool_id] = m
+    serving = merged_pools(merged, by_id, tenant_id=tenant_id)
     routes: dict[str, Route] = {}
     for bm in base_models:
         if bm.name not in usable:
             continue
-        pool = pool_choice([p for p in pools if p.base_model == bm.name and p.id not in serving], tenant_id=tenant_id)
+        pool = base_model_pool(bm.name, pools, serving, tenant_id=tenant_id)
         if pool is not None:
             # Isolated tenancy: a pool dedicated to this tenant serves the base model for it, and only for it.
             owned_by = tenant_slug if pool.dedicated_tenant_id == tenant_id else "platform"
@@ -119,7 +137,7 @@ def routes_for(*, tenant_id: int, tenant_slug: str, allowed, base_models, pools,
         routes[d.adapter.name] = Route(d.adapter.name, pool.id, d.adapter.name, pool.base_model, tenant_slug,
                                        int(d.adapter.created_at.timestamp()))
     for pool_id, m in serving.items():
-        if m.adapter.name in usable:
+        if m.adapter.name in usable or by_id[pool_id].base_model not in usable:
             continue
         routes[m.adapter.name] = Route(m.adapter.name, pool_id, m.adapter.name, by_id[pool_id].base_model, tenant_slug,
                                        int(m.adapter.created_at.timestamp()), model_id=m.served_name)
@@ -152,7 +170,7 @@ def pool_views(queryset) -> list[PoolView]:
 
 def tenant_routes(tenant) -> dict[str, Route]:
     """`routes_for` over the database, for one tenant: what the gateway's snapshot routes for it."""
-    from serving.models import AdapterDeployment, AdapterRollout, BackendPool, BaseModel, MergedModel, ModelConfig
+    from serving.models import AdapterDeployment, AdapterRollout, BackendPool, BaseModel, ModelConfig
 
     cfg = ModelConfig.objects.for_tenant(tenant).first()
     return routes_for(
@@ -161,6 +179,13 @@ def tenant_routes(tenant) -> dict[str, Route]:
         pools=pool_views(BackendPool.objects.reachable_by(tenant)),
         deployments=AdapterDeployment.objects.for_tenant(tenant).select_related("adapter").order_by("id"),
         rollouts=AdapterRollout.objects.for_tenant(tenant).select_related("current", "canary").order_by("id"),
-        merged=MergedModel.objects.for_tenant(tenant).filter(state=MergedModel.State.SERVING)
-               .select_related("adapter__base_model").order_by("id"),
+        merged=serving_merged(tenant),
     )
+
+
+def serving_merged(tenant):
+    """The tenant's `serving` merged models, as `merged_pools` reads them (adapter and base model loaded, by id)."""
+    from serving.models import MergedModel
+
+    return (MergedModel.objects.for_tenant(tenant).filter(state=MergedModel.State.SERVING)
+            .select_related("adapter__base_model").order_by("id"))

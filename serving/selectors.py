@@ -5,23 +5,23 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
 
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate
 
 from serving.admission import WARN_FRACTION, window_bounds
-from serving.models import BackendPool, BaseModel, MergedModel, ModelConfig, UsageRecord
-from serving.routing import may_use, pool_choice
+from serving.models import BackendPool, BaseModel, ModelConfig, UsageRecord
+from serving.routing import base_model_pool, may_use, merged_pools, pool_views, serving_merged
 from tenants.models import ApiKey, Policy, Tenant
 from tenants.selectors import effective_quota_tokens
 
 
 def pool_for(tenant, base_model) -> BackendPool | None:
-    """The pool that serves `base_model` to `tenant`, by the routing rule (serving.routing.pool_choice). A dedicated
-    pool whose backends run one of the tenant's merged models (MergedModel `serving`) serves nothing else."""
-    running_merged = MergedModel.objects.for_tenant(tenant).filter(state=MergedModel.State.SERVING).values("pool_id")
-    pools = (BackendPool.objects.reachable_by(tenant).filter(base_model=base_model).exclude(pk__in=running_merged)
-             .annotate(enabled_backends=Count("backends", filter=Q(backends__enabled=True))))
-    return pool_choice(pools, tenant_id=tenant.pk)
+    """The pool that serves `base_model` to `tenant`, by the routing rule (serving.routing.base_model_pool: a pool
+    running one of the tenant's merged models serves nothing else, as serving.routing.merged_pools says)."""
+    pools = pool_views(BackendPool.objects.reachable_by(tenant).filter(base_model=base_model))
+    running = merged_pools(serving_merged(tenant), {p.id: p for p in pools}, tenant_id=tenant.pk)
+    choice = base_model_pool(base_model.name, pools, running, tenant_id=tenant.pk)
+    return BackendPool.objects.select_related("base_model").get(pk=choice.id) if choice else None
 
 
 def base_models_for_tenant(tenant) -> list[BaseModel]:

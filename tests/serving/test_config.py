@@ -53,7 +53,7 @@ def test_a_deployment_row_naming_another_tenants_adapter_routes_nowhere(world):
     assert ADAPTER not in routes(world.tenant)  # not acme's deployment either: nothing routes it
 
 
-# ---- one rule picks the pool (serving.selectors.pool_choice) -------------------------------------------------
+# ---- one rule picks the pool (serving.routing.pool_choice) ---------------------------------------------------
 
 
 def three_choices(tenant, base) -> tuple:
@@ -91,7 +91,7 @@ def test_routing_deployment_and_the_console_pick_the_same_pool(world):
 def test_the_pool_rule():
     from types import SimpleNamespace as P
 
-    from serving.selectors import pool_choice
+    from serving.routing import pool_choice
 
     a, b = P(name="a", dedicated_tenant_id=None, enabled_backends=0), P(name="b", dedicated_tenant_id=None, enabled_backends=2)
     mine, theirs = P(name="x", dedicated_tenant_id=1, enabled_backends=0), P(name="c", dedicated_tenant_id=2, enabled_backends=5)
