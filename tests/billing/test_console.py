@@ -172,6 +172,36 @@ def test_unpaid_banner_offers_payment_only_where_the_invoice_page_does(client, w
     assert "data-pay" not in client.get(f"/t/{slug}/billing/invoices/{billed.pk}/").content.decode()
 
 
+OFFLINE = "Online payment is not available yet"
+
+
+def test_without_stripe_the_billing_page_says_once_how_to_pay(client, world, billed, monkeypatch):
+    """An admin's Billing page without Stripe: with an unpaid invoice its banner says how to pay it (and the page's
+    note does not repeat it); without one, the note; an invoice still being sent to Stripe promises its Pay button."""
+    from billing import stripe_gateway
+
+    monkeypatch.setattr(stripe_gateway, "is_configured", lambda: False)
+    client.force_login(world.admin)
+    url = f"/t/{world.tenant.slug}/billing/"
+    Invoice.all_tenants.filter(pk=billed.pk).update(hosted_invoice_url="", delivery=Invoice.Delivery.NOT_SENT)
+    html = client.get(url).content.decode()
+    assert html.count(OFFLINE) == 1 and html.count("data-offline-payment") == 1
+    banner = html[html.index(f'data-open-invoice="{billed.number}"'):]
+    banner = banner[:banner.index("</div>")]
+    assert f"{OFFLINE}: contact support to pay, quoting invoice {billed.number}." in banner
+
+    Invoice.all_tenants.filter(pk=billed.pk).update(delivery=Invoice.Delivery.PENDING)  # Stripe's link not back yet
+    html = client.get(url).content.decode()
+    assert OFFLINE not in html and "reload this page in a minute for its Pay button" in html
+
+    Invoice.all_tenants.get(pk=billed.pk).move_to(Invoice.Status.PAID)
+    html = client.get(url).content.decode()
+    assert "data-open-invoice" not in html and html.count(OFFLINE) == 1
+    assert f"{OFFLINE}: invoices are settled with support." in html
+    client.force_login(world.viewer)
+    assert OFFLINE not in client.get(url).content.decode()  # nothing a viewer can act on
+
+
 def test_allocation_page_links_only_to_months_that_have_started_and_have_usage(client, world, billed, staff):
     client.force_login(world.owner)  # staff
     current = selectors.current_period()
