@@ -266,3 +266,35 @@ def test_the_console_says_what_a_job_trained_with_and_warns_of_skew(api, world, 
 
     tenant_services.system_prompt_activate(tenant=world.tenant, actor=Actor(user=world.owner), version=first)
     assert 'id="ft-skew"' not in dev.get(f"/t/acme/finetune/jobs/{job.id}/").content.decode()  # back in line
+
+
+def test_the_evaluation_worker_scores_rows_with_the_evaluations_snapshot(api, world, base_model, tmp_path, monkeypatch):
+    from finetune.evaluation import evaluation_run
+    from finetune.models import EvaluationRow
+
+    _save_prompt(world.tenant, world.owner, PROMPT)
+    _rule(world.tenant, "replace")
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    adapter = Adapter.objects.for_tenant(world.tenant).create(
+        tenant=world.tenant, name="ft:tiny-chat:acme:zebra:abcd1234", base_model=base_model, path=str(folder), rank=4,
+        alpha=8, target_modules=["q_proj", "v_proj"])
+    rows = [{"messages": CONVERSATIONS["a system message"]}] * 10
+    data = upload_file(world.tenant, Actor(user=world.owner), ("\n".join(json.dumps(r) for r in rows) + "\n").encode())
+    evaluation_id = api.post("/v1/fine_tuning/evaluations", {"model": adapter.name, "file": data.id},
+                             format="json").json()["id"]
+    _save_prompt(world.tenant, world.owner, "changed after the evaluation was created")
+    side = em.SideResult("ZEBRA-42 approved", True, True, 0.1, 0.3)
+
+    def fake_rows(model, tokenizer, rows, *, on_row, **_):
+        results = [em.RowResult(row, 3, side, side) for row in rows]
+        for i, result in enumerate(results):
+            on_row(i, result)
+        return results
+
+    monkeypatch.setattr(em, "load_model", lambda *args: (None, None, "cpu"))
+    monkeypatch.setattr(em, "evaluate_rows", fake_rows)
+    assert evaluation_run(evaluation_id=evaluation_id, tenant_id=world.tenant.pk) == "succeeded"
+    stored = EvaluationRow.objects.for_tenant(world.tenant).filter(evaluation_id=evaluation_id).first()
+    assert stored.prompt == [{"role": "system", "content": PROMPT}, {"role": "user", "content": "Is request 7 approved?"}]
