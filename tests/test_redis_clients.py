@@ -12,7 +12,7 @@ import pytest
 import redis.exceptions as rex
 
 from common import redis_clients
-from common.redis_clients import PipelinedClient, PythonReader, ReplyError, pack_command, pipelined_client
+from common.redis_clients import PipelinedClient, PythonReader, ReplyError, pack_command, pack_command_python, pipelined_client
 
 
 def run(coro):
@@ -22,12 +22,15 @@ def run(coro):
 # ---- the wire format, without a server ------------------------------------------------------------------------
 
 
-def test_commands_are_packed_as_redis_py_encodes_them():
-    assert pack_command(("EVALSHA", "ab", 2, "k{1}", "é", 1.5, b"\x00")) == (
+@pytest.mark.parametrize("pack", [pack_command, pack_command_python], ids=["hiredis-if-installed", "python"])
+def test_commands_are_packed_as_redis_py_encodes_them(pack):
+    assert pack(("EVALSHA", "ab", 2, "k{1}", "é", 1.5, b"\x00")) == (
         b"*7\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n2\r\n$4\r\nk{1}\r\n$2\r\n\xc3\xa9\r\n$3\r\n1.5\r\n$1\r\n\x00\r\n")
+    numbers = (0.1 + 0.2, 1 / 3, 1e-07, -0.0, 1e16, 2**70, -(2**70), -3)
+    assert pack(("X", *numbers)) == b"*9\r\n$1\r\nX\r\n" + b"".join(b"$%d\r\n%b\r\n" % (len(repr(n)), repr(n).encode()) for n in numbers)
     for bad in (True, None, [1]):
         with pytest.raises(rex.DataError):
-            pack_command(("SET", "k", bad))
+            pack(("SET", "k", bad))
 
 
 REPLIES = (b"+OK\r\n:42\r\n$4\r\nh\xc3\xa9l\r\n$-1\r\n*3\r\n:0\r\n$0\r\n\r\n*2\r\n:-7\r\n*-1\r\n"
