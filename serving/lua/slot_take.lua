@@ -8,32 +8,39 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+local held = redis.call('ZCARD', KEYS[1])
 local capacity = tonumber(ARGV[2])
-if #members >= capacity + tonumber(ARGV[7] or '0') then
+if held >= capacity + tonumber(ARGV[7] or '0') then
   return 0
 end
-local running = {}
-for _, m in ipairs(members) do
-  local owner = string.match(m, '^([^:]+):')
-  running[owner] = (running[owner] or 0) + 1
+-- Requests running per tenant, counted from the slots only when a decision needs them (a full pool, or a tie with a
+-- tenant waiting elsewhere): the common case, a pool with room and no backlog, reads no member (O(1), not O(slots)).
+local running = nil
+local function running_of(owner)
+  if running == nil then
+    running = {}
+    for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+      local o = string.match(m, '^([^:]+):')
+      running[o] = (running[o] or 0) + 1
+    end
+  end
+  return running[owner] or 0
 end
 local me = ARGV[4]
-if #members >= capacity and (running[me] or 0) > 0 then
+if held >= capacity and running_of(me) > 0 then
   return 0  -- full: an express slot is only for a tenant with nothing running
 end
 local my_c = tonumber(redis.call('HGET', KEYS[2], me) or '0')
-local my_r = running[me] or 0
-local waiting = redis.call('HGETALL', KEYS[3])
+local waiting = (ARGV[6] == '1') and redis.call('HGETALL', KEYS[3]) or {}
 local stale = now - tonumber(ARGV[5])
-for i = 1, (ARGV[6] == '1' and #waiting or 0), 2 do
+for i = 1, #waiting, 2 do
   local member, beat = waiting[i], tonumber(waiting[i + 1])
   local other = string.match(member, '|(.+)$')
   if beat < stale then
     redis.call('HDEL', KEYS[3], member)
   elseif other ~= me then
     local c = tonumber(redis.call('HGET', KEYS[2], other) or '0')
-    if c < my_c - 1e-9 or (math.abs(c - my_c) <= 1e-9 and (running[other] or 0) < my_r) then
+    if c < my_c - 1e-9 or (math.abs(c - my_c) <= 1e-9 and running_of(other) < running_of(me)) then
       return 0
     end
   end
