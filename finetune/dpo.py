@@ -104,8 +104,9 @@ def tokenize_pairs(tokenizer, examples: Sequence[Any], max_seq_len: int, what: s
         for messages, side in ((chosen, "preferred_output"), (rejected, "non_preferred_output")):
             ids, mask = tokenize_chat_example(tokenizer, with_system_prompt(messages, system_prompt), tools)
             if len(ids) > max_seq_len:
+                with_prompt = " with the system prompt it is trained with" if system_prompt else ""
                 raise TrainingDataError(f"{what} example {number} with its {side} is longer than the context of "
-                                        f"{max_seq_len} tokens ({len(ids)} tokens); shorten it or remove it")
+                                        f"{max_seq_len} tokens ({len(ids)} tokens{with_prompt}); shorten it or remove it")
             targets = [ids[j + 1] if mask[j + 1] else IGNORE for j in range(len(ids) - 1)] + [IGNORE]
             tok = Tokenized(number, ids, targets)
             if not tok.trainable:

@@ -112,8 +112,9 @@ def tokenize_examples(tokenizer, examples: Sequence[Any], max_seq_len: int, what
         tools = getattr(ex, "tools", None) or (ex.get("tools") if isinstance(ex, dict) else None)
         ids, mask = tokenize_chat_example(tokenizer, with_system_prompt(messages, system_prompt), tools)
         if len(ids) > max_seq_len:
+            with_prompt = " with the system prompt it is trained with" if system_prompt else ""
             raise TrainingDataError(f"{what} example {number} is longer than the context of {max_seq_len} tokens "
-                                    f"({len(ids)} tokens); shorten it or remove it")
+                                    f"({len(ids)} tokens{with_prompt}); shorten it or remove it")
         targets = [ids[j + 1] if mask[j + 1] else IGNORE for j in range(len(ids) - 1)] + [IGNORE]
         tok = Tokenized(number, ids, targets)
         if not tok.trainable and what == "training":

@@ -298,3 +298,12 @@ def test_the_evaluation_worker_scores_rows_with_the_evaluations_snapshot(api, wo
     assert evaluation_run(evaluation_id=evaluation_id, tenant_id=world.tenant.pk) == "succeeded"
     stored = EvaluationRow.objects.for_tenant(world.tenant).filter(evaluation_id=evaluation_id).first()
     assert stored.prompt == [{"role": "system", "content": PROMPT}, {"role": "user", "content": "Is request 7 approved?"}]
+
+
+def test_an_example_that_fits_only_without_the_prompt_is_refused_in_words(tiny_tokenizer):
+    from finetune.trainer import TrainingDataError
+
+    messages = CONVERSATIONS["no system message"]
+    [plain] = tokenize_examples(tiny_tokenizer, [{"messages": messages}], 1024)
+    with pytest.raises(TrainingDataError, match="with the system prompt it is trained with"):
+        tokenize_examples(tiny_tokenizer, [{"messages": messages}], len(plain.input_ids), system_prompt=SystemPrompt(PROMPT))
