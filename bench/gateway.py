@@ -27,6 +27,10 @@ interleaves direct / baseline / this tree request by request, the closed-loop ph
 
     .venv/bin/python bench/gateway.py --against /tmp/base                     # with Redis ($REDIS_URL or db 13)
     .venv/bin/python bench/gateway.py --against /tmp/base --redis-url none    # the embedded default
+    .venv/bin/python bench/gateway.py --against . --baseline-redis-url none   # this tree: what Redis admission costs
+
+Each closed-loop phase of a side-by-side run also reports the CPU per request of the backend, the load generator (this
+process, or wrk) and the Redis server (INFO CPU: the whole server, so other clients of it count too).
 """
 
 from __future__ import annotations
@@ -194,6 +198,29 @@ def closed_loop(use_wrk: bool, url: str, payload: dict, headers: dict, conns: in
         os.sched_setaffinity(0, set(H.cores()))
 
 
+class LoadGeneratorCPU:
+    """CPU seconds of the load generator: this process (the aiohttp client runs in it) and its waited-for children (wrk)."""
+
+    @staticmethod
+    def cpu() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+
+class RedisCPU:
+    """CPU seconds of the Redis server (INFO CPU: used_cpu_user + used_cpu_sys, every thread). The whole server's: other
+    clients of the same server count too (other databases included), so read it on a quiet machine."""
+
+    def __init__(self, url: str):
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=5)
+
+    def cpu(self) -> float:
+        info = self.client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def measured(procs: dict, fn) -> tuple[dict, dict]:
     """Run fn() and return (its result, CPU seconds used meanwhile by each process)."""
     before = {k: p.cpu() for k, p in procs.items()}
@@ -204,14 +231,17 @@ def measured(procs: dict, fn) -> tuple[dict, dict]:
 # ---- profiling -------------------------------------------------------------------------------------------
 
 
-def profile_gateway(pid: int, seconds: float, load, keep: Path | None = None) -> str:
+def profile_gateway(pid: int, seconds: float, load, keep: Path | None = None, gil: bool = False) -> str:
     """py-spy (collapsed stacks) over a load phase; top functions by own and inclusive samples. `keep`: where to
-    leave the raw stacks (py-spy's collapsed format, for a flame graph or a closer look)."""
+    leave the raw stacks (py-spy's collapsed format, for a flame graph or a closer look). `gil`: only the samples of
+    the thread holding the GIL (closer to CPU time: a thread waiting for the GIL or for a core another process holds
+    is not counted, which on a shared machine is most of the difference)."""
     pyspy = shutil.which("py-spy") or str(Path(H.PY).with_name("py-spy"))
     if not Path(pyspy).exists():
         return "py-spy not installed (.venv/bin/pip install py-spy)"
     out = keep or Path(tempfile.mkstemp(suffix=".txt")[1])
-    proc = subprocess.Popen([pyspy, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "250", "-f", "raw", "-o", str(out), "--nonblocking"],
+    argv = [pyspy, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "250", "-f", "raw", "-o", str(out), "--nonblocking"]
+    proc = subprocess.Popen(argv + (["--gil"] if gil else []),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     load()
     try:
@@ -235,7 +265,8 @@ def profile_gateway(pid: int, seconds: float, load, keep: Path | None = None) ->
         own[frames[-1]] += n
         for f in set(frames):
             incl[f] += n
-    lines = [f"py-spy: {total} samples over {seconds:.0f} s (250 Hz; idle time included)", "", "top own time:"]
+    held = "only the thread holding the GIL" if gil else "every thread py-spy finds not idle"
+    lines = [f"py-spy: {total} samples over {seconds:.0f} s (250 Hz; {held})", "", "top own time:"]
     lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in own.most_common(25)]
     lines += ["", "top inclusive:"]
     lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in incl.most_common(40)]
@@ -326,14 +357,16 @@ def counting_report(ab: list[dict], micro: list[list]) -> str:
 AGAINST_TITLE = "Inference gateway side by side: {admission}"
 
 
-def start_tree_gateway(plat, tree: Path, core) -> "H.Proc":
+def start_tree_gateway(plat, tree: Path, core, redis_url: str | None = None) -> "H.Proc":
     """A gateway process running another tree's code (its cwd and first on the path), on this platform's database,
-    Redis and var dir, with this checkout's virtual environment."""
+    Redis and var dir, with this checkout's virtual environment. `redis_url`: another Redis for it ('' = none: the
+    embedded default's in-process admission), e.g. this tree against itself without Redis."""
     port = H.free_port()
     argv = H.pin_args(core) + [H.UVICORN, "portal.asgi:application", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                                "--log-level", "warning"]
     log = plat.var / "gateway-baseline.log"
-    popen = subprocess.Popen(argv, cwd=tree, env={**plat.env, "PYTHONPATH": str(tree)}, stdout=open(log, "wb"),
+    env = {**plat.env, "PYTHONPATH": str(tree), **({"REDIS_URL": redis_url} if redis_url is not None else {})}
+    popen = subprocess.Popen(argv, cwd=tree, env=env, stdout=open(log, "wb"),
                              stderr=subprocess.STDOUT, start_new_session=True)
     proc = H.Proc("gateway-baseline", popen, f"http://127.0.0.1:{port}", log)
     plat.procs.append(proc)
@@ -341,9 +374,11 @@ def start_tree_gateway(plat, tree: Path, core) -> "H.Proc":
     return proc
 
 
-def side_by_side(args, gateways: dict, backend, tenant, use_wrk, load_core, tmp) -> dict:
+def side_by_side(args, gateways: dict, backend, tenant, use_wrk, load_core, tmp, redis_url: str = "") -> dict:
     """c=1 interleaved (direct, baseline, this tree), then `against_rounds` rounds of the closed-loop phases, the two
-    gateways alternated (order swapped each round)."""
+    gateways alternated (order swapped each round). Each phase also measures the CPU per request of the backend, the load
+    generator and (with `redis_url`) the Redis server: where the time goes when the gateway's core is not saturated."""
+    redis = RedisCPU(redis_url) if redis_url else None
     headers = {"authorization": f"Bearer {tenant['key']}"}
     targets = {"direct": (backend.url + "/v1/chat/completions", body(H.MODEL_ID, False), {})}
     for name, gw in gateways.items():
@@ -358,13 +393,17 @@ def side_by_side(args, gateways: dict, backend, tenant, use_wrk, load_core, tmp)
                 payload = {**body(H.MODEL, False), **({"stream": True} if kind == "stream" else {})}
                 url = gw.url + "/v1/chat/completions"
                 closed_loop(use_wrk, url, payload, headers, conns, args.warmup_s, load_core, tmp)
-                r, cpu = measured({"gw": gw}, lambda: closed_loop(use_wrk, url, payload, headers, conns, args.duration_s, load_core, tmp))
-                r["cpu_ms"] = 1000 * cpu["gw"] / max(1, r["requests"])
+                meters = {"gw": gw, "backend": backend, "loadgen": LoadGeneratorCPU, **({"redis": redis} if redis else {})}
+                r, cpu = measured(meters, lambda: closed_loop(use_wrk, url, payload, headers, conns, args.duration_s, load_core, tmp))
+                n = max(1, r["requests"])
+                r["cpu_ms"] = 1000 * cpu["gw"] / n
+                r.update({f"{k}_cpu_ms": 1000 * v / n for k, v in cpu.items() if k != "gw"})
                 r.update(round=i + 1, conns=conns, kind=kind, tree=name)
                 r.pop("raw", None)
                 out["loops"].append(r)
+                others = "".join(f" {k} {r[f'{k}_cpu_ms']:.3f}" for k in ("redis", "loadgen", "backend") if f"{k}_cpu_ms" in r)
                 print(f"  round {i + 1} c={conns:<3} {kind:<6} {name:<8} {r['rps']:7.0f} req/s errors {r['errors']} p50 {r['p50']:.2f} "
-                      f"p99 {r['p99']:.2f} ms gateway CPU {r['cpu_ms']:.3f} ms/req", flush=True)
+                      f"p99 {r['p99']:.2f} ms gateway CPU {r['cpu_ms']:.3f} ms/req (others, ms/req:{others})", flush=True)
     return out
 
 
@@ -403,6 +442,11 @@ def side_by_side_report(res: dict, meta: dict, args) -> str:
                      f"{med['this tree']['p50']:.1f} / {med['this tree']['p99']:.1f}",
                      f"{med['this tree']['p50'] / med['baseline']['p50']:.2f} / {med['this tree']['p99'] / med['baseline']['p99']:.2f}"])
         rows.append([f"{label}: errors", str(errs["baseline"]), str(errs["this tree"]), ""])
+        for key, what in (("redis_cpu_ms", "Redis CPU ms/req (the whole server)"), ("loadgen_cpu_ms", "load generator CPU ms/req"),
+                          ("backend_cpu_ms", "backend CPU ms/req")):
+            if all(key in r for rs in by.values() for r in rs):
+                b, n = (statistics.median(r[key] for r in by[t]) for t in ("baseline", "this tree"))
+                rows.append([f"{label}: {what}", f"{b:.3f}", f"{n:.3f}", f"{n / b:.2f}" if b else ""])
     parts += ["Closed loop (medians over the rounds; ratio = this tree ÷ baseline):", "",
               H.md_table(["measure", "baseline", "this tree", "ratio"], rows)]
     return "\n".join(parts)
@@ -522,12 +566,15 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="py-spy the gateway during an extra closed-loop phase")
     ap.add_argument("--profile-at", type=int, default=32, help="the profiled phase's concurrency (default 32)")
     ap.add_argument("--profile-out", type=Path, help="keep the profile's raw stacks (py-spy's collapsed format) in this file")
+    ap.add_argument("--profile-gil", action="store_true", help="profile only the thread holding the GIL (py-spy --gil)")
     ap.add_argument("--ab-rounds", type=int, default=4, help="rounds of the exact-vs-bound counting A/B at c=32 (0: none)")
     ap.add_argument("--only-counting", action="store_true", help="only the counting A/B and the counting timings")
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     ap.add_argument("--keep", action="store_true", help="keep the var dir (logs, database)")
     ap.add_argument("--against", type=Path, metavar="TREE", help="side by side against a gateway from another tree (module docstring)")
     ap.add_argument("--against-rounds", type=int, default=3, help="closed-loop rounds of the side-by-side run")
+    ap.add_argument("--baseline-redis-url", metavar="URL", help="the baseline gateway's Redis ('none': in-process admission; "
+                    "default: this tree's), e.g. `--against . --baseline-redis-url none`: what Redis admission costs this tree")
     args = ap.parse_args()
 
     redis_url = H.redis_url_from(args.redis_url)
@@ -566,12 +613,15 @@ def main() -> int:
         gateway = plat.start_gateway(core=gw_core)
         plat.wait_key_ready(gateway.url, tenant["key"])
         if args.against is not None:
-            baseline = start_tree_gateway(plat, args.against.resolve(), gw_core)
+            baseline_redis = None if args.baseline_redis_url is None else H.redis_url_from(args.baseline_redis_url)
+            baseline = start_tree_gateway(plat, args.against.resolve(), gw_core, baseline_redis)
             plat.wait_key_ready(baseline.url, tenant["key"])
             meta["against"] = f"{args.against} ({_tree_commit(args.against)})"
+            if baseline_redis is not None:
+                meta["against"] += f", its admission {'Redis (' + baseline_redis + ')' if baseline_redis else 'in-process (no Redis)'}"
             print(f"side by side: baseline {baseline.url} (pid {baseline.pid}, {meta['against']}), this tree {gateway.url} "
                   f"(pid {gateway.pid}); {meta['admission']}; {meta['loadgen']}", flush=True)
-            res = side_by_side(args, {"baseline": baseline, "this tree": gateway}, backend, tenant, use_wrk, load_core, tmp)
+            res = side_by_side(args, {"baseline": baseline, "this tree": gateway}, backend, tenant, use_wrk, load_core, tmp, redis_url)
             for gw in (baseline, gateway):
                 if not gw.alive():
                     print(f"{gw.name} died:\n" + gw.tail())
@@ -602,7 +652,7 @@ def main() -> int:
             loaded = {}
             meta["profile"] = profile_gateway(gateway.pid, args.duration_s, lambda: loaded.update(closed_loop(
                 use_wrk, gateway.url + "/v1/chat/completions", payload, headers, args.profile_at, args.duration_s, load_core, tmp)),
-                keep=args.profile_out)
+                keep=args.profile_out, gil=args.profile_gil)
             meta["profile"] += (f"\n\nprofiled phase: {loaded.get('rps', 0):.0f} req/s, errors {loaded.get('errors')}, gateway CPU "
                                 f"{1000 * (gateway.cpu() - before) / max(1, loaded.get('requests', 0)):.3f} ms/req (py-spy's sampling included)")
             print(meta["profile"])
