@@ -71,7 +71,7 @@ def estimated_tokens(text: str) -> int:
 class Skew:
     """The tenant serves another system prompt than the one an adapter was trained with."""
 
-    trained: str  # "version 3", "no system prompt"
+    trained: str  # "system prompt version 3 (keep)", "no system prompt"
     served: str
     message: str
 

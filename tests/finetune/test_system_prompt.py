@@ -13,7 +13,7 @@ from common.chat import inject_system_prompt
 from finetune import evaluation_metrics as em
 from finetune.dpo import tokenize_pairs
 from finetune.models import Evaluation, FineTuneJob
-from finetune.templating import SystemPrompt, tokenize_chat_example, to_messages
+from finetune.templating import SystemPrompt, to_messages
 from finetune.trainer import tokenize_examples
 from serving.models import Adapter, ModelConfig
 from tenants import services as tenant_services
