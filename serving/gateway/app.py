@@ -16,6 +16,7 @@ gateway process on the host (or this one's successor) turns what it finds there 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import time
@@ -45,6 +46,19 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 ADAPTER_RETRY_AFTER_S = 3  # a forgotten adapter is reloaded within a health round and a LoRA load (about a second)
+
+
+GC_YOUNG_THRESHOLD = 10_000  # allocations between collections of the youngest generation (Python's default: 700)
+
+
+def tune_gc() -> None:
+    """When the gateway has started: the collector's youngest generation is collected every GC_YOUNG_THRESHOLD
+    allocations instead of 700. A young collection scans what the requests in flight hold, whatever the threshold, so a
+    rarer one costs little more. Measured in a gateway at c=32 with Redis (bench/gateway.py, about 12 s of CPU): 481
+    collections took 0.67 s (5.5 % of the CPU), 4 of them full (0.32 s, up to 89 ms each: p99 outliers); then 9 took
+    0.05 s (0.4 %), none full. Nothing is frozen (`gc.freeze` would keep alive garbage that only a collection closes,
+    such as a stopped thread's database connection)."""
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def is_gateway_path(scope) -> bool:
@@ -93,6 +107,7 @@ class GatewayApp:
             if tasks:
                 await asyncio.wait(tasks, timeout=10)
             self._journal_scan = asyncio.get_running_loop().create_task(self._journal_scan_loop(), name="journal-scan")
+        tune_gc()
 
     async def shutdown(self) -> None:
         if self._loop is None:
