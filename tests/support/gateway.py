@@ -7,6 +7,7 @@ per test process and cached at module level, because several test modules share 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import socket
@@ -103,12 +104,46 @@ def closed_port_url() -> str:
 # ---- the gateway -----------------------------------------------------------------------------------
 
 
+class _PromptlyStoppedServer(uvicorn.Server):
+    """uvicorn's server, stopped without its idle waits: uvicorn notices `should_exit` on a 0.1 s tick and then
+    sleeps 0.1 s for its connections to close even when there are none, about 0.2 s of every gateway test's
+    teardown (185 gateway tests in the fast lane). Here `stop_soon` wakes the loop at once, and with no connection
+    open the shutdown goes straight to waiting for tasks and the app's lifespan shutdown, as uvicorn's does."""
+
+    _stop_requested: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:
+        self._loop, self._stop_requested = asyncio.get_running_loop(), asyncio.Event()
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864000
+            try:
+                await asyncio.wait_for(self._stop_requested.wait(), 0.1)
+            except asyncio.TimeoutError:
+                pass
+
+    def stop_soon(self) -> None:
+        """From any thread. `should_exit` first: a loop not yet waiting sees it on its next tick."""
+        self.should_exit = True
+        if self._stop_requested is not None:
+            with contextlib.suppress(RuntimeError):  # its loop already closed: the server has stopped
+                self._loop.call_soon_threadsafe(self._stop_requested.set)
+
+    async def shutdown(self, sockets=None) -> None:
+        if self.server_state.connections or sockets:
+            return await super().shutdown(sockets)
+        for server in self.servers:
+            server.close()
+        await self._wait_tasks_to_complete()
+        await self.lifespan.shutdown()
+
+
 class GatewayServer:
     """The gateway app under a real uvicorn server in a thread (real sockets: streaming, disconnects)."""
 
     def __init__(self, app: GatewayApp):
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", loop="asyncio"))
+        self.server = _PromptlyStoppedServer(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", loop="asyncio"))
         self.thread = threading.Thread(target=self.server.run, name="gateway-uvicorn", daemon=True)
 
     def start(self) -> "GatewayServer":
@@ -123,7 +158,7 @@ class GatewayServer:
         return self
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        self.server.stop_soon()
         self.thread.join(timeout=15)
 
 
