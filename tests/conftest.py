@@ -32,6 +32,7 @@ def pytest_configure(config):
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(threads)
     _flush_postgresql_by_delete()
+    _drop_postgresql_test_database_by_force()
     url = os.environ.get("REDIS_URL")
     if worker and url:
         from django.conf import settings
@@ -66,6 +67,24 @@ def _flush_postgresql_by_delete():
         return [f"{style.SQL_KEYWORD('DELETE FROM')} {style.SQL_FIELD(self.quote_name(table))};" for table in tables]
 
     DatabaseOperations.sql_flush = sql_flush
+
+
+def _drop_postgresql_test_database_by_force():
+    """PostgreSQL: the test database is dropped WITH (FORCE) at the end of the session. A connection left open by a
+    thread of a stopped gateway or backend made the plain DROP DATABASE wait PostgreSQL's 5 s for it to go, then fail
+    ("is being accessed by other users"), leaving the database behind: 5 s at the end of every worker. The session
+    is over when it is dropped, so whatever is still connected is a leftover."""
+    from django.conf import settings
+
+    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+        return
+    from django.db.backends.postgresql.creation import DatabaseCreation
+
+    def _destroy_test_db(self, test_database_name, verbosity):
+        with self._nodb_cursor() as cursor:
+            cursor.execute(f"DROP DATABASE {self.connection.ops.quote_name(test_database_name)} WITH (FORCE)")
+
+    DatabaseCreation._destroy_test_db = _destroy_test_db
 
 
 def pytest_collection_modifyitems(config, items):

@@ -39,6 +39,7 @@ def test_invoice_keeps_the_name_it_was_billed_to(client, world, renamed):
     assert "Robotics" not in client.get(f"{base}{jan.pk}/print/").content.decode()
 
 
+@pytest.mark.slow  # runs the real migrations, which the fast lane (--nomigrations) does not apply
 @pytest.mark.django_db(transaction=True)
 def test_migration_fills_the_name_of_invoices_issued_before_it():
     from django.db import connection
