@@ -25,7 +25,7 @@ if [ $# -eq 0 ]; then
   # gateways under fault injection, Celery workers, browsers and training share no core well.
   # PLATFORM_TEST_WORKERS=1 runs the fast lane in one process.
   # --nomigrations: the fast lane's test databases get their tables straight from the models (0.2 s) instead of
-  # replaying every migration in each worker (about 5 s of CPU each); the slow lane applies the real migrations, and
+  # replaying every migration in each worker (about 4 s each on PostgreSQL); the slow lane applies the real migrations, and
   # tests/test_settings.py checks that they match the models.
   workers=${PLATFORM_TEST_WORKERS:-auto}
   .venv/bin/python -m pytest -m "not slow" -n "$workers" --nomigrations
