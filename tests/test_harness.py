@@ -83,3 +83,20 @@ def test_a_postgresql_test_database_is_dropped_although_a_connection_is_left_on_
             assert cursor.fetchone()[0] == 0
     finally:
         leftover.close()
+
+
+def test_a_transactional_tests_flush_keeps_content_types_and_permissions_and_empties_the_rest(transactional_db):
+    from django.contrib.auth.models import Permission, User
+    from django.contrib.contenttypes.models import ContentType
+    from django.core.management import call_command
+
+    content_types = set(ContentType.objects.values_list("pk", "app_label", "model"))
+    permissions = set(Permission.objects.values_list("pk", "codename"))
+    User.objects.create(username="left-behind")
+    Permission.objects.filter(codename="view_user").delete()  # one a test deleted
+
+    call_command("flush", verbosity=0, interactive=False)  # as a transactional test's teardown runs it
+
+    assert not User.objects.exists()
+    assert set(ContentType.objects.values_list("pk", "app_label", "model")) == content_types
+    assert {codename for _, codename in permissions} == set(Permission.objects.values_list("codename", flat=True))
