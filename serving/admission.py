@@ -139,11 +139,12 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes}m{secs}s"
 
 
-def _headers(limits: TenantLimits, *, r_tokens: float, t_tokens: float, tpm: int, quota_used: int, throttled: bool,
-             quota: bool = True) -> dict[str, str]:
+def ratelimit_headers(rpm: int, r_tokens: float, tpm: int, t_tokens: float) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* of a requests/min and a tokens/min bucket (each trio only when its limit is set, > 0):
+    the limit, what the bucket holds now, and how long until it is full again. The tenant's admission and a key's
+    own refusal (serving.budgets) both answer with these."""
     h: dict[str, str] = {}
-    if limits.requests_per_minute:
-        rpm = limits.requests_per_minute
+    if rpm:
         h["x-ratelimit-limit-requests"] = str(rpm)
         h["x-ratelimit-remaining-requests"] = str(max(0, int(r_tokens)))
         h["x-ratelimit-reset-requests"] = duration((rpm - r_tokens) * 60 / rpm)
@@ -151,6 +152,12 @@ def _headers(limits: TenantLimits, *, r_tokens: float, t_tokens: float, tpm: int
         h["x-ratelimit-limit-tokens"] = str(tpm)
         h["x-ratelimit-remaining-tokens"] = str(max(0, int(t_tokens)))
         h["x-ratelimit-reset-tokens"] = duration(max(0.0, (tpm - t_tokens) * 60 / tpm))
+    return h
+
+
+def _headers(limits: TenantLimits, *, r_tokens: float, t_tokens: float, tpm: int, quota_used: int, throttled: bool,
+             quota: bool = True) -> dict[str, str]:
+    h = ratelimit_headers(limits.requests_per_minute, r_tokens, tpm, t_tokens)
     if quota and limits.quota_tokens:
         q = limits.quota_tokens
         h["x-quota-limit-tokens"] = str(q)

@@ -43,7 +43,7 @@ from django.db import DatabaseError
 from django.utils.module_loading import import_string
 
 from common import redis_clients
-from serving.admission import window_bounds, window_id
+from serving.admission import ratelimit_headers, window_bounds, window_id
 from serving.leases import keeper_for, raise_if_cancelled, redis_errors
 
 log = logging.getLogger(__name__)
@@ -122,9 +122,15 @@ class BudgetDecision:
     message: str = ""
     retry_after: int = 0
     headers: dict | None = None
+    # What the key's requests/min and tokens/min buckets hold after this decision (0 for a limit not set); None when
+    # not looked at (a refusal by a monthly budget, a fault).
+    key_levels: tuple[float, float] | None = None
 
 
-def _refusal(code: int, limits: BudgetLimits, retry_ms: int, tokens: int) -> BudgetDecision:
+def _refusal(code: int, limits: BudgetLimits, retry_ms: int, tokens: int,
+             levels: tuple[float, float] | None = None) -> BudgetDecision:
+    """The refusal for a code. A refusal by the key's requests/min or tokens/min (RPM, TPM, TPM_TOO_LARGE) carries
+    OpenAI's x-ratelimit-* of the key's limits, from `levels` (its buckets' requests and tokens left, nothing taken)."""
     retry = max(1, math.ceil(retry_ms / 1000)) if retry_ms else 1
     _, end = window_bounds("month")
     to_month_end = max(1, math.ceil((end - datetime.now(timezone.utc)).total_seconds()))
@@ -152,7 +158,11 @@ def _refusal(code: int, limits: BudgetLimits, retry_ms: int, tokens: int) -> Bud
                     "Your organisation has reached its monthly budget (a request reserves the cost of prompt + max_tokens). "
                     "It resets at the start of next month; an admin can raise the budget, within the ceiling the platform "
                     "set."), to_month_end
-    return BudgetDecision(False, None, 429, e[0], e[1], e[2], retry, {"retry-after": str(retry)})
+    headers = {}
+    if levels is not None and code in (RPM, TPM, TPM_TOO_LARGE):
+        headers = ratelimit_headers(limits.key_requests_per_minute, levels[0], limits.key_tokens_per_minute, levels[1])
+    headers["retry-after"] = str(retry)
+    return BudgetDecision(False, None, 429, e[0], e[1], e[2], retry, headers, levels)
 
 
 def _unavailable(message: str, code: str) -> BudgetDecision:
@@ -296,11 +306,11 @@ class LocalBudgets:
         r = self._bucket((k, "rpm"), rpm, now) if rpm else 0.0
         t = self._bucket((k, "tpm"), tpm, now) if tpm else 0.0
         if rpm and r < 1:
-            return _refusal(RPM, limits, math.ceil((1 - r) * 60000 / rpm), n)
+            return _refusal(RPM, limits, math.ceil((1 - r) * 60000 / rpm), n, (r, t))
         if tpm and n > tpm:
-            return _refusal(TPM_TOO_LARGE, limits, 60000, n)
+            return _refusal(TPM_TOO_LARGE, limits, 60000, n, (r, t))
         if tpm and t < n:
-            return _refusal(TPM, limits, math.ceil((n - t) * 60000 / tpm), n)
+            return _refusal(TPM, limits, math.ceil((n - t) * 60000 / tpm), n, (r, t))
         month_state = self._months.get(mkey) if limits.counted else None
         if month_state is not None:
             self._expire(month_state, now)
@@ -317,11 +327,13 @@ class LocalBudgets:
                 c[f"k{k}:nr"] = c.get(f"k{k}:nr", 0) + n
             month_state["r"][rid] = (k, n, cost, now)
         if rpm:
-            self._buckets[(k, "rpm")] = (r - 1, now)
+            r -= 1
+            self._buckets[(k, "rpm")] = (r, now)
         if tpm:
-            self._buckets[(k, "tpm")] = (t - n, now)
+            t -= n
+            self._buckets[(k, "tpm")] = (t, now)
         return BudgetDecision(True, BudgetReservation(limits.tenant_id, k, rid, month, limits.generation, n, cost,
-                                                      month_state is not None, tpm, now, self.backend_name))
+                                                      month_state is not None, tpm, now, self.backend_name), key_levels=(r, t))
 
     @staticmethod
     def _expire(month_state: dict, now: int) -> None:
@@ -433,9 +445,10 @@ local function bucket(k, cap)
   return math.min(cap, level + math.max(0, now - ts) * cap / 60000)
 end
 local r, tk = bucket(rpmk, krpm), bucket(tpmk, ktpm)
-if krpm > 0 and r < 1 then return {2, math.ceil((1 - r) * 60000 / krpm)} end
-if ktpm > 0 and n > ktpm then return {4, 60000} end
-if ktpm > 0 and tk < n then return {3, math.ceil((n - tk) * 60000 / ktpm)} end
+-- The key's buckets' levels go back as strings (a Lua number in a reply is cut to an integer).
+if krpm > 0 and r < 1 then return {2, math.ceil((1 - r) * 60000 / krpm), tostring(r), tostring(tk)} end
+if ktpm > 0 and n > ktpm then return {4, 60000, tostring(r), tostring(tk)} end
+if ktpm > 0 and tk < n then return {3, math.ceil((n - tk) * 60000 / ktpm), tostring(r), tostring(tk)} end
 if counted then
   if not redis.call('HGET', hash, 'seeded') then return {9, 0} end
   for _, old in ipairs(redis.call('ZRANGEBYSCORE', exp, 0, now - res_ttl)) do
@@ -459,9 +472,9 @@ if counted then
   redis.call('EXPIRE', hash, ttl)
   redis.call('EXPIRE', exp, ttl)
 end
-if krpm > 0 then redis.call('HSET', rpmk, 'v', r - 1, 'ts', now); redis.call('PEXPIRE', rpmk, 120000) end
-if ktpm > 0 then redis.call('HSET', tpmk, 'v', tk - n, 'ts', now); redis.call('PEXPIRE', tpmk, 120000) end
-return {0, now}
+if krpm > 0 then r = r - 1; redis.call('HSET', rpmk, 'v', r, 'ts', now); redis.call('PEXPIRE', rpmk, 120000) end
+if ktpm > 0 then tk = tk - n; redis.call('HSET', tpmk, 'v', tk, 'ts', now); redis.call('PEXPIRE', tpmk, 120000) end
+return {0, now, tostring(r), tostring(tk)}
 """
 
 # The seed's second half: the ledger's read with the listed pending requests it does not hold (ARGV 3, 5 and after),
@@ -662,11 +675,12 @@ class RedisBudgets:
                 return _unavailable("The rate-limit service is unavailable, so requests under a budget are refused. Retry "
                                     "in a few seconds.", "limits_unavailable")
             return await self.fallback.admit(limits, request_id=request_id, tokens=tokens, microcents=microcents)
+        levels = (float(res[2]), float(res[3])) if len(res) > 3 else None  # the key's buckets (rate refusals, admitted)
         if res[0] != OK:
-            return _refusal(int(res[0]), limits, int(res[1]), tokens)
+            return _refusal(int(res[0]), limits, int(res[1]), tokens, levels)
         return BudgetDecision(True, BudgetReservation(limits.tenant_id, limits.key_id, request_id, month, limits.generation,
                                                       tokens, microcents, limits.counted, limits.key_tokens_per_minute,
-                                                      int(res[1]), self.backend_name))
+                                                      int(res[1]), self.backend_name), key_levels=levels)
 
     async def settle(self, reservation: BudgetReservation | None, *, tokens: int, microcents: int, released: bool = False) -> None:
         if reservation is None:

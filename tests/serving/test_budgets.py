@@ -100,6 +100,47 @@ def test_a_keys_tokens_per_minute_reserves_and_refunds(world, service):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_keys_rate_refusals_carry_its_rate_limit_headers(world, service):
+    """A refusal by the key's requests/min or tokens/min carries OpenAI's x-ratelimit-* of the key's limits (the
+    requests trio when it has a requests/min, the tokens trio when it has a tokens/min), plus Retry-After."""
+    b = service()
+    both = _limits(world.tenant.pk, key_id=7, key_requests_per_minute=2, key_tokens_per_minute=1000)
+    tokens_only = _limits(world.tenant.pk, key_id=8, key_tokens_per_minute=1000)
+    requests_only = _limits(world.tenant.pk, key_id=9, key_requests_per_minute=1)
+
+    async def go():
+        assert (await b.admit(both, request_id="a", tokens=600, microcents=0)).allowed  # 1 request, 400 tokens left
+        tpm = await b.admit(both, request_id="b", tokens=600, microcents=0)
+        too_large = await b.admit(both, request_id="c", tokens=1001, microcents=0)
+        assert (await b.admit(both, request_id="d", tokens=10, microcents=0)).allowed  # 0 requests, 390 tokens left
+        rpm = await b.admit(both, request_id="e", tokens=10, microcents=0)
+        alone = await b.admit(tokens_only, request_id="f", tokens=1001, microcents=0)
+        assert (await b.admit(requests_only, request_id="g", tokens=10, microcents=0)).allowed
+        rpm_alone = await b.admit(requests_only, request_id="h", tokens=10, microcents=0)
+        return tpm, too_large, rpm, alone, rpm_alone
+
+    tpm, too_large, rpm, alone, rpm_alone = run(go())
+    assert tpm.code == "tokens_per_minute_exceeded" and tpm.headers == {
+        "x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": "1", "x-ratelimit-reset-requests": "30s",
+        "x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "400", "x-ratelimit-reset-tokens": "36s",
+        "retry-after": "12"}
+    assert too_large.code == "request_exceeds_tokens_per_minute" and too_large.headers == {
+        "x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": "1", "x-ratelimit-reset-requests": "30s",
+        "x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "400", "x-ratelimit-reset-tokens": "36s",
+        "retry-after": "60"}
+    assert rpm.code == "requests_per_minute_exceeded" and rpm.headers == {
+        "x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m0s",
+        "x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "390", "x-ratelimit-reset-tokens": "37s",
+        "retry-after": "30"}
+    assert alone.code == "request_exceeds_tokens_per_minute" and alone.headers == {
+        "x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "1000", "x-ratelimit-reset-tokens": "0ms",
+        "retry-after": "60"}
+    assert rpm_alone.code == "requests_per_minute_exceeded" and rpm_alone.headers == {
+        "x-ratelimit-limit-requests": "1", "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m0s",
+        "retry-after": "60"}
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_reservation_given_back_whole_when_the_tenant_refuses(world, service):
     b = service()
     limits = _limits(world.tenant.pk, key_id=7, tenant_hard_microcents=1000, key_requests_per_minute=1, budgeted_keys=())

@@ -42,9 +42,27 @@ def test_a_keys_requests_per_minute_is_its_own(world, gateway_factory, sim_url):
     services.api_key_controls_update(key=limited, actor=OWNER, tenant_models=set(), requests_per_minute=2)
     _, other = make_key(world.tenant)
     gw = gateway_factory()
-    assert [chat(gw, secret).status_code for _ in range(3)] == [200, 200, 429]
-    assert chat(gw, secret).json()["error"]["code"] == "requests_per_minute_exceeded"
+    assert [chat(gw, secret).status_code for _ in range(2)] == [200, 200]
+    refused = chat(gw, secret)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "requests_per_minute_exceeded"
+    # The key's limit that refused it, in OpenAI's headers (the key has no tokens/min: no tokens trio).
+    headers = {k: v for k, v in refused.headers.items() if k.startswith("x-ratelimit-")}
+    assert headers.pop("x-ratelimit-reset-requests") in ("1m0s", *(f"{s}s" for s in range(50, 60)))
+    assert headers == {"x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": "0"}
+    assert 1 <= int(refused.headers["retry-after"]) <= 30
     assert chat(gw, other).status_code == 200  # the tenant's other key is not limited
+
+
+def test_a_keys_tokens_per_minute_refusal_carries_its_rate_limit_headers(world, gateway_factory, sim_url):
+    make_pool("shared", make_base_model(), [sim_url])
+    limited, secret = make_key(world.tenant)
+    services.api_key_controls_update(key=limited, actor=OWNER, tenant_models=set(), tokens_per_minute=50)
+    gw = gateway_factory()
+    refused = chat(gw, secret, max_tokens=100)  # reserves prompt + 100 tokens: more than the key's 50 per minute
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "request_exceeds_tokens_per_minute"
+    headers = {k: v for k, v in refused.headers.items() if k.startswith("x-ratelimit-")}
+    assert headers == {"x-ratelimit-limit-tokens": "50", "x-ratelimit-remaining-tokens": "50", "x-ratelimit-reset-tokens": "0ms"}
+    assert refused.headers["retry-after"] == "60"
 
 
 def test_a_keys_monthly_budget_and_the_tenants_hard_budget_refuse_with_insufficient_quota(world, gateway_factory, sim_url):
