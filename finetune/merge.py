@@ -122,13 +122,15 @@ class MergeRefused(Exception):
 
 def dedicated_pool_for(tenant, base_model):
     """The tenant's dedicated pool for `base_model` that a merged model of it is served on (pools with enabled
-    backends first, then by name, as routing chooses), or a MergeRefused saying why there is none."""
+    backends first, then by name: serving.routing.pool_choice, the rule routing applies), or a MergeRefused saying why
+    there is none."""
     from django.db.models import Count, Q
 
     from serving.models import BackendPool
+    from serving.routing import pool_choice
 
     dedicated = list(BackendPool.objects.dedicated_to(tenant).select_related("base_model")
-                     .annotate(n_enabled=Count("backends", filter=Q(backends__enabled=True))).order_by("name"))
+                     .annotate(enabled_backends=Count("backends", filter=Q(backends__enabled=True))).order_by("name"))
     if not dedicated:
         raise MergeRefused(409, "no_dedicated_pool",
                            "Merged models are served on a pool dedicated to your account (isolated tenancy), and this "
@@ -140,7 +142,7 @@ def dedicated_pool_for(tenant, base_model):
         raise MergeRefused(409, "base_model_not_served",
                            f"Your dedicated pools serve other base models ({served}), not {base_model.name}: a merged "
                            f"model runs on a pool of the base model it was merged into.")
-    return min(fitting, key=lambda p: (p.n_enabled == 0, p.name))
+    return pool_choice(fitting, tenant_id=tenant.pk)
 
 
 def merged_model_request(*, tenant, adapter, actor):
