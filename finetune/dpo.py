@@ -9,7 +9,11 @@ reference. With `reference_free` the reference log-probabilities are 0 (the loss
 margin, as reference-free DPO / SimPO without its length normalisation do); the platform's jobs use the reference.
 
 Loss per pair: −log σ(β·[(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))]), log-probabilities
-summed over the output's tokens; rewards are β·(log π − log π_ref) of each output. Packing, checkpoints (atomic, with
+summed over the output's tokens; rewards are β·(log π − log π_ref) of each output. With `sft_weight` α > 0 the pair's
+loss also holds α times the preferred output's negative log-likelihood per token (DPO + NLL, as RPO, Pang et al. 2024,
+and TRL's `rpo_alpha`): DPO alone only widens the gap between the two outputs, and where they differ in one place — a
+sign-off after the same answer — it pushes the non-preferred output's end of turn down, which the model then also
+skips after the sign-off (it repeats it); the NLL term keeps the preferred output whole, its end of turn included. Packing, checkpoints (atomic, with
 the optimizer, scheduler and RNG states), resume, cancel, warmup and decay are the trainer's. No Django here.
 """
 
@@ -53,12 +57,15 @@ class DPOHyperparameters(Hyperparameters):
 
     beta: float = DEFAULT_BETA
     reference_free: bool = False
+    sft_weight: float = 0.0  # α: the preferred output's NLL per token added to each pair's loss (0: DPO alone)
 
     @classmethod
     def coerce(cls, value):
         hp = super().coerce(value)
         if not hp.beta > 0:
             raise ValueError("beta must be > 0")
+        if not hp.sft_weight >= 0:
+            raise ValueError("sft_weight must be >= 0")
         return hp
 
 
@@ -152,6 +159,11 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     chosen = beta * (policy_chosen - reference_chosen)
     rejected = beta * (policy_rejected - reference_rejected)
     return -F.logsigmoid(chosen - rejected), chosen, rejected
+
+
+def preferred_nll(policy_chosen: torch.Tensor, chosen_tokens: Sequence[int]) -> torch.Tensor:
+    """The preferred output's negative log-likelihood per token, per pair (what `sft_weight` weighs)."""
+    return -policy_chosen / torch.tensor(chosen_tokens, dtype=policy_chosen.dtype, device=policy_chosen.device)
 
 
 def _pair_logps(model, pairs: Sequence[Pair], hp: Hyperparameters, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +288,7 @@ def train_dpo(
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(hp.seed * 1000 + epoch)).tolist()
         for s in range(0, len(order), per_step):
             step_pairs = order[s:s + per_step]
-            sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0}
+            sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0, "nll": 0.0}
             for m in range(0, len(step_pairs), hp.batch_size):
                 if should_cancel():
                     on_event({"type": "message", "level": "info", "message": f"cancelled at step {state['step']}"})
@@ -286,7 +298,12 @@ def train_dpo(
                 with autocast():
                     chosen, rejected = _pair_logps(model, [train[i] for i in idx], hp, pad_id, dev)
                 loss, cr, rr = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], hp.beta)
-                (loss.sum() / len(step_pairs)).backward()
+                objective = loss
+                if hp.sft_weight:
+                    nll = preferred_nll(chosen, [train[i].chosen.trainable for i in idx])
+                    objective = loss + hp.sft_weight * nll
+                    sums["nll"] += nll.sum().item()
+                (objective.sum() / len(step_pairs)).backward()
                 sums["loss"] += loss.sum().item()
                 sums["chosen"] += cr.sum().item()
                 sums["rejected"] += rr.sum().item()
@@ -308,6 +325,7 @@ def train_dpo(
                        "train_reward_margin": (sums["chosen"] - sums["rejected"]) / n,
                        "train_reward_accuracy": sums["correct"] / n,
                        "train_chosen_reward": sums["chosen"] / n, "train_rejected_reward": sums["rejected"] / n,
+                       **({"train_preferred_nll": sums["nll"] / n} if hp.sft_weight else {}),
                        "learning_rate": scheduler.get_last_lr()[0], "tokens_per_second": tokens_seen / elapsed,
                        "eta_seconds": elapsed / steps_done * (total_steps - state["step"]), "load_seconds": load_seconds}
             epoch_end = state["step"] % steps_per_epoch == 0

@@ -376,14 +376,20 @@ def _number(value: Any, name: str, kind: type, low: float, high: float):
 # = 2.72 kept whole answers in 11 of 12 and put the exact sign-off in 12 of 12 (docs/finetuning.md, "Tried on the demo
 # model").
 DPO_AUTO_LR_DIVISOR = 3
+# A DPO job's "auto" sft_weight (platform extension: the preferred output's NLL per token, weighted, added to the DPO
+# loss; 0 = DPO alone, as OpenAI's DPO). On the demo model (40 sign-off pairs, the same job otherwise) DPO alone signed
+# 12 of 12 held-out answers but only 6 once and then ended the turn (3 repeated the sign-off to max_tokens); with 1,
+# 12 of 12 signed once and ended (docs/finetuning.md, "Tried as a new user would").
+DPO_AUTO_SFT_WEIGHT = 1.0
 
 
 def resolve_hyperparameters(requested: dict | None, n_examples: int, method: str = "supervised") -> dict:
     """{"n_epochs", "batch_size", "learning_rate_multiplier"} with every "auto" (or missing) decided: epochs by OpenAI's
     rule, the batch from the file's size, the multiplier from the number of optimizer steps these make (for the "dpo"
-    method a third of it, DPO_AUTO_LR_DIVISOR); for "dpo" also "beta" (auto: 0.1, as OpenAI)."""
+    method a third of it, DPO_AUTO_LR_DIVISOR); for "dpo" also "beta" (auto: 0.1, as OpenAI) and the platform's
+    "sft_weight" (auto: DPO_AUTO_SFT_WEIGHT; 0 to 10)."""
     requested = requested or {}
-    unknown = set(requested) - {"n_epochs", "batch_size", "learning_rate_multiplier"} - ({"beta"} if method == "dpo" else set())
+    unknown = set(requested) - {"n_epochs", "batch_size", "learning_rate_multiplier"} - ({"beta", "sft_weight"} if method == "dpo" else set())
     if unknown:
         raise FinetuneError(f"unknown hyperparameters: {', '.join(sorted(unknown))}", param="hyperparameters",
                             code="invalid_hyperparameter")
@@ -398,7 +404,9 @@ def resolve_hyperparameters(requested: dict | None, n_examples: int, method: str
             lr = round(lr / DPO_AUTO_LR_DIVISOR, 2)
     if method == "dpo":
         beta = _number(requested.get("beta"), "beta", float, 1e-3, 10) or 0.1
-        return {"beta": beta, "n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": lr}
+        sft_weight = _number(requested.get("sft_weight"), "sft_weight", float, 0, 10)
+        return {"beta": beta, "sft_weight": DPO_AUTO_SFT_WEIGHT if sft_weight is None else sft_weight,
+                "n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": lr}
     return {"n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": lr}
 
 
@@ -686,6 +694,8 @@ class JobRunner:
             if event.get("train_reward_accuracy") is not None:  # DPO: how often, and by how much, the preferred wins
                 parts.append(f"reward margin={event['train_reward_margin']:.4f}, "
                              f"reward accuracy={event['train_reward_accuracy']:.2f}")
+            if event.get("train_preferred_nll") is not None:  # DPO with sft_weight: the preferred answers' own loss
+                parts.append(f"preferred-answer loss={event['train_preferred_nll']:.4f}")
             if event.get("valid_loss") is not None:
                 parts.append(f"validation loss={event['valid_loss']:.4f}")
             _event(job, ", ".join(parts), type="metrics", data=data)
@@ -720,7 +730,7 @@ class JobRunner:
             train_examples = self._validated_examples(job.training_file, bm, "training_file")
             valid_examples = self._validated_examples(job.validation_file, bm, "validation_file") if job.validation_file else None
             hp = job.hyperparameters
-            dpo = {"beta": hp["beta"]} if job.method == "dpo" else {}
+            dpo = {"beta": hp["beta"], "sft_weight": hp.get("sft_weight", 0.0)} if job.method == "dpo" else {}  # older jobs: none
             n = len(train_examples)
             steps = -(-n // hp["batch_size"]) * hp["n_epochs"]
             result = (train_dpo if job.method == "dpo" else train_lora)(

@@ -188,6 +188,10 @@ class JobForm(forms.Form):
     beta = forms.CharField(initial="auto", required=False, label="Beta (DPO)",
                            help_text="Preference jobs only: how far the model may move from where it starts; “auto” "
                                      "is 0.1, as OpenAI's.")
+    sft_weight = forms.CharField(initial="auto", required=False, label="Preferred-answer weight (DPO)",
+                                 help_text="Preference jobs only: also train on the preferred answers themselves, with "
+                                           "this weight (0 = DPO alone; “auto” is the platform's default). Keeps a "
+                                           "taught ending from repeating.")
     suffix = forms.CharField(required=False, max_length=64, help_text="Part of the model name: ft:base:tenant:suffix:id")
     lora_rank = forms.IntegerField(required=False, min_value=1, max_value=services.MAX_RANK, label="LoRA rank",
                                    help_text="Blank: 16, or the highest rank the base model's pools serve if lower.")
@@ -227,20 +231,27 @@ class JobForm(forms.Form):
     def clean_method(self):
         return self.cleaned_data["method"] or "supervised"
 
-    def clean_beta(self):
+    def _dpo_number(self, name):
         """"auto", a number, or the text as typed: its limits and messages are the API's (services.
         resolve_hyperparameters), whose refusal lands on this field."""
-        value = (self.cleaned_data["beta"] or "auto").strip()
+        value = (self.cleaned_data[name] or "auto").strip()
         try:
             return "auto" if value == "auto" else float(value)
         except ValueError:
             return value
 
+    def clean_beta(self):
+        return self._dpo_number("beta")
+
+    def clean_sft_weight(self):
+        return self._dpo_number("sft_weight")
+
     def clean(self):
         data = super().clean()
-        if data.get("method") != "dpo" and data.get("beta") not in (None, "auto"):
-            self.add_error("beta", "Beta is a setting of preference (DPO) jobs: leave it at “auto” for a supervised "
-                                   "job, or choose the Preference (DPO) method.")
+        for name, label in (("beta", "Beta"), ("sft_weight", "The preferred-answer weight")):
+            if data.get("method") != "dpo" and data.get(name) not in (None, "auto"):
+                self.add_error(name, f"{label} is a setting of preference (DPO) jobs: leave it at “auto” for a "
+                                     "supervised job, or choose the Preference (DPO) method.")
         return data
 
     def method_request(self) -> tuple[str, dict]:
@@ -248,7 +259,7 @@ class JobForm(forms.Form):
         data = self.cleaned_data
         hp = {k: data[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
         if data["method"] == "dpo":
-            hp["beta"] = data["beta"]
+            hp["beta"], hp["sft_weight"] = data["beta"], data["sft_weight"]
         return parse_method({"type": data["method"], data["method"]: {"hyperparameters": hp}}, None)
 
 

@@ -179,13 +179,14 @@
 
   // ---- new-job form: the files and settings of the chosen method -----------------------------------
   // Each file option carries its format (data-format); the method menu says which formats each method trains on.
-  // Options of other formats are hidden and disabled, and beta is disabled (so not sent) for supervised jobs.
+  // Options of other formats are hidden and disabled, and DPO's settings (beta, the preferred-answer weight) are
+  // disabled (so not sent) for supervised jobs.
   function setupJobForm() {
     var form = document.getElementById("ft-job-form");
     var method = form && form.querySelector("select[name=method]");
     if (!method) return;
     var formats = JSON.parse(method.dataset.formats || "{}");
-    var beta = form.querySelector("input[name=beta]");
+    var dpoOnly = form.querySelectorAll("input[name=beta], input[name=sft_weight]");
 
     function apply() {
       var wanted = formats[method.value] || [];
@@ -202,7 +203,7 @@
           select.value = first ? first.value : "";
         }
       });
-      if (beta) beta.disabled = method.value !== "dpo";
+      Array.prototype.forEach.call(dpoOnly, function (input) { input.disabled = method.value !== "dpo"; });
     }
     method.addEventListener("change", apply);
     apply();

@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
-from finetune.dpo import DPOHyperparameters, dpo_loss, sequence_logps, tokenize_pairs
+from finetune.dpo import DPOHyperparameters, dpo_loss, preferred_nll, sequence_logps, tokenize_pairs, train_dpo
 from finetune.models import FineTuneJob
+from finetune.services import DPO_AUTO_SFT_WEIGHT
 from finetune.validation import preference_pair, validate_jsonl
 from tests.support.finetune import (PREFERENCE_QUESTIONS, assert_openai_error, key_client, pair, preference_dataset, signed_in,
                                     upload, zebra_dataset)
@@ -118,6 +119,52 @@ def test_beta_must_be_positive():
     assert DPOHyperparameters.coerce({"beta": 0.3, "batch_size": 2}).beta == 0.3
 
 
+def test_sft_weight_adds_the_preferred_outputs_loss_per_token():
+    with pytest.raises(ValueError, match="sft_weight"):
+        DPOHyperparameters.coerce({"sft_weight": -0.5})
+    assert DPOHyperparameters.coerce({}).sft_weight == 0.0  # DPO alone unless asked
+    # chosen log-probs −6 over 3 tokens and −2 over 4: NLL per token 2 and 0.5
+    assert preferred_nll(torch.tensor([-6.0, -2.0]), [3, 4]).tolist() == [2.0, 0.5]
+    from finetune.errors import FinetuneError
+    from finetune.services import resolve_hyperparameters
+
+    with pytest.raises(FinetuneError, match="unknown hyperparameters: sft_weight"):  # DPO's, not a supervised job's
+        resolve_hyperparameters({"sft_weight": 1}, 40)
+
+
+@pytest.mark.slow
+def test_training_with_sft_weight_reports_the_preferred_answers_loss_and_lowers_it(tiny_model_path, tmp_path):
+    """Same pairs, seed and steps: with sft_weight 1 the preferred answers' own loss (train_preferred_nll, in the
+    metrics) goes down over training and ends lower than DPO alone leaves it; DPO's loss and rewards are still reported."""
+    examples = [pair(PREFERENCE_QUESTIONS[i % len(PREFERENCE_QUESTIONS)].format(i=i)) for i in range(8)]
+    hp = {"n_epochs": 3, "batch_size": 4, "learning_rate": 5e-3, "log_every": 1, "max_seq_len": 256}
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tiny_model_path)
+    pairs = tokenize_pairs(tokenizer, examples, 256)
+
+    def run(sft_weight, out):
+        events = []
+        result = train_dpo(base_model_path=tiny_model_path, base_model_id="tiny-chat", train_examples=examples,
+                           output_dir=out, hyperparameters={**hp, "sft_weight": sft_weight}, on_event=events.append,
+                           device="cpu")
+        assert result.status == "succeeded"
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32),
+                                          str(result.adapter_dir)).eval()
+        with torch.no_grad():
+            chosen = sequence_logps(model, [p.chosen for p in pairs], 256, 0, "cpu")
+        nll = preferred_nll(chosen, [p.chosen.trainable for p in pairs]).mean().item()
+        return [e for e in events if e["type"] == "metrics"], nll
+
+    plain_metrics, plain_nll = run(0.0, tmp_path / "plain")
+    sft_metrics, sft_nll = run(1.0, tmp_path / "sft")
+    assert all("train_preferred_nll" not in m for m in plain_metrics)
+    assert all("train_preferred_nll" in m and "train_reward_margin" in m for m in sft_metrics)
+    assert sft_metrics[-1]["train_preferred_nll"] < sft_metrics[0]["train_preferred_nll"]
+    assert sft_nll < plain_nll, (sft_nll, plain_nll)
+
+
 def test_packed_sequence_log_probs_equal_each_sequence_scored_alone(tiny_model_path, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
@@ -171,6 +218,16 @@ def test_a_dpo_job_is_created_with_its_method_and_returns_it_as_openai_does(api,
                                                             "method": {"type": "dpo"}}, format="json")
     assert estimate.status_code == 200 and estimate.json()["method"] == "dpo"
     assert estimate.json()["hyperparameters"]["beta"] == 0.1
+    assert auto["method"]["dpo"]["hyperparameters"]["sft_weight"] == DPO_AUTO_SFT_WEIGHT
+
+
+def test_a_dpo_jobs_sft_weight_is_kept_as_asked_and_returned(api, prefs):
+    # the platform's sft_weight (the preferred answers' own loss, weighted): a number as asked, 0 allowed
+    weighted = dpo_job(api, prefs, {"sft_weight": 0.5}).json()
+    assert weighted["method"]["dpo"]["hyperparameters"]["sft_weight"] == 0.5
+    assert FineTuneJob.all_tenants.get(pk=weighted["id"]).hyperparameters["sft_weight"] == 0.5
+    plain = dpo_job(api, prefs, {"sft_weight": 0}).json()
+    assert plain["method"]["dpo"]["hyperparameters"]["sft_weight"] == 0
 
 
 def test_supervised_jobs_keep_returning_their_method_and_top_level_hyperparameters_still_work(api, base_model):
@@ -193,6 +250,9 @@ def test_supervised_jobs_keep_returning_their_method_and_top_level_hyperparamete
     ({"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 0}}}, "n_epochs", "invalid_hyperparameter"),
     ({"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 1.5}}}, "batch_size", "invalid_hyperparameter"),
     ({"type": "dpo", "dpo": {"hyperparameters": {"gamma": 1}}}, "hyperparameters", "invalid_hyperparameter"),
+    ({"type": "dpo", "dpo": {"hyperparameters": {"sft_weight": -1}}}, "sft_weight", "invalid_hyperparameter"),
+    ({"type": "dpo", "dpo": {"hyperparameters": {"sft_weight": 11}}}, "sft_weight", "invalid_hyperparameter"),
+    ({"type": "dpo", "dpo": {"hyperparameters": {"sft_weight": "some"}}}, "sft_weight", "invalid_hyperparameter"),
 ])
 def test_method_errors_name_the_field_at_fault(api, prefs, method, param, code):
     for endpoint in ("/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/estimate"):
@@ -244,7 +304,7 @@ def test_the_job_page_charts_a_dpo_jobs_rewards_for_members_only(api, world, pre
     page = signed_in(world.viewer).get(url)
     assert page.status_code == 200
     html = page.content.decode()
-    assert 'id="ft-rewards"' in html and "preference tuning (DPO, beta 0.1)" in html
+    assert 'id="ft-rewards"' in html and "preference tuning (DPO, beta 0.1, preferred-answer weight 1.0)" in html
     series = json.loads(html.split('id="ft-loss" type="application/json">')[1].split("</script>")[0])
     assert series[1]["train_reward_margin"] == 0.6 and series[1]["train_reward_accuracy"] == 1.0
     status = signed_in(world.viewer).get(url + "status/").json()

@@ -121,6 +121,18 @@ def test_beta_on_a_supervised_job_is_an_error_on_its_field(world, files):
     assert created.status_code == 302 and FineTuneJob.objects.for_tenant(world.tenant).get().method == "supervised"
 
 
+def test_the_preferred_answer_weight_is_a_dpo_setting_of_the_form(world, files):
+    dev = signed_in(world.developer)
+    response = dev.post(NEW_JOB, dpo_form(files, method="supervised", sft_weight="1", training_file=files["chat"].id))
+    assert response.status_code == 400 and list(response.context["form"].errors) == ["sft_weight"]
+    assert "preference (DPO) jobs" in response.context["form"].errors["sft_weight"][0]
+    response = dev.post(NEW_JOB, dpo_form(files, sft_weight="20"))  # the API's limit, on its field
+    assert response.status_code == 400 and list(response.context["form"].errors) == ["sft_weight"]
+    assert not FineTuneJob.all_tenants.exists()
+    assert dev.post(NEW_JOB, dpo_form(files, sft_weight="0.5")).status_code == 302
+    assert FineTuneJob.objects.for_tenant(world.tenant).get().hyperparameters["sft_weight"] == 0.5
+
+
 def test_the_preview_of_a_preference_file_prices_both_conversations_tokens(world, files, base_model, tiny_tokenizer):
     response = signed_in(world.developer).post(NEW_JOB, dpo_form(files, beta="0.3", estimate="1"))
     assert response.status_code == 200 and not FineTuneJob.all_tenants.exists()
@@ -155,12 +167,12 @@ def test_an_outsider_gets_404_a_viewer_is_refused_and_another_tenants_file_is_no
 
 
 def test_dpo_auto_learning_rate_multiplier_is_a_third_of_the_supervised_one():
-    from finetune.services import resolve_hyperparameters
+    from finetune.services import DPO_AUTO_SFT_WEIGHT, resolve_hyperparameters
 
     # the demo model's 40 pairs (docs/finetuning.md): 3 epochs of batches of 8 = 15 steps; supervised sqrt(1000/15)
     assert resolve_hyperparameters({}, 40) == {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 8.16}
-    assert resolve_hyperparameters({}, 40, "dpo") == {"beta": 0.1, "n_epochs": 3, "batch_size": 8,
-                                                      "learning_rate_multiplier": 2.72}
+    assert resolve_hyperparameters({}, 40, "dpo") == {"beta": 0.1, "sft_weight": DPO_AUTO_SFT_WEIGHT, "n_epochs": 3,
+                                                      "batch_size": 8, "learning_rate_multiplier": 2.72}
     # a long job: the supervised floor of 1 becomes 0.33
     assert resolve_hyperparameters({"n_epochs": 1, "batch_size": 1}, 5000, "dpo")["learning_rate_multiplier"] == 0.33
     # a number asked for is kept as it is, for either method
