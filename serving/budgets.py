@@ -122,9 +122,6 @@ class BudgetDecision:
     message: str = ""
     retry_after: int = 0
     headers: dict | None = None
-    # What the key's requests/min and tokens/min buckets hold after this decision (0 for a limit not set); None when
-    # not looked at (a refusal by a monthly budget, a fault).
-    key_levels: tuple[float, float] | None = None
 
 
 def _refusal(code: int, limits: BudgetLimits, retry_ms: int, tokens: int,
@@ -162,7 +159,7 @@ def _refusal(code: int, limits: BudgetLimits, retry_ms: int, tokens: int,
     if levels is not None and code in (RPM, TPM, TPM_TOO_LARGE):
         headers = ratelimit_headers(limits.key_requests_per_minute, levels[0], limits.key_tokens_per_minute, levels[1])
     headers["retry-after"] = str(retry)
-    return BudgetDecision(False, None, 429, e[0], e[1], e[2], retry, headers, levels)
+    return BudgetDecision(False, None, 429, e[0], e[1], e[2], retry, headers)
 
 
 def _unavailable(message: str, code: str) -> BudgetDecision:
@@ -327,13 +324,11 @@ class LocalBudgets:
                 c[f"k{k}:nr"] = c.get(f"k{k}:nr", 0) + n
             month_state["r"][rid] = (k, n, cost, now)
         if rpm:
-            r -= 1
-            self._buckets[(k, "rpm")] = (r, now)
+            self._buckets[(k, "rpm")] = (r - 1, now)
         if tpm:
-            t -= n
-            self._buckets[(k, "tpm")] = (t, now)
+            self._buckets[(k, "tpm")] = (t - n, now)
         return BudgetDecision(True, BudgetReservation(limits.tenant_id, k, rid, month, limits.generation, n, cost,
-                                                      month_state is not None, tpm, now, self.backend_name), key_levels=(r, t))
+                                                      month_state is not None, tpm, now, self.backend_name))
 
     @staticmethod
     def _expire(month_state: dict, now: int) -> None:
@@ -472,9 +467,9 @@ if counted then
   redis.call('EXPIRE', hash, ttl)
   redis.call('EXPIRE', exp, ttl)
 end
-if krpm > 0 then r = r - 1; redis.call('HSET', rpmk, 'v', r, 'ts', now); redis.call('PEXPIRE', rpmk, 120000) end
-if ktpm > 0 then tk = tk - n; redis.call('HSET', tpmk, 'v', tk, 'ts', now); redis.call('PEXPIRE', tpmk, 120000) end
-return {0, now, tostring(r), tostring(tk)}
+if krpm > 0 then redis.call('HSET', rpmk, 'v', r - 1, 'ts', now); redis.call('PEXPIRE', rpmk, 120000) end
+if ktpm > 0 then redis.call('HSET', tpmk, 'v', tk - n, 'ts', now); redis.call('PEXPIRE', tpmk, 120000) end
+return {0, now}
 """
 
 # The seed's second half: the ledger's read with the listed pending requests it does not hold (ARGV 3, 5 and after),
@@ -675,12 +670,12 @@ class RedisBudgets:
                 return _unavailable("The rate-limit service is unavailable, so requests under a budget are refused. Retry "
                                     "in a few seconds.", "limits_unavailable")
             return await self.fallback.admit(limits, request_id=request_id, tokens=tokens, microcents=microcents)
-        levels = (float(res[2]), float(res[3])) if len(res) > 3 else None  # the key's buckets (rate refusals, admitted)
+        levels = (float(res[2]), float(res[3])) if len(res) > 3 else None  # the key's buckets (its rate refusals)
         if res[0] != OK:
             return _refusal(int(res[0]), limits, int(res[1]), tokens, levels)
         return BudgetDecision(True, BudgetReservation(limits.tenant_id, limits.key_id, request_id, month, limits.generation,
                                                       tokens, microcents, limits.counted, limits.key_tokens_per_minute,
-                                                      int(res[1]), self.backend_name), key_levels=levels)
+                                                      int(res[1]), self.backend_name))
 
     async def settle(self, reservation: BudgetReservation | None, *, tokens: int, microcents: int, released: bool = False) -> None:
         if reservation is None:
