@@ -190,7 +190,7 @@ class JobForm(forms.Form):
                                      "is 0.1, as OpenAI's.")
     sft_weight = forms.CharField(initial="auto", required=False, label="Preferred-answer weight (DPO)",
                                  help_text="Preference jobs only: also train on the preferred answers themselves, with "
-                                           "this weight (0 = DPO alone; “auto” is the platform's default). Keeps a "
+                                           f"this weight (0 = DPO alone; “auto” is {services.DPO_AUTO_SFT_WEIGHT:g}). Keeps a "
                                            "taught ending from repeating.")
     suffix = forms.CharField(required=False, max_length=64, help_text="Part of the model name: ft:base:tenant:suffix:id")
     lora_rank = forms.IntegerField(required=False, min_value=1, max_value=services.MAX_RANK, label="LoRA rank",
