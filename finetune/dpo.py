@@ -13,8 +13,9 @@ summed over the output's tokens; rewards are β·(log π − log π_ref) of each
 loss also holds α times the preferred output's negative log-likelihood per token (DPO + NLL, as RPO, Pang et al. 2024,
 and TRL's `rpo_alpha`): DPO alone only widens the gap between the two outputs, and where they differ in one place — a
 sign-off after the same answer — it pushes the non-preferred output's end of turn down, which the model then also
-skips after the sign-off (it repeats it); the NLL term keeps the preferred output whole, its end of turn included. Packing, checkpoints (atomic, with
-the optimizer, scheduler and RNG states), resume, cancel, warmup and decay are the trainer's. No Django here.
+skips after the sign-off (it repeats it); the NLL term keeps the preferred output whole, its end of turn included.
+Packing, checkpoints (atomic, with the optimizer, scheduler and RNG states), resume, cancel, warmup and decay are the
+trainer's. No Django here.
 """
 
 from __future__ import annotations

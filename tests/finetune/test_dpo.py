@@ -133,13 +133,12 @@ def test_sft_weight_adds_the_preferred_outputs_loss_per_token():
 
 
 @pytest.mark.slow
-def test_training_with_sft_weight_reports_the_preferred_answers_loss_and_lowers_it(tiny_model_path, tmp_path):
+def test_training_with_sft_weight_reports_the_preferred_answers_loss_and_lowers_it(tiny_model_path, tiny_tokenizer, tmp_path):
     """Same pairs, seed and steps: with sft_weight 1 the preferred answers' own loss (train_preferred_nll, in the
     metrics) goes down over training and ends lower than DPO alone leaves it; DPO's loss and rewards are still reported."""
     examples = [pair(PREFERENCE_QUESTIONS[i % len(PREFERENCE_QUESTIONS)].format(i=i)) for i in range(8)]
     hp = {"n_epochs": 3, "batch_size": 4, "learning_rate": 5e-3, "log_every": 1, "max_seq_len": 256}
-    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tiny_model_path)
-    pairs = tokenize_pairs(tokenizer, examples, 256)
+    pairs = tokenize_pairs(tiny_tokenizer, examples, 256)
 
     def run(sft_weight, out):
         events = []
