@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from serving.ledger_spool import Spool
@@ -83,22 +83,51 @@ def entry_from_record(record: dict) -> LedgerEntry:
     return LedgerEntry(**{name: record[name] for name in _RECORD_TYPES}, created_at=created_at)
 
 
-def flush_batch(entries: list[LedgerEntry]) -> int:
-    """Write entries in one INSERT (sync; run it in a thread). Idempotent per request_id. Returns the count."""
-    from serving.models import UsageRecord
+# The row's columns (UsageRecord's attribute names): every concrete field but its id; the statement is not built when
+# the model has another, so a new field cannot be left unwritten.
+_COLUMNS = ("tenant_id", "request_id", "api_key_id", "endpoint", "model", "adapter", "pool_id", "backend_id",
+            "input_tokens", "output_tokens", "status", "ttft_ms", "duration_ms", "created_at")
+_insert_sql: dict[str, str] = {}  # by database vendor
 
+
+def _insert_statement() -> str:
+    """INSERT … ON CONFLICT (request_id) DO NOTHING for the ledger table, in this connection's dialect (PostgreSQL and
+    SQLite both have it; only a duplicate request id is skipped, never a row that breaks another constraint)."""
+    sql = _insert_sql.get(connection.vendor)
+    if sql is None:
+        from serving.models import UsageRecord
+
+        meta, quote = UsageRecord._meta, connection.ops.quote_name
+        column_of = {f.attname: f.column for f in meta.concrete_fields if not f.primary_key}
+        if set(column_of) != set(_COLUMNS):
+            raise RuntimeError(f"serving.ledger writes {sorted(_COLUMNS)} but UsageRecord has {sorted(column_of)}: "
+                               "update _COLUMNS and flush_batch together with the model")
+        sql = (f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(column_of[name]) for name in _COLUMNS)}) "
+               f"VALUES ({', '.join(['%s'] * len(_COLUMNS))}) ON CONFLICT ({quote(column_of['request_id'])}) DO NOTHING")
+        _insert_sql[connection.vendor] = sql
+    return sql
+
+
+def flush_batch(entries: list[LedgerEntry]) -> int:
+    """Write entries in one transaction (sync; run it in a thread). Idempotent per request_id. Returns the count.
+
+    One prepared INSERT executed for every row, not the ORM's bulk_create: on the gateway's hot path the ORM's model
+    instances and SQL compilation cost more than the write itself (docs/benchmarks.md). Each row carries its own
+    tenant_id; the values are adapted by the connection's own operations (an aware datetime as the backend stores it)."""
     now = timezone.now()
+    adapt_time = connection.ops.adapt_datetimefield_value
     rows = [
-        UsageRecord(
-            tenant_id=e.tenant_id, request_id=e.request_id, api_key_id=e.api_key_id, endpoint=e.endpoint,
-            model=e.model, adapter=e.adapter or "", pool_id=e.pool_id, backend_id=e.backend_id,
-            input_tokens=max(0, e.input_tokens), output_tokens=max(0, e.output_tokens), status=e.status,
-            ttft_ms=e.ttft_ms, duration_ms=max(0, e.duration_ms), created_at=e.created_at or now,
-        )
+        (e.tenant_id, e.request_id, e.api_key_id, e.endpoint, e.model, e.adapter or "", e.pool_id, e.backend_id,
+         max(0, e.input_tokens), max(0, e.output_tokens), e.status, e.ttft_ms, max(0, e.duration_ms),
+         adapt_time(e.created_at or now))
         for e in entries
     ]
-    # all_tenants: a batch holds many tenants' records, each carrying its own tenant_id.
-    UsageRecord.all_tenants.bulk_create(rows, ignore_conflicts=True)
+    if len(rows) == 1:  # one statement commits by itself (autocommit): no transaction to open around it
+        with connection.cursor() as cursor:
+            cursor.execute(_insert_statement(), rows[0])
+    else:  # one transaction, one commit, for the batch
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.executemany(_insert_statement(), rows)
     return len(rows)
 
 
