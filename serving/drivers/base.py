@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import aiohttp
-from aiohttp.http_exceptions import LineTooLong
 
 from common.parsers import JsonRefused, json_loads
 
@@ -163,29 +162,70 @@ async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
     raise BackendError(message, status=resp.status, error_type=error_type, retryable=resp.status in RETRYABLE_STATUSES)
 
 
+MAX_EVENT_BYTES = 512 * 1024  # one SSE line; a longer one is a broken (or hostile) backend
+
+
 async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict]:
     """JSON payloads of `data:` lines; stops at `[DONE]`. Comments and other fields are skipped. What a broken (or
     hostile) backend sends instead is a BackendError `protocol`: not JSON, nested too deep, a lone surrogate, not an
-    object, a line beyond aiohttp's 512 KiB."""
-    try:
-        async for raw in resp.content:
-            if not raw.startswith(b"data:"):
-                continue
-            payload = raw[5:].strip()
-            if not payload:
-                continue
-            if payload == b"[DONE]":
+    object, a line longer than MAX_EVENT_BYTES.
+
+    The body is read as it arrives and split into lines here (one await per network read, not one per line: aiohttp's
+    line reader costs more per event than the JSON parse)."""
+    held: list[bytes] = []  # the start of a line whose end has not arrived yet (joined once, when it has)
+    held_bytes = 0
+    async for chunk in resp.content.iter_any():
+        if b"\n" not in chunk:
+            held.append(chunk)
+            held_bytes += len(chunk)
+            if held_bytes > MAX_EVENT_BYTES:
+                raise _too_long()
+            continue
+        if held:
+            chunk = b"".join(held) + chunk
+        lines = chunk.split(b"\n")
+        last = lines.pop()
+        held, held_bytes = ([last], len(last)) if last else ([], 0)
+        for raw in lines:
+            event = _sse_event(raw)
+            if event is _DONE:
                 return
-            try:
-                event = json_loads(payload)
-            except ValueError as exc:
-                reason = f" ({exc.code})" if isinstance(exc, JsonRefused) else ""
-                raise BackendError(f"backend sent an unreadable event{reason}: {payload[:100]!r}", error_type="protocol") from None
-            if not isinstance(event, dict):
-                raise BackendError(f"backend sent an unreadable event (not an object): {payload[:100]!r}", error_type="protocol")
-            yield event
-    except LineTooLong:
-        raise BackendError("backend sent an unreadable event (a line longer than 512 KiB)", error_type="protocol") from None
+            if event is not None:
+                yield event
+        if held_bytes > MAX_EVENT_BYTES:
+            raise _too_long()
+    event = _sse_event(b"".join(held))  # the last line, without its newline
+    if event is not None and event is not _DONE:
+        yield event
+
+
+def _too_long() -> BackendError:
+    return BackendError(f"backend sent an unreadable event (a line longer than {MAX_EVENT_BYTES // 1024} KiB)", error_type="protocol")
+
+
+_DONE = object()
+
+
+def _sse_event(raw: bytes):
+    """One line's event: its JSON object, _DONE for `data: [DONE]`, None for anything else (a comment, a blank line, an
+    `event:` or `id:` field); BackendError `protocol` when its data is not a JSON object."""
+    if not raw.startswith(b"data:"):
+        return None
+    if len(raw) > MAX_EVENT_BYTES:
+        raise _too_long()
+    payload = raw[5:].strip()
+    if not payload:
+        return None
+    if payload == b"[DONE]":
+        return _DONE
+    try:
+        event = json_loads(payload)
+    except ValueError as exc:
+        reason = f" ({exc.code})" if isinstance(exc, JsonRefused) else ""
+        raise BackendError(f"backend sent an unreadable event{reason}: {payload[:100]!r}", error_type="protocol") from None
+    if not isinstance(event, dict):
+        raise BackendError(f"backend sent an unreadable event (not an object): {payload[:100]!r}", error_type="protocol")
+    return event
 
 
 def in_stream_error(event: dict, *, started: bool) -> BackendError | None:
