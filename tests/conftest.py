@@ -20,6 +20,13 @@ from tests.support.users import World, make_user
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Bytecode caches on, whatever the environment says (some machines set PYTHONDONTWRITEBYTECODE): without them every
+# xdist worker and every process a test starts compiles the platform again, and pytest rewrites the test modules'
+# asserts anew each run; the fast lane took 136 s instead of 110 s on 2 cores. Set before any test module is imported
+# (and before xdist starts its workers, which inherit the environment); __pycache__/ is ignored by git.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 
 def pytest_configure(config):
     """Under pytest-xdist each worker gets a Redis database of its own (pytest-django gives each its own test database)."""
