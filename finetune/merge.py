@@ -23,6 +23,7 @@ import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def merged_model_request(*, tenant, adapter, actor):
                            "into; ask the platform team.")
     with transaction.atomic():
         merged, created = MergedModel.objects.for_tenant(tenant).select_for_update().get_or_create(adapter=adapter, pool=pool)
-        if not created and merged.state == MergedModel.State.QUEUED:
+        if not created and (merged.state == MergedModel.State.QUEUED or merge_lease_lost(merged)):
             enqueue_on_commit("finetune.tasks.merge_adapter", merged.pk, tenant.pk, robust=True)
         if not created and merged.state != MergedModel.State.FAILED:
             return merged  # queued, merging, ready or serving: nothing to do again
@@ -185,30 +186,103 @@ def merged_folder(merged) -> Path:
     return tenant_storage_dir(merged.tenant_id) / "merged" / f"{merged.pk}-{new_token()}"
 
 
-def merged_model_build(*, merged_id: int, tenant_id: int) -> str:
-    """The worker (Celery `finetune.tasks.merge_adapter`, queue `finetune`, where the weights are): claim the queued
-    row, merge, record the folder and its size (`ready`, audited `finetune.merge_ready`) or why not (`failed`)."""
-    from django.db import transaction
+def merge_lease_lost(merged) -> bool:
+    """Whether a `merging` row's worker stopped saying it is alive for LEASE_SECONDS (it died mid-merge)."""
     from django.utils import timezone
 
+    from finetune.models import LEASE_SECONDS
+
+    return merged.state == "merging" and (merged.worker_heartbeat_at is None or
+                                          merged.worker_heartbeat_at < timezone.now() - timedelta(seconds=LEASE_SECONDS))
+
+
+def merged_stale() -> list[tuple[int, int]]:
+    """(merged model id, tenant id) of merges whose worker died (no heartbeat for LEASE_SECONDS): the periodic sweep
+    (`finetune.tasks.requeue_stale_merges`) sends them again, and the next worker's claim takes them over."""
+    from django.db.models import Q
+    from django.utils import timezone
+
+    from finetune.models import LEASE_SECONDS
+    from serving.models import MergedModel
+
+    stale = timezone.now() - timedelta(seconds=LEASE_SECONDS)
+    # all_tenants: a sweep over every tenant's merges, returning ids only.
+    return list(MergedModel.all_tenants.filter(state=MergedModel.State.MERGING)
+                .filter(Q(worker_heartbeat_at__lt=stale) | Q(worker_heartbeat_at__isnull=True))
+                .values_list("id", "tenant_id"))
+
+
+class _Heartbeat:
+    """While a merge runs (one long torch call), a thread renews the row's lease every LEASE_SECONDS / 4."""
+
+    def __init__(self, rows, merged_id: int, worker_id: str):
+        import threading
+
+        self.rows, self.merged_id, self.worker_id = rows, merged_id, worker_id
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"merge-lease-{merged_id}", daemon=True)
+
+    def _run(self) -> None:
+        from django.db import connection
+        from django.utils import timezone
+
+        from finetune.models import LEASE_SECONDS
+
+        try:
+            while not self.stop.wait(max(0.2, LEASE_SECONDS / 4)):
+                try:
+                    self.rows.filter(pk=self.merged_id, state="merging", worker_id=self.worker_id).update(
+                        worker_heartbeat_at=timezone.now())
+                except Exception:  # noqa: BLE001 - a database hiccup: the next beat tries again
+                    log.warning("merge %s: could not renew its lease", self.merged_id, exc_info=True)
+        finally:
+            connection.close()  # this thread's own connection
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def merged_model_build(*, merged_id: int, tenant_id: int) -> str:
+    """The worker (Celery `finetune.tasks.merge_adapter`, queue `finetune`, where the weights are): claim the row (queued,
+    or merging under a lease its worker let expire), merge while a thread renews the lease, record the folder and its
+    size (`ready`, audited `finetune.merge_ready`) or why not (`failed`). 'ready' | 'failed' | 'leased' (another live
+    worker merges it) | 'lost' (this worker's lease was taken over meanwhile: its folder is removed) | 'gone'."""
+    from django.db import transaction
+    from django.db.models import Q
+    from django.utils import timezone
+
+    from finetune.models import LEASE_SECONDS
     from serving.models import MergedModel
     from tenants.services import SYSTEM, audit_record
 
     rows = MergedModel.objects.for_tenant(tenant_id)
-    if rows.filter(pk=merged_id, state=MergedModel.State.QUEUED).update(state=MergedModel.State.MERGING) == 0:
-        return "gone"  # done, taken by another worker, or deleted
+    worker_id = f"merge-{secrets.token_hex(6)}"
+    now = timezone.now()
+    claimable = Q(state=MergedModel.State.QUEUED) | Q(
+        Q(worker_heartbeat_at__lt=now - timedelta(seconds=LEASE_SECONDS)) | Q(worker_heartbeat_at__isnull=True),
+        state=MergedModel.State.MERGING)
+    if rows.filter(claimable, pk=merged_id).update(state=MergedModel.State.MERGING, worker_id=worker_id,
+                                                   worker_heartbeat_at=now) == 0:
+        # done, or deleted; or another worker holds a live lease on it
+        return "leased" if rows.filter(pk=merged_id, state=MergedModel.State.MERGING).exists() else "gone"
+    mine = rows.filter(pk=merged_id, state=MergedModel.State.MERGING, worker_id=worker_id)
     merged = rows.select_related("adapter__base_model", "pool", "tenant").get(pk=merged_id)
     folder = merged_folder(merged)
     try:
-        result = merge_adapter(base_model_path=merged.adapter.base_model.local_path, adapter_dir=merged.adapter.path,
-                               output_dir=folder, served_name=merged.served_name)
+        with _Heartbeat(rows, merged_id, worker_id):
+            result = merge_adapter(base_model_path=merged.adapter.base_model.local_path, adapter_dir=merged.adapter.path,
+                                   output_dir=folder, served_name=merged.served_name)
     except (MergeError, OSError) as exc:
         log.warning("merging %s failed: %s", merged.adapter.name, exc)
-        rows.filter(pk=merged_id, state=MergedModel.State.MERGING).update(
-            state=MergedModel.State.FAILED, error=str(exc)[:300], finished_at=timezone.now())
+        mine.update(state=MergedModel.State.FAILED, error=str(exc)[:300], finished_at=timezone.now())
         return "failed"
     with transaction.atomic():
-        done = rows.filter(pk=merged_id, state=MergedModel.State.MERGING).update(
+        done = mine.update(
             state=MergedModel.State.READY, path=str(result.output_dir.resolve()), parameters=result.parameters,
             size_bytes=result.size_bytes, weights_bytes=result.weights_bytes, dtype=result.dtype, finished_at=timezone.now())
         if done:
@@ -216,7 +290,7 @@ def merged_model_build(*, merged_id: int, tenant_id: int) -> str:
                          data={"adapter": merged.adapter.name, "pool": merged.pool.name, "size_bytes": result.size_bytes})
     if not done:
         shutil.rmtree(folder, ignore_errors=True)
-        return "gone"
+        return "lost" if rows.filter(pk=merged_id).exists() else "gone"
     return "ready"
 
 

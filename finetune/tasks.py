@@ -83,13 +83,28 @@ def run_evaluation(self, evaluation_id: str, tenant_id: int) -> str:
     return outcome
 
 
-@shared_task(name="finetune.tasks.merge_adapter", acks_late=True)
-def merge_adapter(merged_id: int, tenant_id: int) -> str:
+@shared_task(bind=True, name="finetune.tasks.merge_adapter", acks_late=True, max_retries=None)
+def merge_adapter(self, merged_id: int, tenant_id: int) -> str:
     """Merge an isolated tenant's adapter into its base weights and export the model folder (finetune/merge.py), on the
-    `finetune` queue, where the base weights and torch are. A redelivered message finds the row no longer queued."""
+    `finetune` queue, where the base weights and torch are. One another live worker merges is retried after its lease
+    would expire (a redelivered message of a worker that died then takes it over)."""
     from finetune.merge import merged_model_build
 
-    return merged_model_build(merged_id=merged_id, tenant_id=tenant_id)
+    outcome = merged_model_build(merged_id=merged_id, tenant_id=tenant_id)
+    if outcome == "leased" and self.request.called_directly is False:
+        raise self.retry(countdown=LEASE_SECONDS + 5)
+    return outcome
+
+
+@shared_task(name="finetune.tasks.requeue_stale_merges")
+def requeue_stale_merges() -> int:
+    """Periodic (celery beat, every few minutes): send again the merges whose worker stopped renewing its lease."""
+    from finetune.merge import merged_stale
+
+    stale = merged_stale()
+    for merged_id, tenant_id in stale:
+        merge_adapter.delay(merged_id, tenant_id)
+    return len(stale)
 
 
 @shared_task(name="finetune.tasks.requeue_stale_evaluations")

@@ -177,6 +177,10 @@ class MergedModel(TenantOwnedModel):
     weights_bytes = models.PositiveBigIntegerField(default=0, help_text="Its .safetensors files.")
     dtype = models.CharField(max_length=16, blank=True)
     error = models.CharField(max_length=300, blank=True)
+    # The lease while merging: which worker, and when it last said it is alive (finetune.merge). One silent for
+    # finetune's LEASE_SECONDS died: the periodic sweep sends the merge again and the next worker takes it over.
+    worker_id = models.CharField(max_length=64, blank=True)
+    worker_heartbeat_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
     serving_since = models.DateTimeField(null=True, blank=True)

@@ -388,3 +388,88 @@ def test_while_a_merged_model_serves_new_adapters_are_deployed_to_the_shared_poo
     assert deploy.pools.pool_for_adapter(world.tenant, base_model) is None
     with pytest.raises(deploy.DeployError, match="No pool serves tiny-chat"):
         deploy.adapter_deploy(tenant=world.tenant, adapter=second, actor=SYSTEM)
+
+
+# ---- the lease: a worker that dies mid-merge ---------------------------------------------------------------------
+
+
+def _merging(world, adapter, pool, *, worker_id="merge-dead", beat_ago_s: float | None = None) -> MergedModel:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    beat = None if beat_ago_s is None else timezone.now() - timedelta(seconds=beat_ago_s)
+    return MergedModel.objects.for_tenant(world.tenant).create(adapter=adapter, pool=pool, state="merging",
+                                                               worker_id=worker_id, worker_heartbeat_at=beat)
+
+
+def test_a_merge_whose_worker_died_is_swept_and_taken_over_by_the_next_worker(world, rows, monkeypatch):
+    from finetune import tasks
+
+    shared, dedicated, adapter = rows
+    merged = _merging(world, adapter, dedicated, beat_ago_s=1)  # its worker alive: said so a second ago
+    assert merge.merged_stale() == []
+    assert merge.merged_model_build(merged_id=merged.pk, tenant_id=world.tenant.pk) == "leased"
+    assert MergedModel.objects.for_tenant(world.tenant).get().worker_id == "merge-dead"  # left to it
+    MergedModel.objects.for_tenant(world.tenant).filter(pk=merged.pk).update(
+        worker_heartbeat_at=merged.created_at.replace(year=2025))  # silent for far longer than a lease
+    assert merge.merged_stale() == [(merged.pk, world.tenant.pk)]
+    sent = []
+    monkeypatch.setattr(tasks.merge_adapter, "delay", lambda *args: sent.append(args))
+    assert tasks.requeue_stale_merges() == 1 and sent == [(merged.pk, world.tenant.pk)]
+    assert merge.merged_model_build(merged_id=merged.pk, tenant_id=world.tenant.pk) == "ready"
+    merged.refresh_from_db()
+    assert merged.state == "ready" and merged.worker_id.startswith("merge-") and merged.worker_id != "merge-dead"
+    assert (Path(merged.path) / "model.safetensors").is_file() and merge.merged_stale() == []
+    assert merge.merged_model_build(merged_id=merged.pk, tenant_id=world.other_tenant.pk) == "gone"  # another tenant's id
+
+
+def test_asking_again_for_a_merge_stuck_on_a_dead_worker_sends_it_again(world, rows, django_capture_on_commit_callbacks):
+    shared, dedicated, adapter = rows
+    merged = _merging(world, adapter, dedicated)  # claimed, never a heartbeat: the worker died at once
+    with django_capture_on_commit_callbacks(execute=True):
+        r = as_user(world.admin).post(_merge_url(world, adapter.pk))
+    assert r.status_code == 202, r.content
+    merged.refresh_from_db()
+    assert merged.state == "ready", merged.error
+
+
+@pytest.mark.django_db(transaction=True)  # the heartbeat thread has its own database connection: it sees committed rows
+def test_the_lease_is_renewed_while_the_merge_runs_and_a_taken_over_worker_keeps_nothing(world, rows, monkeypatch):
+    import time
+
+    from finetune import models as finetune_models
+
+    shared, dedicated, adapter = rows
+    monkeypatch.setattr(finetune_models, "LEASE_SECONDS", 2)  # a beat every 0.5 s
+    real = merge.merge_adapter
+    beats = []
+
+    def slow_merge(**kw):
+        result = real(**kw)
+        for _ in range(3):
+            time.sleep(0.6)
+            beats.append(MergedModel.objects.for_tenant(world.tenant).get().worker_heartbeat_at)
+        return result
+
+    monkeypatch.setattr(merge, "merge_adapter", slow_merge)
+    merged = MergedModel.objects.for_tenant(world.tenant).create(adapter=adapter, pool=dedicated)
+    assert merge.merged_model_build(merged_id=merged.pk, tenant_id=world.tenant.pk) == "ready"
+    assert beats[0] < beats[1] < beats[2]  # renewed while it ran
+
+    # A worker whose lease another took over meanwhile (it was presumed dead) writes nothing and removes its folder.
+    folders = []
+
+    def overtaken(**kw):
+        result = real(**kw)
+        folders.append(result.output_dir)
+        MergedModel.objects.for_tenant(world.tenant).filter(pk=again.pk).update(worker_id="merge-other")
+        return result
+
+    monkeypatch.setattr(merge, "merge_adapter", overtaken)
+    MergedModel.objects.for_tenant(world.tenant).filter(pk=merged.pk).delete()
+    again = MergedModel.objects.for_tenant(world.tenant).create(adapter=adapter, pool=dedicated)
+    assert merge.merged_model_build(merged_id=again.pk, tenant_id=world.tenant.pk) == "lost"
+    again.refresh_from_db()
+    assert (again.state, again.worker_id, again.path) == ("merging", "merge-other", "")
+    assert not folders[0].exists()

@@ -57,6 +57,7 @@ ALL_TENANTS_ALLOWED: dict[tuple[str, str], str] = {
     ("finetune/planning.py", "training_load_seconds"): "the worker's measured load time, not a tenant's data",
     ("finetune/services.py", "finetune_stale_jobs"): "the periodic task finds stalled jobs of every tenant",
     ("finetune/evaluation.py", "evaluation_stale"): "the periodic task finds stalled evaluations of every tenant",
+    ("finetune/merge.py", "merged_stale"): "the periodic task finds stalled merges of every tenant",
     ("finetune/services.py", "training_file_stale_validations"): "the periodic task finds stalled validations",
     ("finetune/services.py", "training_file_validations_resume"): "the periodic task finds tenants whose uploads wait",
     ("billing/rating.py", "*"): "rating runs once a day over every tenant's ledger",
