@@ -180,6 +180,25 @@ def merged_model_request(*, tenant, adapter, actor):
     return merged
 
 
+def merged_folder_remove_on_delete(sender, instance, **kwargs) -> None:
+    """post_delete of a MergedModel (staff's delete in the admin, or its adapter's, pool's or tenant's cascade): its
+    folder is removed once the deletion commits (a rolled-back delete keeps it). Only a folder inside the tenant's
+    own merged storage is touched; a row naming another path keeps that path, with a warning. Connected in
+    finetune.apps."""
+    from django.db import transaction
+
+    from finetune.storage import tenant_storage_dir
+
+    if not instance.path:
+        return  # never merged, or still merging (that worker removes its own folder when its row is gone)
+    folder = Path(instance.path)
+    if not folder.resolve().is_relative_to((tenant_storage_dir(instance.tenant_id) / "merged").resolve()):
+        log.warning("merged model %s deleted; its folder %s is outside the tenant's storage and is left in place",
+                    instance.pk, folder)
+        return
+    transaction.on_commit(lambda: shutil.rmtree(folder, ignore_errors=True), robust=True)
+
+
 def merged_folder(merged) -> Path:
     from finetune.storage import tenant_storage_dir
 

@@ -473,3 +473,47 @@ def test_the_lease_is_renewed_while_the_merge_runs_and_a_taken_over_worker_keeps
     again.refresh_from_db()
     assert (again.state, again.worker_id, again.path) == ("merging", "merge-other", "")
     assert not folders[0].exists()
+
+
+# ---- a deleted merged model's folder ----------------------------------------------------------------------------------
+
+
+def test_a_deleted_merged_models_folder_goes_once_the_deletion_commits(world, rows, settings, tmp_path,
+                                                                       django_capture_on_commit_callbacks):
+    from django.db import transaction
+
+    shared, dedicated, adapter = rows
+    root = Path(settings.STORAGE_DIR) / "tenants" / str(world.tenant.pk) / "merged"
+
+    def merged_with_folder(name: str) -> MergedModel:
+        folder = root / name
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"weights")
+        return MergedModel.objects.for_tenant(world.tenant).create(adapter=adapter, pool=dedicated, state="ready",
+                                                                   path=str(folder))
+
+    merged = merged_with_folder("1-a")
+    with pytest.raises(RuntimeError), transaction.atomic():  # a delete rolled back keeps the folder
+        MergedModel.objects.for_tenant(world.tenant).filter(pk=merged.pk).delete()
+        raise RuntimeError
+    assert Path(merged.path).is_dir() and MergedModel.objects.for_tenant(world.tenant).filter(pk=merged.pk).exists()
+    with django_capture_on_commit_callbacks(execute=True):  # staff's delete in the admin
+        MergedModel.objects.for_tenant(world.tenant).get(pk=merged.pk).delete()
+    assert not Path(merged.path).exists() and root.is_dir()
+
+    again = merged_with_folder("2-b")
+    with django_capture_on_commit_callbacks(execute=True):  # the adapter's deletion cascades to it
+        Adapter.objects.for_tenant(world.tenant).filter(pk=adapter.pk).delete()
+    assert not MergedModel.objects.for_tenant(world.tenant).exists() and not Path(again.path).exists()
+
+
+def test_a_merged_model_naming_a_folder_outside_its_tenants_storage_leaves_it(world, rows, tmp_path,
+                                                                            django_capture_on_commit_callbacks):
+    shared, dedicated, adapter = rows
+    elsewhere = tmp_path / "somebody-elses"
+    elsewhere.mkdir()
+    merged = MergedModel.objects.for_tenant(world.tenant).create(adapter=adapter, pool=dedicated, state="ready",
+                                                                 path=str(elsewhere))
+    with django_capture_on_commit_callbacks(execute=True):
+        merged.delete()
+    assert elsewhere.is_dir()
