@@ -126,6 +126,23 @@ def test_two_files_become_the_tenants_adapter_and_are_deployed_like_a_trained_on
     assert AdapterDeployment.objects.for_tenant(world.tenant).get(adapter=adapter).pool == pool
 
 
+def test_an_uploaded_adapter_is_copied_to_the_tenants_hub_repository_when_the_hub_is_configured(
+        world, tiny, v1, settings, monkeypatch, django_capture_on_commit_callbacks):
+    from finetune import tasks
+
+    sent = []
+    monkeypatch.setattr(tasks.push_adapter_to_hub, "delay", lambda *args: sent.append(args))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert post_v1(v1, two_files(), model="tiny-chat", suffix="off").status_code == 201
+    assert sent == []  # no Hub configured: nothing is sent
+    settings.PLATFORM_HF_HUB_TOKEN, settings.PLATFORM_HF_HUB_NAMESPACE = "hf_x", "platform-org"
+    with django_capture_on_commit_callbacks(execute=True):
+        response = post_v1(v1, two_files(), model="tiny-chat", suffix="on")
+    assert response.status_code == 201, response.content
+    adapter = Adapter.objects.for_tenant(world.tenant).get(name=response.json()["id"])
+    assert sent == [(adapter.pk, world.tenant.pk)]  # the task trained adapters get (test_hub.py: what it uploads)
+
+
 @pytest.mark.parametrize("archive", [
     lambda: zip_of({**valid_members("my-adapter/"), "my-adapter/README.md": b"# peft's model card", "my-adapter/": b""}),
     lambda: tar_of({**valid_members("./"), "./README.md": b"# model card"}),
