@@ -300,6 +300,13 @@ def merged_model_build(*, merged_id: int, tenant_id: int) -> str:
         log.warning("merging %s failed: %s", merged.adapter.name, exc)
         mine.update(state=MergedModel.State.FAILED, error=str(exc)[:300], finished_at=timezone.now())
         return "failed"
+    except Exception as exc:  # noqa: BLE001 - torch, peft: failed, in words, rather than retried by every sweep
+        log.exception("merging %s failed unexpectedly", merged.adapter.name)
+        shutil.rmtree(folder, ignore_errors=True)
+        mine.update(state=MergedModel.State.FAILED, finished_at=timezone.now(),
+                    error=f"The merge failed unexpectedly ({exc.__class__.__name__}: {exc}); ask again, and if it "
+                          f"fails again tell the platform team."[:300])
+        return "failed"
     with transaction.atomic():
         done = mine.update(
             state=MergedModel.State.READY, path=str(result.output_dir.resolve()), parameters=result.parameters,

@@ -517,3 +517,22 @@ def test_a_merged_model_naming_a_folder_outside_its_tenants_storage_leaves_it(wo
     with django_capture_on_commit_callbacks(execute=True):
         merged.delete()
     assert elsewhere.is_dir()
+
+
+def test_an_unexpected_failure_mid_merge_fails_the_merge_in_words_and_leaves_no_folder(world, rows, monkeypatch):
+    """Not left `merging` for the sweep to retry forever: `failed`, saying what happened and what to do."""
+    shared, dedicated, adapter = rows
+    written = []
+
+    def broken(**kw):
+        kw["output_dir"].mkdir(parents=True)
+        written.append(kw["output_dir"])
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(merge, "merge_adapter", broken)
+    merged = MergedModel.objects.for_tenant(world.tenant).create(adapter=adapter, pool=dedicated)
+    assert merge.merged_model_build(merged_id=merged.pk, tenant_id=world.tenant.pk) == "failed"
+    merged.refresh_from_db()
+    assert merged.state == "failed" and merged.finished_at is not None and merge.merged_stale() == []
+    assert merged.error.startswith("The merge failed unexpectedly (RuntimeError: CUDA out of memory); ask again")
+    assert not written[0].exists()
