@@ -34,9 +34,7 @@ from django.conf import settings
 from django.db import transaction
 
 from common.parsers import json_loads
-from common.queue import enqueue_on_commit
-from finetune import base_models, lora_math, pools, storage
-from finetune.hub import hub_enabled
+from finetune import base_models, hub, lora_math, pools, storage
 from finetune.services import SUFFIX_RE, FinetuneError
 from serving import selectors as serving_selectors
 from serving.models import Adapter, AdapterDeployment, BaseModel, ModelConfig
@@ -574,8 +572,7 @@ def adapter_upload(*, tenant: Tenant, actor: Actor, parts: list[UploadPart], mod
             audit_record(tenant=tenant, actor=actor, action="finetune.adapter_uploaded", target=adapter,
                          data={"adapter": name, "base_model": bm.name, "rank": spec.rank,
                                "target_modules": list(spec.target_modules), "bytes": size})
-            if hub_enabled():  # a copy in the tenant's private Hub repository, as a trained adapter gets (finetune.hub)
-                enqueue_on_commit("finetune.tasks.push_adapter_to_hub", adapter.pk, tenant.pk)
+            hub.push_on_commit(adapter.pk, tenant.pk)  # a copy in the tenant's Hub repository, as a trained one gets
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)
         raise

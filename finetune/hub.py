@@ -14,6 +14,15 @@ def hub_enabled() -> bool:
     return bool(settings.PLATFORM_HF_HUB_TOKEN and settings.PLATFORM_HF_HUB_NAMESPACE)
 
 
+def push_on_commit(adapter_id: int, tenant_id: int) -> None:
+    """When the Hub is configured: copy the adapter (trained or uploaded) to the tenant's repository once the current
+    transaction commits (`finetune.tasks.push_adapter_to_hub`)."""
+    from common.queue import enqueue_on_commit
+
+    if hub_enabled():
+        enqueue_on_commit("finetune.tasks.push_adapter_to_hub", adapter_id, tenant_id)
+
+
 def tenant_repo_id(tenant_slug: str) -> str:
     return f"{settings.PLATFORM_HF_HUB_NAMESPACE}/{tenant_slug}-adapters"
 

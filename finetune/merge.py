@@ -218,17 +218,24 @@ def merge_lease_lost(merged) -> bool:
 def merged_stale() -> list[tuple[int, int]]:
     """(merged model id, tenant id) of merges whose worker died (no heartbeat for LEASE_SECONDS): the periodic sweep
     (`finetune.tasks.requeue_stale_merges`) sends them again, and the next worker's claim takes them over."""
-    from django.db.models import Q
     from django.utils import timezone
+
+    from serving.models import MergedModel
+
+    # all_tenants: a sweep over every tenant's merges, returning ids only.
+    return list(MergedModel.all_tenants.filter(_lease_expired(timezone.now())).values_list("id", "tenant_id"))
+
+
+def _lease_expired(now):
+    """The rows `merging` under a lease its worker let expire (or never renewed): what the sweep sends again and a
+    worker's claim may take over."""
+    from django.db.models import Q
 
     from finetune.models import LEASE_SECONDS
     from serving.models import MergedModel
 
-    stale = timezone.now() - timedelta(seconds=LEASE_SECONDS)
-    # all_tenants: a sweep over every tenant's merges, returning ids only.
-    return list(MergedModel.all_tenants.filter(state=MergedModel.State.MERGING)
-                .filter(Q(worker_heartbeat_at__lt=stale) | Q(worker_heartbeat_at__isnull=True))
-                .values_list("id", "tenant_id"))
+    return Q(Q(worker_heartbeat_at__lt=now - timedelta(seconds=LEASE_SECONDS)) | Q(worker_heartbeat_at__isnull=True),
+             state=MergedModel.State.MERGING)
 
 
 class _Heartbeat:
@@ -275,18 +282,15 @@ def merged_model_build(*, merged_id: int, tenant_id: int) -> str:
     from django.db.models import Q
     from django.utils import timezone
 
-    from finetune.models import LEASE_SECONDS
     from serving.models import MergedModel
     from tenants.services import SYSTEM, audit_record
 
     rows = MergedModel.objects.for_tenant(tenant_id)
     worker_id = f"merge-{secrets.token_hex(6)}"
     now = timezone.now()
-    claimable = Q(state=MergedModel.State.QUEUED) | Q(
-        Q(worker_heartbeat_at__lt=now - timedelta(seconds=LEASE_SECONDS)) | Q(worker_heartbeat_at__isnull=True),
-        state=MergedModel.State.MERGING)
-    if rows.filter(claimable, pk=merged_id).update(state=MergedModel.State.MERGING, worker_id=worker_id,
-                                                   worker_heartbeat_at=now) == 0:
+    claimed = rows.filter(Q(state=MergedModel.State.QUEUED) | _lease_expired(now), pk=merged_id).update(
+        state=MergedModel.State.MERGING, worker_id=worker_id, worker_heartbeat_at=now)
+    if not claimed:
         # done, or deleted; or another worker holds a live lease on it
         return "leased" if rows.filter(pk=merged_id, state=MergedModel.State.MERGING).exists() else "gone"
     mine = rows.filter(pk=merged_id, state=MergedModel.State.MERGING, worker_id=worker_id)

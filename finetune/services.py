@@ -27,9 +27,8 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from common.queue import enqueue_on_commit
-from finetune import base_models, continuation, lora_math, planning, pools, selectors, storage, system_prompts
+from finetune import base_models, continuation, hub, lora_math, planning, pools, selectors, storage, system_prompts
 from finetune.errors import FinetuneError  # noqa: F401 - defined in a leaf module; callers import it from here
-from finetune.hub import hub_enabled
 from finetune.models import (
     LEASE_SECONDS,
     FineTuneJob,
@@ -863,8 +862,7 @@ class JobRunner:
     def _record_adapter(self, job: FineTuneJob, adapter: Adapter, result) -> None:
         name = adapter.name
         _usage(job, result.trained_tokens)
-        if hub_enabled():
-            enqueue_on_commit("finetune.tasks.push_adapter_to_hub", adapter.pk, job.tenant_id)
+        hub.push_on_commit(adapter.pk, job.tenant_id)
         _event(job, f"The job has successfully completed; {result.trained_tokens:,} tokens trained")
         audit_record(tenant=job.tenant, actor=SYSTEM, action="finetune.job_succeeded", target=job,
                      data={"id": job.id, "fine_tuned_model": name, "trained_tokens": result.trained_tokens})
